@@ -1,0 +1,406 @@
+"""The artifact bundle: the contract between the host-side exporter and the on-device runtime.
+
+A bundle is a folder holding `manifest.json` and the files it names. The manifest is versioned
+(`schema_version`); a runtime refuses a newer major schema, a file whose size or sha256 differs from the
+manifest, and a manifest missing a required field, each with one line naming the file and the problem.
+docs/bundle-format.md describes every field; this module is the only reader and the writer's checker.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from edge_quq.errors import BundleError
+
+FORMAT_NAME = "edge-quq-bundle"
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+# Where the embedded default bundle lives inside the installed package.
+DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "data" / "default_bundle"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Affine int8/uint8 quantization: real = scale * (q - zero_point)."""
+
+    dtype: str  # "int8" | "uint8" | "float32"
+    scale: float = 1.0
+    zero_point: int = 0
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str) -> "QuantParams":
+        dtype = _req(d, "dtype", where)
+        if dtype not in ("int8", "uint8", "float32"):
+            raise BundleError(f"{where}: dtype {dtype!r} is not one of int8, uint8, float32")
+        return cls(dtype=dtype, scale=float(d.get("scale", 1.0)), zero_point=int(d.get("zero_point", 0)))
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"dtype": self.dtype, "scale": self.scale, "zero_point": self.zero_point}
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a decoded image becomes the model's float input, before input quantization.
+
+    value = (pixel * pixel_scale - mean[c]) / std[c], where `pixel` is on the 0..255 scale
+    (16-bit images are divided by 257 first), after color conversion to `color`, an optional center crop
+    to `crop_fraction` of the shorter side, and a resize to the input height and width.
+    """
+
+    color: str  # "gray" | "rgb" | "bgr"
+    resize: Tuple[int, int]  # (height, width)
+    interpolation: str = "area"  # "area" | "linear" | "nearest" | "cubic"
+    crop_fraction: float = 1.0  # 1.0 = no crop
+    pixel_scale: float = 1.0 / 255.0
+    mean: Tuple[float, ...] = (0.0,)
+    std: Tuple[float, ...] = (1.0,)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "Preprocess":
+        where = "manifest input.preprocess"
+        color = _req(d, "color", where)
+        if color not in ("gray", "rgb", "bgr"):
+            raise BundleError(f"{where}: color {color!r} is not one of gray, rgb, bgr")
+        interp = d.get("interpolation", "area")
+        if interp not in ("area", "linear", "nearest", "cubic"):
+            raise BundleError(f"{where}: interpolation {interp!r} is not one of area, linear, nearest, cubic")
+        resize = tuple(int(v) for v in _req(d, "resize", where))
+        if len(resize) != 2 or min(resize) < 1:
+            raise BundleError(f"{where}: resize must be [height, width], got {list(resize)}")
+        crop = float(d.get("crop_fraction", 1.0))
+        if not 0.0 < crop <= 1.0:
+            raise BundleError(f"{where}: crop_fraction must be in (0, 1], got {crop}")
+        channels = 1 if color == "gray" else 3
+        mean = tuple(float(v) for v in d.get("mean", [0.0] * channels))
+        std = tuple(float(v) for v in d.get("std", [1.0] * channels))
+        if len(mean) not in (1, channels) or len(std) not in (1, channels) or any(s == 0 for s in std):
+            raise BundleError(f"{where}: mean/std must have 1 or {channels} non-zero entries")
+        return cls(
+            color=color,
+            resize=(resize[0], resize[1]),
+            interpolation=interp,
+            crop_fraction=crop,
+            pixel_scale=float(d.get("pixel_scale", 1.0 / 255.0)),
+            mean=mean,
+            std=std,
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "color": self.color,
+            "resize": list(self.resize),
+            "interpolation": self.interpolation,
+            "crop_fraction": self.crop_fraction,
+            "pixel_scale": self.pixel_scale,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color == "gray" else 3
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    shape: Tuple[int, int, int]  # (height, width, channels), batch excluded; layout NHWC
+    preprocess: Preprocess
+    layout: str = "NHWC"
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """One runtime model file and the quantization of its (single) input and output."""
+
+    file: str
+    input: QuantParams
+    output: QuantParams
+    input_name: Optional[str] = None
+    output_name: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class HeadLayer:
+    """One block of the droppable head: dropout (rate may be 0), then a dense layer."""
+
+    name: str  # key prefix in the weights file: <name>/kernel [in, out], <name>/bias [out]
+    dropout: float
+    units: int
+    activation: str  # "relu" for hidden layers; "sigmoid" | "softmax" | "linear" for the last
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    weights: str  # .npz file, numpy-loadable without pickle
+    layers: Tuple[HeadLayer, ...]
+    feature_size: int
+    # Exported head models taking features [T, F] and one keep mask per dropout layer ([T, in_i], values
+    # 0/1; the model applies the 1/(1-p) scaling), outputting logits and probabilities [T, C].
+    tflite: Optional[str] = None
+    onnx: Optional[str] = None
+    tflite_int8: Optional[str] = None
+    mask_inputs: Tuple[str, ...] = ()
+
+    @property
+    def output_activation(self) -> str:
+        return self.layers[-1].activation
+
+    @property
+    def num_classes(self) -> int:
+        return self.layers[-1].units
+
+
+@dataclass(frozen=True)
+class DecisionDefaults:
+    threshold: float = 0.5
+    num_iter: int = 50
+    z: float = 0.8
+    mixed: str = "ignore"
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: Dict[str, Any]
+    name: str
+    classes: Tuple[str, ...]
+    input: InputSpec
+    backbone_tflite: Optional[ModelFile]
+    backbone_onnx: Optional[ModelFile]
+    split_layer: str
+    head: HeadSpec
+    decision: DecisionDefaults
+    files: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def total_bytes(self) -> int:
+        return sum(int(v.get("bytes", 0)) for v in self.files.values())
+
+
+def _req(d: Mapping[str, Any], key: str, where: str) -> Any:
+    if not isinstance(d, Mapping):
+        raise BundleError(f"{where}: expected an object, got {type(d).__name__}")
+    if key not in d:
+        raise BundleError(f"{where}: missing required field {key!r}")
+    return d[key]
+
+
+def _model_file(d: Optional[Mapping[str, Any]], where: str) -> Optional[ModelFile]:
+    if d is None:
+        return None
+    return ModelFile(
+        file=str(_req(d, "file", where)),
+        input=QuantParams.from_json(_req(d, "input", where), f"{where}.input"),
+        output=QuantParams.from_json(_req(d, "output", where), f"{where}.output"),
+        input_name=d.get("input_name"),
+        output_name=d.get("output_name"),
+    )
+
+
+def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
+    """Build a Bundle from a manifest dict, checking schema and internal consistency (not files)."""
+    where = f"{path / MANIFEST_NAME}"
+    if manifest.get("format") != FORMAT_NAME:
+        raise BundleError(f"{where}: not an edge-quq bundle manifest (format is {manifest.get('format')!r})")
+    version = manifest.get("schema_version")
+    if not isinstance(version, int):
+        raise BundleError(f"{where}: schema_version missing or not an integer")
+    if version > SCHEMA_VERSION:
+        raise BundleError(
+            f"{where}: bundle schema version {version} is newer than this edge-quq supports "
+            f"({SCHEMA_VERSION}); upgrade edge-quq"
+        )
+    if version < 1:
+        raise BundleError(f"{where}: schema_version {version} is invalid")
+
+    classes = tuple(str(c) for c in _req(manifest, "classes", where))
+    if len(classes) < 1:
+        raise BundleError(f"{where}: classes is empty")
+
+    inp = _req(manifest, "input", where)
+    shape = tuple(int(v) for v in _req(inp, "shape", f"{where} input"))
+    if len(shape) != 3:
+        raise BundleError(f"{where}: input.shape must be [height, width, channels], got {list(shape)}")
+    pre = Preprocess.from_json(_req(inp, "preprocess", f"{where} input"))
+    if pre.channels != shape[2] or tuple(pre.resize) != shape[:2]:
+        raise BundleError(
+            f"{where}: input.preprocess ({pre.color}, resize {list(pre.resize)}) does not match input.shape {list(shape)}"
+        )
+    input_spec = InputSpec(shape=(shape[0], shape[1], shape[2]), preprocess=pre, layout=inp.get("layout", "NHWC"))
+    if input_spec.layout != "NHWC":
+        raise BundleError(f"{where}: input.layout {input_spec.layout!r} is not supported (NHWC only)")
+
+    bb = _req(manifest, "backbone", where)
+    tfl = _model_file(bb.get("tflite"), f"{where} backbone.tflite")
+    onx = _model_file(bb.get("onnx"), f"{where} backbone.onnx")
+    if tfl is None and onx is None:
+        raise BundleError(f"{where}: backbone names neither a tflite nor an onnx model")
+
+    hd = _req(manifest, "head", where)
+    layers = []
+    for i, ld in enumerate(_req(hd, "layers", f"{where} head")):
+        lw = f"{where} head.layers[{i}]"
+        rate = float(ld.get("dropout", 0.0))
+        if not 0.0 <= rate < 1.0:
+            raise BundleError(f"{lw}: dropout rate {rate} is not in [0, 1)")
+        layers.append(
+            HeadLayer(
+                name=str(_req(ld, "name", lw)),
+                dropout=rate,
+                units=int(_req(ld, "units", lw)),
+                activation=str(_req(ld, "activation", lw)),
+            )
+        )
+    if not layers:
+        raise BundleError(f"{where}: head.layers is empty")
+    for hl in layers[:-1]:
+        if hl.activation != "relu":
+            raise BundleError(f"{where}: hidden head layer {hl.name!r} has activation {hl.activation!r}; only relu is supported")
+    if layers[-1].activation not in ("sigmoid", "softmax", "linear"):
+        raise BundleError(f"{where}: output activation {layers[-1].activation!r} is not sigmoid, softmax or linear")
+    if layers[-1].units != len(classes):
+        raise BundleError(f"{where}: head outputs {layers[-1].units} classes but classes lists {len(classes)}")
+    head = HeadSpec(
+        weights=str(_req(hd, "weights", f"{where} head")),
+        layers=tuple(layers),
+        feature_size=int(_req(hd, "feature_size", f"{where} head")),
+        tflite=hd.get("tflite"),
+        onnx=hd.get("onnx"),
+        tflite_int8=hd.get("tflite_int8"),
+        mask_inputs=tuple(hd.get("mask_inputs", ())),
+    )
+
+    dd = manifest.get("decision", {})
+    decision = DecisionDefaults(
+        threshold=float(dd.get("threshold", 0.5)),
+        num_iter=int(dd.get("num_iter", 50)),
+        z=float(dd.get("z", 0.8)),
+        mixed=str(dd.get("mixed", "ignore")),
+    )
+    files = _req(manifest, "files", where)
+    if not isinstance(files, Mapping) or not files:
+        raise BundleError(f"{where}: files must be a non-empty object of name -> {{sha256, bytes}}")
+    named = [m.file for m in (tfl, onx) if m is not None] + [head.weights]
+    named += [f for f in (head.tflite, head.onnx, head.tflite_int8) if f]
+    for n in named:
+        if n not in files:
+            raise BundleError(f"{where}: file {n!r} is used but has no checksum entry in files")
+    return Bundle(
+        path=path,
+        manifest=dict(manifest),
+        name=str(manifest.get("name", path.name)),
+        classes=classes,
+        input=input_spec,
+        backbone_tflite=tfl,
+        backbone_onnx=onx,
+        split_layer=str(bb.get("split_layer", "")),
+        head=head,
+        decision=decision,
+        files={str(k): dict(v) for k, v in files.items()},
+    )
+
+
+def verify_files(bundle: Bundle) -> None:
+    """Check every file named in the manifest exists with the recorded size and sha256."""
+    for name, entry in bundle.files.items():
+        if os.path.isabs(name) or ".." in Path(name).parts:
+            raise BundleError(f"{bundle.path}: manifest file name {name!r} points outside the bundle")
+        p = bundle.path / name
+        if not p.is_file():
+            raise BundleError(f"{p}: file named in the manifest is missing")
+        size = p.stat().st_size
+        if "bytes" in entry and int(entry["bytes"]) != size:
+            raise BundleError(f"{p}: size {size} bytes does not match the manifest ({entry['bytes']} bytes); truncated or replaced")
+        want = entry.get("sha256")
+        if not want:
+            raise BundleError(f"{p}: manifest has no sha256 for this file")
+        got = sha256_file(p)
+        if got != want:
+            raise BundleError(f"{p}: sha256 mismatch (manifest {want[:12]}…, file {got[:12]}…); the bundle was modified or corrupted")
+
+
+def load_bundle(path: Optional[os.PathLike] = None, verify: bool = True) -> Bundle:
+    """Load and (by default) verify a bundle folder; None means the embedded default bundle."""
+    root = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
+    if not root.exists():
+        raise BundleError(f"{root}: bundle folder does not exist")
+    if root.is_file() and root.name == MANIFEST_NAME:
+        root = root.parent
+    mpath = root / MANIFEST_NAME
+    if not mpath.is_file():
+        raise BundleError(f"{root}: not a bundle (no {MANIFEST_NAME})")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{mpath}: manifest is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath}: manifest must be a JSON object")
+    bundle = parse_manifest(manifest, root)
+    if verify:
+        verify_files(bundle)
+    return bundle
+
+
+def file_entries(folder: Path, names: Sequence[str]) -> Dict[str, Dict[str, Any]]:
+    """Checksum entries for the writer: {name: {sha256, bytes}}."""
+    return {n: {"sha256": sha256_file(folder / n), "bytes": (folder / n).stat().st_size} for n in names}
+
+
+def write_manifest(folder: Path, manifest: Dict[str, Any]) -> Bundle:
+    """Write manifest.json into `folder` and check it parses and verifies (the writer's self-check)."""
+    manifest = dict(manifest)
+    manifest.setdefault("format", FORMAT_NAME)
+    manifest.setdefault("schema_version", SCHEMA_VERSION)
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    bundle = load_bundle(folder, verify=True)
+    return bundle
+
+
+def bundle_summary(bundle: Bundle) -> List[Tuple[str, str]]:
+    """Rows for `edge-quq info`."""
+    rows = [
+        ("bundle", str(bundle.path)),
+        ("name", bundle.name),
+        ("schema", f"{bundle.manifest.get('format')} v{bundle.manifest.get('schema_version')}"),
+        ("classes", f"{bundle.num_classes}: " + ", ".join(bundle.classes)),
+        ("input", f"{bundle.input.shape[0]}x{bundle.input.shape[1]}x{bundle.input.shape[2]} {bundle.input.layout}, "
+                  f"{bundle.input.preprocess.color}, pixel_scale {bundle.input.preprocess.pixel_scale:.6g}, "
+                  f"mean {list(bundle.input.preprocess.mean)}, std {list(bundle.input.preprocess.std)}"),
+        ("split layer", bundle.split_layer or "-"),
+        ("feature size", str(bundle.head.feature_size)),
+        ("head", " -> ".join(f"dropout {l.dropout:g} / dense {l.units} {l.activation}" for l in bundle.head.layers)),
+    ]
+    for label, mf in (("backbone tflite", bundle.backbone_tflite), ("backbone onnx", bundle.backbone_onnx)):
+        if mf is not None:
+            size = bundle.files.get(mf.file, {}).get("bytes", 0)
+            rows.append((label, f"{mf.file} ({size / 1024:.1f} KiB), in {mf.input.dtype} scale {mf.input.scale:.6g} "
+                                f"zp {mf.input.zero_point}, out {mf.output.dtype} scale {mf.output.scale:.6g} zp {mf.output.zero_point}"))
+    for label, f in (("head tflite", bundle.head.tflite), ("head onnx", bundle.head.onnx), ("head tflite int8", bundle.head.tflite_int8)):
+        if f:
+            rows.append((label, f))
+    d = bundle.decision
+    rows.append(("decision defaults", f"threshold {d.threshold}, num_iter {d.num_iter}, z {d.z}, mixed {d.mixed}"))
+    rows.append(("total size", f"{bundle.total_bytes() / 1024:.1f} KiB in {len(bundle.files)} files"))
+    return rows

@@ -1,0 +1,123 @@
+"""The droppable head as plain numpy: weights file, activations, and the masked forward pass.
+
+The head is a stack of blocks, each `dropout(p_i) -> dense(W_i, b_i) -> activation_i`, hidden activations
+ReLU, the last sigmoid, softmax or linear. This module is the reference every other head implementation
+(native kernel, exported TFLite/ONNX head) must match given the same keep masks.
+"""
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from edge_quq.bundle import Bundle, HeadSpec
+from edge_quq.errors import BundleError
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    # Split by sign so that exp never overflows for large |x|.
+    out = np.empty_like(x, dtype=np.result_type(x, np.float32))
+    pos = x >= 0
+    out[pos] = 1.0 / (1.0 + np.exp(-x[pos]))
+    ex = np.exp(x[~pos])
+    out[~pos] = ex / (1.0 + ex)
+    return out
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    z = x - np.max(x, axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def output_activation(logits: np.ndarray, kind: str) -> np.ndarray:
+    if kind == "sigmoid":
+        return sigmoid(logits)
+    if kind == "softmax":
+        return softmax(logits, axis=-1)
+    return logits
+
+
+@dataclass(frozen=True)
+class HeadWeights:
+    kernels: Sequence[np.ndarray]  # each [in, out], float32, C-contiguous
+    biases: Sequence[np.ndarray]  # each [out], float32
+    rates: Sequence[float]  # dropout rate applied to each block's input
+    activation: str  # output activation
+
+    @property
+    def feature_size(self) -> int:
+        return int(self.kernels[0].shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.kernels[-1].shape[1])
+
+    @property
+    def hidden_sizes(self) -> List[int]:
+        return [int(k.shape[1]) for k in self.kernels[:-1]]
+
+    def logits(self, x: np.ndarray, masks: Optional[Sequence[Optional[np.ndarray]]] = None) -> np.ndarray:
+        """Head logits for rows of x [N, F]; masks[i] is a 0/1 keep mask [N, in_i] or None (no dropout).
+
+        Inverted dropout: kept units are scaled by 1/(1-p), so the mask-free pass is the eval-mode output.
+        """
+        h = np.asarray(x, dtype=np.float32)
+        n_blocks = len(self.kernels)
+        for i in range(n_blocks):
+            m = None if masks is None else masks[i]
+            if m is not None and self.rates[i] > 0.0:
+                h = h * (m.astype(np.float32, copy=False) * np.float32(1.0 / (1.0 - self.rates[i])))
+            h = h @ self.kernels[i] + self.biases[i]
+            if i < n_blocks - 1:
+                np.maximum(h, 0.0, out=h)
+        return h
+
+    def probs(self, x: np.ndarray, masks: Optional[Sequence[Optional[np.ndarray]]] = None) -> np.ndarray:
+        return output_activation(self.logits(x, masks), self.activation)
+
+
+def save_head_weights(path: Path, spec_layers: Sequence[str], kernels: Sequence[np.ndarray], biases: Sequence[np.ndarray]) -> None:
+    """Write the head weights file: `<name>/kernel` [in, out] and `<name>/bias` [out], float32, no pickle."""
+    arrays = {}
+    for name, k, b in zip(spec_layers, kernels, biases):
+        arrays[f"{name}/kernel"] = np.ascontiguousarray(k, dtype=np.float32)
+        arrays[f"{name}/bias"] = np.ascontiguousarray(b, dtype=np.float32)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_head_weights(bundle: Bundle) -> HeadWeights:
+    return load_head_from_spec(bundle.path / bundle.head.weights, bundle.head)
+
+
+def load_head_from_spec(path: Path, spec: HeadSpec) -> HeadWeights:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise BundleError(f"{path}: head weights file cannot be read ({e})") from None
+    kernels, biases = [], []
+    fan_in = spec.feature_size
+    for layer in spec.layers:
+        kk, bk = f"{layer.name}/kernel", f"{layer.name}/bias"
+        if kk not in arrays or bk not in arrays:
+            raise BundleError(f"{path}: head weights lack {kk!r} or {bk!r}")
+        k = np.ascontiguousarray(arrays[kk], dtype=np.float32)
+        b = np.ascontiguousarray(arrays[bk], dtype=np.float32)
+        if k.shape != (fan_in, layer.units) or b.shape != (layer.units,):
+            raise BundleError(
+                f"{path}: layer {layer.name!r} has kernel {k.shape} / bias {b.shape}, manifest says ({fan_in}, {layer.units})"
+            )
+        kernels.append(k)
+        biases.append(b)
+        fan_in = layer.units
+    return HeadWeights(
+        kernels=tuple(kernels),
+        biases=tuple(biases),
+        rates=tuple(l.dropout for l in spec.layers),
+        activation=spec.output_activation,
+    )
