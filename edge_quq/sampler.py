@@ -7,12 +7,15 @@ closed form) must agree with it; tests compare them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Type
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Type
 
 import numpy as np
 
 from edge_quq.errors import OptionError
 from edge_quq.head import HeadWeights, output_activation
+
+if TYPE_CHECKING:
+    from edge_quq.bundle import Bundle
 
 _EPS = 1e-12
 
@@ -68,9 +71,12 @@ class Sampler:
 
     name = "base"
 
-    def __init__(self, head: HeadWeights, seed: Optional[int] = None) -> None:
+    def __init__(self, head: HeadWeights, seed: Optional[int] = None, bundle: Optional["Bundle"] = None, threads: Optional[int] = None) -> None:
+        # bundle and threads matter only to samplers that run exported head models (TFLite/ONNX).
         self.head = head
         self.seed = seed
+        self.bundle = bundle
+        self.threads = threads
         self.rng = np.random.default_rng(seed)
 
     def sample(self, features: np.ndarray, num_iter: int) -> HeadMoments:
@@ -104,10 +110,10 @@ class NumpySampler(Sampler):
 SAMPLERS: Dict[str, Type[Sampler]] = {"numpy": NumpySampler}
 
 
-def make_sampler(name: str, head: HeadWeights, seed: Optional[int] = None, **kwargs) -> Sampler:
+def make_sampler(name: str, head: HeadWeights, seed: Optional[int] = None, bundle: Optional["Bundle"] = None, threads: Optional[int] = None) -> Sampler:
     if name == "auto":
         name = "numpy"
     cls = SAMPLERS.get(name)
     if cls is None:
         raise OptionError(f"sampler {name!r} is not available here (available: {', '.join(sorted(SAMPLERS))})")
-    return cls(head, seed=seed, **kwargs)
+    return cls(head, seed=seed, bundle=bundle, threads=threads)

@@ -1,0 +1,221 @@
+"""The predictor: preprocess -> backbone (once, int8) -> head sampler -> decision, timed per stage.
+
+    from edge_quq import Predictor
+    p = Predictor.from_bundle()              # the embedded default bundle
+    r = p.predict("shirt.png")               # -> edge_quq.result.Prediction
+    print(r.decision, r.label, r.scores["max_prob"])
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+
+from edge_quq.backends import Backbone, make_backbone
+from edge_quq.bundle import Bundle, load_bundle
+from edge_quq.decision import MIXED_POLICIES, decide, resolve_z
+from edge_quq.errors import EdgeQuqError, OptionError
+from edge_quq.head import HeadWeights, load_head_weights
+from edge_quq.preprocess import preprocess_image, read_image
+from edge_quq.result import Failure, Prediction
+from edge_quq.sampler import HeadMoments, Sampler, make_sampler
+from edge_quq.scores import compute_scores
+from edge_quq.telemetry import StageClock, rss_bytes
+
+ImageLike = Union[str, os.PathLike, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Settings:
+    num_iter: int
+    threshold: float
+    z: float
+    mixed: str
+    seed: Optional[int]
+
+    def validate(self) -> "Settings":
+        if self.num_iter < 2:
+            raise OptionError(f"num_iter (T) must be at least 2 to estimate a spread, got {self.num_iter}")
+        if not 0.0 < self.threshold < 1.0:
+            raise OptionError(f"threshold must be strictly between 0 and 1, got {self.threshold}")
+        if self.mixed not in MIXED_POLICIES:
+            raise OptionError(f"mixed policy must be one of {', '.join(MIXED_POLICIES)}, got {self.mixed!r}")
+        return self
+
+
+class Predictor:
+    def __init__(self, bundle: Bundle, backbone: Backbone, head: HeadWeights, sampler: Sampler, settings: Settings, channel_order: str = "bgr") -> None:
+        self.bundle = bundle
+        self.backbone = backbone
+        self.head = head
+        self.sampler = sampler
+        self.settings = settings
+        self.channel_order = channel_order
+
+    @classmethod
+    def from_bundle(
+        cls,
+        path: Optional[Union[str, os.PathLike]] = None,
+        *,
+        backend: str = "auto",
+        threads: Optional[int] = None,
+        xnnpack: bool = True,
+        sampler: str = "auto",
+        num_iter: Optional[int] = None,
+        threshold: Optional[float] = None,
+        z: Optional[float] = None,
+        confidence_level: Optional[float] = None,
+        mixed: Optional[str] = None,
+        seed: Optional[int] = None,
+        channel_order: str = "bgr",
+    ) -> "Predictor":
+        """Load and verify a bundle (None: the embedded default) and build the pipeline.
+
+        The interval factor is `z` (the multiplier of the std) or `confidence_level` (two-sided coverage,
+        turned into z); at most one of them. Unset values come from the bundle's decision defaults.
+        `channel_order` says how 3-channel numpy arrays passed to predict() are ordered ("bgr" as OpenCV
+        gives them, or "rgb"); files are always decoded correctly.
+        """
+        if channel_order not in ("bgr", "rgb"):
+            raise OptionError(f"channel_order must be 'bgr' or 'rgb', got {channel_order!r}")
+        bundle = load_bundle(path)
+        d = bundle.decision
+        settings = Settings(
+            num_iter=int(num_iter if num_iter is not None else d.num_iter),
+            threshold=float(threshold if threshold is not None else d.threshold),
+            z=resolve_z(z, confidence_level, default=d.z),
+            mixed=mixed if mixed is not None else d.mixed,
+            seed=seed,
+        ).validate()
+        head = load_head_weights(bundle)
+        backbone = make_backbone(bundle, backend, threads, xnnpack)
+        smp = make_sampler(sampler, head, seed=seed, bundle=bundle, threads=threads)
+        return cls(bundle, backbone, head, smp, settings, channel_order)
+
+    # -- stages -------------------------------------------------------------------------------------------
+    def load_input(self, image: ImageLike) -> np.ndarray:
+        if isinstance(image, np.ndarray):
+            return preprocess_image(image, self.bundle.input.preprocess, self.channel_order)
+        return preprocess_image(read_image(image), self.bundle.input.preprocess, "bgr")
+
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        return self.backbone(batch)
+
+    def finish(self, source: str, moments: HeadMoments, clock: StageClock) -> Prediction:
+        s = self.settings
+        with clock.stage("decision"):
+            dec = decide(moments.mean, moments.std, s.z, s.threshold, s.mixed)
+            scores = compute_scores(moments.mean, moments.std, moments.logits, moments.expected_entropy, self.head.activation)
+        timings = dict(clock.ms)
+        timings["total"] = sum(clock.ms.values())
+        names = self.bundle.classes
+        top = int(np.argmax(moments.mean))
+        return Prediction(
+            source=source,
+            keep=dec.keep,
+            rule=dec.rule,
+            label=names[dec.label] if dec.label is not None else None,
+            class_index=dec.label,
+            classes=list(dec.classes),
+            top_index=top,
+            top_label=names[top],
+            mean=moments.mean.tolist(),
+            std=moments.std.tolist(),
+            lower=dec.lower.tolist(),
+            upper=dec.upper.tolist(),
+            states=[int(v) for v in dec.states],
+            deterministic=moments.deterministic.tolist(),
+            scores=scores,
+            timings_ms=timings,
+            rss_bytes=rss_bytes(),
+            settings=self.describe_settings(),
+        )
+
+    def describe_settings(self) -> dict:
+        s = self.settings
+        return {
+            "backend": self.backbone.name,
+            "sampler": self.sampler.name,
+            "num_iter": s.num_iter,
+            "threshold": s.threshold,
+            "z": round(s.z, 6),
+            "mixed": s.mixed,
+            "seed": s.seed,
+        }
+
+    # -- public ---------------------------------------------------------------------------------------------
+    def predict(self, image: ImageLike, source: Optional[str] = None) -> Prediction:
+        """One image (path or decoded array) -> Prediction. Raises EdgeQuqError on bad input."""
+        clock = StageClock()
+        with clock.stage("preprocess"):
+            x = self.load_input(image)
+        with clock.stage("backbone"):
+            feats = self.features(x[None])
+        with clock.stage("head"):
+            moments = self.sampler.sample(feats[0], self.settings.num_iter)
+        src = source if source is not None else ("<array>" if isinstance(image, np.ndarray) else str(image))
+        return self.finish(src, moments, clock)
+
+    def predict_many(self, images: Sequence[ImageLike], batch_size: int = 1) -> List[Union[Prediction, Failure]]:
+        """Many images; a bad one becomes a Failure and the rest still get results.
+
+        With batch_size > 1 the backbone runs on batches; each result's backbone time is its share of the
+        batch's time.
+        """
+        if batch_size < 1:
+            raise OptionError(f"batch size must be >= 1, got {batch_size}")
+        results: List[Union[Prediction, Failure]] = []
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            ok: List[tuple] = []
+            for img in chunk:
+                src = "<array>" if isinstance(img, np.ndarray) else str(img)
+                clock = StageClock()
+                try:
+                    with clock.stage("preprocess"):
+                        x = self.load_input(img)
+                    ok.append((src, x, clock))
+                except EdgeQuqError as e:
+                    results.append(Failure(src, str(e)))
+            if not ok:
+                continue
+            batch_clock = StageClock()
+            with batch_clock.stage("backbone"):
+                feats = self.features(np.stack([x for _, x, _ in ok]))
+            share = batch_clock.ms["backbone"] / len(ok)
+            for (src, _, clock), f in zip(ok, feats):
+                clock.ms["backbone"] = share
+                with clock.stage("head"):
+                    moments = self.sampler.sample(f, self.settings.num_iter)
+                results.append(self.finish(src, moments, clock))
+        return results
+
+
+IMAGE_GLOB_CHARS = set("*?[")
+
+
+def expand_inputs(items: Iterable[str]) -> List[Union[Path, Failure]]:
+    """Files, folders (their images, sorted, not recursive) and globs -> paths; problems become Failures."""
+    import glob
+
+    from edge_quq.preprocess import IMAGE_SUFFIXES
+
+    out: List[Union[Path, Failure]] = []
+    for item in items:
+        p = Path(item)
+        if any(c in item for c in IMAGE_GLOB_CHARS) and not p.exists():
+            matches = sorted(glob.glob(item))
+            if not matches:
+                out.append(Failure(item, f"{item}: pattern matches no files"))
+            out.extend(Path(m) for m in matches if not Path(m).is_dir())
+        elif p.is_dir():
+            imgs = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+            if not imgs:
+                out.append(Failure(item, f"{item}: folder contains no images ({', '.join(IMAGE_SUFFIXES)})"))
+            out.extend(imgs)
+        else:
+            out.append(p)
+    return out

@@ -1,0 +1,72 @@
+"""The one typed result that every output (table, JSON lines, MQTT, HTTP, video overlay) writes from."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+
+@dataclass
+class Prediction:
+    source: str  # file path, frame id, or "<array>"
+    keep: bool
+    rule: str  # which branch of the decision rule fired (edge_quq.decision.RULE_NAMES)
+    label: Optional[str]  # the kept class name with the highest MC mean; None when ignored
+    class_index: Optional[int]
+    classes: List[int]  # every class the sample is kept as
+    top_index: int  # argmax of the MC mean, kept or not (what a plain classifier would say)
+    top_label: str
+    mean: List[float]
+    std: List[float]
+    lower: List[float]
+    upper: List[float]
+    states: List[int]  # per class: 1 present, 0 absent, -1 uncertain
+    deterministic: List[float]  # eval-mode (no dropout) probabilities
+    scores: Dict[str, float]
+    timings_ms: Dict[str, float]
+    rss_bytes: int
+    settings: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decision(self) -> str:
+        return "keep" if self.keep else "ignore"
+
+    def to_dict(self, class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+        def r(v: float) -> float:
+            return round(float(v), 6) if math.isfinite(v) else v
+
+        return {
+            "source": self.source,
+            "decision": self.decision,
+            "rule": self.rule,
+            "label": self.label,
+            "class_index": self.class_index,
+            "classes": list(self.classes),
+            "top_label": self.top_label,
+            "top_index": self.top_index,
+            "mean": [r(v) for v in self.mean],
+            "std": [r(v) for v in self.std],
+            "lower": [r(v) for v in self.lower],
+            "upper": [r(v) for v in self.upper],
+            "states": list(self.states),
+            "deterministic": [r(v) for v in self.deterministic],
+            "scores": {k: r(v) for k, v in self.scores.items()},
+            "timings_ms": {k: round(v, 4) for k, v in self.timings_ms.items()},
+            "rss_mb": round(self.rss_bytes / 2**20, 2),
+            "settings": dict(self.settings),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+
+@dataclass
+class Failure:
+    """A per-input error inside a batch: reported, and the other inputs still get results."""
+
+    source: str
+    error: str
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"source": self.source, "error": self.error}

@@ -1,0 +1,55 @@
+"""Stage timing, process memory, and the latency summary of a run."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Sequence
+
+import numpy as np
+
+STAGES = ("preprocess", "backbone", "head", "decision")
+
+
+class StageClock:
+    """Accumulates wall-clock milliseconds per named stage for one prediction."""
+
+    def __init__(self) -> None:
+        self.ms: Dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+
+
+_PROCESS = None
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (psutil; cached Process handle)."""
+    global _PROCESS
+    if _PROCESS is None:
+        import psutil  # noqa: PLC0415
+
+        _PROCESS = psutil.Process()
+    return int(_PROCESS.memory_info().rss)
+
+
+def percentiles(values: Sequence[float], qs: Sequence[int] = (50, 90, 99)) -> Dict[str, float]:
+    if len(values) == 0:
+        return {f"p{q}": float("nan") for q in qs}
+    arr = np.asarray(values, dtype=np.float64)
+    return {f"p{q}": float(np.percentile(arr, q)) for q in qs}
+
+
+def latency_summary(timings: List[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
+    """p50/p90/p99 and mean per stage (and total) over a run's results."""
+    out: Dict[str, Dict[str, float]] = {}
+    keys = [k for k in (*STAGES, "total") if any(k in t for t in timings)]
+    for k in keys:
+        vals = [t[k] for t in timings if k in t]
+        out[k] = {**percentiles(vals), "mean": float(np.mean(vals)) if vals else float("nan")}
+    return out
