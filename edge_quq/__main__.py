@@ -1,0 +1,3 @@
+from edge_quq.cli import main
+
+main()

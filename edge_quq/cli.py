@@ -1,0 +1,192 @@
+"""`edge-quq`: predict, info (device side) and export (host side, needs the [export] extra)."""
+from __future__ import annotations
+
+import functools
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional, Sequence
+
+import click
+
+from edge_quq import __version__
+from edge_quq.errors import EdgeQuqError
+
+SAMPLER_CHOICES = ("auto", "numpy", "native", "analytic", "tflite", "onnx")
+
+
+def fail(message: str, code: int = 2) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn EdgeQuqError into one `error: ...` line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EdgeQuqError as e:
+            fail(str(e), e.exit_code)
+
+    return wrapper
+
+
+def peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux (bytes on macOS, which the product does not target).
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edge-quq")
+def main() -> None:
+    """Quantized image classifiers that say when a prediction should not be trusted."""
+
+
+def model_options(fn: Callable) -> Callable:
+    """Options shared by every command that runs the model (predict now, camera later)."""
+    opts = [
+        click.option("--bundle", "bundle", type=click.Path(path_type=Path), default=None, help="Bundle folder (default: the embedded Fashion-MNIST bundle)."),
+        click.option("--backend", type=click.Choice(["auto", "tflite", "onnx"]), default="auto", show_default=True, help="Backbone runtime."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads (default: all cores)."),
+        click.option("--no-xnnpack", is_flag=True, help="TFLite: run the builtin kernels instead of the XNNPACK delegate."),
+        click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), default="auto", show_default=True, help="Head sampler."),
+        click.option("-T", "--num-iter", type=int, default=None, help="MC dropout samples of the head (default: bundle's, 50)."),
+        click.option("--threshold", type=float, default=None, help="Per-class decision threshold (default: bundle's, 0.5)."),
+        click.option("--z", "z", type=float, default=None, help="Interval factor z: interval = mean ± z·std (the paper's conf_factor; default: bundle's, 0.8)."),
+        click.option("--confidence-level", type=float, default=None, help="Alternative to --z: two-sided coverage in (0, 1), e.g. 0.9 -> z = 1.645."),
+        click.option("--mixed", type=click.Choice(["ignore", "keep"]), default=None, help="When some classes are present and others uncertain (default: ignore)."),
+        click.option("--seed", type=int, default=None, help="Seed of the dropout masks, for reproducible results."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def build_predictor(bundle: Optional[Path], backend: str, threads: Optional[int], no_xnnpack: bool, sampler: str, num_iter: Optional[int],
+                    threshold: Optional[float], z: Optional[float], confidence_level: Optional[float], mixed: Optional[str], seed: Optional[int]):
+    from edge_quq.predictor import Predictor
+
+    return Predictor.from_bundle(
+        bundle, backend=backend, threads=threads, xnnpack=not no_xnnpack, sampler=sampler, num_iter=num_iter,
+        threshold=threshold, z=z, confidence_level=confidence_level, mixed=mixed, seed=seed,
+    )
+
+
+def _fmt_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True)
+@model_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Images per backbone call.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table; the run summary goes to stderr.")
+@user_errors
+def predict(paths: Sequence[str], bundle: Optional[Path], backend: str, threads: Optional[int], no_xnnpack: bool, sampler: str,
+            num_iter: Optional[int], threshold: Optional[float], z: Optional[float], confidence_level: Optional[float],
+            mixed: Optional[str], seed: Optional[int], batch_size: int, as_json: bool) -> None:
+    """Classify image files, folders or globs; say keep or ignore for each.
+
+    Exit code 0 when every input was processed (ignoring a sample is a result), 1 when some inputs could not
+    be read (the others still get results), 2 for bad options or a bad bundle.
+    """
+    from edge_quq.predictor import expand_inputs
+    from edge_quq.result import Failure, Prediction
+    from edge_quq.telemetry import latency_summary
+
+    predictor = build_predictor(bundle, backend, threads, no_xnnpack, sampler, num_iter, threshold, z, confidence_level, mixed, seed)
+    expanded = expand_inputs(paths)
+    files = [p for p in expanded if not isinstance(p, Failure)]
+    results: List[Any] = [p for p in expanded if isinstance(p, Failure)]
+    results += predictor.predict_many(files, batch_size=batch_size)
+
+    preds = [r for r in results if isinstance(r, Prediction)]
+    failures = [r for r in results if isinstance(r, Failure)]
+    for f in failures:
+        click.echo(f"error: {f.error}", err=True)
+    summary = {
+        "inputs": len(results),
+        "processed": len(preds),
+        "failed": len(failures),
+        "kept": sum(p.keep for p in preds),
+        "ignored": sum(not p.keep for p in preds),
+        "latency_ms": latency_summary([p.timings_ms for p in preds]),
+        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
+        "settings": predictor.describe_settings(),
+        "backend": predictor.backbone.describe(),
+    }
+    if as_json:
+        for r in results:
+            click.echo(json.dumps(r.to_dict(), separators=(",", ":")))
+        click.echo(json.dumps({"summary": summary}, separators=(",", ":")), err=True)
+    else:
+        rows = []
+        for r in results:
+            if isinstance(r, Failure):
+                rows.append([Path(r.source).name, "ERROR", "-", "-", "-", "-", "-"])
+                continue
+            t = r.top_index
+            rows.append([
+                Path(r.source).name, r.decision, r.label or "-", r.rule,
+                f"{r.top_label} {r.mean[t]:.3f}±{r.std[t]:.3f}", f"{r.scores['max_prob']:.3f}", f"{r.timings_ms['total']:.2f}",
+            ])
+        click.echo(_fmt_table(rows, ["input", "decision", "label", "rule", "top class mean±std", "max p", "ms"]))
+        lat = summary["latency_ms"].get("total", {})
+        s = predictor.settings
+        click.echo(
+            f"\n{summary['processed']} processed, {summary['kept']} kept, {summary['ignored']} ignored, {summary['failed']} failed"
+            f" | T={s.num_iter} z={s.z:.3g} threshold={s.threshold:g} sampler={predictor.sampler.name} backend={summary['backend']}"
+        )
+        if preds:
+            stages = ", ".join(f"{k} {v['p50']:.2f}" for k, v in summary["latency_ms"].items() if k != "total")
+            click.echo(f"latency ms p50/p90/p99: {lat['p50']:.2f}/{lat['p90']:.2f}/{lat['p99']:.2f} (p50 per stage: {stages}); peak RSS {summary['peak_rss_mb']} MB")
+    if failures:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@user_errors
+def info(bundle: Optional[Path], as_json: bool) -> None:
+    """Describe a bundle (default: the embedded one) and which backends can load it here."""
+    from edge_quq.backends import loadable_backends
+    from edge_quq.bundle import bundle_summary, load_bundle
+
+    b = load_bundle(bundle)
+    rows = bundle_summary(b)
+    acc = b.manifest.get("accuracy")
+    if isinstance(acc, dict):
+        rows.append(("accuracy", ", ".join(f"{k} {v}" for k, v in acc.items())))
+    backends = loadable_backends(b)
+    if as_json:
+        click.echo(json.dumps({"fields": dict(rows), "backends": dict(backends), "manifest": b.manifest}, indent=2))
+        return
+    width = max(len(k) for k, _ in rows + backends) + 2
+    for k, v in rows:
+        click.echo(f"{k:<{width}}{v}")
+    for k, v in backends:
+        click.echo(f"{('backend ' + k):<{width}}{v}")
+
+
+def _register_host_commands() -> None:
+    # The exporter lives in the same distribution but needs TensorFlow only when it runs.
+    try:
+        from edge_quq_export.cli import export_cmd  # type: ignore
+    except ImportError:
+        return
+    main.add_command(export_cmd, name="export")
+
+
+_register_host_commands()
+
+
+if __name__ == "__main__":
+    main()
