@@ -111,6 +111,8 @@ SAMPLERS: Dict[str, Type[Sampler]] = {"numpy": NumpySampler}
 
 
 def make_sampler(name: str, head: HeadWeights, seed: Optional[int] = None, bundle: Optional["Bundle"] = None, threads: Optional[int] = None) -> Sampler:
+    if name in ("tflite", "onnx"):
+        import edge_quq.sampler_runtime  # noqa: F401  (registers the exported-head samplers)
     if name == "auto":
         name = "numpy"
     cls = SAMPLERS.get(name)
