@@ -1,0 +1,103 @@
+"""Scores against hand-computed values; preprocessing of gray/color, 8/16-bit images against the spec."""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_quq.bundle import Preprocess, QuantParams
+from edge_quq.errors import InputError
+from edge_quq.preprocess import dequantize, preprocess_image, quantize, read_image
+from edge_quq.scores import compute_scores, energy_of, entropy_of
+
+
+def test_softmax_entropy_and_energy_by_hand():
+    p = np.array([0.5, 0.25, 0.25])
+    assert entropy_of(p, "softmax") == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    z = np.array([1.0, 2.0, 3.0])
+    assert energy_of(z, "softmax") == pytest.approx(-math.log(math.e + math.e**2 + math.e**3))
+
+
+def test_sigmoid_entropy_and_joint_energy_by_hand():
+    p = np.array([0.5, 0.9])
+    h = -(0.5 * math.log(0.5) * 2) - (0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert entropy_of(p, "sigmoid") == pytest.approx(h)
+    assert energy_of(np.array([0.0, 2.0]), "sigmoid") == pytest.approx(-(math.log(2) + math.log(1 + math.e**2)))
+    # no overflow for huge logits
+    assert np.isfinite(energy_of(np.array([1000.0, -1000.0]), "sigmoid"))
+
+
+def test_compute_scores_fields_and_mutual_information():
+    mean = np.array([0.7, 0.2, 0.1])
+    std = np.array([0.1, 0.2, 0.0])
+    s = compute_scores(mean, std, np.log(mean), expected_entropy=0.5, activation="softmax")
+    assert s["max_prob"] == pytest.approx(0.7)
+    assert s["mean_variance"] == pytest.approx((0.01 + 0.04) / 3)
+    assert s["mutual_information"] == pytest.approx(entropy_of(mean, "softmax") - 0.5)
+    assert set(s) == {"max_prob", "predictive_entropy", "mutual_information", "mean_variance", "energy"}
+
+
+GRAY = Preprocess(color="gray", resize=(4, 4), interpolation="area", pixel_scale=1 / 255, mean=(0.0,), std=(1.0,))
+
+
+def test_gray_8bit_identity_size():
+    img = (np.arange(16, dtype=np.uint8) * 16).reshape(4, 4)
+    x = preprocess_image(img, GRAY)
+    assert x.shape == (4, 4, 1) and x.dtype == np.float32
+    assert np.allclose(x[..., 0], img / 255.0)
+
+
+def test_16bit_and_8bit_give_the_same_input():
+    img8 = (np.arange(16, dtype=np.uint8) * 16).reshape(4, 4)
+    img16 = img8.astype(np.uint16) * 257
+    assert np.allclose(preprocess_image(img8, GRAY), preprocess_image(img16, GRAY), atol=1e-6)
+
+
+def test_color_to_gray_and_channel_order():
+    bgr = np.zeros((8, 8, 3), np.uint8)
+    bgr[..., 2] = 200  # red in BGR
+    x_bgr = preprocess_image(bgr, GRAY, "bgr")
+    x_rgb = preprocess_image(bgr[..., ::-1].copy(), GRAY, "rgb")
+    assert np.allclose(x_bgr, x_rgb)
+    assert np.allclose(x_bgr, 0.299 * 200 / 255, atol=2e-3)  # BT.601 luma of pure red
+
+
+def test_rgb_model_mean_std_and_crop():
+    spec = Preprocess(color="rgb", resize=(2, 2), interpolation="nearest", crop_fraction=0.5, pixel_scale=1.0,
+                      mean=(10.0, 20.0, 30.0), std=(2.0, 2.0, 2.0))
+    img = np.zeros((8, 12, 3), np.uint8)
+    img[2:6, 4:8] = (30, 20, 10)  # BGR in the centre square
+    x = preprocess_image(img, spec, "bgr")
+    assert x.shape == (2, 2, 3)
+    assert np.allclose(x[0, 0], [(10 - 10) / 2, (20 - 20) / 2, (30 - 30) / 2])
+
+
+def test_gray_image_for_rgb_model_is_replicated():
+    spec = Preprocess(color="rgb", resize=(3, 3), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    x = preprocess_image(np.full((3, 3), 51, np.uint8), spec)
+    assert np.allclose(x, 0.2)
+
+
+def test_quantize_roundtrip_and_saturation():
+    q = QuantParams("int8", scale=1 / 255, zero_point=-128)
+    v = quantize(np.array([0.0, 0.6, 1.0, 2.0, -1.0], np.float32), q)
+    assert v.dtype == np.int8 and v.tolist() == [-128, 25, 127, 127, -128]
+    assert np.allclose(dequantize(v[:3], q), [0.0, 153 / 255, 255 / 255], atol=1e-6)
+
+
+def test_read_image_errors(tmp_path):
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    with pytest.raises(InputError, match="empty file"):
+        read_image(empty)
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not an image at all")
+    with pytest.raises(InputError, match="not a readable image"):
+        read_image(junk)
+    with pytest.raises(InputError, match="no such file"):
+        read_image(tmp_path / "missing.png")
+    good = tmp_path / "ok.png"
+    cv2.imwrite(str(good), np.zeros((5, 7, 3), np.uint16))
+    assert read_image(good).dtype == np.uint16
