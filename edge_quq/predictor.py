@@ -93,7 +93,20 @@ class Predictor:
         head = load_head_weights(bundle)
         backbone = make_backbone(bundle, backend, threads, xnnpack)
         smp = make_sampler(sampler, head, seed=seed, bundle=bundle, threads=threads)
-        return cls(bundle, backbone, head, smp, settings, channel_order)
+        predictor = cls(bundle, backbone, head, smp, settings, channel_order)
+        predictor.warm_up()
+        return predictor
+
+    def warm_up(self) -> None:
+        """One pass on a blank image so first-call costs (OpenCV import, runtime allocation, XNNPACK weight
+        packing) stay out of the first result's timings. The sampler is reseeded afterwards, so seeded
+        results do not depend on the warm-up."""
+        h, w, c = self.bundle.input.shape
+        x = self.load_input(np.zeros((h, w, c) if c > 1 else (h, w), np.uint8))
+        feats = self.features(x[None])
+        self.sampler.sample(feats[0], self.settings.num_iter)
+        self.sampler.reseed(self.settings.seed)
+        decide(np.full(self.bundle.num_classes, 0.5), np.zeros(self.bundle.num_classes), 1.0, 0.5)
 
     # -- stages -------------------------------------------------------------------------------------------
     def load_input(self, image: ImageLike) -> np.ndarray:

@@ -79,6 +79,11 @@ class Sampler:
         self.threads = threads
         self.rng = np.random.default_rng(seed)
 
+    def reseed(self, seed: Optional[int]) -> None:
+        """Restart the mask stream; samplers with their own generator override this."""
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+
     def sample(self, features: np.ndarray, num_iter: int) -> HeadMoments:
         raise NotImplementedError
 

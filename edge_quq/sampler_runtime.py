@@ -1,7 +1,7 @@
 """Samplers that run the bundle's exported head model (TFLite on XNNPACK, ONNX on MLAS).
 
 The head model takes `features` [N, F] and one 0/1 keep mask per dropout block ([N, in_i]) and returns
-probabilities [N, C]. One invoke carries T + 1 rows: row 0 has all-ones masks (the eval-mode output), rows
+probabilities [N, C]. One invoke carries T + 1 rows: row 0 has masks equal to the keep probability (the eval-mode output), rows
 1..T are the MC samples, whose masks come from the same generator as the numpy sampler's, so both samplers
 see identical masks for the same seed.
 """
@@ -18,14 +18,15 @@ from edge_quq.sampler import SAMPLERS, HeadMoments, Sampler, draw_keep_masks, mo
 
 
 def _runtime_masks(rng: np.random.Generator, head: HeadWeights, t: int) -> List[np.ndarray]:
-    """Masks for every dropout-capable block, with an all-ones row 0 for the deterministic pass."""
+    """Masks for every block, with row 0 set to keep-probability 1-p: the model scales masks by 1/(1-p),
+    so that row reproduces the eval-mode (no dropout) pass exactly."""
     masks = draw_keep_masks(rng, head, t)
     out = []
     fan_in = head.feature_size
-    for m, k in zip(masks, head.kernels):
+    for m, k, rate in zip(masks, head.kernels, head.rates):
         if m is None:
             m = np.ones((t, fan_in), np.float32)
-        out.append(np.concatenate([np.ones((1, fan_in), np.float32), m]))
+        out.append(np.concatenate([np.full((1, fan_in), 1.0 - rate, np.float32), m]))
         fan_in = k.shape[1]
     return out
 

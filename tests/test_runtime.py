@@ -1,0 +1,137 @@
+"""The device runtime end to end on the embedded default bundle and the shipped samples."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_quq.bundle import DEFAULT_BUNDLE_DIR, load_bundle
+from edge_quq.errors import BundleError, OptionError
+from edge_quq.head import load_head_weights
+from edge_quq.predictor import Predictor
+from edge_quq.sampler import NumpySampler, make_sampler
+
+SAMPLES = Path(DEFAULT_BUNDLE_DIR).parent / "samples"
+
+
+def sample_files():
+    return sorted(p for p in SAMPLES.iterdir() if p.suffix == ".png")
+
+
+@pytest.fixture(scope="module")
+def predictors():
+    return {b: Predictor.from_bundle(backend=b, seed=0, threads=1) for b in ("tflite", "onnx")}
+
+
+def test_default_bundle_verifies_and_has_both_backbones():
+    b = load_bundle()
+    assert b.backbone_tflite is not None and b.backbone_onnx is not None
+    assert b.head.tflite and b.head.onnx
+    assert len(b.classes) == 10 and b.total_bytes() < 5 * 2**20
+
+
+def test_tflite_and_onnx_backends_agree_on_shipped_samples(predictors):
+    files = sample_files()
+    assert len(files) >= 10
+    for f in files:
+        a = predictors["tflite"].predict(f)
+        b = predictors["onnx"].predict(f)
+        assert (a.decision, a.label) == (b.decision, b.label), f.name
+        assert a.top_label == b.top_label, f.name
+
+
+def test_in_distribution_samples_are_mostly_kept_and_correct(predictors):
+    kept = correct = 0
+    for f in sample_files():
+        if f.name.startswith("ood"):
+            continue
+        r = predictors["tflite"].predict(f)
+        kept += r.keep
+        truth = f.stem.split("_", 1)[1]
+        correct += r.keep and r.label is not None and r.label.lower().replace("/", "-").replace(" ", "-") == truth
+    assert kept >= 7 and correct >= kept - 1
+
+
+def test_result_fields_and_timings(predictors):
+    r = predictors["tflite"].predict(sample_files()[0])
+    d = r.to_dict()
+    for k in ("decision", "label", "mean", "std", "lower", "upper", "states", "scores", "timings_ms", "rss_mb", "settings"):
+        assert k in d
+    assert set(r.timings_ms) == {"preprocess", "backbone", "head", "decision", "total"}
+    assert all(v >= 0 for v in r.timings_ms.values()) and r.rss_bytes > 10 * 2**20
+    assert len(r.mean) == 10 and all(0 <= m <= 1 for m in r.mean)
+    assert {"max_prob", "predictive_entropy", "mutual_information", "mean_variance", "energy"} <= set(r.scores)
+    json.loads(r.to_json())
+
+
+def test_seed_reproduces_results():
+    f = sample_files()[0]
+    a = Predictor.from_bundle(seed=11, threads=1).predict(f)
+    b = Predictor.from_bundle(seed=11, threads=1).predict(f)
+    assert a.mean == b.mean and a.std == b.std
+
+
+def test_arrays_any_size_gray_or_color_8_or_16_bit(predictors):
+    p = predictors["tflite"]
+    import cv2
+
+    img = cv2.imread(str(sample_files()[1]), cv2.IMREAD_GRAYSCALE)
+    base = p.predict(img)
+    big_color = cv2.resize(cv2.cvtColor(img, cv2.COLOR_GRAY2BGR), (280, 280), interpolation=cv2.INTER_NEAREST)
+    r16 = p.predict(big_color.astype(np.uint16) * 257)
+    assert r16.top_label == base.top_label
+
+
+def test_batched_backbone_gives_the_same_decisions(predictors):
+    files = sample_files()
+    p = Predictor.from_bundle(seed=5, threads=1)
+    one = p.predict_many(files, batch_size=1)
+    p = Predictor.from_bundle(seed=5, threads=1)
+    many = p.predict_many(files, batch_size=4)
+    assert [(r.decision, r.label) for r in one] == [(r.decision, r.label) for r in many]
+
+
+@pytest.mark.parametrize("name", ["tflite", "onnx"])
+def test_exported_head_sampler_equals_numpy_sampler_with_same_masks(name):
+    bundle = load_bundle()
+    head = load_head_weights(bundle)
+    x = np.random.default_rng(0).random(head.feature_size).astype(np.float32) * 3
+    ref = NumpySampler(head, seed=3).sample(x, 50)
+    got = make_sampler(name, head, seed=3, bundle=bundle, threads=1).sample(x, 50)
+    assert np.allclose(got.mean, ref.mean, atol=1e-5)
+    assert np.allclose(got.std, ref.std, atol=1e-5)
+    assert np.allclose(got.deterministic, ref.deterministic, atol=1e-5)
+
+
+def test_option_errors():
+    with pytest.raises(OptionError, match="at least 2"):
+        Predictor.from_bundle(num_iter=1)
+    with pytest.raises(OptionError, match="between 0 and 1"):
+        Predictor.from_bundle(confidence_level=1.2)
+
+
+def test_tampered_and_newer_bundles_are_refused(tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, copy)
+    bundle = load_bundle(copy)
+    target = copy / bundle.head.weights
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256 mismatch"):
+        load_bundle(copy)
+    shutil.rmtree(copy)
+    shutil.copytree(DEFAULT_BUNDLE_DIR, copy)
+    m = json.loads((copy / "manifest.json").read_text())
+    m["schema_version"] = 99
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="newer"):
+        load_bundle(copy)
+    (copy / bundle.backbone_tflite.file).write_bytes(b"short")
+    m["schema_version"] = 1
+    (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(BundleError, match="truncated or replaced"):
+        load_bundle(copy)
