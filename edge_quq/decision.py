@@ -121,12 +121,8 @@ def decide(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed:
 
 
 def predicted_labels(mean: np.ndarray, states: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Vectorised label per sample for evaluation: argmax of the MC mean over the kept classes, -1 if ignored.
-
-    Kept classes are the 1s, or the single -1 under benefit of the doubt; both reduce to the classes whose
-    state is not 0 when the sample is kept with no 1 present, so masking 0-states and taking argmax is exact
-    for every keep branch except mixed_keep, where the 1s win over -1s.
-    """
+    """Vectorised label per sample for evaluation: -1 when ignored, else the argmax of the MC mean over
+    the classes the sample is kept as (the 1s when there are any, otherwise the single -1)."""
     mean = np.atleast_2d(mean)
     states = np.atleast_2d(states)
     has_pos = np.any(states == PRESENT, axis=-1, keepdims=True)
