@@ -18,6 +18,7 @@ from edge_quq.backends import Backbone, make_backbone
 from edge_quq.bundle import Bundle, load_bundle
 from edge_quq.decision import MIXED_POLICIES, decide, resolve_z
 from edge_quq.errors import EdgeQuqError, OptionError
+from edge_quq.gradients import GradientSettings, gradient_score
 from edge_quq.head import HeadWeights, load_head_weights
 from edge_quq.preprocess import preprocess_image, read_image
 from edge_quq.result import Failure, Prediction
@@ -47,7 +48,9 @@ class Settings:
 
 
 class Predictor:
-    def __init__(self, bundle: Bundle, backbone: Backbone, head: HeadWeights, sampler: Sampler, settings: Settings, channel_order: str = "bgr") -> None:
+    def __init__(self, bundle: Bundle, backbone: Backbone, head: HeadWeights, sampler: Sampler, settings: Settings,
+                 channel_order: str = "bgr", gradient: Optional[GradientSettings] = GradientSettings()) -> None:
+        self.gradient = gradient.validate() if gradient is not None else None
         self.bundle = bundle
         self.backbone = backbone
         self.head = head
@@ -71,13 +74,15 @@ class Predictor:
         mixed: Optional[str] = None,
         seed: Optional[int] = None,
         channel_order: str = "bgr",
+        gradient: Optional[GradientSettings] = GradientSettings(),
     ) -> "Predictor":
         """Load and verify a bundle (None: the embedded default) and build the pipeline.
 
         The interval factor is `z` (the multiplier of the std) or `confidence_level` (two-sided coverage,
         turned into z); at most one of them. Unset values come from the bundle's decision defaults.
         `channel_order` says how 3-channel numpy arrays passed to predict() are ordered ("bgr" as OpenCV
-        gives them, or "rgb"); files are always decoded correctly.
+        gives them, or "rgb"); files are always decoded correctly. `gradient` sets the closed-form gradient
+        score (edge_quq.gradients; None turns it off).
         """
         if channel_order not in ("bgr", "rgb"):
             raise OptionError(f"channel_order must be 'bgr' or 'rgb', got {channel_order!r}")
@@ -93,7 +98,7 @@ class Predictor:
         head = load_head_weights(bundle)
         backbone = make_backbone(bundle, backend, threads, xnnpack)
         smp = make_sampler(sampler, head, seed=seed, bundle=bundle, threads=threads)
-        predictor = cls(bundle, backbone, head, smp, settings, channel_order)
+        predictor = cls(bundle, backbone, head, smp, settings, channel_order, gradient)
         predictor.warm_up()
         return predictor
 
@@ -117,11 +122,19 @@ class Predictor:
     def features(self, batch: np.ndarray) -> np.ndarray:
         return self.backbone(batch)
 
-    def finish(self, source: str, moments: HeadMoments, clock: StageClock) -> Prediction:
+    def head_stage(self, features: np.ndarray, clock: StageClock) -> tuple:
+        with clock.stage("head"):
+            moments = self.sampler.sample(features, self.settings.num_iter)
+            grad = gradient_score(self.head, features, self.gradient) if self.gradient is not None else None
+        return moments, grad
+
+    def finish(self, source: str, moments: HeadMoments, grad: Optional[float], clock: StageClock) -> Prediction:
         s = self.settings
         with clock.stage("decision"):
             dec = decide(moments.mean, moments.std, s.z, s.threshold, s.mixed)
             scores = compute_scores(moments.mean, moments.std, moments.logits, moments.expected_entropy, self.head.activation)
+            if grad is not None:
+                scores["gradient"] = grad
         timings = dict(clock.ms)
         timings["total"] = sum(clock.ms.values())
         names = self.bundle.classes
@@ -167,10 +180,9 @@ class Predictor:
             x = self.load_input(image)
         with clock.stage("backbone"):
             feats = self.features(x[None])
-        with clock.stage("head"):
-            moments = self.sampler.sample(feats[0], self.settings.num_iter)
+        moments, grad = self.head_stage(feats[0], clock)
         src = source if source is not None else ("<array>" if isinstance(image, np.ndarray) else str(image))
-        return self.finish(src, moments, clock)
+        return self.finish(src, moments, grad, clock)
 
     def predict_many(self, images: Sequence[ImageLike], batch_size: int = 1) -> List[Union[Prediction, Failure]]:
         """Many images; a bad one becomes a Failure and the rest still get results.
@@ -201,9 +213,8 @@ class Predictor:
             share = batch_clock.ms["backbone"] / len(ok)
             for (src, _, clock), f in zip(ok, feats):
                 clock.ms["backbone"] = share
-                with clock.stage("head"):
-                    moments = self.sampler.sample(f, self.settings.num_iter)
-                results.append(self.finish(src, moments, clock))
+                moments, grad = self.head_stage(f, clock)
+                results.append(self.finish(src, moments, grad, clock))
         return results
 
 

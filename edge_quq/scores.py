@@ -12,6 +12,7 @@ except `max_prob`, where higher means more trust. The benchmark suite relies on 
 - energy: from the eval-mode logits. Softmax: -logsumexp(logits) (Liu et al. 2020). Sigmoid: the joint
   energy -sum_c softplus(logit_c) (Wang et al. 2021), which treats each class logit as its own two-way
   softmax against zero. Higher energy = less in-distribution.
+The predictor adds `gradient` (edge_quq.gradients), which needs the features, not only the moments.
 """
 from __future__ import annotations
 
