@@ -1,0 +1,5 @@
+"""edge-quq host side: train, split, quantize (int8 TFLite + ONNX) and write an artifact bundle.
+
+Needs the [export] extra (TensorFlow, tf2onnx, onnx); the device runtime never imports this package.
+"""
+__version__ = "0.1.0"

@@ -1,0 +1,105 @@
+"""`edge-quq export`: a trained Keras classifier -> an edge-quq bundle folder.
+
+Only click and the standard library at import time: the device CLI imports this module to register the
+command, and TensorFlow (seconds to import, absent on boards) loads only when the command runs.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import click
+
+# Packages of the [export] extra: missing one is a setup problem worth one line, anything else is a bug.
+HOST_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx", "ai_edge_litert")
+
+def _floats(value: Optional[str], what: str) -> Optional[List[float]]:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{what} must be comma-separated numbers, got {value!r}") from None
+
+
+def _class_names(classes: Optional[str], labels_file: Optional[Path]) -> Optional[Sequence[str]]:
+    from edge_quq.errors import ExportError
+
+    if classes and labels_file:
+        raise ExportError("give class names with --classes or --labels-file, not both")
+    if classes:
+        return [c.strip() for c in classes.split(",")]
+    if labels_file:
+        try:
+            lines = Path(labels_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ExportError(f"{labels_file}: cannot read class names ({e})") from None
+        return [ln.strip() for ln in lines if ln.strip()]
+    return None
+
+
+@click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--calibration", required=True, type=click.Path(path_type=Path),
+              help="Calibration input: a folder of images, or .npy/.npz [N,H,W(,C)] (uint8 pixels, or float32 model-ready input).")
+@click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
+@click.option("--force", is_flag=True, help="Replace OUT if it is an existing bundle.")
+@click.option("--test-data", type=click.Path(path_type=Path), default=None,
+              help="Held-out data for the parity report: image folder (one sub-folder per class name gives labels) or .npy/.npz (.npz 'x' and 'y').")
+@click.option("--test-labels", type=click.Path(path_type=Path), default=None, help="Integer labels for --test-data (.npy or text, one per line).")
+@click.option("--classes", default=None, help="Class names, comma-separated, in output order.")
+@click.option("--labels-file", type=click.Path(path_type=Path), default=None, help="Class names, one per line, in output order.")
+@click.option("--split-layer", default=None, help="Name of the first head layer (default: the first Dropout of the trailing Dropout/Dense head).")
+@click.option("--dropout", default=None, help="Dropout rate per head dense layer, e.g. 0.2,0.4. Required when the head has no Dropout; overrides the model's rates.")
+@click.option("--color", type=click.Choice(["gray", "rgb", "bgr"]), default=None, help="Channel order the model was trained on (default: gray for 1 channel, rgb for 3).")
+@click.option("--pixel-scale", type=float, default=1.0 / 255.0, show_default=True, help="Input = (pixel * pixel_scale - mean) / std, pixel on 0..255.")
+@click.option("--mean", default=None, help="Per-channel mean, comma-separated (default 0).")
+@click.option("--std", default=None, help="Per-channel std, comma-separated (default 1).")
+@click.option("--interpolation", type=click.Choice(["area", "linear", "nearest", "cubic"]), default="area", show_default=True)
+@click.option("--crop-fraction", type=float, default=1.0, show_default=True, help="Center crop of this fraction of the shorter side before resizing.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=300, show_default=True, help="Calibration samples used (random subset if more are given).")
+@click.option("--test-samples", type=click.IntRange(min=1), default=None, help="Use at most this many held-out samples (default: all).")
+@click.option("--name", default=None, help="Bundle name (default: the model file name).")
+@click.option("--threshold", type=float, default=0.5, show_default=True, help="Default decision threshold.")
+@click.option("--num-iter", type=click.IntRange(min=1), default=50, show_default=True, help="Default MC samples T.")
+@click.option("--z", "z", type=float, default=0.8, show_default=True, help="Default interval factor z (mean ± z·std).")
+@click.option("--mixed", type=click.Choice(["ignore", "keep"]), default="ignore", show_default=True, help="Default rule for vectors with both present and uncertain classes.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration subsets and the head check masks.")
+def export_cmd(model: Path, calibration: Path, out: Path, force: bool, test_data: Optional[Path], test_labels: Optional[Path],
+               classes: Optional[str], labels_file: Optional[Path], split_layer: Optional[str], dropout: Optional[str],
+               color: Optional[str], pixel_scale: float, mean: Optional[str], std: Optional[str], interpolation: str,
+               crop_fraction: float, calib_samples: int, test_samples: Optional[int], name: Optional[str], threshold: float,
+               num_iter: int, z: float, mixed: str, seed: int) -> None:
+    """Split MODEL into an int8 backbone (TFLite + ONNX) and a droppable head, and write a bundle to OUT."""
+    from edge_quq.errors import EdgeQuqError
+
+    try:
+        from edge_quq_export.pipeline import ExportOptions, export_model
+
+        t0 = time.perf_counter()
+        opts = ExportOptions(
+            calibration=calibration, out=out, force=force, test_data=test_data, test_labels=test_labels,
+            split_layer=split_layer, dropout=_floats(dropout, "--dropout"), classes=_class_names(classes, labels_file),
+            color=color, pixel_scale=pixel_scale, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+            interpolation=interpolation, crop_fraction=crop_fraction, name=name, calib_samples=calib_samples,
+            test_samples=test_samples, threshold=threshold, num_iter=num_iter, z=z, mixed=mixed, seed=seed,
+        )
+        bundle = export_model(model, opts)
+    except EdgeQuqError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in HOST_MODULES:
+            raise
+        click.echo(f"error: the exporter needs the [export] extra (pip install 'edge-quq[export]'): {e}", err=True)
+        sys.exit(2)
+    acc = bundle.manifest.get("accuracy")
+    click.echo(f"wrote {bundle.path} ({bundle.total_bytes() / 1024:.1f} KiB, {len(bundle.files)} files) in {time.perf_counter() - t0:.1f} s")
+    click.echo(f"split at {bundle.split_layer!r}: features {bundle.head.feature_size}, head " +
+               " -> ".join(f"dropout {l.dropout:g} / dense {l.units} {l.activation}" for l in bundle.head.layers))
+    if acc:
+        click.echo(f"top-1 on {acc['samples']} held-out samples: float {100 * acc['float']:.2f}%, "
+                   f"int8 tflite {100 * acc['int8_tflite']:.2f}%, int8 onnx {100 * acc['int8_onnx']:.2f}%")
+    click.echo(f"parity report: {bundle.path / 'parity.md'}")

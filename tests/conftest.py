@@ -1,0 +1,79 @@
+"""Session fixtures shared by the export and runtime tests.
+
+`tiny_bundle` trains a tiny model of the reference shape (two convs + the paper head) for a few seconds on
+real Fashion-MNIST images and exports it with the real converters, once per test session.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+TINY_SEED = 0
+TINY_TRAIN = 2048  # images; with 4 epochs ~10 s on 2 cores, ~75% test accuracy
+
+
+def _need_host_stack() -> None:
+    pytest.importorskip("tensorflow")
+    pytest.importorskip("tf2onnx")
+    pytest.importorskip("ai_edge_litert")
+    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST IDX files missing (apt-get install dataset-fashion-mnist)")
+
+
+@pytest.fixture(scope="session")
+def fashion_small():
+    """(x_train uint8 [N,28,28], y_train, x_test, y_test): small real slices for calibration and parity."""
+    from edge_quq_export.datasets import load_fashion_mnist
+
+    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST IDX files missing (apt-get install dataset-fashion-mnist)")
+    x, y = load_fashion_mnist("train")
+    xt, yt = load_fashion_mnist("test")
+    return x[:TINY_TRAIN], y[:TINY_TRAIN], xt[:1000], yt[:1000]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory, fashion_small) -> Path:
+    _need_host_stack()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    from edge_quq_export.model import compile_for_paper, tiny_cnn
+
+    x, y, _, _ = fashion_small
+    keras.utils.set_random_seed(TINY_SEED)
+    model = tiny_cnn()
+    compile_for_paper(model, 1e-2)
+    model.fit(x[..., None].astype(np.float32) / 255.0, np.eye(10, dtype=np.float32)[y], epochs=4, batch_size=32, verbose=0)
+    path = tmp_path_factory.mktemp("tiny_model") / "tiny.keras"
+    model.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_data_files(tmp_path_factory, fashion_small):
+    """Calibration (.npy, uint8 train images not used in training) and test (.npz x/y) files."""
+    from edge_quq_export.datasets import load_fashion_mnist
+
+    d = tmp_path_factory.mktemp("tiny_data")
+    x, _ = load_fashion_mnist("train")
+    _, _, xt, yt = fashion_small
+    np.save(d / "calib.npy", x[-200:])
+    np.savez(d / "test.npz", x=xt, y=yt)
+    return d / "calib.npy", d / "test.npz"
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_model_path, tiny_data_files) -> Path:
+    """A real exported bundle (int8 TFLite + ONNX backbones, TFLite + ONNX heads, parity report)."""
+    from edge_quq_export.datasets import FASHION_MNIST_CLASSES
+    from edge_quq_export.pipeline import ExportOptions, export_model
+
+    calib, test = tiny_data_files
+    out = tmp_path_factory.mktemp("tiny_bundle_parent") / "tiny_bundle"
+    export_model(tiny_model_path, ExportOptions(calibration=calib, out=out, test_data=test, classes=FASHION_MNIST_CLASSES, name="tiny"))
+    return out
