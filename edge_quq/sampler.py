@@ -116,10 +116,14 @@ SAMPLERS: Dict[str, Type[Sampler]] = {"numpy": NumpySampler}
 
 
 def make_sampler(name: str, head: HeadWeights, seed: Optional[int] = None, bundle: Optional["Bundle"] = None, threads: Optional[int] = None) -> Sampler:
+    """Build a sampler by name. `auto` = "native" when the C extension is built and the head is the canonical
+    2-block shape it handles (edge_quq.sampler_native.supports), else "numpy"; both give the same moments."""
     if name in ("tflite", "onnx"):
         import edge_quq.sampler_runtime  # noqa: F401  (registers the exported-head samplers)
-    if name == "auto":
-        name = "numpy"
+    if name in ("native", "auto"):
+        from edge_quq import sampler_native  # registers "native"; imports without the extension built
+        if name == "auto":
+            name = "native" if sampler_native.available() and sampler_native.supports(head) else "numpy"
     cls = SAMPLERS.get(name)
     if cls is None:
         raise OptionError(f"sampler {name!r} is not available here (available: {', '.join(sorted(SAMPLERS))})")

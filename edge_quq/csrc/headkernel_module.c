@@ -1,0 +1,195 @@
+/* CPython binding of the head kernel: edge_quq._headkernel.
+ *
+ * Plain C API and the buffer protocol, so the build needs no numpy headers. The Python side
+ * (edge_quq/sampler_native.py) passes C-contiguous numpy arrays of the right dtype; sizes are checked here.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <string.h>
+
+#include "headkernel.h"
+
+typedef struct {
+    Py_buffer view;
+    int held;
+} buf_t;
+
+static void buf_release(buf_t *b) {
+    if (b->held) PyBuffer_Release(&b->view);
+    b->held = 0;
+}
+
+/* Borrow a C-contiguous buffer of exactly `count` items of `itemsize` bytes; obj may be None if `optional`. */
+static int buf_get(PyObject *obj, buf_t *b, Py_ssize_t count, Py_ssize_t itemsize, int writable, int optional,
+                   const char *name) {
+    b->held = 0;
+    if (obj == NULL || obj == Py_None) {
+        if (optional) return 0;
+        PyErr_Format(PyExc_TypeError, "%s is required", name);
+        return -1;
+    }
+    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
+    b->held = 1;
+    if (b->view.len != count * itemsize || (b->view.itemsize != itemsize && b->view.itemsize != 1)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd items of %zd bytes, got %zd bytes (itemsize %zd)", name,
+                     count, itemsize, b->view.len, b->view.itemsize);
+        buf_release(b);
+        return -1;
+    }
+    return 0;
+}
+
+static const eq_kernels_t *kernels_by_name(PyObject *isa) {
+    if (isa == NULL || isa == Py_None) return eq_kernels_get(0);
+    const char *name = PyUnicode_AsUTF8(isa);
+    if (!name) return NULL;
+    const eq_kernels_t *k = eq_kernels_find(name);
+    if (!k) PyErr_Format(PyExc_ValueError, "kernel variant %R is not available on this CPU", isa);
+    return k;
+}
+
+static PyObject *run(PyObject *args, PyObject *kwargs, int given) {
+    static char *kwlist[] = {"x", "w0", "b0", "w1", "b1", "p0", "p1", "activation", "num_iter", "mean_out",
+                             "std_out", "logits_out", "seed", "mask0", "mask1", "probs_out", "isa", NULL};
+    PyObject *ox, *ow0, *ob0, *ow1, *ob1, *omean, *ostd, *ologits;
+    PyObject *omask0 = Py_None, *omask1 = Py_None, *oprobs = Py_None, *oisa = Py_None;
+    double p0, p1;
+    int act, T;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOddiiOOO|$KOOOO", kwlist, &ox, &ow0, &ob0, &ow1, &ob1, &p0,
+                                     &p1, &act, &T, &omean, &ostd, &ologits, &seed, &omask0, &omask1, &oprobs, &oisa))
+        return NULL;
+    if (T < 1) return PyErr_Format(PyExc_ValueError, "num_iter must be >= 1, got %d", T);
+    if (!(p0 >= 0.0 && p0 < 1.0 && p1 >= 0.0 && p1 < 1.0))
+        return PyErr_Format(PyExc_ValueError, "dropout rates must be in [0, 1), got %g and %g", p0, p1);
+    if (act != EQ_ACT_LINEAR && act != EQ_ACT_SIGMOID && act != EQ_ACT_SOFTMAX)
+        return PyErr_Format(PyExc_ValueError, "unknown activation code %d", act);
+    const eq_kernels_t *k = kernels_by_name(oisa);
+    if (!k) return NULL;
+
+    buf_t bx = {0}, bb0 = {0}, bw0 = {0}, bw1 = {0}, bb1 = {0}, bm = {0}, bs = {0}, bl = {0}, bp = {0}, bk0 = {0},
+          bk1 = {0};
+    PyObject *result = NULL;
+    /* Shapes come from the vectors: F from x, H from b0, C from b1; the matrices must match them. */
+    if (PyObject_GetBuffer(ox, &bx.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    bx.held = 1;
+    if (PyObject_GetBuffer(ob0, &bb0.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    bb0.held = 1;
+    if (PyObject_GetBuffer(ob1, &bb1.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    bb1.held = 1;
+    const Py_ssize_t F = bx.view.len / 4, H = bb0.view.len / 4, C = bb1.view.len / 4;
+    if (F < 1 || H < 1 || C < 1 || F > INT_MAX / 2 || H > INT_MAX / 2 || C > INT_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "empty or oversized head");
+        goto done;
+    }
+    if (buf_get(ow0, &bw0, F * H, 4, 0, 0, "w0") || buf_get(ow1, &bw1, H * C, 4, 0, 0, "w1") ||
+        buf_get(omean, &bm, C, 8, 1, 0, "mean_out") || buf_get(ostd, &bs, C, 8, 1, 0, "std_out") ||
+        buf_get(ologits, &bl, C, 4, 1, 0, "logits_out") ||
+        buf_get(oprobs, &bp, (Py_ssize_t)T * C, 4, 1, 1, "probs_out") ||
+        buf_get(omask0, &bk0, (Py_ssize_t)T * F, 1, 0, 1, "mask0") ||
+        buf_get(omask1, &bk1, (Py_ssize_t)T * H, 1, 0, 1, "mask1"))
+        goto done;
+
+    eq_head_t head = {(int)F, (int)H, (int)C, (const float *)bx.view.buf, (const float *)bw0.view.buf,
+                      (const float *)bb0.view.buf, (const float *)bw1.view.buf, (const float *)bb1.view.buf,
+                      p0, p1, act};
+    eq_moments_t out = {(double *)bm.view.buf, (double *)bs.view.buf, (float *)bl.view.buf,
+                        bp.held ? (float *)bp.view.buf : NULL, 0.0};
+    const uint8_t *k0 = bk0.held ? (const uint8_t *)bk0.view.buf : NULL;
+    const uint8_t *k1 = bk1.held ? (const uint8_t *)bk1.view.buf : NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = eq_head_moments(&head, k, T, (uint64_t)seed, given, k0, k1, &out);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = PyFloat_FromDouble(out.expected_entropy);
+done:
+    buf_release(&bx); buf_release(&bb0); buf_release(&bb1); buf_release(&bw0); buf_release(&bw1);
+    buf_release(&bm); buf_release(&bs); buf_release(&bl); buf_release(&bp); buf_release(&bk0); buf_release(&bk1);
+    return result;
+}
+
+static PyObject *py_moments(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    return run(args, kwargs, 0);
+}
+
+static PyObject *py_moments_with_masks(PyObject *self, PyObject *args, PyObject *kwargs) {
+    (void)self;
+    return run(args, kwargs, 1);
+}
+
+static PyObject *py_isa(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return PyUnicode_FromString(eq_kernels_get(0)->name);
+}
+
+static PyObject *py_isas(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    const int n = eq_kernels_count();
+    PyObject *t = PyTuple_New(n);
+    if (!t) return NULL;
+    for (int i = 0; i < n; ++i) {
+        PyObject *s = PyUnicode_FromString(eq_kernels_get(i)->name);
+        if (!s) { Py_DECREF(t); return NULL; }
+        PyTuple_SET_ITEM(t, i, s);
+    }
+    return t;
+}
+
+static PyObject *py_cpu_features(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return PyUnicode_FromString(eq_cpu_features());
+}
+
+static PyObject *py_bernoulli_bits(PyObject *self, PyObject *args) {
+    /* Test hook: n words of 64-lane drop bits for rate p from a seeded generator. */
+    (void)self;
+    double p;
+    unsigned long long seed;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "dKn", &p, &seed, &n)) return NULL;
+    if (n < 0 || !(p >= 0.0 && p < 1.0)) return PyErr_Format(PyExc_ValueError, "bad arguments");
+    PyObject *b = PyBytes_FromStringAndSize(NULL, n * 8);
+    if (!b) return NULL;
+    uint64_t *w = (uint64_t *)PyBytes_AS_STRING(b);
+    eq_rng_t r;
+    eq_rng_seed(&r, seed);
+    const uint32_t thr = eq_rate_threshold(p);
+    for (Py_ssize_t i = 0; i < n; ++i) w[i] = eq_bernoulli64(&r, thr, ~0ULL);
+    return b;
+}
+
+#define MOMENTS_DOC                                                                                              \
+    "(x, w0, b0, w1, b1, p0, p1, activation, num_iter, mean_out, std_out, logits_out, *, seed=0, mask0=None, "   \
+    "mask1=None, probs_out=None, isa=None) -> expected_entropy\n\n"                                              \
+    "x float32[F], w0 float32[F,H], b0 float32[H], w1 float32[H,C], b1 float32[C]; activation 0 linear, "       \
+    "1 sigmoid, 2 softmax. Writes mean_out/std_out float64[C], logits_out float32[C] (eval-mode logits) and, if "  \
+    "given, probs_out float32[T,C]. isa picks a kernel variant from isas() ('scalar' = plain C reference). "      \
+    "Releases the GIL."
+
+static PyMethodDef methods[] = {
+    {"moments", (PyCFunction)(void (*)(void))py_moments, METH_VARARGS | METH_KEYWORDS,
+     "MC-dropout moments with the kernel's own PRNG (xoshiro256** seeded by splitmix64(seed)).\n" MOMENTS_DOC},
+    {"moments_with_masks", (PyCFunction)(void (*)(void))py_moments_with_masks, METH_VARARGS | METH_KEYWORDS,
+     "MC-dropout moments for caller-given uint8 0/1 keep masks mask0[T,F], mask1[T,H] (None: keep all).\n"
+     MOMENTS_DOC},
+    {"isa", py_isa, METH_NOARGS, "Name of the kernel variant used by default (the best this CPU supports)."},
+    {"isas", py_isas, METH_NOARGS, "Kernel variants usable on this CPU, best first; the last is 'scalar'."},
+    {"cpu_features", py_cpu_features, METH_NOARGS, "CPU features detected at run time that the kernels care about."},
+    {"bernoulli_bits", py_bernoulli_bits, METH_VARARGS, "bernoulli_bits(p, seed, n) -> bytes: n uint64 drop-bit words."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_headkernel",
+                                       "Native MC-dropout head kernel (NEON / SSE2 / AVX2+FMA / plain C).", -1,
+                                       methods};
+
+PyMODINIT_FUNC PyInit__headkernel(void) {
+    eq_kernels_count(); /* fill the dispatch table while the GIL serialises imports */
+    return PyModule_Create(&moduledef);
+}

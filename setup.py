@@ -1,0 +1,22 @@
+"""Build of the optional native head kernel; all metadata lives in pyproject.toml.
+
+The extension is optional: without a C compiler the install still succeeds and edge_quq falls back to the
+numpy sampler (edge_quq.sampler.make_sampler). Plain CPython C API, no numpy headers needed.
+"""
+import sys
+
+from setuptools import Extension, setup
+
+extra = [] if sys.platform == "win32" else ["-O3", "-std=gnu11", "-fno-math-errno"]
+
+setup(
+    ext_modules=[
+        Extension(
+            "edge_quq._headkernel",
+            sources=["edge_quq/csrc/headkernel.c", "edge_quq/csrc/headkernel_module.c"],
+            depends=["edge_quq/csrc/headkernel.h"],
+            extra_compile_args=extra,
+            optional=True,
+        )
+    ]
+)
