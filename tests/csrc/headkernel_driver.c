@@ -1,0 +1,108 @@
+/* Standalone test driver for the head kernel, cross-compiled for aarch64 and run under qemu-aarch64-static by
+ * tests/test_native_aarch64.py (also built natively there). No Python on the target needed.
+ *
+ *   headkernel_driver CASES_FILE
+ *
+ * CASES_FILE (little-endian, written by the test with numpy): int32 count, then per case
+ *   int32 F, H, C, T, act; float64 p0, p1, atol;
+ *   float32 x[F], w0[F*H], b0[H], w1[H*C], b1[C]; uint8 keep0[T*F], keep1[T*H];
+ *   float32 probs[T*C] (numpy HeadWeights.probs with those masks); float64 mean[C], std[C].
+ * For every kernel variant this CPU has: the given-mask outputs must match numpy within atol, and every variant
+ * must match the plain C one; with the kernel's own PRNG and a fixed seed, all variants must agree too.
+ * Prints one line per failure, then "features=... variants=... cases=N failures=M"; exit status 1 on failures.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "headkernel.h"
+
+static void *read_n(FILE *f, size_t n) {
+    void *p = malloc(n ? n : 1);
+    if (!p || fread(p, 1, n, f) != n) {
+        fprintf(stderr, "truncated cases file\n");
+        exit(2);
+    }
+    return p;
+}
+
+static double max_abs_diff_f(const float *a, const float *b, size_t n) {
+    double m = 0.0;
+    for (size_t i = 0; i < n; ++i) {
+        const double d = fabs((double)a[i] - (double)b[i]);
+        if (d > m || d != d) m = d != d ? INFINITY : d;
+    }
+    return m;
+}
+
+static double max_abs_diff_d(const double *a, const double *b, size_t n) {
+    double m = 0.0;
+    for (size_t i = 0; i < n; ++i) {
+        const double d = fabs(a[i] - b[i]);
+        if (d > m || d != d) m = d != d ? INFINITY : d;
+    }
+    return m;
+}
+
+int main(int argc, char **argv) {
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s CASES_FILE\n", argv[0]);
+        return 2;
+    }
+    FILE *f = fopen(argv[1], "rb");
+    if (!f) {
+        perror(argv[1]);
+        return 2;
+    }
+    int32_t count;
+    if (fread(&count, 4, 1, f) != 1) return 2;
+    const int nk = eq_kernels_count();
+    const eq_kernels_t *plain = eq_kernels_find("scalar");
+    int failures = 0;
+    for (int ci = 0; ci < count; ++ci) {
+        int32_t dims[5];
+        double pr[3];
+        if (fread(dims, 4, 5, f) != 5 || fread(pr, 8, 3, f) != 3) return 2;
+        const int F = dims[0], H = dims[1], C = dims[2], T = dims[3];
+        const double atol = pr[2];
+        float *x = read_n(f, 4 * (size_t)F), *w0 = read_n(f, 4 * (size_t)F * H), *b0 = read_n(f, 4 * (size_t)H);
+        float *w1 = read_n(f, 4 * (size_t)H * C), *b1 = read_n(f, 4 * (size_t)C);
+        uint8_t *k0 = read_n(f, (size_t)T * F), *k1 = read_n(f, (size_t)T * H);
+        float *want_p = read_n(f, 4 * (size_t)T * C);
+        double *want_m = read_n(f, 8 * (size_t)C), *want_s = read_n(f, 8 * (size_t)C);
+        eq_head_t hd = {F, H, C, x, w0, b0, w1, b1, pr[0], pr[1], dims[4]};
+
+        float *ref_p = malloc(4 * (size_t)T * C), *p = malloc(4 * (size_t)T * C), *lg = malloc(4 * (size_t)C);
+        double *m = malloc(8 * (size_t)C), *s = malloc(8 * (size_t)C), *rm = malloc(8 * (size_t)C), *rs = malloc(8 * (size_t)C);
+        eq_moments_t ref = {rm, rs, lg, ref_p, 0};
+        eq_head_moments(&hd, plain, T, 0, 1, k0, k1, &ref);
+        eq_moments_t rseed = {rm, rs, lg, NULL, 0};
+        for (int v = 0; v < nk; ++v) {
+            const eq_kernels_t *k = eq_kernels_get(v);
+            eq_moments_t out = {m, s, lg, p, 0};
+            if (eq_head_moments(&hd, k, T, 0, 1, k0, k1, &out) != 0) return 3;
+            const double dp = max_abs_diff_f(p, want_p, (size_t)T * C), dm = max_abs_diff_d(m, want_m, C),
+                         ds = max_abs_diff_d(s, want_s, C), dv = max_abs_diff_f(p, ref_p, (size_t)T * C);
+            if (dp > atol || dm > atol || ds > atol || dv > atol) {
+                printf("FAIL case %d F=%d H=%d C=%d T=%d act=%d variant=%s: |probs-numpy|=%g |mean|=%g |std|=%g "
+                       "|probs-plain C|=%g\n", ci, F, H, C, T, dims[4], k->name, dp, dm, ds, dv);
+                ++failures;
+            }
+            /* Own PRNG: the generator is ISA-independent, so a fixed seed gives the same masks everywhere. */
+            eq_head_moments(&hd, plain, T, 12345, 0, NULL, NULL, &rseed);
+            eq_moments_t o2 = {m, s, lg, NULL, 0};
+            eq_head_moments(&hd, k, T, 12345, 0, NULL, NULL, &o2);
+            if (max_abs_diff_d(m, rm, C) > atol || max_abs_diff_d(s, rs, C) > atol) {
+                printf("FAIL case %d variant=%s: seeded moments differ from plain C\n", ci, k->name);
+                ++failures;
+            }
+        }
+        free(x); free(w0); free(b0); free(w1); free(b1); free(k0); free(k1); free(want_p); free(want_m); free(want_s);
+        free(ref_p); free(p); free(lg); free(m); free(s); free(rm); free(rs);
+    }
+    printf("features=%s variants=", eq_cpu_features());
+    for (int v = 0; v < nk; ++v) printf("%s%s", v ? "," : "", eq_kernels_get(v)->name);
+    printf(" cases=%d failures=%d\n", count, failures);
+    return failures ? 1 : 0;
+}
