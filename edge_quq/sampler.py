@@ -120,6 +120,8 @@ def make_sampler(name: str, head: HeadWeights, seed: Optional[int] = None, bundl
     2-block shape it handles (edge_quq.sampler_native.supports), else "numpy"; both give the same moments."""
     if name in ("tflite", "onnx"):
         import edge_quq.sampler_runtime  # noqa: F401  (registers the exported-head samplers)
+    if name == "analytic":
+        import edge_quq.analytic  # noqa: F401  (registers the closed-form sampler)
     if name in ("native", "auto"):
         from edge_quq import sampler_native  # registers "native"; imports without the extension built
         if name == "auto":
