@@ -20,7 +20,7 @@ def paper_head(x, num_classes: int, hidden: int = 300, rates: Tuple[float, float
     return keras.layers.Dense(num_classes, activation=activation, name="head_out")(x)
 
 
-def small_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, filters: Sequence[int] = (32, 64, 96),
+def small_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, filters: Sequence[int] = (24, 48, 64),
               hidden: int = 300, rates: Tuple[float, float] = (0.2, 0.4), activation: str = "sigmoid"):
     """conv blocks (conv-BN-relu x2, pool between blocks) -> global average pooling -> paper head.
 

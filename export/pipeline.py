@@ -30,6 +30,7 @@ class ExportOptions:
     out: Path
     test_data: Union[str, Path, np.ndarray, None] = None
     test_labels: Union[str, Path, np.ndarray, None] = None
+    test_source: Optional[str] = None  # how the report names in-memory test data
     split_layer: Optional[str] = None
     dropout: Optional[Sequence[float]] = None
     classes: Optional[Sequence[str]] = None
@@ -178,13 +179,21 @@ def export_model(model_or_path: Any, opts: ExportOptions) -> Bundle:
     if opts.test_data is None:
         x_test, source = calib, "the calibration data (no --test-data given)"
     elif isinstance(opts.test_data, np.ndarray):
-        x_test, source = _array_input(opts.test_data, shape, spec, "test data", opts.test_samples, opts.seed), "an in-memory array"
+        x_test = _array_input(opts.test_data, shape, spec, "test data", None, opts.seed)
+        source = opts.test_source or "an in-memory array"
         labels = None if opts.test_labels is None else np.asarray(opts.test_labels).reshape(-1).astype(np.int64)
     else:
-        x_test, labels = load_inputs(opts.test_data, shape, spec, "test data", opts.test_samples, opts.seed, classes=classes)
+        x_test, labels = load_inputs(opts.test_data, shape, spec, "test data", None, opts.seed, classes=classes)
         source = str(opts.test_data)
     if opts.test_labels is not None and not isinstance(opts.test_labels, np.ndarray):
         labels = load_labels(opts.test_labels, len(x_test))
+    if labels is not None and len(labels) != len(x_test):
+        raise ExportError(f"{len(labels)} test labels for {len(x_test)} test images")
+    if opts.test_data is not None and opts.test_samples is not None and len(x_test) > opts.test_samples:
+        # Subset after labels are attached, so images and labels stay paired.
+        keep = np.sort(np.random.default_rng(opts.seed).choice(len(x_test), opts.test_samples, replace=False))
+        x_test = x_test[keep]
+        labels = labels[keep] if labels is not None else None
     if labels is not None:
         if len(labels) != len(x_test):
             raise ExportError(f"{len(labels)} test labels for {len(x_test)} test images")

@@ -1,0 +1,163 @@
+"""Reference recipe: train the small CNN + paper head on Fashion-MNIST, export it, write the demo samples.
+
+    python -m edge_quq_export.train --out edge_quq/data/default_bundle
+
+regenerates the embedded default bundle (and edge_quq/data/samples/ next to it). Deterministic for a
+seed up to TensorFlow's CPU kernels (op-determinism is enabled). Data comes from the Debian package
+dataset-fashion-mnist; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from edge_quq.errors import EdgeQuqError
+
+from edge_quq_export.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
+
+
+def slug(name: str) -> str:
+    return name.lower().replace("/", "-").replace(" ", "-")
+
+
+def train_reference(seed: int = 0, epochs: int = 8, batch_size: int = 128, val: int = 5000,
+                    filters: Sequence[int] = (24, 48, 64), root: Path = FASHION_MNIST_DIR, verbose: int = 2):
+    """Train on the first 55k training images, validate on the last 5k; returns (model, history, seconds)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+    import tensorflow as tf
+
+    from edge_quq_export.model import compile_for_paper, small_cnn
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    x, y = load_fashion_mnist("train", root)
+    x = x[..., None].astype(np.float32) / 255.0
+    onehot = np.eye(10, dtype=np.float32)[y]
+    xtr, ytr, xva, yva = x[:-val], onehot[:-val], x[-val:], onehot[-val:]
+    model = small_cnn((28, 28, 1), 10, filters=filters)
+    steps = epochs * int(np.ceil(len(xtr) / batch_size))
+    # Cosine decay: a short fixed budget converges better with a schedule than with a flat rate.
+    lr = keras.optimizers.schedules.CosineDecay(2e-3, decay_steps=steps, alpha=0.05)
+    compile_for_paper(model, lr)
+    t0 = time.perf_counter()
+    hist = model.fit(xtr, ytr, validation_data=(xva, yva), epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose)
+    return model, hist.history, time.perf_counter() - t0
+
+
+def write_samples(folder: Path, x_test: np.ndarray, y_test: np.ndarray, probs: np.ndarray) -> List[Dict[str, object]]:
+    """One PNG per class from the test set (the first test image of the class that the exported int8
+    model classifies correctly, so the README demo shows the normal case) and two out-of-distribution
+    images built with numpy: a gray checkerboard and a 16-bit colour gradient with circles."""
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    rows = []
+    for c, name in enumerate(FASHION_MNIST_CLASSES):
+        idx = np.flatnonzero((y_test == c) & (probs.argmax(1) == c))
+        first = np.flatnonzero(y_test == c)[0]
+        i = int(idx[0]) if len(idx) else int(first)
+        fname = f"{c:02d}_{slug(name)}.png"
+        cv2.imwrite(str(folder / fname), x_test[i])
+        rows.append({"file": fname, "source": f"Fashion-MNIST t10k index {i}", "label": name})
+    yy, xx = np.mgrid[0:28, 0:28]
+    board = (((yy // 4) + (xx // 4)) % 2 * 255).astype(np.uint8)
+    cv2.imwrite(str(folder / "ood_checkerboard.png"), board)
+    h, w = 96, 128
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    img = np.zeros((h, w, 3), np.float64)
+    img[..., 2] = xx / (w - 1)  # red ramp (OpenCV writes BGR)
+    img[..., 1] = yy / (h - 1)  # green ramp
+    img[..., 0] = 0.5 + 0.5 * np.sin(np.hypot(xx - 40, yy - 50) / 5.0)  # blue rings
+    cv2.imwrite(str(folder / "ood_rings16.png"), np.round(img * 65535).astype(np.uint16))
+    rows += [{"file": "ood_checkerboard.png", "source": "synthetic 28x28 8-bit gray checkerboard", "label": None},
+             {"file": "ood_rings16.png", "source": "synthetic 128x96 16-bit colour gradient with rings", "label": None}]
+    (folder / "SOURCES.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m edge_quq_export.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, required=True, help="bundle folder to write (replaced if it is a bundle)")
+    ap.add_argument("--samples", type=Path, default=None, help="sample images folder (default: OUT/../samples)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--filters", default="24,48,64", help="conv filters per block")
+    ap.add_argument("--calib-samples", type=int, default=500)
+    ap.add_argument("--keep-model", type=Path, default=None, help="also save the trained float model here (.keras, plus a .json training record)")
+    ap.add_argument("--from-model", type=Path, default=None, help="skip training: export this model (saved earlier with --keep-model)")
+    ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
+    args = ap.parse_args(argv)
+    try:
+        return _run(args)
+    except EdgeQuqError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import tempfile
+
+    from edge_quq_export.pipeline import ExportOptions, export_model, load_keras_model
+    from edge_quq_export.writer import check_out
+
+    check_out(args.out, force=True)
+    filters = [int(f) for f in args.filters.split(",")]
+    if args.from_model is not None:
+        # Re-export without retraining; the training record travels in a JSON file beside the model.
+        model = load_keras_model(args.from_model)
+        side = Path(str(args.from_model) + ".json")
+        training = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {"note": f"re-exported from {args.from_model.name}"}
+    else:
+        model, history, seconds = train_reference(args.seed, args.epochs, filters=filters, root=args.data)
+        print(f"trained {model.count_params():,} parameters in {seconds:.0f} s ({seconds / args.epochs:.0f} s/epoch)", flush=True)
+        training = {
+            "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist): 55k train / 5k validation / 10k test",
+            "seed": args.seed, "epochs": args.epochs, "batch_size": 128, "optimizer": "Adam, cosine decay from 2e-3",
+            "loss": "binary cross-entropy on one-hot labels", "architecture": f"small_cnn filters {filters}, GAP, BN, "
+            "Dropout 0.2, Dense 300 relu, Dropout 0.4, Dense 10 sigmoid", "parameters": int(model.count_params()),
+            "train_seconds": round(seconds, 1), "val_accuracy": round(float(history["val_acc"][-1]), 4),
+            "command": "python -m edge_quq_export.train --out edge_quq/data/default_bundle",
+        }
+    x, _ = load_fashion_mnist("train", args.data)
+    xt, yt = load_fashion_mnist("test", args.data)
+    rng = np.random.default_rng(args.seed)
+    calib = x[rng.choice(len(x) - 5000, args.calib_samples, replace=False)]  # from the training part only
+    with tempfile.TemporaryDirectory(prefix="edge_quq_train_") as tmp:
+        model_path = Path(args.from_model or args.keep_model or Path(tmp) / "fashion_mnist_reference.keras")
+        if args.from_model is None:
+            model.save(model_path)
+            if args.keep_model is not None:
+                Path(str(model_path) + ".json").write_text(json.dumps(training, indent=2) + "\n", encoding="utf-8")
+        opts = ExportOptions(calibration=calib, out=args.out, force=True, test_data=xt, test_labels=yt,
+                             test_source="Fashion-MNIST t10k (full test set)", classes=FASHION_MNIST_CLASSES,
+                             name="fashion-mnist-reference", seed=args.seed, calib_samples=args.calib_samples,
+                             extra_manifest={"training": training})
+        bundle = export_model(model_path, opts)
+    acc = bundle.manifest["accuracy"]
+    print(f"bundle {bundle.path}: {bundle.total_bytes() / 1024:.0f} KiB; test top-1 float {100 * acc['float']:.2f}%, "
+          f"int8 tflite {100 * acc['int8_tflite']:.2f}%, int8 onnx {100 * acc['int8_onnx']:.2f}%")
+    # Samples: chosen with the int8 TFLite model the runtime will use by default.
+    from edge_quq.head import load_head_weights
+    from edge_quq_export.parity import run_tflite
+
+    mf = bundle.backbone_tflite
+    feats = run_tflite(bundle.file(mf.file), xt[..., None].astype(np.float32) / 255.0, {"input": mf.input.to_json(), "output": mf.output.to_json()})
+    probs = load_head_weights(bundle).probs(feats)
+    samples = args.samples or Path(args.out).parent / "samples"
+    write_samples(samples, xt, yt, probs)
+    print(f"samples in {samples}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
