@@ -32,9 +32,38 @@ def _quiet_tf():
 
 
 @contextlib.contextmanager
+def quiet_fds():
+    """Send native stdout/stderr (the TFLite converter's and interpreter's C++ log lines) to /dev/null.
+
+    Errors still reach the user: they arrive as Python exceptions, printed after the descriptors are back.
+    EDGE_QUQ_EXPORT_VERBOSE=1 keeps everything.
+    """
+    if os.environ.get("EDGE_QUQ_EXPORT_VERBOSE"):
+        yield
+        return
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [devnull]:
+            os.close(fd)
+
+
+@contextlib.contextmanager
 def quiet():
     """Hide the converters' progress prints (Keras prints every SavedModel signature to stdout)."""
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with quiet_fds(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
 
@@ -108,7 +137,8 @@ def tflite_io(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """Manifest entries {dtype, scale, zero_point} and names of the model's single input and output."""
     from ai_edge_litert.interpreter import Interpreter
 
-    it = Interpreter(model_path=str(path))
+    with quiet_fds():
+        it = Interpreter(model_path=str(path))
     res = []
     for d in (it.get_input_details()[0], it.get_output_details()[0]):
         dtype = np.dtype(d["dtype"]).name

@@ -24,14 +24,18 @@ def run_tflite(path: Path, x: np.ndarray, io: Dict[str, Any], batch: int = 256) 
 
     qin = QuantParams.from_json(io["input"], "tflite input")
     qout = QuantParams.from_json(io["output"], "tflite output")
-    it = Interpreter(model_path=str(path), num_threads=2)
+    from edge_quq_export.convert import quiet_fds
+
+    with quiet_fds():  # XNNPACK announces itself on stderr
+        it = Interpreter(model_path=str(path), num_threads=2)
     d_in = it.get_input_details()[0]
     outs, cur = [], -1
     for s in range(0, len(x), batch):
         xb = x[s : s + batch]
         if len(xb) != cur:
             it.resize_tensor_input(d_in["index"], [len(xb)] + list(x.shape[1:]))
-            it.allocate_tensors()
+            with quiet_fds():  # the delegate is applied (and announced) on allocation
+                it.allocate_tensors()
             cur = len(xb)
         it.set_tensor(d_in["index"], quantize(xb, qin))
         it.invoke()
@@ -60,10 +64,14 @@ def run_head_model(kind: str, path: Path, features: np.ndarray, masks: List[np.n
         return sess.run(["probs"], feed)[0]
     from ai_edge_litert.interpreter import Interpreter
 
-    it = Interpreter(model_path=str(path))
+    from edge_quq_export.convert import quiet_fds
+
+    with quiet_fds():
+        it = Interpreter(model_path=str(path))
     for d in it.get_input_details():
         it.resize_tensor_input(d["index"], list(feed[d["name"]].shape))
-    it.allocate_tensors()
+    with quiet_fds():
+        it.allocate_tensors()
     for d in it.get_input_details():
         it.set_tensor(d["index"], np.ascontiguousarray(feed[d["name"]], dtype=np.float32))
     it.invoke()
