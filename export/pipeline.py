@@ -80,7 +80,11 @@ def load_keras_model(path: Union[str, Path]):
     elif head[:8] != b"\x89HDF\r\n\x1a\n":
         raise ExportError(f"{p}: not a Keras model file (expected a .keras zip archive or an .h5 file)")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import keras
+    from edge_quq_export.convert import quiet_fds
+
+    with quiet_fds():  # TensorFlow's import announces CPU features on stderr
+        import keras
+        import tensorflow  # noqa: F401
 
     try:
         model = keras.models.load_model(str(p), compile=False)
