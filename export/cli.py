@@ -103,3 +103,19 @@ def export_cmd(model: Path, calibration: Path, out: Path, force: bool, test_data
         click.echo(f"top-1 on {acc['samples']} held-out samples: float {100 * acc['float']:.2f}%, "
                    f"int8 tflite {100 * acc['int8_tflite']:.2f}%, int8 onnx {100 * acc['int8_onnx']:.2f}%")
     click.echo(f"parity report: {bundle.path / 'parity.md'}")
+    _warn_on_poor_parity(bundle.path / "parity.json")
+
+
+# Below these, int8 changes what the model says often enough that the user should look before deploying.
+WARN_COSINE_MEAN = 0.98
+WARN_AGREEMENT = 0.95
+
+
+def _warn_on_poor_parity(report_path: Path) -> None:
+    import json
+
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    for name, row in report.get("int8", {}).items():
+        if row["feature_cosine_mean"] < WARN_COSINE_MEAN or row["top1_agreement"] < WARN_AGREEMENT:
+            click.echo(f"warning: int8 {name} backbone departs from float (feature cosine mean {row['feature_cosine_mean']:.3f}, "
+                       f"top-1 agreement {100 * row['top1_agreement']:.1f}%); check the calibration data and {report_path.name}", err=True)

@@ -89,11 +89,15 @@ def random_masks(head: HeadWeights, t: int, seed: int = 0) -> List[np.ndarray]:
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
     na = np.linalg.norm(a, axis=1)
     nb = np.linalg.norm(b, axis=1)
-    cos = np.sum(a * b, axis=1) / np.maximum(na * nb, 1e-12)
+    den = na * nb
+    # No epsilon clamp: features of an untrained network can have norms of 1e-10 and still be compared.
+    cos = np.divide(np.sum(a * b, axis=1), den, out=np.zeros_like(den), where=den > 0)
     # Two all-zero feature vectors are identical, not orthogonal.
-    cos[(na < 1e-12) & (nb < 1e-12)] = 1.0
+    cos[(na == 0) & (nb == 0)] = 1.0
     return cos
 
 

@@ -421,3 +421,11 @@ def test_calibration_from_image_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match="holds no images"):
         load_inputs(tmp_path / "empty", (16, 16, 3), spec)
+
+
+def test_parity_cosine_on_tiny_and_zero_features():
+    from edge_quq_export.parity import _cosine
+
+    a = np.array([[1e-11, 2e-11], [0.0, 0.0], [0.0, 0.0], [1.0, 0.0]])
+    b = np.array([[2e-11, 4e-11], [0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(_cosine(a, b), [1.0, 1.0, 0.0, 0.0], atol=1e-12)
