@@ -6,8 +6,11 @@ board needs only the one it runs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Callable, List, Optional, Tuple
+import sys
+import tempfile
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -57,6 +60,36 @@ def load_tflite_interpreter_class() -> Tuple[type, str, Optional[object]]:
     )
 
 
+@contextlib.contextmanager
+def native_stderr_captured() -> Iterator[List[str]]:
+    """Hold back what C++ code writes to file descriptor 2 while the block runs.
+
+    TFLite prints "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." from C++ on the first
+    allocation; on a board's journal or a user's terminal that line reads like a message from us. The text is
+    kept (the yielded list gets it) so a failure can still show what the runtime said.
+    EDGE_QUQ_VERBOSE=1 lets it through.
+    """
+    lines: List[str] = []
+    if os.environ.get("EDGE_QUQ_VERBOSE"):
+        yield lines
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield lines
+        return
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(l for l in sink.read().decode("utf-8", "replace").splitlines() if l.strip())
+
+
 def make_tflite_interpreter(model_path: str, threads: int, xnnpack: bool = True):
     cls, module, resolver = load_tflite_interpreter_class()
     kwargs = {"model_path": model_path, "num_threads": threads}
@@ -74,6 +107,14 @@ def make_tflite_interpreter(model_path: str, threads: int, xnnpack: bool = True)
         raise BackendError(f"{model_path}: the TFLite interpreter failed to load it ({e})") from None
     except (ValueError, RuntimeError) as e:
         raise BackendError(f"{model_path}: the TFLite interpreter failed to load it ({e})") from None
+    try:
+        with native_stderr_captured() as said:
+            interp.allocate_tensors()
+    except (ValueError, RuntimeError) as e:
+        detail = "; ".join(l for l in said if not l.startswith("INFO:"))
+        raise BackendError(
+            f"{model_path}: the TFLite interpreter could not allocate it ({e}{'; ' + detail if detail else ''})"
+        ) from None
     return interp, module
 
 

@@ -134,3 +134,9 @@ def test_info_text_and_json():
         assert word in p.stdout
     j = json.loads(run("info", "--json", check_code=0).stdout)
     assert j["manifest"]["format"] == "edge-quq-bundle" and "tflite" in j["backends"]
+
+
+def test_runtime_log_lines_stay_off_stderr():
+    # TFLite's C++ "INFO: Created ... XNNPACK delegate" would read like a message of ours on a board's journal.
+    p = run("predict", str(SAMPLES / "01_trouser.png"), "--backend", "tflite", "--sampler", "tflite", check_code=0)
+    assert "INFO:" not in p.stderr and "XNNPACK on" in p.stdout  # the summary still names the delegate
