@@ -8,8 +8,8 @@ SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
 # System packages: real data (Fashion-MNIST IDX files) and the aarch64 toolchain + emulator that the
-# NEON kernel tests use.
-APT_PACKAGES="dataset-fashion-mnist qemu-user-static gcc-aarch64-linux-gnu debootstrap"
+# NEON kernel tests use; shellcheck and systemd (systemd-analyze) check deploy/.
+APT_PACKAGES="dataset-fashion-mnist qemu-user-static gcc-aarch64-linux-gnu debootstrap shellcheck systemd"
 missing=""
 for p in $APT_PACKAGES; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
