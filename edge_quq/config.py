@@ -1,0 +1,249 @@
+"""The service's configuration file: TOML whose keys are a command's long option names.
+
+/etc/edge-quq/config holds one `key = value` line per setting of `edge-quq camera` (dashes or underscores,
+`num-iter = 30` or `num_iter = 30`). The file is checked against the click command itself, so every option
+the command grows is settable here without a second list to keep in sync, and a typo fails at start-up with
+the key named instead of being silently ignored. The checked values become click's `default_map`: the file
+replaces the built-in defaults and flags on the command line still win.
+"""
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional
+
+import click
+
+from edge_quq.errors import EdgeQuqError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.9/3.10 boards
+    import tomli as tomllib
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-quq/config")
+CONFIG_ENVVAR = "EDGE_QUQ_CONFIG"
+# Keys naming an input the service cannot run without: checked for existence when the file is read, so a
+# wrong path is reported at start-up (with the key and path) instead of as a crash loop later.
+MUST_EXIST = frozenset({"bundle"})
+# Options that make no sense in a file: they act on the command line itself.
+NOT_CONFIGURABLE = frozenset({"config", "help", "version"})
+
+
+class ConfigError(EdgeQuqError):
+    """The configuration file is unreadable, not TOML, or names an unknown key or a bad value."""
+
+
+def read_toml(path: Path) -> Dict[str, Any]:
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        return tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: config file is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+
+
+def _long_names(param: click.Parameter) -> List[str]:
+    if isinstance(param, click.Option):
+        # Only the primary spelling: `no-xnnpack = true` for a `--xnnpack/--no-xnnpack` switch would read
+        # as the opposite of what it says.
+        names = [o[2:] for o in param.opts if o.startswith("--")]
+        return names or ([param.name] if param.name else [])
+    # Arguments have no flag: their parameter name is the key.
+    return [param.name] if param.name else []
+
+
+def config_keys(command: click.Command) -> Dict[str, click.Parameter]:
+    """Every accepted key (both spellings) -> its parameter."""
+    keys: Dict[str, click.Parameter] = {}
+    for p in command.params:
+        if p.name in NOT_CONFIGURABLE or not p.expose_value:
+            continue
+        for n in _long_names(p):
+            keys[n] = p
+            keys[n.replace("-", "_")] = p
+    return keys
+
+
+def _type_word(param: click.Parameter) -> str:
+    t = param.type
+    if isinstance(param, click.Option) and param.is_flag and not param.secondary_opts and isinstance(t, click.types.BoolParamType):
+        return "true or false"
+    if isinstance(t, click.Choice):
+        return "one of " + ", ".join(repr(c) for c in t.choices)
+    if isinstance(t, click.types.BoolParamType):
+        return "true or false"
+    if isinstance(t, (click.types.IntParamType, click.IntRange)):
+        return "an integer"
+    if isinstance(t, (click.types.FloatParamType, click.FloatRange)):
+        return "a number"
+    if isinstance(t, click.Path):
+        return "a path (string)"
+    return "a string"
+
+
+def _check_scalar(key: str, param: click.Parameter, value: Any, where: str) -> Any:
+    """A TOML value of the right kind for the parameter, then click's own conversion (ranges, choices)."""
+    t = param.type
+    word = _type_word(param)
+    bad = ConfigError(f"{where}: key {key!r} must be {word}, got {value!r}")
+    if isinstance(t, click.Tuple):
+        if not isinstance(value, list) or len(value) != len(t.types):
+            raise ConfigError(f"{where}: key {key!r} must be a list of {len(t.types)} values, got {value!r}")
+    elif isinstance(t, click.types.BoolParamType):
+        if not isinstance(value, bool):
+            raise bad
+    elif isinstance(t, (click.types.IntParamType, click.IntRange)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif isinstance(t, (click.types.FloatParamType, click.FloatRange)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+    elif isinstance(value, (bool, dict, list)) or not isinstance(value, (str, int, float)):
+        # Strings, paths, choices and custom types: TOML strings (numbers are accepted where a string of
+        # digits would be, e.g. a device index).
+        raise bad
+    try:
+        return t.convert(value, param, None)
+    except click.BadParameter as e:
+        raise ConfigError(f"{where}: key {key!r}: {e.message}") from None
+
+
+def validate(command: click.Command, data: Mapping[str, Any], where: str, base_dir: Optional[Path] = None,
+             must_exist: Iterable[str] = MUST_EXIST) -> Dict[str, Any]:
+    """Check a parsed config against `command`; return click's default_map ({param name: value}).
+
+    Relative paths are taken relative to `base_dir` (the config file's folder), so a config and the
+    bundle beside it can move together.
+    """
+    keys = config_keys(command)
+    must = set(must_exist)
+    out: Dict[str, Any] = {}
+    seen: Dict[str, str] = {}
+    for key, value in data.items():
+        param = keys.get(key)
+        if param is None:
+            if isinstance(value, dict):
+                raise ConfigError(f"{where}: unknown table [{key}]: settings are top-level keys (the `{command.name}` option names)")
+            close = difflib.get_close_matches(key.replace("_", "-"), [k for k in keys if "_" not in k], n=3)
+            hint = f" (did you mean {', '.join(close[:3])}?)" if close else ""
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}; valid keys are the long options of `edge-quq {command.name}`")
+        assert param.name is not None
+        if param.name in seen:
+            raise ConfigError(f"{where}: keys {seen[param.name]!r} and {key!r} set the same option")
+        seen[param.name] = key
+        multiple = bool(getattr(param, "multiple", False)) or (isinstance(param, click.Argument) and param.nargs != 1)
+        if multiple:
+            items = value if isinstance(value, list) else [value]
+            conv: Any = [_check_scalar(key, param, v, where) for v in items]
+        else:
+            if isinstance(value, list) and not isinstance(param.type, click.Tuple):
+                raise ConfigError(f"{where}: key {key!r} takes one value, got a list")
+            conv = _check_scalar(key, param, value, where)
+        if isinstance(param.type, click.Path):
+            conv = _resolve_paths(conv, base_dir)
+            if param.name in must:
+                for p in conv if isinstance(conv, list) else [conv]:
+                    if not Path(p).exists():
+                        raise ConfigError(f"{where}: key {key!r}: {p} does not exist")
+        out[param.name] = tuple(conv) if isinstance(conv, list) else conv
+    return out
+
+
+def _resolve_paths(value: Any, base_dir: Optional[Path]) -> Any:
+    if isinstance(value, list):
+        return [_resolve_paths(v, base_dir) for v in value]
+    if base_dir is None or "://" in str(value):
+        return value
+    p = Path(str(value)).expanduser()
+    resolved = p if p.is_absolute() else base_dir / p
+    return type(value)(resolved) if isinstance(value, Path) else str(resolved)
+
+
+def load_config(command: click.Command, path: Path) -> Dict[str, Any]:
+    """Read and check `path` for `command`; the result is a default_map."""
+    path = Path(path)
+    return validate(command, read_toml(path), str(path), base_dir=path.parent.resolve())
+
+
+def _apply(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    if value is None:
+        return None
+    try:
+        default_map = load_config(ctx.command, Path(value))
+    except ConfigError as e:
+        # Raised while click parses: report it the way every other user error is reported.
+        click.echo(f"error: {e}", err=True)
+        ctx.exit(e.exit_code)
+    merged = dict(ctx.default_map or {})
+    merged.update(default_map)
+    ctx.default_map = merged
+    return value
+
+
+def config_option(fn: Any) -> Any:
+    """`--config FILE` for a command: the file's values become defaults, flags still override.
+
+    Eager, so it runs before the other options are resolved and their defaults come from the file.
+    """
+    return click.option(
+        "--config", "config", type=click.Path(dir_okay=False, path_type=str), default=None, envvar=CONFIG_ENVVAR,
+        is_eager=True, expose_value=False, callback=_apply,
+        help=f"TOML file of option values (keys = long option names); flags override it. Env: {CONFIG_ENVVAR}.",
+    )(fn)
+
+
+def template(command: click.Command, values: Optional[Mapping[str, Any]] = None) -> str:
+    """A commented config listing every key of `command`, with `values` set and the rest commented out."""
+    values = dict(values or {})
+    lines: List[str] = []
+    seen = set()
+    for p in command.params:
+        names = _long_names(p)
+        if not names or p.name in NOT_CONFIGURABLE or p.name in seen:
+            continue
+        seen.add(p.name)
+        key = names[0]
+        help_text = " ".join((getattr(p, "help", None) or "").split())
+        lines.append(f"# {help_text}" if help_text else f"# {key}")
+        if key in values:
+            lines.append(f"{key} = {_toml_value(values.pop(key))}")
+        else:
+            default = p.default if not callable(p.default) else None
+            shown = _toml_value(default) if default not in (None, (), []) else _example(p)
+            lines.append(f"#{key} = {shown}")
+        lines.append("")
+    if values:
+        raise ValueError(f"template: unknown keys {sorted(values)}")
+    return "\n".join(lines)
+
+
+def _example(p: click.Parameter) -> str:
+    t = p.type
+    if isinstance(t, click.Choice):
+        return _toml_value(t.choices[0])
+    if isinstance(t, click.types.BoolParamType):
+        return "false"
+    if isinstance(t, (click.types.IntParamType, click.IntRange)):
+        return "1"
+    if isinstance(t, (click.types.FloatParamType, click.FloatRange)):
+        return "0.5"
+    return '""'
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    s = str(v)
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'

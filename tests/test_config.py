@@ -1,0 +1,117 @@
+"""The TOML service config: keys are a command's long options, checked at start-up, flags override it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from edge_quq.bundle import DEFAULT_BUNDLE_DIR
+from edge_quq.cli import model_options
+from edge_quq.config import ConfigError, config_option, load_config, template
+
+
+@click.command(name="camera")
+@config_option
+@model_options
+@click.option("--source", default="v4l2:///dev/video0", help="Frame source URI.")
+@click.option("--fps", type=click.FloatRange(min=0.1), default=None)
+@click.option("--stats-file", type=click.Path(path_type=Path), default=None)
+@click.option("--stats-interval", type=click.IntRange(min=1), default=10)
+@click.option("--sink", "sinks", multiple=True, help="Result sinks.")
+@click.option("--mirror/--no-mirror", default=False)
+def fake_camera(**kw):
+    """Stands in for `edge-quq camera` until it lands: same option machinery (model_options + plain options)."""
+    kw = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+    click.echo(json.dumps(kw, sort_keys=True))
+
+
+def run(cfg: Path, *args: str):
+    r = CliRunner().invoke(fake_camera, ["--config", str(cfg), *args])
+    return r.exit_code, r.output
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "config"
+    p.write_text(text)
+    return p
+
+
+def test_values_become_defaults_and_flags_override(tmp_path):
+    cfg = write(tmp_path, f'''
+bundle = "{DEFAULT_BUNDLE_DIR}"
+backend = "onnx"
+num-iter = 30
+threshold = 0.6
+z = 1            # an integer is a fine float
+no_xnnpack = true
+stats_file = "state/stats.json"
+sink = ["jsonl:///tmp/x.jsonl", "mqtt://localhost"]
+mirror = true
+''')
+    code, out = run(cfg)
+    assert code == 0, out
+    got = json.loads(out)
+    assert got["backend"] == "onnx" and got["num_iter"] == 30 and got["threshold"] == 0.6 and got["z"] == 1.0
+    assert got["no_xnnpack"] is True and got["mirror"] is True and got["bundle"] == str(DEFAULT_BUNDLE_DIR)
+    assert got["sinks"] == ["jsonl:///tmp/x.jsonl", "mqtt://localhost"]
+    # Relative paths are relative to the config file's folder.
+    assert got["stats_file"] == str(tmp_path.resolve() / "state" / "stats.json")
+    assert got["source"] == "v4l2:///dev/video0" and got["stats_interval"] == 10  # untouched defaults
+
+    code, out = run(cfg, "-T", "7", "--backend", "tflite", "--no-mirror", "--sink", "stdout://")
+    got = json.loads(out)
+    assert code == 0 and got["num_iter"] == 7 and got["backend"] == "tflite" and got["mirror"] is False
+    assert got["sinks"] == ["stdout://"] and got["threshold"] == 0.6
+
+
+def test_no_config_means_the_command_defaults(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGE_QUQ_CONFIG", raising=False)
+    r = CliRunner().invoke(fake_camera, [])
+    assert r.exit_code == 0 and json.loads(r.output)["backend"] == "auto"
+    monkeypatch.setenv("EDGE_QUQ_CONFIG", str(write(tmp_path, 'backend = "onnx"\n')))
+    r = CliRunner().invoke(fake_camera, [])
+    assert r.exit_code == 0 and json.loads(r.output)["backend"] == "onnx"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("num-iters = 30\n", "unknown key 'num-iters' (did you mean num-iter?)"),
+    ("colour = 'rgb'\n", "unknown key 'colour'"),
+    ("[camera]\nfps = 5\n", "unknown table [camera]"),
+    ("num-iter = '30'\n", "key 'num-iter' must be an integer, got '30'"),
+    ("threshold = 'high'\n", "key 'threshold' must be a number, got 'high'"),
+    ("no-xnnpack = 1\n", "key 'no-xnnpack' must be true or false, got 1"),
+    ("backend = 'cuda'\n", "key 'backend': 'cuda' is not one of 'auto', 'tflite', 'onnx'"),
+    ("threads = 0\n", "key 'threads': 0 is not in the range x>=1"),
+    ("fps = [5]\n", "key 'fps' takes one value, got a list"),
+    ("num-iter = 3\nnum_iter = 4\n", "keys 'num-iter' and 'num_iter' set the same option"),
+    ("bundle = '/nonexistent/bundle'\n", "key 'bundle': /nonexistent/bundle does not exist"),
+    ("backend = onnx\n", "not valid TOML"),
+])
+def test_bad_config_is_one_clear_error_naming_the_key(tmp_path, text, message):
+    cfg = write(tmp_path, text)
+    code, out = run(cfg)
+    assert code == 2
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {cfg}: ") and message in lines[0], out
+
+
+def test_missing_config_file_names_the_path(tmp_path):
+    code, out = run(tmp_path / "nope.toml")
+    assert code == 2 and out.strip() == f"error: {tmp_path / 'nope.toml'}: config file does not exist"
+
+
+def test_template_lists_every_option_and_parses_back(tmp_path):
+    text = template(fake_camera, {"bundle": str(DEFAULT_BUNDLE_DIR), "stats-file": "/var/lib/edge-quq/stats.json"})
+    for p in fake_camera.params:
+        if p.name != "config":
+            key = [o for o in p.opts if o.startswith("--")][0][2:]
+            assert any(line.lstrip("#").startswith(key + " = ") for line in text.splitlines()), p.name
+    cfg = write(tmp_path, text)
+    dm = load_config(fake_camera, cfg)
+    assert dm == {"bundle": DEFAULT_BUNDLE_DIR, "stats_file": Path("/var/lib/edge-quq/stats.json")}
+    # Uncommenting every example line still gives a valid file (the examples are real values).
+    uncommented = "\n".join(line[1:] if line[:2] != "# " and line.startswith("#") else line for line in text.splitlines())
+    assert load_config(fake_camera, write(tmp_path, uncommented))["num_iter"] == 1
