@@ -187,6 +187,10 @@ def _register_host_commands() -> None:
 
 _register_host_commands()
 
+from edge_quq.health import health_cmd  # noqa: E402  (defined beside its checks; needs nothing from here)
+
+main.add_command(health_cmd)
+
 
 if __name__ == "__main__":
     main()

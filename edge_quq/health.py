@@ -1,0 +1,173 @@
+"""`edge-quq health`: is the camera service alive and able to run its model?
+
+Healthy means three things, checked in this order so the reason given is the most direct one:
+1. the stats file the camera loop rewrites periodically exists and is fresh (`updated` younger than
+   --max-age): the loop is still writing;
+2. its `state` is "running" (the loop says frames flow; "stalled" and "stopped" are its own verdicts);
+3. the bundle loads (manifest and checksums verified) and a backend can open its backbone: a restart
+   would come back up.
+The camera loop's stats file is one JSON object written atomically (rename), so a read never sees half.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from edge_quq.errors import EdgeQuqError
+
+DEFAULT_STATS_FILE = Path("/var/lib/edge-quq/stats.json")
+DEFAULT_MAX_AGE_S = 60.0
+
+
+@dataclass
+class Health:
+    healthy: bool
+    reason: str  # the one line: why not, or a summary when healthy
+    details: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"healthy": self.healthy, "reason": self.reason, **self.details}
+
+
+def _fmt_age(s: float) -> str:
+    return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+
+
+def check_stats(stats_file: Path, max_age_s: float, now: Optional[float] = None) -> Health:
+    """Freshness and state of the camera loop's stats file (no model work)."""
+    now = time.time() if now is None else now
+    try:
+        raw = Path(stats_file).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return Health(False, f"no stats file at {stats_file} (service never ran, or --stats-file differs)")
+    except OSError as e:
+        return Health(False, f"cannot read stats file {stats_file} ({e.strerror})")
+    try:
+        stats = json.loads(raw)
+    except json.JSONDecodeError as e:
+        return Health(False, f"stats file {stats_file} is not JSON ({e.msg} at line {e.lineno})")
+    if not isinstance(stats, dict):
+        return Health(False, f"stats file {stats_file} is not a JSON object")
+    updated = stats.get("updated")
+    if isinstance(updated, bool) or not isinstance(updated, (int, float)) or not math.isfinite(updated):
+        return Health(False, f"stats file {stats_file} has no numeric 'updated' time")
+    age = now - float(updated)
+    state = stats.get("state")
+    details: Dict[str, Any] = {"stats_file": str(stats_file), "age_s": round(age, 3), "state": state}
+    if age >= max_age_s:
+        return Health(False, f"stats are {_fmt_age(age)} old (max {_fmt_age(max_age_s)}): the camera loop stopped writing {stats_file}", details)
+    if age < -max_age_s:
+        # A writer far in the future means the clock jumped (no RTC on a Pi before NTP sync): say so rather
+        # than report a fresh file.
+        return Health(False, f"stats 'updated' is {_fmt_age(-age)} in the future: system clock changed since {stats_file} was written", details)
+    if state != "running":
+        return Health(False, f"camera loop state is {state!r}, not 'running' ({stats_file})", details)
+    return Health(True, f"stats {_fmt_age(max(age, 0.0))} old, state running", details)
+
+
+def check_model(bundle: Optional[Path], backend: str = "auto") -> Health:
+    """Load and verify the bundle, then open its backbone with one thread (what a restart would do)."""
+    from edge_quq.backends import make_backbone
+    from edge_quq.bundle import load_bundle
+
+    try:
+        b = load_bundle(bundle)
+        bb = make_backbone(b, backend, threads=1)
+    except EdgeQuqError as e:
+        return Health(False, f"model does not load: {e}")
+    return Health(True, f"bundle {b.path} loads ({bb.describe()})", {"bundle": str(b.path), "backend": bb.describe()})
+
+
+def check(stats_file: Path, max_age_s: float, bundle: Optional[Path], backend: str = "auto", model: bool = True,
+          now: Optional[float] = None) -> Health:
+    h = check_stats(stats_file, max_age_s, now)
+    if not h.healthy or not model:
+        return h
+    m = check_model(bundle, backend)
+    details = {**h.details, **m.details}
+    if not m.healthy:
+        return Health(False, m.reason, details)
+    return Health(True, f"{h.reason}; {m.reason}", details)
+
+
+def settings_from_config(path: Path, camera: Optional[Any]) -> Dict[str, Any]:
+    """bundle, backend and stats_file as the service would see them in its config file.
+
+    With the camera command at hand the whole file is checked exactly as the service checks it at start-up
+    (a config the service would refuse is itself a health problem); without it only these keys are read.
+    """
+    from edge_quq.config import load_config, read_toml, validate
+
+    if camera is not None:
+        dm = load_config(camera, path)
+    else:
+        import click
+
+        data = {k.replace("-", "_"): v for k, v in read_toml(path).items() if k.replace("-", "_") in ("bundle", "backend", "stats_file")}
+        cmd = click.Command("camera", params=[
+            click.Option(["--bundle"], type=click.Path(path_type=Path)),
+            click.Option(["--backend"], type=click.Choice(["auto", "tflite", "onnx"])),
+            click.Option(["--stats-file"], type=click.Path(path_type=Path)),
+        ])
+        dm = validate(cmd, data, str(path), base_dir=Path(path).parent.resolve())
+    return {k: dm[k] for k in ("bundle", "backend", "stats_file") if k in dm}
+
+
+def _health_command() -> Any:
+    import click
+
+    from edge_quq.config import DEFAULT_CONFIG_PATH, ConfigError
+
+    @click.command(name="health")
+    @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help=f"The service's config file, for its bundle, backend and stats-file (default: {DEFAULT_CONFIG_PATH} when it exists).")
+    @click.option("--stats-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help=f"Stats file the camera loop writes (default: the config's stats-file, else {DEFAULT_STATS_FILE}).")
+    @click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Bundle to load (default: the config's, else the embedded one).")
+    @click.option("--backend", type=click.Choice(["auto", "tflite", "onnx"]), default=None, help="Backend to open it with (default: the config's, else auto).")
+    @click.option("--max-age", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_AGE_S, show_default=True,
+                  help="Seconds after which the stats count as stale.")
+    @click.option("--no-model", is_flag=True, help="Only check the stats file (cheap enough for every few seconds).")
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a line.")
+    def health(config: Optional[Path], stats_file: Optional[Path], bundle: Optional[Path], backend: Optional[str],
+               max_age: float, no_model: bool, as_json: bool) -> None:
+        """Exit 0 when the camera service is healthy: fresh stats (younger than --max-age), state running,
+        and the bundle loads with a backend. Otherwise exit 1 with one line saying why (2 for bad options).
+
+        Meant for a systemd timer, a cron job or a monitoring agent; reads nothing but the stats file, the
+        config and the bundle.
+        """
+        ctx = click.get_current_context()
+        if config is not None and not config.exists():
+            click.echo(f"error: {config}: config file does not exist", err=True)
+            ctx.exit(2)
+        cfg_path = config if config is not None else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+        from_cfg: Dict[str, Any] = {}
+        result: Optional[Health] = None
+        if cfg_path is not None:
+            camera = getattr(ctx.find_root().command, "commands", {}).get("camera")
+            try:
+                from_cfg = settings_from_config(cfg_path, camera)
+            except ConfigError as e:
+                result = Health(False, f"service config is invalid: {e}", {"config": str(cfg_path)})
+        if result is None:
+            result = check(
+                stats_file or from_cfg.get("stats_file") or DEFAULT_STATS_FILE, max_age,
+                bundle or from_cfg.get("bundle"), backend or from_cfg.get("backend") or "auto", model=not no_model,
+            )
+        if as_json:
+            click.echo(json.dumps(result.to_dict(), sort_keys=True))
+        elif result.healthy:
+            click.echo(f"healthy: {result.reason}")
+        else:
+            click.echo(f"unhealthy: {result.reason}", err=True)
+        ctx.exit(0 if result.healthy else 1)
+
+    return health
+
+
+health_cmd = _health_command()
