@@ -247,3 +247,29 @@ def _toml_value(v: Any) -> str:
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     s = str(v)
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+SERVICE_VALUES = {"bundle": "@BUNDLE_DIR@", "stats-file": "@STATE_DIR@/stats.json"}
+
+
+def service_config_example(command: click.Command) -> str:
+    """deploy/config.example: the file install.sh writes to /etc/edge-quq/config (@...@ filled in)."""
+    header = (
+        "# /etc/edge-quq/config: settings of the edge-quq camera service (TOML).\n"
+        "# Keys are the long options of `edge-quq camera --help` (dashes or underscores); a flag given on the\n"
+        "# command line overrides the value here. Unknown keys and wrong types stop the service at start-up\n"
+        "# with an error naming the key (journalctl -u edge-quq-camera). After editing:\n"
+        "#   sudo systemctl restart edge-quq-camera\n"
+        "# Lines starting with '#key =' show an example value; remove the '#' to set it.\n\n"
+    )
+    values = {k: v for k, v in SERVICE_VALUES.items() if k in {n for p in command.params for n in _long_names(p)}}
+    return header + template(command, values)
+
+
+if __name__ == "__main__":  # python -m edge_quq.config > deploy/config.example
+    from edge_quq.cli import main as _main
+
+    _cmd = _main.commands.get("camera")
+    if _cmd is None:
+        sys.exit("error: this edge_quq has no camera command")
+    sys.stdout.write(service_config_example(_cmd))
