@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from edge_quq.head import HeadWeights, output_activation
+from edge_quq.head import HeadWeights
 from edge_quq.sampler import SAMPLERS, HeadMoments, Sampler
 
 _SQRT2 = np.sqrt(2.0)
@@ -176,11 +176,13 @@ class AnalyticSampler(Sampler):
         x = np.asarray(features, dtype=np.float32).reshape(-1)
         det_logits = self.head.logits(x[None])[0].astype(np.float64)
         mu, var = logit_moments(self.head, x, self._sq)
-        mean, std, ent = output_moments(mu, var, self.head.activation)
+        t = float(self.head.temperature)
+        # logits / T: mean / T and variance / T^2, exactly.
+        mean, std, ent = output_moments(mu / t, var / (t * t), self.head.activation)
         return HeadMoments(
             mean=mean,
             std=std,
-            deterministic=output_activation(det_logits[None, :], self.head.activation)[0],
+            deterministic=self.head.probs_from_logits(det_logits[None, :])[0],
             logits=det_logits,
             expected_entropy=ent,
             num_samples=0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,8 @@ class Bundle:
     head: HeadSpec
     decision: DecisionDefaults
     files: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    # Post-hoc temperature: the runtime divides the head's logits by it before sigmoid/softmax (1 = none).
+    temperature: float = 1.0
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -217,6 +220,20 @@ def _model_file(d: Optional[Mapping[str, Any]], where: str) -> Optional[ModelFil
         input_name=d.get("input_name"),
         output_name=d.get("output_name"),
     )
+
+
+def parse_temperature(manifest: Mapping[str, Any], where: str) -> float:
+    """`calibration.temperature` (optional; absent means 1): a finite number > 0."""
+    cal = manifest.get("calibration")
+    if cal is None:
+        return 1.0
+    if not isinstance(cal, Mapping):
+        raise BundleError(f"{where}: calibration must be an object, got {type(cal).__name__}")
+    t = cal.get("temperature", 1.0)
+    # bool is an int in Python; true/false here is a mistake, not a temperature.
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(float(t)) or float(t) <= 0.0:
+        raise BundleError(f"{where}: calibration.temperature must be a finite number > 0, got {t!r}")
+    return float(t)
 
 
 def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
@@ -299,6 +316,9 @@ def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
         z=float(dd.get("z", 0.8)),
         mixed=str(dd.get("mixed", "ignore")),
     )
+    temperature = parse_temperature(manifest, where)
+    if temperature != 1.0 and head.output_activation == "linear":
+        raise BundleError(f"{where}: calibration.temperature {temperature:g} needs a sigmoid or softmax head; this head is linear")
     files = _req(manifest, "files", where)
     if not isinstance(files, Mapping) or not files:
         raise BundleError(f"{where}: files must be a non-empty object of name -> {{sha256, bytes}}")
@@ -319,6 +339,7 @@ def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
         head=head,
         decision=decision,
         files={str(k): dict(v) for k, v in files.items()},
+        temperature=temperature,
     )
 
 
@@ -378,6 +399,30 @@ def write_manifest(folder: Path, manifest: Dict[str, Any]) -> Bundle:
     return bundle
 
 
+def set_calibration(path: os.PathLike, calibration: Optional[Mapping[str, Any]]) -> Bundle:
+    """Replace the `calibration` object of an existing bundle's manifest (None removes it), atomically.
+
+    The manifest is not among the checksummed files, so only manifest.json changes; the bundle is verified
+    before and after, and a value the reader would refuse is never written.
+    """
+    bundle = load_bundle(path, verify=True)
+    manifest = dict(bundle.manifest)
+    if calibration is None:
+        manifest.pop("calibration", None)
+    else:
+        manifest["calibration"] = dict(calibration)
+    parse_temperature(manifest, str(bundle.path / MANIFEST_NAME))
+    mpath = bundle.path / MANIFEST_NAME
+    tmp = mpath.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp, mpath)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return load_bundle(bundle.path, verify=True)
+
+
 def bundle_summary(bundle: Bundle) -> List[Tuple[str, str]]:
     """Rows for `edge-quq info`."""
     rows = [
@@ -400,6 +445,8 @@ def bundle_summary(bundle: Bundle) -> List[Tuple[str, str]]:
     for label, f in (("head tflite", bundle.head.tflite), ("head onnx", bundle.head.onnx), ("head tflite int8", bundle.head.tflite_int8)):
         if f:
             rows.append((label, f))
+    if bundle.temperature != 1.0:
+        rows.append(("temperature", f"{bundle.temperature:.4g} (head logits are divided by it before {bundle.head.output_activation})"))
     d = bundle.decision
     rows.append(("decision defaults", f"threshold {d.threshold}, num_iter {d.num_iter}, z {d.z}, mixed {d.mixed}"))
     rows.append(("total size", f"{bundle.total_bytes() / 1024:.1f} KiB in {len(bundle.files)} files"))

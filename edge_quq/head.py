@@ -47,6 +47,9 @@ class HeadWeights:
     biases: Sequence[np.ndarray]  # each [out], float32
     rates: Sequence[float]  # dropout rate applied to each block's input
     activation: str  # output activation
+    # Post-hoc temperature (bundle calibration.temperature): probabilities are activation(logits / T).
+    # logits() stays the raw last-layer output; every sampler applies T through probs_from_logits().
+    temperature: float = 1.0
 
     @property
     def feature_size(self) -> int:
@@ -76,8 +79,14 @@ class HeadWeights:
                 np.maximum(h, 0.0, out=h)
         return h
 
+    def probs_from_logits(self, logits: np.ndarray) -> np.ndarray:
+        """The output activation of raw logits, with the temperature applied."""
+        if self.temperature != 1.0:
+            logits = logits / np.asarray(self.temperature, dtype=np.result_type(logits, np.float32))
+        return output_activation(logits, self.activation)
+
     def probs(self, x: np.ndarray, masks: Optional[Sequence[Optional[np.ndarray]]] = None) -> np.ndarray:
-        return output_activation(self.logits(x, masks), self.activation)
+        return self.probs_from_logits(self.logits(x, masks))
 
 
 def save_head_weights(path: Path, spec_layers: Sequence[str], kernels: Sequence[np.ndarray], biases: Sequence[np.ndarray]) -> None:
@@ -91,10 +100,10 @@ def save_head_weights(path: Path, spec_layers: Sequence[str], kernels: Sequence[
 
 
 def load_head_weights(bundle: Bundle) -> HeadWeights:
-    return load_head_from_spec(bundle.path / bundle.head.weights, bundle.head)
+    return load_head_from_spec(bundle.path / bundle.head.weights, bundle.head, bundle.temperature)
 
 
-def load_head_from_spec(path: Path, spec: HeadSpec) -> HeadWeights:
+def load_head_from_spec(path: Path, spec: HeadSpec, temperature: float = 1.0) -> HeadWeights:
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -120,4 +129,5 @@ def load_head_from_spec(path: Path, spec: HeadSpec) -> HeadWeights:
         biases=tuple(biases),
         rates=tuple(l.dropout for l in spec.layers),
         activation=spec.output_activation,
+        temperature=float(temperature),
     )

@@ -170,6 +170,7 @@ class Predictor:
             "z": round(s.z, 6),
             "mixed": s.mixed,
             "seed": s.seed,
+            "temperature": self.head.temperature,
         }
 
     # -- public ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Type
 import numpy as np
 
 from edge_quq.errors import OptionError
-from edge_quq.head import HeadWeights, output_activation
+from edge_quq.head import HeadWeights
 
 if TYPE_CHECKING:
     from edge_quq.bundle import Bundle
@@ -22,7 +22,10 @@ _EPS = 1e-12
 
 @dataclass
 class HeadMoments:
-    """Per-class statistics of the head output over T dropout samples (std with ddof=0)."""
+    """Per-class statistics of the head output over T dropout samples (std with ddof=0).
+
+    Probabilities (mean, std, deterministic, expected_entropy) include the bundle's temperature; `logits`
+    are the raw eval-mode logits, before it."""
 
     mean: np.ndarray  # [C] MC mean of the output probabilities
     std: np.ndarray  # [C] MC standard deviation of the output probabilities
@@ -59,7 +62,7 @@ def moments_from_samples(probs: np.ndarray, head: HeadWeights, det_logits: np.nd
     return HeadMoments(
         mean=p64.mean(axis=0),
         std=p64.std(axis=0),
-        deterministic=output_activation(det_logits.astype(np.float64)[None, :], head.activation)[0],
+        deterministic=head.probs_from_logits(det_logits.astype(np.float64)[None, :])[0],
         logits=det_logits.astype(np.float64),
         expected_entropy=float(sample_entropy(probs, head.activation).mean()),
         num_samples=int(probs.shape[0]),

@@ -67,6 +67,12 @@ class NativeSampler(Sampler):
         # Contiguous float32 copies once, so that each call only borrows buffers.
         self._w0, self._w1 = (np.ascontiguousarray(k, dtype=np.float32) for k in head.kernels)
         self._b0, self._b1 = (np.ascontiguousarray(b, dtype=np.float32) for b in head.biases)
+        # The temperature folds into the last layer: (h W1 + b1) / T = h (W1 / T) + b1 / T, so the kernel
+        # needs no change; the logits it returns are divided by T and are scaled back for reporting.
+        self._temperature = float(head.temperature)
+        if self._temperature != 1.0:
+            self._w1 = np.ascontiguousarray(self._w1 / np.float32(self._temperature), dtype=np.float32)
+            self._b1 = np.ascontiguousarray(self._b1 / np.float32(self._temperature), dtype=np.float32)
         self._rates = (float(head.rates[0]), float(head.rates[1]))
         self._act = _ACTIVATIONS[head.activation]
 
@@ -77,11 +83,12 @@ class NativeSampler(Sampler):
         return (x, self._w0, self._b0, self._w1, self._b1, self._rates[0], self._rates[1], self._act)
 
     def _moments(self, mean: np.ndarray, std: np.ndarray, logits: np.ndarray, ent: float, t: int) -> HeadMoments:
+        # logits here are the kernel's, already divided by the temperature.
         return HeadMoments(
             mean=mean,
             std=std,
             deterministic=output_activation(logits.astype(np.float64)[None, :], self.head.activation)[0],
-            logits=logits.astype(np.float64),
+            logits=logits.astype(np.float64) * self._temperature,
             expected_entropy=float(ent),
             num_samples=int(t),
         )

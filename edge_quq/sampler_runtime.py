@@ -43,6 +43,21 @@ def _match_inputs(names: List[str], count: int) -> Dict[str, int]:
     return found
 
 
+def _check_temperature(head: HeadWeights, has_logits: bool, kind: str) -> None:
+    """The exported head models bake in activation(logits) without the temperature; with a temperature the
+    sampler needs their logits output to apply it, and refuses a model that lacks one."""
+    if head.temperature != 1.0 and not has_logits:
+        raise OptionError(f"sampler {kind!r} cannot apply the bundle's temperature {head.temperature:g}: the exported "
+                          f"head model has no 'logits' output (re-export the bundle, or use --sampler numpy)")
+
+
+def _tempered(head: HeadWeights, probs: np.ndarray, logits: Optional[np.ndarray]) -> np.ndarray:
+    """The model's own probabilities without a temperature; activation(logits / T) with one."""
+    if head.temperature == 1.0 or logits is None:
+        return probs
+    return head.probs_from_logits(np.asarray(logits, np.float32)).astype(np.float32)
+
+
 class OnnxHeadSampler(Sampler):
     name = "onnx"
 
@@ -63,6 +78,7 @@ class OnnxHeadSampler(Sampler):
         outs = [o.name for o in self.session.get_outputs()]
         self._probs = next((o for o in outs if "prob" in o), outs[-1])
         self._logits = next((o for o in outs if "logit" in o), None)
+        _check_temperature(head, self._logits is not None, "onnx")
 
     def run(self, features: np.ndarray, masks: List[np.ndarray]):
         feed = {self._names[self._inputs["features"]]: features}
@@ -76,6 +92,7 @@ class OnnxHeadSampler(Sampler):
         x = np.asarray(features, np.float32).reshape(1, -1)
         masks = _runtime_masks(self.rng, self.head, num_iter)
         probs, logits = self.run(np.repeat(x, num_iter + 1, axis=0), masks)
+        probs = _tempered(self.head, probs, logits)
         det = logits[0] if logits is not None else self.head.logits(x)[0]
         return moments_from_samples(probs[1:], self.head, det)
 
@@ -91,6 +108,7 @@ class TFLiteHeadSampler(Sampler):
         details = self.interp.get_input_details()
         self._inputs = _match_inputs([d["name"] for d in details], len(head.kernels) + 1)
         self._rows = -1
+        _check_temperature(head, any("logit" in o["name"] for o in self.interp.get_output_details()), "tflite")
 
     def _prepare(self, rows: int) -> None:
         if rows == self._rows:
@@ -119,6 +137,7 @@ class TFLiteHeadSampler(Sampler):
         x = np.asarray(features, np.float32).reshape(1, -1)
         masks = _runtime_masks(self.rng, self.head, num_iter)
         probs, logits = self.run(np.ascontiguousarray(np.repeat(x, num_iter + 1, axis=0)), masks)
+        probs = _tempered(self.head, probs, logits)
         det = logits[0] if logits is not None else self.head.logits(x)[0]
         return moments_from_samples(probs[1:], self.head, det)
 
