@@ -327,20 +327,26 @@ config_permissions() {
   fi
 }
 
-# Checked with the installed package against the installed camera command: a typo fails here, not in a
+# Checked as the service user with the installed package against the installed camera command: an
+# interpreter the user cannot run (a pyenv Python under /root) or a typo in the config fails here, not in a
 # restart loop.
-check_config() {
+check_installed() {
   [ -z "$ROOT" ] && [ "$DRY_RUN" -eq 0 ] || return 0
-  "$VENV_DIR/bin/python" -c '
+  local as_user=()
+  command -v runuser >/dev/null 2>&1 && as_user=(runuser -u "$SVC_USER" --)
+  if ! "${as_user[@]}" "$VENV_DIR/bin/python" -c 'import edge_quq' 2>/dev/null; then
+    die "user $SVC_USER cannot run $VENV_DIR/bin/python (-> $(readlink -f "$VENV_DIR/bin/python")): use a system Python, e.g. --python /usr/bin/python3 (after --uninstall)"
+  fi
+  "${as_user[@]}" "$VENV_DIR/bin/python" -c '
 import sys
 from edge_quq.cli import main
 from edge_quq.config import ConfigError, load_config
-try:
-    load_config(main.commands["camera"], sys.argv[1])
-except ConfigError as e:
-    sys.exit("error: " + str(e))
-except KeyError:
-    pass
+camera = main.commands.get("camera")
+if camera is not None:
+    try:
+        load_config(camera, sys.argv[1])
+    except ConfigError as e:
+        sys.exit("error: " + str(e))
 ' "$CONF_FILE"
 }
 
@@ -397,7 +403,7 @@ do_install() {
   sync_bundle "$bundle_src"
   write_config
   config_permissions
-  check_config
+  check_installed
   install_file "$SRC/docs/deploy.md" "$APP_DIR/docs/deploy.md" 0644
   before=$CHANGES
   install_file "$SRC/deploy/systemd/$UNIT_NAME" "$UNIT_DIR/$UNIT_NAME" 0644
