@@ -196,3 +196,11 @@ def test_unit_has_the_service_contract():
     assert one["PrivateTmp"] == "yes" and one["StateDirectory"] == "edge-quq" and one["DevicePolicy"] == "closed"
     assert "char-video4linux rw" in directives["DeviceAllow"]
     assert one["StandardOutput"] == "journal" and one["WantedBy"] == "multi-user.target"
+
+
+def test_systemd_analyze_security_rates_the_unit_ok(staged_root):
+    """Offline exposure score of the hardening (0 = locked down, 10 = unprotected); 1.7 today, keep it <= 2."""
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", f"--root={staged_root}", "--threshold=20",
+                        "edge-quq-camera.service"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr
+    assert "Overall exposure level for edge-quq-camera.service: 1." in r.stdout
