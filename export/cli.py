@@ -67,11 +67,15 @@ def _class_names(classes: Optional[str], labels_file: Optional[Path]) -> Optiona
 @click.option("--z", "z", type=float, default=0.8, show_default=True, help="Default interval factor z (mean ± z·std).")
 @click.option("--mixed", type=click.Choice(["ignore", "keep"]), default="ignore", show_default=True, help="Default rule for vectors with both present and uncertain classes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration subsets and the head check masks.")
+@click.option("--temperature-data", type=click.Path(path_type=Path), default=None,
+              help="Labelled held-out data (same forms as --test-data) to fit a post-hoc temperature on; stored as calibration.temperature. Not the test data, if the parity report's accuracy should stay unbiased.")
+@click.option("--temperature-labels", type=click.Path(path_type=Path), default=None, help="Integer labels for --temperature-data (.npy or text).")
 def export_cmd(model: Path, calibration: Path, out: Path, force: bool, test_data: Optional[Path], test_labels: Optional[Path],
                classes: Optional[str], labels_file: Optional[Path], split_layer: Optional[str], dropout: Optional[str],
                color: Optional[str], pixel_scale: float, mean: Optional[str], std: Optional[str], interpolation: str,
                crop_fraction: float, calib_samples: int, test_samples: Optional[int], name: Optional[str], threshold: float,
-               num_iter: int, z: float, mixed: str, seed: int) -> None:
+               num_iter: int, z: float, mixed: str, seed: int, temperature_data: Optional[Path] = None,
+               temperature_labels: Optional[Path] = None) -> None:
     """Split MODEL into an int8 backbone (TFLite + ONNX) and a droppable head, and write a bundle to OUT."""
     from edge_quq.errors import EdgeQuqError
 
@@ -85,6 +89,7 @@ def export_cmd(model: Path, calibration: Path, out: Path, force: bool, test_data
             color=color, pixel_scale=pixel_scale, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
             interpolation=interpolation, crop_fraction=crop_fraction, name=name, calib_samples=calib_samples,
             test_samples=test_samples, threshold=threshold, num_iter=num_iter, z=z, mixed=mixed, seed=seed,
+            temperature_data=temperature_data, temperature_labels=temperature_labels,
         )
         bundle = export_model(model, opts)
     except EdgeQuqError as e:
@@ -102,6 +107,11 @@ def export_cmd(model: Path, calibration: Path, out: Path, force: bool, test_data
     if acc:
         click.echo(f"top-1 on {acc['samples']} held-out samples: float {100 * acc['float']:.2f}%, "
                    f"int8 tflite {100 * acc['int8_tflite']:.2f}%, int8 onnx {100 * acc['int8_onnx']:.2f}%")
+    cal = bundle.manifest.get("calibration")
+    if cal:
+        h = cal.get("heldout", {})
+        click.echo(f"temperature {bundle.temperature:.4g} fitted on {cal.get('samples')} held-out samples: "
+                   f"ECE {h.get('ece_before', float('nan')):.4f} -> {h.get('ece_after', float('nan')):.4f}")
     click.echo(f"parity report: {bundle.path / 'parity.md'}")
     _warn_on_poor_parity(bundle.path / "parity.json")
 

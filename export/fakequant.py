@@ -185,14 +185,14 @@ class FakeQuantModel:
         import tensorflow as tf
 
         def q(tid: int, v):
+            a = v.numpy() if hasattr(v, "numpy") else np.asarray(v)
             if observe:
-                a = v.numpy() if hasattr(v, "numpy") else np.asarray(v)
                 lo, hi = float(a.min()), float(a.max())
                 old = self.ranges.get(tid)
                 self.ranges[tid] = (lo, hi) if old is None else (min(old[0], lo), max(old[1], hi))
             if quant_act:
                 s, zp = activation_qparams(*self.ranges[tid], self.act_bits)
-                return tf.convert_to_tensor(fake_quant_activation(np.asarray(v), s, zp, self.act_bits))
+                return tf.convert_to_tensor(fake_quant_activation(a, s, zp, self.act_bits))
             return v
 
         values = {self.input_id: q(self.input_id, tf.convert_to_tensor(x))}
@@ -202,7 +202,8 @@ class FakeQuantModel:
                 warnings.simplefilter("ignore")
                 out = st.layer(args[0] if len(args) == 1 else args, training=False)
             values[st.output] = q(st.output, out) if st.quantize else out
-        return np.asarray(values[self.output_id], np.float32).reshape(len(x), -1)
+        out = values[self.output_id]
+        return np.asarray(out.numpy() if hasattr(out, "numpy") else out, np.float32).reshape(len(x), -1)
 
     def calibrate(self, x: np.ndarray, batch: int = 128) -> None:
         """Activation ranges (min/max) over `x`, on the float model (folded BN, float weights)."""

@@ -50,6 +50,11 @@ class ExportOptions:
     mixed: str = "ignore"
     seed: int = 0
     extra_manifest: Dict[str, Any] = field(default_factory=dict)
+    # Labelled held-out data to fit a post-hoc temperature on (the int8 TFLite backbone's head logits);
+    # None: no temperature in the manifest. Same forms as test_data / test_labels.
+    temperature_data: Union[str, Path, np.ndarray, None] = None
+    temperature_labels: Union[str, Path, np.ndarray, None] = None
+    temperature_source: Optional[str] = None
 
 
 def _first_line(e: BaseException) -> str:
@@ -205,6 +210,7 @@ def export_model(model_or_path: Any, opts: ExportOptions) -> Bundle:
             raise ExportError(f"test labels must be class indices 0..{split.num_classes - 1}")
     if opts.mixed not in ("ignore", "keep"):
         raise ExportError(f"--mixed must be 'ignore' or 'keep', got {opts.mixed!r}")
+    temp = _temperature_inputs(opts, shape, spec, classes, split.num_classes, split.activation)
 
     with Staging(out, opts.force) as st:
         d = st.path
@@ -287,5 +293,57 @@ def export_model(model_or_path: Any, opts: ExportOptions) -> Bundle:
                 "int8_tflite": report["int8"]["tflite"]["top1_accuracy"],
                 "int8_onnx": report["int8"]["onnx"]["top1_accuracy"],
             }
+        if temp is not None:
+            manifest["calibration"] = _fit_temperature(d / "backbone_int8.tflite", tfl_io, head, *temp)
         manifest.update(opts.extra_manifest)
         return st.commit(manifest)
+
+
+def _temperature_inputs(opts: ExportOptions, shape, spec: Preprocess, classes: Sequence[str], num_classes: int,
+                        activation: str) -> Optional[Tuple[np.ndarray, np.ndarray, str]]:
+    """Held-out images and labels for the temperature fit, checked before anything is written."""
+    if opts.temperature_data is None:
+        if opts.temperature_labels is not None:
+            raise ExportError("--temperature-labels given without --temperature-data")
+        return None
+    from edge_quq_export.datasets import load_inputs, load_labels
+
+    if activation not in ("sigmoid", "softmax"):
+        raise ExportError(f"a temperature needs a sigmoid or softmax head; this head's output is {activation!r}")
+    if isinstance(opts.temperature_data, np.ndarray):
+        x = _array_input(opts.temperature_data, shape, spec, "temperature data", None, opts.seed)
+        y = None if opts.temperature_labels is None else np.asarray(opts.temperature_labels).reshape(-1).astype(np.int64)
+        source = opts.temperature_source or "an in-memory array"
+    else:
+        x, y = load_inputs(opts.temperature_data, shape, spec, "temperature data", None, opts.seed, classes=classes)
+        source = opts.temperature_source or str(opts.temperature_data)
+    if opts.temperature_labels is not None and not isinstance(opts.temperature_labels, np.ndarray):
+        y = load_labels(opts.temperature_labels, len(x))
+    if y is None:
+        raise ExportError("temperature data needs labels (.npz 'x' and 'y', class sub-folders, or --temperature-labels)")
+    if len(y) != len(x):
+        raise ExportError(f"{len(y)} temperature labels for {len(x)} temperature images")
+    if y.min() < 0 or y.max() >= num_classes:
+        raise ExportError(f"temperature labels must be class indices 0..{num_classes - 1}")
+    return x, y, source
+
+
+def _fit_temperature(tflite: Path, io: Dict[str, Any], head, x: np.ndarray, y: np.ndarray, source: str) -> Dict[str, Any]:
+    """T for the deployed model: fitted on the int8 TFLite backbone's features through the float head."""
+    from edge_quq.calibration import calibration_summary, fit_temperature, temperature_objective
+    from edge_quq_export.parity import run_tflite
+
+    z = head.logits(run_tflite(tflite, x, io)).astype(np.float64)
+    t = fit_temperature(z, y, head.activation)
+    before = calibration_summary(z, y, head.activation, 1.0)
+    after = calibration_summary(z, y, head.activation, t)
+    return {
+        "temperature": round(t, 6),
+        "method": "temperature scaling of the head logits (edge_quq.calibration)",
+        "objective": temperature_objective(head.activation),
+        "fitted_on": source,
+        "samples": int(len(y)),
+        "backbone": "tflite",
+        "heldout": {"ece_before": round(before["ece"], 6), "ece_after": round(after["ece"], 6),
+                    "nll_before": round(before["nll"], 6), "nll_after": round(after["nll"], 6)},
+    }

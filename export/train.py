@@ -96,6 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--keep-model", type=Path, default=None, help="also save the trained float model here (.keras, plus a .json training record)")
     ap.add_argument("--from-model", type=Path, default=None, help="skip training: export this model (saved earlier with --keep-model)")
     ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
+    ap.add_argument("--fit-temperature", action="store_true",
+                    help="fit a post-hoc temperature on the validation split (last 5k training images) and store it in the bundle")
     args = ap.parse_args(argv)
     try:
         return _run(args)
@@ -142,6 +144,10 @@ def _run(args) -> int:
                              test_source="Fashion-MNIST t10k (full test set)", classes=FASHION_MNIST_CLASSES,
                              name="fashion-mnist-reference", seed=args.seed, calib_samples=args.calib_samples,
                              extra_manifest={"training": training})
+        if args.fit_temperature:
+            # The validation split: held out from training, and not the test data the accuracy is reported on.
+            opts.temperature_data, opts.temperature_labels = x[-5000:], load_fashion_mnist("train", args.data)[1][-5000:]
+            opts.temperature_source = "Fashion-MNIST validation split (last 5000 training images, held out from training)"
         bundle = export_model(model_path, opts)
     acc = bundle.manifest["accuracy"]
     print(f"bundle {bundle.path}: {bundle.total_bytes() / 1024:.0f} KiB; test top-1 float {100 * acc['float']:.2f}%, "
