@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Dict, Optional
 from edge_quq.errors import EdgeQuqError
 
 DEFAULT_STATS_FILE = Path("/var/lib/edge-quq/stats.json")
+DEFAULT_SERVICE_BUNDLE = Path("/opt/edge-quq/bundle")  # where deploy/install.sh puts it
 DEFAULT_MAX_AGE_S = 60.0
 
 
@@ -35,6 +37,10 @@ class Health:
 
 def _fmt_age(s: float) -> str:
     return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+
+
+def _installed_bundle() -> Optional[Path]:
+    return DEFAULT_SERVICE_BUNDLE if DEFAULT_SERVICE_BUNDLE.is_dir() else None
 
 
 def check_stats(stats_file: Path, max_age_s: float, now: Optional[float] = None) -> Health:
@@ -120,6 +126,7 @@ def settings_from_config(path: Path, camera: Optional[Any]) -> Dict[str, Any]:
 def _health_command() -> Any:
     import click
 
+    from edge_quq import config as config_module
     from edge_quq.config import DEFAULT_CONFIG_PATH, ConfigError
 
     @click.command(name="health")
@@ -127,7 +134,8 @@ def _health_command() -> Any:
                   help=f"The service's config file, for its bundle, backend and stats-file (default: {DEFAULT_CONFIG_PATH} when it exists).")
     @click.option("--stats-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
                   help=f"Stats file the camera loop writes (default: the config's stats-file, else {DEFAULT_STATS_FILE}).")
-    @click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Bundle to load (default: the config's, else the embedded one).")
+    @click.option("--bundle", type=click.Path(path_type=Path), default=None,
+                  help=f"Bundle to load (default: the config's, else {DEFAULT_SERVICE_BUNDLE} when it exists, else the embedded one).")
     @click.option("--backend", type=click.Choice(["auto", "tflite", "onnx"]), default=None, help="Backend to open it with (default: the config's, else auto).")
     @click.option("--max-age", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_AGE_S, show_default=True,
                   help="Seconds after which the stats count as stale.")
@@ -145,7 +153,10 @@ def _health_command() -> Any:
         if config is not None and not config.exists():
             click.echo(f"error: {config}: config file does not exist", err=True)
             ctx.exit(2)
-        cfg_path = config if config is not None else (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
+        # The installed config is root:edge-quq 0640 (it may hold broker passwords): a monitoring user outside
+        # that group gets the installed defaults instead, which is what install.sh writes into it anyway.
+        default_cfg = config_module.DEFAULT_CONFIG_PATH
+        cfg_path = config if config is not None else (default_cfg if os.access(default_cfg, os.R_OK) else None)
         from_cfg: Dict[str, Any] = {}
         result: Optional[Health] = None
         if cfg_path is not None:
@@ -157,7 +168,7 @@ def _health_command() -> Any:
         if result is None:
             result = check(
                 stats_file or from_cfg.get("stats_file") or DEFAULT_STATS_FILE, max_age,
-                bundle or from_cfg.get("bundle"), backend or from_cfg.get("backend") or "auto", model=not no_model,
+                bundle or from_cfg.get("bundle") or _installed_bundle(), backend or from_cfg.get("backend") or "auto", model=not no_model,
             )
         if as_json:
             click.echo(json.dumps(result.to_dict(), sort_keys=True))

@@ -14,6 +14,17 @@ from edge_quq.cli import main
 from edge_quq.health import check_stats
 
 
+@pytest.fixture(autouse=True)
+def no_installed_service(monkeypatch, tmp_path):
+    """Hermetic: an installed service on this machine (/etc/edge-quq/config, /opt/edge-quq/bundle) must not
+    leak into the defaults under test."""
+    import edge_quq.config
+    import edge_quq.health
+
+    monkeypatch.setattr(edge_quq.config, "DEFAULT_CONFIG_PATH", tmp_path / "no-such-config")
+    monkeypatch.setattr(edge_quq.health, "DEFAULT_SERVICE_BUNDLE", tmp_path / "no-such-bundle")
+
+
 def stats(path: Path, age_s: float = 1.0, state: str = "running", **extra) -> Path:
     path.write_text(json.dumps({"updated": time.time() - age_s, "state": state, "frames": 120, **extra}))
     return path
@@ -87,6 +98,12 @@ def test_settings_come_from_the_service_config(tmp_path):
     assert code == 0 and d["stats_file"] == str(s.resolve()) and d["backend"].startswith("onnx")
     # A flag beats the file.
     assert health("--config", str(cfg), "--stats-file", str(tmp_path / "other.json"), "--no-model")[0] == 1
+    # Without --config the installed one is read (when this user may read it).
+    import edge_quq.config
+
+    edge_quq.config.DEFAULT_CONFIG_PATH = cfg  # restored by the autouse fixture
+    code, out, _ = health("--json", "--no-model")
+    assert code == 0 and json.loads(out)["stats_file"] == str(s.resolve())
     # A config the service would refuse is itself the health problem.
     cfg.write_text('bundle = "/nonexistent/bundle"\n')
     code, _, err = health("--config", str(cfg))
