@@ -238,7 +238,9 @@ def _is_relu(layer) -> bool:
 def _fold(wl, bn, w_weights: List[np.ndarray], bn_weights: List[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     """Kernel and bias of weight layer followed by inference-mode BN: W * s, (b - mean) * s + beta."""
     kernel = np.asarray(w_weights[0], np.float32)
-    bias = np.asarray(w_weights[1], np.float32) if getattr(wl, "use_bias", False) else np.zeros(kernel.shape[-1], np.float32)
+    # Output channels: the last kernel axis, or (in, multiplier) pairs for a depthwise kernel [kh, kw, in, mult].
+    n_out = kernel.shape[2] * kernel.shape[3] if _kind(wl) == "DepthwiseConv2D" else kernel.shape[-1]
+    bias = np.asarray(w_weights[1], np.float32) if getattr(wl, "use_bias", False) else np.zeros(n_out, np.float32)
     it = iter(bn_weights)
     gamma = next(it) if bn.scale else np.ones_like(bias)
     beta = next(it) if bn.center else np.zeros_like(bias)

@@ -103,6 +103,40 @@ def test_fake_quant_model_matches_numpy_by_hand(small_dense_model):
     np.testing.assert_allclose(m.get_layer("d0").get_weights()[0], k0)
 
 
+def test_fake_quant_folds_depthwise_and_conv_bn_and_splits_softmax():
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from edge_quq_export.fakequant import FakeQuantModel
+
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((6, 6, 2))
+    h = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, use_bias=False, padding="same", name="dw")(inp)
+    h = keras.layers.BatchNormalization(name="bn_dw")(h)
+    h = keras.layers.ReLU(name="r0")(h)
+    h = keras.layers.Conv2D(3, 1, name="pw")(h)
+    h = keras.layers.BatchNormalization(name="bn_pw")(h)
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    out = keras.layers.Dense(3, activation="softmax", name="out")(h)
+    m = keras.Model(inp, out)
+    rng = np.random.default_rng(4)
+    for name, c in (("bn_dw", 4), ("bn_pw", 3)):  # non-trivial statistics, different per channel
+        m.get_layer(name).set_weights([rng.uniform(0.5, 2, c), rng.normal(0, 0.5, c), rng.normal(0, 0.5, c), rng.uniform(0.3, 3, c)])
+    x = rng.normal(size=(16, 6, 6, 2)).astype(np.float32)
+    fq = FakeQuantModel(m)
+    d = fq.describe()
+    assert d["folded_batchnorm"] == {"bn_dw": "dw", "bn_pw": "pw"} and d["output_activation"] == "softmax"
+    assert d["quantized_tensors"] == ["input", "r0", "bn_pw", "gap", "out"]
+    fq.calibrate(x)
+    # folding alone (float weights, no activation quantization) reproduces the model
+    z = fq.logits(x, None, quantize_activations=False)
+    np.testing.assert_allclose(softmax(z.astype(np.float64)), m.predict(x, verbose=0), atol=1e-5)
+    # 8-bit weights and activations stay close; 2-bit weights do not
+    p8 = softmax(fq.logits(x, 8).astype(np.float64))
+    assert np.abs(p8 - m.predict(x, verbose=0)).max() < 0.05
+    assert np.abs(softmax(fq.logits(x, 2).astype(np.float64)) - p8).max() > np.abs(p8 - m.predict(x, verbose=0)).max()
+
+
 # --- temperature fit --------------------------------------------------------------------------------------
 
 def test_temperature_fit_recovers_a_known_temperature():
@@ -239,6 +273,15 @@ def test_every_sampler_applies_the_temperature(bundle_copy):
     # and T really changes the output
     assert not np.allclose(make_sampler("numpy", load_head_weights(load_bundle(b.path)), seed=1).sample(x, 8).deterministic,
                            HeadWeights(head.kernels, head.biases, head.rates, head.activation).probs(x[None])[0])
+
+
+def test_exported_head_without_logits_output_is_refused_with_a_temperature(bundle_copy):
+    from edge_quq.sampler_runtime import _check_temperature
+
+    head = load_head_weights(set_calibration(bundle_copy, {"temperature": 2.0}))
+    with pytest.raises(OptionError, match="no 'logits' output"):
+        _check_temperature(head, False, "onnx")
+    _check_temperature(head, True, "onnx")
 
 
 def test_predictor_reports_the_temperature(bundle_copy):
