@@ -45,6 +45,14 @@ def main() -> None:
     """Quantized image classifiers that say when a prediction should not be trusted."""
 
 
+IGNORE_ON_KEY = "edge_quq.ignore_on"
+
+
+def _store_ignore_on(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
+    ctx.meta[IGNORE_ON_KEY] = value or "mc"
+    return value
+
+
 def model_options(fn: Callable) -> Callable:
     """Options shared by every command that runs the model (predict now, camera later)."""
     opts = [
@@ -59,6 +67,12 @@ def model_options(fn: Callable) -> Callable:
         click.option("--confidence-level", type=float, default=None, help="Alternative to --z: two-sided coverage in (0, 1), e.g. 0.9 -> z = 1.645."),
         click.option("--mixed", type=click.Choice(["ignore", "keep"]), default=None, help="When some classes are present and others uncertain (default: ignore)."),
         click.option("--seed", type=int, default=None, help="Seed of the dropout masks, for reproducible results."),
+        # Not passed to the command function (so commands keep their signatures): build_predictor reads it
+        # from the click context.
+        click.option("--ignore-on", default="mc", show_default=True, metavar="mc|any|DETECTOR", expose_value=False,
+                     callback=_store_ignore_on,
+                     help="What may ignore a prediction: mc (the MC decision rule), a detector of the bundle (its fitted "
+                          "threshold alone, e.g. knn), or any (the MC rule or any detector with a threshold)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -66,12 +80,16 @@ def model_options(fn: Callable) -> Callable:
 
 
 def build_predictor(bundle: Optional[Path], backend: str, threads: Optional[int], no_xnnpack: bool, sampler: str, num_iter: Optional[int],
-                    threshold: Optional[float], z: Optional[float], confidence_level: Optional[float], mixed: Optional[str], seed: Optional[int]):
+                    threshold: Optional[float], z: Optional[float], confidence_level: Optional[float], mixed: Optional[str], seed: Optional[int],
+                    ignore_on: Optional[str] = None):
     from edge_quq.predictor import Predictor
 
+    if ignore_on is None:
+        ctx = click.get_current_context(silent=True)
+        ignore_on = ctx.meta.get(IGNORE_ON_KEY, "mc") if ctx is not None else "mc"
     return Predictor.from_bundle(
         bundle, backend=backend, threads=threads, xnnpack=not no_xnnpack, sampler=sampler, num_iter=num_iter,
-        threshold=threshold, z=z, confidence_level=confidence_level, mixed=mixed, seed=seed,
+        threshold=threshold, z=z, confidence_level=confidence_level, mixed=mixed, seed=seed, ignore_on=ignore_on,
     )
 
 
@@ -128,16 +146,18 @@ def predict(paths: Sequence[str], bundle: Optional[Path], backend: str, threads:
         click.echo(json.dumps({"summary": summary}, separators=(",", ":")), err=True)
     else:
         rows = []
+        # With detectors deciding too, say who ignored each sample.
+        why = predictor.ignore_on != "mc"
         for r in results:
             if isinstance(r, Failure):
-                rows.append([Path(r.source).name, "ERROR", "-", "-", "-", "-", "-"])
+                rows.append([Path(r.source).name, "ERROR", "-", "-", "-", "-", "-"] + (["-"] if why else []))
                 continue
             t = r.top_index
             rows.append([
                 Path(r.source).name, r.decision, r.label or "-", r.rule,
                 f"{r.top_label} {r.mean[t]:.3f}±{r.std[t]:.3f}", f"{r.scores['max_prob']:.3f}", f"{r.timings_ms['total']:.2f}",
-            ])
-        click.echo(_fmt_table(rows, ["input", "decision", "label", "rule", "top class mean±std", "max p", "ms"]))
+            ] + ([",".join(r.ignored_by) or "-"] if why else []))
+        click.echo(_fmt_table(rows, ["input", "decision", "label", "rule", "top class mean±std", "max p", "ms"] + (["ignored by"] if why else [])))
         lat = summary["latency_ms"].get("total", {})
         s = predictor.settings
         click.echo(
@@ -183,6 +203,11 @@ def _register_host_commands() -> None:
     except ImportError:
         return
     main.add_command(export_cmd, name="export")
+    try:
+        from edge_quq_export.detectors import fit_detectors_cmd  # type: ignore
+    except ImportError:
+        return
+    main.add_command(fit_detectors_cmd, name="fit-detectors")
 
 
 _register_host_commands()

@@ -64,7 +64,7 @@ def config_keys(command: click.Command) -> Dict[str, click.Parameter]:
     """Every accepted key (both spellings) -> its parameter."""
     keys: Dict[str, click.Parameter] = {}
     for p in command.params:
-        if p.name in NOT_CONFIGURABLE or not p.expose_value:
+        if p.name in NOT_CONFIGURABLE:
             continue
         for n in _long_names(p):
             keys[n] = p

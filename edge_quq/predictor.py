@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
 from edge_quq.backends import Backbone, make_backbone
 from edge_quq.bundle import Bundle, load_bundle
 from edge_quq.decision import MIXED_POLICIES, decide, resolve_z
+from edge_quq.detectors import DetectorSet
 from edge_quq.errors import EdgeQuqError, OptionError
 from edge_quq.gradients import GradientSettings, gradient_score
 from edge_quq.head import HeadWeights, load_head_weights
@@ -49,8 +50,11 @@ class Settings:
 
 class Predictor:
     def __init__(self, bundle: Bundle, backbone: Backbone, head: HeadWeights, sampler: Sampler, settings: Settings,
-                 channel_order: str = "bgr", gradient: Optional[GradientSettings] = GradientSettings()) -> None:
+                 channel_order: str = "bgr", gradient: Optional[GradientSettings] = GradientSettings(),
+                 detectors: Optional[DetectorSet] = None, ignore_on: str = "mc") -> None:
         self.gradient = gradient.validate() if gradient is not None else None
+        self.detectors = detectors
+        self.ignore_on = check_ignore_on(ignore_on, detectors)
         self.bundle = bundle
         self.backbone = backbone
         self.head = head
@@ -75,6 +79,7 @@ class Predictor:
         seed: Optional[int] = None,
         channel_order: str = "bgr",
         gradient: Optional[GradientSettings] = GradientSettings(),
+        ignore_on: str = "mc",
     ) -> "Predictor":
         """Load and verify a bundle (None: the embedded default) and build the pipeline.
 
@@ -82,11 +87,17 @@ class Predictor:
         turned into z); at most one of them. Unset values come from the bundle's decision defaults.
         `channel_order` says how 3-channel numpy arrays passed to predict() are ordered ("bgr" as OpenCV
         gives them, or "rgb"); files are always decoded correctly. `gradient` sets the closed-form gradient
-        score (edge_quq.gradients; None turns it off).
+        score (edge_quq.gradients; None turns it off). `ignore_on` picks what can ignore a prediction: "mc"
+        (the MC decision rule), a detector name (its fitted threshold alone), or "any" (the MC rule or any
+        detector with a threshold); detectors come from the bundle's detectors file (edge_quq.detectors).
         """
         if channel_order not in ("bgr", "rgb"):
             raise OptionError(f"channel_order must be 'bgr' or 'rgb', got {channel_order!r}")
+        from edge_quq.detector_store import load_detectors
+
         bundle = load_bundle(path)
+        detectors = load_detectors(bundle)
+        check_ignore_on(ignore_on, detectors)
         d = bundle.decision
         settings = Settings(
             num_iter=int(num_iter if num_iter is not None else d.num_iter),
@@ -98,7 +109,7 @@ class Predictor:
         head = load_head_weights(bundle)
         backbone = make_backbone(bundle, backend, threads, xnnpack)
         smp = make_sampler(sampler, head, seed=seed, bundle=bundle, threads=threads)
-        predictor = cls(bundle, backbone, head, smp, settings, channel_order, gradient)
+        predictor = cls(bundle, backbone, head, smp, settings, channel_order, gradient, detectors, ignore_on)
         predictor.warm_up()
         return predictor
 
@@ -128,24 +139,51 @@ class Predictor:
             grad = gradient_score(self.head, features, self.gradient) if self.gradient is not None else None
         return moments, grad
 
-    def finish(self, source: str, moments: HeadMoments, grad: Optional[float], clock: StageClock) -> Prediction:
+    def detector_stage(self, features: Optional[np.ndarray], grad: Optional[float], clock: StageClock) -> Dict[str, float]:
+        """Scores of the bundle's fitted detectors for one feature vector (empty without detectors)."""
+        if self.detectors is None or features is None:
+            return {}
+        out: Dict[str, float] = {}
+        with clock.stage("detectors"):
+            for name, det in self.detectors.detectors.items():
+                if name == "gradient" and grad is not None and self._gradient_matches(det.config):
+                    out[name] = float(grad)  # already computed by the head stage with the same settings
+                else:
+                    out[name] = float(det.score(features[None], self.head)[0])
+        return out
+
+    def _gradient_matches(self, cfg: Dict[str, object]) -> bool:
+        g = self.gradient
+        return (g is not None and g.perturbations == 0 and g.layer_base == float(cfg.get("layer_base", -1))
+                and g.class_weighting == cfg.get("class_weighting"))
+
+    def finish(self, source: str, moments: HeadMoments, grad: Optional[float], clock: StageClock,
+               features: Optional[np.ndarray] = None) -> Prediction:
         s = self.settings
+        det_scores = self.detector_stage(features, grad, clock)
         with clock.stage("decision"):
             dec = decide(moments.mean, moments.std, s.z, s.threshold, s.mixed)
             scores = compute_scores(moments.mean, moments.std, moments.logits, moments.expected_entropy, self.head.activation)
             if grad is not None:
                 scores["gradient"] = grad
+            scores.update(det_scores)
+            flagged = [n for n in (self.detectors.with_threshold() if self.detectors else ())
+                       if n in det_scores and det_scores[n] > self.detectors.detectors[n].threshold]
+            keep, ignored_by = combine_decision(dec.keep, flagged, self.ignore_on)
         timings = dict(clock.ms)
         timings["total"] = sum(clock.ms.values())
         names = self.bundle.classes
         top = int(np.argmax(moments.mean))
+        # A detector-only rule can keep what the MC rule ignored: the kept class is then the top class.
+        label_index = dec.label if dec.keep else (top if keep else None)
+        classes = list(dec.classes) if dec.keep else ([top] if keep else [])
         return Prediction(
             source=source,
-            keep=dec.keep,
+            keep=keep,
             rule=dec.rule,
-            label=names[dec.label] if dec.label is not None else None,
-            class_index=dec.label,
-            classes=list(dec.classes),
+            label=names[label_index] if keep and label_index is not None else None,
+            class_index=label_index if keep else None,
+            classes=classes if keep else [],
             top_index=top,
             top_label=names[top],
             mean=moments.mean.tolist(),
@@ -158,6 +196,8 @@ class Predictor:
             timings_ms=timings,
             rss_bytes=rss_bytes(),
             settings=self.describe_settings(),
+            ignored_by=ignored_by,
+            flagged=flagged,
         )
 
     def describe_settings(self) -> dict:
@@ -171,6 +211,7 @@ class Predictor:
             "mixed": s.mixed,
             "seed": s.seed,
             "temperature": self.head.temperature,
+            "ignore_on": self.ignore_on,
         }
 
     # -- public ---------------------------------------------------------------------------------------------
@@ -183,7 +224,7 @@ class Predictor:
             feats = self.features(x[None])
         moments, grad = self.head_stage(feats[0], clock)
         src = source if source is not None else ("<array>" if isinstance(image, np.ndarray) else str(image))
-        return self.finish(src, moments, grad, clock)
+        return self.finish(src, moments, grad, clock, feats[0])
 
     def predict_many(self, images: Sequence[ImageLike], batch_size: int = 1) -> List[Union[Prediction, Failure]]:
         """Many images; a bad one becomes a Failure and the rest still get results.
@@ -215,8 +256,31 @@ class Predictor:
             for (src, _, clock), f in zip(ok, feats):
                 clock.ms["backbone"] = share
                 moments, grad = self.head_stage(f, clock)
-                results.append(self.finish(src, moments, grad, clock))
+                results.append(self.finish(src, moments, grad, clock, f))
         return results
+
+
+def check_ignore_on(ignore_on: str, detectors: Optional[DetectorSet]) -> str:
+    """'mc', 'any', or the name of a detector of this bundle that has a fitted threshold."""
+    if ignore_on in ("mc", "any"):
+        return ignore_on
+    have = detectors.with_threshold() if detectors is not None else []
+    if ignore_on not in have:
+        if detectors is None:
+            raise OptionError(f"--ignore-on {ignore_on!r}: this bundle has no fitted detectors (add them with edge-quq fit-detectors); use mc")
+        raise OptionError(f"--ignore-on {ignore_on!r}: not a detector with a fitted threshold in this bundle; choose mc, any or one of {', '.join(have)}")
+    return ignore_on
+
+
+def combine_decision(mc_keep: bool, flagged: Sequence[str], ignore_on: str) -> tuple:
+    """(keep, ignored_by): who may ignore is set by `ignore_on`; ignored_by lists who did ("mc", detector names)."""
+    if ignore_on == "mc":
+        return mc_keep, ([] if mc_keep else ["mc"])
+    if ignore_on == "any":
+        why = ([] if mc_keep else ["mc"]) + list(flagged)
+        return not why, why
+    hit = ignore_on in flagged
+    return not hit, ([ignore_on] if hit else [])
 
 
 IMAGE_GLOB_CHARS = set("*?[")

@@ -27,6 +27,10 @@ class Prediction:
     timings_ms: Dict[str, float]
     rss_bytes: int
     settings: Dict[str, Any] = field(default_factory=dict)
+    # Who ignored the sample under the predictor's ignore_on setting: "mc" (the decision rule) and/or
+    # detector names; empty when kept. `flagged`: every detector over its fitted threshold, whatever ignore_on.
+    ignored_by: List[str] = field(default_factory=list)
+    flagged: List[str] = field(default_factory=list)
 
     @property
     def decision(self) -> str:
@@ -55,6 +59,8 @@ class Prediction:
             "timings_ms": {k: round(v, 4) for k, v in self.timings_ms.items()},
             "rss_mb": round(self.rss_bytes / 2**20, 2),
             "settings": dict(self.settings),
+            "ignored_by": list(self.ignored_by),
+            "flagged": list(self.flagged),
         }
 
     def to_json(self) -> str:

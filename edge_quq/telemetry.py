@@ -7,7 +7,7 @@ from typing import Dict, Iterator, List, Sequence
 
 import numpy as np
 
-STAGES = ("preprocess", "backbone", "head", "decision")
+STAGES = ("preprocess", "backbone", "head", "detectors", "decision")
 
 
 class StageClock:

@@ -1,0 +1,110 @@
+"""The detectors file of a bundle: reading it with its staleness checks, and adding it to a bundle.
+
+The manifest's optional `detectors` object names the file (an npz without pickle, checksummed in `files`
+like every other file) and records what it was fitted for: the feature size and the sha256 of the backbone
+models and of the head weights. The file's own meta record repeats them, so a detectors file copied from
+another bundle, or left behind when the backbone was re-exported, is refused with one line naming the
+mismatch instead of silently scoring features it was never fitted on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from edge_quq.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from edge_quq.detectors import FILE_VERSION, DetectorSet
+from edge_quq.errors import BundleError
+
+DETECTORS_FILE = "detectors.npz"
+REFIT_HINT = "refit with `edge-quq fit-detectors BUNDLE --data ...`"
+
+
+def fitted_for(bundle: Bundle) -> Dict[str, Any]:
+    """What a detectors file must have been fitted for to be used with this bundle."""
+    backbone = {}
+    for kind, mf in (("tflite", bundle.backbone_tflite), ("onnx", bundle.backbone_onnx)):
+        if mf is not None:
+            backbone[kind] = bundle.files[mf.file]["sha256"]
+    return {"feature_size": bundle.head.feature_size, "backbone_sha256": backbone,
+            "head_sha256": bundle.files[bundle.head.weights]["sha256"]}
+
+
+def load_detectors(bundle: Bundle) -> Optional[DetectorSet]:
+    """The bundle's fitted detectors, or None when its manifest has none. Raises BundleError when stale."""
+    entry = bundle.manifest.get("detectors")
+    if entry is None:
+        return None
+    where = str(bundle.path / MANIFEST_NAME)
+    if not isinstance(entry, dict) or "file" not in entry:
+        raise BundleError(f"{where}: detectors must be an object with a 'file' field")
+    name = str(entry["file"])
+    if name not in bundle.files:
+        raise BundleError(f"{where}: detectors file {name!r} has no checksum entry in files")
+    version = entry.get("version")
+    if not isinstance(version, int) or not 1 <= version <= FILE_VERSION:
+        raise BundleError(f"{where}: detectors version {version!r} is not supported (this edge-quq reads 1..{FILE_VERSION}); upgrade edge-quq or {REFIT_HINT}")
+    path = bundle.path / name
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise BundleError(f"{path}: detectors file cannot be read ({e})") from None
+    dset = DetectorSet.from_arrays(arrays, str(path))
+    want = fitted_for(bundle)
+    for source, rec in (("manifest", entry), ("file", dset.meta)):
+        got_fs = rec.get("feature_size")
+        if got_fs != want["feature_size"]:
+            raise BundleError(f"{path}: detectors were fitted for {got_fs} features ({source} record) but the head takes {want['feature_size']}; {REFIT_HINT}")
+        got_bb = rec.get("backbone_sha256", {})
+        for kind, sha in want["backbone_sha256"].items():
+            if got_bb.get(kind) != sha:
+                have = str(got_bb.get(kind))[:12]
+                raise BundleError(f"{path}: detectors were fitted for another {kind} backbone (sha256 {have}…, {source} record; "
+                                  f"the bundle's is {sha[:12]}…): stale or copied from another bundle; {REFIT_HINT}")
+        if rec.get("head_sha256") != want["head_sha256"]:
+            raise BundleError(f"{path}: detectors were fitted for other head weights ({source} record); {REFIT_HINT}")
+    return dset
+
+
+def attach_detectors(bundle_path: os.PathLike, dset: DetectorSet, fit_info: Optional[Dict[str, Any]] = None) -> Bundle:
+    """Write `dset` into an existing bundle as detectors.npz and record it in the manifest.
+
+    The bundle is verified first. The npz is written to a temporary name and moved into place, then the
+    manifest is replaced atomically; the result is loaded back (checksums and staleness checks) before
+    returning. A failure before the manifest swap leaves the old bundle as it was.
+    """
+    bundle = load_bundle(bundle_path, verify=True)
+    want = fitted_for(bundle)
+    dset.meta.update(want)
+    if fit_info:
+        dset.meta["fit"] = dict(fit_info)
+    root = bundle.path
+    tmp_npz = root / f".{DETECTORS_FILE}.tmp-{os.getpid()}"
+    tmp_man = root / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
+    try:
+        with open(tmp_npz, "wb") as f:
+            np.savez_compressed(f, **dset.to_arrays())
+            f.flush()
+            os.fsync(f.fileno())
+        manifest = dict(bundle.manifest)
+        files = dict(manifest["files"])
+        files[DETECTORS_FILE] = {"sha256": sha256_file(tmp_npz), "bytes": tmp_npz.stat().st_size}
+        manifest["files"] = files
+        manifest["detectors"] = dict(want, file=DETECTORS_FILE, version=FILE_VERSION, names=dset.names,
+                                     thresholds={n: d.threshold for n, d in dset.detectors.items()},
+                                     tpr=dset.meta.get("tpr"))
+        tmp_man.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp_npz, root / DETECTORS_FILE)
+        os.replace(tmp_man, root / MANIFEST_NAME)
+    finally:
+        for t in (tmp_npz, tmp_man):
+            if t.exists():
+                t.unlink()
+    out = load_bundle(root, verify=True)
+    load_detectors(out)
+    return out

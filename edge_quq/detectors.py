@@ -1,0 +1,395 @@
+"""Feature-space and logit-space OOD detectors fitted at export and run on the board (pure numpy, no I/O).
+
+Every detector maps backbone features [N, F] (and the head, for the logit-based ones) to one score per
+sample with a fixed direction: HIGHER = MORE out-of-distribution. An optional threshold, fitted on held-out
+in-distribution features for a chosen true-positive rate (share of ID samples kept, e.g. 0.95), turns the
+score into a flag: `score > threshold` means "do not trust".
+
+Detectors (docs/detectors.md has the formulas and costs):
+- maxlogit         -max_c z_c (Hendrycks et al. 2022), z = eval-mode head logits (no dropout, no temperature).
+- energy           softmax/linear heads: -logsumexp(z) (Liu et al. 2020). Sigmoid heads: the joint energy
+                   -sum_c softplus(z_c) (Wang et al. 2021): each class is a two-way softmax of z_c against 0,
+                   and the free energies of the C binary problems add up.
+- react            the energy of the head run on min(f, c): features clipped at c, the `percentile` of the
+                   ID feature activations (Sun et al. 2021).
+- mahalanobis      min_c (f - mu_c)^T S^-1 (f - mu_c), class means and one shared covariance (Lee et al. 2018).
+- rel_mahalanobis  min_c d_c(f) - d_0(f), d_0 the distance to the global mean under the global covariance
+                   (Ren et al. 2021).
+- knn              distance from the L2-normalised feature to its k-th nearest neighbour in a subsampled bank
+                   of normalised ID features (Sun et al. 2022).
+- vim              ViM (Wang et al. 2022) adapted to a head whose first layer is Dense+ReLU: origin
+                   u = the least-squares point where the first layer's pre-activation is zero, principal
+                   subspace of (f - u) over ID features, score = alpha * ||residual|| + energy(z), alpha
+                   matching the mean ID residual to the mean ID -energy.
+- gradient         the closed-form head-gradient score of edge_quq.gradients (REGrad), as one more detector.
+
+Storage: `DetectorSet.to_arrays()` gives plain arrays (float16 or int8 where the held-out scores do not move,
+float32 otherwise) plus a JSON meta record, written by the caller as an npz without pickle.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from edge_quq.errors import BundleError, OptionError
+from edge_quq.gradients import GradientSettings, gradient_score
+from edge_quq.head import HeadWeights
+
+FORMAT_NAME = "edge-quq-detectors"
+FILE_VERSION = 1
+DETECTOR_NAMES = ("maxlogit", "energy", "react", "mahalanobis", "rel_mahalanobis", "knn", "vim", "gradient")
+DEFAULT_DETECTORS = DETECTOR_NAMES
+
+# Default hyper-parameters; every one is recorded in the file so a score is reproducible from it alone.
+DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "maxlogit": {},
+    "energy": {},
+    "react": {"percentile": 90.0},
+    "mahalanobis": {"ridge": 1e-6},
+    "rel_mahalanobis": {"ridge": 1e-6},
+    "knn": {"k": 10, "bank_size": 2048},
+    "vim": {"dim": None},  # principal dimensions kept; None: F // 2
+    "gradient": {"layer_base": 2.0, "class_weighting": "sqrt"},
+}
+
+
+# --- shared pieces -------------------------------------------------------------------------------------------
+
+def eval_logits(head: HeadWeights, feats: np.ndarray) -> np.ndarray:
+    """Raw eval-mode logits [N, C] (dropout off, temperature not applied: detectors are fitted on them)."""
+    return head.logits(np.asarray(feats, np.float32)).astype(np.float64)
+
+
+def energy_from_logits(z: np.ndarray, activation: str) -> np.ndarray:
+    z = np.asarray(z, np.float64)
+    if activation == "sigmoid":
+        return -np.sum(np.logaddexp(0.0, z), axis=1)
+    m = np.max(z, axis=1, keepdims=True)
+    return -(m[:, 0] + np.log(np.sum(np.exp(z - m), axis=1)))
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _whitener(cov: np.ndarray, ridge: float) -> np.ndarray:
+    """A with A A^T = (cov + ridge*I)^-1, so (f-m)^T cov^-1 (f-m) = ||(f-m) A||^2: one matmul per sample."""
+    f = cov.shape[0]
+    reg = cov + ridge * max(float(np.trace(cov)) / f, 1e-12) * np.eye(f)
+    prec = np.linalg.inv(reg)
+    prec = (prec + prec.T) / 2.0
+    return np.linalg.cholesky(prec)
+
+
+# --- detectors ----------------------------------------------------------------------------------------------
+# Each detector: fit(feats, labels, head, rng, **config) -> arrays; score(arrays, config, feats, head) -> [N].
+
+def _fit_none(feats, labels, head, rng, **cfg) -> Dict[str, np.ndarray]:
+    return {}
+
+
+def _score_maxlogit(a, cfg, feats, head) -> np.ndarray:
+    return -np.max(eval_logits(head, feats), axis=1)
+
+
+def _score_energy(a, cfg, feats, head) -> np.ndarray:
+    return energy_from_logits(eval_logits(head, feats), head.activation)
+
+
+def _fit_react(feats, labels, head, rng, percentile: float = 90.0) -> Dict[str, np.ndarray]:
+    return {"clip": np.array([np.percentile(feats, percentile)], np.float64)}
+
+
+def _score_react(a, cfg, feats, head) -> np.ndarray:
+    clipped = np.minimum(np.asarray(feats, np.float64), float(a["clip"][0]))
+    return energy_from_logits(eval_logits(head, clipped), head.activation)
+
+
+def _class_means(feats: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    means = np.zeros((num_classes, feats.shape[1]))
+    for c in range(num_classes):
+        m = labels == c
+        # A class absent from the fit data gets no mean; its distance is +inf so it never wins the min.
+        means[c] = feats[m].mean(axis=0) if m.any() else np.nan
+    return means
+
+
+def _fit_mahalanobis(feats, labels, head, rng, ridge: float = 1e-6) -> Dict[str, np.ndarray]:
+    means = _class_means(feats, labels, head.num_classes)
+    centred = feats - np.nan_to_num(means)[labels]
+    a = _whitener(centred.T @ centred / len(feats), ridge)
+    return {"whitener": a, "means_w": means @ a}
+
+
+def _min_class_dist(a: Mapping[str, np.ndarray], feats: np.ndarray) -> np.ndarray:
+    fw = np.asarray(feats, np.float64) @ a["whitener"].astype(np.float64)
+    mw = a["means_w"].astype(np.float64)
+    # ||fw - m||^2 = |fw|^2 - 2 fw.m + |m|^2, all classes in one matmul
+    d = np.sum(fw * fw, axis=1, keepdims=True) - 2.0 * fw @ mw.T + np.sum(mw * mw, axis=1)[None, :]
+    d = np.where(np.isnan(d), np.inf, d)
+    return np.maximum(np.min(d, axis=1), 0.0)
+
+
+def _score_mahalanobis(a, cfg, feats, head) -> np.ndarray:
+    return _min_class_dist(a, feats)
+
+
+def _fit_rel_mahalanobis(feats, labels, head, rng, ridge: float = 1e-6) -> Dict[str, np.ndarray]:
+    out = _fit_mahalanobis(feats, labels, head, rng, ridge)
+    mu0 = feats.mean(axis=0)
+    a0 = _whitener(np.cov(feats, rowvar=False, bias=True), ridge)
+    out.update({"whitener0": a0, "mean0_w": (mu0 @ a0)[None, :]})
+    return out
+
+
+def _score_rel_mahalanobis(a, cfg, feats, head) -> np.ndarray:
+    d = _min_class_dist(a, feats)
+    g = np.asarray(feats, np.float64) @ a["whitener0"].astype(np.float64) - a["mean0_w"].astype(np.float64)
+    return d - np.sum(g * g, axis=1)
+
+
+def _fit_knn(feats, labels, head, rng, k: int = 10, bank_size: int = 2048) -> Dict[str, np.ndarray]:
+    if k < 1 or bank_size < k:
+        raise OptionError(f"knn needs 1 <= k <= bank_size, got k={k}, bank_size={bank_size}")
+    n = len(feats)
+    idx = np.sort(rng.choice(n, min(bank_size, n), replace=False))
+    return {"bank": l2_normalise(feats[idx])}
+
+
+def _score_knn(a, cfg, feats, head) -> np.ndarray:
+    k = int(cfg["k"])
+    bank = a["bank"].astype(np.float32)  # float32 matmul: the bank is the only big array on the board
+    sims = l2_normalise(feats).astype(np.float32) @ bank.T
+    kk = min(k, bank.shape[0])
+    kth = -np.partition(-sims, kk - 1, axis=1)[:, kk - 1]  # k-th largest cosine similarity
+    return np.sqrt(np.maximum(2.0 - 2.0 * kth.astype(np.float64), 0.0))
+
+
+def vim_origin(head: HeadWeights) -> np.ndarray:
+    """u with u W1 + b1 ~ 0 (least squares): where the first layer's pre-activation vanishes."""
+    w1 = head.kernels[0].astype(np.float64)  # [F, H]
+    return -np.linalg.pinv(w1.T) @ head.biases[0].astype(np.float64)
+
+
+def _fit_vim(feats, labels, head, rng, dim: Optional[int] = None) -> Dict[str, np.ndarray]:
+    f = feats.shape[1]
+    d = f // 2 if dim is None else int(dim)
+    if not 0 < d < f:
+        raise OptionError(f"vim dim must be in 1..{f - 1} for {f} features, got {d}")
+    u = vim_origin(head)
+    x = feats - u
+    evals, evecs = np.linalg.eigh(x.T @ x / len(x))
+    order = np.argsort(evals)[::-1]
+    ns = evecs[:, order[d:]]  # the complement of the top-d principal directions
+    resid = np.linalg.norm(x @ ns, axis=1)
+    neg_energy = -energy_from_logits(eval_logits(head, feats), head.activation)
+    alpha = float(np.mean(neg_energy) / max(np.mean(resid), 1e-12))
+    return {"origin": u, "null_space": ns, "alpha": np.array([alpha])}
+
+
+def _score_vim(a, cfg, feats, head) -> np.ndarray:
+    x = np.asarray(feats, np.float64) - a["origin"].astype(np.float64)
+    resid = np.linalg.norm(x @ a["null_space"].astype(np.float64), axis=1)
+    return float(a["alpha"][0]) * resid + energy_from_logits(eval_logits(head, feats), head.activation)
+
+
+def _score_gradient(a, cfg, feats, head) -> np.ndarray:
+    s = GradientSettings(layer_base=float(cfg["layer_base"]), class_weighting=str(cfg["class_weighting"]), perturbations=0)
+    return np.array([gradient_score(head, f, s) for f in np.asarray(feats, np.float64)])
+
+
+_IMPL: Dict[str, Tuple[Callable, Callable]] = {
+    "maxlogit": (_fit_none, _score_maxlogit),
+    "energy": (_fit_none, _score_energy),
+    "react": (_fit_react, _score_react),
+    "mahalanobis": (_fit_mahalanobis, _score_mahalanobis),
+    "rel_mahalanobis": (_fit_rel_mahalanobis, _score_rel_mahalanobis),
+    "knn": (_fit_knn, _score_knn),
+    "vim": (_fit_vim, _score_vim),
+    "gradient": (_fit_none, _score_gradient),
+}
+
+
+def parse_names(text: str) -> List[str]:
+    """'mahalanobis,knn' or 'all' -> names, checked."""
+    names = list(DETECTOR_NAMES) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in DETECTOR_NAMES]
+    if bad or not names:
+        raise OptionError(f"unknown detector {', '.join(bad) or '(none given)'}; choose from {', '.join(DETECTOR_NAMES)} or 'all'")
+    return list(dict.fromkeys(names))
+
+
+# --- a fitted set --------------------------------------------------------------------------------------------
+
+@dataclass
+class FittedDetector:
+    name: str
+    config: Dict[str, Any]
+    arrays: Dict[str, np.ndarray]  # float64 in memory after loading; stored dtype in `dtype`
+    threshold: Optional[float] = None
+    tpr: Optional[float] = None
+    dtype: str = "float32"
+
+    def score(self, feats: np.ndarray, head: HeadWeights) -> np.ndarray:
+        return _IMPL[self.name][1](self.arrays, self.config, np.atleast_2d(feats), head)
+
+    def flag(self, scores: np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            raise OptionError(f"detector {self.name!r} has no fitted threshold")
+        return np.asarray(scores) > self.threshold
+
+    def nbytes(self) -> int:
+        per = {"int8": 1, "float16": 2, "float32": 4}[self.dtype]
+        return int(sum(v.size for v in self.arrays.values()) * per)
+
+
+@dataclass
+class DetectorSet:
+    detectors: Dict[str, FittedDetector]
+    meta: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.detectors)
+
+    def with_threshold(self) -> List[str]:
+        return [n for n, d in self.detectors.items() if d.threshold is not None]
+
+    def scores(self, feats: np.ndarray, head: HeadWeights) -> Dict[str, np.ndarray]:
+        return {n: d.score(feats, head) for n, d in self.detectors.items()}
+
+    # -- storage ----------------------------------------------------------------------------------------------
+    def to_arrays(self) -> Dict[str, np.ndarray]:
+        out: Dict[str, np.ndarray] = {}
+        dets = {}
+        for n, d in self.detectors.items():
+            for k, v in d.arrays.items():
+                out.update(_encode(f"{n}/{k}", v, d.dtype))
+            dets[n] = {"config": d.config, "threshold": d.threshold, "tpr": d.tpr, "dtype": d.dtype}
+        meta = dict(self.meta, format=FORMAT_NAME, version=FILE_VERSION, detectors=dets)
+        out["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), np.uint8)
+        return out
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], where: str) -> "DetectorSet":
+        if "meta" not in arrays:
+            raise BundleError(f"{where}: not an edge-quq detectors file (no meta record)")
+        try:
+            meta = json.loads(bytes(np.asarray(arrays["meta"], np.uint8)).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BundleError(f"{where}: detectors meta record is not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+            raise BundleError(f"{where}: not an edge-quq detectors file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+        version = meta.get("version")
+        if not isinstance(version, int) or version < 1 or version > FILE_VERSION:
+            raise BundleError(f"{where}: detectors file version {version!r} is not supported (this edge-quq reads 1..{FILE_VERSION}); refit or upgrade")
+        dets: Dict[str, FittedDetector] = {}
+        recs = meta.get("detectors", {})
+        for n in sorted(recs, key=lambda k: DETECTOR_NAMES.index(k) if k in DETECTOR_NAMES else -1):
+            d = recs[n]
+            if n not in _IMPL:
+                raise BundleError(f"{where}: unknown detector {n!r}")
+            prefix = f"{n}/"
+            arrs = {}
+            for k in arrays:
+                if k.startswith(prefix) and not k.endswith(".scale"):
+                    arrs[k[len(prefix):]] = _decode(arrays, k)
+            thr = d.get("threshold")
+            dets[n] = FittedDetector(n, dict(d.get("config", {})), arrs, None if thr is None else float(thr), d.get("tpr"), str(d.get("dtype", "float32")))
+        meta = {k: v for k, v in meta.items() if k != "detectors"}
+        return cls(dets, meta)
+
+
+def _encode(key: str, v: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
+    v = np.asarray(v, np.float64)
+    if dtype == "int8":
+        scale = max(float(np.max(np.abs(v))), 1e-30) / 127.0
+        return {key: np.round(v / scale).astype(np.int8), f"{key}.scale": np.array([scale], np.float64)}
+    # scalars (alpha, clip) stay float64: they cost nothing and set thresholds' units
+    return {key: v.astype(np.float64 if v.size == 1 else np.dtype(dtype))}
+
+
+def _decode(arrays: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+    v = np.asarray(arrays[key])
+    if v.dtype == np.int8:
+        return v.astype(np.float64) * float(np.asarray(arrays[f"{key}.scale"])[0])
+    return v.astype(np.float64)
+
+
+def _roundtrip(arrs: Dict[str, np.ndarray], dtype: str) -> Dict[str, np.ndarray]:
+    out = {}
+    for k, v in arrs.items():
+        enc = _encode(k, v, dtype)
+        out[k] = _decode(enc, k)
+    return out
+
+
+def fit_threshold(id_scores: np.ndarray, tpr: float) -> float:
+    """The score below or at which `tpr` of the held-out ID samples fall (they are kept; above is flagged)."""
+    if not 0.0 < tpr < 1.0:
+        raise OptionError(f"ID true-positive rate must be in (0, 1), got {tpr}")
+    return float(np.quantile(np.asarray(id_scores, np.float64), tpr, method="higher"))
+
+
+def fit_detectors(feats: np.ndarray, labels: np.ndarray, head: HeadWeights, names: Sequence[str] = DEFAULT_DETECTORS,
+                  *, seed: int = 0, tpr: Optional[float] = 0.95, holdout: float = 0.1,
+                  config: Optional[Mapping[str, Mapping[str, Any]]] = None, dtypes: Sequence[str] = ("int8", "float16", "float32"),
+                  tolerance: float = 0.002) -> DetectorSet:
+    """Fit `names` on ID features [N, F] with labels [N] (true labels, or the head's own predictions).
+
+    A seeded `holdout` share of the samples is kept out of the fit and used for the thresholds (a KNN bank
+    point is its own nearest neighbour; class statistics fit their own samples too well) and for the
+    storage check: each detector is stored in the first of `dtypes` whose held-out scores move the
+    threshold decision for at most `tolerance` of the samples and shift no score by more than 5% of the
+    score's spread. Deterministic for a seed.
+    """
+    feats = np.asarray(feats, np.float64)
+    labels = np.asarray(labels).astype(np.int64).reshape(-1)
+    if feats.ndim != 2 or feats.shape[1] != head.feature_size:
+        raise OptionError(f"features must be [N, {head.feature_size}], got {list(feats.shape)}")
+    if len(labels) != len(feats):
+        raise OptionError(f"{len(feats)} feature rows but {len(labels)} labels")
+    if labels.size and (labels.min() < 0 or labels.max() >= head.num_classes):
+        raise OptionError(f"labels must be in 0..{head.num_classes - 1}")
+    if not 0.0 < holdout < 0.9:
+        raise OptionError(f"holdout share must be in (0, 0.9), got {holdout}")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(feats))
+    n_hold = max(int(round(holdout * len(feats))), 1)
+    if len(feats) - n_hold < 2 * feats.shape[1]:
+        raise OptionError(f"{len(feats)} samples are too few to fit detectors on {feats.shape[1]} features")
+    hold, fit = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
+    cfg_all = {n: dict(DEFAULTS[n], **dict((config or {}).get(n, {}))) for n in names}
+    dets: Dict[str, FittedDetector] = {}
+    for n in parse_names(",".join(names)):
+        cfg = cfg_all[n]
+        fit_fn, score_fn = _IMPL[n]
+        arrs = fit_fn(feats[fit], labels[fit], head, np.random.default_rng([seed, DETECTOR_NAMES.index(n)]), **cfg)
+        if n == "vim" and cfg.get("dim") is None:
+            cfg["dim"] = feats.shape[1] - arrs["null_space"].shape[1]
+        ref = score_fn(arrs, cfg, feats[hold], head)
+        thr_ref = fit_threshold(ref, tpr) if tpr is not None else float(np.quantile(ref, 0.95))
+        chosen, chosen_arrs = "float32", arrs
+        big = [k for k, v in arrs.items() if np.size(v) > 1]
+        if big:
+            spread = max(float(np.std(ref)), 1e-12)
+            for dt in dtypes:
+                if dt == "int8" and n != "knn":
+                    continue  # int8 only for the bank of unit vectors, whose range is known
+                trial = _roundtrip(arrs, dt)
+                s = score_fn(trial, cfg, feats[hold], head)
+                moved = np.mean((s > thr_ref) != (ref > thr_ref))
+                if moved <= tolerance and np.max(np.abs(s - ref)) <= 0.05 * spread:
+                    chosen, chosen_arrs = dt, trial
+                    break
+        # the threshold is fitted on the scores as the board will compute them (stored precision)
+        final = score_fn(chosen_arrs, cfg, feats[hold], head)
+        thr = fit_threshold(final, tpr) if tpr is not None else None
+        dets[n] = FittedDetector(n, cfg, chosen_arrs, thr, tpr, chosen)
+    meta = {"feature_size": int(feats.shape[1]), "num_classes": head.num_classes, "seed": int(seed),
+            "fit_samples": int(len(fit)), "threshold_samples": int(len(hold)), "tpr": tpr}
+    return DetectorSet(dets, meta)
