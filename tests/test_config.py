@@ -24,6 +24,7 @@ from edge_quq.config import ConfigError, config_option, load_config, template
 @click.option("--mirror/--no-mirror", default=False)
 def fake_camera(**kw):
     """Stands in for `edge-quq camera` until it lands: same option machinery (model_options + plain options)."""
+    kw["ignore_on"] = click.get_current_context().meta.get("edge_quq.ignore_on")  # an expose_value=False option
     kw = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
     click.echo(json.dumps(kw, sort_keys=True))
 
@@ -50,13 +51,14 @@ no_xnnpack = true
 stats_file = "state/stats.json"
 sink = ["jsonl:///tmp/x.jsonl", "mqtt://localhost"]
 mirror = true
+ignore-on = "any"
 ''')
     code, out = run(cfg)
     assert code == 0, out
     got = json.loads(out)
     assert got["backend"] == "onnx" and got["num_iter"] == 30 and got["threshold"] == 0.6 and got["z"] == 1.0
     assert got["no_xnnpack"] is True and got["mirror"] is True and got["bundle"] == str(DEFAULT_BUNDLE_DIR)
-    assert got["sinks"] == ["jsonl:///tmp/x.jsonl", "mqtt://localhost"]
+    assert got["sinks"] == ["jsonl:///tmp/x.jsonl", "mqtt://localhost"] and got["ignore_on"] == "any"
     # Relative paths are relative to the config file's folder.
     assert got["stats_file"] == str(tmp_path.resolve() / "state" / "stats.json")
     assert got["source"] == "v4l2:///dev/video0" and got["stats_interval"] == 10  # untouched defaults
