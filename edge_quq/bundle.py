@@ -447,6 +447,10 @@ def bundle_summary(bundle: Bundle) -> List[Tuple[str, str]]:
             rows.append((label, f))
     if bundle.temperature != 1.0:
         rows.append(("temperature", f"{bundle.temperature:.4g} (head logits are divided by it before {bundle.head.output_activation})"))
+    det = bundle.manifest.get("detectors")
+    if isinstance(det, Mapping):
+        size = bundle.files.get(str(det.get("file")), {}).get("bytes", 0)
+        rows.append(("detectors", f"{', '.join(det.get('names', []))} ({det.get('file')}, {size / 1024:.1f} KiB; thresholds at ID TPR {det.get('tpr')})"))
     d = bundle.decision
     rows.append(("decision defaults", f"threshold {d.threshold}, num_iter {d.num_iter}, z {d.z}, mixed {d.mixed}"))
     rows.append(("total size", f"{bundle.total_bytes() / 1024:.1f} KiB in {len(bundle.files)} files"))

@@ -50,7 +50,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
     "react": {"percentile": 90.0},
     "mahalanobis": {"ridge": 1e-6},
     "rel_mahalanobis": {"ridge": 1e-6},
-    "knn": {"k": 10, "bank_size": 2048},
+    "knn": {"k": 10, "bank_size": 1024},
     "vim": {"dim": None},  # principal dimensions kept; None: F // 2
     "gradient": {"layer_base": 2.0, "class_weighting": "sqrt"},
 }
@@ -162,7 +162,7 @@ def _fit_knn(feats, labels, head, rng, k: int = 10, bank_size: int = 2048) -> Di
 
 def _score_knn(a, cfg, feats, head) -> np.ndarray:
     k = int(cfg["k"])
-    bank = a["bank"].astype(np.float32)  # float32 matmul: the bank is the only big array on the board
+    bank = np.asarray(a["bank"], np.float32)  # float32 matmul (no copy): the bank is the only big array
     sims = l2_normalise(feats).astype(np.float32) @ bank.T
     kk = min(k, bank.shape[0])
     kth = -np.partition(-sims, kk - 1, axis=1)[:, kk - 1]  # k-th largest cosine similarity
@@ -229,7 +229,7 @@ def parse_names(text: str) -> List[str]:
 class FittedDetector:
     name: str
     config: Dict[str, Any]
-    arrays: Dict[str, np.ndarray]  # float64 in memory after loading; stored dtype in `dtype`
+    arrays: Dict[str, np.ndarray]  # in memory as loaded (float32 arrays, float64 scalars); stored dtype in `dtype`
     threshold: Optional[float] = None
     tpr: Optional[float] = None
     dtype: str = "float32"
@@ -243,8 +243,13 @@ class FittedDetector:
         return np.asarray(scores) > self.threshold
 
     def nbytes(self) -> int:
+        """Bytes of the stored arrays (the file's share, before compression)."""
         per = {"int8": 1, "float16": 2, "float32": 4}[self.dtype]
-        return int(sum(v.size for v in self.arrays.values()) * per)
+        return int(sum(v.size * (per if v.size > 1 else 8) for v in self.arrays.values()))
+
+    def memory_bytes(self) -> int:
+        """Bytes of the arrays as held in memory for scoring."""
+        return int(sum(v.nbytes for v in self.arrays.values()))
 
 
 @dataclass
@@ -314,10 +319,12 @@ def _encode(key: str, v: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
 
 
 def _decode(arrays: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+    """Stored array -> the in-memory form the scores use: float32 for arrays (half the memory of float64 on
+    the board; the KNN bank is the big one), float64 for scalars."""
     v = np.asarray(arrays[key])
     if v.dtype == np.int8:
-        return v.astype(np.float64) * float(np.asarray(arrays[f"{key}.scale"])[0])
-    return v.astype(np.float64)
+        v = v.astype(np.float32) * np.float32(np.asarray(arrays[f"{key}.scale"])[0])
+    return np.ascontiguousarray(v, np.float64 if v.size == 1 else np.float32)
 
 
 def _roundtrip(arrs: Dict[str, np.ndarray], dtype: str) -> Dict[str, np.ndarray]:
@@ -363,9 +370,10 @@ def fit_detectors(feats: np.ndarray, labels: np.ndarray, head: HeadWeights, name
     if len(feats) - n_hold < 2 * feats.shape[1]:
         raise OptionError(f"{len(feats)} samples are too few to fit detectors on {feats.shape[1]} features")
     hold, fit = np.sort(perm[:n_hold]), np.sort(perm[n_hold:])
+    names = parse_names(",".join(names))
     cfg_all = {n: dict(DEFAULTS[n], **dict((config or {}).get(n, {}))) for n in names}
     dets: Dict[str, FittedDetector] = {}
-    for n in parse_names(",".join(names)):
+    for n in names:
         cfg = cfg_all[n]
         fit_fn, score_fn = _IMPL[n]
         arrs = fit_fn(feats[fit], labels[fit], head, np.random.default_rng([seed, DETECTOR_NAMES.index(n)]), **cfg)
@@ -373,7 +381,7 @@ def fit_detectors(feats: np.ndarray, labels: np.ndarray, head: HeadWeights, name
             cfg["dim"] = feats.shape[1] - arrs["null_space"].shape[1]
         ref = score_fn(arrs, cfg, feats[hold], head)
         thr_ref = fit_threshold(ref, tpr) if tpr is not None else float(np.quantile(ref, 0.95))
-        chosen, chosen_arrs = "float32", arrs
+        chosen, chosen_arrs = "float32", _roundtrip(arrs, "float32")
         big = [k for k, v in arrs.items() if np.size(v) > 1]
         if big:
             spread = max(float(np.std(ref)), 1e-12)

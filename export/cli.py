@@ -70,16 +70,31 @@ def _class_names(classes: Optional[str], labels_file: Optional[Path]) -> Optiona
 @click.option("--temperature-data", type=click.Path(path_type=Path), default=None,
               help="Labelled held-out data (same forms as --test-data) to fit a post-hoc temperature on; stored as calibration.temperature. Not the test data, if the parity report's accuracy should stay unbiased.")
 @click.option("--temperature-labels", type=click.Path(path_type=Path), default=None, help="Integer labels for --temperature-data (.npy or text).")
+@click.option("--detectors", "detectors", default=None,
+              help="OOD detectors to fit on --fit-data after writing the bundle: comma-separated maxlogit, energy, react, mahalanobis, "
+                   "rel_mahalanobis, knn, vim, gradient, or 'all' (default with --fit-data: all). See docs/detectors.md.")
+@click.option("--fit-data", default=None,
+              help="In-distribution data for the detectors: 'fashion-mnist', an image folder (class sub-folders give labels) or .npy/.npz ('x', 'y').")
 def export_cmd(model: Path, calibration: Path, out: Path, force: bool, test_data: Optional[Path], test_labels: Optional[Path],
                classes: Optional[str], labels_file: Optional[Path], split_layer: Optional[str], dropout: Optional[str],
                color: Optional[str], pixel_scale: float, mean: Optional[str], std: Optional[str], interpolation: str,
                crop_fraction: float, calib_samples: int, test_samples: Optional[int], name: Optional[str], threshold: float,
                num_iter: int, z: float, mixed: str, seed: int, temperature_data: Optional[Path] = None,
-               temperature_labels: Optional[Path] = None) -> None:
+               temperature_labels: Optional[Path] = None, detectors: Optional[str] = None, fit_data: Optional[str] = None) -> None:
     """Split MODEL into an int8 backbone (TFLite + ONNX) and a droppable head, and write a bundle to OUT."""
     from edge_quq.errors import EdgeQuqError
 
     try:
+        det_names = None
+        if detectors is not None or fit_data is not None:
+            from edge_quq.detectors import parse_names
+            from edge_quq.errors import OptionError
+
+            if fit_data is None:
+                raise OptionError("--detectors needs --fit-data (the in-distribution data they are fitted on)")
+            if fit_data not in ("fashion-mnist", "fashion-mnist:train") and not Path(fit_data).exists():
+                raise OptionError(f"--fit-data {fit_data}: not found")
+            det_names = parse_names(detectors or "all")
         from edge_quq_export.pipeline import ExportOptions, export_model
 
         t0 = time.perf_counter()
@@ -92,6 +107,14 @@ def export_cmd(model: Path, calibration: Path, out: Path, force: bool, test_data
             temperature_data=temperature_data, temperature_labels=temperature_labels,
         )
         bundle = export_model(model, opts)
+        if det_names is not None:
+            from edge_quq_export.detectors import fit_bundle
+
+            # The bundle is complete and verified at this point: a failing fit leaves it valid, without detectors.
+            fit_bundle(bundle.path, fit_data, det_names, seed=seed)
+            from edge_quq.bundle import load_bundle
+
+            bundle = load_bundle(bundle.path)
     except EdgeQuqError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
@@ -112,6 +135,9 @@ def export_cmd(model: Path, calibration: Path, out: Path, force: bool, test_data
         h = cal.get("heldout", {})
         click.echo(f"temperature {bundle.temperature:.4g} fitted on {cal.get('samples')} held-out samples: "
                    f"ECE {h.get('ece_before', float('nan')):.4f} -> {h.get('ece_after', float('nan')):.4f}")
+    det = bundle.manifest.get("detectors")
+    if det:
+        click.echo(f"OOD detectors {', '.join(det['names'])} fitted (thresholds at ID TPR {det.get('tpr')}): {bundle.path / det['file']}")
     click.echo(f"parity report: {bundle.path / 'parity.md'}")
     _warn_on_poor_parity(bundle.path / "parity.json")
 

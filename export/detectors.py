@@ -112,7 +112,7 @@ def parse_config(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
 @click.option("--tpr", type=float, default=0.95, show_default=True, help="Share of held-out ID samples each fitted threshold keeps.")
 @click.option("--limit", type=click.IntRange(min=10), default=None, help="Use a seeded random subset of this many fit images.")
 @click.option("--holdout", type=float, default=0.1, show_default=True, help="Share of the fit data kept out of the fit, for the thresholds.")
-@click.option("--param", "params", multiple=True, help="Detector setting, e.g. knn.k=10, knn.bank_size=2048, react.percentile=90, vim.dim=32.")
+@click.option("--param", "params", multiple=True, help="Detector setting, e.g. knn.k=10, knn.bank_size=1024, react.percentile=90, vim.dim=32.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 def fit_detectors_cmd(bundle: Path, data: str, names: str, tpr: float, limit: Optional[int], holdout: float,

@@ -67,7 +67,8 @@ def test_result_fields_and_timings(predictors):
     d = r.to_dict()
     for k in ("decision", "label", "mean", "std", "lower", "upper", "states", "scores", "timings_ms", "rss_mb", "settings"):
         assert k in d
-    assert set(r.timings_ms) == {"preprocess", "backbone", "head", "decision", "total"}
+    # the embedded bundle carries fitted OOD detectors, timed as their own stage
+    assert set(r.timings_ms) == {"preprocess", "backbone", "head", "detectors", "decision", "total"}
     assert all(v >= 0 for v in r.timings_ms.values()) and r.rss_bytes > 10 * 2**20
     assert len(r.mean) == 10 and all(0 <= m <= 1 for m in r.mean)
     assert {"max_prob", "predictive_entropy", "mutual_information", "mean_variance", "energy"} <= set(r.scores)

@@ -1,0 +1,377 @@
+"""OOD detectors: each score against a direct numpy implementation written here on small synthetic features,
+the fit's determinism, the bundle's refusal of stale or mismatched detector files, fit-detectors and the
+CLI's --ignore-on on the shipped samples (the embedded bundle carries detectors fitted on Fashion-MNIST)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_quq.bundle import DEFAULT_BUNDLE_DIR, MANIFEST_NAME, load_bundle, sha256_file
+from edge_quq.detector_store import DETECTORS_FILE, load_detectors
+from edge_quq.detectors import DETECTOR_NAMES, DetectorSet, fit_detectors
+from edge_quq.errors import BundleError, OptionError
+from edge_quq.gradients import GradientSettings
+from edge_quq.head import HeadWeights
+
+SAMPLES = Path(DEFAULT_BUNDLE_DIR).parent / "samples"
+F, H, C = 6, 9, 3
+
+
+def make_head(rng, activation="sigmoid") -> HeadWeights:
+    k0 = rng.normal(0, 0.6, (F, H)).astype(np.float32)
+    b0 = rng.normal(0, 0.3, H).astype(np.float32)
+    k1 = rng.normal(0, 0.6, (H, C)).astype(np.float32)
+    b1 = rng.normal(0, 0.3, C).astype(np.float32)
+    return HeadWeights((k0, k1), (b0, b1), (0.2, 0.4), activation)
+
+
+def make_data(rng, n=400):
+    centres = rng.normal(0, 2.0, (C, F))
+    y = rng.integers(0, C, n)
+    mix = rng.normal(0, 1, (F, F)) * 0.5 + np.eye(F)
+    x = centres[y] + rng.normal(0, 1, (n, F)) @ mix
+    return x, y
+
+
+def forward64(head: HeadWeights, x: np.ndarray) -> np.ndarray:
+    w0, w1 = (k.astype(np.float64) for k in head.kernels)
+    b0, b1 = (b.astype(np.float64) for b in head.biases)
+    return np.maximum(x @ w0 + b0, 0) @ w1 + b1
+
+
+def softplus(z):
+    return np.log1p(np.exp(-np.abs(z))) + np.maximum(z, 0)
+
+
+def split(n, holdout, seed):
+    perm = np.random.default_rng(seed).permutation(n)
+    k = max(int(round(holdout * n)), 1)
+    return np.sort(perm[k:]), np.sort(perm[:k])  # fit, held out (the order fit_detectors draws them in)
+
+
+@pytest.fixture(scope="module")
+def synth():
+    rng = np.random.default_rng(7)
+    head = make_head(rng)
+    x, y = make_data(rng)
+    q = np.r_[make_data(rng, 50)[0], rng.normal(0, 6, (20, F))]  # ID-like and far points
+    cfg = {"mahalanobis": {"ridge": 0.0}, "rel_mahalanobis": {"ridge": 0.0}, "knn": {"k": 3, "bank_size": 10_000},
+           "vim": {"dim": 3}, "react": {"percentile": 80.0}}
+    ds = fit_detectors(x, y, head, DETECTOR_NAMES, seed=3, tpr=0.9, holdout=0.2, config=cfg, dtypes=("float32",))
+    fit, hold = split(len(x), 0.2, 3)
+    return head, x, y, q, ds, fit, hold
+
+
+def test_logit_detectors_match_numpy(synth):
+    head, x, y, q, ds, fit, _ = synth
+    z = forward64(head, q)
+    np.testing.assert_allclose(ds.detectors["maxlogit"].score(q, head), -z.max(axis=1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ds.detectors["energy"].score(q, head), -softplus(z).sum(axis=1), rtol=1e-5, atol=1e-5)
+    c = np.percentile(x[fit], 80.0)
+    zc = forward64(head, np.minimum(q, c))
+    np.testing.assert_allclose(ds.detectors["react"].score(q, head), -softplus(zc).sum(axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_softmax_energy_is_negative_logsumexp():
+    rng = np.random.default_rng(1)
+    head = make_head(rng, "softmax")
+    x, y = make_data(rng, 100)
+    ds = fit_detectors(x, y, head, ["energy"], seed=0)
+    z = forward64(head, x[:10])
+    lse = np.log(np.sum(np.exp(z), axis=1))
+    np.testing.assert_allclose(ds.detectors["energy"].score(x[:10], head), -lse, rtol=1e-5)
+
+
+def test_mahalanobis_and_relative_match_numpy(synth):
+    head, x, y, q, ds, fit, _ = synth
+    xf, yf = x[fit], y[fit]
+    mu = np.stack([xf[yf == c].mean(axis=0) for c in range(C)])
+    cen = xf - mu[yf]
+    prec = np.linalg.inv(cen.T @ cen / len(xf))
+    d = np.stack([np.einsum("ij,jk,ik->i", q - mu[c], prec, q - mu[c]) for c in range(C)], axis=1)
+    want = d.min(axis=1)
+    np.testing.assert_allclose(ds.detectors["mahalanobis"].score(q, head), want, rtol=1e-4, atol=1e-3)
+    mu0 = xf.mean(axis=0)
+    prec0 = np.linalg.inv(np.cov(xf, rowvar=False, bias=True))
+    d0 = np.einsum("ij,jk,ik->i", q - mu0, prec0, q - mu0)
+    np.testing.assert_allclose(ds.detectors["rel_mahalanobis"].score(q, head), want - d0, rtol=1e-4, atol=1e-3)
+
+
+def test_knn_matches_numpy(synth):
+    head, x, y, q, ds, fit, _ = synth
+    bank = x[fit] / np.linalg.norm(x[fit], axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    dist = np.linalg.norm(qn[:, None, :] - bank[None, :, :], axis=2)
+    want = np.sort(dist, axis=1)[:, 2]  # k = 3
+    np.testing.assert_allclose(ds.detectors["knn"].score(q, head), want, rtol=1e-4, atol=1e-4)
+
+
+def test_knn_bank_is_a_seeded_subsample():
+    rng = np.random.default_rng(2)
+    head = make_head(rng)
+    x, y = make_data(rng, 300)
+    a = fit_detectors(x, y, head, ["knn"], seed=5, config={"knn": {"k": 2, "bank_size": 50}})
+    b = fit_detectors(x, y, head, ["knn"], seed=6, config={"knn": {"k": 2, "bank_size": 50}})
+    assert a.detectors["knn"].arrays["bank"].shape == (50, F)
+    assert not np.array_equal(a.detectors["knn"].arrays["bank"], b.detectors["knn"].arrays["bank"])
+    with pytest.raises(OptionError):
+        fit_detectors(x, y, head, ["knn"], config={"knn": {"k": 60, "bank_size": 50}})
+
+
+def test_vim_matches_numpy(synth):
+    head, x, y, q, ds, fit, _ = synth
+    w0 = head.kernels[0].astype(np.float64)
+    b0 = head.biases[0].astype(np.float64)
+    u = np.linalg.lstsq(w0.T, -b0, rcond=None)[0]  # where the first layer's pre-activation is (closest to) zero
+    xc = x[fit] - u
+    evals, evecs = np.linalg.eigh(xc.T @ xc / len(xc))
+    ns = evecs[:, np.argsort(evals)[::-1][3:]]
+    r_fit = np.linalg.norm(xc @ ns, axis=1)
+    alpha = softplus(forward64(head, x[fit])).sum(axis=1).mean() / r_fit.mean()
+    want = alpha * np.linalg.norm((q - u) @ ns, axis=1) - softplus(forward64(head, q)).sum(axis=1)
+    np.testing.assert_allclose(ds.detectors["vim"].score(q, head), want, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_detector_matches_finite_differences(synth):
+    head, x, y, q, ds, _, _ = synth
+    # d log p_k / d theta for every parameter by central differences of a float64 forward pass
+    params = [k.astype(np.float64) for k in head.kernels] + [b.astype(np.float64) for b in head.biases]
+
+    def logp(ps, v):
+        z = np.maximum(v @ ps[0] + ps[2], 0) @ ps[1] + ps[3]
+        return -softplus(-z)  # log sigmoid
+
+    def score(v):
+        p = 1 / (1 + np.exp(-forward64(head, v[None])[0]))
+        wk = np.sqrt(p) / np.sqrt(p).sum()
+        norms = np.zeros((2, C))
+        for li, (wi, bi) in enumerate(((0, 2), (1, 3))):
+            g = np.zeros((C, params[wi].size + params[bi].size))
+            col = 0
+            for pi in (wi, bi):
+                for j in range(params[pi].size):
+                    up = [a.copy() for a in params]
+                    dn = [a.copy() for a in params]
+                    up[pi].flat[j] += 1e-6
+                    dn[pi].flat[j] -= 1e-6
+                    g[:, col] = (logp(up, v) - logp(dn, v)) / 2e-6
+                    col += 1
+            norms[li] = np.linalg.norm(g, axis=1)
+        om = np.array([1.0, 2.0]) / 3.0  # layer base 2
+        return float(om @ (norms @ wk))
+
+    got = ds.detectors["gradient"].score(q[:4], head)
+    np.testing.assert_allclose(got, [score(v) for v in q[:4]], rtol=1e-4)
+
+
+def test_thresholds_keep_the_target_share_of_held_out_id(synth):
+    head, x, y, q, ds, fit, hold = synth
+    for n, d in ds.detectors.items():
+        s = d.score(x[hold], head)
+        assert np.mean(s <= d.threshold) >= 0.9, n
+        assert d.tpr == 0.9
+    # far points (large norm, random directions) are flagged by Mahalanobis (KNN works on normalised features,
+    # blind to the norm by design; ViM adds the energy of a random head, which large inputs push either way)
+    far = q[-20:]
+    for n in ("mahalanobis",):
+        assert ds.detectors[n].flag(ds.detectors[n].score(far, head)).mean() > 0.8, n
+
+
+def test_fit_is_deterministic_for_a_seed_and_survives_storage():
+    rng = np.random.default_rng(11)
+    head = make_head(rng)
+    x, y = make_data(rng, 500)
+    a = fit_detectors(x, y, head, DETECTOR_NAMES, seed=4)
+    b = fit_detectors(x, y, head, DETECTOR_NAMES, seed=4)
+    aa, bb = a.to_arrays(), b.to_arrays()
+    assert sorted(aa) == sorted(bb)
+    for k in aa:
+        np.testing.assert_array_equal(aa[k], bb[k], err_msg=k)
+    c = fit_detectors(x, y, head, DETECTOR_NAMES, seed=5)
+    assert any(a.detectors[n].threshold != c.detectors[n].threshold for n in ("knn", "mahalanobis"))
+    back = DetectorSet.from_arrays(aa, "mem")
+    assert back.names == list(DETECTOR_NAMES)
+    for n in DETECTOR_NAMES:
+        np.testing.assert_allclose(back.detectors[n].score(x[:20], head), a.detectors[n].score(x[:20], head), rtol=1e-6, atol=1e-6)
+        assert back.detectors[n].threshold == a.detectors[n].threshold
+
+
+def test_fit_rejects_bad_input():
+    rng = np.random.default_rng(0)
+    head = make_head(rng)
+    x, y = make_data(rng, 100)
+    with pytest.raises(OptionError, match="features must be"):
+        fit_detectors(x[:, :3], y, head, ["energy"])
+    with pytest.raises(OptionError, match="labels must be"):
+        fit_detectors(x, y + 5, head, ["energy"])
+    with pytest.raises(OptionError, match="unknown detector"):
+        fit_detectors(x, y, head, ["odin"])
+
+
+# --- the bundle ---------------------------------------------------------------------------------------------
+
+def copy_default(tmp_path: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, dst)
+    return dst
+
+
+def rewrite_manifest(root: Path, fn) -> None:
+    m = json.loads((root / MANIFEST_NAME).read_text())
+    fn(m)
+    (root / MANIFEST_NAME).write_text(json.dumps(m, indent=2))
+
+
+def rechecksum(root: Path, name: str) -> None:
+    def fix(m):
+        m["files"][name] = {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size}
+    rewrite_manifest(root, fix)
+
+
+def test_default_bundle_has_detectors():
+    b = load_bundle()
+    ds = load_detectors(b)
+    assert ds is not None and ds.names == list(DETECTOR_NAMES)
+    assert all(d.threshold is not None for d in ds.detectors.values())
+    assert b.files[DETECTORS_FILE]["bytes"] < 200 * 1024
+
+
+def test_stale_backbone_is_refused(tmp_path):
+    root = copy_default(tmp_path)
+    # a re-exported backbone: different bytes, correctly checksummed, detectors left behind
+    with open(root / "backbone_int8.onnx", "ab") as f:
+        f.write(b"\0")
+    rechecksum(root, "backbone_int8.onnx")
+    b = load_bundle(root)
+    with pytest.raises(BundleError, match="fitted for another onnx backbone.*stale"):
+        load_detectors(b)
+
+
+def test_detectors_copied_from_another_bundle_are_refused(tmp_path):
+    root = copy_default(tmp_path)
+    with np.load(root / DETECTORS_FILE) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    meta["backbone_sha256"]["tflite"] = "0" * 64
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(root / DETECTORS_FILE, **arrays)
+    rechecksum(root, DETECTORS_FILE)
+    with pytest.raises(BundleError, match="another tflite backbone.*file record"):
+        load_detectors(load_bundle(root))
+
+
+def test_mismatched_feature_size_and_newer_version_are_refused(tmp_path):
+    root = copy_default(tmp_path)
+    rewrite_manifest(root, lambda m: m["detectors"].update(feature_size=128))
+    with pytest.raises(BundleError, match="fitted for 128 features"):
+        load_detectors(load_bundle(root))
+    rewrite_manifest(root, lambda m: m["detectors"].update(feature_size=64, version=99))
+    with pytest.raises(BundleError, match="version 99 is not supported"):
+        load_detectors(load_bundle(root))
+
+
+def test_tampered_detectors_file_is_refused(tmp_path):
+    root = copy_default(tmp_path)
+    with open(root / DETECTORS_FILE, "ab") as f:
+        f.write(b"x")
+    with pytest.raises(BundleError, match="detectors.npz"):
+        load_bundle(root)
+    rewrite_manifest(root, lambda m: m["files"].pop(DETECTORS_FILE))
+    with pytest.raises(BundleError, match="no checksum entry"):
+        load_detectors(load_bundle(root))
+
+
+# --- commands -----------------------------------------------------------------------------------------------
+
+def run(*args, check_code=None):
+    p = subprocess.run([sys.executable, "-m", "edge_quq", *args], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    if check_code is not None:
+        assert p.returncode == check_code, (p.returncode, p.stdout, p.stderr)
+    return p
+
+
+def predict_json(*args):
+    p = run("predict", *sorted(str(f) for f in SAMPLES.glob("*.png")), "--seed", "0", "--json", *args, check_code=0)
+    return {Path(d["source"]).name: d for d in map(json.loads, p.stdout.splitlines())}
+
+
+def test_ignore_on_choices_on_the_shipped_samples():
+    classes = [f.name for f in SAMPLES.glob("0*.png")]
+    mc = predict_json()
+    assert mc["ood_rings16.png"]["decision"] == "keep"  # the far-OOD image the MC rule misses
+    assert mc["ood_checkerboard.png"]["decision"] == "ignore" and mc["ood_checkerboard.png"]["ignored_by"] == ["mc"]
+    for d in mc.values():
+        assert set(DETECTOR_NAMES) <= set(d["scores"]) and d["settings"]["ignore_on"] == "mc"
+    assert "mahalanobis" in mc["ood_rings16.png"]["flagged"]
+
+    maha = predict_json("--ignore-on", "mahalanobis")
+    assert maha["ood_rings16.png"]["decision"] == "ignore" and maha["ood_rings16.png"]["ignored_by"] == ["mahalanobis"]
+    assert maha["ood_checkerboard.png"]["ignored_by"] == ["mahalanobis"]
+    assert all(maha[c]["decision"] == "keep" and maha[c]["ignored_by"] == [] for c in classes)
+
+    anyr = predict_json("--ignore-on", "any")
+    assert anyr["ood_rings16.png"]["decision"] == "ignore" and "mc" not in anyr["ood_rings16.png"]["ignored_by"]
+    assert anyr["ood_checkerboard.png"]["ignored_by"][0] == "mc" and len(anyr["ood_checkerboard.png"]["ignored_by"]) > 1
+    assert all(anyr[c]["decision"] == "keep" for c in classes)
+    # the scores themselves do not depend on ignore_on
+    assert anyr["ood_rings16.png"]["scores"]["knn"] == mc["ood_rings16.png"]["scores"]["knn"]
+
+
+def test_ignore_on_table_and_errors(tmp_path):
+    p = run("predict", str(SAMPLES / "ood_rings16.png"), "--ignore-on", "vim", check_code=0)
+    assert "ignored by" in p.stdout and "vim" in p.stdout
+    p = run("predict", str(SAMPLES / "ood_rings16.png"), "--ignore-on", "odin", check_code=2)
+    assert p.stderr.strip().splitlines()[-1].startswith("error: --ignore-on 'odin'")
+    root = copy_default(tmp_path)
+    rewrite_manifest(root, lambda m: (m.pop("detectors"), m["files"].pop(DETECTORS_FILE)))
+    p = run("predict", str(SAMPLES / "ood_rings16.png"), "--bundle", str(root), "--ignore-on", "knn", check_code=2)
+    assert "no fitted detectors" in p.stderr
+    p = run("predict", str(SAMPLES / "ood_rings16.png"), "--bundle", str(root), "--json", check_code=0)
+    assert "knn" not in json.loads(p.stdout)["scores"]
+
+
+def test_fit_detectors_command_adds_them_and_refuses_bad_options(tmp_path):
+    from edge_quq_export.datasets import load_fashion_mnist
+
+    if not Path("/usr/share/datasets/fashion-mnist").exists():
+        pytest.skip("Fashion-MNIST missing")
+    root = copy_default(tmp_path)
+    rewrite_manifest(root, lambda m: (m.pop("detectors"), m["files"].pop(DETECTORS_FILE)))
+    (root / DETECTORS_FILE).unlink()
+    before = (root / MANIFEST_NAME).read_text()
+    x, y = load_fashion_mnist("train")
+    np.savez(tmp_path / "fit.npz", x=x[:600], y=y[:600])
+    p = run("fit-detectors", str(root), "--data", str(tmp_path / "fit.npz"), "--detectors", "odin")
+    assert p.returncode == 2 and p.stderr.startswith("error: unknown detector odin")
+    assert (root / MANIFEST_NAME).read_text() == before and not (root / DETECTORS_FILE).exists()
+    p = run("fit-detectors", str(root), "--data", str(tmp_path / "fit.npz"), "--detectors", "mahalanobis,knn",
+            "--param", "knn.bank_size=100", "--tpr", "0.9", check_code=0)
+    assert "mahalanobis" in p.stdout and "knn" in p.stdout
+    ds = load_detectors(load_bundle(root))
+    assert ds.names == ["mahalanobis", "knn"] and ds.detectors["knn"].arrays["bank"].shape == (100, 64)
+    assert ds.meta["fit"]["labels"] == "labels" and ds.detectors["knn"].tpr == 0.9
+    out = predict_json("--bundle", str(root), "--ignore-on", "knn")
+    assert "vim" not in out["ood_rings16.png"]["scores"] and "knn" in out["ood_rings16.png"]["scores"]
+
+
+def test_export_fits_detectors_on_the_tiny_model(tmp_path, tiny_model_path, tiny_data_files):
+    from edge_quq.detector_store import fitted_for
+
+    calib, test = tiny_data_files
+    out = tmp_path / "b"
+    p = run("export", str(tiny_model_path), "--calibration", str(calib), "--out", str(out), "--detectors", "knn,vim")
+    assert p.returncode == 2 and "--detectors needs --fit-data" in p.stderr and not out.exists()
+    p = run("export", str(tiny_model_path), "--calibration", str(calib), "--out", str(out), "--test-data", str(test),
+            "--classes", "a,b,c,d,e,f,g,h,i,j", "--detectors", "mahalanobis,vim", "--fit-data", str(test), check_code=0)
+    assert "OOD detectors mahalanobis, vim fitted" in p.stdout
+    b = load_bundle(out)
+    ds = load_detectors(b)
+    assert ds.names == ["mahalanobis", "vim"] and ds.meta["backbone_sha256"] == fitted_for(b)["backbone_sha256"]
+    assert ds.meta["fit"]["labels"] == "labels" and ds.meta["fit_samples"] == 900
