@@ -29,7 +29,7 @@ float32 otherwise) plus a JSON meta record, written by the caller as an npz with
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -199,6 +199,9 @@ def _score_vim(a, cfg, feats, head) -> np.ndarray:
 
 def _score_gradient(a, cfg, feats, head) -> np.ndarray:
     s = GradientSettings(layer_base=float(cfg["layer_base"]), class_weighting=str(cfg["class_weighting"]), perturbations=0)
+    if head.temperature != 1.0:
+        # like the other detectors, fitted on the raw head: a temperature set later must not move its threshold
+        head = replace(head, temperature=1.0)
     return np.array([gradient_score(head, f, s) for f in np.asarray(feats, np.float64)])
 
 

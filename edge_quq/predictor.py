@@ -154,7 +154,8 @@ class Predictor:
 
     def _gradient_matches(self, cfg: Dict[str, object]) -> bool:
         g = self.gradient
-        return (g is not None and g.perturbations == 0 and g.layer_base == float(cfg.get("layer_base", -1))
+        return (g is not None and g.perturbations == 0 and self.head.temperature == 1.0
+                and g.layer_base == float(cfg.get("layer_base", -1))
                 and g.class_weighting == cfg.get("class_weighting"))
 
     def finish(self, source: str, moments: HeadMoments, grad: Optional[float], clock: StageClock,

@@ -375,3 +375,38 @@ def test_export_fits_detectors_on_the_tiny_model(tmp_path, tiny_model_path, tiny
     ds = load_detectors(b)
     assert ds.names == ["mahalanobis", "vim"] and ds.meta["backbone_sha256"] == fitted_for(b)["backbone_sha256"]
     assert ds.meta["fit"]["labels"] == "labels" and ds.meta["fit_samples"] == 900
+
+
+def test_ignore_on_is_a_service_config_key_and_reaches_the_predictor(tmp_path):
+    import click
+    from click.testing import CliRunner
+
+    from edge_quq.cli import build_predictor, model_options
+    from edge_quq.config import config_option
+
+    @click.command(name="camera")
+    @config_option
+    @model_options
+    def cam(**kw):
+        # commands keep their signatures: --ignore-on is read by build_predictor from the click context
+        assert "ignore_on" not in kw
+        p = build_predictor(**kw)
+        click.echo(p.ignore_on)
+
+    cfg = tmp_path / "config"
+    cfg.write_text('ignore-on = "knn"\n')
+    assert CliRunner().invoke(cam, ["--config", str(cfg)]).output.strip() == "knn"
+    assert CliRunner().invoke(cam, ["--config", str(cfg), "--ignore-on", "any"]).output.strip() == "any"
+    assert CliRunner().invoke(cam, []).output.strip() == "mc"
+
+
+def test_detector_scores_ignore_the_temperature():
+    from dataclasses import replace
+
+    rng = np.random.default_rng(3)
+    head = make_head(rng)
+    x, y = make_data(rng, 200)
+    ds = fit_detectors(x, y, head, DETECTOR_NAMES, seed=0)
+    hot = replace(head, temperature=2.5)
+    for n, d in ds.detectors.items():
+        np.testing.assert_allclose(d.score(x[:5], hot), d.score(x[:5], head), err_msg=n)
