@@ -196,6 +196,124 @@ def info(bundle: Optional[Path], as_json: bool) -> None:
         click.echo(f"{('backend ' + k):<{width}}{v}")
 
 
+# -- camera ------------------------------------------------------------------------------------------------
+@main.command()
+@click.option("--source", required=True, metavar="URI",
+              help="Frame source: csi://0, v4l2:///dev/video0, /dev/video0, 0, rtsp://..., http(s)://..., file://video.mp4, a video path, "
+                   "an image folder or glob, or a GStreamer pipeline (docs/camera.md).")
+@model_options
+@click.option("--width", type=click.IntRange(min=1), default=None, help="Capture width (cameras: csi, v4l2).")
+@click.option("--height", type=click.IntRange(min=1), default=None, help="Capture height (cameras: csi, v4l2).")
+@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None, help="Capture frame rate (cameras: csi, v4l2).")
+@click.option("--every", type=click.IntRange(min=1), default=1, show_default=True, help="Process every Nth frame read from the source.")
+@click.option("--max-fps", type=click.FloatRange(min=0, min_open=True), default=None, help="Process at most this many frames per second.")
+@click.option("--crop", type=click.FloatRange(min=0, max=1, min_open=True), default=None, help="Classify the centered region of this fraction of width and height.")
+@click.option("--roi", default=None, metavar="X,Y,W,H", help="Classify this pixel region of each frame (instead of --crop).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after this many seconds.")
+@click.option("--frames", type=click.IntRange(min=1), default=None, help="Stop after this many processed frames.")
+@click.option("--loop", is_flag=True, help="Files and folders: start again at the end (demos, soak tests).")
+@click.option("--stall-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="Live sources: seconds without a frame before the source counts as stalled and is reopened.")
+@click.option("--open-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Network sources: seconds to wait for a connection.")
+@click.option("--stats-interval", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds between stats (stderr, --stats-file, MQTT, systemd STATUS).")
+@click.option("--stats-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Rewrite this JSON file (atomically) at every stats interval and at the end.")
+@click.option("--jsonl", default=None, metavar="PATH|-", help="One JSON line per processed frame, to a file (appended) or - for stdout.")
+@click.option("--video-out", default=None, metavar="PATH", help="Annotated video file (.avi, .mp4, .mkv).")
+@click.option("--snapshots", default=None, metavar="DIR", help="Save ignored frames (PNG + JSON) to this folder for review.")
+@click.option("--max-snapshots", type=click.IntRange(min=1), default=200, show_default=True, help="Keep at most this many snapshots (oldest deleted).")
+@click.option("--display", is_flag=True, help="Show annotated frames in a window (needs a screen and an OpenCV with GUI).")
+@click.option("--serve", default=None, metavar="[HOST:]PORT", help="Live HTTP view (MJPEG stream, page, /status.json); host defaults to 127.0.0.1.")
+@click.option("--mqtt", "mqtt_url", default=None, metavar="URL", help="Publish to an MQTT broker: mqtt://[user:pass@]host[:port], mqtts:// for TLS.")
+@click.option("--mqtt-prefix", default="edge-quq", show_default=True, help="MQTT topic prefix.")
+@click.option("--mqtt-device", default=None, help="MQTT device name under the prefix (default: host name).")
+@click.option("--mqtt-every-frame", is_flag=True, help="Publish a result for every frame, not only on a change of decision or class.")
+@click.option("--mqtt-ca-file", type=click.Path(exists=True, dir_okay=False), default=None, help="CA certificate for mqtts:// (default: the system's).")
+@click.option("-q", "--quiet", is_flag=True, help="No periodic stats lines on stderr (the final summary is still printed).")
+@user_errors
+def camera(source: str, bundle: Optional[Path], backend: str, threads: Optional[int], no_xnnpack: bool, sampler: str,
+           num_iter: Optional[int], threshold: Optional[float], z: Optional[float], confidence_level: Optional[float],
+           mixed: Optional[str], seed: Optional[int], width: Optional[int], height: Optional[int], fps: Optional[float],
+           every: int, max_fps: Optional[float], crop: Optional[float], roi: Optional[str], duration: Optional[float],
+           frames: Optional[int], loop: bool, stall_timeout: float, open_timeout: float, stats_interval: float,
+           stats_file: Optional[Path], jsonl: Optional[str], video_out: Optional[str], snapshots: Optional[str],
+           max_snapshots: int, display: bool, serve: Optional[str], mqtt_url: Optional[str], mqtt_prefix: str,
+           mqtt_device: Optional[str], mqtt_every_frame: bool, mqtt_ca_file: Optional[str], quiet: bool) -> None:
+    """Classify a live camera, stream, video or image folder frame by frame; say keep or ignore for each.
+
+    Ends at the end of a file or folder, after --duration/--frames, or on SIGINT/SIGTERM (outputs flushed,
+    exit 0). A live source that fails or stalls is reopened with backoff. docs/camera.md has the details.
+    """
+    from edge_quq.camera import CameraLoop, LoopSettings, parse_roi, summary_text
+    from edge_quq.capture import Capture
+    from edge_quq.sdnotify import Notifier
+    from edge_quq.sinks import Sink
+    from edge_quq.sinks.http import parse_hostport
+    from edge_quq.sinks.mqtt import parse_broker_url
+    from edge_quq.sources import check_openable, open_source, parse_source
+
+    # Everything that can be refused from the arguments alone is refused before the model loads.
+    spec = parse_source(source, width, height, fps)
+    check_openable(spec)
+    roi_box = parse_roi(roi) if roi else None
+    if roi_box is not None and crop is not None:
+        fail("--roi and --crop are exclusive")
+    if serve:
+        parse_hostport(serve)
+    if mqtt_url:
+        parse_broker_url(mqtt_url)
+    if stats_file is not None and not stats_file.parent.is_dir():
+        fail(f"--stats-file {stats_file}: folder {stats_file.parent} does not exist")
+
+    def log(msg: str) -> None:
+        click.echo(msg, err=True)
+
+    predictor = build_predictor(bundle, backend, threads, no_xnnpack, sampler, num_iter, threshold, z, confidence_level, mixed, seed)
+    first = open_source(spec, open_timeout, stall_timeout)
+    sinks: List[Sink] = []
+    try:
+        from edge_quq.sinks.files import DisplaySink, JsonLinesSink, SnapshotSink, VideoSink
+
+        if jsonl:
+            sinks.append(JsonLinesSink(jsonl))
+        if video_out:
+            sinks.append(VideoSink(video_out, max_fps or first.nominal_fps or 10.0))
+        if snapshots:
+            sinks.append(SnapshotSink(snapshots, max_snapshots))
+        if display:
+            sinks.append(DisplaySink())
+        if serve:
+            from edge_quq.sinks.http import HttpSink
+
+            http = HttpSink(serve, source)
+            sinks.append(http)
+            log(f"serving the live view on {http.url}")
+        if mqtt_url:
+            from edge_quq.sinks.mqtt import MqttSink
+
+            sinks.append(MqttSink(mqtt_url, mqtt_prefix, mqtt_device, mqtt_every_frame, mqtt_ca_file))
+    except BaseException:
+        for s in sinks:
+            s.close()
+        first.close()
+        raise
+
+    cap = Capture(spec, lambda: open_source(spec, open_timeout, stall_timeout), first, stall_timeout_s=stall_timeout, loop=loop,
+                  pace_s=(1.0 / max_fps) if max_fps and not spec.live else 0.0)
+    settings = LoopSettings(every=every, max_fps=max_fps, crop=crop, roi=roi_box, duration=duration, frames=frames,
+                            stats_interval=stats_interval, stats_file=stats_file, quiet=quiet)
+    notifier = Notifier()
+    loop_ = CameraLoop(predictor, cap, sinks, settings, notifier, source_uri=source, log=log)
+    s = predictor.settings
+    log(f"camera: {first.describe()} | backend {predictor.backbone.describe()} sampler {predictor.sampler.name} "
+        f"T={s.num_iter} z={s.z:.3g} threshold={s.threshold:g}")
+    notifier.ready(f"model loaded, {spec.kind} source open")
+    try:
+        final = loop_.run()
+    finally:
+        notifier.close()
+    log(summary_text(final))
+
+
 def _register_host_commands() -> None:
     # The exporter lives in the same distribution but needs TensorFlow only when it runs.
     try:

@@ -1,0 +1,156 @@
+"""--mqtt URL: results and stats to an MQTT broker, the way Frigate and Home Assistant users expect.
+
+Topics under PREFIX/DEVICE (default edge-quq/<hostname>):
+    available   "online" (retained) once connected; "offline" (retained) as the broker's last will, and on a
+                clean stop
+    result      one JSON object on every change of decision or class (every frame with --mqtt-every-frame)
+    stats       the periodic stats object (same as --stats-file)
+
+The broker never slows the loop: paho's network thread (loop_start) connects, reconnects with backoff and
+sends; publish() only queues. Results and stats are QoS 0: while the broker is away they are dropped, not
+piled up in memory, and the next change or stats interval brings subscribers up to date.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import threading
+from typing import Any, Dict, Optional, Tuple
+from urllib.parse import unquote, urlsplit
+
+from edge_quq.errors import OptionError
+from edge_quq.sinks import FrameResult, Sink
+
+SCHEMES = {"mqtt": (1883, False), "tcp": (1883, False), "mqtts": (8883, True), "ssl": (8883, True)}
+ENV_USER, ENV_PASSWORD = "EDGE_QUQ_MQTT_USERNAME", "EDGE_QUQ_MQTT_PASSWORD"
+
+
+def parse_broker_url(url: str) -> Dict[str, Any]:
+    """mqtt://[user[:password]@]host[:port] (mqtts:// for TLS); OptionError naming what does not parse."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError as e:
+        raise OptionError(f"--mqtt {url}: not a broker URL ({e}); expected mqtt://[user:password@]host[:port]") from None
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise OptionError(f"--mqtt {url}: scheme must be mqtt:// or mqtts:// (got {scheme + '://' if scheme else 'none'})")
+    if not parts.hostname:
+        raise OptionError(f"--mqtt {url}: no broker host; expected mqtt://[user:password@]host[:port]")
+    if parts.path not in ("", "/") or parts.query:
+        raise OptionError(f"--mqtt {url}: unexpected path or query; the topic prefix is --mqtt-prefix")
+    default_port, tls = SCHEMES[scheme]
+    user = unquote(parts.username) if parts.username else os.environ.get(ENV_USER)
+    password = unquote(parts.password) if parts.password else os.environ.get(ENV_PASSWORD)
+    return {"host": parts.hostname, "port": port or default_port, "tls": tls, "username": user, "password": password}
+
+
+def _check_topic_part(name: str, value: str) -> str:
+    if not value or any(c in value for c in "#+\0"):
+        raise OptionError(f"--mqtt-{name} {value!r}: must be non-empty and free of MQTT wildcards (# +)")
+    return value.strip("/")
+
+
+def default_device() -> str:
+    return socket.gethostname().split(".")[0] or "edge-quq"
+
+
+class MqttSink(Sink):
+    name = "mqtt"
+
+    def __init__(self, url: str, prefix: str = "edge-quq", device: Optional[str] = None, every_frame: bool = False,
+                 ca_file: Optional[str] = None, keepalive: int = 30) -> None:
+        cfg = parse_broker_url(url)
+        try:
+            import paho.mqtt.client as mqtt  # noqa: PLC0415
+        except ImportError:
+            raise OptionError("--mqtt needs paho-mqtt: pip install 'edge-quq[mqtt]'") from None
+        self.base = f"{_check_topic_part('prefix', prefix)}/{_check_topic_part('device', device or default_device())}"
+        self.topic_available = f"{self.base}/available"
+        self.topic_result = f"{self.base}/result"
+        self.topic_stats = f"{self.base}/stats"
+        self.every_frame = every_frame
+        self.url = url
+        self._last_key: Optional[Tuple[str, Optional[int]]] = None
+        self.connected = threading.Event()
+        self.published = 0
+        self.not_sent = 0  # publishes refused while disconnected
+        self.connects = 0
+        self._mqtt = mqtt
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edge-quq-{self.base.replace('/', '-')}-{os.getpid()}")
+        if cfg["username"]:
+            c.username_pw_set(cfg["username"], cfg["password"])
+        if cfg["tls"]:
+            c.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        c.will_set(self.topic_available, "offline", qos=1, retain=True)
+        c.reconnect_delay_set(min_delay=1, max_delay=30)
+        c.max_queued_messages_set(100)  # bounds what waits in paho's queue while the socket is slow
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        self.client = c
+        # connect_async + loop_start: the first connection also happens in paho's thread, so a broker that is
+        # down at start-up delays nothing; it is retried with the backoff above.
+        c.connect_async(cfg["host"], cfg["port"], keepalive=keepalive)
+        c.loop_start()
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        if not reason_code.is_failure:
+            self.connects += 1
+            self._last_key = None  # what changed while away is published with the next frame
+            self.connected.set()
+            client.publish(self.topic_available, "online", qos=1, retain=True)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
+        self.connected.clear()
+
+    def _publish(self, topic: str, payload: str, qos: int = 0, retain: bool = False) -> None:
+        if not self.connected.is_set():
+            self.not_sent += 1
+            return
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc == self._mqtt.MQTT_ERR_SUCCESS:
+            self.published += 1
+        else:
+            self.not_sent += 1
+
+    @staticmethod
+    def result_payload(r: FrameResult) -> Dict[str, Any]:
+        p = r.prediction
+        t = p.top_index
+        return {
+            "ts": round(r.time, 3),
+            "frame": r.index,
+            "decision": p.decision,
+            "label": p.label,
+            "class_index": p.class_index,
+            "top_label": p.top_label,
+            "top_index": t,
+            "score": round(p.mean[t], 4),
+            "interval": [round(p.lower[t], 4), round(p.upper[t], 4)],
+            "rule": p.rule,
+            "ignored_by": list(p.ignored_by),
+            "latency_ms": round(p.timings_ms.get("total", 0.0), 3),
+        }
+
+    def emit(self, r: FrameResult) -> None:
+        p = r.prediction
+        key = (p.decision, p.class_index if p.keep else None)
+        if self.every_frame or key != self._last_key:
+            self._last_key = key
+            self._publish(self.topic_result, json.dumps(self.result_payload(r), separators=(",", ":")))
+
+    def stats(self, stats: Dict[str, Any]) -> None:
+        self._publish(self.topic_stats, json.dumps(stats, separators=(",", ":")))
+
+    def close(self) -> None:
+        # A clean stop says offline itself (the will is only for crashes); give it a moment to leave.
+        if self.connected.is_set():
+            info = self.client.publish(self.topic_available, "offline", qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=1.0)
+            except (RuntimeError, ValueError):
+                pass
+        self.client.disconnect()
+        self.client.loop_stop()
