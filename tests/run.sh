@@ -9,7 +9,9 @@ SUDO=""
 
 # System packages: real data (Fashion-MNIST IDX files) and the aarch64 toolchain + emulator that the
 # NEON kernel tests use; shellcheck and systemd (systemd-analyze) check deploy/.
-APT_PACKAGES="dataset-fashion-mnist qemu-user-static gcc-aarch64-linux-gnu debootstrap shellcheck systemd"
+# mosquitto (a real MQTT broker), chromium + chromium-driver (the HTTP live view in a real browser): the
+# camera tests.
+APT_PACKAGES="dataset-fashion-mnist qemu-user-static gcc-aarch64-linux-gnu debootstrap shellcheck systemd mosquitto chromium chromium-driver"
 missing=""
 for p in $APT_PACKAGES; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
