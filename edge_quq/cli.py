@@ -11,6 +11,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import click
 
 from edge_quq import __version__
+from edge_quq.config import config_option
 from edge_quq.errors import EdgeQuqError
 
 SAMPLER_CHOICES = ("auto", "numpy", "native", "analytic", "tflite", "onnx")
@@ -198,6 +199,7 @@ def info(bundle: Optional[Path], as_json: bool) -> None:
 
 # -- camera ------------------------------------------------------------------------------------------------
 @main.command()
+@config_option
 @click.option("--source", required=True, metavar="URI",
               help="Frame source: csi://0, v4l2:///dev/video0, /dev/video0, 0, rtsp://..., http(s)://..., file://video.mp4, a video path, "
                    "an image folder or glob, or a GStreamer pipeline (docs/camera.md).")
