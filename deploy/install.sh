@@ -36,6 +36,7 @@ ROOT=""
 DRY_RUN=0
 UNINSTALL=0
 BUNDLE_SRC=""
+SOURCE="v4l2:///dev/video0"
 WHEEL=""
 WHEELHOUSE=""
 EXTRA=auto
@@ -74,6 +75,7 @@ note_change() { CHANGES=$((CHANGES + 1)); }
 while [ $# -gt 0 ]; do
   case "$1" in
     --bundle) BUNDLE_SRC=${2:?--bundle needs a folder}; shift 2 ;;
+    --source) SOURCE=${2:?--source needs a URI}; shift 2 ;;
     --wheel) WHEEL=${2:?--wheel needs a file}; shift 2 ;;
     --wheelhouse) WHEELHOUSE=${2:?--wheelhouse needs a folder}; shift 2 ;;
     --extra) EXTRA=${2:?--extra needs a name}; shift 2 ;;
@@ -312,7 +314,14 @@ write_config() {
     return 0
   fi
   tmp=$(mktemp)
-  sed -e "s|@BUNDLE_DIR@|$BUNDLE_DIR|g" -e "s|@STATE_DIR@|$STATE_DIR|g" "$SRC/deploy/config.example" > "$tmp"
+  # The template's @...@ placeholders are TOML strings; json.dumps writes a valid TOML basic string.
+  "$PYTHON" -I -c '
+import json, sys
+text = open(sys.argv[1], encoding="utf-8").read()
+for key, value in zip(sys.argv[2::2], sys.argv[3::2]):
+    text = text.replace(json.dumps("@%s@" % key), json.dumps(value)).replace("@%s@" % key, value)
+sys.stdout.write(text)
+' "$SRC/deploy/config.example" SOURCE "$SOURCE" BUNDLE_DIR "$BUNDLE_DIR" STATE_DIR "$STATE_DIR" > "$tmp"
   install_file "$tmp" "$CONF_FILE" 0640
   rm -f "$tmp"
   RESTART_NEEDED=1

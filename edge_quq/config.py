@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
@@ -212,7 +213,7 @@ def template(command: click.Command, values: Optional[Mapping[str, Any]] = None)
         seen.add(p.name)
         key = names[0]
         help_text = " ".join((getattr(p, "help", None) or "").split())
-        lines.append(f"# {help_text}" if help_text else f"# {key}")
+        lines += ["# " + line for line in textwrap.wrap(help_text or key, 104)]
         if key in values:
             lines.append(f"{key} = {_toml_value(values.pop(key))}")
         else:
@@ -225,7 +226,21 @@ def template(command: click.Command, values: Optional[Mapping[str, Any]] = None)
     return "\n".join(lines)
 
 
+# Example values shown (commented out) for options without a default; paths point into the service's one
+# writable folder. Options not listed get a value of the right type.
+EXAMPLES: Dict[str, Any] = {
+    "threads": 4, "num-iter": 30, "z": 0.8, "confidence-level": 0.9, "seed": 0, "width": 640, "height": 480,
+    "fps": 15.0, "max-fps": 5.0, "crop": 0.8, "roi": "100,50,224,224", "duration": 3600.0, "frames": 1000,
+    "jsonl": "/var/lib/edge-quq/results.jsonl", "video-out": "/var/lib/edge-quq/annotated.mp4",
+    "snapshots": "/var/lib/edge-quq/snapshots", "serve": "0.0.0.0:8080", "mqtt": "mqtt://user:password@broker.local:1883",
+    "mqtt-device": "porch-cam", "mqtt-ca-file": "/etc/ssl/certs/ca-certificates.crt",
+}
+
+
 def _example(p: click.Parameter) -> str:
+    names = _long_names(p)
+    if names and names[0] in EXAMPLES:
+        return _toml_value(EXAMPLES[names[0]])
     t = p.type
     if isinstance(t, click.Choice):
         return _toml_value(t.choices[0])
@@ -249,7 +264,10 @@ def _toml_value(v: Any) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-SERVICE_VALUES = {"bundle": "@BUNDLE_DIR@", "stats-file": "@STATE_DIR@/stats.json"}
+# What deploy/install.sh fills in (@...@ placeholders); every other option stays commented out.
+# quiet: the stats are in `systemctl status` (STATUS=) and the stats file; a line every 10 s in the journal
+# would only wear the SD card.
+SERVICE_VALUES = {"source": "@SOURCE@", "bundle": "@BUNDLE_DIR@", "stats-file": "@STATE_DIR@/stats.json", "quiet": True}
 
 
 def service_config_example(command: click.Command) -> str:

@@ -116,4 +116,68 @@ def test_template_lists_every_option_and_parses_back(tmp_path):
     assert dm == {"bundle": DEFAULT_BUNDLE_DIR, "stats_file": Path("/var/lib/edge-quq/stats.json")}
     # Uncommenting every example line still gives a valid file (the examples are real values).
     uncommented = "\n".join(line[1:] if line[:2] != "# " and line.startswith("#") else line for line in text.splitlines())
-    assert load_config(fake_camera, write(tmp_path, uncommented))["num_iter"] == 1
+    assert load_config(fake_camera, write(tmp_path, uncommented))["num_iter"] == 30
+
+
+# -- the real camera command ---------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def camera_command():
+    from edge_quq.cli import main
+
+    cam = main.commands.get("camera")
+    if cam is None:
+        pytest.skip("edge-quq camera is not in this tree")
+    return cam
+
+
+def test_deploy_config_example_is_generated_from_the_camera_command():
+    from edge_quq.config import service_config_example
+
+    text = (REPO / "deploy" / "config.example").read_text()
+    assert text == service_config_example(camera_command()), "regenerate: python -m edge_quq.config > deploy/config.example"
+
+
+def test_installed_config_is_valid_for_the_camera_command(tmp_path):
+    """What install.sh writes (placeholders filled) passes the checks the service runs at start-up."""
+    cam = camera_command()
+    text = (REPO / "deploy" / "config.example").read_text()
+    text = text.replace("@SOURCE@", "v4l2:///dev/video0").replace("@BUNDLE_DIR@", str(DEFAULT_BUNDLE_DIR)).replace("@STATE_DIR@", str(tmp_path))
+    dm = load_config(cam, write(tmp_path, text))
+    assert dm == {"source": "v4l2:///dev/video0", "bundle": DEFAULT_BUNDLE_DIR, "stats_file": tmp_path / "stats.json", "quiet": True}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('source = "{samples}"\nnum-iters = 30\n', "unknown key 'num-iters' (did you mean num-iter?)"),
+    ('source = "{samples}"\nstall-timeout = "5s"\n', "key 'stall-timeout' must be a number, got '5s'"),
+    ('source = "{samples}"\nevery = 0\n', "key 'every': 0 is not in the range x>=1"),
+    ('source = "{samples}"\nbundle = "/nonexistent/bundle"\n', "key 'bundle': /nonexistent/bundle does not exist"),
+    ('source = "{samples}"\nmqtt-ca-file = "/nonexistent/ca.pem"\n', "key 'mqtt-ca-file'"),
+])
+def test_camera_refuses_a_bad_config_at_start_up_naming_the_key(tmp_path, text, message):
+    import subprocess
+    import sys
+
+    camera_command()
+    cfg = write(tmp_path, text.format(samples=REPO / "edge_quq" / "data" / "samples"))
+    r = subprocess.run([sys.executable, "-m", "edge_quq", "camera", "--config", str(cfg), "--frames", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {cfg}: ") and message in lines[0], r.stderr
+
+
+def test_camera_runs_from_a_config_and_flags_override_it(tmp_path):
+    import subprocess
+    import sys
+
+    camera_command()
+    stats = tmp_path / "stats.json"
+    cfg = write(tmp_path, f'source = "{REPO / "edge_quq" / "data" / "samples"}"\nframes = 2\nquiet = true\nstats-file = "stats.json"\n'
+                          f'backend = "onnx"\nnum-iter = 20\n')
+    r = subprocess.run([sys.executable, "-m", "edge_quq", "camera", "--config", str(cfg), "--frames", "3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(stats.read_text())
+    assert got["frames"]["processed"] == 3 and got["state"] == "stopped"  # the flag beat frames = 2
+    assert "backend onnx" in r.stderr and "T=20" in r.stderr
