@@ -21,14 +21,15 @@ FIT_DATA_HELP = ("In-distribution fit data: 'fashion-mnist' (the Debian package'
                  "Without labels, the head's own eval-mode predictions stand in for them.")
 
 
-def load_fit_data(data: str, bundle, limit: Optional[int], seed: int) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
+def load_fit_data(data: str, bundle, limit: Optional[int], seed: int,
+                  fashion_root: Optional[Path] = None) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
     """(model-ready float32 input, labels or None, a description for the record)."""
-    from edge_quq_export.datasets import load_fashion_mnist, load_inputs, preprocess_array
+    from edge_quq_export.datasets import FASHION_MNIST_DIR, load_fashion_mnist, load_inputs, preprocess_array
 
     shape = bundle.input.shape
     spec = bundle.input.preprocess
     if data in ("fashion-mnist", "fashion-mnist:train"):
-        x, y = load_fashion_mnist("train")
+        x, y = load_fashion_mnist("train", fashion_root or FASHION_MNIST_DIR)
         desc = "Fashion-MNIST train (Debian dataset-fashion-mnist)"
         if limit is not None and len(x) > limit:
             keep = np.sort(np.random.default_rng(seed).choice(len(x), limit, replace=False))
@@ -48,7 +49,7 @@ def backbone_features(bundle, x: np.ndarray, batch: int = 256, threads: Optional
 
 def fit_bundle(bundle_path: Path, data: str, names: Sequence[str], *, seed: int = 0, tpr: Optional[float] = 0.95,
                limit: Optional[int] = None, holdout: float = 0.1, config: Optional[Dict[str, Dict[str, Any]]] = None,
-               threads: Optional[int] = None, log=None) -> Dict[str, Any]:
+               threads: Optional[int] = None, log=None, fashion_root: Optional[Path] = None) -> Dict[str, Any]:
     """Fit `names` on `data` through the bundle's backbone and attach them; returns a summary."""
     from edge_quq.bundle import load_bundle
     from edge_quq.detector_store import attach_detectors, load_detectors
@@ -58,7 +59,7 @@ def fit_bundle(bundle_path: Path, data: str, names: Sequence[str], *, seed: int 
     t0 = time.perf_counter()
     bundle = load_bundle(bundle_path)
     head = load_head_weights(bundle)
-    x, y, desc = load_fit_data(data, bundle, limit, seed)
+    x, y, desc = load_fit_data(data, bundle, limit, seed, fashion_root)
     feats, backend = backbone_features(bundle, x, threads=threads)
     label_source = "labels"
     if y is None:

@@ -96,6 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--keep-model", type=Path, default=None, help="also save the trained float model here (.keras, plus a .json training record)")
     ap.add_argument("--from-model", type=Path, default=None, help="skip training: export this model (saved earlier with --keep-model)")
     ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
+    ap.add_argument("--detectors", default="all",
+                    help="OOD detectors fitted on the Fashion-MNIST training set after export (docs/detectors.md); 'none' to skip")
     ap.add_argument("--fit-temperature", action="store_true",
                     help="fit a post-hoc temperature on the validation split (last 5k training images) and store it in the bundle")
     args = ap.parse_args(argv)
@@ -149,6 +151,13 @@ def _run(args) -> int:
             opts.temperature_data, opts.temperature_labels = x[-5000:], load_fashion_mnist("train", args.data)[1][-5000:]
             opts.temperature_source = "Fashion-MNIST validation split (last 5000 training images, held out from training)"
         bundle = export_model(model_path, opts)
+    if args.detectors != "none":
+        from edge_quq.bundle import load_bundle
+        from edge_quq.detectors import parse_names
+        from edge_quq_export.detectors import fit_bundle
+
+        fit_bundle(bundle.path, "fashion-mnist", parse_names(args.detectors), seed=args.seed, log=print, fashion_root=args.data)
+        bundle = load_bundle(bundle.path)
     acc = bundle.manifest["accuracy"]
     print(f"bundle {bundle.path}: {bundle.total_bytes() / 1024:.0f} KiB; test top-1 float {100 * acc['float']:.2f}%, "
           f"int8 tflite {100 * acc['int8_tflite']:.2f}%, int8 onnx {100 * acc['int8_onnx']:.2f}%")
