@@ -220,7 +220,8 @@ class CameraLoop:
         s = self.s
         deadline = self.started + s.duration if s.duration else None
         next_stats = time.time() + s.stats_interval
-        min_dt = 1.0 / s.max_fps if s.max_fps else 0.0
+        # Files and folders are paced by the capture thread instead (every frame processed, none skipped).
+        min_dt = 1.0 / s.max_fps if s.max_fps and self.capture.live else 0.0
         self.capture.start()
         try:
             while not self.stop_event.is_set():
