@@ -207,3 +207,21 @@ def test_systemd_analyze_security_rates_the_unit_ok(staged_root):
                         "edge-quq-camera.service"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr
     assert "Overall exposure level for edge-quq-camera.service: 1." in r.stdout
+
+
+def test_dry_run_on_this_system_picks_the_interpreter_and_changes_nothing(tmp_path):
+    """Real-system mode with --dry-run: every step is printed (nothing run), and the TFLite extra follows
+    what is available: litert by default, tflite-runtime when an offline wheelhouse holds only that."""
+    watched = [Path("/opt/edge-quq"), Path("/etc/edge-quq"), Path("/etc/systemd/system/edge-quq-camera.service")]
+    before = {p: (p.exists(), p.stat().st_mtime_ns if p.exists() else None) for p in watched}
+    r = install("--dry-run")
+    assert "TFLite: litert (ai-edge-litert; Python " in r.stdout and "would be made" in r.stdout
+    wheelhouse = tmp_path / "wheelhouse"
+    wheelhouse.mkdir()
+    (wheelhouse / "tflite_runtime-2.14.0-cp311-cp311-manylinux_2_34_aarch64.whl").write_bytes(b"")
+    r = install("--dry-run", "--wheelhouse", str(wheelhouse))
+    assert f"TFLite: tflite-runtime (the only interpreter in {wheelhouse})" in r.stdout
+    pip_lines = [line for line in r.stdout.splitlines() if "-m pip install" in line]
+    assert pip_lines and all(line.startswith("  would run: ") and f"--no-index --find-links {wheelhouse}" in line for line in pip_lines)
+    assert pip_lines[0].endswith("[tflite-runtime]")
+    assert {p: (p.exists(), p.stat().st_mtime_ns if p.exists() else None) for p in watched} == before
