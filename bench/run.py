@@ -1,0 +1,371 @@
+"""The benchmark suite of issue 6: paper tables, selective prediction, OOD detection, calibration.
+
+    python -m bench.run --out bench/results/suite            # full run (Fashion-MNIST, ~15 min here)
+    python -m bench.run --out /tmp/suite --quick             # minutes: small subsets, fewer bootstrap reps
+    python -m bench.run --out DIR --cifar100 DIR --cifar100-bundle BUNDLE   # CIFAR-100 / CIFAR-100-C
+
+Writes report.json, report.md and PNG figures under --out (docs/bench.md explains every table). The int8
+backbone runs once per image set (the clean test set, each corrupted set, each OOD set); the head is
+sampled in batch at max(T) and smaller T use the first T samples of the same draw.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import click
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_MODEL = ROOT / "bench" / "models" / "reference.keras"
+E2E_REPORT = ROOT / "bench" / "results" / "e2e.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def machine_info() -> dict:
+    import cv2
+    import onnxruntime
+
+    info = {
+        "platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+        "cpus": os.cpu_count(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__, "opencv": cv2.__version__,
+    }
+    try:
+        info["load_average_start"] = [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        pass
+    try:
+        import ai_edge_litert
+
+        info["ai_edge_litert"] = getattr(ai_edge_litert, "__version__", "installed")
+    except ImportError:
+        pass
+    try:
+        from importlib.metadata import version
+
+        info["edge_quq"] = version("edge-quq")
+    except Exception:  # noqa: BLE001 - metadata is a nicety
+        pass
+    return info
+
+
+def stratified(y: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Indices of n samples with the classes as balanced as y allows (seeded, sorted)."""
+    if n >= len(y):
+        return np.arange(len(y))
+    rng = np.random.default_rng(seed)
+    classes = np.unique(y)
+    per = n // len(classes)
+    idx = [rng.permutation(np.flatnonzero(y == c))[:per] for c in classes]
+    got = np.concatenate(idx)
+    rest = np.setdiff1d(np.arange(len(y)), got)
+    got = np.concatenate([got, rng.permutation(rest)[: n - len(got)]])
+    return np.sort(got)
+
+
+# --- Tables I and II ----------------------------------------------------------------------------------------
+
+def size_table(bundle, float_model: Optional[Path]) -> dict:
+    rows = []
+    params = None
+    if float_model is not None and float_model.is_file():
+        rows.append({"model": "float32 Keras model (.keras)", "file": float_model.name, "bytes": float_model.stat().st_size})
+        meta = float_model.with_suffix(".keras.json")
+        if meta.is_file():
+            params = json.loads(meta.read_text()).get("parameters")
+        if params:
+            rows.append({"model": "float32 weights (parameters x 4 bytes)", "file": "-", "bytes": int(params) * 4})
+    head = bundle.file(bundle.head.weights).stat().st_size
+    for kind, mf in (("TFLite", bundle.backbone_tflite), ("ONNX", bundle.backbone_onnx)):
+        if mf is not None:
+            bb = bundle.file(mf.file).stat().st_size
+            rows.append({"model": f"int8 {kind} backbone + float32 head", "file": f"{mf.file} + {bundle.head.weights}", "bytes": bb + head,
+                         "backbone_bytes": bb, "head_bytes": head})
+    return {"rows": rows, "parameters": params}
+
+
+def float_accuracy(float_model: Path, x_u8: np.ndarray, y: np.ndarray) -> dict:
+    """Accuracy of the float Keras model; needs TensorFlow (host side), reported as missing otherwise."""
+    try:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        import keras
+    except ImportError as e:
+        return {"error": f"keras/tensorflow not installed ({e})"}
+    if not float_model.is_file():
+        return {"error": f"{float_model}: no float model"}
+    model = keras.models.load_model(float_model, compile=False)
+    x = x_u8.astype(np.float32)[..., None] / 255.0
+    out = model.predict(x, batch_size=500, verbose=0)
+    if isinstance(out, (list, tuple)):
+        out = out[0]
+    return {"accuracy": round(float(np.mean(np.argmax(out, axis=1) == y)), 4), "n": int(len(y))}
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+
+class Dataset:
+    """Clean test images, labels and a source of corrupted versions: name, severity -> (x, y)."""
+
+    def __init__(self, name: str, x: np.ndarray, y: np.ndarray, classes: List[str], corrupted, corruption_names: List[str],
+                 synthetic_corruptions: bool) -> None:
+        self.name, self.x, self.y, self.classes = name, x, y, classes
+        self.corrupted = corrupted
+        self.corruption_names = corruption_names
+        self.synthetic_corruptions = synthetic_corruptions
+
+
+def fashion_dataset(n_clean: int, n_corrupt: int, seed: int) -> Tuple[Dataset, np.ndarray]:
+    from edge_quq_export.datasets import load_fashion_mnist
+    from bench.suite.corruptions import CORRUPTIONS, corrupt
+
+    x, y = load_fashion_mnist("test")
+    keep = stratified(y, n_clean, seed)
+    sub = stratified(y, n_corrupt, seed + 1)
+
+    def corrupted(name: str, sev: int):
+        return corrupt(name, x[sub], sev, seed), y[sub]
+
+    ds = Dataset("Fashion-MNIST test", x[keep], y[keep], [], corrupted, list(CORRUPTIONS), True)
+    return ds, x
+
+
+def cifar_dataset(root: Path, n_clean: int, n_corrupt: int, seed: int) -> Dataset:
+    from edge_quq_export.datasets import load_cifar100, load_cifar100c
+    from bench.suite.corruptions import CORRUPTIONS
+
+    base = root / "cifar-100-python" if (root / "cifar-100-python").is_dir() else root
+    x, y, names = load_cifar100(base, "test")
+    cdir = next((p for p in (root / "CIFAR-100-C", root) if (p / "labels.npy").is_file()), None)
+    keep = stratified(y, n_clean, seed)
+    sub = None
+
+    def corrupted(name: str, sev: int):
+        nonlocal sub
+        xc, yc = load_cifar100c(cdir, name, sev)
+        if sub is None:
+            sub = stratified(yc, n_corrupt, seed + 1)
+        return xc[sub], yc[sub]
+
+    avail = [n for n in CORRUPTIONS if cdir is not None and (cdir / f"{n}.npy").is_file()]
+    return Dataset("CIFAR-100 test", x[keep], y[keep], names, corrupted, avail, False)
+
+
+def evaluate_dataset(ds: Dataset, bundle_path: Optional[str], opts: dict, say, results: dict, figures: dict) -> None:
+    from edge_quq.backends import make_backbone
+    from edge_quq.bundle import load_bundle
+    from edge_quq.detector_store import load_detectors
+    from edge_quq.head import load_head_weights
+    from bench.suite import evaluate as ev
+    from bench.suite.core import Progress, backbone_features, run_head, score_dict
+    from bench.suite.ood import far_ood_sets
+
+    quiet = opts["quiet"]
+    bundle = load_bundle(bundle_path)
+    head = load_head_weights(bundle)
+    detectors = None
+    if opts["detectors"]:
+        try:
+            detectors = load_detectors(bundle)
+        except Exception as e:  # noqa: BLE001 - detectors are optional columns
+            say(f"detectors not used: {e}")
+    backbone = make_backbone(bundle, opts["backend"], opts["threads"])
+    d = bundle.decision
+    thr, mixed, z0, t0 = d.threshold, d.mixed, d.z, d.num_iter
+    tmax = max(max(ev.T_GRID), t0)
+    seed = opts["seed"]
+    act = head.activation
+    results["bundle"] = {"path": str(bundle.path), "name": bundle.name, "manifest_sha256": _sha256(bundle.path / "manifest.json"),
+                         "backbone_backend": backbone.describe() if hasattr(backbone, "describe") else opts["backend"],
+                         "decision_defaults": {"threshold": thr, "z": z0, "T": t0, "mixed": mixed},
+                         "detectors": detectors.names if detectors is not None else []}
+    timings = results.setdefault("timings_s", {})
+
+    # clean test set
+    t_start = time.time()
+    pb = Progress(len(ds.x), "backbone: clean test set", quiet)
+    feats = backbone_features(backbone, bundle, ds.x, progress=pb)
+    pb.close()
+    clean = run_head(head, feats, tmax, seed, detectors)
+    timings["clean_features_and_head"] = round(time.time() - t_start, 1)
+    y = ds.y
+    plain_pred = np.argmax(clean.det_probs, axis=1)
+    results["clean"] = {"n": int(len(y)), "int8_accuracy_plain": round(float(np.mean(plain_pred == y)), 4)}
+
+    # Tables III-V
+    t_start = time.time()
+    say("grid: z x T with bootstrap intervals")
+    results["grid"] = ev.grid_tables(clean, y, thr, mixed, opts["reps"], seed, act)
+    timings["grid"] = round(time.time() - t_start, 1)
+
+    # selective prediction and calibration on the clean set
+    results["selective"] = ev.selective(clean, y, t0, thr, mixed, act)
+    mean_t0 = clean.moments(t0)[0]
+    results["calibration"] = ev.calibration({"plain int8": clean.det_probs, f"MC mean (T={t0})": mean_t0,
+                                             "closed-form mean": clean.an_mean}, y)
+    id_scores = score_dict(clean, t0, act)
+    rule_id = ev.apply_rule(mean_t0, clean.moments(t0)[1], z0, thr, mixed)
+
+    # corruptions
+    t_start = time.time()
+    corr: Dict[str, Dict[str, dict]] = {}
+    shifted_ood: Dict[str, Dict[str, dict]] = {}
+    examples = {}
+    sevs = opts["severities"]
+    pb = Progress(len(ds.corruption_names) * len(sevs), "corruptions", quiet)
+    for name in ds.corruption_names:
+        corr[name] = {}
+        for sev in sevs:
+            xc, yc = ds.corrupted(name, sev)
+            if sev in (1, 3, 5) and xc.ndim == 3:
+                examples[(name, sev)] = xc[0]
+            fc = backbone_features(backbone, bundle, xc)
+            rc = run_head(head, fc, t0, seed + 7 * sev, detectors)
+            corr[name][str(sev)] = ev.corruption_cell(rc, yc, z0, t0, thr, mixed)
+            shifted_ood[f"{name}/{sev}"] = ev.ood_table(id_scores, score_dict(rc, t0, act))
+            pb.update()
+    pb.close()
+    timings["corruptions"] = round(time.time() - t_start, 1)
+    results["corruptions"] = {"z": z0, "T": t0, "synthetic": ds.synthetic_corruptions, "cells": corr}
+    figures["examples"] = examples
+    figures["clean_example"] = ds.x[0] if ds.x.ndim == 3 else None
+
+    # far OOD
+    t_start = time.time()
+    h, w, c = bundle.input.shape
+    far = far_ood_sets(opts["n_ood"], seed, h, w, c)
+    far_tab, rule_ood = {}, {}
+    for name, xo in far.items():
+        fo = backbone_features(backbone, bundle, xo)
+        ro = run_head(head, fo, t0, seed + 99, detectors)
+        far_tab[name] = ev.ood_table(id_scores, score_dict(ro, t0, act))
+        m, s, _ = ro.moments(t0)
+        rule_ood[name] = round(float(np.mean(~ev.apply_rule(m, s, z0, thr, mixed).keep)), 4)
+    timings["far_ood"] = round(time.time() - t_start, 1)
+    # shifted sets averaged over the corruption types, per severity
+    shifted_mean = {}
+    for sev in sevs:
+        keys = [k for k in shifted_ood if k.endswith(f"/{sev}")]
+        shifted_mean[str(sev)] = {s: {m: ev._r(float(np.nanmean([shifted_ood[k][s][m] for k in keys]))) for m in ("auroc", "aupr_in", "aupr_out", "fpr95")}
+                                  for s in id_scores}
+    results["ood"] = {
+        "id": ds.name, "n_id": int(len(y)), "n_far": opts["n_ood"], "far": far_tab, "shifted_by_set": shifted_ood,
+        "shifted_mean_by_severity": shifted_mean,
+        "rule_ignore_rate": {"in-distribution": round(float(np.mean(~rule_id.keep)), 4), **rule_ood},
+    }
+
+
+def render(results: dict, figures: dict, out: Path) -> None:
+    from bench.suite.render import write_figures, write_markdown
+
+    write_figures(results, figures, out)
+    (out / "report.md").write_text(write_markdown(results))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", "out", type=click.Path(file_okay=False), required=True, help="Results folder (replaced atomically).")
+@click.option("--quick", is_flag=True, help="Small subsets and few bootstrap reps: a smoke run in minutes.")
+@click.option("--bundle", default=None, help="Bundle folder (default: the embedded Fashion-MNIST bundle).")
+@click.option("--float-model", type=click.Path(dir_okay=False), default=str(REFERENCE_MODEL), show_default=True,
+              help="Float Keras model of the bundle, for Tables I-II.")
+@click.option("--cifar100", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Folder with cifar-100-python/ (and CIFAR-100-C/ .npy files): evaluate on CIFAR-100 instead.")
+@click.option("--cifar100-bundle", default=None, help="Bundle of a CIFAR-100 model (needed with --cifar100).")
+@click.option("--samples", type=int, default=None, help="Clean test samples (default: all; --quick: 500).")
+@click.option("--corrupt-samples", type=int, default=None, help="Samples per corrupted set (default 2000; --quick 200).")
+@click.option("--ood-samples", type=int, default=None, help="Samples per far-OOD set (default 2000; --quick 200).")
+@click.option("--reps", type=int, default=None, help="Bootstrap resamples (default 1000; --quick 100).")
+@click.option("--backend", type=click.Choice(["auto", "tflite", "onnx"]), default="tflite", show_default=True)
+@click.option("--threads", type=int, default=None, help="Backbone threads (default: all cores).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--no-detectors", is_flag=True, help="Leave out the bundle's fitted OOD detectors as score columns.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def main(out, quick, bundle, float_model, cifar100, cifar100_bundle, samples, corrupt_samples, ood_samples, reps, backend,
+         threads, seed, no_detectors, quiet) -> None:
+    """Run the benchmark suite and write report.json, report.md and figures under OUT."""
+    from edge_quq.errors import EdgeQuqError
+
+    t0 = time.time()
+    say = (lambda m: None) if quiet else (lambda m: click.echo(m, err=True))
+    opts = {
+        "quiet": quiet, "seed": seed, "backend": backend, "threads": threads, "detectors": not no_detectors,
+        "reps": reps if reps is not None else (100 if quick else 1000),
+        "n_ood": ood_samples if ood_samples is not None else (200 if quick else 2000),
+        "severities": [1, 2, 3, 4, 5],
+    }
+    n_clean = samples if samples is not None else (500 if quick else 10 ** 9)
+    n_corr = corrupt_samples if corrupt_samples is not None else (200 if quick else 2000)
+    for label, v in (("--samples", n_clean), ("--corrupt-samples", n_corr), ("--ood-samples", opts["n_ood"]), ("--reps", opts["reps"])):
+        if v < 20:
+            raise click.UsageError(f"{label} must be at least 20, got {v}")
+    if cifar100 and not cifar100_bundle:
+        raise click.UsageError("--cifar100 needs --cifar100-bundle (a bundle exported from a CIFAR-100 model)")
+    out = Path(out)
+    results: dict = {
+        "suite": "edge-quq benchmark suite (issue 6)",
+        "command": "python -m bench.run " + " ".join(sys.argv[1:]),
+        "quick": quick, "seed": seed, "machine": machine_info(),
+        "settings": {"clean_samples": n_clean, "corrupt_samples": n_corr, "ood_samples": opts["n_ood"], "bootstrap_reps": opts["reps"],
+                     "backend": backend},
+    }
+    figures: dict = {}
+    tmp = Path(tempfile.mkdtemp(prefix=".suite-", dir=str(out.parent) if out.parent.exists() else None))
+    try:
+        if cifar100:
+            ds = cifar_dataset(Path(cifar100), n_clean, n_corr, seed)
+            bundle_path = cifar100_bundle
+            results["sizes"] = None
+            results["accuracy"] = None
+        else:
+            ds, _ = fashion_dataset(n_clean, n_corr, seed)
+            bundle_path = bundle
+            from edge_quq.bundle import load_bundle
+
+            b = load_bundle(bundle_path)
+            fm = Path(float_model) if float_model else None
+            results["sizes"] = size_table(b, fm)
+            say("float model accuracy (TensorFlow)")
+            results["accuracy"] = {"float": float_accuracy(fm, ds.x, ds.y) if fm else {"error": "no float model"},
+                                   "bundle_manifest": b.manifest.get("accuracy")}
+        results["dataset"] = ds.name
+        evaluate_dataset(ds, bundle_path, opts, say, results, figures)
+        if results.get("accuracy") is not None:
+            results["accuracy"]["int8_plain_this_run"] = results["clean"]["int8_accuracy_plain"]
+        results["e2e"] = json.loads(E2E_REPORT.read_text()) if E2E_REPORT.is_file() else None
+        results["e2e_source"] = str(E2E_REPORT.relative_to(ROOT))
+        try:
+            results["machine"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+        except OSError:
+            pass
+        results["wall_seconds"] = round(time.time() - t0, 1)
+        (tmp / "report.json").write_text(json.dumps(results, indent=1, default=float))
+        render(results, figures, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except (EdgeQuqError, OSError, ValueError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"wrote {out}/report.md, report.json and figures in {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
