@@ -64,6 +64,16 @@ def machine_info() -> dict:
     return info
 
 
+def parse_severities(text: str) -> List[int]:
+    try:
+        sev = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        sev = []
+    if not sev or any(v not in (1, 2, 3, 4, 5) for v in sev):
+        raise click.UsageError(f"--severities must be comma-separated values among 1..5, got {text!r}")
+    return sev
+
+
 def stratified(y: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Indices of n samples with the classes as balanced as y allows (seeded, sorted)."""
     if n >= len(y):
@@ -289,13 +299,15 @@ def render(results: dict, figures: dict, out: Path) -> None:
 @click.option("--corrupt-samples", type=int, default=None, help="Samples per corrupted set (default 2000; --quick 200).")
 @click.option("--ood-samples", type=int, default=None, help="Samples per far-OOD set (default 2000; --quick 200).")
 @click.option("--reps", type=int, default=None, help="Bootstrap resamples (default 1000; --quick 100).")
+@click.option("--corruptions", default="all", show_default=True, help="Comma-separated corruption types to run (all: the 19).")
+@click.option("--severities", default="1,2,3,4,5", show_default=True, help="Comma-separated severities among 1..5.")
 @click.option("--backend", type=click.Choice(["auto", "tflite", "onnx"]), default="tflite", show_default=True)
 @click.option("--threads", type=int, default=None, help="Backbone threads (default: all cores).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-detectors", is_flag=True, help="Leave out the bundle's fitted OOD detectors as score columns.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def main(out, quick, bundle, float_model, cifar100, cifar100_bundle, samples, corrupt_samples, ood_samples, reps, backend,
-         threads, seed, no_detectors, quiet) -> None:
+def main(out, quick, bundle, float_model, cifar100, cifar100_bundle, samples, corrupt_samples, ood_samples, reps, corruptions,
+         severities, backend, threads, seed, no_detectors, quiet) -> None:
     """Run the benchmark suite and write report.json, report.md and figures under OUT."""
     from edge_quq.errors import EdgeQuqError
 
@@ -305,8 +317,14 @@ def main(out, quick, bundle, float_model, cifar100, cifar100_bundle, samples, co
         "quiet": quiet, "seed": seed, "backend": backend, "threads": threads, "detectors": not no_detectors,
         "reps": reps if reps is not None else (100 if quick else 1000),
         "n_ood": ood_samples if ood_samples is not None else (200 if quick else 2000),
-        "severities": [1, 2, 3, 4, 5],
+        "severities": parse_severities(severities),
     }
+    from bench.suite.corruptions import CORRUPTIONS
+
+    wanted = list(CORRUPTIONS) if corruptions.strip() == "all" else [c.strip() for c in corruptions.split(",") if c.strip()]
+    unknown = [c for c in wanted if c not in CORRUPTIONS]
+    if unknown or not wanted:
+        raise click.UsageError(f"unknown corruption {', '.join(unknown) or '(none given)'}; choose from {', '.join(CORRUPTIONS)} or all")
     n_clean = samples if samples is not None else (500 if quick else 10 ** 9)
     n_corr = corrupt_samples if corrupt_samples is not None else (200 if quick else 2000)
     for label, v in (("--samples", n_clean), ("--corrupt-samples", n_corr), ("--ood-samples", opts["n_ood"]), ("--reps", opts["reps"])):
@@ -341,6 +359,7 @@ def main(out, quick, bundle, float_model, cifar100, cifar100_bundle, samples, co
             say("float model accuracy (TensorFlow)")
             results["accuracy"] = {"float": float_accuracy(fm, ds.x, ds.y) if fm else {"error": "no float model"},
                                    "bundle_manifest": b.manifest.get("accuracy")}
+        ds.corruption_names = [c for c in ds.corruption_names if c in wanted]
         results["dataset"] = ds.name
         evaluate_dataset(ds, bundle_path, opts, say, results, figures)
         if results.get("accuracy") is not None:

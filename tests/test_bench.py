@@ -1,0 +1,243 @@
+"""The benchmark suite (bench/): corruptions, batched head maths against the runtime, metrics the suite leans
+on beyond tests/test_metrics.py, and a small real run of `python -m bench.run` writing every output."""
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import log_loss, roc_auc_score, average_precision_score
+
+from bench.suite.corruptions import CORRUPTIONS, corrupt
+from edge_quq import metrics as M
+
+ROOT = Path(__file__).resolve().parents[1]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def images():
+    if not (FASHION / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST IDX files missing (apt-get install dataset-fashion-mnist)")
+    from edge_quq_export.datasets import load_fashion_mnist
+
+    x, y = load_fashion_mnist("test")
+    return x[:64], y[:64]
+
+
+# --- corruptions -----------------------------------------------------------------------------------------------
+
+def test_nineteen_corruption_types():
+    assert len(CORRUPTIONS) == 19
+
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_corruption_shape_dtype_determinism_and_severity(name, images):
+    x, _ = images
+    outs = {}
+    for sev in (1, 5):
+        a = corrupt(name, x, sev, seed=3)
+        assert a.shape == x.shape and a.dtype == np.uint8
+        b = corrupt(name, x, sev, seed=3)
+        np.testing.assert_array_equal(a, b)  # same seed, same images
+        outs[sev] = np.abs(a.astype(np.float64) - x).mean()
+    if name == "saturate":
+        # colour-only: identity on gray at severities 1-3 (documented control)
+        np.testing.assert_array_equal(corrupt(name, x, 1), x)
+    elif name != "elastic_transform":
+        # elastic is not monotone in pixel change by design (CIFAR-C: the affine part shrinks as the warp grows)
+        assert outs[5] > outs[1], (name, outs)
+        assert outs[1] > 0.0
+
+
+def test_corruption_seed_changes_random_types(images):
+    x, _ = images
+    assert not np.array_equal(corrupt("gaussian_noise", x, 3, seed=0), corrupt("gaussian_noise", x, 3, seed=1))
+
+
+def test_corruption_rejects_bad_input(images):
+    x, _ = images
+    with pytest.raises(ValueError, match="severity"):
+        corrupt("fog", x, 6)
+    with pytest.raises(ValueError, match="unknown corruption"):
+        corrupt("rain", x, 1)
+    with pytest.raises(ValueError, match="uint8"):
+        corrupt("fog", x.astype(np.float32), 1)
+
+
+# --- batched head maths against the runtime's per-sample code ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def head():
+    from edge_quq.bundle import load_bundle
+    from edge_quq.head import load_head_weights
+
+    return load_head_weights(load_bundle())
+
+
+def test_batched_gradient_and_closed_form_match_runtime(head):
+    from edge_quq.analytic import AnalyticSampler
+    from edge_quq.gradients import gradient_score
+    from bench.suite.core import analytic_moments, gradient_scores
+
+    x = np.random.default_rng(0).uniform(0, 3, (40, head.feature_size)).astype(np.float32)
+    np.testing.assert_allclose(gradient_scores(head, x, chunk=16), [gradient_score(head, v) for v in x], rtol=1e-6)
+    m, s = analytic_moments(head, x)
+    ref = [AnalyticSampler(head).sample(v) for v in x]
+    np.testing.assert_allclose(m, [r.mean for r in ref], atol=1e-6)
+    np.testing.assert_allclose(s, [r.std for r in ref], atol=1e-6)
+
+
+def test_batched_mc_matches_numpy_sampler_in_distribution(head):
+    from edge_quq.sampler import NumpySampler
+    from bench.suite.core import mc_probs
+
+    x = np.random.default_rng(1).uniform(0, 3, (3, head.feature_size)).astype(np.float32)
+    p = mc_probs(head, x, 4000, np.random.default_rng(2), chunk=2)
+    ref = NumpySampler(head, seed=3)
+    for i in range(3):
+        r = ref.sample(x[i], 4000)
+        np.testing.assert_allclose(p[i].mean(axis=0), r.mean, atol=0.02)
+        np.testing.assert_allclose(p[i].std(axis=0), r.std, atol=0.02)
+
+
+def test_apply_rule_matches_per_sample_decide():
+    from edge_quq.decision import decide
+    from bench.suite.core import apply_rule
+
+    g = np.random.default_rng(4)
+    mean = g.uniform(0, 1, (300, 5))
+    std = g.uniform(0, 0.3, (300, 5))
+    rr = apply_rule(mean, std, 0.8, 0.5, "ignore")
+    for i in range(300):
+        d = decide(mean[i], std[i], 0.8, 0.5, "ignore")
+        assert rr.keep[i] == d.keep
+        assert rr.labels[i] == (d.label if d.keep else -1)
+        assert tuple(np.flatnonzero(rr.indicators[i])) == d.classes
+
+
+def test_risk_at_k_by_hand():
+    from bench.suite.evaluate import risk_at_k
+
+    unc = np.array([0.1, 0.5, 0.2, 0.9])
+    wrong = np.array([0, 1, 1, 1], float)
+    assert risk_at_k(unc, wrong, 1) == 0.0
+    assert risk_at_k(unc, wrong, 2) == 0.5  # samples 0 and 2
+    assert risk_at_k(unc, wrong, 4) == 0.75
+
+
+# --- metrics the suite reports, against scikit-learn / independent code ---------------------------------------------
+
+def test_nll_matches_sklearn_log_loss():
+    g = np.random.default_rng(5)
+    p = g.dirichlet(np.ones(4), 200)
+    y = g.integers(0, 4, 200)
+    assert M.nll(p, y) == pytest.approx(log_loss(y, p, labels=range(4)), rel=1e-9)
+
+
+def test_ece_matches_independent_binning():
+    g = np.random.default_rng(6)
+    conf = g.uniform(0, 1, 1000)
+    conf[:5] = [0.0, 1.0, 1 / 15, 2 / 15, 0.5]  # bin edges: right-closed bins
+    correct = g.random(1000) < conf
+    edges = np.linspace(0, 1, 16)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        m = (conf > lo) & (conf <= hi) if lo > 0 else (conf <= hi)
+        if m.any():
+            total += m.sum() / len(conf) * abs(correct[m].mean() - conf[m].mean())
+    assert M.ece(conf, correct, 15) == pytest.approx(total, abs=1e-12)
+
+
+def test_ood_metrics_match_sklearn_in_openood_convention():
+    g = np.random.default_rng(7)
+    s_id = g.normal(0, 1, 500)
+    s_ood = g.normal(1, 1, 300)
+    r = M.ood_metrics(s_id, s_ood)
+    s = np.r_[s_id, s_ood]
+    is_ood = np.r_[np.zeros(500), np.ones(300)]
+    assert r["auroc"] == pytest.approx(roc_auc_score(is_ood, s))
+    assert r["aupr_out"] == pytest.approx(average_precision_score(is_ood, s))
+    assert r["aupr_in"] == pytest.approx(average_precision_score(1 - is_ood, -s))
+    # FPR@95 by hand: the ID share at or above the threshold keeping 95% of OOD
+    thr = np.sort(s_ood)[int(np.floor(0.05 * 300))]
+    assert np.mean(s_ood >= thr) >= 0.95
+    assert r["fpr95"] == pytest.approx(np.mean(s_id >= thr))
+
+
+def test_micro_f1_multi_hot_matches_sklearn():
+    from sklearn.metrics import f1_score
+
+    g = np.random.default_rng(8)
+    pred = g.random((100, 6)) < 0.2
+    true = np.zeros((100, 6), bool)
+    true[np.arange(100), g.integers(0, 6, 100)] = True
+    assert M.micro_f1(pred, true) == pytest.approx(f1_score(true, pred, average="micro"))
+
+
+# --- the command ------------------------------------------------------------------------------------------------
+
+def _run(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "bench.run", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def test_small_run_writes_every_output(tmp_path, images):
+    pytest.importorskip("matplotlib")
+    from bench.suite.render import FIGURES
+
+    out = tmp_path / "suite"
+    r = _run("--out", str(out), "--quick", "--quiet", "--samples", "300", "--corrupt-samples", "40", "--ood-samples", "40",
+             "--reps", "30", "--corruptions", "gaussian_noise,fog,contrast", "--severities", "1,5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("report.json", "report.md") + FIGURES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    rep = json.loads((out / "report.json").read_text())
+    assert len(rep["grid"]) == 9 and {g["T"] for g in rep["grid"]} == {20, 30, 50}
+    assert set(rep["corruptions"]["cells"]) == {"gaussian_noise", "fog", "contrast"}
+    assert set(rep["corruptions"]["cells"]["fog"]) == {"1", "5"}
+    assert rep["bundle"]["manifest_sha256"] and rep["command"].startswith("python -m bench.run")
+    scores = rep["selective"]["aurc"]
+    for s in ("max_prob_plain", "max_prob_mc", "entropy_mc", "mc_std", "mutual_information", "energy", "analytic_max_prob", "gradient"):
+        assert s in scores
+        assert set(rep["ood"]["far"]["uniform noise"][s]) == {"auroc", "aupr_in", "aupr_out", "fpr95"}
+    md = (out / "report.md").read_text()
+    for heading in ("Table I:", "Table II:", "Tables III-V", "Tables VI-XIII", "Table XIV", "Selective prediction", "OOD detection",
+                    "Calibration", "Verdict"):
+        assert heading in md
+
+
+def test_bad_options_fail_cleanly(tmp_path):
+    out = tmp_path / "x"
+    r = _run("--out", str(out), "--corruptions", "rain", timeout=120)
+    assert r.returncode != 0 and "unknown corruption rain" in r.stderr
+    r = _run("--out", str(out), "--severities", "0,9", timeout=120)
+    assert r.returncode != 0 and "--severities" in r.stderr
+    r = _run("--out", str(out), "--cifar100", str(tmp_path), timeout=120)
+    assert r.returncode != 0 and "--cifar100-bundle" in r.stderr
+    assert not out.exists()
+
+
+def test_cifar_loader_path_reads_the_standard_files(tmp_path):
+    """The CIFAR-100 code path on small files in the standard formats (no CIFAR data ships here)."""
+    from bench.run import cifar_dataset
+
+    g = np.random.default_rng(9)
+    base = tmp_path / "cifar-100-python"
+    base.mkdir()
+    n = 50
+    with open(base / "test", "wb") as f:
+        pickle.dump({b"data": g.integers(0, 256, (n, 3072), dtype=np.uint8), b"fine_labels": list(g.integers(0, 100, n))}, f)
+    with open(base / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f)
+    cdir = tmp_path / "CIFAR-100-C"
+    cdir.mkdir()
+    np.save(cdir / "fog.npy", g.integers(0, 256, (5 * n, 32, 32, 3), dtype=np.uint8))
+    np.save(cdir / "labels.npy", np.tile(g.integers(0, 100, n), 5))
+    ds = cifar_dataset(tmp_path, 30, 20, seed=0)
+    assert ds.x.shape == (30, 32, 32, 3) and ds.corruption_names == ["fog"]
+    xc, yc = ds.corrupted("fog", 5)
+    assert xc.shape == (20, 32, 32, 3) and yc.shape == (20,)
