@@ -6,6 +6,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,8 +157,10 @@ def staged_root(tmp_path):
     subprocess.run(["cp", "-a", str(system_units), str(root / "usr/lib/systemd/")], check=True)
     exe = root / "opt/edge-quq/venv/bin/edge-quq"
     exe.parent.mkdir(parents=True)
-    real = shutil.which("edge-quq")
-    assert real, "edge-quq console script not on PATH (pip install -e .)"
+    # tests/run.sh runs pytest with .venv/bin/python without putting .venv/bin on PATH.
+    beside = Path(sys.executable).parent / "edge-quq"
+    real = str(beside) if beside.exists() else shutil.which("edge-quq")
+    assert real, "no edge-quq console script beside this Python or on PATH (pip install -e .)"
     shutil.copy2(real, exe)
     return root
 
