@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -143,7 +145,9 @@ def frames() -> List[bytes]:
 
 def test_notify_protocol_ready_watchdog_stall_stopping(tmp_path, frames):
     cam = MjpegCamera(frames, fps=25.0, open_delay_s=1.5)
-    notify = NotifySocket(tmp_path / "notify.sock")
+    # AF_UNIX paths stop at 107 bytes; pytest's tmp_path for this test name can come close.
+    sock_dir = Path(tempfile.mkdtemp(prefix="eqn-"))
+    notify = NotifySocket(sock_dir / "notify.sock")
     stats = tmp_path / "stats.json"
     env = dict(os.environ, NOTIFY_SOCKET=notify.path, WATCHDOG_USEC="1000000")  # ping every 0.5 s
     env.pop("WATCHDOG_PID", None)
@@ -199,3 +203,4 @@ def test_notify_protocol_ready_watchdog_stall_stopping(tmp_path, frames):
             proc.wait()
         notify.close()
         cam.close()
+        shutil.rmtree(sock_dir, ignore_errors=True)
