@@ -354,8 +354,8 @@ def fit_detectors(feats: np.ndarray, labels: np.ndarray, head: HeadWeights, name
     A seeded `holdout` share of the samples is kept out of the fit and used for the thresholds (a KNN bank
     point is its own nearest neighbour; class statistics fit their own samples too well) and for the
     storage check: each detector is stored in the first of `dtypes` whose held-out scores move the
-    threshold decision for at most `tolerance` of the samples and shift no score by more than 5% of the
-    score's spread. Deterministic for a seed.
+    threshold decision for at most `tolerance` of the samples and shift no score by more than 50 * tolerance
+    of the score's spread (10% at the default; tolerance=1 accepts the first dtype). Deterministic for a seed.
     """
     feats = np.asarray(feats, np.float64)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
@@ -394,7 +394,7 @@ def fit_detectors(feats: np.ndarray, labels: np.ndarray, head: HeadWeights, name
                 trial = _roundtrip(arrs, dt)
                 s = score_fn(trial, cfg, feats[hold], head)
                 moved = np.mean((s > thr_ref) != (ref > thr_ref))
-                if moved <= tolerance and np.max(np.abs(s - ref)) <= 0.05 * spread:
+                if moved <= tolerance and np.max(np.abs(s - ref)) <= 50.0 * tolerance * spread:
                     chosen, chosen_arrs = dt, trial
                     break
         # the threshold is fitted on the scores as the board will compute them (stored precision)
