@@ -237,12 +237,8 @@ source_digest() {
 # pip builds in the source folder (build/, *.egg-info); a private copy of just the package sources keeps
 # the checkout clean and stale build products out of the install.
 stage_sources() {
-  local tmp
-  tmp=$(mktemp -d)
-  TMP_DIRS+=("$tmp")
   (cd "$SRC" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude='*.so' \
-      pyproject.toml setup.py MANIFEST.in README.md edge_quq export) | tar -xf - -C "$tmp"
-  echo "$tmp"
+      pyproject.toml setup.py MANIFEST.in README.md edge_quq export) | tar -xf - -C "$1"
 }
 
 ensure_venv_and_package() {
@@ -270,7 +266,9 @@ ensure_venv_and_package() {
     [ -f "$WHEEL" ] || die "--wheel $WHEEL: file does not exist"
     src=$WHEEL
   else
-    src=$(stage_sources)
+    src=$(mktemp -d)
+    TMP_DIRS+=("$src")
+    stage_sources "$src"
   fi
   digest=$(source_digest "$src")
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$digest" ]; then
