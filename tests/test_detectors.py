@@ -410,3 +410,13 @@ def test_detector_scores_ignore_the_temperature():
     hot = replace(head, temperature=2.5)
     for n, d in ds.detectors.items():
         np.testing.assert_allclose(d.score(x[:5], hot), d.score(x[:5], head), err_msg=n)
+
+
+def test_camera_gets_ignore_on_through_the_shared_model_options(tmp_path):
+    for f in SAMPLES.glob("*.png"):
+        shutil.copy(f, tmp_path / f.name)
+    p = run("camera", "--source", str(tmp_path), "--ignore-on", "mahalanobis", "--jsonl", "-", "--frames", "12", check_code=0)
+    rows = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
+    assert len(rows) == 12  # the folder's images in name order: ten classes, checkerboard, rings
+    assert [r["decision"] for r in rows] == ["keep"] * 10 + ["ignore", "ignore"]
+    assert rows[-1]["ignored_by"] == ["mahalanobis"] and rows[-2]["ignored_by"] == ["mahalanobis"]
