@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -42,7 +43,8 @@ def health(*args: str):
 def test_healthy_with_fresh_running_stats_and_a_loadable_bundle(tmp_path):
     s = stats(tmp_path / "stats.json")
     code, out, err = health("--stats-file", str(s), "--bundle", str(DEFAULT_BUNDLE_DIR))
-    assert code == 0 and err == "" and out.startswith("healthy: stats 1.0 s old, state running; bundle ") and "loads (" in out
+    # "1.0 s old" on an idle machine; a loaded one takes longer between writing and checking.
+    assert code == 0 and err == "" and re.match(r"healthy: stats \d+(\.\d)? s old, state running; bundle .* loads \(", out), out
     code, out, _ = health("--stats-file", str(s), "--backend", "onnx", "--json")
     d = json.loads(out)
     assert code == 0 and d["healthy"] and d["state"] == "running" and d["backend"].startswith("onnx (")
