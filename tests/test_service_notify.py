@@ -167,7 +167,8 @@ def test_notify_protocol_ready_watchdog_stall_stopping(tmp_path, frames):
         time.sleep(3.0)
         pings = notify.between(t0, time.time(), "WATCHDOG=1")
         assert len(pings) >= 4, notify.messages
-        assert min(b - a for a, b in zip(pings, pings[1:])) >= 0.45
+        # Rate-limited to WATCHDOG_USEC/2 (0.5 s), not one per frame (0.04 s); receive times jitter under load.
+        assert min(b - a for a, b in zip(pings, pings[1:])) >= 0.3
         assert wait_for(lambda: read_stats(stats).get("state") == "running", 5)
         h = subprocess.run([sys.executable, "-m", "edge_quq", "health", "--stats-file", str(stats), "--max-age", "5", "--no-model"],
                            capture_output=True, text=True)
