@@ -126,6 +126,22 @@ def float_accuracy(float_model: Path, x_u8: np.ndarray, y: np.ndarray) -> dict:
     return {"accuracy": round(float(np.mean(np.argmax(out, axis=1) == y)), 4), "n": int(len(y))}
 
 
+def int8_accuracy(bundle, backend: str, x_u8: np.ndarray, y: np.ndarray, threads: Optional[int]) -> dict:
+    """Accuracy of the int8 backbone on one runtime + the head without dropout (argmax)."""
+    from edge_quq.backends import make_backbone
+    from edge_quq.errors import EdgeQuqError
+    from edge_quq.head import load_head_weights
+    from bench.suite.core import backbone_features
+
+    try:
+        bb = make_backbone(bundle, backend, threads)
+    except EdgeQuqError as e:
+        return {"error": str(e)}
+    head = load_head_weights(bundle)
+    probs = head.probs(backbone_features(bb, bundle, x_u8))
+    return {"accuracy": round(float(np.mean(np.argmax(probs, axis=1) == y)), 4), "n": int(len(y))}
+
+
 # --- the run ------------------------------------------------------------------------------------------------
 
 class Dataset:
@@ -358,6 +374,8 @@ def main(out, quick, bundle, float_model, cifar100, cifar100_bundle, samples, co
             results["sizes"] = size_table(b, fm)
             say("float model accuracy (TensorFlow)")
             results["accuracy"] = {"float": float_accuracy(fm, ds.x, ds.y) if fm else {"error": "no float model"},
+                                   "int8_tflite": int8_accuracy(b, "tflite", ds.x, ds.y, threads),
+                                   "int8_onnx": int8_accuracy(b, "onnx", ds.x, ds.y, threads),
                                    "bundle_manifest": b.manifest.get("accuracy")}
         ds.corruption_names = [c for c in ds.corruption_names if c in wanted]
         results["dataset"] = ds.name

@@ -84,12 +84,13 @@ def write_markdown(r: dict) -> str:
         a = r["accuracy"]
         fl = a["float"].get("accuracy", a["float"].get("error"))
         man = a.get("bundle_manifest") or {}
+        acc = lambda d: _f(d.get("accuracy", d.get("error"))) if d else "-"
         md += ["## Table II: accuracy, float vs int8", "",
-               _table(["model", "accuracy (this run)", "accuracy (bundle manifest, full test set)"],
+               f"Same {a['float'].get('n', '')} test samples for every row; the manifest column is the full test set at export.", "",
+               _table(["model", "accuracy (this run)", "accuracy (bundle manifest)"],
                       [["float32 Keras", _f(fl), _f(man.get("float"))],
-                       ["int8 backbone (this run's backend) + head, no dropout", _f(a.get("int8_plain_this_run")), _f(man.get("int8_tflite"))],
-                       ["int8 ONNX (manifest)", "-", _f(man.get("int8_onnx"))]]), ""]
-
+                       ["int8 TFLite backbone + head, no dropout", acc(a.get("int8_tflite")), _f(man.get("int8_tflite"))],
+                       ["int8 ONNX backbone + head, no dropout", acc(a.get("int8_onnx")), _f(man.get("int8_onnx"))]]), ""]
     md += ["## Tables III-V: the z x T grid on the clean test set", "",
            "micro-F1 over the kept samples (multi-hot: the classes the rule keeps a sample as, vs the one-hot label), "
            "number ignored I, Misclassified(%) = MI / I (ignored samples the plain int8 model gets wrong), with 95% "
@@ -206,8 +207,8 @@ def write_figures(r: dict, figs: dict, out: Path) -> None:
 
     # reliability
     cal = r["calibration"]
-    fig, axes = plt.subplots(1, len(cal), figsize=(4 * len(cal), 4))
-    for ax, (name, v) in zip(np.atleast_1d(axes), cal.items()):
+    fig, axes = plt.subplots(1, len(cal), figsize=(4 * len(cal), 4), squeeze=False)
+    for ax, (name, v) in zip(axes[0], cal.items()):
         rb = v["reliability"]
         edges = np.linspace(0, 1, len(rb["count"]) + 1)
         acc = np.array([a if n else np.nan for a, n in zip(rb["accuracy"], rb["count"])], float)
@@ -255,8 +256,8 @@ def write_figures(r: dict, figs: dict, out: Path) -> None:
     names = sorted({n for n, _ in ex}, key=lambda n: list(cells).index(n) if n in cells else 0)
     if names:
         sev_cols = sorted({s for _, s in ex})
-        fig, axes = plt.subplots(len(sev_cols), len(names), figsize=(len(names) * 0.9, len(sev_cols) * 1.0 + 0.4))
-        axes = np.atleast_2d(axes)
+        fig, axes = plt.subplots(len(sev_cols), len(names), figsize=(max(2.0, len(names) * 0.9), len(sev_cols) * 1.0 + 0.4),
+                                 squeeze=False)
         for j, n in enumerate(names):
             for i, s in enumerate(sev_cols):
                 ax = axes[i, j]
