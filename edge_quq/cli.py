@@ -35,6 +35,15 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def _flag_text(flagged: Sequence[str], detectors: Any) -> str:
+    n = len(detectors.with_threshold()) if detectors is not None else 0
+    if not flagged:
+        return "-"
+    if len(flagged) == n and n > 3:
+        return f"all {n}"
+    return ",".join(flagged) if len(flagged) <= 3 else f"{len(flagged)} of {n}"
+
+
 def peak_rss_bytes() -> int:
     # ru_maxrss is in KiB on Linux (bytes on macOS, which the product does not target).
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -147,18 +156,21 @@ def predict(paths: Sequence[str], bundle: Optional[Path], backend: str, threads:
         click.echo(json.dumps({"summary": summary}, separators=(",", ":")), err=True)
     else:
         rows = []
-        # With detectors deciding too, say who ignored each sample.
+        # With detectors deciding too, say who ignored each sample; with detectors only watching, say which of
+        # them flag it anyway (a kept sample with flags is one a person may still want to look at).
         why = predictor.ignore_on != "mc"
+        flags = predictor.detectors is not None
+        extra = (["ignored by"] if why else []) + (["OOD flags"] if flags else [])
         for r in results:
             if isinstance(r, Failure):
-                rows.append([Path(r.source).name, "ERROR", "-", "-", "-", "-", "-"] + (["-"] if why else []))
+                rows.append([Path(r.source).name, "ERROR", "-", "-", "-", "-", "-"] + ["-"] * len(extra))
                 continue
             t = r.top_index
             rows.append([
                 Path(r.source).name, r.decision, r.label or "-", r.rule,
                 f"{r.top_label} {r.mean[t]:.3f}±{r.std[t]:.3f}", f"{r.scores['max_prob']:.3f}", f"{r.timings_ms['total']:.2f}",
-            ] + ([",".join(r.ignored_by) or "-"] if why else []))
-        click.echo(_fmt_table(rows, ["input", "decision", "label", "rule", "top class mean±std", "max p", "ms"] + (["ignored by"] if why else [])))
+            ] + ([",".join(r.ignored_by) or "-"] if why else []) + ([_flag_text(r.flagged, predictor.detectors)] if flags else []))
+        click.echo(_fmt_table(rows, ["input", "decision", "label", "rule", "top class mean±std", "max p", "ms"] + extra))
         lat = summary["latency_ms"].get("total", {})
         s = predictor.settings
         click.echo(

@@ -140,3 +140,13 @@ def test_runtime_log_lines_stay_off_stderr():
     # TFLite's C++ "INFO: Created ... XNNPACK delegate" would read like a message of ours on a board's journal.
     p = run("predict", str(SAMPLES / "01_trouser.png"), "--backend", "tflite", "--sampler", "tflite", check_code=0)
     assert "INFO:" not in p.stderr and "XNNPACK on" in p.stdout  # the summary still names the delegate
+
+
+def test_table_shows_detector_flags_on_a_kept_far_ood_image():
+    # The MC rule keeps the ring pattern as Bag; the table must still show that detectors flag it.
+    p = run("predict", str(SAMPLES / "ood_rings16.png"), str(SAMPLES / "01_trouser.png"), "--seed", "0", check_code=0)
+    lines = p.stdout.splitlines()
+    assert "OOD flags" in lines[0]
+    rings = next(l for l in lines if l.startswith("ood_rings16.png"))
+    trouser = next(l for l in lines if l.startswith("01_trouser.png"))
+    assert "mahalanobis" in rings and trouser.rstrip().endswith("-")
