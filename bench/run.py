@@ -391,6 +391,7 @@ def main(out, quick, bundle, float_model, cifar100, cifar100_bundle, samples, co
         results["wall_seconds"] = round(time.time() - t0, 1)
         (tmp / "report.json").write_text(json.dumps(results, indent=1, default=float))
         render(results, figures, tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the report is for everyone
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -134,7 +134,8 @@ def write_markdown(r: dict) -> str:
         md += [f"Missing: the end-to-end latency report `{r['e2e_source']}` did not exist when this report was made "
                "(another bench script writes it; re-run the suite after it).", ""]
     else:
-        md += [f"From `{r['e2e_source']}` (copied verbatim into report.json under `e2e`):", "", "```", _e2e_summary(e2e), "```", ""]
+        md += [f"From `{r['e2e_source']}` as it was when this report was made (copied whole into report.json under `e2e`; "
+               "the latency bench's own report explains its method and load).", "", _e2e_summary(e2e), ""]
 
     sel = r["selective"]
     md += [f"## Selective prediction (clean test set, T={sel['T']})", "",
@@ -177,10 +178,24 @@ def _ood_rows(tab: Dict[str, dict]) -> str:
 
 
 def _e2e_summary(e2e) -> str:
+    """Table XIV from the latency report's `summary` (per model: plain, naive whole-network MC, head-only UQ
+    per sampler); the raw JSON when it has no summary in that shape."""
     import json
 
+    summ = e2e.get("summary") if isinstance(e2e, dict) else None
+    rows = []
+    if isinstance(summ, dict):
+        for model, v in summ.items():
+            if not isinstance(v, dict) or "uq_ms_T50" not in v:
+                continue
+            for sampler, ms in v["uq_ms_T50"].items():
+                rows.append([model, _f(v.get("plain_ms"), 1), _f(v.get("naive_ms_T50"), 1), sampler, _f(ms, 1),
+                             _f((v.get("ratio_uq_plain_T50") or {}).get(sampler), 3), _f((v.get("speedup_vs_naive_T50") or {}).get(sampler), 1)])
+    if rows:
+        return _table(["model", "plain ms", "MC over the whole network, T=50, ms (the paper's way)", "head sampler", "UQ T=50 ms",
+                       "UQ / plain (the latency report's ratio)", "speed-up vs whole-network MC"], rows)
     text = json.dumps(e2e, indent=1)
-    return text if len(text) < 4000 else text[:4000] + "\n... (truncated; full report in report.json)"
+    return "```\n" + (text if len(text) < 4000 else text[:4000] + "\n... (truncated; full report in report.json)") + "\n```"
 
 
 def write_figures(r: dict, figs: dict, out: Path) -> None:
