@@ -1,0 +1,429 @@
+"""End-to-end per-sample latency: plain prediction vs MC-dropout UQ (this project's head samplers) vs the naive
+method (T full-network passes), int8 TFLite backbones on XNNPACK with 2 threads.
+
+    python bench/bench_e2e.py [--models resnet50,efficientnet_b0] [--reps N] [--naive-reps N] [--out bench/results]
+    python bench/bench_e2e.py --export-only      # build/convert the models only (minutes for ResNet50)
+
+Models: Keras ResNet50 and EfficientNet-B0 at 224x224x3, weights=None (untrained weights cost the same), GAP and
+the paper's head (BN, Dropout 0.2, Dense 300 relu, Dropout 0.4, Dense 100 sigmoid), exported with the project's
+own exporter (edge_quq_export.pipeline.export_model) from a few random calibration images into a bundle cached
+under bench/results/tmp/<model>/ (git-ignored; --reexport rebuilds it). Timing uses the device runtime:
+Predictor.from_bundle(backend="tflite", threads=2) for the backbone (ai-edge-litert, XNNPACK) and
+make_sampler(name, head, bundle=..., threads=2) for the samplers, on one preprocessed 224x224 input (decoding
+and preprocessing are the same for every method and left out, which makes the ratios larger, not smaller).
+
+What each figure is (per sample, median over --reps):
+- plain: backbone invoke + one eval-mode head pass (HeadWeights.probs, numpy).
+- uq[sampler][T]: backbone invoke + sampler.sample(features, T) -> per-class mean/std (what predict() runs,
+  without the gradient score and detectors).
+- naive[T]: T times (backbone invoke + one head pass with fresh dropout masks), then mean/std: the cost of the
+  paper's method, which re-ran the whole network per sample (the backbone has no dropout, so a full-network
+  pass with dropout costs exactly a backbone pass plus a masked head pass).
+Interleaved A/B: every rep visits the configurations in a fresh random order and runs a plain prediction right
+before each one; the UQ/plain ratio divides the configuration's median by the median of its own paired plain
+runs, so machine load hits both sides alike.
+numpy runs with 1 BLAS thread (EDGE_QUQ_BENCH_BLAS_THREADS), as in bench_head.py: the backbone already uses both
+cores and OpenBLAS thread hand-offs on a loaded 2-core machine only add noise.
+Writes e2e.json and e2e.md into --out; the JSON schema is described in e2e.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+BLAS_THREADS = os.environ.get("EDGE_QUQ_BENCH_BLAS_THREADS", "1")
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = BLAS_THREADS
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TS = (20, 30, 50, 100)
+SAMPLERS = ("numpy", "native", "analytic", "tflite", "onnx")
+MODELS = {"resnet50": "ResNet50", "efficientnet_b0": "EfficientNetB0"}
+TARGETS = {"resnet50": 1.03, "efficientnet_b0": 1.06}  # UQ/plain at T=50 (issue 4)
+SIZE = 224
+CLASSES = 100
+
+
+# -- models -----------------------------------------------------------------------------------------------------
+def build_model(name: str):
+    import keras
+
+    from edge_quq_export.model import paper_head
+
+    # Batch fixed at 1 (the device predicts one frame at a time): with a dynamic batch the converter keeps
+    # EfficientNet's squeeze-excite Reshape as SHAPE/STRIDED_SLICE/PACK/RESHAPE ops that XNNPACK cannot take,
+    # which splits the graph into 17 delegate partitions and made the backbone ~5x slower (20 ms vs 4 ms).
+    inp = keras.Input((SIZE, SIZE, 3), batch_size=1, name="image")
+    base = getattr(keras.applications, MODELS[name])(include_top=False, weights=None, input_tensor=inp)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(base.output)
+    return keras.Model(inp, paper_head(x, CLASSES), name=name)
+
+
+def ensure_bundle(name: str, tmp: Path, calib: int, reexport: bool) -> Tuple[Path, Optional[float]]:
+    """The cached bundle of `name`, exported first if missing; returns (folder, export seconds or None)."""
+    from edge_quq.bundle import load_bundle
+
+    out = tmp / name
+    if out.exists() and not reexport:
+        try:
+            load_bundle(out)
+            return out, None
+        except Exception as e:  # stale or half-written cache: rebuild
+            print(f"  {name}: cached bundle unusable ({e}), re-exporting", file=sys.stderr)
+    from edge_quq_export.pipeline import ExportOptions, export_model
+
+    t0 = time.perf_counter()
+    model = build_model(name)
+    images = np.random.default_rng(0).integers(0, 256, (calib, SIZE, SIZE, 3), dtype=np.uint8)
+    print(f"  {name}: exporting ({model.count_params() / 1e6:.1f} M parameters, {calib} random calibration images)",
+          file=sys.stderr)
+    export_model(model, ExportOptions(calibration=images, out=out, calib_samples=calib, name=f"{name}-bench",
+                                      force=True, classes=[f"c{i}" for i in range(CLASSES)]))
+    secs = time.perf_counter() - t0
+    print(f"  {name}: exported in {secs:.0f} s", file=sys.stderr)
+    return out, secs
+
+
+# -- machine ----------------------------------------------------------------------------------------------------
+def cpu_info() -> Dict[str, object]:
+    info: Dict[str, object] = {"machine": platform.machine(), "logical_cpus": os.cpu_count()}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return info
+    for line in text.splitlines():
+        key, _, val = line.partition(":")
+        key, val = key.strip(), val.strip()
+        if key == "model name" and "model" not in info:
+            info["model"] = val
+        elif key == "cpu MHz" and "mhz" not in info:
+            info["mhz"] = float(val)
+        elif key == "flags" and "flags" not in info:
+            flags = set(val.split())
+            info["flags"] = [f for f in ("sse2", "avx", "avx2", "fma", "avx512f") if f in flags]
+    return info
+
+
+def peak_estimate(info: Dict[str, object]) -> Dict[str, object]:
+    """Single-core float32 peak: FMA lanes per cycle x clock, and a measured 1-thread sgemm as achievable peak."""
+    flags = set(info.get("flags", []))
+    if "avx512f" in flags:
+        lanes, why = 32, "2 x 512-bit FMA per cycle (AVX-512)"
+    elif {"avx2", "fma"} <= flags:
+        lanes, why = 16, "2 x 256-bit FMA pipes per cycle (AVX2+FMA, Haswell/Zen2 and later)"
+    else:
+        lanes, why = 4, "1 x 128-bit multiply-add per cycle (SSE2 estimate)"
+    mhz = float(info.get("mhz", 0.0))
+    theo = lanes * mhz / 1e3 if mhz else None
+    a = np.random.default_rng(0).normal(size=(768, 768)).astype(np.float32)
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - t0)
+    return {"fp32_mac_per_cycle_per_core": lanes, "basis": why, "clock_mhz": mhz,
+            "theoretical_gmacs_1core": round(theo, 1) if theo else None,
+            "measured_sgemm_gmacs_1thread": round(768 ** 3 / best / 1e9, 1)}
+
+
+# -- timing -----------------------------------------------------------------------------------------------------
+def med(xs: List[float]) -> float:
+    return statistics.median(xs) * 1e3
+
+
+def bench_model(name: str, bundle_dir: Path, reps: int, naive_reps: int, seed: int) -> dict:
+    from edge_quq.predictor import Predictor
+    from edge_quq.sampler import draw_keep_masks, make_sampler
+
+    pred = Predictor.from_bundle(bundle_dir, backend="tflite", threads=2, sampler="numpy", gradient=None)
+    backbone, head = pred.backbone, pred.head
+    img = np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    x = pred.load_input(img)[None]
+    feats = backbone(x)[0]
+    f, hdim, c = head.feature_size, head.hidden_sizes[0], head.num_classes
+    samplers = {}
+    for s in SAMPLERS:
+        try:
+            samplers[s] = make_sampler(s, head, seed=seed, bundle=pred.bundle, threads=2)
+        except Exception as e:  # not built / no runtime: reported, not hidden
+            print(f"  {name}: sampler {s} unavailable: {e}", file=sys.stderr)
+    configs = [(s, t) for s in samplers for t in (TS if s != "analytic" else (0,))]
+    for s, t in configs:  # warm-up: allocations, XNNPACK packing, tflite/onnx head resizes
+        for _ in range(3):
+            samplers[s].sample(feats, t or 50)
+    for _ in range(5):
+        backbone(x)
+
+    eval_head: List[float] = []
+    plain_bb: List[float] = []
+
+    def plain() -> float:
+        t0 = time.perf_counter()
+        fe = backbone(x)
+        t1 = time.perf_counter()
+        head.probs(fe)
+        t2 = time.perf_counter()
+        eval_head.append(t2 - t1)
+        plain_bb.append(t1 - t0)
+        return t2 - t0
+
+    plain_paired: Dict[Tuple[str, int], List[float]] = {k: [] for k in configs}
+    total: Dict[Tuple[str, int], List[float]] = {k: [] for k in configs}
+    head_t: Dict[Tuple[str, int], List[float]] = {k: [] for k in configs}
+    bb_t: List[float] = []
+    rnd = random.Random(seed)
+    load0 = os.getloadavg()
+    t_start = time.perf_counter()
+    for _ in range(reps):
+        order = configs[:]
+        rnd.shuffle(order)
+        for key in order:
+            plain_paired[key].append(plain())
+            smp, t = samplers[key[0]], key[1] or 50
+            t0 = time.perf_counter()
+            fe = backbone(x)
+            t1 = time.perf_counter()
+            smp.sample(fe[0], t)
+            t2 = time.perf_counter()
+            total[key].append(t2 - t0)
+            head_t[key].append(t2 - t1)
+            bb_t.append(t1 - t0)
+
+    # Naive: T full passes, interleaved with plain runs as above.
+    rng = np.random.default_rng(seed)
+    naive: Dict[int, List[float]] = {t: [] for t in TS}
+    naive_plain: Dict[int, List[float]] = {t: [] for t in TS}
+    for _ in range(naive_reps):
+        order = list(TS)
+        rnd.shuffle(order)
+        for t in order:
+            naive_plain[t].append(plain())
+            t0 = time.perf_counter()
+            probs = []
+            for _ in range(t):
+                fe = backbone(x)
+                probs.append(head.probs(fe, draw_keep_masks(rng, head, 1))[0])
+            p = np.stack(probs)
+            p.mean(0), p.std(0)
+            naive[t].append(time.perf_counter() - t0)
+    seconds = time.perf_counter() - t_start
+    load1 = os.getloadavg()
+
+    # Executed MACs of the native kernel (it skips zero features, dropped rows and ReLU-zeroed hidden units):
+    # one dense x.W0, then per sample min(p0,1-p0) of the nonzero rows of W0 and (1-p1) of the active rows of W1.
+    p0, p1 = head.rates[0], head.rates[1]
+    nz = int(np.count_nonzero(feats))
+    active = int(np.count_nonzero(np.maximum(feats @ head.kernels[0] + head.biases[0], 0)))
+    dense_mac = {t: t * (f * hdim + hdim * c) for t in TS}
+    native_mac = {t: nz * hdim + t * (min(p0, 1 - p0) * nz * hdim + (1 - p1) * active * c) for t in TS}
+
+    plain_all = [v for vs in plain_paired.values() for v in vs]
+    # On a loaded machine the 2-thread backbone is slowed far more than the 1-thread head (a stalled XNNPACK
+    # worker), which makes the measured ratio look better than on a quiet one. Component estimate: the least
+    # contended backbone runs of this run (10th percentile) plus the head's median.
+    bb_all = sorted(bb_t + plain_bb)
+    bb_p10 = bb_all[len(bb_all) // 10] * 1e3
+    eh = med(eval_head)
+    r: Dict[str, object] = {
+        "bundle": str(bundle_dir.relative_to(ROOT)) if bundle_dir.is_relative_to(ROOT) else str(bundle_dir),
+        "backbone": pred.backbone.describe(), "F": f, "H": hdim, "C": c, "rates": list(head.rates),
+        "backbone_size_bytes": (bundle_dir / "backbone_int8.tflite").stat().st_size,
+        "nonzero_features": nz, "active_hidden_eval": active,
+        "reps": reps, "naive_reps": naive_reps, "seconds": round(seconds, 1),
+        "load_average_before": [round(v, 2) for v in load0], "load_average_after": [round(v, 2) for v in load1],
+        "plain_ms": round(med(plain_all), 3), "backbone_ms": round(med(bb_t), 3),
+        "backbone_p10_ms": round(bb_p10, 3), "backbone_min_ms": round(bb_all[0] * 1e3, 3), "eval_head_ms": round(eh, 4),
+        "ratio_components_p10": {},
+        "uq_ms": {}, "head_ms": {}, "ratio_uq_plain": {}, "head_share": {}, "speedup_vs_naive": {},
+        "head_gmacs_dense_equiv": {}, "head_gmacs_executed": {},
+        "naive_ms": {str(t): round(med(naive[t]), 2) for t in TS},
+        "naive_ratio_plain": {str(t): round(med(naive[t]) / med(naive_plain[t]), 2) for t in TS},
+    }
+    for s in samplers:
+        for key in ("uq_ms", "head_ms", "ratio_uq_plain", "head_share", "speedup_vs_naive", "head_gmacs_dense_equiv",
+                    "ratio_components_p10"):
+            r[key][s] = {}  # type: ignore[index]
+        for t in TS:
+            k = (s, t if s != "analytic" else 0)  # analytic does not depend on T: one measurement for every T
+            tot, hd, pl = med(total[k]), med(head_t[k]), med(plain_paired[k])
+            r["uq_ms"][s][str(t)] = round(tot, 3)  # type: ignore[index]
+            r["head_ms"][s][str(t)] = round(hd, 4)  # type: ignore[index]
+            r["ratio_uq_plain"][s][str(t)] = round(tot / pl, 4)  # type: ignore[index]
+            r["head_share"][s][str(t)] = round(hd / tot, 4)  # type: ignore[index]
+            r["ratio_components_p10"][s][str(t)] = round((bb_p10 + hd) / (bb_p10 + eh), 4)  # type: ignore[index]
+            r["speedup_vs_naive"][s][str(t)] = round(med(naive[t]) / tot, 1)  # type: ignore[index]
+            r["head_gmacs_dense_equiv"][s][str(t)] = round(dense_mac[t] / (hd / 1e3) / 1e9, 2)  # type: ignore[index]
+        if s == "native":
+            r["head_gmacs_executed"]["native"] = {  # type: ignore[index]
+                str(t): round(native_mac[t] / (med(head_t[("native", t)]) / 1e3) / 1e9, 2) for t in TS}
+    return r
+
+
+# -- report -----------------------------------------------------------------------------------------------------
+SCHEMA = """\
+`e2e.json`:
+
+    {"summary": {"<model>": {plain_ms, naive_ms_T50, uq_ms_T50, ratio_uq_plain_T50, ratio_components_p10_T50,
+                             speedup_vs_naive_T50 (per sampler), target_uq_plain_T50}},
+     "machine": {...cpu_info}, "peak": {...}, "blas_threads": "1", "threads": 2, "ts": [20, 30, 50, 100],
+     "targets_uq_plain_T50": {"resnet50": 1.03, "efficientnet_b0": 1.06},
+     "models": {
+       "<model>": {                       # resnet50, efficientnet_b0
+         "F", "H", "C", "rates", "backbone", "bundle", "reps", "naive_reps", "load_average_before/after",
+         "plain_ms": float,               # backbone + one eval head pass, median ms
+         "backbone_ms": float,            # backbone invoke alone, median ms
+         "backbone_p10_ms", "backbone_min_ms": float,  # least contended backbone runs of this run
+         "eval_head_ms": float,           # the eval head pass of plain, median ms
+         "uq_ms":   {"<sampler>": {"<T>": float}},   # backbone + sampler.sample(features, T), median ms
+         "head_ms": {"<sampler>": {"<T>": float}},   # the sampler part of uq_ms
+         "ratio_uq_plain": {"<sampler>": {"<T>": float}},  # uq median / median of the paired plain runs
+         "ratio_components_p10": {"<sampler>": {"<T>": float}},  # (backbone_p10 + head) / (backbone_p10 + eval head)
+         "head_share": {"<sampler>": {"<T>": float}},      # head_ms / uq_ms
+         "naive_ms": {"<T>": float},      # T x (backbone + masked head pass), median ms
+         "naive_ratio_plain": {"<T>": float},
+         "speedup_vs_naive": {"<sampler>": {"<T>": float}},
+         "head_gmacs_dense_equiv": {"<sampler>": {"<T>": float}},  # T*(F*H+H*C) / head time
+         "head_gmacs_executed": {"native": {"<T>": float}}}}}    # MACs the native kernel really does / head time
+
+Samplers: numpy, native, analytic (T-independent: one measurement repeated under every T), tflite, onnx
+(the bundle's exported float head, masks as inputs, T rows per invoke, 2 threads). T keys are strings."""
+
+
+def write_markdown(path: Path, report: dict) -> None:
+    m, pk = report["machine"], report["peak"]
+    lines = ["# End-to-end per-sample latency (int8 TFLite backbone + MC-dropout head)", "",
+             f"Machine: {m.get('model', '?')} ({m.get('logical_cpus')} logical CPUs, shared with other jobs), "
+             f"{report['runtime']}; numpy BLAS threads {report['blas_threads']}; native kernel {report['native_isa']}.",
+             "Backbones exported by `edge_quq_export` (full int8, random calibration images, weights=None), run by "
+             "the device runtime with XNNPACK and 2 threads. Decoding/preprocessing excluded (same for all).", "",
+             "Peak estimate (one core, float32): "
+             f"{pk['fp32_mac_per_cycle_per_core']} MAC/cycle ({pk['basis']}) x {pk['clock_mhz']:.0f} MHz "
+             f"(/proc/cpuinfo) = {pk['theoretical_gmacs_1core']} GMAC/s; a 1-thread numpy sgemm (768^3) reaches "
+             f"{pk['measured_sgemm_gmacs_1thread']} GMAC/s here (achievable peak). The samplers are single-threaded "
+             "apart from the tflite/onnx heads (2 threads).", ""]
+    for name, r in report["models"].items():
+        tgt = report["targets_uq_plain_T50"].get(name)
+        lines += [f"## {name} (F={r['F']}, H={r['H']}, C={r['C']}; {r['backbone']})", "",
+                  f"{r['reps']} interleaved reps ({r['naive_reps']} for naive), {r['seconds']} s; load average "
+                  f"before {r['load_average_before']}, after {r['load_average_after']}.", "",
+                  f"plain (backbone + eval head): **{r['plain_ms']:.2f} ms**; backbone alone {r['backbone_ms']:.2f} ms "
+                  f"(10th percentile {r['backbone_p10_ms']:.2f} ms, fastest {r['backbone_min_ms']:.2f} ms); eval head pass "
+                  f"{r['eval_head_ms']:.3f} ms.", "",
+                  "| T | naive ms | " + " | ".join(f"{s} ms (UQ/plain)" for s in r["uq_ms"]) + " |",
+                  "|---:|---:|" + "---:|" * len(r["uq_ms"])]
+        for t in report["ts"]:
+            cells = [f"{r['uq_ms'][s][str(t)]:.2f} ({r['ratio_uq_plain'][s][str(t)]:.3f})" for s in r["uq_ms"]]
+            lines.append(f"| {t} | {r['naive_ms'][str(t)]:.0f} | " + " | ".join(cells) + " |")
+        lines += ["", "| T | " + " | ".join(f"{s}: speed-up vs naive / head share / head GMAC/s (dense-eq)" if i == 0 else s
+                                            for i, s in enumerate(r["uq_ms"])) + " |",
+                  "|---:|" + "---|" * len(r["uq_ms"])]
+        for t in report["ts"]:
+            cells = [f"{r['speedup_vs_naive'][s][str(t)]:.0f}x / {r['head_share'][s][str(t)]:.1%} / "
+                     f"{r['head_gmacs_dense_equiv'][s][str(t)]:.1f}" for s in r["uq_ms"]]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        lines += ["", "Component estimate, (backbone 10th percentile + sampler median) / (backbone 10th percentile + eval "
+                  "head), less sensitive to the backbone's slow-down under load:", "",
+                  "| T | " + " | ".join(r["uq_ms"]) + " |", "|---:|" + "---:|" * len(r["uq_ms"])]
+        for t in report["ts"]:
+            lines.append(f"| {t} | " + " | ".join(f"{r['ratio_components_p10'][s][str(t)]:.3f}" for s in r["uq_ms"]) + " |")
+        if "native" in r["head_gmacs_executed"]:
+            ex = r["head_gmacs_executed"]["native"]
+            lines += ["", "native kernel, MACs it actually executes per second: " +
+                      ", ".join(f"T={t}: {ex[str(t)]:.1f} GMAC/s" for t in report["ts"]) +
+                      f" (of {pk['theoretical_gmacs_1core']} theoretical, {pk['measured_sgemm_gmacs_1thread']} sgemm)."]
+        if tgt is not None and "native" in r["ratio_uq_plain"]:
+            got = r["ratio_uq_plain"]["native"]["50"]
+            best = min((r["ratio_uq_plain"][s]["50"], s) for s in r["ratio_uq_plain"] if s != "analytic")
+            comp = r["ratio_components_p10"]["native"]["50"]
+            budget = (tgt - 1) * r["backbone_p10_ms"]
+            lines += ["", f"Target UQ/plain <= {tgt} at T=50: native {got:.3f} measured "
+                          f"({'met' if got <= tgt else 'missed'}), {comp:.3f} by the component estimate "
+                          f"({'met' if comp <= tgt else 'missed'}); best MC sampler measured {best[1]} {best[0]:.3f}. "
+                          f"Head budget for the target with this backbone time: {budget:.2f} ms."]
+        lines.append("")
+    lines += ["## JSON schema", "", SCHEMA, ""]
+    path.write_text("\n".join(lines))
+
+
+def summarize(report: dict) -> dict:
+    """The headline figures at T=50 (the issue's targets), placed first in e2e.json for readers that show its top."""
+    out = {}
+    for n, r in report["models"].items():
+        out[n] = {"plain_ms": r["plain_ms"], "naive_ms_T50": r["naive_ms"]["50"],
+                  "uq_ms_T50": {s: v["50"] for s, v in r["uq_ms"].items()},
+                  "ratio_uq_plain_T50": {s: v["50"] for s, v in r["ratio_uq_plain"].items()},
+                  "ratio_components_p10_T50": {s: v["50"] for s, v in r["ratio_components_p10"].items()},
+                  "speedup_vs_naive_T50": {s: v["50"] for s, v in r["speedup_vs_naive"].items()},
+                  "target_uq_plain_T50": report["targets_uq_plain_T50"].get(n)}
+    return {"summary": out, **{k: v for k, v in report.items() if k != "summary"}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", default="resnet50,efficientnet_b0")
+    ap.add_argument("--reps", type=int, default=40)
+    ap.add_argument("--naive-reps", type=int, default=3)
+    ap.add_argument("--calib", type=int, default=8, help="random calibration images for the int8 export")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--tmp", default=str(ROOT / "bench" / "results" / "tmp"), help="cache of the exported bundles")
+    ap.add_argument("--reexport", action="store_true")
+    ap.add_argument("--export-only", action="store_true")
+    ap.add_argument("--render", action="store_true", help="rewrite e2e.md (and the summary) from --out/e2e.json")
+    args = ap.parse_args()
+    if args.render:
+        path = Path(args.out) / "e2e.json"
+        report = summarize(json.loads(path.read_text()))
+        path.write_text(json.dumps(report, indent=1))
+        write_markdown(path.with_suffix(".md"), report)
+        return
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    bad = [n for n in names if n not in MODELS]
+    if bad:
+        sys.exit(f"error: unknown model {bad[0]!r} (choose from {', '.join(MODELS)})")
+    tmp = Path(args.tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    bundles = {n: ensure_bundle(n, tmp, args.calib, args.reexport) for n in names}
+    if args.export_only:
+        return
+
+    from edge_quq import sampler_native
+    from edge_quq.backends import load_tflite_interpreter_class
+
+    info = cpu_info()
+    report = {
+        "machine": info, "peak": peak_estimate(info), "blas_threads": BLAS_THREADS, "threads": 2, "ts": list(TS),
+        "runtime": load_tflite_interpreter_class()[1], "native_isa": sampler_native.kernel_isa(),
+        "python": platform.python_version(), "numpy": np.__version__,
+        "targets_uq_plain_T50": {n: TARGETS[n] for n in names},
+        "export_seconds": {n: round(s, 1) for n, (_, s) in bundles.items() if s is not None},
+        "models": {},
+    }
+    for n in names:
+        print(f"  {n}: timing", file=sys.stderr)
+        report["models"][n] = bench_model(n, bundles[n][0].resolve(), args.reps, args.naive_reps, seed=0)
+        r = report["models"][n]
+        print(f"  {n}: plain {r['plain_ms']:.2f} ms; T=50 " + ", ".join(
+            f"{s} {r['ratio_uq_plain'][s]['50']:.3f}" for s in r["ratio_uq_plain"]) +
+            f"; naive {r['naive_ms']['50']:.0f} ms", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = summarize(report)
+    (out / "e2e.json").write_text(json.dumps(report, indent=1))
+    write_markdown(out / "e2e.md", report)
+    print(f"wrote {out / 'e2e.json'} and {out / 'e2e.md'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
