@@ -19,9 +19,11 @@ What each figure is (per sample, median over --reps):
 - naive[T]: T times (backbone invoke + one head pass with fresh dropout masks), then mean/std: the cost of the
   paper's method, which re-ran the whole network per sample (the backbone has no dropout, so a full-network
   pass with dropout costs exactly a backbone pass plus a masked head pass).
-Interleaved A/B: every rep visits the configurations in a fresh random order and runs a plain prediction right
-before each one; the UQ/plain ratio divides the configuration's median by the median of its own paired plain
-runs, so machine load hits both sides alike.
+Interleaved A/B, one block per sampler: every rep visits that sampler's T values in a fresh random order and runs
+a plain prediction right before each one; the UQ/plain ratio divides the configuration's median by the median of
+its own paired plain runs, so machine load hits both sides alike. (Blocks, because the tflite/onnx heads' thread
+pools keep spinning after a run and slow the next backbone invoke: mixed in one loop they slowed the plain runs
+and flattered every other sampler.)
 numpy runs with 1 BLAS thread (EDGE_QUQ_BENCH_BLAS_THREADS), as in bench_head.py: the backbone already uses both
 cores and OpenBLAS thread hand-offs on a loaded 2-core machine only add noise.
 Writes e2e.json and e2e.md into --out; the JSON schema is described in e2e.md.
@@ -143,7 +145,8 @@ def med(xs: List[float]) -> float:
     return statistics.median(xs) * 1e3
 
 
-def bench_model(name: str, bundle_dir: Path, reps: int, naive_reps: int, seed: int) -> dict:
+def bench_model(name: str, bundle_dir: Path, reps: int, naive_reps: int, seed: int,
+                sampler_names: Tuple[str, ...] = SAMPLERS) -> dict:
     from edge_quq.predictor import Predictor
     from edge_quq.sampler import draw_keep_masks, make_sampler
 
@@ -154,7 +157,7 @@ def bench_model(name: str, bundle_dir: Path, reps: int, naive_reps: int, seed: i
     feats = backbone(x)[0]
     f, hdim, c = head.feature_size, head.hidden_sizes[0], head.num_classes
     samplers = {}
-    for s in SAMPLERS:
+    for s in sampler_names:
         try:
             samplers[s] = make_sampler(s, head, seed=seed, bundle=pred.bundle, threads=2)
         except Exception as e:  # not built / no runtime: reported, not hidden
@@ -186,9 +189,18 @@ def bench_model(name: str, bundle_dir: Path, reps: int, naive_reps: int, seed: i
     rnd = random.Random(seed)
     load0 = os.getloadavg()
     t_start = time.perf_counter()
-    for _ in range(reps):
-        order = configs[:]
-        rnd.shuffle(order)
+    # One block per sampler: the tflite/onnx heads' own thread pools keep spinning for a while after a run and
+    # slow whatever backbone invoke follows, which in a mixed loop slowed the *plain* runs after them and made
+    # the other samplers look faster than plain. Within a block the effect is the sampler's own, as in a real
+    # frame loop (head, then the next frame's backbone).
+    schedule = []
+    for s_name in samplers:
+        block = [k for k in configs if k[0] == s_name]
+        for _ in range(reps):
+            order = block[:]
+            rnd.shuffle(order)
+            schedule.append(order)
+    for order in schedule:
         for key in order:
             plain_paired[key].append(plain())
             smp, t = samplers[key[0]], key[1] or 50
@@ -381,6 +393,9 @@ def main() -> None:
     ap.add_argument("--reexport", action="store_true")
     ap.add_argument("--export-only", action="store_true")
     ap.add_argument("--render", action="store_true", help="rewrite e2e.md (and the summary) from --out/e2e.json")
+    ap.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated samplers to time")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other models' results of an existing --out/e2e.json (re-time one model)")
     args = ap.parse_args()
     if args.render:
         path = Path(args.out) / "e2e.json"
@@ -410,9 +425,15 @@ def main() -> None:
         "export_seconds": {n: round(s, 1) for n, (_, s) in bundles.items() if s is not None},
         "models": {},
     }
+    old_path = Path(args.out) / "e2e.json"
+    if args.merge and old_path.is_file():
+        old = json.loads(old_path.read_text())
+        report["models"] = {k: v for k, v in old.get("models", {}).items() if k not in names}
+        report["targets_uq_plain_T50"] = {**old.get("targets_uq_plain_T50", {}), **report["targets_uq_plain_T50"]}
     for n in names:
         print(f"  {n}: timing", file=sys.stderr)
-        report["models"][n] = bench_model(n, bundles[n][0].resolve(), args.reps, args.naive_reps, seed=0)
+        report["models"][n] = bench_model(n, bundles[n][0].resolve(), args.reps, args.naive_reps, seed=0,
+                                         sampler_names=tuple(x.strip() for x in args.samplers.split(",") if x.strip()))
         r = report["models"][n]
         print(f"  {n}: plain {r['plain_ms']:.2f} ms; T=50 " + ", ".join(
             f"{s} {r['ratio_uq_plain'][s]['50']:.3f}" for s in r["ratio_uq_plain"]) +
