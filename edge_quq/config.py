@@ -217,13 +217,27 @@ def template(command: click.Command, values: Optional[Mapping[str, Any]] = None)
         if key in values:
             lines.append(f"{key} = {_toml_value(values.pop(key))}")
         else:
-            default = p.default if not callable(p.default) else None
+            default = _plain_default(p)
             shown = _toml_value(default) if default not in (None, (), []) else _example(p)
             lines.append(f"#{key} = {shown}")
         lines.append("")
     if values:
         raise ValueError(f"template: unknown keys {sorted(values)}")
     return "\n".join(lines)
+
+
+def _plain_default(p: click.Parameter) -> Any:
+    """The parameter's default as a plain value, or None.
+
+    Click 8.2/8.3 keep an internal UNSET sentinel as the default of options declared without one (flags
+    included), where 8.1 and 8.4 give None/False; the template must not print the sentinel.
+    """
+    d = p.default
+    if callable(d):
+        return None
+    if d is not None and not isinstance(d, (bool, int, float, str, tuple, list)):
+        return False if getattr(p, "is_flag", False) else None
+    return d
 
 
 # Example values shown (commented out) for options without a default; paths point into the service's one
