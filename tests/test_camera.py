@@ -162,8 +162,8 @@ def test_bad_input_one_error_line(tmp_path, port_in_use, args, message):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], r.stderr
     assert "Traceback" not in r.stderr
-    # Nothing half-written: no result of a run that was refused.
-    assert not out.exists() or out.read_text() == ""
+    # Nothing half-written: a refused run leaves no output file behind (not even an empty one).
+    assert not out.exists()
 
 
 def test_memory_flat_over_5000_frames(tmp_path):

@@ -20,6 +20,10 @@ class JsonLinesSink(Sink):
 
     def __init__(self, dest: str) -> None:
         self.dest = dest
+        self.lines = 0
+        # A file this run creates and never writes to (refused ROI, a source that ends before its first
+        # frame) is removed at close, so a failed start leaves nothing behind.
+        self.created = dest != "-" and not Path(dest).exists()
         if dest == "-":
             self.fh: IO[str] = sys.stdout
         else:
@@ -32,6 +36,7 @@ class JsonLinesSink(Sink):
     def emit(self, r: FrameResult) -> None:
         self.fh.write(json.dumps(r.record, separators=(",", ":")) + "\n")
         self.fh.flush()
+        self.lines += 1
 
     def close(self) -> None:
         try:
@@ -40,6 +45,11 @@ class JsonLinesSink(Sink):
             pass
         if self.fh is not sys.stdout:
             self.fh.close()
+            if self.created and self.lines == 0:
+                try:
+                    os.unlink(self.dest)
+                except OSError:
+                    pass
 
 
 class VideoSink(Sink):
