@@ -197,14 +197,18 @@ class Subscriber:
 
 class MjpegServer:
     """An IP camera: multipart JPEG over HTTP on a fixed port; kill() drops every connection and stops
-    listening (the camera died), start() brings it back on the same port."""
+    listening (the camera died), start() brings it back on the same port. Clearing `flowing` freezes it
+    (connections stay open, no frames); `open_delay_s` makes it slow to answer a connection."""
 
-    def __init__(self, frames: Sequence[bytes], fps: float = 30.0, port: Optional[int] = None) -> None:
-        self.frames, self.fps = list(frames), fps
+    def __init__(self, frames: Sequence[bytes], fps: float = 30.0, port: Optional[int] = None, open_delay_s: float = 0.0) -> None:
+        self.frames, self.fps, self.open_delay_s = list(frames), fps, open_delay_s
         self.port = port or free_port()
         self.sent = 0
+        self.connected_at: List[float] = []
         self.httpd: Optional[ThreadingHTTPServer] = None
         self.alive = threading.Event()
+        self.flowing = threading.Event()
+        self.flowing.set()
         self.start()
 
     @property
@@ -219,12 +223,17 @@ class MjpegServer:
                 pass
 
             def do_GET(self) -> None:
+                time.sleep(srv.open_delay_s)
+                srv.connected_at.append(time.time())
                 self.send_response(200)
                 self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
                 self.end_headers()
                 i = 0
                 try:
                     while srv.alive.is_set():
+                        if not srv.flowing.is_set():
+                            time.sleep(0.02)
+                            continue
                         jpg = srv.frames[i % len(srv.frames)]
                         i += 1
                         self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n")

@@ -19,63 +19,14 @@ import sys
 import tempfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import pytest
 
-from edge_quq.cli import main as cli_main
+from camera_util import MjpegServer, wait_for
 
 SAMPLES = Path(__file__).resolve().parents[1] / "edge_quq" / "data" / "samples"
-
-pytestmark = pytest.mark.skipif("camera" not in cli_main.commands, reason="edge-quq camera is not in this tree yet")
-
-
-class MjpegCamera:
-    """multipart/x-mixed-replace JPEG frames over HTTP, like an IP camera; `flowing` cleared = frozen."""
-
-    def __init__(self, frames: List[bytes], fps: float = 25.0, open_delay_s: float = 0.0) -> None:
-        self.frames, self.fps, self.open_delay_s = frames, fps, open_delay_s
-        self.flowing = threading.Event()
-        self.flowing.set()
-        self.closing = threading.Event()
-        self.connected_at: List[float] = []
-        cam = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                time.sleep(cam.open_delay_s)
-                cam.connected_at.append(time.time())
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                i = 0
-                try:
-                    while not cam.closing.is_set():
-                        if not cam.flowing.is_set():
-                            time.sleep(0.02)
-                            continue
-                        jpg = cam.frames[i % len(cam.frames)]
-                        i += 1
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n")
-                        self.wfile.flush()
-                        time.sleep(1.0 / cam.fps)
-                except OSError:
-                    pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/stream.mjpg"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.closing.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 class NotifySocket:
@@ -114,15 +65,6 @@ class NotifySocket:
         self.sock.close()
 
 
-def wait_for(pred, timeout: float, step: float = 0.05) -> bool:
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
-
-
 def read_stats(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -144,7 +86,7 @@ def frames() -> List[bytes]:
 
 
 def test_notify_protocol_ready_watchdog_stall_stopping(tmp_path, frames):
-    cam = MjpegCamera(frames, fps=25.0, open_delay_s=1.5)
+    cam = MjpegServer(frames, fps=25.0, open_delay_s=1.5)
     # AF_UNIX paths stop at 107 bytes; pytest's tmp_path for this test name can come close.
     sock_dir = Path(tempfile.mkdtemp(prefix="eqn-"))
     notify = NotifySocket(sock_dir / "notify.sock")
@@ -203,5 +145,5 @@ def test_notify_protocol_ready_watchdog_stall_stopping(tmp_path, frames):
             proc.kill()
             proc.wait()
         notify.close()
-        cam.close()
+        cam.kill()
         shutil.rmtree(sock_dir, ignore_errors=True)
