@@ -41,14 +41,12 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-BLAS_THREADS = os.environ.get("EDGE_QUQ_BENCH_BLAS_THREADS", "1")
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = BLAS_THREADS
-
-import numpy as np  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.blas_threads import BLAS_THREADS  # noqa: E402  (before numpy)
+
+import numpy as np  # noqa: E402
 
 TS = (20, 30, 50, 100)
 SAMPLERS = ("numpy", "native", "analytic", "tflite", "onnx")

@@ -25,16 +25,12 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-# The native kernel is single-threaded; numpy gets one BLAS thread too unless told otherwise, because on a
-# shared or loaded machine OpenBLAS's thread hand-offs made numpy 20-40x slower and the ratios meaningless.
-BLAS_THREADS = os.environ.get("EDGE_QUQ_BENCH_BLAS_THREADS", "1")
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = BLAS_THREADS
-
-import numpy as np  # noqa: E402
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.blas_threads import BLAS_THREADS  # noqa: E402  (before numpy)
+
+import numpy as np  # noqa: E402
 
 from edge_quq.analytic import AnalyticSampler  # noqa: E402
 from edge_quq.bundle import load_bundle  # noqa: E402
