@@ -73,18 +73,25 @@ def config_keys(command: click.Command) -> Dict[str, click.Parameter]:
     return keys
 
 
+# Scalar click types: how an error message names the kind, and the example value the template shows.
+_SCALAR_KINDS = (
+    (click.types.BoolParamType, "true or false", "false"),
+    (click.types.IntParamType, "an integer", "1"),  # IntRange included
+    (click.types.FloatParamType, "a number", "0.5"),  # FloatRange included
+)
+
+
+def _scalar_kind(t: click.ParamType) -> Optional[tuple]:
+    return next((k for k in _SCALAR_KINDS if isinstance(t, k[0])), None)
+
+
 def _type_word(param: click.Parameter) -> str:
     t = param.type
-    if isinstance(param, click.Option) and param.is_flag and not param.secondary_opts and isinstance(t, click.types.BoolParamType):
-        return "true or false"
     if isinstance(t, click.Choice):
         return "one of " + ", ".join(repr(c) for c in t.choices)
-    if isinstance(t, click.types.BoolParamType):
-        return "true or false"
-    if isinstance(t, (click.types.IntParamType, click.IntRange)):
-        return "an integer"
-    if isinstance(t, (click.types.FloatParamType, click.FloatRange)):
-        return "a number"
+    kind = _scalar_kind(t)
+    if kind is not None:
+        return kind[1]
     if isinstance(t, click.Path):
         return "a path (string)"
     return "a string"
@@ -258,13 +265,8 @@ def _example(p: click.Parameter) -> str:
     t = p.type
     if isinstance(t, click.Choice):
         return _toml_value(t.choices[0])
-    if isinstance(t, click.types.BoolParamType):
-        return "false"
-    if isinstance(t, (click.types.IntParamType, click.IntRange)):
-        return "1"
-    if isinstance(t, (click.types.FloatParamType, click.FloatRange)):
-        return "0.5"
-    return '""'
+    kind = _scalar_kind(t)
+    return kind[2] if kind is not None else '""'
 
 
 def _toml_value(v: Any) -> str:

@@ -100,26 +100,15 @@ def check(stats_file: Path, max_age_s: float, bundle: Optional[Path], backend: s
     return Health(True, f"{h.reason}; {m.reason}", details)
 
 
-def settings_from_config(path: Path, camera: Optional[Any]) -> Dict[str, Any]:
+def settings_from_config(path: Path, camera: Any) -> Dict[str, Any]:
     """bundle, backend and stats_file as the service would see them in its config file.
 
-    With the camera command at hand the whole file is checked exactly as the service checks it at start-up
-    (a config the service would refuse is itself a health problem); without it only these keys are read.
+    The whole file is checked against the camera command exactly as the service checks it at start-up: a
+    config the service would refuse is itself a health problem.
     """
-    from edge_quq.config import load_config, read_toml, validate
+    from edge_quq.config import load_config
 
-    if camera is not None:
-        dm = load_config(camera, path)
-    else:
-        import click
-
-        data = {k.replace("-", "_"): v for k, v in read_toml(path).items() if k.replace("-", "_") in ("bundle", "backend", "stats_file")}
-        cmd = click.Command("camera", params=[
-            click.Option(["--bundle"], type=click.Path(path_type=Path)),
-            click.Option(["--backend"], type=click.Choice(["auto", "tflite", "onnx"])),
-            click.Option(["--stats-file"], type=click.Path(path_type=Path)),
-        ])
-        dm = validate(cmd, data, str(path), base_dir=Path(path).parent.resolve())
+    dm = load_config(camera, path)
     return {k: dm[k] for k in ("bundle", "backend", "stats_file") if k in dm}
 
 
@@ -160,9 +149,8 @@ def _health_command() -> Any:
         from_cfg: Dict[str, Any] = {}
         result: Optional[Health] = None
         if cfg_path is not None:
-            camera = getattr(ctx.find_root().command, "commands", {}).get("camera")
             try:
-                from_cfg = settings_from_config(cfg_path, camera)
+                from_cfg = settings_from_config(cfg_path, ctx.find_root().command.commands["camera"])
             except ConfigError as e:
                 result = Health(False, f"service config is invalid: {e}", {"config": str(cfg_path)})
         if result is None:

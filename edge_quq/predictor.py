@@ -175,16 +175,19 @@ class Predictor:
         timings["total"] = sum(clock.ms.values())
         names = self.bundle.classes
         top = int(np.argmax(moments.mean))
-        # A detector-only rule can keep what the MC rule ignored: the kept class is then the top class.
-        label_index = dec.label if dec.keep else (top if keep else None)
-        classes = list(dec.classes) if dec.keep else ([top] if keep else [])
+        if not keep:
+            label_index, classes = None, []
+        elif dec.keep:
+            label_index, classes = dec.label, list(dec.classes)
+        else:  # a detector-only rule kept what the MC rule ignored: the kept class is the top class
+            label_index, classes = top, [top]
         return Prediction(
             source=source,
             keep=keep,
             rule=dec.rule,
-            label=names[label_index] if keep and label_index is not None else None,
-            class_index=label_index if keep else None,
-            classes=classes if keep else [],
+            label=names[label_index] if label_index is not None else None,
+            class_index=label_index,
+            classes=classes,
             top_index=top,
             top_label=names[top],
             mean=moments.mean.tolist(),

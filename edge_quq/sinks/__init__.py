@@ -1,8 +1,9 @@
 """Where the camera loop's results go. Every sink gets the same FrameResult per processed frame, the same
 stats dict at every stats interval, and close() at the end (which must flush).
 
-    jsonl.py      JSON lines to stdout or a file
-    video.py      annotated video file, snapshots of ignored frames, --display window
+    files.py      JSON lines to stdout or a file, annotated video file, snapshots of ignored frames,
+                  --display window
+    annotate.py   the overlay drawn once per frame for the video, the window and the HTTP stream
     http.py       --serve: MJPEG stream, page, JSON status
     mqtt.py       --mqtt: Frigate / Home Assistant style topics
 """
