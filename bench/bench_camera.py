@@ -12,7 +12,6 @@ Writes camera.json and camera.md into --out.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -25,8 +24,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -34,8 +31,9 @@ FASHION = Path("/usr/share/datasets/fashion-mnist")
 def write_folder(folder: Path, n: int) -> None:
     import cv2
 
-    with gzip.open(FASHION / "t10k-images-idx3-ubyte.gz") as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:n]
+    from edge_quq_export.datasets import load_fashion_mnist
+
+    x = load_fashion_mnist("test", FASHION)[0][:n]
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(x):
         cv2.imwrite(str(folder / f"{i:04d}.png"), cv2.cvtColor(cv2.resize(img, (112, 112)), cv2.COLOR_GRAY2BGR))

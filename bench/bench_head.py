@@ -15,7 +15,6 @@ Writes head.json and head.md into --out. numpy runs with 1 BLAS thread like the 
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import platform
@@ -101,12 +100,11 @@ def bench_head(name: str, head: HeadWeights, x: np.ndarray, reps: int, bundle=No
 
 
 def load_fashion_mnist(n: int) -> Optional[np.ndarray]:
-    path = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-    if n <= 0 or not path.exists():
+    from edge_quq_export.datasets import FASHION_MNIST_DIR, load_fashion_mnist as load
+
+    if n <= 0 or not (Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").exists():
         return None
-    with gzip.open(path, "rb") as fh:
-        data = np.frombuffer(fh.read(), np.uint8, offset=16)
-    return data.reshape(-1, 28, 28)[:n]
+    return load("test")[0][:n]
 
 
 def analytic_vs_mc(bundle_dir: Optional[str], n_images: int) -> Optional[dict]:

@@ -2,7 +2,6 @@
 an MJPEG-over-HTTP camera that can die and come back, and running the real command in a subprocess."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import signal
@@ -25,13 +24,11 @@ CLEAN, CORRUPT = "clean", "corrupt"
 
 def fashion_test(n: int, offset: int = 0):
     """(images uint8 [n,28,28], labels) from the real Fashion-MNIST test set."""
-    img_f, lab_f = FASHION / "t10k-images-idx3-ubyte.gz", FASHION / "t10k-labels-idx1-ubyte.gz"
-    if not img_f.exists():
+    from edge_quq_export.datasets import load_fashion_mnist
+
+    if not (FASHION / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST IDX files missing (apt-get install dataset-fashion-mnist)")
-    with gzip.open(img_f) as f:
-        x = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
-    with gzip.open(lab_f) as f:
-        y = np.frombuffer(f.read(), np.uint8, offset=8)
+    x, y = load_fashion_mnist("test", FASHION)
     return x[offset:offset + n].copy(), y[offset:offset + n].copy()
 
 
