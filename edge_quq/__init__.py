@@ -13,6 +13,7 @@ __all__ = [
     "BackendError",
     "OptionError",
     "Predictor",
+    "PredictorOptions",
     "Prediction",
     "load_bundle",
 ]
@@ -24,6 +25,10 @@ def __getattr__(name: str):
         from edge_quq.predictor import Predictor
 
         return Predictor
+    if name == "PredictorOptions":
+        from edge_quq.options import PredictorOptions
+
+        return PredictorOptions
     if name == "Prediction":
         from edge_quq.result import Prediction
 

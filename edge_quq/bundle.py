@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from edge_quq.defaults import DECISION_DEFAULTS
 from edge_quq.errors import BundleError
 
 FORMAT_NAME = "edge-quq-bundle"
@@ -169,10 +170,10 @@ class HeadSpec:
 
 @dataclass(frozen=True)
 class DecisionDefaults:
-    threshold: float = 0.5
-    num_iter: int = 50
-    z: float = 0.8
-    mixed: str = "ignore"
+    threshold: float = float(DECISION_DEFAULTS["threshold"])  # type: ignore[arg-type]
+    num_iter: int = int(DECISION_DEFAULTS["num_iter"])  # type: ignore[call-overload]
+    z: float = float(DECISION_DEFAULTS["z"])  # type: ignore[arg-type]
+    mixed: str = str(DECISION_DEFAULTS["mixed"])
 
 
 @dataclass
@@ -310,11 +311,12 @@ def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
     )
 
     dd = manifest.get("decision", {})
+    base = DecisionDefaults()
     decision = DecisionDefaults(
-        threshold=float(dd.get("threshold", 0.5)),
-        num_iter=int(dd.get("num_iter", 50)),
-        z=float(dd.get("z", 0.8)),
-        mixed=str(dd.get("mixed", "ignore")),
+        threshold=float(dd.get("threshold", base.threshold)),
+        num_iter=int(dd.get("num_iter", base.num_iter)),
+        z=float(dd.get("z", base.z)),
+        mixed=str(dd.get("mixed", base.mixed)),
     )
     temperature = parse_temperature(manifest, where)
     if temperature != 1.0 and head.output_activation == "linear":

@@ -12,7 +12,9 @@ import click
 
 from edge_quq import __version__
 from edge_quq.config import config_option
+from edge_quq.defaults import BACKENDS, DEFAULT_IGNORE_ON, MIXED_POLICIES, default_help
 from edge_quq.errors import EdgeQuqError
+from edge_quq.options import PredictorOptions
 
 SAMPLER_CHOICES = ("auto", "numpy", "native", "analytic", "tflite", "onnx")
 
@@ -55,32 +57,22 @@ def main() -> None:
     """Quantized image classifiers that say when a prediction should not be trusted."""
 
 
-IGNORE_ON_KEY = "edge_quq.ignore_on"
-
-
-def _store_ignore_on(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[str]:
-    ctx.meta[IGNORE_ON_KEY] = value or "mc"
-    return value
-
-
 def model_options(fn: Callable) -> Callable:
-    """Options shared by every command that runs the model (predict now, camera later)."""
+    """Options shared by every command that runs the model; build_predictor turns their values into one
+    PredictorOptions (edge_quq.options)."""
     opts = [
         click.option("--bundle", "bundle", type=click.Path(path_type=Path), default=None, help="Bundle folder (default: the embedded Fashion-MNIST bundle)."),
-        click.option("--backend", type=click.Choice(["auto", "tflite", "onnx"]), default="auto", show_default=True, help="Backbone runtime."),
+        click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True, help="Backbone runtime."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="Runtime threads (default: all cores)."),
         click.option("--no-xnnpack", is_flag=True, help="TFLite: run the builtin kernels instead of the XNNPACK delegate."),
         click.option("--sampler", type=click.Choice(SAMPLER_CHOICES), default="auto", show_default=True, help="Head sampler."),
-        click.option("-T", "--num-iter", type=int, default=None, help="MC dropout samples of the head (default: bundle's, 50)."),
-        click.option("--threshold", type=float, default=None, help="Per-class decision threshold (default: bundle's, 0.5)."),
-        click.option("--z", "z", type=float, default=None, help="Interval factor z: interval = mean ± z·std (the paper's conf_factor; default: bundle's, 0.8)."),
+        click.option("-T", "--num-iter", type=int, default=None, help=f"MC dropout samples of the head {default_help('num_iter')}."),
+        click.option("--threshold", type=float, default=None, help=f"Per-class decision threshold {default_help('threshold')}."),
+        click.option("--z", "z", type=float, default=None, help=f"Interval factor z: interval = mean ± z·std (the paper's conf_factor) {default_help('z')}."),
         click.option("--confidence-level", type=float, default=None, help="Alternative to --z: two-sided coverage in (0, 1), e.g. 0.9 -> z = 1.645."),
-        click.option("--mixed", type=click.Choice(["ignore", "keep"]), default=None, help="When some classes are present and others uncertain (default: ignore)."),
+        click.option("--mixed", type=click.Choice(MIXED_POLICIES), default=None, help=f"When some classes are present and others uncertain {default_help('mixed')}."),
         click.option("--seed", type=int, default=None, help="Seed of the dropout masks, for reproducible results."),
-        # Not passed to the command function (so commands keep their signatures): build_predictor reads it
-        # from the click context.
-        click.option("--ignore-on", default="mc", show_default=True, metavar="mc|any|DETECTOR", expose_value=False,
-                     callback=_store_ignore_on,
+        click.option("--ignore-on", default=DEFAULT_IGNORE_ON, show_default=True, metavar="mc|any|DETECTOR",
                      help="What may ignore a prediction: mc (the MC decision rule), a detector of the bundle (its fitted "
                           "threshold alone, e.g. knn), or any (the MC rule or any detector with a threshold)."),
     ]
@@ -89,18 +81,11 @@ def model_options(fn: Callable) -> Callable:
     return fn
 
 
-def build_predictor(bundle: Optional[Path], backend: str, threads: Optional[int], no_xnnpack: bool, sampler: str, num_iter: Optional[int],
-                    threshold: Optional[float], z: Optional[float], confidence_level: Optional[float], mixed: Optional[str], seed: Optional[int],
-                    ignore_on: Optional[str] = None):
+def build_predictor(**values: Any):
+    """The predictor from the model options' values (the keyword arguments click passes)."""
     from edge_quq.predictor import Predictor
 
-    if ignore_on is None:
-        ctx = click.get_current_context(silent=True)
-        ignore_on = ctx.meta.get(IGNORE_ON_KEY, "mc") if ctx is not None else "mc"
-    return Predictor.from_bundle(
-        bundle, backend=backend, threads=threads, xnnpack=not no_xnnpack, sampler=sampler, num_iter=num_iter,
-        threshold=threshold, z=z, confidence_level=confidence_level, mixed=mixed, seed=seed, ignore_on=ignore_on,
-    )
+    return Predictor.from_bundle(options=PredictorOptions.from_cli(values))
 
 
 def _fmt_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
@@ -117,9 +102,7 @@ def _fmt_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Images per backbone call.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of a table; the run summary goes to stderr.")
 @user_errors
-def predict(paths: Sequence[str], bundle: Optional[Path], backend: str, threads: Optional[int], no_xnnpack: bool, sampler: str,
-            num_iter: Optional[int], threshold: Optional[float], z: Optional[float], confidence_level: Optional[float],
-            mixed: Optional[str], seed: Optional[int], batch_size: int, as_json: bool) -> None:
+def predict(paths: Sequence[str], batch_size: int, as_json: bool, **model: Any) -> None:
     """Classify image files, folders or globs; say keep or ignore for each.
 
     Exit code 0 when every input was processed (ignoring a sample is a result), 1 when some inputs could not
@@ -129,7 +112,7 @@ def predict(paths: Sequence[str], bundle: Optional[Path], backend: str, threads:
     from edge_quq.result import Failure, Prediction
     from edge_quq.telemetry import latency_summary
 
-    predictor = build_predictor(bundle, backend, threads, no_xnnpack, sampler, num_iter, threshold, z, confidence_level, mixed, seed)
+    predictor = build_predictor(**model)
     expanded = expand_inputs(paths)
     files = [p for p in expanded if not isinstance(p, Failure)]
     results: List[Any] = [p for p in expanded if isinstance(p, Failure)]
@@ -244,14 +227,12 @@ def info(bundle: Optional[Path], as_json: bool) -> None:
 @click.option("--mqtt-ca-file", type=click.Path(exists=True, dir_okay=False), default=None, help="CA certificate for mqtts:// (default: the system's).")
 @click.option("-q", "--quiet", is_flag=True, help="No periodic stats lines on stderr (the final summary is still printed).")
 @user_errors
-def camera(source: str, bundle: Optional[Path], backend: str, threads: Optional[int], no_xnnpack: bool, sampler: str,
-           num_iter: Optional[int], threshold: Optional[float], z: Optional[float], confidence_level: Optional[float],
-           mixed: Optional[str], seed: Optional[int], width: Optional[int], height: Optional[int], fps: Optional[float],
+def camera(source: str, width: Optional[int], height: Optional[int], fps: Optional[float],
            every: int, max_fps: Optional[float], crop: Optional[float], roi: Optional[str], duration: Optional[float],
            frames: Optional[int], loop: bool, stall_timeout: float, open_timeout: float, stats_interval: float,
            stats_file: Optional[Path], jsonl: Optional[str], video_out: Optional[str], snapshots: Optional[str],
            max_snapshots: int, display: bool, serve: Optional[str], mqtt_url: Optional[str], mqtt_prefix: str,
-           mqtt_device: Optional[str], mqtt_every_frame: bool, mqtt_ca_file: Optional[str], quiet: bool) -> None:
+           mqtt_device: Optional[str], mqtt_every_frame: bool, mqtt_ca_file: Optional[str], quiet: bool, **model: Any) -> None:
     """Classify a live camera, stream, video or image folder frame by frame; say keep or ignore for each.
 
     Ends at the end of a file or folder, after --duration/--frames, or on SIGINT/SIGTERM (outputs flushed,
@@ -281,7 +262,7 @@ def camera(source: str, bundle: Optional[Path], backend: str, threads: Optional[
     def log(msg: str) -> None:
         click.echo(msg, err=True)
 
-    predictor = build_predictor(bundle, backend, threads, no_xnnpack, sampler, num_iter, threshold, z, confidence_level, mixed, seed)
+    predictor = build_predictor(**model)
     first = open_source(spec, open_timeout, stall_timeout)
     sinks: List[Sink] = []
     try:

@@ -26,10 +26,10 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from edge_quq.defaults import DECISION_DEFAULTS, MIXED_POLICIES
 from edge_quq.errors import OptionError
 
 PRESENT, ABSENT, UNCERTAIN = 1, 0, -1
-MIXED_POLICIES = ("ignore", "keep")
 
 
 def z_from_confidence_level(level: float) -> float:
@@ -39,7 +39,7 @@ def z_from_confidence_level(level: float) -> float:
     return NormalDist().inv_cdf((1.0 + level) / 2.0)
 
 
-def resolve_z(z: Optional[float] = None, confidence_level: Optional[float] = None, default: float = 0.8) -> float:
+def resolve_z(z: Optional[float] = None, confidence_level: Optional[float] = None, default: float = float(DECISION_DEFAULTS["z"])) -> float:  # type: ignore[arg-type]
     """The interval factor from exactly one of z or confidence_level (neither: the default z)."""
     if z is not None and confidence_level is not None:
         raise OptionError("give either z or confidence level, not both")

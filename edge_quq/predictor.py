@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -20,6 +20,7 @@ from edge_quq.decision import MIXED_POLICIES, decide, resolve_z
 from edge_quq.detectors import DetectorSet
 from edge_quq.errors import EdgeQuqError, OptionError
 from edge_quq.gradients import GradientSettings, gradient_score
+from edge_quq.options import PredictorOptions
 from edge_quq.head import HeadWeights, load_head_weights
 from edge_quq.preprocess import preprocess_image, read_image
 from edge_quq.result import Failure, Prediction
@@ -63,53 +64,40 @@ class Predictor:
         self.channel_order = channel_order
 
     @classmethod
-    def from_bundle(
-        cls,
-        path: Optional[Union[str, os.PathLike]] = None,
-        *,
-        backend: str = "auto",
-        threads: Optional[int] = None,
-        xnnpack: bool = True,
-        sampler: str = "auto",
-        num_iter: Optional[int] = None,
-        threshold: Optional[float] = None,
-        z: Optional[float] = None,
-        confidence_level: Optional[float] = None,
-        mixed: Optional[str] = None,
-        seed: Optional[int] = None,
-        channel_order: str = "bgr",
-        gradient: Optional[GradientSettings] = GradientSettings(),
-        ignore_on: str = "mc",
-    ) -> "Predictor":
+    def from_bundle(cls, path: Optional[Union[str, os.PathLike]] = None, *, options: Optional[PredictorOptions] = None,
+                    **overrides: Any) -> "Predictor":
         """Load and verify a bundle (None: the embedded default) and build the pipeline.
 
-        The interval factor is `z` (the multiplier of the std) or `confidence_level` (two-sided coverage,
-        turned into z); at most one of them. Unset values come from the bundle's decision defaults.
-        `channel_order` says how 3-channel numpy arrays passed to predict() are ordered ("bgr" as OpenCV
-        gives them, or "rgb"); files are always decoded correctly. `gradient` sets the closed-form gradient
-        score (edge_quq.gradients; None turns it off). `ignore_on` picks what can ignore a prediction: "mc"
-        (the MC decision rule), a detector name (its fitted threshold alone), or "any" (the MC rule or any
-        detector with a threshold); detectors come from the bundle's detectors file (edge_quq.detectors).
+        Settings come from `options` (edge_quq.options.PredictorOptions), with keyword arguments as
+        overrides of its fields: `from_bundle(seed=0, sampler="numpy")`. The interval factor is `z` (the
+        multiplier of the std) or `confidence_level` (two-sided coverage, turned into z); at most one of
+        them. Unset decision values come from the bundle's decision defaults. `channel_order` says how
+        3-channel numpy arrays passed to predict() are ordered; files are always decoded correctly.
+        `gradient` sets the closed-form gradient score (None turns it off). `ignore_on` picks what can ignore
+        a prediction: "mc" (the MC decision rule), a detector name (its fitted threshold alone), or "any".
         """
-        if channel_order not in ("bgr", "rgb"):
-            raise OptionError(f"channel_order must be 'bgr' or 'rgb', got {channel_order!r}")
+        opts = (options or PredictorOptions()).replace(**overrides)
+        if path is not None:
+            opts = opts.replace(bundle=path)
+        opts.check()
         from edge_quq.detector_store import load_detectors
 
-        bundle = load_bundle(path)
+        bundle = load_bundle(opts.bundle)
         detectors = load_detectors(bundle)
-        check_ignore_on(ignore_on, detectors)
+        check_ignore_on(opts.ignore_on, detectors)
         d = bundle.decision
         settings = Settings(
-            num_iter=int(num_iter if num_iter is not None else d.num_iter),
-            threshold=float(threshold if threshold is not None else d.threshold),
-            z=resolve_z(z, confidence_level, default=d.z),
-            mixed=mixed if mixed is not None else d.mixed,
-            seed=seed,
+            num_iter=int(opts.num_iter if opts.num_iter is not None else d.num_iter),
+            threshold=float(opts.threshold if opts.threshold is not None else d.threshold),
+            z=resolve_z(opts.z, opts.confidence_level, default=d.z),
+            mixed=opts.mixed if opts.mixed is not None else d.mixed,
+            seed=opts.seed,
         ).validate()
         head = load_head_weights(bundle)
-        backbone = make_backbone(bundle, backend, threads, xnnpack)
-        smp = make_sampler(sampler, head, seed=seed, bundle=bundle, threads=threads)
-        predictor = cls(bundle, backbone, head, smp, settings, channel_order, gradient, detectors, ignore_on)
+        backbone = make_backbone(bundle, opts.backend, opts.threads, opts.xnnpack)
+        smp = make_sampler(opts.sampler, head, seed=opts.seed, bundle=bundle, threads=opts.threads)
+        predictor = cls(bundle, backbone, head, smp, settings, opts.channel_order, opts.gradient, detectors, opts.ignore_on)
+        predictor.options = opts
         predictor.warm_up()
         return predictor
 

@@ -7,11 +7,17 @@ cd "$(dirname "$0")/.."
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 
-# System packages: real data (Fashion-MNIST IDX files) and the aarch64 toolchain + emulator that the
-# NEON kernel tests use; shellcheck and systemd (systemd-analyze) check deploy/.
-# mosquitto (a real MQTT broker), chromium + chromium-driver (the HTTP live view in a real browser): the
-# camera tests.
-APT_PACKAGES="dataset-fashion-mnist qemu-user-static gcc-aarch64-linux-gnu debootstrap shellcheck systemd mosquitto chromium chromium-driver"
+# System packages, each named because a fresh Debian 12 / Ubuntu machine lacks it (--no-install-recommends
+# below drops anything only recommended, so every package a test needs is listed here itself):
+# - python3-venv: the virtual environment; gcc, libc6-dev, python3-dev: the native head kernel is built by
+#   `pip install` (without them it is silently left out and its tests would have nothing to test);
+# - dataset-fashion-mnist: real data (the IDX files);
+# - gcc-aarch64-linux-gnu + libc6-dev-arm64-cross (its C library headers, only "recommended") and
+#   qemu-user-static: the NEON kernel, cross-compiled and run under emulation;
+# - debootstrap: the aarch64 userland and the clean roots of the deploy and fresh-machine checks;
+# - shellcheck, systemd (systemd-analyze): deploy/;
+# - mosquitto (a real MQTT broker), chromium + chromium-driver (the live view in a real browser): camera tests.
+APT_PACKAGES="python3-venv gcc libc6-dev python3-dev dataset-fashion-mnist gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static debootstrap shellcheck systemd mosquitto chromium chromium-driver"
 missing=""
 for p in $APT_PACKAGES; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -1,0 +1,29 @@
+"""Every default and every choice list of the decision, in one place.
+
+The manifest parser, the exporter, the CLI help, the config template and the docs read these names;
+nothing else spells the numbers. A bundle's manifest may override the decision defaults for its model.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+# The seed paper's operating point (arXiv 2403.01076): T = 50 samples, threshold 0.5, z = 0.8
+# (its conf_factor grid is 0.7/0.8/0.9, read as z), and the open "mixed" case ignored.
+DECISION_DEFAULTS: Dict[str, object] = {
+    "threshold": 0.5,
+    "num_iter": 50,
+    "z": 0.8,
+    "mixed": "ignore",
+}
+
+MIXED_POLICIES: Tuple[str, ...] = ("ignore", "keep")
+BACKENDS: Tuple[str, ...] = ("auto", "tflite", "onnx")
+CHANNEL_ORDERS: Tuple[str, ...] = ("bgr", "rgb")
+# What may ignore a prediction besides a detector name of the bundle.
+IGNORE_ON_WORDS: Tuple[str, ...] = ("mc", "any")
+DEFAULT_IGNORE_ON = "mc"
+
+
+def default_help(key: str) -> str:
+    """'(default: bundle's, 0.5)' for CLI help text, from the one table."""
+    return f"(default: bundle's, {DECISION_DEFAULTS[key]})"

@@ -1,0 +1,64 @@
+"""The one options object: the CLI, the config file and the API all build a PredictorOptions.
+
+    from edge_quq import Predictor, PredictorOptions
+    p = Predictor.from_bundle(options=PredictorOptions(sampler="numpy", seed=0))
+    p = Predictor.from_bundle(seed=0)          # keyword arguments are the same fields
+
+Unset decision settings (None) come from the bundle's manifest; the values the manifest lacks come from
+edge_quq.defaults.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+from edge_quq.defaults import BACKENDS, CHANNEL_ORDERS, DEFAULT_IGNORE_ON
+from edge_quq.errors import OptionError
+from edge_quq.gradients import GradientSettings
+
+
+@dataclass(frozen=True)
+class PredictorOptions:
+    bundle: Optional[Union[str, os.PathLike]] = None  # None: the embedded default bundle
+    backend: str = "auto"
+    threads: Optional[int] = None
+    xnnpack: bool = True
+    sampler: str = "auto"
+    num_iter: Optional[int] = None
+    threshold: Optional[float] = None
+    z: Optional[float] = None
+    confidence_level: Optional[float] = None
+    mixed: Optional[str] = None
+    seed: Optional[int] = None
+    channel_order: str = "bgr"  # how 3-channel numpy arrays given to predict() are ordered
+    gradient: Optional[GradientSettings] = field(default_factory=GradientSettings)
+    ignore_on: str = DEFAULT_IGNORE_ON
+
+    def replace(self, **changes: Any) -> "PredictorOptions":
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown predictor option(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+    def check(self) -> "PredictorOptions":
+        """Refuse what can be refused without the bundle (the rest is checked against it)."""
+        if self.backend not in BACKENDS:
+            raise OptionError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.channel_order not in CHANNEL_ORDERS:
+            raise OptionError(f"channel_order must be 'bgr' or 'rgb', got {self.channel_order!r}")
+        if self.threads is not None and self.threads < 1:
+            raise OptionError(f"threads must be >= 1, got {self.threads}")
+        return self
+
+    @classmethod
+    def from_cli(cls, values: Mapping[str, Any]) -> "PredictorOptions":
+        """From click's parameter values (the model options of `predict` and `camera`)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in values.items() if k in names}
+        if "no_xnnpack" in values:
+            kw["xnnpack"] = not values["no_xnnpack"]
+        if kw.get("ignore_on") is None:
+            kw.pop("ignore_on", None)
+        return cls(**kw)
