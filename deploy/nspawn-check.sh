@@ -58,9 +58,11 @@ if ! findmnt -n /run/systemd/nspawn >/dev/null 2>&1 && [ "$(findmnt -n -o FSTYPE
 fi
 
 # The IP camera, on the host (the container shares its network): Fashion-MNIST samples as MJPEG over HTTP;
-# while $WORK/shared/freeze exists it holds the connection and sends nothing.
-PORT=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-python3 - "$PORT" "$WORK/shared/freeze" "$SRC/edge_quq/data/samples" <<'EOF' &
+# while $WORK/shared/freeze exists it holds the connection and sends nothing. It runs on the service's own
+# environment, which install.sh made with OpenCV in it: the host's python3 has no cv2 on a fresh machine.
+VENV_PY=/opt/edge-quq/venv/bin/python
+PORT=$("$VENV_PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+"$VENV_PY" - "$PORT" "$WORK/shared/freeze" "$SRC/edge_quq/data/samples" <<'EOF' &
 import glob, os, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import cv2

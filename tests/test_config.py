@@ -24,7 +24,6 @@ from edge_quq.config import config_option, load_config, template
 @click.option("--mirror/--no-mirror", default=False)
 def fake_camera(**kw):
     """Stands in for `edge-quq camera` until it lands: same option machinery (model_options + plain options)."""
-    kw["ignore_on"] = click.get_current_context().meta.get("edge_quq.ignore_on")  # an expose_value=False option
     kw = {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
     click.echo(json.dumps(kw, sort_keys=True))
 
