@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Prove the README's two commands on a fresh machine: build a clean Debian bookworm root (debootstrap), copy
+# a clean `git archive` of HEAD into it, and run the two commands exactly as the README writes them (read
+# from the README itself, at the `fresh-machine:` markers) inside it, with unshare + chroot. The package
+# registries are reachable from inside; nothing installed on this machine is.
+#
+#   sudo bash tests/fresh-machine.sh [--keep DIR] [--log DIR] [--only install|test]
+#
+# Prints each command's outcome and wall time; exits 1 when either fails, 2 when it cannot run. What the
+# fresh root starts with is what a freshly installed Debian 12 machine that has cloned a repository has:
+# the minimal base system plus python3, git, ca-certificates and sudo. Everything else (python3-venv, the
+# compiler, the test tools and data) must come from the README's commands.
+#
+# --keep DIR  build the root in DIR and leave it there (default: a temporary folder, removed at the end)
+# --log DIR   write each command's full output to DIR/install.log and DIR/test.log (default: printed tails)
+# --only X    run only the install-and-run command, or only the test command
+set -euo pipefail
+
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+KEEP="" LOGDIR="" ONLY=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --keep) KEEP=${2:?--keep needs a folder}; shift 2 ;;
+    --log) LOGDIR=${2:?--log needs a folder}; shift 2 ;;
+    --only) ONLY=${2:?--only needs install or test}; shift 2 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "error: unknown option: $1" >&2; exit 2 ;;
+  esac
+done
+die() { echo "error: $*" >&2; exit 2; }
+case "$ONLY" in ""|install|test) ;; *) die "--only takes install or test, got '$ONLY'" ;; esac
+[ "$(id -u)" -eq 0 ] || die "run as root (debootstrap and chroot need it)"
+command -v debootstrap >/dev/null || die "debootstrap not found: apt-get install debootstrap"
+command -v unshare >/dev/null || die "unshare not found (util-linux)"
+git -C "$SRC" rev-parse --verify -q HEAD >/dev/null || die "$SRC is not a git checkout with a commit"
+
+# The two commands, exactly as the README writes them: the first indented line after each marker.
+readme_command() {
+  awk -v m="<!-- fresh-machine: $1 -->" 'f && /^    [^ ]/ {sub(/^    /, ""); print; exit} index($0, m) {f = 1}' "$SRC/README.md"
+}
+CMD_INSTALL=$(readme_command install-and-run)
+CMD_TEST=$(readme_command test)
+[ -n "$CMD_INSTALL" ] || die "README.md has no command after <!-- fresh-machine: install-and-run -->"
+[ -n "$CMD_TEST" ] || die "README.md has no command after <!-- fresh-machine: test -->"
+
+if [ -n "$KEEP" ]; then
+  mkdir -p "$KEEP"; ROOT=$(cd "$KEEP" && pwd)
+  [ -z "$(ls -A "$ROOT")" ] || die "--keep $KEEP: folder is not empty"
+else
+  ROOT=$(mktemp -d /var/tmp/edge-quq-fresh.XXXXXX)
+  trap 'rm -rf --one-file-system "$ROOT"' EXIT
+fi
+[ -z "$LOGDIR" ] || mkdir -p "$LOGDIR"
+
+t0=$(date +%s)
+echo "fresh-machine: debootstrap bookworm into $ROOT"
+debootstrap --variant=minbase --include=python3,git,ca-certificates,sudo bookworm "$ROOT" >"$ROOT.debootstrap.log" 2>&1 \
+  || { tail -20 "$ROOT.debootstrap.log" >&2; rm -f "$ROOT.debootstrap.log"; die "debootstrap failed"; }
+rm -f "$ROOT.debootstrap.log"
+echo "fresh-machine: base root ready in $(( $(date +%s) - t0 )) s"
+cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+mkdir -p "$ROOT/src"
+git -C "$SRC" archive --format=tar HEAD | tar -x -C "$ROOT/src"
+echo "fresh-machine: $(git -C "$SRC" rev-parse --short HEAD) copied to /src (git archive, committed files only)"
+
+# One private mount and PID namespace per command: /proc, /sys, /dev, /dev/shm inside the root vanish with it,
+# and so does every process the command left behind.
+in_root() {
+  unshare --mount --pid --fork --propagation private sh -c '
+    R=$1; shift
+    mount -t proc proc "$R/proc" && mount -t sysfs sys "$R/sys" && mount --rbind /dev "$R/dev" \
+      && mount -t tmpfs -o mode=1777 shm "$R/dev/shm" && mount -t tmpfs -o mode=1777 tmp "$R/tmp" || exit 125
+    exec chroot "$R" /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+      LANG=C.UTF-8 TERM=dumb CI="${CI:-}" /bin/bash -c "cd /src && $1"
+  ' sh "$ROOT" "$1"
+}
+
+declare -A RC SECS
+run_step() {
+  local name=$1 cmd=$2 log start
+  log=${LOGDIR:+$LOGDIR/$name.log}
+  log=${log:-$ROOT.$name.log}
+  echo "fresh-machine: [$name] \$ $cmd"
+  start=$(date +%s)
+  set +e
+  in_root "$cmd" >"$log" 2>&1
+  RC[$name]=$?
+  set -e
+  SECS[$name]=$(( $(date +%s) - start ))
+  # A newcomer reads build warnings as something broken (setuptools once warned about every data folder).
+  if [ "${RC[$name]}" -eq 0 ] && grep -q "is absent from the .packages. configuration\|SetuptoolsDeprecationWarning" "$log"; then
+    echo "fresh-machine: [$name] the package build printed setuptools warnings:"; grep -m5 "absent from\|SetuptoolsDeprecationWarning" "$log"
+    RC[$name]=3
+  fi
+  echo "fresh-machine: [$name] exit ${RC[$name]} after ${SECS[$name]} s; last lines:"
+  tail -15 "$log" | sed 's/^/    /'
+  [ -n "$LOGDIR" ] || rm -f "$log"
+}
+
+[ "$ONLY" = test ] || run_step install "$CMD_INSTALL"
+[ "$ONLY" = install ] || run_step test "$CMD_TEST"
+
+echo
+echo "fresh-machine summary (Debian bookworm minbase + python3 git ca-certificates sudo, HEAD $(git -C "$SRC" rev-parse --short HEAD)):"
+fail=0
+for name in install test; do
+  [ -n "${RC[$name]+x}" ] || continue
+  if [ "${RC[$name]}" -eq 0 ]; then verdict=PASS; else verdict=FAIL; fail=1; fi
+  printf '  %-8s %s  exit %s  %s s\n' "$name" "$verdict" "${RC[$name]}" "${SECS[$name]}"
+done
+echo "  total    $(( $(date +%s) - t0 )) s"
+exit "$fail"
