@@ -66,6 +66,7 @@ echo "fresh-machine: $(git -C "$SRC" rev-parse --short HEAD) copied to /src (git
 # One private mount and PID namespace per command: /proc, /sys, /dev, /dev/shm inside the root vanish with it,
 # and so does every process the command left behind.
 in_root() {
+  # shellcheck disable=SC2016  # the inner script expands its own positional arguments
   unshare --mount --pid --fork --propagation private sh -c '
     R=$1; shift
     mount -t proc proc "$R/proc" && mount -t sysfs sys "$R/sys" && mount --rbind /dev "$R/dev" \
