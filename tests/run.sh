@@ -18,13 +18,13 @@ SUDO=""
 # - shellcheck, systemd (systemd-analyze): deploy/;
 # - mosquitto (a real MQTT broker), chromium + chromium-driver (the live view in a real browser): camera tests.
 APT_PACKAGES="python3-venv gcc libc6-dev python3-dev dataset-fashion-mnist gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user-static debootstrap shellcheck systemd mosquitto chromium chromium-driver"
-missing=""
+missing=()
 for p in $APT_PACKAGES; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
-if [ -n "$missing" ]; then
+if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 # A virtual environment keeps the test install away from the system Python (PEP 668 on Debian 12+).

@@ -132,7 +132,9 @@ def test_bad_options_are_one_error_line(tmp_path, args, message):
 def test_shellcheck_clean():
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck not installed (tests/run.sh installs it)")
-    r = subprocess.run(["shellcheck", "--severity=style", str(INSTALL), str(INSTALL.parent / "nspawn-check.sh")], capture_output=True, text=True)
+    tests = Path(__file__).parent
+    scripts = [INSTALL, INSTALL.parent / "nspawn-check.sh", tests / "run.sh", tests / "fresh-machine.sh", tests.parent / ".ci" / "run"]
+    r = subprocess.run(["shellcheck", "--severity=style", *map(str, scripts)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout
 
 
