@@ -12,7 +12,7 @@ import click
 
 from edge_quq import __version__
 from edge_quq.config import config_option
-from edge_quq.defaults import BACKENDS, DEFAULT_IGNORE_ON, MIXED_POLICIES, default_help
+from edge_quq.defaults import BACKENDS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, MIXED_POLICIES, default_help
 from edge_quq.errors import EdgeQuqError
 from edge_quq.options import PredictorOptions
 
@@ -75,6 +75,8 @@ def model_options(fn: Callable) -> Callable:
         click.option("--ignore-on", default=DEFAULT_IGNORE_ON, show_default=True, metavar="mc|any|DETECTOR",
                      help="What may ignore a prediction: mc (the MC decision rule), a detector of the bundle (its fitted "
                           "threshold alone, e.g. knn), or any (the MC rule or any detector with a threshold)."),
+        click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
+                     help="Refuse images with more pixels than this, from their header, before decoding (memory on small boards)."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)

@@ -22,6 +22,9 @@ CHANNEL_ORDERS: Tuple[str, ...] = ("bgr", "rgb")
 # What may ignore a prediction besides a detector name of the bundle.
 IGNORE_ON_WORDS: Tuple[str, ...] = ("mc", "any")
 DEFAULT_IGNORE_ON = "mc"
+# Input images above this many pixels are refused from their header, before decoding (a 12 MP photo fits; a
+# 900 MP "decompression bomb" in a 1 MB PNG does not).
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 def default_help(key: str) -> str:

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-from edge_quq.defaults import BACKENDS, CHANNEL_ORDERS, DEFAULT_IGNORE_ON
+from edge_quq.defaults import BACKENDS, CHANNEL_ORDERS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS
 from edge_quq.errors import OptionError
 from edge_quq.gradients import GradientSettings
 
@@ -35,6 +35,7 @@ class PredictorOptions:
     channel_order: str = "bgr"  # how 3-channel numpy arrays given to predict() are ordered
     gradient: Optional[GradientSettings] = field(default_factory=GradientSettings)
     ignore_on: str = DEFAULT_IGNORE_ON
+    max_pixels: int = DEFAULT_MAX_PIXELS  # images above this pixel count are refused before decoding
 
     def replace(self, **changes: Any) -> "PredictorOptions":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -48,6 +49,8 @@ class PredictorOptions:
             raise OptionError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.channel_order not in CHANNEL_ORDERS:
             raise OptionError(f"channel_order must be 'bgr' or 'rgb', got {self.channel_order!r}")
+        if self.max_pixels < 1:
+            raise OptionError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if self.threads is not None and self.threads < 1:
             raise OptionError(f"threads must be >= 1, got {self.threads}")
         return self

@@ -22,7 +22,7 @@ from edge_quq.errors import EdgeQuqError, OptionError
 from edge_quq.gradients import GradientSettings, gradient_score
 from edge_quq.options import PredictorOptions
 from edge_quq.head import HeadWeights, load_head_weights
-from edge_quq.preprocess import preprocess_image, read_image
+from edge_quq.preprocess import min_decode_size, preprocess_image, read_image
 from edge_quq.result import Failure, Prediction
 from edge_quq.sampler import HeadMoments, Sampler, make_sampler
 from edge_quq.scores import compute_scores
@@ -62,6 +62,7 @@ class Predictor:
         self.sampler = sampler
         self.settings = settings
         self.channel_order = channel_order
+        self.options = PredictorOptions()  # from_bundle replaces it with the options it was built from
 
     @classmethod
     def from_bundle(cls, path: Optional[Union[str, os.PathLike]] = None, *, options: Optional[PredictorOptions] = None,
@@ -114,9 +115,10 @@ class Predictor:
 
     # -- stages -------------------------------------------------------------------------------------------
     def load_input(self, image: ImageLike) -> np.ndarray:
+        spec, limit = self.bundle.input.preprocess, self.options.max_pixels
         if isinstance(image, np.ndarray):
-            return preprocess_image(image, self.bundle.input.preprocess, self.channel_order)
-        return preprocess_image(read_image(image), self.bundle.input.preprocess, "bgr")
+            return preprocess_image(image, spec, self.channel_order, limit)
+        return preprocess_image(read_image(image, limit, min_decode_size(spec)), spec, "bgr", limit)
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         return self.backbone(batch)

@@ -1,18 +1,31 @@
 """Image in, model input out, exactly as the bundle's manifest says.
 
-decode (any size; gray, BGR or BGRA; 8 or 16 bit) -> color conversion -> optional center crop -> resize ->
-(pixel * pixel_scale - mean) / std -> the backbone's own input quantization.
+header check (pixel limit) -> decode (any size; gray, BGR or BGRA; 8 or 16 bit; large JPEGs at a reduced
+scale) -> optional center crop -> shrink of very large images in their own dtype -> color conversion to
+float -> resize -> (pixel * pixel_scale - mean) / std -> the backbone's own input quantization.
+
+Memory stays bounded on a 1 GB board: the pixel count is read from the file's header and refused above
+`max_pixels` before anything is decoded, and a large image is shrunk before any float copy is made.
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
-from typing import Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 
 from edge_quq.bundle import Preprocess, QuantParams
+from edge_quq.defaults import DEFAULT_MAX_PIXELS
 from edge_quq.errors import InputError
+from edge_quq.imageheader import image_size
+
+# An encoded file larger than this is refused unread (no real photo is near it).
+MAX_FILE_BYTES = 256 * 2**20
+# Large images are shrunk in their own dtype to this multiple of the model's input before the float copy.
+_OVERSAMPLE = 2
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
 
@@ -25,23 +38,85 @@ def _cv2():
     return cv2
 
 
-def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
-    """Decode an image file unchanged (bit depth and channels kept); BGR(A) order for color."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a folder, not an image")
+def _open_regular(p: Path):
+    """The file opened for reading, refusing anything that is not a regular file (a FIFO would block
+    forever, a device would stream without end) with the reason named."""
     try:
-        data = np.fromfile(str(p), dtype=np.uint8)
+        fd = os.open(str(p), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except OSError as e:
+        if e.errno == errno.ENOENT:
+            raise InputError(f"{p}: no such file") from None
+        if e.errno == errno.ELOOP:
+            raise InputError(f"{p}: symbolic link loop") from None
+        if e.errno == errno.EISDIR:
+            raise InputError(f"{p}: is a folder, not an image") from None
         raise InputError(f"{p}: cannot be read ({e.strerror or e})") from None
-    if data.size == 0:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise InputError(f"{p}: is a folder, not an image")
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket"
+        raise InputError(f"{p}: not a regular file ({kind})")
+    return os.fdopen(fd, "rb")
+
+
+def read_bytes(path: Union[str, os.PathLike]) -> bytes:
+    p = Path(path)
+    with _open_regular(p) as f:
+        try:
+            # Read to the end, not st_size bytes: /proc and FUSE files report size 0 and still have content.
+            data = f.read(MAX_FILE_BYTES + 1)
+        except OSError as e:
+            raise InputError(f"{p}: cannot be read ({e.strerror or e})") from None
+    if not data:
         raise InputError(f"{p}: empty file")
-    img = _cv2().imdecode(data, _cv2().IMREAD_UNCHANGED)
+    if len(data) > MAX_FILE_BYTES:
+        raise InputError(f"{p}: larger than {MAX_FILE_BYTES // 2**20} MB, not read")
+    return data
+
+
+def check_pixels(p: object, width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise InputError(f"{p}: {width}x{height} image has {width * height / 1e6:.1f} MP, more than the limit of "
+                         f"{max_pixels / 1e6:g} MP (--max-pixels)")
+
+
+def read_image(path: Union[str, os.PathLike], max_pixels: int = DEFAULT_MAX_PIXELS,
+               min_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """Decode an image file unchanged (bit depth and channels kept); BGR(A) order for color.
+
+    The pixel count is read from the header and refused above `max_pixels` before decoding. With
+    `min_size` (height, width the caller needs), a JPEG far larger than that is decoded at 1/2, 1/4 or 1/8
+    scale by the codec itself, which still leaves at least twice `min_size`.
+    """
+    p = Path(path)
+    data = read_bytes(p)
+    size = image_size(data[:1 << 16])
+    if size is not None:
+        check_pixels(p, size[0], size[1], max_pixels)
+    cv2 = _cv2()
+    flags = cv2.IMREAD_UNCHANGED
+    if size is not None and min_size is not None and data[:2] == b"\xff\xd8":
+        flags = _reduced_jpeg_flag(cv2, size, min_size)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    except cv2.error as e:  # OpenCV's own limits (OPENCV_IO_MAX_IMAGE_PIXELS) for formats not parsed above
+        raise InputError(f"{p}: not decodable ({str(e).strip().splitlines()[-1]})") from None
     if img is None or img.size == 0:
         raise InputError(f"{p}: not a readable image (unknown format or corrupt data)")
+    if size is None:
+        check_pixels(p, img.shape[1], img.shape[0], max_pixels)
     return img
+
+
+def _reduced_jpeg_flag(cv2, size: Tuple[int, int], min_size: Tuple[int, int]) -> int:
+    w, h = size
+    need_h, need_w = (_OVERSAMPLE * v for v in min_size)
+    for factor in (8, 4, 2):
+        if w // factor >= need_w and h // factor >= need_h:
+            return getattr(cv2, f"IMREAD_REDUCED_COLOR_{factor}")
+    return cv2.IMREAD_UNCHANGED
 
 
 def to_pixels(img: np.ndarray, color: str, channel_order: str = "bgr") -> np.ndarray:
@@ -86,11 +161,31 @@ def center_crop(f: np.ndarray, fraction: float) -> np.ndarray:
     return f[top : top + side, left : left + side]
 
 
-def preprocess_image(img: np.ndarray, spec: Preprocess, channel_order: str = "bgr") -> np.ndarray:
+def shrink_native(a: np.ndarray, target_hw: Tuple[int, int], interpolation: str) -> np.ndarray:
+    """An image at least 4x the target in both sides, area-resized in its own dtype to twice the target: the
+    float copy that follows is then a few MB whatever the source size. Smaller images pass unchanged, so
+    their result is bit-exact with a plain float pipeline."""
+    h, w = a.shape[:2]
+    th, tw = target_hw
+    if h < 4 * th or w < 4 * tw or a.dtype not in (np.uint8, np.uint16, np.float32, np.float64):
+        return a
+    cv2 = _cv2()
+    method = cv2.INTER_AREA if interpolation == "area" else getattr(cv2, _INTERP[interpolation])
+    out = cv2.resize(np.ascontiguousarray(a), (_OVERSAMPLE * tw, _OVERSAMPLE * th), interpolation=method)
+    return out
+
+
+def preprocess_image(img: np.ndarray, spec: Preprocess, channel_order: str = "bgr",
+                     max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Model-ready float32 [H, W, C] for one decoded image."""
     cv2 = _cv2()
-    f = center_crop(to_pixels(img, spec.color, channel_order), spec.crop_fraction)
+    a = np.asarray(img)
+    if a.ndim >= 2:
+        check_pixels("image", a.shape[1], a.shape[0], max_pixels)
     h, w = spec.resize
+    if a.ndim in (2, 3) and a.shape[0] >= 1 and a.shape[1] >= 1:
+        a = shrink_native(center_crop(a, spec.crop_fraction), (h, w), spec.interpolation)
+    f = to_pixels(a, spec.color, channel_order)
     if f.shape[0] != h or f.shape[1] != w:
         f = cv2.resize(f, (w, h), interpolation=getattr(cv2, _INTERP[spec.interpolation]))
         if f.ndim == 2:
@@ -98,6 +193,13 @@ def preprocess_image(img: np.ndarray, spec: Preprocess, channel_order: str = "bg
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
     return ((f * np.float32(spec.pixel_scale) - mean) / std).astype(np.float32)
+
+
+def min_decode_size(spec: Preprocess) -> Tuple[int, int]:
+    """The smallest decoded (height, width) that still covers the model input after the center crop."""
+    h, w = spec.resize
+    c = min(spec.crop_fraction, 1.0)
+    return int(np.ceil(h / c)), int(np.ceil(w / c))
 
 
 def quantize(x: np.ndarray, q: QuantParams) -> np.ndarray:

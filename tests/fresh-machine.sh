@@ -43,12 +43,18 @@ CMD_TEST=$(readme_command test)
 [ -n "$CMD_INSTALL" ] || die "README.md has no command after <!-- fresh-machine: install-and-run -->"
 [ -n "$CMD_TEST" ] || die "README.md has no command after <!-- fresh-machine: test -->"
 
+CHILD=""
+# The command runs in its own PID namespace; ending its unshare (--kill-child) ends everything inside.
+# shellcheck disable=SC2317  # called from the traps
+stop_child() { [ -z "$CHILD" ] || { kill "$CHILD" 2>/dev/null; wait "$CHILD" 2>/dev/null; } || true; }
+trap 'stop_child' EXIT
+trap 'exit 130' INT TERM
 if [ -n "$KEEP" ]; then
   mkdir -p "$KEEP"; ROOT=$(cd "$KEEP" && pwd)
   [ -z "$(ls -A "$ROOT")" ] || die "--keep $KEEP: folder is not empty"
 else
   ROOT=$(mktemp -d /var/tmp/edge-quq-fresh.XXXXXX)
-  trap 'rm -rf --one-file-system "$ROOT"' EXIT
+  trap 'stop_child; rm -rf --one-file-system "$ROOT"' EXIT
 fi
 [ -z "$LOGDIR" ] || mkdir -p "$LOGDIR"
 
@@ -58,7 +64,14 @@ debootstrap --variant=minbase --include=python3,git,ca-certificates,sudo bookwor
   || { tail -20 "$ROOT.debootstrap.log" >&2; rm -f "$ROOT.debootstrap.log"; die "debootstrap failed"; }
 rm -f "$ROOT.debootstrap.log"
 echo "fresh-machine: base root ready in $(( $(date +%s) - t0 )) s"
+# This machine's network set-up comes along, nothing else: its resolver, and the extra CA certificates that a
+# TLS-intercepting proxy on the way to the package registries needs (trusted inside with update-ca-certificates).
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
+EXTRA_CA=0
+for crt in /usr/local/share/ca-certificates/*.crt; do
+  [ -f "$crt" ] || continue
+  cp "$crt" "$ROOT/usr/local/share/ca-certificates/"; EXTRA_CA=$((EXTRA_CA + 1))
+done
 mkdir -p "$ROOT/src"
 git -C "$SRC" archive --format=tar HEAD | tar -x -C "$ROOT/src"
 echo "fresh-machine: $(git -C "$SRC" rev-parse --short HEAD) copied to /src (git archive, committed files only)"
@@ -67,7 +80,7 @@ echo "fresh-machine: $(git -C "$SRC" rev-parse --short HEAD) copied to /src (git
 # and so does every process the command left behind.
 in_root() {
   # shellcheck disable=SC2016  # the inner script expands its own positional arguments
-  unshare --mount --pid --fork --propagation private sh -c '
+  unshare --mount --pid --fork --kill-child --propagation private sh -c '
     R=$1; shift
     mount -t proc proc "$R/proc" && mount -t sysfs sys "$R/sys" && mount --rbind /dev "$R/dev" \
       && mount -t tmpfs -o mode=1777 shm "$R/dev/shm" && mount -t tmpfs -o mode=1777 tmp "$R/tmp" || exit 125
@@ -84,8 +97,11 @@ run_step() {
   echo "fresh-machine: [$name] \$ $cmd"
   start=$(date +%s)
   set +e
-  in_root "$cmd" >"$log" 2>&1
+  in_root "$cmd" >"$log" 2>&1 &
+  CHILD=$!
+  wait "$CHILD"
   RC[$name]=$?
+  CHILD=""
   set -e
   SECS[$name]=$(( $(date +%s) - start ))
   # A newcomer reads build warnings as something broken (setuptools once warned about every data folder).
@@ -98,6 +114,10 @@ run_step() {
   [ -n "$LOGDIR" ] || rm -f "$log"
 }
 
+if [ "$EXTRA_CA" -gt 0 ]; then
+  in_root "update-ca-certificates >/dev/null" || die "update-ca-certificates failed in the root"
+  echo "fresh-machine: trusting this machine's $EXTRA_CA extra CA certificate(s) inside"
+fi
 [ "$ONLY" = test ] || run_step install "$CMD_INSTALL"
 [ "$ONLY" = install ] || run_step test "$CMD_TEST"
 
