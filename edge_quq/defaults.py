@@ -16,6 +16,10 @@ DECISION_DEFAULTS: Dict[str, object] = {
     "mixed": "ignore",
 }
 
+# More dropout samples than this are refused up front: the reference sampler holds T x F masks (82 MB at
+# T = 10 000, F = 2048), and the paper's own grid stops at T = 100.
+MAX_NUM_ITER = 10_000
+
 MIXED_POLICIES: Tuple[str, ...] = ("ignore", "keep")
 BACKENDS: Tuple[str, ...] = ("auto", "tflite", "onnx")
 CHANNEL_ORDERS: Tuple[str, ...] = ("bgr", "rgb")

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-from edge_quq.defaults import BACKENDS, CHANNEL_ORDERS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS
+from edge_quq.defaults import BACKENDS, CHANNEL_ORDERS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, MAX_NUM_ITER
 from edge_quq.errors import OptionError
 from edge_quq.gradients import GradientSettings
 
@@ -49,6 +49,8 @@ class PredictorOptions:
             raise OptionError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.channel_order not in CHANNEL_ORDERS:
             raise OptionError(f"channel_order must be 'bgr' or 'rgb', got {self.channel_order!r}")
+        if self.num_iter is not None and not 2 <= self.num_iter <= MAX_NUM_ITER:
+            raise OptionError(f"num_iter (T) must be at least 2 (to estimate a spread) and at most {MAX_NUM_ITER}, got {self.num_iter}")
         if self.max_pixels < 1:
             raise OptionError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if self.threads is not None and self.threads < 1:

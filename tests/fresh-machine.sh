@@ -115,7 +115,7 @@ run_step() {
 }
 
 if [ "$EXTRA_CA" -gt 0 ]; then
-  in_root "update-ca-certificates >/dev/null" || die "update-ca-certificates failed in the root"
+  in_root "update-ca-certificates >/dev/null 2>&1" || die "update-ca-certificates failed in the root"
   echo "fresh-machine: trusting this machine's $EXTRA_CA extra CA certificate(s) inside"
 fi
 [ "$ONLY" = test ] || run_step install "$CMD_INSTALL"

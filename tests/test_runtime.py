@@ -119,6 +119,8 @@ def test_option_errors():
         Predictor.from_bundle(num_iter=1)
     with pytest.raises(OptionError, match="between 0 and 1"):
         Predictor.from_bundle(confidence_level=1.2)
+    with pytest.raises(OptionError, match="at most 10000, got 100000000"):
+        Predictor.from_bundle(num_iter=100_000_000)  # was a MemoryError traceback
 
 
 def test_tampered_and_newer_bundles_are_refused(tmp_path):
