@@ -90,6 +90,19 @@ def build_predictor(**values: Any):
     return Predictor.from_bundle(options=PredictorOptions.from_cli(values))
 
 
+def native_kernel_status(bundle: Any) -> str:
+    """What `--sampler auto` runs on this bundle here, and how to get the native kernel when it is missing."""
+    from edge_quq import sampler_native
+    from edge_quq.head import load_head_weights
+
+    if not sampler_native.available():
+        return ("numpy (the native kernel is not built: install a C compiler and the Python headers, e.g. "
+                "apt-get install gcc python3-dev, then reinstall edge-quq)")
+    if not sampler_native.supports(load_head_weights(bundle)):
+        return f"numpy (native kernel {sampler_native.kernel_isa()} built, but this head's shape is not one it handles)"
+    return f"native ({sampler_native.kernel_isa()} kernel)"
+
+
 def _fmt_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
@@ -184,6 +197,7 @@ def info(bundle: Optional[Path], as_json: bool) -> None:
     if isinstance(acc, dict):
         rows.append(("accuracy", ", ".join(f"{k} {v}" for k, v in acc.items())))
     backends = loadable_backends(b)
+    rows.append(("head sampler", native_kernel_status(b)))
     if as_json:
         click.echo(json.dumps({"fields": dict(rows), "backends": dict(backends), "manifest": b.manifest}, indent=2))
         return

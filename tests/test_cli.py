@@ -134,6 +134,8 @@ def test_info_text_and_json():
         assert word in p.stdout
     j = json.loads(run("info", "--json", check_code=0).stdout)
     assert j["manifest"]["format"] == "edge-quq-bundle" and "tflite" in j["backends"]
+    # Which head sampler `auto` runs here: tests/run.sh installs the compiler, so the kernel must be built.
+    assert j["fields"]["head sampler"].startswith("native (")
 
 
 def test_runtime_log_lines_stay_off_stderr():
