@@ -194,6 +194,22 @@ def info(bundle: Optional[Path], as_json: bool) -> None:
 
 
 # -- camera ------------------------------------------------------------------------------------------------
+class OutputURI(click.ParamType):
+    """--output's values stay strings for click (the command checks them with parse_output, one error line);
+    in a config file a relative path inside one is taken relative to the file's folder, like path options."""
+
+    name = "uri"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> str:
+        return str(value)
+
+    @staticmethod
+    def relative_to(value: str, base: Path) -> str:
+        from edge_quq.sinks.outputs import relative_to
+
+        return relative_to(value, base)
+
+
 CAMERA_OPTIONS = [
     click.option("--width", type=click.IntRange(min=1), default=None, help="Capture width (cameras: csi, v4l2)."),
     click.option("--height", type=click.IntRange(min=1), default=None, help="Capture height (cameras: csi, v4l2)."),
@@ -209,7 +225,7 @@ CAMERA_OPTIONS = [
                  help="Live sources: seconds without a frame before the source counts as stalled and is reopened."),
     click.option("--open-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Network sources: seconds to wait for a connection."),
     click.option("--stats-interval", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds between stats (stderr, stats file, MQTT, systemd STATUS)."),
-    click.option("--output", "outputs", multiple=True, metavar="URI",
+    click.option("--output", "outputs", type=OutputURI(), multiple=True, metavar="URI",
                  help="Where results go; repeat for several: jsonl:PATH or jsonl:- (stdout), video:PATH, snapshots:DIR, stats:PATH, "
                       "http://HOST:PORT, mqtt://[user:pass@]host[:port] or mqtts://..., display://0 (docs/camera.md)."),
     click.option("--stats-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Same as --output stats:PATH: rewrite this JSON file (atomically) at every stats interval and at the end."),

@@ -128,8 +128,8 @@ def validate(command: click.Command, data: Mapping[str, Any], where: str, base_d
              must_exist: Iterable[str] = MUST_EXIST) -> Dict[str, Any]:
     """Check a parsed config against `command`; return click's default_map ({param name: value}).
 
-    Relative paths are taken relative to `base_dir` (the config file's folder), so a config and the
-    bundle beside it can move together.
+    Relative paths (path options, and the path in a URI type that has `relative_to`) are taken relative to
+    `base_dir` (the config file's folder), so a config and the bundle beside it can move together.
     """
     keys = config_keys(command)
     must = set(must_exist)
@@ -155,6 +155,9 @@ def validate(command: click.Command, data: Mapping[str, Any], where: str, base_d
             if isinstance(value, list) and not isinstance(param.type, click.Tuple):
                 raise ConfigError(f"{where}: key {key!r} takes one value, got a list")
             conv = _check_scalar(key, param, value, where)
+        relative_to = getattr(param.type, "relative_to", None)  # URIs that hold a path (OutputURI)
+        if relative_to is not None and base_dir is not None:
+            conv = [relative_to(v, base_dir) for v in conv] if isinstance(conv, list) else relative_to(conv, base_dir)
         if isinstance(param.type, click.Path):
             conv = _resolve_paths(conv, base_dir)
             if param.name in must:

@@ -182,3 +182,27 @@ def test_camera_runs_from_a_config_and_flags_override_it(tmp_path):
     got = json.loads(stats.read_text())
     assert got["frames"]["processed"] == 3 and got["state"] == "stopped"  # the flag beat frames = 2
     assert "backend onnx" in r.stderr and "T=20" in r.stderr
+
+
+def test_camera_outputs_as_a_list_in_the_config(tmp_path):
+    """A repeatable option is a TOML list; relative paths inside output URIs are relative to the config's folder."""
+    import subprocess
+    import sys
+
+    camera_command()
+    (tmp_path / "cfg").mkdir()
+    cfg = write(tmp_path / "cfg", f'source = "{REPO / "edge_quq" / "data" / "samples"}"\nframes = 4\nquiet = true\n'
+                                  'output = ["jsonl:out.jsonl", "stats:stats.json", "jsonl:-"]\n')
+    r = subprocess.run([sys.executable, "-m", "edge_quq", "camera", "--config", str(cfg)], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "cfg" / "out.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and len(r.stdout.splitlines()) == 4
+    assert json.loads((tmp_path / "cfg" / "stats.json").read_text())["frames"]["processed"] == 4
+    # A bad URI in the file: one error line naming it, before the model loads.
+    cfg.write_text(f'source = "{REPO / "edge_quq" / "data" / "samples"}"\noutput = ["jsonl:-", "webhook://x"]\n')
+    r = subprocess.run([sys.executable, "-m", "edge_quq", "camera", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --output webhook://x: unknown output webhook: (expected " + \
+        "jsonl:PATH|-, video:PATH, snapshots:DIR, stats:PATH, http://HOST:PORT, mqtt://HOST, mqtts://HOST, display://0)"
+    dm = load_config(camera_command(), cfg)
+    assert dm["outputs"] == ("jsonl:-", "webhook://x")

@@ -80,6 +80,76 @@ def parse_hostport(spec: str, default_host: str = DEFAULT_HOST, label: str = "")
     return host, port
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One client's requests; `sink` is set on a per-view subclass."""
+
+    sink: "HttpSink"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:  # access logs would flood the journal
+        pass
+
+    def _send(self, code: int, ctype: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            self._send(200, "text/html; charset=utf-8", PAGE.encode())
+        elif path == "/status.json":
+            self._send(200, "application/json", json.dumps(self.sink.status()).encode())
+        elif path == "/frame.jpg":
+            jpg = self.sink._jpeg()
+            if jpg is None:
+                self._send(503, "text/plain", b"no frame yet\n")
+            else:
+                self._send(200, "image/jpeg", jpg)
+        elif path == "/stream.mjpg":
+            self._stream()
+        else:
+            self._send(404, "text/plain", b"not found\n")
+
+    def _stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        seen = -1
+        sink = self.sink
+        with sink._cond:
+            sink.clients += 1
+        try:
+            while not sink._closing.is_set():
+                with sink._cond:
+                    if sink._seq == seen:
+                        sink._cond.wait(1.0)
+                    if sink._seq == seen:
+                        continue
+                    seen = sink._seq
+                jpg = sink._jpeg()
+                if jpg is None:
+                    continue
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n")
+                self.wfile.flush()
+        except OSError:  # the browser went away
+            pass
+        finally:
+            with sink._cond:
+                sink.clients -= 1
+
+
 class HttpSink(Sink):
     name = "http"
 
@@ -97,76 +167,9 @@ class HttpSink(Sink):
         self._closing = threading.Event()
         self.latest_stats: Dict[str, Any] = {}
         self.clients = 0
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # access logs would flood the journal
-                pass
-
-            def _send(self, code: int, ctype: str, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path in ("/", "/index.html"):
-                    self._send(200, "text/html; charset=utf-8", PAGE.encode())
-                elif path == "/status.json":
-                    self._send(200, "application/json", json.dumps(sink.status()).encode())
-                elif path == "/frame.jpg":
-                    jpg = sink._jpeg()
-                    if jpg is None:
-                        self._send(503, "text/plain", b"no frame yet\n")
-                    else:
-                        self._send(200, "image/jpeg", jpg)
-                elif path == "/stream.mjpg":
-                    self._stream()
-                else:
-                    self._send(404, "text/plain", b"not found\n")
-
-            def _stream(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-                seen = -1
-                with sink._cond:
-                    sink.clients += 1
-                try:
-                    while not sink._closing.is_set():
-                        with sink._cond:
-                            if sink._seq == seen:
-                                sink._cond.wait(1.0)
-                            if sink._seq == seen:
-                                continue
-                            seen = sink._seq
-                        jpg = sink._jpeg()
-                        if jpg is None:
-                            continue
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n")
-                        self.wfile.flush()
-                except OSError:  # the browser went away
-                    pass
-                finally:
-                    with sink._cond:
-                        sink.clients -= 1
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        if ":" in host:
-            Server.address_family = socket.AF_INET6
+        server = type("Server6", (Server,), {"address_family": socket.AF_INET6}) if ":" in host else Server
         try:
-            self.httpd = Server((host, port), Handler)
+            self.httpd = server((host, port), type("Handler", (_Handler,), {"sink": self}))
         except OSError as e:
             raise OptionError(f"{label}: cannot listen on {host}:{port} ({e.strerror or e})") from None
         self.host, self.port = host, self.httpd.server_address[1]

@@ -115,14 +115,22 @@ def alias_outputs(jsonl: Optional[str] = None, video_out: Optional[str] = None, 
     return [output_spec(kind, str(v), f"{flag} {v}" if kind != "display" else flag) for kind, flag, v in flags if v is not None]
 
 
+def _split_path_uri(uri: str) -> Optional[Tuple[str, str]]:
+    m = re.match(r"^(jsonl|video|snapshots|stats):(?://)?(.+)$", uri.strip(), flags=re.I)
+    return (m.group(1).lower(), m.group(2)) if m else None
+
+
+def relative_to(uri: str, base: Path) -> str:
+    """The URI with a relative path in it made relative to `base` (the config file's folder)."""
+    parts = _split_path_uri(uri)
+    if parts is None or parts[1] == "-" or Path(parts[1]).expanduser().is_absolute():
+        return uri
+    return f"{parts[0]}:{base / parts[1]}"
+
+
 def stats_paths(uris: Iterable[str]) -> List[str]:
     """The stats files among output URIs (what `edge-quq health` reads); URIs that do not parse are skipped."""
-    out = []
-    for u in uris:
-        m = re.match(r"^stats:(?://)?(.+)$", u.strip())
-        if m:
-            out.append(m.group(1))
-    return out
+    return [p[1] for p in map(_split_path_uri, uris) if p is not None and p[0] == "stats"]
 
 
 def open_output(spec: Union[str, OutputSpec], options: Optional[OutputOptions] = None, **kw: Any) -> Sink:
