@@ -3,7 +3,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
 
 from edge_quq.errors import BackendError, BundleError, EdgeQuqError, InputError, OptionError  # noqa: E402
 
@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 # Ten Fashion-MNIST test images, one per class, shipped for demos and the examples.
-SAMPLES_DIR = Path(__file__).resolve().parent / "data" / "samples"
+SAMPLES_DIR = _Path(__file__).resolve().parent / "data" / "samples"
 
 
 def __getattr__(name: str):

@@ -233,3 +233,14 @@ def test_output_uri_forms(uri, kind, target):
            "display": "display"}[kind]
     (alias,) = alias_outputs(**{old: True if kind == "display" else target})
     assert (alias.kind, alias.target) == (kind, target)
+
+
+def test_unreadable_files_of_a_folder_are_reported(tmp_path):
+    write_folder(tmp_path / "imgs", 3)
+    (tmp_path / "imgs" / "img_0001b.png").write_bytes(b"not a png")
+    stats = tmp_path / "stats.json"
+    r = run_camera("--source", str(tmp_path / "imgs"), "--output", f"stats:{stats}", "-q")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(stats.read_text())
+    assert st["frames"]["processed"] == 3 and st["source_state"]["unreadable"] == 1
+    assert "1 unreadable files" in r.stderr
