@@ -3,6 +3,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from pathlib import Path as _Path  # noqa: E402
+
 from edge_quq.errors import BackendError, BundleError, EdgeQuqError, InputError, OptionError  # noqa: E402
 
 __all__ = [
@@ -16,7 +18,13 @@ __all__ = [
     "PredictorOptions",
     "Prediction",
     "load_bundle",
+    "open_source",
+    "open_output",
+    "SAMPLES_DIR",
 ]
+
+# Ten Fashion-MNIST test images, one per class, shipped for demos and the examples.
+SAMPLES_DIR = _Path(__file__).resolve().parent / "data" / "samples"
 
 
 def __getattr__(name: str):
@@ -33,6 +41,14 @@ def __getattr__(name: str):
         from edge_quq.result import Prediction
 
         return Prediction
+    if name == "open_source":  # a frame source by URI (edge_quq.sources): a context manager, iterates over frames
+        from edge_quq.sources import open_source
+
+        return open_source
+    if name == "open_output":  # an output by URI (edge_quq.sinks): a context manager with render(image, prediction)
+        from edge_quq.sinks import open_output
+
+        return open_output
     if name == "load_bundle":
         from edge_quq.bundle import load_bundle
 

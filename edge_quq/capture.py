@@ -49,7 +49,7 @@ class Capture:
         self.failures = 0  # read errors, ends and stalls of a live source
         self.last_error: Optional[str] = None
         self.last_frame_time = time.time()
-        self.connected = True
+        self._unreadable_closed = 0  # unreadable files of the sources already closed (a --loop folder reopens)
         self._thread = threading.Thread(target=self._run, name="edge-quq-capture", daemon=True)
 
     # -- consumer side ---------------------------------------------------------------------------------
@@ -70,6 +70,18 @@ class Capture:
         """No frame for stall_timeout_s on a live source (also while it is being reopened)."""
         t = time.time() if now is None else now
         return self.live and not self.ended and (t - self.last_frame_time) > self.stall_timeout_s
+
+    @property
+    def unreadable(self) -> int:
+        """Files of a folder source that could not be read as images (skipped)."""
+        src = self.source
+        return self._unreadable_closed + (src.unreadable if src is not None else 0)
+
+    def __enter__(self) -> "Capture":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self, join_s: float = 1.0) -> None:
         self._stop.set()
@@ -98,6 +110,7 @@ class Capture:
 
     def _close(self) -> None:
         if self.source is not None:
+            self._unreadable_closed += self.source.unreadable
             try:
                 self.source.close()
             except Exception:  # closing a broken capture must not kill the thread
@@ -110,7 +123,6 @@ class Capture:
             try:
                 self.source = self.opener()
                 self.reopens += 1
-                self.connected = True
                 return True
             except EdgeQuqError as e:
                 self.last_error = str(e)
@@ -151,7 +163,6 @@ class Capture:
                 # A live source failed: count it, close it, reopen after a short pause (an instant failure
                 # loop would spin a core).
                 self.failures += 1
-                self.connected = False
                 self.last_error = f"no frame from {self.spec.uri} (read failed or stream ended after {time.time() - t0:.1f} s); reopening"
                 self._close()
                 self._stop.wait(self.backoff_min_s)

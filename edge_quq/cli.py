@@ -11,9 +11,10 @@ from typing import Any, Callable, List, Optional, Sequence
 import click
 
 from edge_quq import __version__
-from edge_quq.config import config_option
+from edge_quq.config import DEFAULT_CONFIG_PATH, config_option, service_config_example
 from edge_quq.defaults import BACKENDS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, MIXED_POLICIES, default_help
 from edge_quq.errors import EdgeQuqError
+from edge_quq.health import DEFAULT_MAX_AGE_S, DEFAULT_SERVICE_BUNDLE, DEFAULT_STATS_FILE
 from edge_quq.options import PredictorOptions
 
 SAMPLER_CHOICES = ("auto", "numpy", "native", "analytic", "tflite", "onnx")
@@ -209,120 +210,153 @@ def info(bundle: Optional[Path], as_json: bool) -> None:
 
 
 # -- camera ------------------------------------------------------------------------------------------------
+class OutputURI(click.ParamType):
+    """--output's values stay strings for click (the command checks them with parse_output, one error line);
+    in a config file a relative path inside one is taken relative to the file's folder, like path options."""
+
+    name = "uri"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> str:
+        return str(value)
+
+    @staticmethod
+    def relative_to(value: str, base: Path) -> str:
+        from edge_quq.sinks.outputs import relative_to
+
+        return relative_to(value, base)
+
+
+CAMERA_OPTIONS = [
+    click.option("--width", type=click.IntRange(min=1), default=None, help="Capture width (cameras: csi, v4l2)."),
+    click.option("--height", type=click.IntRange(min=1), default=None, help="Capture height (cameras: csi, v4l2)."),
+    click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None, help="Capture frame rate (cameras: csi, v4l2)."),
+    click.option("--every", type=click.IntRange(min=1), default=1, show_default=True, help="Process every Nth frame read from the source."),
+    click.option("--max-fps", type=click.FloatRange(min=0, min_open=True), default=None, help="Process at most this many frames per second."),
+    click.option("--crop", type=click.FloatRange(min=0, max=1, min_open=True), default=None, help="Classify the centered region of this fraction of width and height."),
+    click.option("--roi", default=None, metavar="X,Y,W,H", help="Classify this pixel region of each frame (instead of --crop)."),
+    click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after this many seconds."),
+    click.option("--frames", type=click.IntRange(min=1), default=None, help="Stop after this many processed frames."),
+    click.option("--loop", is_flag=True, help="Files and folders: start again at the end (demos, soak tests)."),
+    click.option("--stall-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+                 help="Live sources: seconds without a frame before the source counts as stalled and is reopened."),
+    click.option("--open-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Network sources: seconds to wait for a connection."),
+    click.option("--stats-interval", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds between stats (stderr, stats file, MQTT, systemd STATUS)."),
+    click.option("--output", "outputs", type=OutputURI(), multiple=True, metavar="URI",
+                 help="Where results go; repeat for several: jsonl:PATH or jsonl:- (stdout), video:PATH, snapshots:DIR, stats:PATH, "
+                      "http://HOST:PORT, mqtt://[user:pass@]host[:port] or mqtts://..., display://0 (docs/camera.md)."),
+    click.option("--stats-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Same as --output stats:PATH: rewrite this JSON file (atomically) at every stats interval and at the end."),
+    click.option("--jsonl", default=None, metavar="PATH|-", help="Same as --output jsonl:PATH: one JSON line per processed frame, to a file (appended) or - for stdout."),
+    click.option("--video-out", default=None, metavar="PATH", help="Same as --output video:PATH: annotated video file (.avi, .mp4, .mkv)."),
+    click.option("--snapshots", default=None, metavar="DIR", help="Same as --output snapshots:DIR: save ignored frames (PNG + JSON) to this folder for review."),
+    click.option("--max-snapshots", type=click.IntRange(min=1), default=200, show_default=True, help="Keep at most this many snapshots (oldest deleted)."),
+    click.option("--display", is_flag=True, help="Same as --output display://0: show annotated frames in a window (needs a screen and an OpenCV with GUI)."),
+    click.option("--serve", default=None, metavar="[HOST:]PORT", help="Same as --output http://HOST:PORT: live HTTP view (MJPEG stream, page, /status.json); host defaults to 127.0.0.1."),
+    click.option("--mqtt", "mqtt_url", default=None, metavar="URL", help="Same as --output mqtt://...: publish to an MQTT broker, mqtt://[user:pass@]host[:port], mqtts:// for TLS."),
+    click.option("--mqtt-prefix", default="edge-quq", show_default=True, help="MQTT topic prefix."),
+    click.option("--mqtt-device", default=None, help="MQTT device name under the prefix (default: host name)."),
+    click.option("--mqtt-every-frame", is_flag=True, help="Publish a result for every frame, not only on a change of decision or class."),
+    click.option("--mqtt-ca-file", type=click.Path(exists=True, dir_okay=False), default=None, help="CA certificate for mqtts:// (default: the system's)."),
+    click.option("-q", "--quiet", is_flag=True, help="No periodic stats lines on stderr (the final summary is still printed)."),
+]
+
+
+def camera_options(fn: Callable) -> Callable:
+    """The camera command's own options; edge_quq.camera.CameraOptions gathers their values."""
+    for opt in reversed(CAMERA_OPTIONS):
+        fn = opt(fn)
+    return fn
+
+
 @main.command()
 @config_option
 @click.option("--source", required=True, metavar="URI",
               help="Frame source: csi://0, v4l2:///dev/video0, /dev/video0, 0, rtsp://..., http(s)://..., file://video.mp4, a video path, "
                    "an image folder or glob, or a GStreamer pipeline (docs/camera.md).")
 @model_options
-@click.option("--width", type=click.IntRange(min=1), default=None, help="Capture width (cameras: csi, v4l2).")
-@click.option("--height", type=click.IntRange(min=1), default=None, help="Capture height (cameras: csi, v4l2).")
-@click.option("--fps", type=click.FloatRange(min=0, min_open=True), default=None, help="Capture frame rate (cameras: csi, v4l2).")
-@click.option("--every", type=click.IntRange(min=1), default=1, show_default=True, help="Process every Nth frame read from the source.")
-@click.option("--max-fps", type=click.FloatRange(min=0, min_open=True), default=None, help="Process at most this many frames per second.")
-@click.option("--crop", type=click.FloatRange(min=0, max=1, min_open=True), default=None, help="Classify the centered region of this fraction of width and height.")
-@click.option("--roi", default=None, metavar="X,Y,W,H", help="Classify this pixel region of each frame (instead of --crop).")
-@click.option("--duration", type=click.FloatRange(min=0, min_open=True), default=None, help="Stop after this many seconds.")
-@click.option("--frames", type=click.IntRange(min=1), default=None, help="Stop after this many processed frames.")
-@click.option("--loop", is_flag=True, help="Files and folders: start again at the end (demos, soak tests).")
-@click.option("--stall-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
-              help="Live sources: seconds without a frame before the source counts as stalled and is reopened.")
-@click.option("--open-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Network sources: seconds to wait for a connection.")
-@click.option("--stats-interval", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds between stats (stderr, --stats-file, MQTT, systemd STATUS).")
-@click.option("--stats-file", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Rewrite this JSON file (atomically) at every stats interval and at the end.")
-@click.option("--jsonl", default=None, metavar="PATH|-", help="One JSON line per processed frame, to a file (appended) or - for stdout.")
-@click.option("--video-out", default=None, metavar="PATH", help="Annotated video file (.avi, .mp4, .mkv).")
-@click.option("--snapshots", default=None, metavar="DIR", help="Save ignored frames (PNG + JSON) to this folder for review.")
-@click.option("--max-snapshots", type=click.IntRange(min=1), default=200, show_default=True, help="Keep at most this many snapshots (oldest deleted).")
-@click.option("--display", is_flag=True, help="Show annotated frames in a window (needs a screen and an OpenCV with GUI).")
-@click.option("--serve", default=None, metavar="[HOST:]PORT", help="Live HTTP view (MJPEG stream, page, /status.json); host defaults to 127.0.0.1.")
-@click.option("--mqtt", "mqtt_url", default=None, metavar="URL", help="Publish to an MQTT broker: mqtt://[user:pass@]host[:port], mqtts:// for TLS.")
-@click.option("--mqtt-prefix", default="edge-quq", show_default=True, help="MQTT topic prefix.")
-@click.option("--mqtt-device", default=None, help="MQTT device name under the prefix (default: host name).")
-@click.option("--mqtt-every-frame", is_flag=True, help="Publish a result for every frame, not only on a change of decision or class.")
-@click.option("--mqtt-ca-file", type=click.Path(exists=True, dir_okay=False), default=None, help="CA certificate for mqtts:// (default: the system's).")
-@click.option("-q", "--quiet", is_flag=True, help="No periodic stats lines on stderr (the final summary is still printed).")
+@camera_options
 @user_errors
-def camera(source: str, width: Optional[int], height: Optional[int], fps: Optional[float],
-           every: int, max_fps: Optional[float], crop: Optional[float], roi: Optional[str], duration: Optional[float],
-           frames: Optional[int], loop: bool, stall_timeout: float, open_timeout: float, stats_interval: float,
-           stats_file: Optional[Path], jsonl: Optional[str], video_out: Optional[str], snapshots: Optional[str],
-           max_snapshots: int, display: bool, serve: Optional[str], mqtt_url: Optional[str], mqtt_prefix: str,
-           mqtt_device: Optional[str], mqtt_every_frame: bool, mqtt_ca_file: Optional[str], quiet: bool, **model: Any) -> None:
+def camera(**values: Any) -> None:
     """Classify a live camera, stream, video or image folder frame by frame; say keep or ignore for each.
 
     Ends at the end of a file or folder, after --duration/--frames, or on SIGINT/SIGTERM (outputs flushed,
     exit 0). A live source that fails or stalls is reopened with backoff. docs/camera.md has the details.
     """
-    from edge_quq.camera import CameraLoop, LoopSettings, parse_roi, summary_text
-    from edge_quq.capture import Capture
-    from edge_quq.sdnotify import Notifier
-    from edge_quq.sinks import Sink
-    from edge_quq.sinks.http import parse_hostport
-    from edge_quq.sinks.mqtt import parse_broker_url
-    from edge_quq.sources import check_openable, open_source, parse_source
+    from contextlib import ExitStack
 
+    from edge_quq.camera import CameraLoop, CameraOptions
+    from edge_quq.capture import Capture
+    from edge_quq.loopstats import LoopStats, summary_text
+    from edge_quq.sdnotify import Notifier
+    from edge_quq.sinks import SinkSet, open_output
+    from edge_quq.sources import open_source
+
+    opts = CameraOptions.pop_from(values)  # what remains in `values` are the model options
     # Everything that can be refused from the arguments alone is refused before the model loads.
-    spec = parse_source(source, width, height, fps)
-    check_openable(spec)
-    roi_box = parse_roi(roi) if roi else None
-    if roi_box is not None and crop is not None:
-        fail("--roi and --crop are exclusive")
-    if serve:
-        parse_hostport(serve)
-    if mqtt_url:
-        parse_broker_url(mqtt_url)
-    if stats_file is not None and not stats_file.parent.is_dir():
-        fail(f"--stats-file {stats_file}: folder {stats_file.parent} does not exist")
+    spec = opts.source_spec()
+    settings = opts.loop_settings()
+    outputs = opts.output_specs()
 
     def log(msg: str) -> None:
         click.echo(msg, err=True)
 
-    predictor = build_predictor(**model)
-    first = open_source(spec, open_timeout, stall_timeout)
-    sinks: List[Sink] = []
-    try:
-        from edge_quq.sinks.files import DisplaySink, JsonLinesSink, SnapshotSink, VideoSink
-
-        if jsonl:
-            sinks.append(JsonLinesSink(jsonl))
-        if video_out:
-            sinks.append(VideoSink(video_out, max_fps or first.nominal_fps or 10.0))
-        if snapshots:
-            sinks.append(SnapshotSink(snapshots, max_snapshots))
-        if display:
-            sinks.append(DisplaySink())
-        if serve:
-            from edge_quq.sinks.http import HttpSink
-
-            http = HttpSink(serve, source)
-            sinks.append(http)
-            log(f"serving the live view on {http.url}")
-        if mqtt_url:
-            from edge_quq.sinks.mqtt import MqttSink
-
-            sinks.append(MqttSink(mqtt_url, mqtt_prefix, mqtt_device, mqtt_every_frame, mqtt_ca_file))
-    except BaseException:
-        for s in sinks:
-            s.close()
-        first.close()
-        raise
-
-    cap = Capture(spec, lambda: open_source(spec, open_timeout, stall_timeout), first, stall_timeout_s=stall_timeout, loop=loop,
-                  pace_s=(1.0 / max_fps) if max_fps and not spec.live else 0.0)
-    settings = LoopSettings(every=every, max_fps=max_fps, crop=crop, roi=roi_box, duration=duration, frames=frames,
-                            stats_interval=stats_interval, stats_file=stats_file, quiet=quiet)
-    notifier = Notifier()
-    loop_ = CameraLoop(predictor, cap, sinks, settings, notifier, source_uri=source, log=log)
-    s = predictor.settings
-    log(f"camera: {first.describe()} | backend {predictor.backbone.describe()} sampler {predictor.sampler.name} "
-        f"T={s.num_iter} z={s.z:.3g} threshold={s.threshold:g}")
-    notifier.ready(f"model loaded, {spec.kind} source open")
-    try:
-        final = loop_.run()
-    finally:
-        notifier.close()
+    predictor = build_predictor(**values)
+    with ExitStack() as stack:
+        first = stack.enter_context(open_source(spec, opts.open_timeout, opts.stall_timeout))
+        cap = Capture(spec, lambda: open_source(spec, opts.open_timeout, opts.stall_timeout), first, stall_timeout_s=opts.stall_timeout,
+                      loop=opts.loop, pace_s=(1.0 / opts.max_fps) if opts.max_fps and not spec.live else 0.0)
+        stats = LoopStats(opts.source, cap)
+        sinks = stack.enter_context(SinkSet(log=log))
+        out_opts = opts.output_options(first.nominal_fps, stats, log)
+        for o in outputs:
+            sinks.add(open_output(o, out_opts))
+        notifier = stack.enter_context(Notifier())
+        s = predictor.settings
+        log(f"camera: {first.describe()} | backend {predictor.backbone.describe()} sampler {predictor.sampler.name} "
+            f"T={s.num_iter} z={s.z:.3g} threshold={s.threshold:g}")
+        notifier.ready(f"model loaded, {spec.kind} source open")
+        final = CameraLoop(predictor, cap, sinks, settings, notifier, source_uri=opts.source, log=log, stats=stats).run()
     log(summary_text(final))
+
+
+# -- health ------------------------------------------------------------------------------------------------
+@main.command(name="health")
+@click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"The service's config file, for its bundle, backend and stats file (default: {DEFAULT_CONFIG_PATH} when it exists).")
+@click.option("--stats-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help=f"Stats file the camera loop writes (default: the config's stats file, else {DEFAULT_STATS_FILE}).")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None,
+              help=f"Bundle to load (default: the config's, else {DEFAULT_SERVICE_BUNDLE} when it exists, else the embedded one).")
+@click.option("--backend", type=click.Choice(BACKENDS), default=None, help="Backend to open it with (default: the config's, else auto).")
+@click.option("--max-age", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_AGE_S, show_default=True,
+              help="Seconds after which the stats count as stale.")
+@click.option("--no-model", is_flag=True, help="Only check the stats file (cheap enough for every few seconds).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a line.")
+def health(config: Optional[Path], stats_file: Optional[Path], bundle: Optional[Path], backend: Optional[str],
+           max_age: float, no_model: bool, as_json: bool) -> None:
+    """Exit 0 when the camera service is healthy: fresh stats (younger than --max-age), state running,
+    and the bundle loads with a backend. Otherwise exit 1 with one line saying why (2 for bad options).
+
+    Meant for a systemd timer, a cron job or a monitoring agent; reads nothing but the stats file, the
+    config and the bundle.
+    """
+    from edge_quq.health import service_health
+
+    if config is not None and not config.exists():
+        fail(f"{config}: config file does not exist")
+    result = service_health(camera, config, stats_file, bundle, backend, max_age, model=not no_model)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), sort_keys=True))
+    elif result.healthy:
+        click.echo(f"healthy: {result.reason}")
+    else:
+        click.echo(f"unhealthy: {result.reason}", err=True)
+    sys.exit(0 if result.healthy else 1)
+
+
+@main.command(name="config-template", hidden=True)
+def config_template() -> None:
+    """Print deploy/config.example (edge-quq config-template > deploy/config.example)."""
+    click.echo(service_config_example(camera), nl=False)
 
 
 def _register_host_commands() -> None:
@@ -340,10 +374,6 @@ def _register_host_commands() -> None:
 
 
 _register_host_commands()
-
-from edge_quq.health import health_cmd  # noqa: E402  (defined beside its checks; needs nothing from here)
-
-main.add_command(health_cmd)
 
 
 if __name__ == "__main__":

@@ -128,8 +128,8 @@ def validate(command: click.Command, data: Mapping[str, Any], where: str, base_d
              must_exist: Iterable[str] = MUST_EXIST) -> Dict[str, Any]:
     """Check a parsed config against `command`; return click's default_map ({param name: value}).
 
-    Relative paths are taken relative to `base_dir` (the config file's folder), so a config and the
-    bundle beside it can move together.
+    Relative paths (path options, and the path in a URI type that has `relative_to`) are taken relative to
+    `base_dir` (the config file's folder), so a config and the bundle beside it can move together.
     """
     keys = config_keys(command)
     must = set(must_exist)
@@ -155,6 +155,9 @@ def validate(command: click.Command, data: Mapping[str, Any], where: str, base_d
             if isinstance(value, list) and not isinstance(param.type, click.Tuple):
                 raise ConfigError(f"{where}: key {key!r} takes one value, got a list")
             conv = _check_scalar(key, param, value, where)
+        relative_to = getattr(param.type, "relative_to", None)  # URIs that hold a path (OutputURI)
+        if relative_to is not None and base_dir is not None:
+            conv = [relative_to(v, base_dir) for v in conv] if isinstance(conv, list) else relative_to(conv, base_dir)
         if isinstance(param.type, click.Path):
             conv = _resolve_paths(conv, base_dir)
             if param.name in must:
@@ -252,7 +255,7 @@ def _plain_default(p: click.Parameter) -> Any:
 EXAMPLES: Dict[str, Any] = {
     "threads": 4, "num-iter": 30, "z": 0.8, "confidence-level": 0.9, "seed": 0, "width": 640, "height": 480,
     "fps": 15.0, "max-fps": 5.0, "crop": 0.8, "roi": "100,50,224,224", "duration": 3600.0, "frames": 1000,
-    "jsonl": "/var/lib/edge-quq/results.jsonl", "video-out": "/var/lib/edge-quq/annotated.mp4",
+    "output": ["jsonl:/var/lib/edge-quq/results.jsonl", "http://0.0.0.0:8080"], "jsonl": "/var/lib/edge-quq/results.jsonl", "video-out": "/var/lib/edge-quq/annotated.mp4",
     "snapshots": "/var/lib/edge-quq/snapshots", "serve": "0.0.0.0:8080", "mqtt": "mqtt://user:password@broker.local:1883",
     "mqtt-device": "porch-cam", "mqtt-ca-file": "/etc/ssl/certs/ca-certificates.crt",
 }
@@ -287,7 +290,8 @@ SERVICE_VALUES = {"source": "@SOURCE@", "bundle": "@BUNDLE_DIR@", "stats-file": 
 
 
 def service_config_example(command: click.Command) -> str:
-    """deploy/config.example: the file install.sh writes to /etc/edge-quq/config (@...@ filled in)."""
+    """deploy/config.example: the file install.sh writes to /etc/edge-quq/config (@...@ filled in).
+    Regenerate it with `edge-quq config-template > deploy/config.example`."""
     header = (
         "# /etc/edge-quq/config: settings of the edge-quq camera service (TOML).\n"
         "# Keys are the long options of `edge-quq camera --help` (dashes or underscores); a flag given on the\n"
@@ -298,12 +302,3 @@ def service_config_example(command: click.Command) -> str:
     )
     values = {k: v for k, v in SERVICE_VALUES.items() if k in {n for p in command.params for n in _long_names(p)}}
     return header + template(command, values)
-
-
-if __name__ == "__main__":  # python -m edge_quq.config > deploy/config.example
-    from edge_quq.cli import main as _main
-
-    _cmd = _main.commands.get("camera")
-    if _cmd is None:
-        sys.exit("error: this edge_quq has no camera command")
-    sys.stdout.write(service_config_example(_cmd))

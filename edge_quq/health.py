@@ -101,72 +101,42 @@ def check(stats_file: Path, max_age_s: float, bundle: Optional[Path], backend: s
 
 
 def settings_from_config(path: Path, camera: Any) -> Dict[str, Any]:
-    """bundle, backend and stats_file as the service would see them in its config file.
+    """bundle, backend and stats_file as the service would see them in its config file (the stats file
+    set as `stats-file` or as a `stats:PATH` output).
 
     The whole file is checked against the camera command exactly as the service checks it at start-up: a
     config the service would refuse is itself a health problem.
     """
     from edge_quq.config import load_config
+    from edge_quq.sinks.outputs import stats_paths
 
     dm = load_config(camera, path)
-    return {k: dm[k] for k in ("bundle", "backend", "stats_file") if k in dm}
+    out = {k: dm[k] for k in ("bundle", "backend", "stats_file") if k in dm}
+    if "stats_file" not in out:
+        paths = stats_paths(dm.get("outputs", ()))
+        if paths:
+            out["stats_file"] = Path(paths[0])
+    return out
 
 
-def _health_command() -> Any:
-    import click
-
+def service_health(camera: Any, config: Optional[Path], stats_file: Optional[Path], bundle: Optional[Path], backend: Optional[str],
+                   max_age_s: float, model: bool = True) -> Health:
+    """What `edge-quq health` reports: arguments given win, then the service config (`config`, else the
+    installed one when this user may read it), then the installed defaults."""
     from edge_quq import config as config_module
-    from edge_quq.config import DEFAULT_CONFIG_PATH, ConfigError
+    from edge_quq.config import ConfigError
 
-    @click.command(name="health")
-    @click.option("--config", "config", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help=f"The service's config file, for its bundle, backend and stats-file (default: {DEFAULT_CONFIG_PATH} when it exists).")
-    @click.option("--stats-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help=f"Stats file the camera loop writes (default: the config's stats-file, else {DEFAULT_STATS_FILE}).")
-    @click.option("--bundle", type=click.Path(path_type=Path), default=None,
-                  help=f"Bundle to load (default: the config's, else {DEFAULT_SERVICE_BUNDLE} when it exists, else the embedded one).")
-    @click.option("--backend", type=click.Choice(["auto", "tflite", "onnx"]), default=None, help="Backend to open it with (default: the config's, else auto).")
-    @click.option("--max-age", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_MAX_AGE_S, show_default=True,
-                  help="Seconds after which the stats count as stale.")
-    @click.option("--no-model", is_flag=True, help="Only check the stats file (cheap enough for every few seconds).")
-    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of a line.")
-    def health(config: Optional[Path], stats_file: Optional[Path], bundle: Optional[Path], backend: Optional[str],
-               max_age: float, no_model: bool, as_json: bool) -> None:
-        """Exit 0 when the camera service is healthy: fresh stats (younger than --max-age), state running,
-        and the bundle loads with a backend. Otherwise exit 1 with one line saying why (2 for bad options).
-
-        Meant for a systemd timer, a cron job or a monitoring agent; reads nothing but the stats file, the
-        config and the bundle.
-        """
-        ctx = click.get_current_context()
-        if config is not None and not config.exists():
-            click.echo(f"error: {config}: config file does not exist", err=True)
-            ctx.exit(2)
-        # The installed config is root:edge-quq 0640 (it may hold broker passwords): a monitoring user outside
-        # that group gets the installed defaults instead, which is what install.sh writes into it anyway.
-        default_cfg = config_module.DEFAULT_CONFIG_PATH
-        cfg_path = config if config is not None else (default_cfg if os.access(default_cfg, os.R_OK) else None)
-        from_cfg: Dict[str, Any] = {}
-        result: Optional[Health] = None
-        if cfg_path is not None:
-            try:
-                from_cfg = settings_from_config(cfg_path, ctx.find_root().command.commands["camera"])
-            except ConfigError as e:
-                result = Health(False, f"service config is invalid: {e}", {"config": str(cfg_path)})
-        if result is None:
-            result = check(
-                stats_file or from_cfg.get("stats_file") or DEFAULT_STATS_FILE, max_age,
-                bundle or from_cfg.get("bundle") or _installed_bundle(), backend or from_cfg.get("backend") or "auto", model=not no_model,
-            )
-        if as_json:
-            click.echo(json.dumps(result.to_dict(), sort_keys=True))
-        elif result.healthy:
-            click.echo(f"healthy: {result.reason}")
-        else:
-            click.echo(f"unhealthy: {result.reason}", err=True)
-        ctx.exit(0 if result.healthy else 1)
-
-    return health
-
-
-health_cmd = _health_command()
+    # The installed config is root:edge-quq 0640 (it may hold broker passwords): a monitoring user outside
+    # that group gets the installed defaults instead, which is what install.sh writes into it anyway.
+    default_cfg = config_module.DEFAULT_CONFIG_PATH
+    cfg_path = config if config is not None else (default_cfg if os.access(default_cfg, os.R_OK) else None)
+    from_cfg: Dict[str, Any] = {}
+    if cfg_path is not None:
+        try:
+            from_cfg = settings_from_config(cfg_path, camera)
+        except ConfigError as e:
+            return Health(False, f"service config is invalid: {e}", {"config": str(cfg_path)})
+    return check(
+        stats_file or from_cfg.get("stats_file") or DEFAULT_STATS_FILE, max_age_s,
+        bundle or from_cfg.get("bundle") or _installed_bundle(), backend or from_cfg.get("backend") or "auto", model=model,
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from typing import Optional
+from typing import Any, Optional
 
 
 class Notifier:
@@ -74,3 +74,9 @@ class Notifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+    def __enter__(self) -> "Notifier":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -10,7 +10,8 @@
 
 parse_source() only looks at the string (and the file system for paths); open_source() opens it and raises
 EdgeQuqError with one line naming the source when that fails. Every opened source has read() -> BGR uint8
-frame or None (end, timeout or error) and close().
+frame or None (end, timeout or error) and close(), is a context manager, and iterates over its frames
+until the first None (`with open_source("video.mp4") as src: for img in src: ...`).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Iterator, List, Optional, Union
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -112,6 +113,7 @@ class Source:
     spec: SourceSpec
     # Frames per second the source says it delivers (0 when unknown): used for the annotated video file.
     nominal_fps: float = 0.0
+    unreadable = 0  # files skipped because they are not readable images (folder sources)
 
     def read(self) -> Optional[np.ndarray]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -121,6 +123,19 @@ class Source:
 
     def describe(self) -> str:
         return f"{self.spec.kind} {self.spec.target}"
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            img = self.read()
+            if img is None:
+                return
+            yield img
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 class CvSource(Source):
@@ -156,16 +171,20 @@ class CvSource(Source):
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         fps = cap.get(cv2.CAP_PROP_FPS)
         self.nominal_fps = float(fps) if fps and 0 < fps < 1000 else 0.0
-        self.cap = cap
+        self.cap: Any = cap
 
     def read(self) -> Optional[np.ndarray]:
+        if self.cap is None:
+            return None
         ok, frame = self.cap.read()
         if not ok or frame is None or frame.size == 0:
             return None
         return frame
 
     def close(self) -> None:
-        self.cap.release()
+        if self.cap is not None:
+            self.cap.release()
+            self.cap = None
 
 
 def _why_not(spec: SourceSpec) -> str:
@@ -179,7 +198,8 @@ def _why_not(spec: SourceSpec) -> str:
 
 
 class ImageFolderSource(Source):
-    """Image files of a folder or glob, in name order; unreadable files are skipped and counted."""
+    """Image files of a folder or glob, in name order; unreadable files are skipped and counted (the camera
+    stats' source_state.unreadable)."""
 
     def __init__(self, spec: SourceSpec) -> None:
         self.spec = spec
@@ -221,7 +241,7 @@ class Picamera2Source(Source):
             cam.start()
         except Exception as e:  # Picamera2 raises RuntimeError/IndexError/OSError depending on the failure
             raise InputError(f"--source {spec.uri}: Picamera2 cannot open camera {spec.index} ({e})") from None
-        self.cam = cam
+        self.cam: Any = cam
         self.nominal_fps = float(spec.fps or 30.0)
 
     def read(self) -> Optional[np.ndarray]:
@@ -231,9 +251,12 @@ class Picamera2Source(Source):
             return None
 
     def close(self) -> None:
+        cam, self.cam = self.cam, None
+        if cam is None:
+            return
         try:
-            self.cam.stop()
-            self.cam.close()
+            cam.stop()
+            cam.close()
         except Exception:
             pass
 
@@ -273,7 +296,10 @@ def check_openable(spec: SourceSpec) -> None:
             raise OptionError(f"--source {spec.uri}: Jetson CSI cameras need an OpenCV built with GStreamer (Debian/JetPack python3-opencv)")
 
 
-def open_source(spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0) -> Source:
+def open_source(spec: Union[str, SourceSpec], open_timeout_s: float = 10.0, read_timeout_s: float = 5.0, **kw: Any) -> Source:
+    """Open a source (a URI, or a parsed spec); keyword arguments are parse_source's width, height, fps."""
+    if isinstance(spec, str):
+        spec = parse_source(spec, **kw)
     check_openable(spec)
     if spec.kind == "images":
         return ImageFolderSource(spec)

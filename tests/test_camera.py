@@ -152,10 +152,18 @@ def port_in_use():
     (["--source", "SAMPLES", "--roi", "1,2,3"], "expected X,Y,W,H"),
     (["--source", "SAMPLES", "--roi", "500,500,10,10"], "outside the"),
     (["--source", "SAMPLES", "--video-out", "x.gif"], "unknown container"),
+    (["--source", "SAMPLES", "--output", "video:x.gif"], "--output video:x.gif: unknown container .gif"),
+    (["--source", "SAMPLES", "--output", "results.jsonl"], "--output results.jsonl: not an output URI"),
+    (["--source", "SAMPLES", "--output", "ftp://host/x"], "--output ftp://host/x: unknown output ftp:"),
+    (["--source", "SAMPLES", "--output", "stats:/nonexistent/stats.json"], "folder /nonexistent does not exist"),
+    (["--source", "SAMPLES", "--output", "mqtt://"], "--output mqtt://: no broker host"),
+    (["--source", "SAMPLES", "--output", "http://127.0.0.1:PORT_IN_USE"], "--output http://127.0.0.1:PORT_IN_USE: cannot listen on"),
+    (["--source", "SAMPLES", "--output", "http://127.0.0.1:80/view"], "the live view has no path"),
 ])
 def test_bad_input_one_error_line(tmp_path, port_in_use, args, message):
     samples = str(Path(__file__).resolve().parents[1] / "edge_quq" / "data" / "samples")
     args = [a.replace("SAMPLES", samples).replace("PORT_IN_USE", str(port_in_use)) for a in args]
+    message = message.replace("PORT_IN_USE", str(port_in_use))
     out = tmp_path / "out.jsonl"
     r = run_camera(*args, "--jsonl", str(out), timeout=60)
     assert r.returncode == 2, (r.returncode, r.stderr)
@@ -164,6 +172,29 @@ def test_bad_input_one_error_line(tmp_path, port_in_use, args, message):
     assert "Traceback" not in r.stderr
     # Nothing half-written: a refused run leaves no output file behind (not even an empty one).
     assert not out.exists()
+
+
+def test_output_uris_are_the_old_flags(tmp_path):
+    """--output URIs and the old flags give the same outputs; an output kind may repeat (a file and stdout)."""
+    write_folder(tmp_path / "imgs", 12)
+    common = ["--source", str(tmp_path / "imgs"), "--seed", "5", "-T", "10", "--stats-interval", "0.2", "-q"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = run_camera(*common, "--output", f"jsonl:{a}.jsonl", "--output", "jsonl:-", "--output", f"stats:{a}.json",
+                   "--output", f"snapshots:{a}", "--output", f"video:{a}.avi")
+    assert r.returncode == 0, r.stderr
+    r2 = run_camera(*common, "--jsonl", f"{b}.jsonl", "--stats-file", f"{b}.json", "--snapshots", str(b), "--video-out", f"{b}.avi")
+    assert r2.returncode == 0, r2.stderr
+
+    def strip(recs):
+        return [{k: v for k, v in x.items() if k not in ("ts", "timings_ms", "rss_mb")} for x in recs]
+
+    recs = read_jsonl(f"{a}.jsonl")
+    assert len(recs) == 12 and strip(recs) == strip(read_jsonl(f"{b}.jsonl"))
+    assert strip(recs) == strip([json.loads(line) for line in r.stdout.splitlines()])
+    sa, sb = json.loads(Path(f"{a}.json").read_text()), json.loads(Path(f"{b}.json").read_text())
+    assert STATS_KEYS <= set(sa) and set(sa) == set(sb) and sa["frames"] == sb["frames"] and sa["frames"]["processed"] == 12
+    assert sorted(p.name.split("_")[-1] for p in a.iterdir()) == sorted(p.name.split("_")[-1] for p in b.iterdir())  # same frames
+    assert Path(f"{a}.avi").stat().st_size > 0 and Path(f"{b}.avi").stat().st_size > 0
 
 
 def test_memory_flat_over_5000_frames(tmp_path):
@@ -178,3 +209,38 @@ def test_memory_flat_over_5000_frames(tmp_path):
     growth = rss[5000] - rss[500]
     print(f"RSS after 500 frames {rss[500]:.1f} MB, after 5000 {rss[5000]:.1f} MB, growth {growth:+.2f} MB")
     assert growth < 4.0, (rss[500], rss[5000])
+
+
+@pytest.mark.parametrize("uri, kind, target", [
+    ("jsonl:-", "jsonl", "-"),
+    ("jsonl:results.jsonl", "jsonl", "results.jsonl"),
+    ("jsonl:///var/tmp/r.jsonl", "jsonl", "/var/tmp/r.jsonl"),
+    ("video:/tmp/clip.mp4", "video", "/tmp/clip.mp4"),
+    ("snapshots:ignored/", "snapshots", "ignored/"),
+    ("stats:/tmp/stats.json", "stats", "/tmp/stats.json"),
+    ("http://0.0.0.0:8080", "http", "0.0.0.0:8080"),
+    ("http://[::1]:8080/", "http", "[::1]:8080"),
+    ("mqtts://user:pw@broker.local", "mqtt", "mqtts://user:pw@broker.local"),
+    ("display://0", "display", "0"),
+])
+def test_output_uri_forms(uri, kind, target):
+    from edge_quq.sinks import alias_outputs, parse_output
+
+    spec = parse_output(uri)
+    assert (spec.kind, spec.target, spec.label) == (kind, target, f"--output {uri}")
+    # The old flags name the same outputs.
+    old = {"jsonl": "jsonl", "video": "video_out", "snapshots": "snapshots", "stats": "stats_file", "http": "serve", "mqtt": "mqtt",
+           "display": "display"}[kind]
+    (alias,) = alias_outputs(**{old: True if kind == "display" else target})
+    assert (alias.kind, alias.target) == (kind, target)
+
+
+def test_unreadable_files_of_a_folder_are_reported(tmp_path):
+    write_folder(tmp_path / "imgs", 3)
+    (tmp_path / "imgs" / "img_0001b.png").write_bytes(b"not a png")
+    stats = tmp_path / "stats.json"
+    r = run_camera("--source", str(tmp_path / "imgs"), "--output", f"stats:{stats}", "-q")
+    assert r.returncode == 0, r.stderr
+    st = json.loads(stats.read_text())
+    assert st["frames"]["processed"] == 3 and st["source_state"]["unreadable"] == 1
+    assert "1 unreadable files" in r.stderr

@@ -7,6 +7,7 @@ import signal
 import tempfile
 import urllib.request
 
+import numpy as np
 import pytest
 
 from camera_util import free_port, start_camera, stop, wait_for, write_folder
@@ -76,3 +77,27 @@ def test_live_view_in_chromium(tmp_path):
             driver.quit()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_status_reads_the_loop_stats():
+    """/status.json shows the run's LoopStats (the numbers of the stats file), not a count of its own."""
+    import edge_quq
+    from edge_quq.loopstats import LoopStats
+    from edge_quq.sinks import FrameResult, open_output
+
+    predictor = edge_quq.Predictor.from_bundle()
+    files = sorted(p for p in edge_quq.SAMPLES_DIR.iterdir() if p.suffix == ".png")
+    stats = LoopStats("samples")
+    port = free_port()
+    with open_output(f"http://127.0.0.1:{port}", stats=stats, source="samples", log=lambda m: None) as view:
+        for i, f in enumerate(files):
+            p = predictor.predict(str(f))
+            stats.record(p, index=i)
+            if i < 3:  # the view is shown only some frames: its counters must not depend on that
+                view.emit(FrameResult.make(i, 0.0, np.zeros((28, 28, 3), np.uint8), p))
+        st = json.loads(_get(f"http://127.0.0.1:{port}/status.json"))
+        assert _get(f"http://127.0.0.1:{port}/frame.jpg")[:2] == b"\xff\xd8"
+    lat = stats.latency()["total"]
+    assert st["processed"] == len(files) == stats.processed and st["ignored"] == stats.ignored
+    assert st["latency_ms_p50"] == lat["p50"] and st["latency_ms_p90"] == lat["p90"]
+    assert st["last"]["frame"] == len(files) - 1 and st["state"] == "running"

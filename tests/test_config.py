@@ -20,7 +20,7 @@ from edge_quq.config import config_option, load_config, template
 @click.option("--fps", type=click.FloatRange(min=0.1), default=None)
 @click.option("--stats-file", type=click.Path(path_type=Path), default=None)
 @click.option("--stats-interval", type=click.IntRange(min=1), default=10)
-@click.option("--sink", "sinks", multiple=True, help="Result sinks.")
+@click.option("--output", "outputs", multiple=True, help="Result outputs (URIs).")
 @click.option("--mirror/--no-mirror", default=False)
 def fake_camera(**kw):
     """Stands in for `edge-quq camera` until it lands: same option machinery (model_options + plain options)."""
@@ -48,7 +48,7 @@ threshold = 0.6
 z = 1            # an integer is a fine float
 no_xnnpack = true
 stats_file = "state/stats.json"
-sink = ["jsonl:///tmp/x.jsonl", "mqtt://localhost"]
+output = ["jsonl:/var/lib/x.jsonl", "http://0.0.0.0:8080"]
 mirror = true
 ignore-on = "any"
 ''')
@@ -57,15 +57,15 @@ ignore-on = "any"
     got = json.loads(out)
     assert got["backend"] == "onnx" and got["num_iter"] == 30 and got["threshold"] == 0.6 and got["z"] == 1.0
     assert got["no_xnnpack"] is True and got["mirror"] is True and got["bundle"] == str(DEFAULT_BUNDLE_DIR)
-    assert got["sinks"] == ["jsonl:///tmp/x.jsonl", "mqtt://localhost"] and got["ignore_on"] == "any"
+    assert got["outputs"] == ["jsonl:/var/lib/x.jsonl", "http://0.0.0.0:8080"] and got["ignore_on"] == "any"
     # Relative paths are relative to the config file's folder.
     assert got["stats_file"] == str(tmp_path.resolve() / "state" / "stats.json")
     assert got["source"] == "v4l2:///dev/video0" and got["stats_interval"] == 10  # untouched defaults
 
-    code, out = run(cfg, "-T", "7", "--backend", "tflite", "--no-mirror", "--sink", "stdout://")
+    code, out = run(cfg, "-T", "7", "--backend", "tflite", "--no-mirror", "--output", "jsonl:-")
     got = json.loads(out)
     assert code == 0 and got["num_iter"] == 7 and got["backend"] == "tflite" and got["mirror"] is False
-    assert got["sinks"] == ["stdout://"] and got["threshold"] == 0.6
+    assert got["outputs"] == ["jsonl:-"] and got["threshold"] == 0.6
 
 
 def test_no_config_means_the_command_defaults(tmp_path, monkeypatch):
@@ -138,7 +138,7 @@ def test_deploy_config_example_lists_every_camera_option():
     text = (REPO / "deploy" / "config.example").read_text()
     listed = set(re.findall(r"^#?([a-z][a-z0-9-]*) = ", text, flags=re.M))
     expected = {k for k in config_keys(camera_command()) if "_" not in k}
-    assert listed == expected, "regenerate: python -m edge_quq.config > deploy/config.example"
+    assert listed == expected, "regenerate: edge-quq config-template > deploy/config.example"
 
 
 def test_installed_config_is_valid_for_the_camera_command(tmp_path):
@@ -182,3 +182,27 @@ def test_camera_runs_from_a_config_and_flags_override_it(tmp_path):
     got = json.loads(stats.read_text())
     assert got["frames"]["processed"] == 3 and got["state"] == "stopped"  # the flag beat frames = 2
     assert "backend onnx" in r.stderr and "T=20" in r.stderr
+
+
+def test_camera_outputs_as_a_list_in_the_config(tmp_path):
+    """A repeatable option is a TOML list; relative paths inside output URIs are relative to the config's folder."""
+    import subprocess
+    import sys
+
+    camera_command()
+    (tmp_path / "cfg").mkdir()
+    cfg = write(tmp_path / "cfg", f'source = "{REPO / "edge_quq" / "data" / "samples"}"\nframes = 4\nquiet = true\n'
+                                  'output = ["jsonl:out.jsonl", "stats:stats.json", "jsonl:-"]\n')
+    r = subprocess.run([sys.executable, "-m", "edge_quq", "camera", "--config", str(cfg)], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = (tmp_path / "cfg" / "out.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and len(r.stdout.splitlines()) == 4
+    assert json.loads((tmp_path / "cfg" / "stats.json").read_text())["frames"]["processed"] == 4
+    # A bad URI in the file: one error line naming it, before the model loads.
+    cfg.write_text(f'source = "{REPO / "edge_quq" / "data" / "samples"}"\noutput = ["jsonl:-", "webhook://x"]\n')
+    r = subprocess.run([sys.executable, "-m", "edge_quq", "camera", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --output webhook://x: unknown output webhook: (expected " + \
+        "jsonl:PATH|-, video:PATH, snapshots:DIR, stats:PATH, http://HOST:PORT, mqtt://HOST, mqtts://HOST, display://0)"
+    dm = load_config(camera_command(), cfg)
+    assert dm["outputs"] == ("jsonl:-", "webhook://x")

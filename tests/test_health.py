@@ -110,5 +110,9 @@ def test_settings_come_from_the_service_config(tmp_path):
     cfg.write_text('bundle = "/nonexistent/bundle"\n')
     code, _, err = health("--config", str(cfg))
     assert code == 1 and "service config is invalid" in err and "/nonexistent/bundle does not exist" in err
+    # The stats file may be set as an output URI (relative to the config's folder, like stats-file).
+    cfg.write_text(f'bundle = "{DEFAULT_BUNDLE_DIR}"\noutput = ["jsonl:-", "stats:state/stats.json"]\n')
+    code, out, _ = health("--config", str(cfg), "--json", "--no-model")
+    assert code == 0 and json.loads(out)["stats_file"] == str(s.resolve())
     code, _, err = health("--config", str(tmp_path / "missing"))
     assert code == 2 and err == f"error: {tmp_path / 'missing'}: config file does not exist"

@@ -1,4 +1,4 @@
-"""Local sinks: JSON lines, annotated video file, snapshots of ignored frames, the --display window."""
+"""Local sinks: JSON lines, annotated video file, snapshots of ignored frames, the stats file, the display window."""
 from __future__ import annotations
 
 import json
@@ -6,10 +6,24 @@ import os
 import sys
 from collections import deque
 from pathlib import Path
-from typing import IO, Any, Deque, Dict, Optional
+from typing import IO, Any, Callable, Deque, Dict
 
 from edge_quq.errors import OptionError
-from edge_quq.sinks import FrameResult, Sink
+from edge_quq.sinks.base import FrameResult, Sink
+
+
+VIDEO_FOURCC = {".avi": "MJPG", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "XVID"}
+
+
+def check_video_path(path: str, label: str) -> None:
+    suffix = Path(path).suffix.lower()
+    if suffix not in VIDEO_FOURCC:
+        raise OptionError(f"{label}: unknown container {suffix or '(none)'} (use .avi, .mp4, .mkv)")
+
+
+def check_parent(path: str, label: str) -> None:
+    if not Path(path).parent.is_dir():
+        raise OptionError(f"{label}: folder {Path(path).parent} does not exist")
 
 
 class JsonLinesSink(Sink):
@@ -18,7 +32,7 @@ class JsonLinesSink(Sink):
 
     name = "jsonl"
 
-    def __init__(self, dest: str) -> None:
+    def __init__(self, dest: str, label: str = "") -> None:
         self.dest = dest
         self.lines = 0
         # A file this run creates and never writes to (refused ROI, a source that ends before its first
@@ -31,7 +45,7 @@ class JsonLinesSink(Sink):
                 Path(dest).parent.mkdir(parents=True, exist_ok=True)
                 self.fh = open(dest, "a", encoding="utf-8")
             except OSError as e:
-                raise OptionError(f"--jsonl {dest}: cannot be written ({e.strerror})") from None
+                raise OptionError(f"{label or '--jsonl ' + dest}: cannot be written ({e.strerror})") from None
 
     def emit(self, r: FrameResult) -> None:
         self.fh.write(json.dumps(r.record, separators=(",", ":")) + "\n")
@@ -56,14 +70,11 @@ class VideoSink(Sink):
     """Annotated frames to a video file (.avi: MJPG, .mp4/.m4v/.mov: mp4v, .mkv: XVID)."""
 
     name = "video"
-    FOURCC = {".avi": "MJPG", ".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".mkv": "XVID"}
-
-    def __init__(self, path: str, fps: float) -> None:
+    def __init__(self, path: str, fps: float, label: str = "") -> None:
+        self.label = label or f"--video-out {path}"
+        check_video_path(path, self.label)
+        check_parent(path, self.label)
         self.path = Path(path)
-        if self.path.suffix.lower() not in self.FOURCC:
-            raise OptionError(f"--video-out {path}: unknown container {self.path.suffix or '(none)'} (use .avi, .mp4, .mkv)")
-        if not self.path.parent.is_dir():
-            raise OptionError(f"--video-out {path}: folder {self.path.parent} does not exist")
         self.fps = fps if fps > 0 else 10.0
         self.writer = None
         self.size = None
@@ -75,9 +86,9 @@ class VideoSink(Sink):
         img = r.annotated
         if self.writer is None:
             self.size = (img.shape[1], img.shape[0])
-            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*self.FOURCC[self.path.suffix.lower()]), self.fps, self.size)
+            self.writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*VIDEO_FOURCC[self.path.suffix.lower()]), self.fps, self.size)
             if not self.writer.isOpened():
-                raise OptionError(f"--video-out {self.path}: OpenCV cannot write this file")
+                raise OptionError(f"{self.label}: OpenCV cannot write this file")
         if (img.shape[1], img.shape[0]) != self.size:
             img = cv2.resize(img, self.size)  # a stream that changes resolution mid-run
         self.writer.write(img)
@@ -93,14 +104,15 @@ class SnapshotSink(Sink):
 
     name = "snapshots"
 
-    def __init__(self, folder: str, limit: int) -> None:
+    def __init__(self, folder: str, limit: int = 200, label: str = "") -> None:
+        label = label or f"--snapshots {folder}"
         self.folder = Path(folder)
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise OptionError(f"--snapshots {folder}: cannot create ({e.strerror})") from None
+            raise OptionError(f"{label}: cannot create ({e.strerror})") from None
         if not os.access(self.folder, os.W_OK):
-            raise OptionError(f"--snapshots {folder}: not writable")
+            raise OptionError(f"{label}: not writable")
         self.limit = limit
         self.saved: Deque[Path] = deque()
         self.total = 0
@@ -129,15 +141,15 @@ class DisplaySink(Sink):
 
     name = "display"
 
-    def __init__(self) -> None:
+    def __init__(self, label: str = "--display") -> None:
         import cv2  # noqa: PLC0415
 
         if not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-            raise OptionError("--display: no screen here (DISPLAY/WAYLAND_DISPLAY unset); use --serve to watch from a browser")
+            raise OptionError(f"{label}: no screen here (DISPLAY/WAYLAND_DISPLAY unset); use --serve to watch from a browser")
         try:
             cv2.namedWindow("edge-quq", cv2.WINDOW_NORMAL)
         except cv2.error:
-            raise OptionError("--display: this OpenCV has no GUI (opencv-python-headless); install Debian's python3-opencv "
+            raise OptionError(f"{label}: this OpenCV has no GUI (opencv-python-headless); install Debian's python3-opencv "
                               "in a venv made with --system-site-packages, or use --serve") from None
         self.quit = False
 
@@ -157,10 +169,26 @@ class DisplaySink(Sink):
             pass
 
 
+class StatsFileSink(Sink):
+    """The stats JSON, rewritten at every stats interval and at the end (what `edge-quq health` reads).
+    A failed write is a warning, not the end of this output: the next interval tries again."""
+
+    name = "stats"
+
+    def __init__(self, path: str, label: str = "", log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> None:
+        self.path = Path(path)
+        self.label = label or f"--stats-file {path}"
+        self.log = log
+
+    def stats(self, stats: Dict[str, Any]) -> None:
+        try:
+            atomic_write_json(self.path, stats)
+        except OSError as e:
+            self.log(f"warning: cannot write {self.label}: {e.strerror}")
+
+
 def atomic_write_json(path: Path, obj: Dict[str, Any]) -> None:
     """Write, fsync-free but rename-atomic: a reader sees the old or the new file, never half of one."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, separators=(",", ":")) + "\n", encoding="utf-8")
     os.replace(tmp, path)
-
-

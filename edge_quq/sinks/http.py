@@ -1,9 +1,10 @@
-"""--serve HOST:PORT: a live view for a browser on the same network (stdlib http.server, one thread per client).
+"""http://HOST:PORT (--serve): a live view for a browser on the same network (stdlib http.server, one thread per client).
 
     GET /             a small page: the stream, running ignore rate, latency, FPS (polls /status.json)
     GET /stream.mjpg  multipart/x-mixed-replace JPEG stream of annotated frames
     GET /frame.jpg    the latest annotated frame
-    GET /status.json  running counters, the last decision, and the latest periodic stats
+    GET /status.json  running counters, the last decision, and the latest periodic stats (all read from the
+                      run's LoopStats; the view counts nothing itself)
 
 Frames are annotated and JPEG-encoded in the client's thread only while someone watches, so an unwatched
 view costs the loop one reference assignment per frame.
@@ -18,7 +19,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Dict, Optional, Tuple
 
 from edge_quq.errors import OptionError
-from edge_quq.sinks import FrameResult, Sink
+from edge_quq.loopstats import LoopStats
+from edge_quq.sinks.base import FrameResult, Sink
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -56,14 +58,15 @@ setInterval(poll, 1000); poll();
 """
 
 
-def parse_hostport(spec: str, default_host: str = DEFAULT_HOST) -> Tuple[str, int]:
+def parse_hostport(spec: str, default_host: str = DEFAULT_HOST, label: str = "") -> Tuple[str, int]:
     """'HOST:PORT', ':PORT', 'PORT' or '[IPv6]:PORT'."""
+    label = label or f"--serve {spec}"
     s = spec.strip()
     host, port_s = default_host, s
     if s.startswith("["):
         end = s.find("]")
         if end < 0 or not s[end + 1:].startswith(":"):
-            raise OptionError(f"--serve {spec}: expected [IPv6]:PORT")
+            raise OptionError(f"{label}: expected [IPv6]:PORT")
         host, port_s = s[1:end], s[end + 2:]
     elif ":" in s:
         h, port_s = s.rsplit(":", 1)
@@ -71,105 +74,104 @@ def parse_hostport(spec: str, default_host: str = DEFAULT_HOST) -> Tuple[str, in
     try:
         port = int(port_s)
     except ValueError:
-        raise OptionError(f"--serve {spec}: port {port_s!r} is not a number (expected HOST:PORT, e.g. 127.0.0.1:8080)") from None
+        raise OptionError(f"{label}: port {port_s!r} is not a number (expected HOST:PORT, e.g. 127.0.0.1:8080)") from None
     if not 0 <= port <= 65535:
-        raise OptionError(f"--serve {spec}: port {port} out of range")
+        raise OptionError(f"{label}: port {port} out of range")
     return host, port
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """One client's requests; `sink` is set on a per-view subclass."""
+
+    sink: "HttpSink"
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:  # access logs would flood the journal
+        pass
+
+    def _send(self, code: int, ctype: str, body: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html"):
+            self._send(200, "text/html; charset=utf-8", PAGE.encode())
+        elif path == "/status.json":
+            self._send(200, "application/json", json.dumps(self.sink.status()).encode())
+        elif path == "/frame.jpg":
+            jpg = self.sink._jpeg()
+            if jpg is None:
+                self._send(503, "text/plain", b"no frame yet\n")
+            else:
+                self._send(200, "image/jpeg", jpg)
+        elif path == "/stream.mjpg":
+            self._stream()
+        else:
+            self._send(404, "text/plain", b"not found\n")
+
+    def _stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        seen = -1
+        sink = self.sink
+        with sink._cond:
+            sink.clients += 1
+        try:
+            while not sink._closing.is_set():
+                with sink._cond:
+                    if sink._seq == seen:
+                        sink._cond.wait(1.0)
+                    if sink._seq == seen:
+                        continue
+                    seen = sink._seq
+                jpg = sink._jpeg()
+                if jpg is None:
+                    continue
+                self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n")
+                self.wfile.flush()
+        except OSError:  # the browser went away
+            pass
+        finally:
+            with sink._cond:
+                sink.clients -= 1
 
 
 class HttpSink(Sink):
     name = "http"
 
-    def __init__(self, spec: str, source: str, jpeg_quality: int = 80) -> None:
-        host, port = parse_hostport(spec)
+    def __init__(self, spec: str, source: str = "", stats: Optional[LoopStats] = None, label: str = "", jpeg_quality: int = 80) -> None:
+        label = label or f"--serve {spec}"
+        host, port = parse_hostport(spec, label=label)
         self.source = source
+        # Standalone (no camera loop to read from), the view records the frames it shows into its own stats.
+        self.own_stats = stats is None
+        self.loop_stats = LoopStats(source) if stats is None else stats
         self.jpeg_quality = jpeg_quality
         self._cond = threading.Condition()
         self._latest: Optional[FrameResult] = None
         self._seq = 0
         self._closing = threading.Event()
-        self.processed = 0
-        self.ignored = 0
-        self.lat_p50 = 0.0
-        self.lat_p90 = 0.0
-        self._recent: list = []
-        self.fps = 0.0
-        self.state = "starting"
-        self.last: Optional[Dict[str, Any]] = None
         self.latest_stats: Dict[str, Any] = {}
         self.clients = 0
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # access logs would flood the journal
-                pass
-
-            def _send(self, code: int, ctype: str, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path in ("/", "/index.html"):
-                    self._send(200, "text/html; charset=utf-8", PAGE.encode())
-                elif path == "/status.json":
-                    self._send(200, "application/json", json.dumps(sink.status()).encode())
-                elif path == "/frame.jpg":
-                    jpg = sink._jpeg()
-                    if jpg is None:
-                        self._send(503, "text/plain", b"no frame yet\n")
-                    else:
-                        self._send(200, "image/jpeg", jpg)
-                elif path == "/stream.mjpg":
-                    self._stream()
-                else:
-                    self._send(404, "text/plain", b"not found\n")
-
-            def _stream(self) -> None:
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.send_header("Cache-Control", "no-store")
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.close_connection = True
-                seen = -1
-                with sink._cond:
-                    sink.clients += 1
-                try:
-                    while not sink._closing.is_set():
-                        with sink._cond:
-                            if sink._seq == seen:
-                                sink._cond.wait(1.0)
-                            if sink._seq == seen:
-                                continue
-                            seen = sink._seq
-                        jpg = sink._jpeg()
-                        if jpg is None:
-                            continue
-                        self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg) + jpg + b"\r\n")
-                        self.wfile.flush()
-                except OSError:  # the browser went away
-                    pass
-                finally:
-                    with sink._cond:
-                        sink.clients -= 1
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            allow_reuse_address = True
-
-        if ":" in host:
-            Server.address_family = socket.AF_INET6
+        server = type("Server6", (Server,), {"address_family": socket.AF_INET6}) if ":" in host else Server
         try:
-            self.httpd = Server((host, port), Handler)
+            self.httpd = server((host, port), type("Handler", (_Handler,), {"sink": self}))
         except OSError as e:
-            raise OptionError(f"--serve {spec}: cannot listen on {host}:{port} ({e.strerror or e})") from None
+            raise OptionError(f"{label}: cannot listen on {host}:{port} ({e.strerror or e})") from None
         self.host, self.port = host, self.httpd.server_address[1]
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="edge-quq-http", daemon=True)
         self._thread.start()
@@ -189,36 +191,26 @@ class HttpSink(Sink):
         return buf.tobytes() if ok else None
 
     def status(self) -> Dict[str, Any]:
+        st = self.loop_stats
+        total = st.latency().get("total", {})
         return {
             "updated": time.time(),
             "source": self.source,
-            "state": self.state,
-            "processed": self.processed,
-            "ignored": self.ignored,
-            "ignore_rate": self.ignored / self.processed if self.processed else 0.0,
-            "latency_ms_p50": self.lat_p50,
-            "latency_ms_p90": self.lat_p90,
-            "fps": self.fps,
+            "state": st.state if st.processed else "starting",
+            "processed": st.processed,
+            "ignored": st.ignored,
+            "ignore_rate": st.ignore_rate or 0.0,
+            "latency_ms_p50": total.get("p50", 0.0),
+            "latency_ms_p90": total.get("p90", 0.0),
+            "fps": st.fps_ema,
             "clients": self.clients,
-            "last": self.last,
+            "last": st.last,
             "stats": self.latest_stats,
         }
 
     def emit(self, r: FrameResult) -> None:
-        p = r.prediction
-        self.processed += 1
-        self.ignored += 0 if p.keep else 1
-        self.fps = r.fps
-        self.state = "running"
-        self._recent.append(p.timings_ms.get("total", 0.0))
-        if len(self._recent) >= 50:  # the page's latency: the last 50 frames
-            s = sorted(self._recent)
-            self.lat_p50, self.lat_p90 = s[len(s) // 2], s[int(len(s) * 0.9)]
-            self._recent = []
-        elif self.processed < 50:
-            s = sorted(self._recent)
-            self.lat_p50, self.lat_p90 = s[len(s) // 2], s[int(len(s) * 0.9)]
-        self.last = {"frame": r.index, "time": r.time, "decision": p.decision, "label": p.label, "top_label": p.top_label}
+        if self.own_stats:
+            self.loop_stats.record(r.prediction, r.time, r.index)
         with self._cond:
             self._latest = r
             self._seq += 1
@@ -226,7 +218,6 @@ class HttpSink(Sink):
 
     def stats(self, stats: Dict[str, Any]) -> None:
         self.latest_stats = stats
-        self.state = stats.get("state", self.state)
 
     def close(self) -> None:
         self._closing.set()

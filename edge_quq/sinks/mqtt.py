@@ -1,10 +1,10 @@
-"""--mqtt URL: results and stats to an MQTT broker, the way Frigate and Home Assistant users expect.
+"""mqtt://... (--mqtt URL): results and stats to an MQTT broker, the way Frigate and Home Assistant users expect.
 
 Topics under PREFIX/DEVICE (default edge-quq/<hostname>):
     available   "online" (retained) once connected; "offline" (retained) as the broker's last will, and on a
                 clean stop
     result      one JSON object on every change of decision or class (every frame with --mqtt-every-frame)
-    stats       the periodic stats object (same as --stats-file)
+    stats       the periodic stats object (LoopStats.to_dict(), the same as the stats file)
 
 The broker never slows the loop: paho's network thread (loop_start) connects, reconnects with backoff and
 sends; publish() only queues. Results and stats are QoS 0: while the broker is away they are dropped, not
@@ -21,26 +21,27 @@ from typing import Any, Dict, Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
 from edge_quq.errors import OptionError
-from edge_quq.sinks import FrameResult, Sink
+from edge_quq.sinks.base import FrameResult, Sink
 
 SCHEMES = {"mqtt": (1883, False), "tcp": (1883, False), "mqtts": (8883, True), "ssl": (8883, True)}
 ENV_USER, ENV_PASSWORD = "EDGE_QUQ_MQTT_USERNAME", "EDGE_QUQ_MQTT_PASSWORD"
 
 
-def parse_broker_url(url: str) -> Dict[str, Any]:
+def parse_broker_url(url: str, label: str = "") -> Dict[str, Any]:
     """mqtt://[user[:password]@]host[:port] (mqtts:// for TLS); OptionError naming what does not parse."""
+    label = label or f"--mqtt {url}"
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as e:
-        raise OptionError(f"--mqtt {url}: not a broker URL ({e}); expected mqtt://[user:password@]host[:port]") from None
+        raise OptionError(f"{label}: not a broker URL ({e}); expected mqtt://[user:password@]host[:port]") from None
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
-        raise OptionError(f"--mqtt {url}: scheme must be mqtt:// or mqtts:// (got {scheme + '://' if scheme else 'none'})")
+        raise OptionError(f"{label}: scheme must be mqtt:// or mqtts:// (got {scheme + '://' if scheme else 'none'})")
     if not parts.hostname:
-        raise OptionError(f"--mqtt {url}: no broker host; expected mqtt://[user:password@]host[:port]")
+        raise OptionError(f"{label}: no broker host; expected mqtt://[user:password@]host[:port]")
     if parts.path not in ("", "/") or parts.query:
-        raise OptionError(f"--mqtt {url}: unexpected path or query; the topic prefix is --mqtt-prefix")
+        raise OptionError(f"{label}: unexpected path or query; the topic prefix is --mqtt-prefix")
     default_port, tls = SCHEMES[scheme]
     user = unquote(parts.username) if parts.username else os.environ.get(ENV_USER)
     password = unquote(parts.password) if parts.password else os.environ.get(ENV_PASSWORD)
@@ -61,12 +62,12 @@ class MqttSink(Sink):
     name = "mqtt"
 
     def __init__(self, url: str, prefix: str = "edge-quq", device: Optional[str] = None, every_frame: bool = False,
-                 ca_file: Optional[str] = None, keepalive: int = 30) -> None:
-        cfg = parse_broker_url(url)
+                 ca_file: Optional[str] = None, keepalive: int = 30, label: str = "") -> None:
+        cfg = parse_broker_url(url, label)
         try:
             import paho.mqtt.client as mqtt  # noqa: PLC0415
         except ImportError:
-            raise OptionError("--mqtt needs paho-mqtt: pip install 'edge-quq[mqtt]'") from None
+            raise OptionError(f"{label or '--mqtt'}: needs paho-mqtt: pip install 'edge-quq[mqtt]'") from None
         self.base = f"{_check_topic_part('prefix', prefix)}/{_check_topic_part('device', device or default_device())}"
         self.topic_available = f"{self.base}/available"
         self.topic_result = f"{self.base}/result"
