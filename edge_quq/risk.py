@@ -10,9 +10,10 @@ Learn-then-Test (Angelopoulos, Bates, Candes, Jordan, Lei 2021, arXiv 2110.01052
   p_t = P(Binomial(m, target) <= errors) is a valid p-value for H_t (exact binomial tail; the
   Hoeffding-Bentkus p-value of the LTT paper is available too and is never smaller for 0/1 losses).
 - Fixed-sequence testing: thresholds are the distinct calibration scores, from the most confident down,
-  then "keep all". Testing starts at the first threshold that keeps at least
-  m_min = ceil(ln(delta) / ln(1 - target)) points: with fewer, even zero errors cannot give p <= delta, so
-  no rejection is possible there. It walks down while p_t <= delta and returns the last rejected threshold.
+  then "keep all". Testing starts at the first threshold that keeps at least start_kept(target, delta)
+  points (a count fixed by target and delta alone: where half the target as empirical error would
+  certify; with fewer than ceil(ln(delta) / ln(1 - target)) not even zero errors could). It walks down
+  while p_t <= delta and returns the last rejected threshold.
 - Guarantee: with probability >= 1 - delta over the calibration draw, R(threshold) <= target, for
   exchangeable (calibration, test) data. Argument: let tau = sup{t: R(t) > target}. A violation means the
   walk rejected the first candidate at or below tau; with strict keeping, that candidate keeps exactly the
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Tuple
 
 import numpy as np
@@ -165,6 +167,17 @@ def min_kept(target: float, delta: float) -> int:
     return int(math.ceil(math.log(delta) / math.log1p(-target) - 1e-12))
 
 
+def start_kept(target: np.ndarray, delta: float) -> np.ndarray:
+    """Kept count where the walk starts: where an empirical error of half the target would already
+    certify the target (normal approximation, m = 4 z^2 (1 - a) / a, z = Phi^-1(1 - delta)), and never
+    below min_kept. It depends on (target, delta) only, not on the data, which the guarantee needs; it
+    keeps one unlucky error among the very first points from stopping the walk."""
+    a = np.asarray(target, np.float64)
+    z = NormalDist().inv_cdf(1.0 - delta)
+    zero_err = np.ceil(np.log(delta) / np.log1p(-a) - 1e-12)
+    return np.maximum(zero_err, np.ceil(4.0 * z * z * (1.0 - a) / a)).astype(np.int64)
+
+
 def _pvalues(errors: np.ndarray, kept: np.ndarray, target: float, bound: str) -> np.ndarray:
     if bound == "binomial":
         return binomial_pvalue(errors, kept, target)
@@ -177,8 +190,7 @@ def smallest_reachable_target(table: CalibrationTable, delta: float, bound: str 
     """The smallest target on a 1e-4 grid whose fixed-sequence walk rejects its first test (nan: none)."""
     _, kept, errors = table.candidates()
     grid = np.arange(1, 10000, dtype=np.float64) / 10000.0
-    need = np.ceil(np.log(delta) / np.log1p(-grid) - 1e-12)
-    start = np.searchsorted(kept, need, side="left")  # kept is non-decreasing along the candidates
+    start = np.searchsorted(kept, start_kept(grid, delta), side="left")  # kept is non-decreasing along the candidates
     ok = start < kept.size
     p = _pvalues(errors[start[ok]], kept[start[ok]], grid[ok], bound)
     reach = np.flatnonzero(p <= delta)
@@ -192,7 +204,7 @@ def ltt_threshold(table: CalibrationTable, target_error: float, delta: float = 0
     target = check_level(target_error, "target error")
     delta = check_level(delta, "delta")
     thresholds, kept, errors = table.candidates()
-    start = int(np.searchsorted(kept, min_kept(target, delta), side="left"))
+    start = int(np.searchsorted(kept, start_kept(target, delta), side="left"))
     p = _pvalues(errors[start:], kept[start:], target, bound) if start < kept.size else np.ones(0)
     fail = np.flatnonzero(p > delta)
     last = (fail[0] if fail.size else p.size) - 1
