@@ -21,6 +21,7 @@ The gate ignores an input when the combined p < alpha.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -30,15 +31,31 @@ from edge_quq.errors import InputError, OptionError
 COMBINE_RULES: Tuple[str, ...] = ("bonferroni", "hmp")
 
 
-def sort_calibration(cal_scores: Sequence[np.ndarray]) -> Tuple[np.ndarray, ...]:
-    """One ascending float64 array per detector; NaN calibration scores are a bad calibration file."""
+@dataclass(frozen=True)
+class CalibrationScores:
+    """Per-detector calibration scores, each ascending float64, plus n + 1 per detector (precomputed: the
+    per-sample path is a handful of small array operations and every one of them counts)."""
+
+    arrays: Tuple[np.ndarray, ...]
+    plus_one: np.ndarray  # float64 [D]: n_d + 1
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    @property
+    def sizes(self) -> Tuple[int, ...]:
+        return tuple(int(a.shape[0]) for a in self.arrays)
+
+
+def sort_calibration(cal_scores: Sequence[np.ndarray]) -> CalibrationScores:
+    """Sort each detector's calibration scores once; NaN or none at all is a bad calibration file."""
     out = []
     for d, cal in enumerate(cal_scores):
         arr = np.sort(np.asarray(cal, np.float64).ravel())
         if arr.size == 0 or not np.all(np.isfinite(arr)):
             raise InputError(f"calibration scores of detector {d}: need at least one, all finite (got {arr.size})")
         out.append(arr)
-    return tuple(out)
+    return CalibrationScores(tuple(out), np.array([a.shape[0] + 1.0 for a in out]))
 
 
 def _as_scores(scores: np.ndarray, num_detectors: int) -> np.ndarray:
@@ -50,29 +67,28 @@ def _as_scores(scores: np.ndarray, num_detectors: int) -> np.ndarray:
     return s
 
 
-def conformal_pvalues(scores: np.ndarray, sorted_cal: Sequence[np.ndarray], smooth: bool = False,
+def conformal_pvalues(scores: np.ndarray, cal: CalibrationScores, smooth: bool = False,
                       rng: Optional[np.random.Generator] = None) -> np.ndarray:
-    """p-values [N, D] of scores [N, D] against ascending calibration arrays (sort_calibration).
+    """p-values [N, D] of scores [N, D] against sorted calibration scores (sort_calibration).
 
     smooth=False: (1 + #{cal >= s}) / (n + 1), super-uniform. smooth=True: the randomised variant, exactly
     uniform for exchangeable data (rng: a numpy Generator; default a fresh one). A NaN score has no rank:
     it gets p = 0 so that the gate ignores it (a score that cannot be computed is not evidence of being in
     distribution). The loop runs over detectors (a handful), never over samples.
     """
-    s = _as_scores(scores, len(sorted_cal))
-    p = np.empty_like(s)
-    u = (rng or np.random.default_rng()).random(s.shape) if smooth else None
-    for d, cal in enumerate(sorted_cal):
-        n = cal.shape[0]
-        col = s[:, d]
-        n_ge = n - np.searchsorted(cal, col, side="left")
-        if u is None:
-            p[:, d] = (1.0 + n_ge) / (n + 1.0)
-        else:
-            n_gt = n - np.searchsorted(cal, col, side="right")
-            p[:, d] = (n_gt + u[:, d] * (1.0 + n_ge - n_gt)) / (n + 1.0)
-        p[np.isnan(col), d] = 0.0
-    return p
+    s = _as_scores(scores, len(cal))
+    below = np.empty_like(s)  # #{cal < s}; the ndarray method, as np.searchsorted's dispatch costs more
+    for d, arr in enumerate(cal.arrays):  # than the search itself on one sample
+        below[:, d] = arr.searchsorted(s[:, d], side="left")
+    finite = s == s  # False for NaN: p = 0
+    if not smooth:
+        return np.where(finite, (cal.plus_one - below) / cal.plus_one, 0.0)
+    below_eq = np.empty_like(s)  # #{cal <= s}
+    for d, arr in enumerate(cal.arrays):
+        below_eq[:, d] = arr.searchsorted(s[:, d], side="right")
+    u = (rng or np.random.default_rng()).random(s.shape)
+    n_gt = cal.plus_one - 1.0 - below_eq
+    return np.where(finite, (n_gt + u * (1.0 + below_eq - below)) / cal.plus_one, 0.0)
 
 
 def hmp_factor(num_detectors: int) -> float:
@@ -91,11 +107,10 @@ def combine(pvalues: np.ndarray, rule: str = "bonferroni") -> np.ndarray:
         raise InputError(f"p-values must be [N, D] with D >= 1, got shape {p.shape}")
     num = p.shape[1]
     if rule == "bonferroni":
-        out = num * np.min(p, axis=1)
+        out = num * np.minimum.reduce(p, axis=1)
     elif rule == "hmp":
-        with np.errstate(divide="ignore"):
-            hm = num / np.sum(1.0 / p, axis=1)  # a zero p-value gives 1/0 = inf and hm = 0, as it should
-        out = hmp_factor(num) * hm
+        # a zero p-value gives hm ~ 0, as it should, without a divide-by-zero warning
+        out = (hmp_factor(num) * num) / (1.0 / np.maximum(p, 1e-300)).sum(axis=1)
     else:
         raise OptionError(f"unknown p-value combination rule {rule!r}; choose from {', '.join(COMBINE_RULES)}")
     return np.minimum(out, 1.0)
@@ -114,6 +129,6 @@ def gate(combined_p: np.ndarray, alpha: float) -> np.ndarray:
     return np.asarray(combined_p, np.float64) < check_level(alpha, "ood alpha")
 
 
-def gate_pvalues(scores: np.ndarray, sorted_cal: Sequence[np.ndarray], rule: str = "bonferroni") -> np.ndarray:
+def gate_pvalues(scores: np.ndarray, cal: CalibrationScores, rule: str = "bonferroni") -> np.ndarray:
     """scores [N, D] -> combined p [N]: what a predictor stores as ood_p and compares with alpha."""
-    return combine(conformal_pvalues(scores, sorted_cal), rule)
+    return combine(conformal_pvalues(scores, cal), rule)

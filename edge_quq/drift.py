@@ -59,7 +59,7 @@ DRIFT_DEFAULTS: Dict[str, object] = {
     "interval": 1,            # at most one fed frame per this many frames (1: no limit)
     "clear_after": 30,        # fed frames without a crossing that clear the alarm
 }
-_P_FLOOR = 1e-300  # p = 0 (an unscorable input) bets as the smallest positive p rather than as infinity
+_P_FLOOR = 1e-12  # p = 0 (an unscorable input) bets as this p rather than as infinity; raising p keeps validity
 
 
 def expert_grid(family: str) -> np.ndarray:
@@ -170,7 +170,7 @@ class FeedRule:
 
 def unit(feature: np.ndarray) -> np.ndarray:
     f = np.asarray(feature, np.float64).ravel()
-    return f / max(float(np.linalg.norm(f)), 1e-12)
+    return f / max(math.sqrt(float(f.dot(f))), 1e-12)
 
 
 @dataclass
@@ -206,7 +206,10 @@ class DriftMonitor:
         if int(self.clear_after) < 1:
             raise OptionError(f"drift clear_after must be >= 1 fed frame, got {self.clear_after}")
         self._eps = expert_grid(self.family)
+        self._eps_m1 = self._eps - 1.0
+        self._keep, self._pool = 1.0 - self.jump, self.jump / self._eps.size
         self._log_level = alarm_level(self.delta) * math.log(10.0)
+        self._near_dot = 1.0 - 0.5 * self.feed.scene_distance ** 2
         self.reset()
 
     def reset(self) -> None:
@@ -221,7 +224,9 @@ class DriftMonitor:
         self._quiet = 0
 
     def _restart(self) -> None:
-        self._log_cap = np.full(self._eps.size, -math.log(self._eps.size))
+        # Capitals as shares of the total (summing to 1) plus the log of the total: the per-frame update is
+        # then a handful of small array operations, and neither part can overflow.
+        self._share = np.full(self._eps.size, 1.0 / self._eps.size)
         self._log_m = 0.0
 
     def _wants(self, feature: Optional[np.ndarray]) -> Tuple[bool, Optional[np.ndarray]]:
@@ -235,7 +240,8 @@ class DriftMonitor:
         if self._memory is None or self._memory.shape[1] != u.size:
             self._memory, self._stored = np.empty((int(self.feed.scene_memory), u.size)), 0
         filled = self._memory[:min(self._stored, self._memory.shape[0])]
-        near = filled.shape[0] and float(np.min(np.linalg.norm(filled - u, axis=1))) < self.feed.scene_distance
+        # unit vectors: |a - b|^2 = 2 - 2 a.b, so "nearer than d to one of them" is one matrix-vector product
+        near = filled.shape[0] > 0 and float(filled.dot(u).max()) > self._near_dot
         return not near, u
 
     def _remember(self, u: np.ndarray) -> None:
@@ -256,8 +262,15 @@ class DriftMonitor:
         return DriftStatus(self._alarm, self._log_m / math.log(10.0), self._since, fed, self._frame, self._fed)
 
     def _bet(self, pvalue: float, frame: int) -> None:
-        self._log_cap = _jump(self._log_cap, self.jump) + log_bets(pvalue, self._eps, self.family)
-        self._log_m = float(_logsumexp(self._log_cap))
+        p = min(max(pvalue, _P_FLOOR), 1.0) if pvalue == pvalue else _P_FLOOR  # NaN bets as p = 0
+        if self.family == "power":
+            bets = self._eps * np.exp(self._eps_m1 * math.log(p))
+        else:
+            bets = 1.0 + self._eps * (p - 0.5)
+        cap = (self._keep * self._share + self._pool) * bets  # the jump, then the bets (shares sum to 1)
+        total = float(cap.sum())
+        self._log_m += math.log(total)
+        self._share = cap / total
         if self._log_m >= self._log_level:
             if not self._alarm:
                 self._alarm, self._since = True, frame

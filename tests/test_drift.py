@@ -35,6 +35,17 @@ def test_path_matches_a_plain_loop_for_both_families_and_jumps():
     np.testing.assert_allclose(batched[1], martingale_path(p[::-1], "power", 0.01))
 
 
+def test_monitor_follows_the_batched_path_until_its_first_alarm():
+    rng = np.random.default_rng(6)
+    for family, jump in (("power", 0.01), ("simple", 0.01), ("power", 0.0)):
+        p = rng.random(400) ** 1.2
+        want = martingale_path(p, family, jump)
+        mon = DriftMonitor(feed=FeedRule(mode="interval"), family=family, jump=jump)
+        got = np.array([mon.update(float(x)).log10_martingale for x in p])
+        stop = int(first_alarm(want, mon.delta)) if first_alarm(want, mon.delta) >= 0 else p.size
+        np.testing.assert_allclose(got[:stop], want[:stop], atol=1e-9)
+
+
 def test_simple_jumper_matches_mapie():
     martingales = pytest.importorskip("mapie.exchangeability_testing.martingales")
     p = np.random.default_rng(1).random(200) ** 2
