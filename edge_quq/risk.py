@@ -221,6 +221,46 @@ def ltt_threshold(table: CalibrationTable, target_error: float, delta: float = 0
                          method=f"ltt-{bound}")
 
 
+def binomial_upper_bound(errors: int, kept: int, level: float) -> float:
+    """Clopper-Pearson upper bound: the b with P(Bin(kept, b) <= errors) = level (bisection; 1 if kept = 0)."""
+    if kept <= 0 or errors >= kept:
+        return 1.0
+    lo, hi = errors / kept, 1.0
+    for _ in range(6):  # each round: one vectorised tail over 64 points shrinks the bracket 63-fold (~1e-11)
+        grid = np.linspace(lo, hi, 64)
+        above = binom_cdf(errors, kept, grid) > level  # decreasing in b: True then False
+        i = int(np.count_nonzero(above))
+        lo, hi = grid[max(i - 1, 0)], grid[min(i, 63)]
+    return float(hi)
+
+
+def sgr_threshold(table: CalibrationTable, target_error: float, delta: float = 0.05) -> RiskThreshold:
+    """Selection with guaranteed risk (Geifman & El-Yaniv 2017, Algorithm 1): binary search over the
+    candidate thresholds for ceil(log2 n) steps, each step's risk bounded by Clopper-Pearson at
+    delta / steps (union bound); the most covering threshold whose bound is below the target wins."""
+    target = check_level(target_error, "target error")
+    delta = check_level(delta, "delta")
+    thresholds, kept, errors = table.candidates()
+    steps = max(1, math.ceil(math.log2(table.scores.size)))
+    lo, hi, best, best_bound = 0, kept.size - 1, -1, 1.0
+    for _ in range(steps):
+        j = (lo + hi + 1) // 2
+        bound = binomial_upper_bound(int(errors[j]), int(kept[j]), delta / steps)
+        if bound < target:
+            lo, best, best_bound = j, max(best, j), bound
+        else:
+            hi = j
+        if lo >= hi:
+            break
+    if best < 0:
+        raise OptionError(f"target error {target:g} cannot be certified at delta {delta:g} by SGR from "
+                          f"{table.scores.size} calibration samples")
+    n = table.scores.size
+    return RiskThreshold(threshold=float(thresholds[best]), coverage=float(kept[best]) / n, kept=int(kept[best]),
+                         errors=int(errors[best]), p_value=best_bound, target_error=target, delta=delta,
+                         method="sgr")
+
+
 def keep_mask(scores: np.ndarray, threshold: float) -> np.ndarray:
     """The risk policy's keep decision for a batch of confidence scores (strict >, as calibrated)."""
     return np.asarray(scores, np.float64) > threshold

@@ -115,3 +115,28 @@ def test_hb_bound_is_never_tighter_than_the_exact_binomial():
     table = CalibrationTable.build(c, ok)
     exact, hb = ltt_threshold(table, 0.02, 0.05), ltt_threshold(table, 0.02, 0.05, bound="hb")
     assert hb.threshold >= exact.threshold and hb.coverage <= exact.coverage
+
+
+def test_clopper_pearson_bound_matches_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    from edge_quq.risk import binomial_upper_bound
+
+    for k, m, level in [(0, 100, 0.01), (3, 500, 0.004), (50, 1000, 0.05), (0, 5, 0.5), (19, 1728, 0.0045)]:
+        want = stats.beta.ppf(1 - level, k + 1, m - k)
+        assert want <= binomial_upper_bound(k, m, level) <= want + 1e-9
+    assert binomial_upper_bound(0, 0, 0.05) == 1.0
+
+
+def test_sgr_guarantee_over_random_splits_and_refusal():
+    from edge_quq.risk import sgr_threshold
+
+    rng = np.random.default_rng(6)
+    target, delta, splits, a = 0.03, 0.1, 120, 0.1  # SGR's search starts at half coverage: give it room
+    violations = 0
+    for _ in range(splits):
+        c, ok = _synthetic(rng, 2000, a)
+        t = max(sgr_threshold(CalibrationTable.build(c, ok), target, delta).threshold, 0.0)
+        violations += a * (1 - t) ** 2 / 3 > target
+    assert violations / splits <= delta + 4 * math.sqrt(delta * (1 - delta) / splits)
+    with pytest.raises(OptionError, match="SGR"):
+        sgr_threshold(CalibrationTable.build(*_synthetic(rng, 300, 0.9)), 0.001, 0.05)
