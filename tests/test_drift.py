@@ -131,3 +131,36 @@ def test_bad_options_are_one_clear_error():
         DriftMonitor().update(0.5)
     with pytest.raises(InputError, match=r"\[N, 2\]"):
         drift_pvalues(np.ones((3, 1)), [10, 10], 0.01)
+
+
+def test_real_fashion_mnist_streams_with_the_default_feed():
+    """Default bundle, Mahalanobis p-values against 2000 held-out calibration images: a clean stream of
+    1000 other test images does not alarm; strong corruptions alarm within 20 frames; a static clip (one
+    image, sensor noise of 2/255, 1000 frames) is fed once."""
+    from tests.gate_util import detector_scores, features_of, real_id_data, real_images
+
+    data = real_id_data()
+    x = real_images()
+    cal = sort_calibration([data["score_mahalanobis"][:2000]])
+
+    def run(images):
+        f = features_of(images)
+        p = drift_pvalues(conformal_pvalues(detector_scores(f, "mahalanobis")[:, None], cal), [2000], 0.01)
+        mon = DriftMonitor()
+        states = [mon.update(float(q), ff) for q, ff in zip(p, f)]
+        return next((i for i, s in enumerate(states) if s.alarm), None), states[-1].fed_frames
+
+    stream = x[5000:6000]
+    assert run(stream)[0] is None
+    rng = np.random.default_rng(7)
+    shifted = {
+        "noise": np.clip(stream[:100] + rng.normal(0, 60, (100, 28, 28)), 0, 255),
+        "low contrast": stream[:100] * 0.3 + 90,
+        "bright": np.clip(stream[:100].astype(int) + 120, 0, 255),
+    }
+    for name, imgs in shifted.items():
+        first, _ = run(imgs.astype(np.uint8))
+        assert first is not None and first < 20, name
+    static = np.clip(x[6000][None] + rng.normal(0, 2, (1000, 28, 28)), 0, 255).astype(np.uint8)
+    first, fed = run(static)
+    assert first is None and fed <= 3
