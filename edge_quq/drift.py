@@ -12,9 +12,13 @@ conformal test martingales for change-point detection", COPA/PMLR 152):
   quiet stretch), then every expert's capital is multiplied by f_k(p). The total capital M is a test
   martingale when the p-values are independent U(0, 1); with J = 0 it is the discrete simple mixture.
 - Ville's inequality: P(sup_t M_t >= 1/a) <= a over an unbounded horizon. The alarm level is
-  2/delta_drift (half of delta_drift goes to the calibration margin below). Power experts are decreasing in p, so M stays a supermartingale for super-uniform
-  p-values too (the gate's Bonferroni-combined p): the bound holds, conservatively.
-Everything is in log space (log capitals), so long streams neither underflow nor overflow.
+  2/delta_drift (half of delta_drift goes to the calibration margin below). Power experts are decreasing
+  in p, so M stays a supermartingale for super-uniform p-values too (margined or Bonferroni-combined):
+  the bound holds, conservatively. The "simple" family has an increasing expert and needs exactly
+  uniform p-values.
+martingale_path works on log capitals; DriftMonitor keeps each expert's share of the total (summing to 1)
+and the log of the total, which is the same quantity in fewer operations per frame. Neither underflows
+nor overflows on long streams.
 
 What the p-values must be. Conformal p-values against one fixed calibration set of n scores are
 independent given that set but not uniform given it: their law is off by up to sup|F_n - F|, and over
@@ -30,8 +34,8 @@ and a far-OOD stream then needs ~25 frames instead of ~8).
 Video is not exchangeable: one object in view for minutes gives the same p-value frame after frame, and a
 martingale fed all of them grows without any shift. FeedRule decides which frames are fed (docs/decisions.md).
 
-Alarm lifecycle (DriftMonitor): on a crossing of 2/delta the alarm is raised (since_frame = that frame) and the
-martingale restarts from 1. Each later crossing restarts it again and keeps the alarm. The alarm clears
+Alarm lifecycle (DriftMonitor): on a crossing of 2/delta the alarm is raised (since_frame = that frame)
+and the martingale restarts from 1. Each later crossing restarts it again and keeps the alarm. The alarm clears
 after `clear_after` consecutive fed frames without a crossing; the martingale then restarts once more.
 Each restart is a fresh level-delta test: under the null, a false alarm starts with probability <= delta.
 """
@@ -71,8 +75,8 @@ def expert_grid(family: str) -> np.ndarray:
 
 
 def log_bets(pvalues: np.ndarray, eps: np.ndarray, family: str) -> np.ndarray:
-    """log f_eps(p) for every p (any shape) and expert: shape [..., K]."""
-    p = np.clip(np.asarray(pvalues, np.float64), _P_FLOOR, 1.0)[..., None]
+    """log f_eps(p) for every p (any shape) and expert: shape [..., K]; NaN bets as p = 0."""
+    p = np.clip(np.nan_to_num(np.asarray(pvalues, np.float64), nan=0.0), _P_FLOOR, 1.0)[..., None]
     if family == "power":
         return np.log(eps) + (eps - 1.0) * np.log(p)
     return np.log1p(eps * (p - 0.5))
@@ -164,7 +168,8 @@ class FeedRule:
         if not (self.scene_distance > 0.0 and math.isfinite(self.scene_distance)):
             raise OptionError(f"scene distance must be a finite number > 0, got {self.scene_distance}")
         if int(self.scene_memory) < 1 or int(self.interval) < 1:
-            raise OptionError(f"drift scene memory and feed interval must be >= 1, got {self.scene_memory} and {self.interval}")
+            raise OptionError("drift scene memory and feed interval must be >= 1, "
+                              f"got {self.scene_memory} and {self.interval}")
         return self
 
 
@@ -185,7 +190,8 @@ class DriftStatus:
     fed_frames: int = 0   # frames fed
 
     def to_json(self) -> Dict[str, object]:
-        return {"alarm": self.alarm, "log10_martingale": round(self.log10_martingale, 4), "since_frame": self.since_frame}
+        return {"alarm": self.alarm, "log10_martingale": round(self.log10_martingale, 4),
+                "since_frame": self.since_frame}
 
 
 @dataclass

@@ -132,7 +132,8 @@ class CalibrationTable:
         s = np.asarray(scores, np.float64).ravel()
         c = np.asarray(correct).ravel()
         if s.shape != c.shape or s.size == 0:
-            raise InputError(f"calibration scores and correctness must be two non-empty arrays of one length, got {s.shape} and {c.shape}")
+            raise InputError("calibration scores and correctness must be two non-empty arrays of one length, "
+                             f"got {s.shape} and {c.shape}")
         if not np.all(np.isfinite(s)):
             raise InputError("calibration confidence scores must all be finite")
         order = np.argsort(-s, kind="stable")
@@ -156,15 +157,15 @@ class RiskThreshold:
     coverage: float        # share of calibration samples kept
     kept: int
     errors: int
-    p_value: float
+    p_value: float         # LTT: p-value of the last rejected test; SGR: the risk bound
     target_error: float
     delta: float
     method: str
 
 
-def min_kept(target: float, delta: float) -> int:
+def min_kept(target: np.ndarray, delta: float) -> np.ndarray:
     """Fewest kept points at which zero errors reject H (p = (1 - target)^m <= delta)."""
-    return int(math.ceil(math.log(delta) / math.log1p(-target) - 1e-12))
+    return np.ceil(np.log(delta) / np.log1p(-np.asarray(target, np.float64)) - 1e-12).astype(np.int64)
 
 
 def start_kept(target: np.ndarray, delta: float) -> np.ndarray:
@@ -174,8 +175,7 @@ def start_kept(target: np.ndarray, delta: float) -> np.ndarray:
     keeps one unlucky error among the very first points from stopping the walk."""
     a = np.asarray(target, np.float64)
     z = NormalDist().inv_cdf(1.0 - delta)
-    zero_err = np.ceil(np.log(delta) / np.log1p(-a) - 1e-12)
-    return np.maximum(zero_err, np.ceil(4.0 * z * z * (1.0 - a) / a)).astype(np.int64)
+    return np.maximum(min_kept(a, delta), np.ceil(4.0 * z * z * (1.0 - a) / a).astype(np.int64))
 
 
 def _pvalues(errors: np.ndarray, kept: np.ndarray, target: float, bound: str) -> np.ndarray:
@@ -190,7 +190,7 @@ def smallest_reachable_target(table: CalibrationTable, delta: float, bound: str 
     """The smallest target on a 1e-4 grid whose fixed-sequence walk rejects its first test (nan: none)."""
     _, kept, errors = table.candidates()
     grid = np.arange(1, 10000, dtype=np.float64) / 10000.0
-    start = np.searchsorted(kept, start_kept(grid, delta), side="left")  # kept is non-decreasing along the candidates
+    start = np.searchsorted(kept, start_kept(grid, delta), side="left")  # kept never decreases
     ok = start < kept.size
     p = _pvalues(errors[start[ok]], kept[start[ok]], grid[ok], bound)
     reach = np.flatnonzero(p <= delta)
@@ -249,7 +249,7 @@ def sgr_threshold(table: CalibrationTable, target_error: float, delta: float = 0
         if bound < target:
             lo, best, best_bound = j, max(best, j), bound
         else:
-            hi = j
+            hi = j - 1
         if lo >= hi:
             break
     if best < 0:
