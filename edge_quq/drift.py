@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
@@ -130,9 +131,17 @@ def drift_pvalues(pvalues: np.ndarray, n_calibration: Sequence[int], delta: floa
     p = p[:, None] if p.ndim == 1 else p
     if p.ndim != 2 or p.shape[1] != len(n_calibration):
         raise InputError(f"p-values must be [N, {len(n_calibration)}] (one column per detector), got {p.shape}")
-    gamma = check_level(delta, "drift delta") / (2.0 * p.shape[1])
-    eps = np.array([calibration_margin(n, gamma) for n in n_calibration])
-    return combine(np.minimum(p + eps, 1.0), rule)
+    margined = np.minimum(p + _margins(tuple(int(n) for n in n_calibration), float(delta)), 1.0)
+    return margined[:, 0] if p.shape[1] == 1 else combine(margined, rule)  # one detector: nothing to combine
+
+
+@lru_cache(maxsize=64)
+def _margins(sizes: Tuple[int, ...], delta: float) -> np.ndarray:
+    """Per-detector DKW margins; cached, as a stream asks for the same ones on every frame."""
+    gamma = check_level(delta, "drift delta") / (2.0 * len(sizes))
+    out = np.array([calibration_margin(n, gamma) for n in sizes])
+    out.flags.writeable = False
+    return out
 
 
 def alarm_level(delta: float) -> float:
