@@ -1,0 +1,134 @@
+"""The OOD gate's math: conformal p-values of detector scores, their combination, the keep/ignore decision.
+
+Pure batched numpy, no I/O. Scores follow the detectors' direction (edge_quq.detectors): HIGHER = MORE
+out-of-distribution. docs/decisions.md has the guarantees and their limits.
+
+p-value (split/inductive conformal, Vovk et al. 2005; Angelopoulos & Bates 2021, "A gentle introduction"):
+    p(s) = (1 + #{cal >= s}) / (n + 1)
+over n calibration scores from held-out in-distribution data that was not used to fit the detector. If the
+test point and the calibration points are exchangeable, P(p <= a) <= a for every a in [0, 1].
+The smoothed (randomised) variant, p = (#{cal > s} + U * (1 + #{cal == s})) / (n + 1) with U ~ U(0, 1), is
+exactly uniform under the same assumption; the drift martingale (edge_quq.drift) wants that one.
+
+Combining D detectors' p-values of one input into one p-value, valid whatever their dependence:
+- "bonferroni": min(1, D * min_d p_d).
+- "hmp": min(1, c_D * HM(p)), HM the harmonic mean; c_D = e * ln(D) for D >= 3 (Vovk & Wang 2020,
+  "Combining p-values via averaging", Biometrika 107(4):791-808: the harmonic mean scaled by e ln K is a
+  p-merging function for K > 2), c_D = D for D <= 2 (HM >= min, so this is never below Bonferroni). Since
+  e ln D < D for D >= 3 it is smaller than Bonferroni's factor, and it gains when several detectors agree.
+The gate ignores an input when the combined p < alpha.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from edge_quq.errors import InputError, OptionError
+
+COMBINE_RULES: Tuple[str, ...] = ("bonferroni", "hmp")
+
+
+@dataclass(frozen=True)
+class CalibrationScores:
+    """Per-detector calibration scores, each ascending float64, plus n + 1 per detector (precomputed: the
+    per-sample path is a handful of small array operations and every one of them counts)."""
+
+    arrays: Tuple[np.ndarray, ...]
+    plus_one: np.ndarray  # float64 [D]: n_d + 1
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    @property
+    def sizes(self) -> Tuple[int, ...]:
+        return tuple(int(a.shape[0]) for a in self.arrays)
+
+
+def sort_calibration(cal_scores: Sequence[np.ndarray]) -> CalibrationScores:
+    """Sort each detector's calibration scores once; NaN or none at all is a bad calibration file."""
+    out = []
+    for d, cal in enumerate(cal_scores):
+        arr = np.sort(np.asarray(cal, np.float64).ravel())
+        if arr.size == 0 or not np.all(np.isfinite(arr)):
+            raise InputError(f"calibration scores of detector {d}: need at least one, all finite (got {arr.size})")
+        out.append(arr)
+    return CalibrationScores(tuple(out), np.array([a.shape[0] + 1.0 for a in out]))
+
+
+def _as_scores(scores: np.ndarray, num_detectors: int) -> np.ndarray:
+    s = np.asarray(scores, np.float64)
+    if s.ndim == 1 and num_detectors == 1:
+        s = s[:, None]
+    if s.ndim != 2 or s.shape[1] != num_detectors:
+        raise InputError(f"scores must be [N, {num_detectors}] (one column per detector), got shape {s.shape}")
+    return s
+
+
+def conformal_pvalues(scores: np.ndarray, cal: CalibrationScores, smooth: bool = False,
+                      rng: Optional[np.random.Generator] = None) -> np.ndarray:
+    """p-values [N, D] of scores [N, D] against sorted calibration scores (sort_calibration).
+
+    smooth=False: (1 + #{cal >= s}) / (n + 1), super-uniform. smooth=True: the randomised variant, exactly
+    uniform for exchangeable data (rng: a numpy Generator; default a fresh one). A NaN score has no rank:
+    it gets p = 0 so that the gate ignores it (a score that cannot be computed is not evidence of being in
+    distribution). The loop runs over detectors (a handful), never over samples.
+    """
+    s = _as_scores(scores, len(cal))
+    below = np.empty_like(s)  # #{cal < s}; the ndarray method, as np.searchsorted's dispatch costs more
+    for d, arr in enumerate(cal.arrays):  # than the search itself on one sample
+        below[:, d] = arr.searchsorted(s[:, d], side="left")
+    finite = s == s  # False for NaN: p = 0
+    if not smooth:
+        return np.where(finite, (cal.plus_one - below) / cal.plus_one, 0.0)
+    below_eq = np.empty_like(s)  # #{cal <= s}
+    for d, arr in enumerate(cal.arrays):
+        below_eq[:, d] = arr.searchsorted(s[:, d], side="right")
+    u = (rng or np.random.default_rng()).random(s.shape)
+    n_gt = cal.plus_one - 1.0 - below_eq
+    return np.where(finite, (n_gt + u * (1.0 + below_eq - below)) / cal.plus_one, 0.0)
+
+
+def hmp_factor(num_detectors: int) -> float:
+    """c_D of the corrected harmonic-mean p-value (module docstring)."""
+    if num_detectors <= 2:
+        return float(num_detectors)
+    return math.e * math.log(num_detectors)
+
+
+def combine(pvalues: np.ndarray, rule: str = "bonferroni") -> np.ndarray:
+    """One p-value per row of pvalues [N, D], valid under arbitrary dependence between the D columns."""
+    p = np.asarray(pvalues, np.float64)
+    if p.ndim == 1:
+        p = p[:, None]
+    if p.ndim != 2 or p.shape[1] == 0:
+        raise InputError(f"p-values must be [N, D] with D >= 1, got shape {p.shape}")
+    num = p.shape[1]
+    if rule == "bonferroni":
+        out = num * np.minimum.reduce(p, axis=1)
+    elif rule == "hmp":
+        # a zero p-value gives hm ~ 0, as it should, without a divide-by-zero warning
+        out = (hmp_factor(num) * num) / (1.0 / np.maximum(p, 1e-300)).sum(axis=1)
+    else:
+        raise OptionError(f"unknown p-value combination rule {rule!r}; choose from {', '.join(COMBINE_RULES)}")
+    return np.minimum(out, 1.0)
+
+
+def check_level(value: float, name: str) -> float:
+    """A probability option (alpha, delta) strictly inside (0, 1), else one clear OptionError."""
+    v = float(value)
+    if not 0.0 < v < 1.0:
+        raise OptionError(f"{name} must be strictly between 0 and 1, got {value}")
+    return v
+
+
+def gate(combined_p: np.ndarray, alpha: float) -> np.ndarray:
+    """True where the gate ignores the input: combined p < alpha."""
+    return np.asarray(combined_p, np.float64) < check_level(alpha, "ood alpha")
+
+
+def gate_pvalues(scores: np.ndarray, cal: CalibrationScores, rule: str = "bonferroni") -> np.ndarray:
+    """scores [N, D] -> combined p [N]: what a predictor stores as ood_p and compares with alpha."""
+    return combine(conformal_pvalues(scores, cal), rule)
