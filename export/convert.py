@@ -11,10 +11,11 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from edge_quq.bundle import ModelFile, QuantParams
 from edge_quq.errors import ExportError
 from edge_quq.head import HeadWeights
 
@@ -133,21 +134,20 @@ def tflite_backbone(backbone, calib: Optional[np.ndarray], input_shape: Tuple[in
     return rename_tflite_tensors(data, single=(BACKBONE_INPUT, BACKBONE_OUTPUT))
 
 
-def tflite_io(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Manifest entries {dtype, scale, zero_point} and names of the model's single input and output."""
+def tflite_model_file(path: Path) -> ModelFile:
+    """The manifest entry of a TFLite model: its file name, and the quantization and name of its single input
+    and output."""
     from ai_edge_litert.interpreter import Interpreter
 
     with quiet_fds():
         it = Interpreter(model_path=str(path))
-    res = []
+    io = []
     for d in (it.get_input_details()[0], it.get_output_details()[0]):
         dtype = np.dtype(d["dtype"]).name
         scale, zp = d["quantization"]
-        entry: Dict[str, Any] = {"dtype": dtype}
-        if dtype in ("int8", "uint8"):
-            entry.update(scale=float(scale), zero_point=int(zp))
-        res.append((entry, d["name"]))
-    return {**res[0][0], "_name": res[0][1]}, {**res[1][0], "_name": res[1][1]}
+        q = QuantParams(dtype, float(scale), int(zp)) if dtype in ("int8", "uint8") else QuantParams(dtype)
+        io.append((q, str(d["name"])))
+    return ModelFile(file=path.name, input=io[0][0], output=io[1][0], input_name=io[0][1], output_name=io[1][1])
 
 
 def tflite_head(head: HeadWeights) -> bytes:

@@ -8,10 +8,11 @@ exported head models can be checked against the numpy reference in edge_quq.head
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from edge_quq.bundle import HeadLayer
 from edge_quq.errors import ExportError
 from edge_quq.head import HeadWeights
 
@@ -57,8 +58,9 @@ class Split:
         return HeadWeights(kernels=tuple(b.kernel for b in self.blocks), biases=tuple(b.bias for b in self.blocks),
                            rates=tuple(b.dropout for b in self.blocks), activation=self.activation)
 
-    def manifest_layers(self) -> List[dict]:
-        return [{"name": b.name, "dropout": b.dropout, "units": b.units, "activation": b.activation} for b in self.blocks]
+    def layer_specs(self) -> Tuple[HeadLayer, ...]:
+        """The manifest's head.layers."""
+        return tuple(HeadLayer(name=b.name, dropout=float(b.dropout), units=b.units, activation=b.activation) for b in self.blocks)
 
 
 def _kind(layer) -> str:
