@@ -333,16 +333,28 @@ def _reliability_panel(ax_top, ax_bot, rb: Dict[str, List[float]], title: str, e
 
 
 def write_figures(r: Dict[str, Any], out: Path) -> List[str]:
+    """The report's PNGs into `out`; returns their names (a figure without data is left out)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = r["columns"]
-    names = list(cols)
     written = []
+    for name, draw in (("reliability.png", _reliability_figure), ("swapped_confidence.png", _swapped_figure),
+                       ("precision_trend.png", _trend_figure), ("temperature.png", _temperature_figure)):
+        f = draw(plt, r["columns"])
+        if f is None:
+            continue
+        f.tight_layout()
+        f.savefig(out / name, dpi=110)
+        plt.close(f)
+        written.append(name)
+    return written
 
-    # Reliability diagrams, one column per model, confidence histogram under each.
+
+def _reliability_figure(plt, cols: Dict[str, Any]):
+    """Reliability diagrams, one column per model, confidence histogram under each."""
+    names = list(cols)
     f, axes = plt.subplots(2, len(names), figsize=(2.6 * len(names), 4.6), gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)
     for i, n in enumerate(names):
         _reliability_panel(axes[0, i], axes[1, i], cols[n]["reliability_before"], n, cols[n]["before"]["ece"])
@@ -350,74 +362,70 @@ def write_figures(r: Dict[str, Any], out: Path) -> List[str]:
     axes[1, 0].set_ylabel("share", fontsize=8)
     axes[0, 0].legend(fontsize=6, loc="upper left")
     f.suptitle("Reliability before temperature scaling", fontsize=10)
-    f.tight_layout()
-    f.savefig(out / "reliability.png", dpi=110)
-    plt.close(f)
-    written.append("reliability.png")
+    return f
 
-    # Float confidence of swapped predictions, per quantized column.
-    qn = [n for n in names if "vs_float" in cols[n]]
-    if qn:
-        f, axes = plt.subplots(1, len(qn), figsize=(2.8 * len(qn), 3.0), squeeze=False)
-        for i, n in enumerate(qn):
-            s = cols[n]["vs_float"]
-            edges = np.asarray(s["hist_edges"])
-            ax = axes[0, i]
-            ax.bar(edges[:-1], s["hist_swapped"], width=edges[1] - edges[0], align="edge", color="#cc6677", edgecolor="k", lw=0.4)
-            ax.set_title(f"{n}: {s['swapped_count']} swapped ({s['swapped_pct']:.2f}%)", fontsize=8)
-            ax.set_xlim(0, 1)
-            ax.set_xlabel("float confidence", fontsize=8)
-            ax.tick_params(labelsize=7)
-            ax2 = ax.twinx()
-            rate = [np.nan if v is None else v for v in s["swap_rate_by_bin_pct"]]
-            ax2.plot(0.5 * (edges[:-1] + edges[1:]), rate, "k.-", lw=0.8, ms=3)
-            ax2.tick_params(labelsize=7)
-            if i == len(qn) - 1:
-                ax2.set_ylabel("swap rate in bin (%)", fontsize=8)
-        axes[0, 0].set_ylabel("swapped predictions", fontsize=8)
-        f.suptitle("Which predictions quantization swaps: the float model's confidence over them", fontsize=10)
-        f.tight_layout()
-        f.savefig(out / "swapped_confidence.png", dpi=110)
-        plt.close(f)
-        written.append("swapped_confidence.png")
 
-    # Trend over weight precision.
-    sim = [n for n in names if n.startswith("W") and n.endswith("A8")]
-    if sim:
-        bits = [int(n[1:-2]) for n in sim]
-        f, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.0))
-        a1.plot(bits, [cols[n]["vs_float"]["swapped_pct"] for n in sim], "o-", label="swapped %")
-        a1.plot(bits, [cols[n]["vs_float"]["delta_error_pp"] for n in sim], "s-", label="Δ error (pp)")
-        a1.axhline(0, color="k", lw=0.5)
-        a1.set_xlabel("weight bits")
-        a1.invert_xaxis()
-        a1.legend(fontsize=7)
-        a2.plot(bits, [cols[n]["before"]["ece"] for n in sim], "o-", label="ECE")
-        a2.axhline(cols["float"]["before"]["ece"], color="k", ls="--", lw=0.8, label="float ECE")
-        if "after" in cols["float"]:
-            a2.plot(bits, [cols[n]["after"]["ece"] for n in sim], "o:", label="ECE after float T")
-        a2.set_xlabel("weight bits")
-        a2.invert_xaxis()
-        a2.legend(fontsize=7)
-        f.tight_layout()
-        f.savefig(out / "precision_trend.png", dpi=110)
-        plt.close(f)
-        written.append("precision_trend.png")
+def _swapped_figure(plt, cols: Dict[str, Any]):
+    """Float confidence of swapped predictions, per quantized column."""
+    qn = [n for n in cols if "vs_float" in cols[n]]
+    if not qn:
+        return None
+    f, axes = plt.subplots(1, len(qn), figsize=(2.8 * len(qn), 3.0), squeeze=False)
+    for i, n in enumerate(qn):
+        s = cols[n]["vs_float"]
+        edges = np.asarray(s["hist_edges"])
+        ax = axes[0, i]
+        ax.bar(edges[:-1], s["hist_swapped"], width=edges[1] - edges[0], align="edge", color="#cc6677", edgecolor="k", lw=0.4)
+        ax.set_title(f"{n}: {s['swapped_count']} swapped ({s['swapped_pct']:.2f}%)", fontsize=8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("float confidence", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax2 = ax.twinx()
+        rate = [np.nan if v is None else v for v in s["swap_rate_by_bin_pct"]]
+        ax2.plot(0.5 * (edges[:-1] + edges[1:]), rate, "k.-", lw=0.8, ms=3)
+        ax2.tick_params(labelsize=7)
+        if i == len(qn) - 1:
+            ax2.set_ylabel("swap rate in bin (%)", fontsize=8)
+    axes[0, 0].set_ylabel("swapped predictions", fontsize=8)
+    f.suptitle("Which predictions quantization swaps: the float model's confidence over them", fontsize=10)
+    return f
 
-    # Before / after temperature, for the float model and the deployed int8 one.
+
+def _trend_figure(plt, cols: Dict[str, Any]):
+    """Swaps, error and ECE over the simulated weight precision."""
+    sim = [n for n in cols if n.startswith("W") and n.endswith("A8")]
+    if not sim:
+        return None
+    bits = [int(n[1:-2]) for n in sim]
+    f, (a1, a2) = plt.subplots(1, 2, figsize=(8, 3.0))
+    a1.plot(bits, [cols[n]["vs_float"]["swapped_pct"] for n in sim], "o-", label="swapped %")
+    a1.plot(bits, [cols[n]["vs_float"]["delta_error_pp"] for n in sim], "s-", label="Δ error (pp)")
+    a1.axhline(0, color="k", lw=0.5)
+    a1.set_xlabel("weight bits")
+    a1.invert_xaxis()
+    a1.legend(fontsize=7)
+    a2.plot(bits, [cols[n]["before"]["ece"] for n in sim], "o-", label="ECE")
+    a2.axhline(cols["float"]["before"]["ece"], color="k", ls="--", lw=0.8, label="float ECE")
+    if "after" in cols["float"]:
+        a2.plot(bits, [cols[n]["after"]["ece"] for n in sim], "o:", label="ECE after float T")
+    a2.set_xlabel("weight bits")
+    a2.invert_xaxis()
+    a2.legend(fontsize=7)
+    return f
+
+
+def _temperature_figure(plt, cols: Dict[str, Any]):
+    """Before / after temperature, for the float model and the deployed int8 one."""
     pairs = [n for n in ("float", "int8 TFLite (bundle)") if n in cols and "after" in cols[n]]
-    if pairs:
-        f, axes = plt.subplots(2, 2 * len(pairs), figsize=(2.7 * 2 * len(pairs), 4.6), gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)
-        for i, n in enumerate(pairs):
-            c = cols[n]
-            _reliability_panel(axes[0, 2 * i], axes[1, 2 * i], c["reliability_before"], f"{n}, T = 1", c["before"]["ece"])
-            _reliability_panel(axes[0, 2 * i + 1], axes[1, 2 * i + 1], c["reliability_after"], f"{n}, T = {c['temperature']:.3f}", c["after"]["ece"])
-        f.suptitle("Temperature scaling: before and after (test data; T fitted on held-out data)", fontsize=10)
-        f.tight_layout()
-        f.savefig(out / "temperature.png", dpi=110)
-        plt.close(f)
-        written.append("temperature.png")
-    return written
+    if not pairs:
+        return None
+    f, axes = plt.subplots(2, 2 * len(pairs), figsize=(2.7 * 2 * len(pairs), 4.6), gridspec_kw={"height_ratios": [3, 1]}, squeeze=False)
+    for i, n in enumerate(pairs):
+        c = cols[n]
+        _reliability_panel(axes[0, 2 * i], axes[1, 2 * i], c["reliability_before"], f"{n}, T = 1", c["before"]["ece"])
+        _reliability_panel(axes[0, 2 * i + 1], axes[1, 2 * i + 1], c["reliability_after"], f"{n}, T = {c['temperature']:.3f}", c["after"]["ece"])
+    f.suptitle("Temperature scaling: before and after (test data; T fitted on held-out data)", fontsize=10)
+    return f
 
 
 def write_report(r: Dict[str, Any], out: Path) -> List[Path]:
