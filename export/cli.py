@@ -35,6 +35,9 @@ class OldNames(click.Option):
         finally:
             self.opts = opts
 
+    def get_error_hint(self, ctx: click.Context) -> str:
+        return f"'{self.opts[0]}'"
+
 
 def host_error(e: BaseException) -> Optional[str]:
     """The one-line message for an error a host command reports instead of a traceback (None: a bug)."""

@@ -158,7 +158,8 @@ def prepare(model_or_path: Any, opts: ExportOptions) -> Prepared:
     temperature = _temperature_data(opts, shape, spec, classes, split.activation)
     title = opts.name or (model_path.stem if model_path else model.name)
     return Prepared(model=model, model_path=model_path, shape=shape, split=split, head=split.head_weights(),
-                    classes=classes, spec=spec, quant=quant, test=test, temperature=temperature, title=title, seed=opts.seed, decision=decision)
+                    classes=classes, spec=spec, quant=quant, test=test, temperature=temperature, title=title,
+                    seed=opts.seed, decision=decision)
 
 
 def _first_line(e: BaseException) -> str:
