@@ -7,11 +7,12 @@ docs/bundle-format.md describes every field; this module is the only reader and 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -53,6 +54,8 @@ class QuantParams:
         return cls(dtype=dtype, scale=float(d.get("scale", 1.0)), zero_point=int(d.get("zero_point", 0)))
 
     def to_json(self) -> Dict[str, Any]:
+        if self.dtype == "float32":  # scale and zero point mean nothing on a float tensor
+            return {"dtype": self.dtype}
         return {"dtype": self.dtype, "scale": self.scale, "zero_point": self.zero_point}
 
 
@@ -125,6 +128,24 @@ class InputSpec:
     preprocess: Preprocess
     layout: str = "NHWC"
 
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str) -> "InputSpec":
+        shape = tuple(int(v) for v in _req(d, "shape", f"{where} input"))
+        if len(shape) != 3:
+            raise BundleError(f"{where}: input.shape must be [height, width, channels], got {list(shape)}")
+        pre = Preprocess.from_json(_req(d, "preprocess", f"{where} input"))
+        if pre.channels != shape[2] or tuple(pre.resize) != shape[:2]:
+            raise BundleError(
+                f"{where}: input.preprocess ({pre.color}, resize {list(pre.resize)}) does not match input.shape {list(shape)}"
+            )
+        spec = cls(shape=(shape[0], shape[1], shape[2]), preprocess=pre, layout=d.get("layout", "NHWC"))
+        if spec.layout != "NHWC":
+            raise BundleError(f"{where}: input.layout {spec.layout!r} is not supported (NHWC only)")
+        return spec
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"shape": list(self.shape), "layout": self.layout, "preprocess": self.preprocess.to_json()}
+
 
 @dataclass(frozen=True)
 class ModelFile:
@@ -136,6 +157,26 @@ class ModelFile:
     input_name: Optional[str] = None
     output_name: Optional[str] = None
 
+    @classmethod
+    def from_json(cls, d: Optional[Mapping[str, Any]], where: str) -> Optional["ModelFile"]:
+        if d is None:
+            return None
+        return cls(
+            file=str(_req(d, "file", where)),
+            input=QuantParams.from_json(_req(d, "input", where), f"{where}.input"),
+            output=QuantParams.from_json(_req(d, "output", where), f"{where}.output"),
+            input_name=d.get("input_name"),
+            output_name=d.get("output_name"),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"file": self.file, "input": self.input.to_json(), "output": self.output.to_json()}
+        if self.input_name is not None:
+            d["input_name"] = self.input_name
+        if self.output_name is not None:
+            d["output_name"] = self.output_name
+        return d
+
 
 @dataclass(frozen=True)
 class HeadLayer:
@@ -145,6 +186,22 @@ class HeadLayer:
     dropout: float
     units: int
     activation: str  # "relu" for hidden layers; "sigmoid" | "softmax" | "linear" for the last
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str) -> "HeadLayer":
+        rate = float(d.get("dropout", 0.0)) if isinstance(d, Mapping) else 0.0
+        if not 0.0 <= rate < 1.0:
+            raise BundleError(f"{where}: dropout rate {rate} is not in [0, 1)")
+        return cls(name=str(_req(d, "name", where)), dropout=rate, units=int(_req(d, "units", where)),
+                   activation=str(_req(d, "activation", where)))
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"name": self.name, "dropout": self.dropout, "units": self.units, "activation": self.activation}
+
+
+# Keys of `head` the runtime reads; any other key (the exporter's `keras_layers`, `dropout_source`) is kept
+# in HeadSpec.extra so that rewriting a manifest loses nothing.
+_HEAD_KEYS = ("weights", "feature_size", "layers", "tflite", "onnx", "tflite_int8", "mask_inputs")
 
 
 @dataclass(frozen=True)
@@ -158,6 +215,43 @@ class HeadSpec:
     onnx: Optional[str] = None
     tflite_int8: Optional[str] = None
     mask_inputs: Tuple[str, ...] = ()
+    extra: Dict[str, Any] = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str) -> "HeadSpec":
+        layers = tuple(HeadLayer.from_json(ld, f"{where} head.layers[{i}]")
+                       for i, ld in enumerate(_req(d, "layers", f"{where} head")))
+        if not layers:
+            raise BundleError(f"{where}: head.layers is empty")
+        for hl in layers[:-1]:
+            if hl.activation != "relu":
+                raise BundleError(f"{where}: hidden head layer {hl.name!r} has activation {hl.activation!r}; only relu is supported")
+        if layers[-1].activation not in ("sigmoid", "softmax", "linear"):
+            raise BundleError(f"{where}: output activation {layers[-1].activation!r} is not sigmoid, softmax or linear")
+        return cls(
+            weights=str(_req(d, "weights", f"{where} head")),
+            layers=layers,
+            feature_size=int(_req(d, "feature_size", f"{where} head")),
+            tflite=d.get("tflite"),
+            onnx=d.get("onnx"),
+            tflite_int8=d.get("tflite_int8"),
+            mask_inputs=tuple(d.get("mask_inputs", ())),
+            extra={k: copy.deepcopy(v) for k, v in d.items() if k not in _HEAD_KEYS},
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        d: Dict[str, Any] = {"weights": self.weights, "feature_size": self.feature_size,
+                             "layers": [hl.to_json() for hl in self.layers]}
+        for key in ("tflite", "onnx", "tflite_int8"):
+            if getattr(self, key) is not None:
+                d[key] = getattr(self, key)
+        if self.mask_inputs:
+            d["mask_inputs"] = list(self.mask_inputs)
+        return _merge_extra(d, self.extra, "head")
+
+    @property
+    def files(self) -> List[str]:
+        return [self.weights] + [f for f in (self.tflite, self.onnx, self.tflite_int8) if f]
 
     @property
     def output_activation(self) -> str:
@@ -175,11 +269,34 @@ class DecisionDefaults:
     z: float = float(DECISION_DEFAULTS["z"])  # type: ignore[arg-type]
     mixed: str = str(DECISION_DEFAULTS["mixed"])
 
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> "DecisionDefaults":
+        base = cls()
+        return cls(
+            threshold=float(d.get("threshold", base.threshold)),
+            num_iter=int(d.get("num_iter", base.num_iter)),
+            z=float(d.get("z", base.z)),
+            mixed=str(d.get("mixed", base.mixed)),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"threshold": self.threshold, "num_iter": self.num_iter, "z": self.z, "mixed": self.mixed}
+
+
+# Top-level keys the runtime reads; any other (`created`, `producer`, `accuracy`, `parity`, `training`,
+# `detectors`, ...) is kept in Bundle.extra and written back unchanged.
+_TOP_KEYS = ("format", "schema_version", "name", "classes", "input", "backbone", "head", "decision", "calibration", "files")
+
 
 @dataclass
 class Bundle:
+    """A parsed manifest. `to_json()` is the exact inverse of `parse_manifest`: parse(b.to_json()) == b.
+
+    `manifest` is that JSON (a fresh copy each time); the exporter builds a Bundle and writes it through
+    `write_manifest`, so the format name and schema version live only in this module.
+    """
+
     path: Path
-    manifest: Dict[str, Any]
     name: str
     classes: Tuple[str, ...]
     input: InputSpec
@@ -187,10 +304,43 @@ class Bundle:
     backbone_onnx: Optional[ModelFile]
     split_layer: str
     head: HeadSpec
-    decision: DecisionDefaults
+    decision: DecisionDefaults = field(default_factory=DecisionDefaults)
     files: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    # Post-hoc temperature: the runtime divides the head's logits by it before sigmoid/softmax (1 = none).
-    temperature: float = 1.0
+    # Post-hoc temperature scaling: {"temperature": T, ...how it was fitted}; None: no temperature (T = 1).
+    calibration: Optional[Dict[str, Any]] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+    # Top-level key order of the manifest read, so that a rewrite (set-temperature, detectors) keeps the
+    # file's layout and its diff small.
+    key_order: Tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    @property
+    def temperature(self) -> float:
+        """The runtime divides the head's logits by it before sigmoid/softmax (1 = none)."""
+        return 1.0 if self.calibration is None else float(self.calibration.get("temperature", 1.0))
+
+    @property
+    def manifest(self) -> Dict[str, Any]:
+        return self.to_json()
+
+    def to_json(self) -> Dict[str, Any]:
+        backbone: Dict[str, Any] = {}
+        if self.split_layer:
+            backbone["split_layer"] = self.split_layer
+        for key, mf in (("tflite", self.backbone_tflite), ("onnx", self.backbone_onnx)):
+            if mf is not None:
+                backbone[key] = mf.to_json()
+        d: Dict[str, Any] = {
+            "format": FORMAT_NAME, "schema_version": self.schema_version, "name": self.name,
+            "classes": list(self.classes), "input": self.input.to_json(), "backbone": backbone,
+            "head": self.head.to_json(), "decision": self.decision.to_json(),
+        }
+        if self.calibration is not None:
+            d["calibration"] = copy.deepcopy(self.calibration)
+        d = _merge_extra(d, self.extra, "manifest")
+        d["files"] = copy.deepcopy(self.files)
+        order = [k for k in self.key_order if k in d]
+        return {**{k: d[k] for k in order}, **{k: v for k, v in d.items() if k not in order}}
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -211,16 +361,11 @@ def _req(d: Mapping[str, Any], key: str, where: str) -> Any:
     return d[key]
 
 
-def _model_file(d: Optional[Mapping[str, Any]], where: str) -> Optional[ModelFile]:
-    if d is None:
-        return None
-    return ModelFile(
-        file=str(_req(d, "file", where)),
-        input=QuantParams.from_json(_req(d, "input", where), f"{where}.input"),
-        output=QuantParams.from_json(_req(d, "output", where), f"{where}.output"),
-        input_name=d.get("input_name"),
-        output_name=d.get("output_name"),
-    )
+def _merge_extra(d: Dict[str, Any], extra: Mapping[str, Any], where: str) -> Dict[str, Any]:
+    clash = sorted(set(d) & set(extra))
+    if clash:
+        raise ValueError(f"{where} extra keys {clash} would overwrite fields the runtime reads")
+    return {**d, **copy.deepcopy(dict(extra))}
 
 
 def parse_temperature(manifest: Mapping[str, Any], where: str) -> float:
@@ -237,9 +382,7 @@ def parse_temperature(manifest: Mapping[str, Any], where: str) -> float:
     return float(t)
 
 
-def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
-    """Build a Bundle from a manifest dict, checking schema and internal consistency (not files)."""
-    where = f"{path / MANIFEST_NAME}"
+def _schema_version(manifest: Mapping[str, Any], where: str) -> int:
     if manifest.get("format") != FORMAT_NAME:
         raise BundleError(f"{where}: not an edge-quq bundle manifest (format is {manifest.get('format')!r})")
     version = manifest.get("schema_version")
@@ -252,86 +395,37 @@ def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
         )
     if version < 1:
         raise BundleError(f"{where}: schema_version {version} is invalid")
+    return version
 
+
+def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
+    """Build a Bundle from a manifest dict, checking schema and internal consistency (not files)."""
+    where = f"{path / MANIFEST_NAME}"
+    version = _schema_version(manifest, where)
     classes = tuple(str(c) for c in _req(manifest, "classes", where))
     if len(classes) < 1:
         raise BundleError(f"{where}: classes is empty")
-
-    inp = _req(manifest, "input", where)
-    shape = tuple(int(v) for v in _req(inp, "shape", f"{where} input"))
-    if len(shape) != 3:
-        raise BundleError(f"{where}: input.shape must be [height, width, channels], got {list(shape)}")
-    pre = Preprocess.from_json(_req(inp, "preprocess", f"{where} input"))
-    if pre.channels != shape[2] or tuple(pre.resize) != shape[:2]:
-        raise BundleError(
-            f"{where}: input.preprocess ({pre.color}, resize {list(pre.resize)}) does not match input.shape {list(shape)}"
-        )
-    input_spec = InputSpec(shape=(shape[0], shape[1], shape[2]), preprocess=pre, layout=inp.get("layout", "NHWC"))
-    if input_spec.layout != "NHWC":
-        raise BundleError(f"{where}: input.layout {input_spec.layout!r} is not supported (NHWC only)")
-
+    input_spec = InputSpec.from_json(_req(manifest, "input", where), where)
     bb = _req(manifest, "backbone", where)
-    tfl = _model_file(bb.get("tflite"), f"{where} backbone.tflite")
-    onx = _model_file(bb.get("onnx"), f"{where} backbone.onnx")
+    tfl = ModelFile.from_json(bb.get("tflite"), f"{where} backbone.tflite")
+    onx = ModelFile.from_json(bb.get("onnx"), f"{where} backbone.onnx")
     if tfl is None and onx is None:
         raise BundleError(f"{where}: backbone names neither a tflite nor an onnx model")
-
-    hd = _req(manifest, "head", where)
-    layers = []
-    for i, ld in enumerate(_req(hd, "layers", f"{where} head")):
-        lw = f"{where} head.layers[{i}]"
-        rate = float(ld.get("dropout", 0.0))
-        if not 0.0 <= rate < 1.0:
-            raise BundleError(f"{lw}: dropout rate {rate} is not in [0, 1)")
-        layers.append(
-            HeadLayer(
-                name=str(_req(ld, "name", lw)),
-                dropout=rate,
-                units=int(_req(ld, "units", lw)),
-                activation=str(_req(ld, "activation", lw)),
-            )
-        )
-    if not layers:
-        raise BundleError(f"{where}: head.layers is empty")
-    for hl in layers[:-1]:
-        if hl.activation != "relu":
-            raise BundleError(f"{where}: hidden head layer {hl.name!r} has activation {hl.activation!r}; only relu is supported")
-    if layers[-1].activation not in ("sigmoid", "softmax", "linear"):
-        raise BundleError(f"{where}: output activation {layers[-1].activation!r} is not sigmoid, softmax or linear")
-    if layers[-1].units != len(classes):
-        raise BundleError(f"{where}: head outputs {layers[-1].units} classes but classes lists {len(classes)}")
-    head = HeadSpec(
-        weights=str(_req(hd, "weights", f"{where} head")),
-        layers=tuple(layers),
-        feature_size=int(_req(hd, "feature_size", f"{where} head")),
-        tflite=hd.get("tflite"),
-        onnx=hd.get("onnx"),
-        tflite_int8=hd.get("tflite_int8"),
-        mask_inputs=tuple(hd.get("mask_inputs", ())),
-    )
-
-    dd = manifest.get("decision", {})
-    base = DecisionDefaults()
-    decision = DecisionDefaults(
-        threshold=float(dd.get("threshold", base.threshold)),
-        num_iter=int(dd.get("num_iter", base.num_iter)),
-        z=float(dd.get("z", base.z)),
-        mixed=str(dd.get("mixed", base.mixed)),
-    )
+    head = HeadSpec.from_json(_req(manifest, "head", where), where)
+    if head.num_classes != len(classes):
+        raise BundleError(f"{where}: head outputs {head.num_classes} classes but classes lists {len(classes)}")
     temperature = parse_temperature(manifest, where)
     if temperature != 1.0 and head.output_activation == "linear":
         raise BundleError(f"{where}: calibration.temperature {temperature:g} needs a sigmoid or softmax head; this head is linear")
     files = _req(manifest, "files", where)
     if not isinstance(files, Mapping) or not files:
         raise BundleError(f"{where}: files must be a non-empty object of name -> {{sha256, bytes}}")
-    named = [m.file for m in (tfl, onx) if m is not None] + [head.weights]
-    named += [f for f in (head.tflite, head.onnx, head.tflite_int8) if f]
-    for n in named:
+    for n in [m.file for m in (tfl, onx) if m is not None] + head.files:
         if n not in files:
             raise BundleError(f"{where}: file {n!r} is used but has no checksum entry in files")
+    cal = manifest.get("calibration")
     return Bundle(
         path=path,
-        manifest=dict(manifest),
         name=str(manifest.get("name", path.name)),
         classes=classes,
         input=input_spec,
@@ -339,9 +433,12 @@ def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
         backbone_onnx=onx,
         split_layer=str(bb.get("split_layer", "")),
         head=head,
-        decision=decision,
+        decision=DecisionDefaults.from_json(manifest.get("decision", {})),
         files={str(k): dict(v) for k, v in files.items()},
-        temperature=temperature,
+        calibration=None if cal is None else copy.deepcopy(dict(cal)),
+        extra={k: copy.deepcopy(v) for k, v in manifest.items() if k not in _TOP_KEYS},
+        schema_version=version,
+        key_order=tuple(manifest),
     )
 
 
@@ -391,14 +488,29 @@ def file_entries(folder: Path, names: Sequence[str]) -> Dict[str, Dict[str, Any]
     return {n: {"sha256": sha256_file(folder / n), "bytes": (folder / n).stat().st_size} for n in names}
 
 
-def write_manifest(folder: Path, manifest: Dict[str, Any]) -> Bundle:
-    """Write manifest.json into `folder` and check it parses and verifies (the writer's self-check)."""
-    manifest = dict(manifest)
-    manifest.setdefault("format", FORMAT_NAME)
-    manifest.setdefault("schema_version", SCHEMA_VERSION)
-    (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    bundle = load_bundle(folder, verify=True)
-    return bundle
+def _replace_manifest_file(folder: Path, manifest: Mapping[str, Any]) -> None:
+    """Write manifest.json through a temporary file and a rename, so a reader never sees half of it."""
+    mpath = folder / MANIFEST_NAME
+    tmp = mpath.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        os.replace(tmp, mpath)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_manifest(folder: Path, bundle: Bundle) -> Bundle:
+    """Write `bundle` as manifest.json into `folder`; check it reads back as the same bundle and verifies
+    (the writer's self-check)."""
+    manifest = bundle.to_json()
+    parse_manifest(manifest, Path(folder))  # a manifest the reader would refuse is never written
+    _replace_manifest_file(Path(folder), manifest)
+    loaded = load_bundle(folder, verify=True)
+    # Compared as JSON text: NaN in a recorded metric is equal to itself there.
+    if json.dumps(loaded.to_json(), sort_keys=True) != json.dumps(manifest, sort_keys=True):
+        raise BundleError(f"{folder / MANIFEST_NAME}: the manifest does not read back as the bundle that was written")
+    return loaded
 
 
 def set_calibration(path: os.PathLike, calibration: Optional[Mapping[str, Any]]) -> Bundle:
@@ -408,21 +520,7 @@ def set_calibration(path: os.PathLike, calibration: Optional[Mapping[str, Any]])
     before and after, and a value the reader would refuse is never written.
     """
     bundle = load_bundle(path, verify=True)
-    manifest = dict(bundle.manifest)
-    if calibration is None:
-        manifest.pop("calibration", None)
-    else:
-        manifest["calibration"] = dict(calibration)
-    parse_temperature(manifest, str(bundle.path / MANIFEST_NAME))
-    mpath = bundle.path / MANIFEST_NAME
-    tmp = mpath.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-        os.replace(tmp, mpath)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return load_bundle(bundle.path, verify=True)
+    return write_manifest(bundle.path, replace(bundle, calibration=None if calibration is None else dict(calibration)))
 
 
 def bundle_summary(bundle: Bundle) -> List[Tuple[str, str]]:
@@ -430,7 +528,7 @@ def bundle_summary(bundle: Bundle) -> List[Tuple[str, str]]:
     rows = [
         ("bundle", str(bundle.path)),
         ("name", bundle.name),
-        ("schema", f"{bundle.manifest.get('format')} v{bundle.manifest.get('schema_version')}"),
+        ("schema", f"{FORMAT_NAME} v{bundle.schema_version}"),
         ("classes", f"{bundle.num_classes}: " + ", ".join(bundle.classes)),
         ("input", f"{bundle.input.shape[0]}x{bundle.input.shape[1]}x{bundle.input.shape[2]} {bundle.input.layout}, "
                   f"{bundle.input.preprocess.color}, pixel_scale {bundle.input.preprocess.pixel_scale:.6g}, "
@@ -449,7 +547,7 @@ def bundle_summary(bundle: Bundle) -> List[Tuple[str, str]]:
             rows.append((label, f))
     if bundle.temperature != 1.0:
         rows.append(("temperature", f"{bundle.temperature:.4g} (head logits are divided by it before {bundle.head.output_activation})"))
-    det = bundle.manifest.get("detectors")
+    det = bundle.extra.get("detectors")
     if isinstance(det, Mapping):
         size = bundle.files.get(str(det.get("file")), {}).get("bytes", 0)
         rows.append(("detectors", f"{', '.join(det.get('names', []))} ({det.get('file')}, {size / 1024:.1f} KiB; thresholds at ID TPR {det.get('tpr')})"))

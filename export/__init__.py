@@ -3,3 +3,6 @@
 Needs the [export] extra (TensorFlow, tf2onnx, onnx); the device runtime never imports this package.
 """
 __version__ = "0.1.0"
+
+# Images the int8 converters set activation ranges on (a random subset when more are given).
+DEFAULT_QUANT_SAMPLES = 300

@@ -1,6 +1,7 @@
-"""`edge-quq export`: a trained Keras classifier -> an edge-quq bundle folder.
+"""`edge-quq export`: a trained Keras classifier -> an edge-quq bundle folder; and what every host-side
+command shares (click context settings, old option names, `error: ...` lines, `main(argv) -> exit code`).
 
-Only click and the standard library at import time: the device CLI imports this module to register the
+Only click and the standard library at import time (edge_quq.defaults is standard library only): the device CLI imports this module to register the
 command, and TensorFlow (seconds to import, absent on boards) loads only when the command runs.
 """
 from __future__ import annotations
@@ -12,8 +13,65 @@ from typing import List, Optional, Sequence
 
 import click
 
-# Packages of the [export] extra: missing one is a setup problem worth one line, anything else is a bug.
+from edge_quq.defaults import DECISION_DEFAULTS, MIXED_POLICIES
+
+from edge_quq_export import DEFAULT_QUANT_SAMPLES
+
+# Packages of the [export] extra (and matplotlib for the report's figures): missing one is a setup problem
+# worth one line, anything else is a bug.
 HOST_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx", "ai_edge_litert")
+FIGURE_MODULES = ("matplotlib",)
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+
+class OldNames(click.Option):
+    """An option whose names after the first are old spellings: still accepted, not shown in --help."""
+
+    def get_help_record(self, ctx: click.Context):
+        opts = self.opts
+        self.opts = opts[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = opts
+
+    def get_error_hint(self, ctx: click.Context) -> str:
+        return f"'{self.opts[0]}'"
+
+
+def host_error(e: BaseException) -> Optional[str]:
+    """The one-line message for an error a host command reports instead of a traceback (None: a bug)."""
+    from edge_quq.errors import EdgeQuqError
+
+    if isinstance(e, EdgeQuqError):
+        return str(e)
+    if isinstance(e, ModuleNotFoundError):
+        top = (e.name or "").split(".")[0]
+        if top in HOST_MODULES:
+            return f"the exporter needs the [export] extra (pip install 'edge-quq[export]'): {e}"
+        if top in FIGURE_MODULES:
+            return "the report's figures need matplotlib (pip install 'edge-quq[bench]')"
+    return None
+
+
+def run_command(cmd: click.BaseCommand, argv: Sequence[str], prog: str) -> int:
+    """Run a click command as `python -m ...` does and return its exit code (tests call this directly)."""
+    try:
+        cmd.main(args=list(argv), prog_name=prog, standalone_mode=False, obj={"argv": list(argv)})
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.Abort:
+        return 1
+    except Exception as e:  # noqa: BLE001  (host_error decides; a bug is re-raised)
+        msg = host_error(e)
+        if msg is None:
+            raise
+        click.echo(f"error: {msg}", err=True)
+        return getattr(e, "exit_code", 2)
+    return 0
 
 def _floats(value: Optional[str], what: str) -> Optional[List[float]]:
     if value is None:
@@ -40,10 +98,11 @@ def _class_names(classes: Optional[str], labels_file: Optional[Path]) -> Optiona
     return None
 
 
-@click.command("export", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("export", context_settings=CONTEXT)
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--calibration", required=True, type=click.Path(path_type=Path),
-              help="Calibration input: a folder of images, or .npy/.npz [N,H,W(,C)] (uint8 pixels, or float32 model-ready input).")
+@click.option("--quant-data", "--calibration", "quant_data", cls=OldNames, required=True, type=click.Path(path_type=Path),
+              help="Quantization data, the representative input the int8 ranges are set on: a folder of images, or "
+                   ".npy/.npz [N,H,W(,C)] (uint8 pixels, or float32 model-ready input).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path), help="Bundle folder to write.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an existing bundle.")
 @click.option("--test-data", type=click.Path(path_type=Path), default=None,
@@ -59,14 +118,16 @@ def _class_names(classes: Optional[str], labels_file: Optional[Path]) -> Optiona
 @click.option("--std", default=None, help="Per-channel std, comma-separated (default 1).")
 @click.option("--interpolation", type=click.Choice(["area", "linear", "nearest", "cubic"]), default="area", show_default=True)
 @click.option("--crop-fraction", type=float, default=1.0, show_default=True, help="Center crop of this fraction of the shorter side before resizing.")
-@click.option("--calib-samples", type=click.IntRange(min=1), default=300, show_default=True, help="Calibration samples used (random subset if more are given).")
+@click.option("--quant-samples", "--calib-samples", "quant_samples", cls=OldNames, type=click.IntRange(min=1),
+              default=DEFAULT_QUANT_SAMPLES, show_default=True, help="Quantization samples used (random subset if more are given).")
 @click.option("--test-samples", type=click.IntRange(min=1), default=None, help="Use at most this many held-out samples (default: all).")
 @click.option("--name", default=None, help="Bundle name (default: the model file name).")
-@click.option("--threshold", type=float, default=0.5, show_default=True, help="Default decision threshold.")
-@click.option("--num-iter", type=click.IntRange(min=1), default=50, show_default=True, help="Default MC samples T.")
-@click.option("--z", "z", type=float, default=0.8, show_default=True, help="Default interval factor z (mean ± z·std).")
-@click.option("--mixed", type=click.Choice(["ignore", "keep"]), default="ignore", show_default=True, help="Default rule for vectors with both present and uncertain classes.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration subsets and the head check masks.")
+@click.option("--threshold", type=float, default=DECISION_DEFAULTS["threshold"], show_default=True, help="Default decision threshold.")
+@click.option("--num-iter", type=click.IntRange(min=1), default=DECISION_DEFAULTS["num_iter"], show_default=True, help="Default MC samples T.")
+@click.option("--z", "z", type=float, default=DECISION_DEFAULTS["z"], show_default=True, help="Default interval factor z (mean ± z·std).")
+@click.option("--mixed", type=click.Choice(MIXED_POLICIES), default=DECISION_DEFAULTS["mixed"], show_default=True,
+              help="Default rule for vectors with both present and uncertain classes.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for quantization/test subsets and the head check masks.")
 @click.option("--temperature-data", type=click.Path(path_type=Path), default=None,
               help="Labelled held-out data (same forms as --test-data) to fit a post-hoc temperature on; stored as calibration.temperature. Not the test data, if the parity report's accuracy should stay unbiased.")
 @click.option("--temperature-labels", type=click.Path(path_type=Path), default=None, help="Integer labels for --temperature-data (.npy or text).")
@@ -75,10 +136,10 @@ def _class_names(classes: Optional[str], labels_file: Optional[Path]) -> Optiona
                    "rel_mahalanobis, knn, vim, gradient, or 'all' (default with --fit-data: all). See docs/detectors.md.")
 @click.option("--fit-data", default=None,
               help="In-distribution data for the detectors: 'fashion-mnist', an image folder (class sub-folders give labels) or .npy/.npz ('x', 'y').")
-def export_cmd(model: Path, calibration: Path, out: Path, force: bool, test_data: Optional[Path], test_labels: Optional[Path],
+def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data: Optional[Path], test_labels: Optional[Path],
                classes: Optional[str], labels_file: Optional[Path], split_layer: Optional[str], dropout: Optional[str],
                color: Optional[str], pixel_scale: float, mean: Optional[str], std: Optional[str], interpolation: str,
-               crop_fraction: float, calib_samples: int, test_samples: Optional[int], name: Optional[str], threshold: float,
+               crop_fraction: float, quant_samples: int, test_samples: Optional[int], name: Optional[str], threshold: float,
                num_iter: int, z: float, mixed: str, seed: int, temperature_data: Optional[Path] = None,
                temperature_labels: Optional[Path] = None, detectors: Optional[str] = None, fit_data: Optional[str] = None) -> None:
     """Split MODEL into an int8 backbone (TFLite + ONNX) and a droppable head, and write a bundle to OUT."""
@@ -99,10 +160,10 @@ def export_cmd(model: Path, calibration: Path, out: Path, force: bool, test_data
 
         t0 = time.perf_counter()
         opts = ExportOptions(
-            calibration=calibration, out=out, force=force, test_data=test_data, test_labels=test_labels,
+            quant_data=quant_data, out=out, force=force, test_data=test_data, test_labels=test_labels,
             split_layer=split_layer, dropout=_floats(dropout, "--dropout"), classes=_class_names(classes, labels_file),
             color=color, pixel_scale=pixel_scale, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-            interpolation=interpolation, crop_fraction=crop_fraction, name=name, calib_samples=calib_samples,
+            interpolation=interpolation, crop_fraction=crop_fraction, name=name, quant_samples=quant_samples,
             test_samples=test_samples, threshold=threshold, num_iter=num_iter, z=z, mixed=mixed, seed=seed,
             temperature_data=temperature_data, temperature_labels=temperature_labels,
         )
@@ -115,14 +176,12 @@ def export_cmd(model: Path, calibration: Path, out: Path, force: bool, test_data
             from edge_quq.bundle import load_bundle
 
             bundle = load_bundle(bundle.path)
-    except EdgeQuqError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(e.exit_code)
-    except ModuleNotFoundError as e:
-        if (e.name or "").split(".")[0] not in HOST_MODULES:
+    except (EdgeQuqError, ModuleNotFoundError) as e:
+        msg = host_error(e)
+        if msg is None:
             raise
-        click.echo(f"error: the exporter needs the [export] extra (pip install 'edge-quq[export]'): {e}", err=True)
-        sys.exit(2)
+        click.echo(f"error: {msg}", err=True)
+        sys.exit(getattr(e, "exit_code", 2))
     acc = bundle.manifest.get("accuracy")
     click.echo(f"wrote {bundle.path} ({bundle.total_bytes() / 1024:.1f} KiB, {len(bundle.files)} files) in {time.perf_counter() - t0:.1f} s")
     click.echo(f"split at {bundle.split_layer!r}: features {bundle.head.feature_size}, head " +
@@ -154,4 +213,4 @@ def _warn_on_poor_parity(report_path: Path) -> None:
     for name, row in report.get("int8", {}).items():
         if row["feature_cosine_mean"] < WARN_COSINE_MEAN or row["top1_agreement"] < WARN_AGREEMENT:
             click.echo(f"warning: int8 {name} backbone departs from float (feature cosine mean {row['feature_cosine_mean']:.3f}, "
-                       f"top-1 agreement {100 * row['top1_agreement']:.1f}%); check the calibration data and {report_path.name}", err=True)
+                       f"top-1 agreement {100 * row['top1_agreement']:.1f}%); check the quantization data and {report_path.name}", err=True)

@@ -11,10 +11,11 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import numpy as np
 
+from edge_quq.bundle import ModelFile, QuantParams
 from edge_quq.errors import ExportError
 from edge_quq.head import HeadWeights
 
@@ -109,16 +110,17 @@ def _backbone_function(backbone, input_shape: Tuple[int, ...]):
     return serve
 
 
-def tflite_backbone(backbone, calib: Optional[np.ndarray], input_shape: Tuple[int, ...]) -> bytes:
-    """Full-integer int8 TFLite (int8 weights, activations, input and output) or, with calib None, float32."""
+def tflite_backbone(backbone, quant: Optional[np.ndarray], input_shape: Tuple[int, ...]) -> bytes:
+    """Full-integer int8 TFLite (int8 weights, activations, input and output; activation ranges from the
+    quantization data `quant`) or, with quant None, float32."""
     tf = _quiet_tf()
     # from_keras_model freezes the Keras 3 variables; a concrete function of a Keras model would leave
     # READ_VARIABLE ops that fail at run time.
     conv = tf.lite.TFLiteConverter.from_keras_model(backbone)
-    if calib is not None:
+    if quant is not None:
         def representative() -> Iterator[List[np.ndarray]]:
-            for i in range(len(calib)):
-                yield [calib[i : i + 1].astype(np.float32)]
+            for i in range(len(quant)):
+                yield [quant[i : i + 1].astype(np.float32)]
 
         conv.optimizations = [tf.lite.Optimize.DEFAULT]
         conv.representative_dataset = representative
@@ -133,21 +135,20 @@ def tflite_backbone(backbone, calib: Optional[np.ndarray], input_shape: Tuple[in
     return rename_tflite_tensors(data, single=(BACKBONE_INPUT, BACKBONE_OUTPUT))
 
 
-def tflite_io(path: Path) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Manifest entries {dtype, scale, zero_point} and names of the model's single input and output."""
+def tflite_model_file(path: Path) -> ModelFile:
+    """The manifest entry of a TFLite model: its file name, and the quantization and name of its single input
+    and output."""
     from ai_edge_litert.interpreter import Interpreter
 
     with quiet_fds():
         it = Interpreter(model_path=str(path))
-    res = []
+    io = []
     for d in (it.get_input_details()[0], it.get_output_details()[0]):
         dtype = np.dtype(d["dtype"]).name
         scale, zp = d["quantization"]
-        entry: Dict[str, Any] = {"dtype": dtype}
-        if dtype in ("int8", "uint8"):
-            entry.update(scale=float(scale), zero_point=int(zp))
-        res.append((entry, d["name"]))
-    return {**res[0][0], "_name": res[0][1]}, {**res[1][0], "_name": res[1][1]}
+        q = QuantParams(dtype, float(scale), int(zp)) if dtype in ("int8", "uint8") else QuantParams(dtype)
+        io.append((q, str(d["name"])))
+    return ModelFile(file=path.name, input=io[0][0], output=io[1][0], input_name=io[0][1], output_name=io[1][1])
 
 
 def tflite_head(head: HeadWeights) -> bytes:
@@ -226,18 +227,18 @@ def onnx_float_backbone(backbone, input_shape: Tuple[int, ...]):
     return model
 
 
-class _CalibReader:
-    """onnxruntime CalibrationDataReader over the calibration array, one sample per call."""
+class _QuantDataReader:
+    """onnxruntime CalibrationDataReader (its name for quantization data) over the array, one sample per call."""
 
-    def __init__(self, name: str, calib: np.ndarray) -> None:
+    def __init__(self, name: str, quant: np.ndarray) -> None:
         self.name = name
-        self.calib = calib
+        self.quant = quant
         self.i = 0
 
     def get_next(self):
-        if self.i >= len(self.calib):
+        if self.i >= len(self.quant):
             return None
-        x = self.calib[self.i : self.i + 1].astype(np.float32)
+        x = self.quant[self.i : self.i + 1].astype(np.float32)
         self.i += 1
         return {self.name: x}
 
@@ -245,7 +246,7 @@ class _CalibReader:
         self.i = 0
 
 
-def onnx_int8_backbone(float_model, calib: np.ndarray, out_path: Path) -> None:
+def onnx_int8_backbone(float_model, quant: np.ndarray, out_path: Path) -> None:
     """Static int8 QDQ quantization, per-channel weights, int8 activations; float32 in/out stays.
 
     reduce_range (7-bit weights): on x86-64 without VNNI, onnxruntime's int8 GEMM sums pairs of u8*s8
@@ -270,7 +271,7 @@ def onnx_int8_backbone(float_model, calib: np.ndarray, out_path: Path) -> None:
             pass  # pre-processing only improves fusion; the plain model quantizes correctly too
         try:
             with quiet():
-                quantize_static(str(src), str(out_path), _CalibReader(BACKBONE_INPUT, calib), quant_format=QuantFormat.QDQ,
+                quantize_static(str(src), str(out_path), _QuantDataReader(BACKBONE_INPUT, quant), quant_format=QuantFormat.QDQ,
                             per_channel=True, reduce_range=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax)
         except Exception as e:

@@ -1,5 +1,5 @@
 """Data the exporter reads: Fashion-MNIST IDX files, CIFAR-100 (python pickle) and CIFAR-100-C (.npy), and
-calibration / held-out input given as an image folder or an array file.
+quantization / held-out input given as an image folder or an array file.
 
 Nothing here downloads: the machines this runs on are offline, so every loader reads files that are already
 on disk and says which file is missing or malformed.
@@ -78,6 +78,22 @@ def load_fashion_mnist(split: str = "train", root: PathLike = FASHION_MNIST_DIR)
     if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
         raise ExportError(f"{root}: Fashion-MNIST {split} images {x.shape} and labels {y.shape} do not pair up")
     return x, y
+
+
+# The reference recipe trains on the first 55k Fashion-MNIST training images and validates on the last 5k:
+# those 5k are held out from training and are where temperatures are fitted.
+FMNIST_VAL = 5000
+
+
+def fashion_mnist_val(root: PathLike, spec: Preprocess, shape: Sequence[int], limit: Optional[int] = None,
+                      seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """The reference recipe's validation split (last 5k training images), preprocessed."""
+    x, y = load_fashion_mnist("train", root)
+    x, y = x[-FMNIST_VAL:], y[-FMNIST_VAL:]
+    if limit is not None and limit < len(x):
+        keep = np.sort(np.random.default_rng(seed).choice(len(x), limit, replace=False))
+        x, y = x[keep], y[keep]
+    return preprocess_array(x, shape, spec, "Fashion-MNIST"), y
 
 
 # --- CIFAR-100 / CIFAR-100-C ----------------------------------------------------------------------------
@@ -160,7 +176,7 @@ def load_cifar100c(root: PathLike, corruption: str, severity: Optional[int] = No
     return x[sl], y[sl]
 
 
-# --- calibration / held-out input -----------------------------------------------------------------------
+# --- quantization / held-out input -----------------------------------------------------------------------
 
 def list_images(folder: Path) -> List[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
@@ -171,7 +187,7 @@ def preprocess_array(x: np.ndarray, shape: Sequence[int], spec: Preprocess, what
 
     Integer arrays (uint8, uint16) are raw pixels, RGB if they have 3 channels, and get the manifest's
     preprocessing. Float arrays are taken as already model-ready and must match the input shape exactly:
-    guessing whether a float array is 0..1 pixels or normalized input would silently skew calibration.
+    guessing whether a float array is 0..1 pixels or normalized input would silently skew the int8 ranges.
     """
     h, w, c = (int(v) for v in shape)
     if x.ndim == 3:
@@ -211,13 +227,13 @@ def _load_array_file(path: Path, what: str) -> Tuple[np.ndarray, Optional[np.nda
     return obj, None
 
 
-def load_inputs(path: PathLike, shape: Sequence[int], spec: Preprocess, what: str = "calibration data",
+def load_inputs(path: PathLike, shape: Sequence[int], spec: Preprocess, what: str = "quantization data",
                 limit: Optional[int] = None, seed: int = 0, classes: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(model-ready float32 [N, H, W, C], labels or None) from a folder of images or a .npy/.npz file.
 
     A folder's images are decoded with OpenCV and preprocessed like the runtime does. When `classes` is given
     and the folder has one sub-folder per class name, the sub-folder gives the label. `limit` keeps a random
-    (seeded) subset so that a large calibration set does not slow the converters down for nothing.
+    (seeded) subset so that a large quantization set does not slow the converters down for nothing.
     """
     p = Path(path)
     if not p.exists():

@@ -6,7 +6,7 @@ What is quantized, and how:
   A BatchNormalization that directly and solely follows such a layer is folded into it first (as TFLite and
   PyTorch's fusion do), so the folded kernel is what gets quantized; biases stay float (int32 in real kernels).
 - Activations: 8-bit per-tensor asymmetric (affine, uint8 grid 0..255 with a zero point; the range always
-  contains 0), min/max calibrated on the float model over a few training batches. Quantized tensors: the model
+  contains 0), min/max observed on the float model over a few batches of quantization data. Quantized tensors: the model
   input and the output of every layer, except where a real int8 runtime keeps the value or fuses the op:
   Dropout, Flatten, Reshape and max pooling (their output lies on their input's grid), a conv/dense output
   consumed only by a folded BN, and a conv/dense/folded-BN output consumed only by a ReLU (fused activation).
@@ -80,7 +80,7 @@ class _Step:
 
 
 class FakeQuantModel:
-    """`FakeQuantModel(model).calibrate(x)` then `.logits(x, weight_bits)` (None = float weights)."""
+    """`FakeQuantModel(model).set_activation_ranges(x)` then `.logits(x, weight_bits)` (None = float weights)."""
 
     def __init__(self, model, act_bits: int = 8) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -91,7 +91,7 @@ class FakeQuantModel:
         self.clone = keras.models.clone_model(model)
         self.clone.set_weights(model.get_weights())
         if len(self.clone.inputs) != 1 or len(self.clone.outputs) != 1:
-            raise ExportError("the calibration report needs a model with one input and one output")
+            raise ExportError("the quantization report needs a model with one input and one output")
         self.original = {l.name: [np.asarray(w) for w in l.get_weights()] for l in model.layers}
         self._plan(keras)
 
@@ -205,7 +205,7 @@ class FakeQuantModel:
         out = values[self.output_id]
         return np.asarray(out.numpy() if hasattr(out, "numpy") else out, np.float32).reshape(len(x), -1)
 
-    def calibrate(self, x: np.ndarray, batch: int = 128) -> None:
+    def set_activation_ranges(self, x: np.ndarray, batch: int = 128) -> None:
         """Activation ranges (min/max) over `x`, on the float model (folded BN, float weights)."""
         self.set_weight_bits(None)
         self.ranges = {}
@@ -216,7 +216,7 @@ class FakeQuantModel:
                batch: int = 500) -> np.ndarray:
         """Logits with weights at `weight_bits` (None: float) and 8-bit activations (unless turned off)."""
         if quantize_activations and not self.ranges:
-            raise ExportError("calibrate() the activation ranges before running with quantized activations")
+            raise ExportError("set_activation_ranges() before running with quantized activations")
         self.set_weight_bits(weight_bits)
         return np.concatenate([self._run(x[s : s + batch], quantize_activations, False) for s in range(0, len(x), batch)])
 

@@ -25,7 +25,7 @@ def small_cnn(input_shape: Sequence[int] = (28, 28, 1), num_classes: int = 10, f
     """conv blocks (conv-BN-relu x2, pool between blocks) -> global average pooling -> paper head.
 
     Global pooling instead of Flatten keeps the feature vector small (F = last filter count), which is what
-    the MC head samples over; BN inside the conv blocks makes int8 calibration well behaved.
+    the MC head samples over; BN inside the conv blocks keeps the int8 activation ranges well behaved.
     """
     import keras
 

@@ -8,10 +8,11 @@ exported head models can be checked against the numpy reference in edge_quq.head
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from edge_quq.bundle import HeadLayer
 from edge_quq.errors import ExportError
 from edge_quq.head import HeadWeights
 
@@ -57,8 +58,9 @@ class Split:
         return HeadWeights(kernels=tuple(b.kernel for b in self.blocks), biases=tuple(b.bias for b in self.blocks),
                            rates=tuple(b.dropout for b in self.blocks), activation=self.activation)
 
-    def manifest_layers(self) -> List[dict]:
-        return [{"name": b.name, "dropout": b.dropout, "units": b.units, "activation": b.activation} for b in self.blocks]
+    def layer_specs(self) -> Tuple[HeadLayer, ...]:
+        """The manifest's head.layers."""
+        return tuple(HeadLayer(name=b.name, dropout=float(b.dropout), units=b.units, activation=b.activation) for b in self.blocks)
 
 
 def _kind(layer) -> str:
@@ -128,40 +130,62 @@ def find_split(model, split_layer: Optional[str] = None, dropout: Optional[Seque
     layers = [l for l in model.layers if not isinstance(l, keras.layers.InputLayer)]
     if not layers:
         raise ExportError("the model has no layers")
-
-    if split_layer is not None:
-        names = [l.name for l in layers]
-        if split_layer not in names:
-            tail = ", ".join(names[-8:])
-            raise ExportError(f"split layer {split_layer!r} does not exist in the model (last layers: {tail})")
-        start = names.index(split_layer)
-        head = layers[start:]
-        bad = [l for l in head if _kind(l) == "other"]
-        if bad:
-            raise ExportError(f"layers after split layer {split_layer!r} must be Dropout/Dense/Activation only; found {_describe(bad)}")
-    else:
-        start = len(layers)
-        while start > 0 and _kind(layers[start - 1]) != "other":
-            start -= 1
-        head = layers[start:]
-        if not any(_kind(l) == "dense" for l in head):
-            raise ExportError(
-                "the model does not end in a Dense classification head (expected global pooling -> BatchNorm -> "
-                f"Dropout -> Dense ... ; last layers: {_describe(layers[-4:])})"
-            )
-        first_drop = next((i for i, l in enumerate(head) if _kind(l) == "dropout"), None)
-        first_dense = next(i for i, l in enumerate(head) if _kind(l) == "dense")
-        if first_drop is not None and first_drop < first_dense:
-            head = head[first_drop:]
-        else:
-            # No dropout in front of the first Dense: split at that Dense. Rates come from later Dropouts,
-            # or from the option when there are none at all.
-            head = head[first_dense:]
-        if not any(_kind(l) == "dropout" for l in head) and dropout is None:
-            raise ExportError(f"the model's head ({_describe(head)}) has no Dropout layer, so MC dropout has no rates; {NO_DROPOUT_HINT}")
-
+    head = _named_head(layers, split_layer) if split_layer is not None else _trailing_head(layers, dropout)
     _check_chain(model, head)
+    blocks = _blocks(head)
+    from_option = dropout is not None
+    if from_option:
+        _override_rates(blocks, dropout)
+    if all(b.dropout == 0.0 for b in blocks):
+        raise ExportError(f"every head dropout rate is 0, so MC dropout would return one value; {NO_DROPOUT_HINT}")
 
+    split_at = head[0]
+    backbone = keras.Model(model.inputs, split_at.input, name="backbone")
+    out_shape = tuple(backbone.outputs[0].shape)
+    if len(out_shape) != 2 or out_shape[1] != blocks[0].kernel.shape[0]:
+        raise ExportError(f"the backbone output at {split_at.name!r} has shape {out_shape}; the head needs flat features "
+                          f"[N, {blocks[0].kernel.shape[0]}] (add global pooling or Flatten before the head)")
+    return Split(split_layer=split_at.name, backbone=backbone, blocks=blocks, head_layers=[l.name for l in head],
+                 dropout_from_option=from_option)
+
+
+def _named_head(layers: Sequence, split_layer: str) -> List:
+    names = [l.name for l in layers]
+    if split_layer not in names:
+        tail = ", ".join(names[-8:])
+        raise ExportError(f"split layer {split_layer!r} does not exist in the model (last layers: {tail})")
+    head = list(layers[names.index(split_layer):])
+    bad = [l for l in head if _kind(l) == "other"]
+    if bad:
+        raise ExportError(f"layers after split layer {split_layer!r} must be Dropout/Dense/Activation only; found {_describe(bad)}")
+    return head
+
+
+def _trailing_head(layers: Sequence, dropout: Optional[Sequence[float]]) -> List:
+    start = len(layers)
+    while start > 0 and _kind(layers[start - 1]) != "other":
+        start -= 1
+    head = list(layers[start:])
+    if not any(_kind(l) == "dense" for l in head):
+        raise ExportError(
+            "the model does not end in a Dense classification head (expected global pooling -> BatchNorm -> "
+            f"Dropout -> Dense ... ; last layers: {_describe(layers[-4:])})"
+        )
+    first_drop = next((i for i, l in enumerate(head) if _kind(l) == "dropout"), None)
+    first_dense = next(i for i, l in enumerate(head) if _kind(l) == "dense")
+    if first_drop is not None and first_drop < first_dense:
+        head = head[first_drop:]
+    else:
+        # No dropout in front of the first Dense: split at that Dense. Rates come from later Dropouts,
+        # or from the option when there are none at all.
+        head = head[first_dense:]
+    if not any(_kind(l) == "dropout" for l in head) and dropout is None:
+        raise ExportError(f"the model's head ({_describe(head)}) has no Dropout layer, so MC dropout has no rates; {NO_DROPOUT_HINT}")
+    return head
+
+
+def _blocks(head: Sequence) -> List[HeadBlock]:
+    """`Dropout? -> Dense -> Activation?` blocks of a checked chain, as float32 matrices."""
     blocks: List[HeadBlock] = []
     pending: Optional[float] = None
     for layer in head:
@@ -195,25 +219,14 @@ def find_split(model, split_layer: Optional[str] = None, dropout: Optional[Seque
             raise ExportError(f"hidden head layer {b.keras_layers[0]!r} uses activation {b.activation!r}; only relu is supported")
     if blocks[-1].activation not in OUTPUT_ACTIVATIONS:
         raise ExportError(f"output layer {blocks[-1].keras_layers[0]!r} uses activation {blocks[-1].activation!r}; expected sigmoid, softmax or linear")
+    return blocks
 
-    from_option = False
-    if dropout is not None:
-        rates = [float(r) for r in dropout]
-        if len(rates) != len(blocks):
-            raise ExportError(f"--dropout gives {len(rates)} rates but the head has {len(blocks)} dense layers ({', '.join(b.keras_layers[0] for b in blocks)})")
-        if any(not 0.0 <= r < 1.0 for r in rates):
-            raise ExportError(f"--dropout rates must be in [0, 1), got {rates}")
-        for b, r in zip(blocks, rates):
-            b.dropout = r
-        from_option = True
-    if all(b.dropout == 0.0 for b in blocks):
-        raise ExportError(f"every head dropout rate is 0, so MC dropout would return one value; {NO_DROPOUT_HINT}")
 
-    split_at = head[0]
-    backbone = keras.Model(model.inputs, split_at.input, name="backbone")
-    out_shape = tuple(backbone.outputs[0].shape)
-    if len(out_shape) != 2 or out_shape[1] != blocks[0].kernel.shape[0]:
-        raise ExportError(f"the backbone output at {split_at.name!r} has shape {out_shape}; the head needs flat features "
-                          f"[N, {blocks[0].kernel.shape[0]}] (add global pooling or Flatten before the head)")
-    return Split(split_layer=split_at.name, backbone=backbone, blocks=blocks, head_layers=[l.name for l in head],
-                 dropout_from_option=from_option)
+def _override_rates(blocks: List[HeadBlock], dropout: Sequence[float]) -> None:
+    rates = [float(r) for r in dropout]
+    if len(rates) != len(blocks):
+        raise ExportError(f"--dropout gives {len(rates)} rates but the head has {len(blocks)} dense layers ({', '.join(b.keras_layers[0] for b in blocks)})")
+    if any(not 0.0 <= r < 1.0 for r in rates):
+        raise ExportError(f"--dropout rates must be in [0, 1), got {rates}")
+    for b, r in zip(blocks, rates):
+        b.dropout = r

@@ -8,19 +8,19 @@ dataset-fashion-mnist; nothing is downloaded.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List, Optional, Sequence
 
+import click
 import numpy as np
 
-from edge_quq.errors import EdgeQuqError
-
-from edge_quq_export.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
+from edge_quq_export.cli import CONTEXT, OldNames, run_command
+from edge_quq_export.datasets import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FMNIST_VAL, load_fashion_mnist
 
 
 def slug(name: str) -> str:
@@ -85,27 +85,30 @@ def write_samples(folder: Path, x_test: np.ndarray, y_test: np.ndarray, probs: n
     return rows
 
 
+@click.command("train", context_settings=CONTEXT)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle folder to write (replaced if it is a bundle).")
+@click.option("--samples", type=click.Path(path_type=Path), default=None, help="Sample images folder (default: OUT/../samples).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--filters", default="24,48,64", show_default=True, help="Conv filters per block.")
+@click.option("--quant-samples", "--calib-samples", "quant_samples", cls=OldNames, type=click.IntRange(min=1), default=500,
+              show_default=True, help="Training images the int8 ranges are set on.")
+@click.option("--keep-model", type=click.Path(path_type=Path), default=None,
+              help="Also save the trained float model here (.keras, plus a .json training record).")
+@click.option("--from-model", type=click.Path(path_type=Path), default=None,
+              help="Skip training: export this model (saved earlier with --keep-model).")
+@click.option("--data", type=click.Path(path_type=Path), default=FASHION_MNIST_DIR, help="Fashion-MNIST IDX folder.")
+@click.option("--detectors", default="all", show_default=True,
+              help="OOD detectors fitted on the Fashion-MNIST training set after export (docs/detectors.md); 'none' to skip.")
+@click.option("--fit-temperature", is_flag=True,
+              help="Fit a post-hoc temperature on the validation split (last 5k training images) and store it in the bundle.")
+def train_cmd(**kwargs) -> None:
+    """Train the reference model on Fashion-MNIST, export it and write the demo samples."""
+    _run(SimpleNamespace(**kwargs))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edge_quq_export.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, required=True, help="bundle folder to write (replaced if it is a bundle)")
-    ap.add_argument("--samples", type=Path, default=None, help="sample images folder (default: OUT/../samples)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--filters", default="24,48,64", help="conv filters per block")
-    ap.add_argument("--calib-samples", type=int, default=500)
-    ap.add_argument("--keep-model", type=Path, default=None, help="also save the trained float model here (.keras, plus a .json training record)")
-    ap.add_argument("--from-model", type=Path, default=None, help="skip training: export this model (saved earlier with --keep-model)")
-    ap.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
-    ap.add_argument("--detectors", default="all",
-                    help="OOD detectors fitted on the Fashion-MNIST training set after export (docs/detectors.md); 'none' to skip")
-    ap.add_argument("--fit-temperature", action="store_true",
-                    help="fit a post-hoc temperature on the validation split (last 5k training images) and store it in the bundle")
-    args = ap.parse_args(argv)
-    try:
-        return _run(args)
-    except EdgeQuqError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(train_cmd, sys.argv[1:] if argv is None else argv, "python -m edge_quq_export.train")
 
 
 def _run(args) -> int:
@@ -135,21 +138,21 @@ def _run(args) -> int:
     x, _ = load_fashion_mnist("train", args.data)
     xt, yt = load_fashion_mnist("test", args.data)
     rng = np.random.default_rng(args.seed)
-    calib = x[rng.choice(len(x) - 5000, args.calib_samples, replace=False)]  # from the training part only
+    quant = x[rng.choice(len(x) - FMNIST_VAL, args.quant_samples, replace=False)]  # from the training part only
     with tempfile.TemporaryDirectory(prefix="edge_quq_train_") as tmp:
         model_path = Path(args.from_model or args.keep_model or Path(tmp) / "fashion_mnist_reference.keras")
         if args.from_model is None:
             model.save(model_path)
             if args.keep_model is not None:
                 Path(str(model_path) + ".json").write_text(json.dumps(training, indent=2) + "\n", encoding="utf-8")
-        opts = ExportOptions(calibration=calib, out=args.out, force=True, test_data=xt, test_labels=yt,
+        opts = ExportOptions(quant_data=quant, out=args.out, force=True, test_data=xt, test_labels=yt,
                              test_source="Fashion-MNIST t10k (full test set)", classes=FASHION_MNIST_CLASSES,
-                             name="fashion-mnist-reference", seed=args.seed, calib_samples=args.calib_samples,
+                             name="fashion-mnist-reference", seed=args.seed, quant_samples=args.quant_samples,
                              extra_manifest={"training": training})
         if args.fit_temperature:
             # The validation split: held out from training, and not the test data the accuracy is reported on.
-            opts.temperature_data, opts.temperature_labels = x[-5000:], load_fashion_mnist("train", args.data)[1][-5000:]
-            opts.temperature_source = "Fashion-MNIST validation split (last 5000 training images, held out from training)"
+            opts.temperature_data, opts.temperature_labels = x[-FMNIST_VAL:], load_fashion_mnist("train", args.data)[1][-FMNIST_VAL:]
+            opts.temperature_source = f"Fashion-MNIST validation split (last {FMNIST_VAL} training images, held out from training)"
         bundle = export_model(model_path, opts)
     if args.detectors != "none":
         from edge_quq.bundle import load_bundle
@@ -163,10 +166,9 @@ def _run(args) -> int:
           f"int8 tflite {100 * acc['int8_tflite']:.2f}%, int8 onnx {100 * acc['int8_onnx']:.2f}%")
     # Samples: chosen with the int8 TFLite model the runtime will use by default.
     from edge_quq.head import load_head_weights
-    from edge_quq_export.parity import run_tflite
+    from edge_quq_export.pipeline import run_backbone_tflite
 
-    mf = bundle.backbone_tflite
-    feats = run_tflite(bundle.file(mf.file), xt[..., None].astype(np.float32) / 255.0, {"input": mf.input.to_json(), "output": mf.output.to_json()})
+    feats = run_backbone_tflite(bundle.path, bundle.backbone_tflite, xt[..., None].astype(np.float32) / 255.0)
     probs = load_head_weights(bundle).probs(feats)
     samples = args.samples or Path(args.out).parent / "samples"
     write_samples(samples, xt, yt, probs)

@@ -11,7 +11,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from dataclasses import replace
+from typing import List, Optional
 
 from edge_quq.bundle import FORMAT_NAME, MANIFEST_NAME, Bundle, file_entries, write_manifest
 from edge_quq.errors import ExportError
@@ -47,7 +48,7 @@ def check_out(out: Path, force: bool) -> None:
 
 
 class Staging:
-    """`with Staging(out, force) as st:` write files into st.path, then st.commit(manifest)."""
+    """`with Staging(out, force) as st:` write files into st.path, then st.commit(bundle)."""
 
     def __init__(self, out: Path, force: bool = False) -> None:
         self.out = Path(out).absolute()
@@ -73,13 +74,11 @@ class Staging:
         os.chmod(self.path, 0o777 & ~umask)
         return self
 
-    def commit(self, manifest: Dict[str, Any], extra_files: Optional[List[str]] = None) -> Bundle:
-        """Checksum every file in the staging folder, write and verify the manifest, move into place."""
+    def commit(self, bundle: Bundle) -> Bundle:
+        """Checksum every file in the staging folder, write `bundle` as the manifest and verify it, move into place."""
         assert self.path is not None
         names = sorted(p.name for p in self.path.iterdir() if p.is_file() and p.name != MANIFEST_NAME)
-        manifest = dict(manifest)
-        manifest["files"] = file_entries(self.path, names)
-        write_manifest(self.path, manifest)
+        write_manifest(self.path, replace(bundle, path=self.path, files=file_entries(self.path, names)))
         check_out(self.out, self.force)  # the world may have changed during a long export
         old = None
         if self.out.exists():

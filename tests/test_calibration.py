@@ -77,7 +77,7 @@ def test_fake_quant_model_matches_numpy_by_hand(small_dense_model):
     assert d["quantized_tensors"] == ["input", "relu", "out"]  # d0 and bn fuse into relu; dropout passes through
 
     # float path reproduces the model (the sigmoid split off)
-    fq.calibrate(xc)
+    fq.set_activation_ranges(xc)
     zf = fq.logits(x, None, quantize_activations=False)
     np.testing.assert_allclose(1 / (1 + np.exp(-zf)), m.predict(x, verbose=0), atol=1e-5)
 
@@ -127,7 +127,7 @@ def test_fake_quant_folds_depthwise_and_conv_bn_and_splits_softmax():
     d = fq.describe()
     assert d["folded_batchnorm"] == {"bn_dw": "dw", "bn_pw": "pw"} and d["output_activation"] == "softmax"
     assert d["quantized_tensors"] == ["input", "r0", "bn_pw", "gap", "out"]
-    fq.calibrate(x)
+    fq.set_activation_ranges(x)
     # folding alone (float weights, no activation quantization) reproduces the model
     z = fq.logits(x, None, quantize_activations=False)
     np.testing.assert_allclose(softmax(z.astype(np.float64)), m.predict(x, verbose=0), atol=1e-5)
@@ -303,11 +303,11 @@ def test_predictor_reports_the_temperature(bundle_copy):
 
 def test_report_command_writes_everything(tmp_path, tiny_model_path, tiny_bundle, capsys):
     pytest.importorskip("matplotlib")
-    from edge_quq_export.calibration import main
+    from edge_quq_export.quant_report import main
 
     out = tmp_path / "rep"
-    rc = main(["report", "--model", str(tiny_model_path), "--bundle", str(tiny_bundle), "--out", str(out),
-               "--bits", "8,4", "--test-samples", "300", "--temperature-samples", "300", "--calib-batches", "2",
+    rc = main(["--model", str(tiny_model_path), "--bundle", str(tiny_bundle), "--out", str(out),
+               "--bits", "8,4", "--test-samples", "300", "--temperature-samples", "300", "--quant-batches", "2",
                "--batch-size", "32"])
     assert rc == 0, capsys.readouterr().err
     names = {p.name for p in out.iterdir()}
@@ -329,10 +329,15 @@ def test_report_command_writes_everything(tmp_path, tiny_model_path, tiny_bundle
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # bad input: one line, nothing written
     bad = tmp_path / "bad"
-    assert main(["report", "--model", str(tmp_path / "none.keras"), "--out", str(bad)]) == 2
+    assert main(["--model", str(tmp_path / "none.keras"), "--out", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "not found" in err and "\n" not in err and not bad.exists()
-    assert main(["report", "--model", str(tiny_model_path), "--out", str(bad), "--bits", "8,1"]) == 2
+    assert main(["--model", str(tiny_model_path), "--out", str(bad), "--bits", "8,1"]) == 2
+    assert "--bits" in capsys.readouterr().err and not bad.exists()
+    # the report's old command name and option names still run it
+    from edge_quq_export.calibration import main as old_main
+
+    assert old_main(["report", "--model", str(tiny_model_path), "--out", str(bad), "--calib-batches", "1", "--bits", "8,1"]) == 2
     assert "--bits" in capsys.readouterr().err and not bad.exists()
 
 

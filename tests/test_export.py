@@ -85,6 +85,63 @@ def test_manifest_validates_and_every_file_is_checksummed(tiny_bundle):
     assert not list(tiny_bundle.parent.glob(".*tmp-*"))
 
 
+def test_default_bundle_manifest_round_trips():
+    """Writing the embedded bundle's manifest back from its parsed dataclasses gives the same JSON, byte for byte."""
+    from edge_quq.bundle import DEFAULT_BUNDLE_DIR, parse_manifest
+
+    text = (DEFAULT_BUNDLE_DIR / MANIFEST_NAME).read_text(encoding="utf-8")
+    b = load_bundle()
+    assert b.to_json() == json.loads(text)
+    assert json.dumps(b.to_json(), indent=2) + "\n" == text
+    assert parse_manifest(b.to_json(), b.path) == b
+    assert b.manifest is not b.manifest  # a fresh copy each time: editing it cannot change the bundle
+    b.manifest["detectors"]["tpr"] = 0.5
+    assert b.extra["detectors"]["tpr"] == 0.95
+
+
+def test_every_manifest_dataclass_round_trips(tmp_path):
+    from dataclasses import replace
+
+    from edge_quq.bundle import (DecisionDefaults, HeadLayer, HeadSpec, InputSpec, ModelFile, Preprocess, QuantParams,
+                                 parse_manifest, write_manifest)
+    from edge_quq.errors import BundleError
+
+    for q in (QuantParams("int8", 0.0123, -7), QuantParams("uint8", 0.5, 128), QuantParams("float32")):
+        assert QuantParams.from_json(q.to_json(), "q") == q
+    pre = Preprocess("rgb", (32, 48), "cubic", 0.875, 1.0, (0.5, 0.4, 0.3), (0.2, 0.2, 0.25))
+    spec = InputSpec((32, 48, 3), pre)
+    assert InputSpec.from_json(spec.to_json(), "i") == spec
+    mf = ModelFile("b.onnx", QuantParams("float32"), QuantParams("float32"))
+    assert ModelFile.from_json(mf.to_json(), "m") == mf and "input_name" not in mf.to_json()
+    head = HeadSpec("h.npz", (HeadLayer("dense0", 0.3, 5, "softmax"),), 7, tflite_int8="h8.tflite", extra={"note": [1, 2]})
+    assert HeadSpec.from_json(head.to_json(), "h") == head
+    dd = DecisionDefaults(0.6, 20, 1.1, "keep")
+    assert DecisionDefaults.from_json(dd.to_json()) == dd
+    b = replace(load_bundle(), path=tmp_path, input=spec, backbone_tflite=None, backbone_onnx=mf, split_layer="", head=head,
+                classes=tuple("abcde"), decision=dd, calibration={"temperature": 1.25, "how": "x"}, extra={}, key_order=())
+    b.files = {f: {"sha256": "0" * 64, "bytes": 0} for f in ("b.onnx", "h.npz", "h8.tflite")}
+    assert parse_manifest(b.to_json(), tmp_path) == b and b.temperature == 1.25
+    with pytest.raises(ValueError, match="overwrite"):
+        replace(b, extra={"head": {}}).to_json()
+    # the writer refuses a bundle the reader would refuse, and writes nothing
+    with pytest.raises(BundleError, match="linear"):
+        write_manifest(tmp_path, replace(b, head=replace(head, layers=(HeadLayer("dense0", 0.3, 5, "linear"),))))
+    assert not (tmp_path / MANIFEST_NAME).exists()
+
+
+def test_exported_manifest_is_written_from_the_bundle_dataclasses(tiny_bundle):
+    from edge_quq.bundle import FORMAT_NAME, SCHEMA_VERSION, parse_manifest
+
+    text = (tiny_bundle / MANIFEST_NAME).read_text()
+    b = load_bundle(tiny_bundle)
+    assert json.dumps(b.to_json(), indent=2) + "\n" == text  # writing the parsed bundle back changes nothing
+    assert parse_manifest(b.to_json(), b.path) == b
+    m = json.loads(text)
+    assert (m["format"], m["schema_version"]) == (FORMAT_NAME, SCHEMA_VERSION)
+    assert list(m)[:5] == ["format", "schema_version", "name", "created", "producer"] and list(m)[-1] == "files"
+    assert m["head"]["keras_layers"] == ["head_dropout0", "head_dense0", "head_dropout1", "head_out"]
+
+
 def test_quant_params_in_manifest_are_the_models_own(tiny_bundle):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -281,7 +338,7 @@ def bad_inputs(tmp_path, tiny_model_path, tiny_data_files):
     ("wrong_shape", "the model takes [N, 28, 28, 1]"),
     ("wrong_dtype", "dtype int64 is not supported"),
     ("not_bundle", "is not an edge-quq bundle"),
-    ("missing_calib", "calibration data not found"),
+    ("missing_calib", "quantization data not found"),
 ])
 def test_bad_input_gives_one_error_line_and_writes_nothing(tmp_path, bad_inputs, case, needle):
     model, calib, out = bad_inputs["model"], bad_inputs["calib"], tmp_path / "out" / "bundle"
@@ -297,7 +354,7 @@ def test_bad_input_gives_one_error_line_and_writes_nothing(tmp_path, bad_inputs,
     elif case == "missing_calib":
         calib = tmp_path / "nope.npy"
     before = sorted(p.name for p in tmp_path.rglob("*"))
-    res = _invoke([model, "--calibration", calib, "--out", out, *extra])
+    res = _invoke([model, "--quant-data", calib, "--out", out, *extra])
     _assert_one_line_error(res, needle)
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing created, nothing left behind
     if case == "not_bundle":
@@ -320,12 +377,13 @@ def test_existing_bundle_needs_force_and_no_dropout_head_needs_rates(tmp_path, t
     keras.Model(inp, keras.layers.Dense(10, activation="softmax")(x)).save(model)
     before = sha256_file(out / MANIFEST_NAME)
 
-    res = _invoke([model, "--calibration", calib, "--out", out])
+    res = _invoke([model, "--quant-data", calib, "--out", out])
     _assert_one_line_error(res, "pass --force")
-    res = _invoke([model, "--calibration", calib, "--out", out, "--force"])
+    res = _invoke([model, "--quant-data", calib, "--out", out, "--force"])
     _assert_one_line_error(res, "--dropout")
     assert sha256_file(out / MANIFEST_NAME) == before  # the old bundle is untouched after both failures
 
+    # --calibration and --calib-samples: the old names of --quant-data and --quant-samples still work
     res = _invoke([model, "--calibration", calib, "--out", out, "--force", "--dropout", "0.1,0.3", "--calib-samples", "50",
                    "--classes", ",".join(f"c{i}" for i in range(10)), "--z", "0.9"])
     assert res.exit_code == 0, (res.output, res.exception)
@@ -333,7 +391,17 @@ def test_existing_bundle_needs_force_and_no_dropout_head_needs_rates(tmp_path, t
     assert [l.dropout for l in b.head.layers] == [0.1, 0.3] and b.head.output_activation == "softmax"
     assert b.manifest["head"]["dropout_source"] == "option --dropout" and b.decision.z == 0.9
     assert "accuracy" not in b.manifest  # no labelled test data given
+    assert json.loads((out / "parity.json").read_text())["quant_samples"] == 50
     assert _leftovers(tmp_path) == []
+
+
+def test_old_option_names_are_hidden_from_help():
+    res = _invoke(["--help"])
+    assert res.exit_code == 0 and "--quant-data" in res.output and "--quant-samples" in res.output
+    assert "--calibration " not in res.output and "--calib-samples" not in res.output
+    from edge_quq.defaults import DECISION_DEFAULTS
+
+    assert f"[default: {DECISION_DEFAULTS['z']}]" in " ".join(res.output.split())
 
 
 def test_export_is_registered_in_the_main_cli():
