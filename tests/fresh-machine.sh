@@ -77,14 +77,15 @@ git -C "$SRC" archive --format=tar HEAD | tar -x -C "$ROOT/src"
 echo "fresh-machine: $(git -C "$SRC" rev-parse --short HEAD) copied to /src (git archive, committed files only)"
 
 # One private mount and PID namespace per command: /proc, /sys, /dev, /dev/shm inside the root vanish with it,
-# and so does every process the command left behind.
+# and so does every process the command left behind. The namespace's PID 1 is this sh, not the command: a
+# test runner as PID 1 sees its own PID where tests expect another process's.
 in_root() {
   # shellcheck disable=SC2016  # the inner script expands its own positional arguments
   unshare --mount --pid --fork --kill-child --propagation private sh -c '
     R=$1; shift
     mount -t proc proc "$R/proc" && mount -t sysfs sys "$R/sys" && mount --rbind /dev "$R/dev" \
       && mount -t tmpfs -o mode=1777 shm "$R/dev/shm" && mount -t tmpfs -o mode=1777 tmp "$R/tmp" || exit 125
-    exec chroot "$R" /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+    chroot "$R" /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
       LANG=C.UTF-8 TERM=dumb CI="${CI:-}" /bin/bash -c "cd /src && $1"
   ' sh "$ROOT" "$1"
 }

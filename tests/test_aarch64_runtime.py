@@ -27,8 +27,10 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def aarch64_env() -> Path:
-    subprocess.run(["bash", str(ROOT / "tests" / "aarch64" / "setup_rootfs.sh"), str(CACHE)], check=True,
-                   capture_output=True, timeout=1200)
+    # PYTHON: the test environment's interpreter has pip; a fresh machine's system python3 does not.
+    r = subprocess.run(["bash", str(ROOT / "tests" / "aarch64" / "setup_rootfs.sh"), str(CACHE)], capture_output=True,
+                       text=True, timeout=1200, env={**os.environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, f"setup_rootfs.sh failed:\n{r.stderr[-3000:]}"
     return CACHE
 
 

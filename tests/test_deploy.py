@@ -139,7 +139,7 @@ def test_shellcheck_clean():
 
 
 def _verify(root: Path, unit_name: str = "edge-quq-camera.service") -> subprocess.CompletedProcess:
-    return subprocess.run(["systemd-analyze", "verify", f"--root={root}", unit_name], capture_output=True, text=True, timeout=60)
+    return subprocess.run(["systemd-analyze", "verify", "--man=no", f"--root={root}", unit_name], capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture()

@@ -27,15 +27,17 @@ done
 rm -rf "$CACHE/debootstrap"
 
 PIP_PLATFORMS="--platform manylinux2014_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux_2_27_aarch64 --platform manylinux_2_28_aarch64"
+# PYTHON: an interpreter with pip (the tests pass their own; a fresh machine's python3 has no pip module).
+PY="${PYTHON:-python3}"
 # shellcheck disable=SC2086
-python3 -m pip download -q --only-binary=:all: --python-version 3.11 $PIP_PLATFORMS -d "$CACHE/wheels" \
+"$PY" -m pip download -q --only-binary=:all: --python-version 3.11 $PIP_PLATFORMS -d "$CACHE/wheels" \
   numpy onnxruntime ai-edge-litert psutil click opencv-python-headless
 mkdir -p "$CACHE/site"
 for whl in "$CACHE"/wheels/*.whl; do
-  python3 -m zipfile -e "$whl" "$CACHE/site"
+  "$PY" -m zipfile -e "$whl" "$CACHE/site"
 done
 
-cat > "$CACHE/cpuinfo" <<'CPU'
+cat > "$CACHE/cpuinfo" <<'CPUINFO'
 processor	: 0
 BogoMIPS	: 108.00
 Features	: fp asimd evtstrm crc32 cpuid
@@ -45,6 +47,6 @@ CPU variant	: 0x0
 CPU part	: 0xd08
 CPU revision	: 3
 
-CPU
+CPUINFO
 touch "$CACHE/.ready"
 echo "$CACHE"
