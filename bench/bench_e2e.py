@@ -146,7 +146,8 @@ def med(xs: List[float]) -> float:
 def bench_model(name: str, bundle_dir: Path, reps: int, naive_reps: int, seed: int,
                 sampler_names: Tuple[str, ...] = SAMPLERS) -> dict:
     from edge_quq.predictor import Predictor
-    from edge_quq.sampler import draw_keep_masks, make_sampler
+    from edge_quq.samplers import make_sampler
+    from edge_quq.samplers.base import draw_keep_masks
 
     pred = Predictor.from_bundle(bundle_dir, backend="tflite", threads=2, sampler="numpy", gradient=None)
     backbone, head = pred.backbone, pred.head
@@ -410,7 +411,7 @@ def main() -> None:
     if args.export_only:
         return
 
-    from edge_quq import sampler_native
+    from edge_quq.samplers import native as sampler_native
     from edge_quq.backends import load_tflite_interpreter_class
 
     info = cpu_info()

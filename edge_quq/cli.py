@@ -15,8 +15,8 @@ from edge_quq.config import config_option
 from edge_quq.defaults import BACKENDS, DEFAULT_IGNORE_ON, MIXED_POLICIES, default_help
 from edge_quq.errors import EdgeQuqError
 from edge_quq.options import PredictorOptions
+from edge_quq.samplers import SAMPLER_CHOICES
 
-SAMPLER_CHOICES = ("auto", "numpy", "native", "analytic", "tflite", "onnx")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -108,7 +108,7 @@ def predict(paths: Sequence[str], batch_size: int, as_json: bool, **model: Any) 
     Exit code 0 when every input was processed (ignoring a sample is a result), 1 when some inputs could not
     be read (the others still get results), 2 for bad options or a bad bundle.
     """
-    from edge_quq.predictor import expand_inputs
+    from edge_quq.inputs import expand_inputs
     from edge_quq.result import Failure, Prediction
     from edge_quq.telemetry import latency_summary
 

@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 
-from edge_quq.analytic import (AnalyticSampler, dropout_moments, erf, logit_moments, probit_moments,
+from edge_quq.samplers.analytic import (AnalyticSampler, dropout_moments, erf, logit_moments, probit_moments,
                                relu_moments)
 from edge_quq.head import HeadWeights
-from edge_quq.sampler import NumpySampler, make_sampler
-from edge_quq import sampler_native
+from edge_quq.samplers import make_sampler
+from edge_quq.samplers.reference import NumpySampler
+from edge_quq.samplers import native as sampler_native
 
 
 def random_head(f, h, c, rates, activation, seed=0) -> HeadWeights:

@@ -93,7 +93,7 @@ def test_batched_gradient_and_closed_form_match_runtime(head):
 
 
 def test_batched_mc_matches_numpy_sampler_in_distribution(head):
-    from edge_quq.sampler import NumpySampler
+    from edge_quq.samplers.reference import NumpySampler
     from bench.suite.core import mc_probs
 
     x = np.random.default_rng(1).uniform(0, 3, (3, head.feature_size)).astype(np.float32)
