@@ -10,7 +10,6 @@ sampled in batch at max(T) and smaller T use the first T samples of the same dra
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -27,14 +26,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_MODEL = ROOT / "bench" / "models" / "reference.keras"
 E2E_REPORT = ROOT / "bench" / "results" / "e2e.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def machine_info() -> dict:
@@ -193,7 +184,8 @@ def cifar_dataset(root: Path, n_clean: int, n_corrupt: int, seed: int) -> Datase
 
 def evaluate_dataset(ds: Dataset, bundle_path: Optional[str], opts: dict, say, results: dict, figures: dict) -> None:
     from edge_quq.backends import make_backbone
-    from edge_quq.bundle import load_bundle
+    from edge_quq.bundle import load_bundle, sha256_file
+    from edge_quq.decision import decide_many
     from edge_quq.detector_store import load_detectors
     from edge_quq.head import load_head_weights
     from bench.suite import evaluate as ev
@@ -215,7 +207,7 @@ def evaluate_dataset(ds: Dataset, bundle_path: Optional[str], opts: dict, say, r
     tmax = max(max(ev.T_GRID), t0)
     seed = opts["seed"]
     act = head.activation
-    results["bundle"] = {"path": str(bundle.path), "name": bundle.name, "manifest_sha256": _sha256(bundle.path / "manifest.json"),
+    results["bundle"] = {"path": str(bundle.path), "name": bundle.name, "manifest_sha256": sha256_file(bundle.path / "manifest.json"),
                          "backbone_backend": backbone.describe() if hasattr(backbone, "describe") else opts["backend"],
                          "decision_defaults": {"threshold": thr, "z": z0, "T": t0, "mixed": mixed},
                          "detectors": detectors.names if detectors is not None else []}
@@ -244,7 +236,7 @@ def evaluate_dataset(ds: Dataset, bundle_path: Optional[str], opts: dict, say, r
     results["calibration"] = ev.calibration({"plain int8": clean.det_probs, f"MC mean (T={t0})": mean_t0,
                                              "closed-form mean": clean.an_mean}, y)
     id_scores = score_dict(clean, t0, act)
-    rule_id = ev.apply_rule(mean_t0, clean.moments(t0)[1], z0, thr, mixed)
+    rule_id = decide_many(mean_t0, clean.moments(t0)[1], z0, thr, mixed)
 
     # corruptions
     t_start = time.time()
@@ -280,7 +272,7 @@ def evaluate_dataset(ds: Dataset, bundle_path: Optional[str], opts: dict, say, r
         ro = run_head(head, fo, t0, seed + 99, detectors)
         far_tab[name] = ev.ood_table(id_scores, score_dict(ro, t0, act))
         m, s, _ = ro.moments(t0)
-        rule_ood[name] = round(float(np.mean(~ev.apply_rule(m, s, z0, thr, mixed).keep)), 4)
+        rule_ood[name] = round(float(np.mean(~decide_many(m, s, z0, thr, mixed).keep)), 4)
     timings["far_ood"] = round(time.time() - t_start, 1)
     # shifted sets averaged over the corruption types, per severity
     shifted_mean = {}

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edge_quq.bundle import Bundle, Preprocess, load_bundle, set_calibration
+from edge_quq.bundle import Bundle, Preprocess, load_bundle, set_calibration, sha256_file
 from edge_quq.calibration import (calibration_summary, confidence_and_prediction, fit_temperature,
                                   temperature_objective)
 from edge_quq.errors import EdgeQuqError, ExportError, OptionError
@@ -510,10 +509,6 @@ def _bits(value: str) -> List[int]:
     return bits
 
 
-def _sha256(p: Path) -> str:
-    return hashlib.sha256(p.read_bytes()).hexdigest()
-
-
 def cmd_report(a: argparse.Namespace) -> int:
     from edge_quq_export.pipeline import _input_shape, _preprocess, ExportOptions, load_keras_model
 
@@ -537,7 +532,7 @@ def cmd_report(a: argparse.Namespace) -> int:
         data = fashion_mnist_data(a.fashion_mnist, spec, shape, a.test_samples, a.calib_batches, a.batch_size,
                                   a.temperature_samples, a.seed)
     r, _ = build_report(model, data, bits, bundle, model_name=a.model.name)
-    r["model_sha256"] = _sha256(a.model)
+    r["model_sha256"] = sha256_file(a.model)
     r["command"] = "python -m edge_quq_export.calibration " + " ".join(a.argv)
     made = write_report(r, a.out)
     for name, c in r["columns"].items():

@@ -163,14 +163,19 @@ def output_moments(mu: np.ndarray, var: np.ndarray, activation: str) -> Tuple[np
     return mu, np.sqrt(np.maximum(var, 0.0)), entropy(mu, "sigmoid")
 
 
-def analytic_moments(head: HeadWeights, feats: np.ndarray, sq_kernels: Optional[list] = None) -> HeadMoments:
-    """Closed-form moments for rows feats [N, F] (batched HeadMoments, num_samples = 0)."""
-    x = np.asarray(feats, dtype=np.float32)
+def analytic_moments(head: HeadWeights, feats: np.ndarray, sq_kernels: Optional[list] = None, chunk: int = 256) -> HeadMoments:
+    """Closed-form moments for rows feats [N, F] (batched HeadMoments, num_samples = 0). Chunked because
+    softmax heads hold [rows, C, C] intermediates (C = 100: 80 kB a row)."""
+    x = np.asarray(feats, dtype=np.float32).reshape(-1, head.feature_size)
     det_logits = head.logits(x).astype(np.float64)
-    mu, var = logit_moments(head, x, sq_kernels)
     t = float(head.temperature)
-    # logits / T: mean / T and variance / T^2, exactly.
-    mean, std, ent = output_moments(mu / t, var / (t * t), head.activation)
+    parts = []
+    for s in range(0, len(x), chunk):
+        mu, var = logit_moments(head, x[s : s + chunk], sq_kernels)
+        # logits / T: mean / T and variance / T^2, exactly.
+        parts.append(output_moments(mu / t, var / (t * t), head.activation))
+    c = head.num_classes
+    mean, std, ent = (np.concatenate([p[i] for p in parts]) if parts else np.zeros((0, c) if i < 2 else 0) for i in range(3))
     return HeadMoments(mean=mean, std=std, deterministic=head.probs_from_logits(det_logits), logits=det_logits,
                        expected_entropy=ent, num_samples=0)
 

@@ -133,13 +133,16 @@ class _ExportedHeadSampler(Sampler):
     same_stream = True
 
     def __init__(self, head: HeadWeights, seed: Optional[int] = None, *, bundle: "Optional[Bundle]" = None,
-                 threads: Optional[int] = None) -> None:
+                 threads: Optional[int] = None, path: Optional[Path] = None) -> None:
+        """The head model comes from the bundle's manifest, or from `path` (a model file exported for `head`)."""
         super().__init__(head, seed)
-        file = getattr(bundle.head, self.name, None) if bundle is not None else None
-        if not file:
-            raise OptionError(f"sampler {self.name!r} needs a bundle with an exported {self.name.upper()} head")
-        names = bundle.head.mask_inputs or default_mask_names(len(head.kernels))
-        self.model = self.model_class(bundle.file(file), names, threads)
+        names: Sequence[str] = default_mask_names(len(head.kernels))
+        if path is None:
+            file = getattr(bundle.head, self.name, None) if bundle is not None else None
+            if not file:
+                raise OptionError(f"sampler {self.name!r} needs a bundle with an exported {self.name.upper()} head")
+            path, names = bundle.file(file), (bundle.head.mask_inputs or names)
+        self.model = self.model_class(path, names, threads)
         _check_temperature(head, self.model.has_logits, self.name)
 
     def sample_rows(self, x: np.ndarray, num_iter: int) -> HeadMoments:
