@@ -141,16 +141,10 @@ def all_scores(pred, x_u8: np.ndarray) -> Dict[str, np.ndarray]:
     b = pred.bundle
     x = preprocess_array(x_u8[..., None], b.input.shape, b.input.preprocess, "bench")
     feats = np.concatenate([pred.features(x[i : i + 256]) for i in range(0, len(x), 256)])
-    mc: Dict[str, List[float]] = {k: [] for k in MC_SCORES}
-    for f in feats:
-        m = pred.sampler.sample(f, pred.settings.num_iter)
-        s = compute_scores(m.mean, m.std, m.logits, m.expected_entropy, pred.head.activation)
-        mc["msp"].append(-s["max_prob"])
-        for k in MC_SCORES[1:]:
-            mc[k].append(s[k])
-    out = {k: np.asarray(v) for k, v in mc.items()}
-    for n, d in pred.detectors.detectors.items():
-        out[n] = d.score(feats, pred.head)
+    m = pred.sampler.sample(feats, pred.settings.num_iter)  # batched: the same stream as one call per sample
+    s = compute_scores(m.mean, m.std, m.logits, m.expected_entropy, pred.head.activation)
+    out = {"msp": -s["max_prob"], **{k: s[k] for k in MC_SCORES[1:]}}
+    out.update(pred.detectors.score_all(feats, pred.head))
     return out, feats
 
 

@@ -28,6 +28,7 @@ from heads import PARITY_IDS, parity_head, relu_rows
 TOL = 2e-5  # float32 products in another order (C kernel, XNNPACK, MLAS) against the numpy reference
 N, T = 4, 24
 TEMPERATURE = 2.5
+EVERY_SAMPLER_AND_HEAD = pytest.mark.parametrize("name,shape", [(n, s) for n in SAMPLER_NAMES for s in PARITY_IDS])
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +87,7 @@ def close(a, b, tol=TOL):
     np.testing.assert_allclose(a.expected_entropy, b.expected_entropy, atol=1e-4, err_msg="expected_entropy")
 
 
-@pytest.mark.parametrize("shape", PARITY_IDS)
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@EVERY_SAMPLER_AND_HEAD
 def test_seeded_runs_repeat_and_reseed_restarts(build, name, shape):
     s = build(name, shape, seed=5)
     x = rows(s.head)
@@ -98,8 +98,7 @@ def test_seeded_runs_repeat_and_reseed_restarts(build, name, shape):
     close(s.sample(x, T), first, tol=0.0)
 
 
-@pytest.mark.parametrize("shape", PARITY_IDS)
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@EVERY_SAMPLER_AND_HEAD
 def test_a_batch_equals_single_samples_in_order(build, name, shape):
     batch_sampler, one_sampler = build(name, shape, seed=7), build(name, shape, seed=7)
     x = rows(batch_sampler.head)
@@ -111,8 +110,7 @@ def test_a_batch_equals_single_samples_in_order(build, name, shape):
         close(batch.row(i), one)
 
 
-@pytest.mark.parametrize("shape", PARITY_IDS)
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@EVERY_SAMPLER_AND_HEAD
 def test_eval_output_is_the_heads_deterministic_pass(build, name, shape):
     s = build(name, shape, seed=0)
     x = rows(s.head)
@@ -121,8 +119,7 @@ def test_eval_output_is_the_heads_deterministic_pass(build, name, shape):
     np.testing.assert_allclose(m.logits, s.head.logits(x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", PARITY_IDS)
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@EVERY_SAMPLER_AND_HEAD
 def test_temperature_tempers_probabilities_not_logits(build, name, shape):
     s = build(name, shape, seed=3, temperature=TEMPERATURE)
     x = rows(s.head)
@@ -144,8 +141,7 @@ def test_temperature_tempers_probabilities_not_logits(build, name, shape):
         close(got, want)
 
 
-@pytest.mark.parametrize("shape", PARITY_IDS)
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+@EVERY_SAMPLER_AND_HEAD
 def test_agrees_with_the_reference_on_the_same_masks(build, name, shape):
     s = build(name, shape, seed=21)
     if not (s.same_stream or s.takes_masks):
