@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from edge_quq.head import HeadWeights
+from edge_quq.head import HeadWeights, sigmoid
 from edge_quq.samplers.base import HeadMoments, Sampler
 from edge_quq.scores import entropy
 
@@ -88,7 +88,7 @@ def probit_moments(mu: np.ndarray, var: np.ndarray) -> Tuple[np.ndarray, np.ndar
     rho = lv / (1.0 + lv)
     # Mean in MacKay's sigmoid form (exact when var = 0, max error 0.012 for |mu| <= 9, var <= 9); the
     # Phi form Phi(h) is closer with spread (0.007) but not exact without it, and heads without spread are common.
-    mean = _sigmoid(mu / np.sqrt(1.0 + (np.pi / 8.0) * np.maximum(var, 0.0)))
+    mean = sigmoid(mu / np.sqrt(1.0 + (np.pi / 8.0) * np.maximum(var, 0.0)))
     # Phi2(h, h; rho) - Phi(h)^2 = (1/2pi) * integral_0^{asin rho} exp(-h^2 / (1 + sin t)) dt: smooth in t.
     upper = np.arcsin(np.clip(rho, 0.0, 1.0))
     t = 0.5 * upper[..., None] * (_GL_X + 1.0)
@@ -100,10 +100,6 @@ def probit_moments(mu: np.ndarray, var: np.ndarray) -> Tuple[np.ndarray, np.ndar
 def _binary_entropy(p: np.ndarray) -> np.ndarray:
     """Elementwise binary entropy (scores.entropy over a trailing axis of one class)."""
     return entropy(p[..., None], "sigmoid")
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 def _gauss_hermite(mu: np.ndarray, var: np.ndarray, fn) -> np.ndarray:
@@ -150,7 +146,7 @@ def output_moments(mu: np.ndarray, var: np.ndarray, activation: str) -> Tuple[np
     var = np.asarray(var, dtype=np.float64)
     if activation == "sigmoid":
         mean, v = probit_moments(mu, var)
-        ent = np.sum(_gauss_hermite(mu, var, lambda a: _binary_entropy(_sigmoid(a))), axis=-1)
+        ent = np.sum(_gauss_hermite(mu, var, lambda a: _binary_entropy(sigmoid(a))), axis=-1)
         return mean, np.sqrt(v), ent
     if activation == "softmax":
         if mu.shape[-1] == 1:
@@ -158,7 +154,7 @@ def output_moments(mu: np.ndarray, var: np.ndarray, activation: str) -> Tuple[np
         d_mu, d_var = _softmax_margins(mu, var)
         mean, v = probit_moments(d_mu, d_var)
         mean = mean / np.sum(mean, axis=-1, keepdims=True)
-        ent = np.sum(_gauss_hermite(d_mu, d_var, lambda a: entropy(_sigmoid(a)[..., None], "softmax")), axis=-1)
+        ent = np.sum(_gauss_hermite(d_mu, d_var, lambda a: entropy(sigmoid(a)[..., None], "softmax")), axis=-1)
         return mean, np.sqrt(v), ent
     return mu, np.sqrt(np.maximum(var, 0.0)), entropy(mu, "sigmoid")
 
