@@ -167,12 +167,11 @@ class OnnxBackbone(Backbone):
     name = "onnx"
 
     def __init__(self, path: Path, spec: ModelFile, threads: int) -> None:
-        mf = spec
         try:
             import onnxruntime as ort  # type: ignore
         except ImportError as e:
             raise BackendError(f"onnxruntime is not installed ({e}); pip install onnxruntime") from None
-        self.spec = mf
+        self.spec = spec
         self.threads = threads
         self.runtime = f"onnxruntime {ort.__version__}"
         opts = ort.SessionOptions()
@@ -182,8 +181,8 @@ class OnnxBackbone(Backbone):
             self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types per failure
             raise BackendError(f"{path}: ONNX Runtime failed to load it ({e})") from None
-        self._in = mf.input_name or self.session.get_inputs()[0].name
-        self._out = mf.output_name or self.session.get_outputs()[0].name
+        self._in = spec.input_name or self.session.get_inputs()[0].name
+        self._out = spec.output_name or self.session.get_outputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         out = self.session.run([self._out], {self._in: quantize(batch, self.spec.input)})[0]

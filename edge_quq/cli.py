@@ -18,7 +18,6 @@ from edge_quq.options import PredictorOptions
 from edge_quq.samplers import SAMPLER_CHOICES
 
 
-
 def fail(message: str, code: int = 2) -> None:
     click.echo(f"error: {message}", err=True)
     sys.exit(code)

@@ -13,7 +13,6 @@ from edge_quq.errors import OptionError
 from edge_quq.head import HeadWeights
 from edge_quq.samplers import make_sampler
 from edge_quq.samplers.reference import NumpySampler
-from edge_quq.scores import entropy as sample_entropy
 from edge_quq.samplers import native as sampler_native
 from edge_quq.samplers.native import NativeSampler
 
