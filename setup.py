@@ -1,7 +1,7 @@
 """Build of the optional native head kernel; all metadata lives in pyproject.toml.
 
 The extension is optional: without a C compiler the install still succeeds and edge_quq falls back to the
-numpy sampler (edge_quq.sampler.make_sampler). Plain CPython C API, no numpy headers needed.
+numpy sampler (edge_quq.samplers.make_sampler). Plain CPython C API, no numpy headers needed.
 """
 import sys
 

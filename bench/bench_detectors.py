@@ -141,16 +141,10 @@ def all_scores(pred, x_u8: np.ndarray) -> Dict[str, np.ndarray]:
     b = pred.bundle
     x = preprocess_array(x_u8[..., None], b.input.shape, b.input.preprocess, "bench")
     feats = np.concatenate([pred.features(x[i : i + 256]) for i in range(0, len(x), 256)])
-    mc: Dict[str, List[float]] = {k: [] for k in MC_SCORES}
-    for f in feats:
-        m = pred.sampler.sample(f, pred.settings.num_iter)
-        s = compute_scores(m.mean, m.std, m.logits, m.expected_entropy, pred.head.activation)
-        mc["msp"].append(-s["max_prob"])
-        for k in MC_SCORES[1:]:
-            mc[k].append(s[k])
-    out = {k: np.asarray(v) for k, v in mc.items()}
-    for n, d in pred.detectors.detectors.items():
-        out[n] = d.score(feats, pred.head)
+    m = pred.sampler.sample(feats, pred.settings.num_iter)  # batched: the same stream as one call per sample
+    s = compute_scores(m.mean, m.std, m.logits, m.expected_entropy, pred.head.activation)
+    out = {"msp": -s["max_prob"], **{k: s[k] for k in MC_SCORES[1:]}}
+    out.update(pred.detectors.score_all(feats, pred.head))
     return out, feats
 
 
@@ -209,6 +203,33 @@ def fmt(v: float) -> str:
     return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
+def ood_sets(samples: int):
+    """(far sets, shift functions, description): the benchmark suite's sets when importable, so the numbers
+    sit beside its tables, else this script's own."""
+    try:
+        from bench.suite.corruptions import corrupt
+        from bench.suite.ood import far_ood_sets
+    except ImportError:
+        return FAR_OOD, SHIFTS, "own (bench/bench_detectors.py)"
+    suite_far = far_ood_sets(samples, 0)
+    far_sets = {k: (lambda n, r, _v=v: _v) for k, v in suite_far.items()}
+    shift_fns = {f"{c} s{SUITE_SEVERITY}": (lambda x, r, _c=c: corrupt(_c, x, SUITE_SEVERITY, 0)) for c in SUITE_CORRUPTIONS}
+    shift_fns.update({"inverted": c_invert, "rotated 90": c_rot90})
+    return far_sets, shift_fns, (f"bench.suite (far_ood_sets; corruptions {', '.join(SUITE_CORRUPTIONS)} at severity "
+                                 f"{SUITE_SEVERITY}) plus inversion and 90-degree rotation")
+
+
+def summarise(sets: Dict[str, Dict], names: List[str]) -> Dict[str, Dict[str, float]]:
+    """Per score: the OOD metrics averaged over the far sets and over the shifted sets."""
+    summary = {}
+    for n in names:
+        far = [s["metrics"][n] for s in sets.values() if s["kind"] == "far"]
+        sh = [s["metrics"][n] for s in sets.values() if s["kind"] == "shift"]
+        summary[n] = {f"{grp}_{m}": float(np.mean([x[m] for x in lst])) for grp, lst in (("far", far), ("shift", sh))
+                      for m in ("auroc", "aupr_in", "aupr_out", "fpr95")}
+    return summary
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", default=None, help="bundle with detectors (default: the embedded one)")
@@ -231,19 +252,7 @@ def main(argv=None) -> int:
         return 2
     rng = np.random.default_rng(0)
     xt, yt = load_fashion_mnist("test")
-    far_sets, shift_fns, source = FAR_OOD, SHIFTS, "own (bench/bench_detectors.py)"
-    try:  # reuse the benchmark suite's sets so the numbers sit beside its tables
-        from bench.suite.corruptions import corrupt
-        from bench.suite.ood import far_ood_sets
-
-        suite_far = far_ood_sets(a.ood_samples, 0)
-        far_sets = {k: (lambda n, r, _v=v: _v) for k, v in suite_far.items()}
-        shift_fns = {f"{c} s{SUITE_SEVERITY}": (lambda x, r, _c=c: corrupt(_c, x, SUITE_SEVERITY, 0)) for c in SUITE_CORRUPTIONS}
-        shift_fns.update({"inverted": c_invert, "rotated 90": c_rot90})
-        source = (f"bench.suite (far_ood_sets; corruptions {', '.join(SUITE_CORRUPTIONS)} at severity {SUITE_SEVERITY}) "
-                  "plus inversion and 90-degree rotation")
-    except ImportError:
-        pass
+    far_sets, shift_fns, source = ood_sets(a.ood_samples)
     idx = np.sort(rng.choice(len(xt), min(a.id_samples, len(xt)), replace=False))
     id_scores, id_feats = all_scores(pred, xt[idx])
     names = list(MC_SCORES) + pred.detectors.names
@@ -257,11 +266,10 @@ def main(argv=None) -> int:
             sc, fe = all_scores(pred, x)
             (ood_feats if kind == "far" else shift_feats)[sname] = fe
             metrics = {n: ood_metrics(id_scores[n], sc[n]) for n in names}
-            flagged = {n: float(np.mean(pred.detectors.detectors[n].flag(sc[n])))
-                       for n in pred.detectors.with_threshold()}
+            flagged = {n: float(np.mean(hit)) for n, hit in pred.detectors.flags(sc).items()}
             sets[sname] = {"kind": kind, "samples": len(x), "metrics": metrics, "flagged_at_threshold": flagged}
             print(f"{sname:<22} " + " ".join(f"{n}={metrics[n]['auroc']:.3f}" for n in names), file=sys.stderr)
-    id_flagged = {n: float(np.mean(pred.detectors.detectors[n].flag(id_scores[n]))) for n in pred.detectors.with_threshold()}
+    id_flagged = {n: float(np.mean(hit)) for n, hit in pred.detectors.flags(id_scores).items()}
     costs = cost(pred, id_feats, a.reps)
     ablation = []
     if not a.no_ablation:
@@ -273,12 +281,7 @@ def main(argv=None) -> int:
         tf = np.concatenate([pred.features(xx[i : i + 256]) for i in range(0, len(xx), 256)])
         ablation = knn_ablation(pred, tf, ytr, id_feats, ood_feats, shift_feats)
 
-    summary = {}
-    for n in names:
-        far = [s["metrics"][n] for s in sets.values() if s["kind"] == "far"]
-        sh = [s["metrics"][n] for s in sets.values() if s["kind"] == "shift"]
-        summary[n] = {f"{grp}_{m}": float(np.mean([x[m] for x in lst])) for grp, lst in (("far", far), ("shift", sh))
-                      for m in ("auroc", "aupr_in", "aupr_out", "fpr95")}
+    summary = summarise(sets, names)
     report = {
         "bundle": str(pred.bundle.path), "detectors_meta": pred.detectors.meta,
         "id": {"data": "Fashion-MNIST test", "samples": int(len(idx)), "flagged_at_threshold": id_flagged},

@@ -48,8 +48,9 @@ from bench.blas_threads import BLAS_THREADS  # noqa: E402  (before numpy)
 
 import numpy as np  # noqa: E402
 
+from edge_quq.samplers import SAMPLER_NAMES as SAMPLERS  # noqa: E402  (the lazy table: imports no sampler)
+
 TS = (20, 30, 50, 100)
-SAMPLERS = ("numpy", "native", "analytic", "tflite", "onnx")
 MODELS = {"resnet50": "ResNet50", "efficientnet_b0": "EfficientNetB0"}
 TARGETS = {"resnet50": 1.03, "efficientnet_b0": 1.06}  # UQ/plain at T=50 (issue 4)
 SIZE = 224
@@ -143,50 +144,68 @@ def med(xs: List[float]) -> float:
     return statistics.median(xs) * 1e3
 
 
-def bench_model(name: str, bundle_dir: Path, reps: int, naive_reps: int, seed: int,
-                sampler_names: Tuple[str, ...] = SAMPLERS) -> dict:
-    from edge_quq.predictor import Predictor
-    from edge_quq.sampler import draw_keep_masks, make_sampler
+class Clock:
+    """Every timed run of one model: per (sampler, T) config the UQ total, its head part and the plain run
+    paired with it; backbone and eval-head times of all runs; the naive runs per T."""
 
-    pred = Predictor.from_bundle(bundle_dir, backend="tflite", threads=2, sampler="numpy", gradient=None)
-    backbone, head = pred.backbone, pred.head
-    img = np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
-    x = pred.load_input(img)[None]
-    feats = backbone(x)[0]
-    f, hdim, c = head.feature_size, head.hidden_sizes[0], head.num_classes
+    def __init__(self, backbone, head, x: np.ndarray, configs: List[Tuple[str, int]]) -> None:
+        self.backbone, self.head, self.x = backbone, head, x
+        self.eval_head: List[float] = []
+        self.plain_bb: List[float] = []
+        self.bb: List[float] = []
+        self.plain_paired: Dict[Tuple[str, int], List[float]] = {k: [] for k in configs}
+        self.total: Dict[Tuple[str, int], List[float]] = {k: [] for k in configs}
+        self.head_t: Dict[Tuple[str, int], List[float]] = {k: [] for k in configs}
+        self.naive: Dict[int, List[float]] = {t: [] for t in TS}
+        self.naive_plain: Dict[int, List[float]] = {t: [] for t in TS}
+
+    def plain(self) -> float:
+        t0 = time.perf_counter()
+        fe = self.backbone(self.x)
+        t1 = time.perf_counter()
+        self.head.probs(fe)
+        t2 = time.perf_counter()
+        self.eval_head.append(t2 - t1)
+        self.plain_bb.append(t1 - t0)
+        return t2 - t0
+
+    def uq(self, key: Tuple[str, int], smp) -> None:
+        """One frame with the sampler, paired with a plain run just before it."""
+        self.plain_paired[key].append(self.plain())
+        t0 = time.perf_counter()
+        fe = self.backbone(self.x)
+        t1 = time.perf_counter()
+        smp.sample(fe[0], key[1] or 50)
+        t2 = time.perf_counter()
+        self.total[key].append(t2 - t0)
+        self.head_t[key].append(t2 - t1)
+        self.bb.append(t1 - t0)
+
+    def naive_run(self, t: int, rng: np.random.Generator) -> None:
+        """The paper's way: T full passes (backbone and masked head), paired with a plain run."""
+        from edge_quq.samplers.base import draw_keep_masks
+
+        self.naive_plain[t].append(self.plain())
+        t0 = time.perf_counter()
+        p = np.stack([self.head.probs(self.backbone(self.x), draw_keep_masks(rng, self.head, 1))[0] for _ in range(t)])
+        p.mean(0), p.std(0)
+        self.naive[t].append(time.perf_counter() - t0)
+
+
+def _samplers(name: str, pred, seed: int, sampler_names: Tuple[str, ...]) -> dict:
+    from edge_quq.samplers import make_sampler
+
     samplers = {}
     for s in sampler_names:
         try:
-            samplers[s] = make_sampler(s, head, seed=seed, bundle=pred.bundle, threads=2)
+            samplers[s] = make_sampler(s, pred.head, seed=seed, bundle=pred.bundle, threads=2)
         except Exception as e:  # not built / no runtime: reported, not hidden
             print(f"  {name}: sampler {s} unavailable: {e}", file=sys.stderr)
-    configs = [(s, t) for s in samplers for t in (TS if s != "analytic" else (0,))]
-    for s, t in configs:  # warm-up: allocations, XNNPACK packing, tflite/onnx head resizes
-        for _ in range(3):
-            samplers[s].sample(feats, t or 50)
-    for _ in range(5):
-        backbone(x)
+    return samplers
 
-    eval_head: List[float] = []
-    plain_bb: List[float] = []
 
-    def plain() -> float:
-        t0 = time.perf_counter()
-        fe = backbone(x)
-        t1 = time.perf_counter()
-        head.probs(fe)
-        t2 = time.perf_counter()
-        eval_head.append(t2 - t1)
-        plain_bb.append(t1 - t0)
-        return t2 - t0
-
-    plain_paired: Dict[Tuple[str, int], List[float]] = {k: [] for k in configs}
-    total: Dict[Tuple[str, int], List[float]] = {k: [] for k in configs}
-    head_t: Dict[Tuple[str, int], List[float]] = {k: [] for k in configs}
-    bb_t: List[float] = []
+def _run_schedule(clock: Clock, samplers: dict, configs: List[Tuple[str, int]], reps: int, naive_reps: int, seed: int) -> None:
     rnd = random.Random(seed)
-    load0 = os.getloadavg()
-    t_start = time.perf_counter()
     # One block per sampler: the tflite/onnx heads' own thread pools keep spinning for a while after a run and
     # slow whatever backbone invoke follows, which in a mixed loop slowed the *plain* runs after them and made
     # the other samplers look faster than plain. Within a block the effect is the sampler's own, as in a real
@@ -200,37 +219,45 @@ def bench_model(name: str, bundle_dir: Path, reps: int, naive_reps: int, seed: i
             schedule.append(order)
     for order in schedule:
         for key in order:
-            plain_paired[key].append(plain())
-            smp, t = samplers[key[0]], key[1] or 50
-            t0 = time.perf_counter()
-            fe = backbone(x)
-            t1 = time.perf_counter()
-            smp.sample(fe[0], t)
-            t2 = time.perf_counter()
-            total[key].append(t2 - t0)
-            head_t[key].append(t2 - t1)
-            bb_t.append(t1 - t0)
-
+            clock.uq(key, samplers[key[0]])
     # Naive: T full passes, interleaved with plain runs as above.
     rng = np.random.default_rng(seed)
-    naive: Dict[int, List[float]] = {t: [] for t in TS}
-    naive_plain: Dict[int, List[float]] = {t: [] for t in TS}
     for _ in range(naive_reps):
         order = list(TS)
         rnd.shuffle(order)
         for t in order:
-            naive_plain[t].append(plain())
-            t0 = time.perf_counter()
-            probs = []
-            for _ in range(t):
-                fe = backbone(x)
-                probs.append(head.probs(fe, draw_keep_masks(rng, head, 1))[0])
-            p = np.stack(probs)
-            p.mean(0), p.std(0)
-            naive[t].append(time.perf_counter() - t0)
-    seconds = time.perf_counter() - t_start
-    load1 = os.getloadavg()
+            clock.naive_run(t, rng)
 
+
+def bench_model(name: str, bundle_dir: Path, reps: int, naive_reps: int, seed: int,
+                sampler_names: Tuple[str, ...] = SAMPLERS) -> dict:
+    from edge_quq.predictor import Predictor
+
+    pred = Predictor.from_bundle(bundle_dir, backend="tflite", threads=2, sampler="numpy", gradient=None)
+    backbone, head = pred.backbone, pred.head
+    img = np.random.default_rng(seed).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    x = pred.load_input(img)[None]
+    feats = backbone(x)[0]
+    samplers = _samplers(name, pred, seed, sampler_names)
+    configs = [(s, t) for s in samplers for t in (TS if s != "analytic" else (0,))]
+    for s, t in configs:  # warm-up: allocations, XNNPACK packing, tflite/onnx head resizes
+        for _ in range(3):
+            samplers[s].sample(feats, t or 50)
+    for _ in range(5):
+        backbone(x)
+    clock = Clock(backbone, head, x, configs)
+    load0 = os.getloadavg()
+    t_start = time.perf_counter()
+    _run_schedule(clock, samplers, configs, reps, naive_reps, seed)
+    r = _model_report(clock, pred, bundle_dir, feats, list(samplers))
+    r.update({"reps": reps, "naive_reps": naive_reps, "seconds": round(time.perf_counter() - t_start, 1),
+              "load_average_before": [round(v, 2) for v in load0], "load_average_after": [round(v, 2) for v in os.getloadavg()]})
+    return r
+
+
+def _model_report(clock: Clock, pred, bundle_dir: Path, feats: np.ndarray, samplers: List[str]) -> dict:
+    head = pred.head
+    f, hdim, c = head.feature_size, head.hidden_sizes[0], head.num_classes
     # Executed MACs of the native kernel (it skips zero features, dropped rows and ReLU-zeroed hidden units):
     # one dense x.W0, then per sample min(p0,1-p0) of the nonzero rows of W0 and (1-p1) of the active rows of W1.
     p0, p1 = head.rates[0], head.rates[1]
@@ -238,28 +265,26 @@ def bench_model(name: str, bundle_dir: Path, reps: int, naive_reps: int, seed: i
     active = int(np.count_nonzero(np.maximum(feats @ head.kernels[0] + head.biases[0], 0)))
     dense_mac = {t: t * (f * hdim + hdim * c) for t in TS}
     native_mac = {t: nz * hdim + t * (min(p0, 1 - p0) * nz * hdim + (1 - p1) * active * c) for t in TS}
-
-    plain_all = [v for vs in plain_paired.values() for v in vs]
+    plain_all = [v for vs in clock.plain_paired.values() for v in vs]
     # On a loaded machine the 2-thread backbone is slowed far more than the 1-thread head (a stalled XNNPACK
     # worker), which makes the measured ratio look better than on a quiet one. Component estimate: the least
     # contended backbone runs of this run (10th percentile) plus the head's median.
-    bb_all = sorted(bb_t + plain_bb)
+    bb_all = sorted(clock.bb + clock.plain_bb)
     bb_p10 = bb_all[len(bb_all) // 10] * 1e3
-    eh = med(eval_head)
+    eh = med(clock.eval_head)
+    naive = clock.naive
     r: Dict[str, object] = {
         "bundle": str(bundle_dir.relative_to(ROOT)) if bundle_dir.is_relative_to(ROOT) else str(bundle_dir),
         "backbone": pred.backbone.describe(), "F": f, "H": hdim, "C": c, "rates": list(head.rates),
         "backbone_size_bytes": (bundle_dir / "backbone_int8.tflite").stat().st_size,
         "nonzero_features": nz, "active_hidden_eval": active,
-        "reps": reps, "naive_reps": naive_reps, "seconds": round(seconds, 1),
-        "load_average_before": [round(v, 2) for v in load0], "load_average_after": [round(v, 2) for v in load1],
-        "plain_ms": round(med(plain_all), 3), "backbone_ms": round(med(bb_t), 3),
+        "plain_ms": round(med(plain_all), 3), "backbone_ms": round(med(clock.bb), 3),
         "backbone_p10_ms": round(bb_p10, 3), "backbone_min_ms": round(bb_all[0] * 1e3, 3), "eval_head_ms": round(eh, 4),
         "ratio_components_p10": {},
         "uq_ms": {}, "head_ms": {}, "ratio_uq_plain": {}, "head_share": {}, "speedup_vs_naive": {},
         "head_gmacs_dense_equiv": {}, "head_gmacs_executed": {},
         "naive_ms": {str(t): round(med(naive[t]), 2) for t in TS},
-        "naive_ratio_plain": {str(t): round(med(naive[t]) / med(naive_plain[t]), 2) for t in TS},
+        "naive_ratio_plain": {str(t): round(med(naive[t]) / med(clock.naive_plain[t]), 2) for t in TS},
     }
     for s in samplers:
         for key in ("uq_ms", "head_ms", "ratio_uq_plain", "head_share", "speedup_vs_naive", "head_gmacs_dense_equiv",
@@ -267,7 +292,7 @@ def bench_model(name: str, bundle_dir: Path, reps: int, naive_reps: int, seed: i
             r[key][s] = {}  # type: ignore[index]
         for t in TS:
             k = (s, t if s != "analytic" else 0)  # analytic does not depend on T: one measurement for every T
-            tot, hd, pl = med(total[k]), med(head_t[k]), med(plain_paired[k])
+            tot, hd, pl = med(clock.total[k]), med(clock.head_t[k]), med(clock.plain_paired[k])
             r["uq_ms"][s][str(t)] = round(tot, 3)  # type: ignore[index]
             r["head_ms"][s][str(t)] = round(hd, 4)  # type: ignore[index]
             r["ratio_uq_plain"][s][str(t)] = round(tot / pl, 4)  # type: ignore[index]
@@ -277,7 +302,7 @@ def bench_model(name: str, bundle_dir: Path, reps: int, naive_reps: int, seed: i
             r["head_gmacs_dense_equiv"][s][str(t)] = round(dense_mac[t] / (hd / 1e3) / 1e9, 2)  # type: ignore[index]
         if s == "native":
             r["head_gmacs_executed"]["native"] = {  # type: ignore[index]
-                str(t): round(native_mac[t] / (med(head_t[("native", t)]) / 1e3) / 1e9, 2) for t in TS}
+                str(t): round(native_mac[t] / (med(clock.head_t[("native", t)]) / 1e3) / 1e9, 2) for t in TS}
     return r
 
 
@@ -410,7 +435,7 @@ def main() -> None:
     if args.export_only:
         return
 
-    from edge_quq import sampler_native
+    from edge_quq.samplers import native as sampler_native
     from edge_quq.backends import load_tflite_interpreter_class
 
     info = cpu_info()

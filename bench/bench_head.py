@@ -31,12 +31,13 @@ from bench.blas_threads import BLAS_THREADS  # noqa: E402  (before numpy)
 
 import numpy as np  # noqa: E402
 
-from edge_quq.analytic import AnalyticSampler  # noqa: E402
+from edge_quq.samplers.analytic import AnalyticSampler  # noqa: E402
 from edge_quq.bundle import load_bundle  # noqa: E402
 from edge_quq.decision import decide  # noqa: E402
 from edge_quq.head import HeadWeights, load_head_weights  # noqa: E402
-from edge_quq.sampler import NumpySampler, make_sampler  # noqa: E402
-from edge_quq import sampler_native  # noqa: E402
+from edge_quq.samplers import make_sampler  # noqa: E402
+from edge_quq.samplers.reference import NumpySampler  # noqa: E402
+from edge_quq.samplers import native as sampler_native  # noqa: E402
 
 TS = (20, 30, 50, 100)
 

@@ -10,7 +10,6 @@ sampled in batch at max(T) and smaller T use the first T samples of the same dra
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -19,7 +18,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
 
 import click
 import numpy as np
@@ -27,14 +27,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_MODEL = ROOT / "bench" / "models" / "reference.keras"
 E2E_REPORT = ROOT / "bench" / "results" / "e2e.json"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def machine_info() -> dict:
@@ -191,108 +183,143 @@ def cifar_dataset(root: Path, n_clean: int, n_corrupt: int, seed: int) -> Datase
     return Dataset("CIFAR-100 test", x[keep], y[keep], names, corrupted, avail, False)
 
 
+@dataclass
+class Run:
+    """What every stage of one dataset's evaluation shares: the bundle's head and backbone, the decision
+    defaults, the seed and the clean set's scores (the in-distribution side of every OOD table)."""
+
+    bundle: Any
+    head: Any
+    backbone: Any
+    detectors: Any
+    opts: dict
+    id_scores: Dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def rule(self) -> Tuple[float, str, float, int]:
+        d = self.bundle.decision
+        return d.threshold, d.mixed, d.z, d.num_iter
+
+    def head_run(self, x_u8: np.ndarray, t: int, seed: int, progress=None):
+        from bench.suite.core import backbone_features, run_head
+
+        return run_head(self.head, backbone_features(self.backbone, self.bundle, x_u8, progress=progress), t, seed, self.detectors)
+
+
 def evaluate_dataset(ds: Dataset, bundle_path: Optional[str], opts: dict, say, results: dict, figures: dict) -> None:
     from edge_quq.backends import make_backbone
-    from edge_quq.bundle import load_bundle
+    from edge_quq.bundle import load_bundle, sha256_file
     from edge_quq.detector_store import load_detectors
     from edge_quq.head import load_head_weights
-    from bench.suite import evaluate as ev
-    from bench.suite.core import Progress, backbone_features, run_head, score_dict
-    from bench.suite.ood import far_ood_sets
+    from bench.suite.evaluate import _r
 
-    quiet = opts["quiet"]
     bundle = load_bundle(bundle_path)
-    head = load_head_weights(bundle)
     detectors = None
     if opts["detectors"]:
         try:
             detectors = load_detectors(bundle)
         except Exception as e:  # noqa: BLE001 - detectors are optional columns
             say(f"detectors not used: {e}")
-    backbone = make_backbone(bundle, opts["backend"], opts["threads"])
-    d = bundle.decision
-    thr, mixed, z0, t0 = d.threshold, d.mixed, d.z, d.num_iter
-    tmax = max(max(ev.T_GRID), t0)
-    seed = opts["seed"]
-    act = head.activation
-    results["bundle"] = {"path": str(bundle.path), "name": bundle.name, "manifest_sha256": _sha256(bundle.path / "manifest.json"),
-                         "backbone_backend": backbone.describe() if hasattr(backbone, "describe") else opts["backend"],
+    run = Run(bundle, load_head_weights(bundle), make_backbone(bundle, opts["backend"], opts["threads"]), detectors, opts)
+    thr, mixed, z0, t0 = run.rule
+    results["bundle"] = {"path": str(bundle.path), "name": bundle.name, "manifest_sha256": sha256_file(bundle.path / "manifest.json"),
+                         "backbone_backend": run.backbone.describe() if hasattr(run.backbone, "describe") else opts["backend"],
                          "decision_defaults": {"threshold": thr, "z": z0, "T": t0, "mixed": mixed},
                          "detectors": detectors.names if detectors is not None else []}
     timings = results.setdefault("timings_s", {})
+    rule_id_keep = _clean_set(run, ds, say, results, timings)
+    shifted_ood = _corruptions(run, ds, results, figures, timings)
+    far_tab, rule_ood = _far_ood(run, timings)
+    # shifted sets averaged over the corruption types, per severity
+    shifted_mean = {}
+    for sev in opts["severities"]:
+        keys = [k for k in shifted_ood if k.endswith(f"/{sev}")]
+        shifted_mean[str(sev)] = {s: {m: _r(float(np.nanmean([shifted_ood[k][s][m] for k in keys]))) for m in ("auroc", "aupr_in", "aupr_out", "fpr95")}
+                                  for s in run.id_scores}
+    results["ood"] = {
+        "id": ds.name, "n_id": int(len(ds.y)), "n_far": opts["n_ood"], "far": far_tab, "shifted_by_set": shifted_ood,
+        "shifted_mean_by_severity": shifted_mean,
+        "rule_ignore_rate": {"in-distribution": round(float(np.mean(~rule_id_keep)), 4), **rule_ood},
+    }
 
-    # clean test set
+
+def _clean_set(run: Run, ds: Dataset, say, results: dict, timings: dict) -> np.ndarray:
+    """Tables III-V, selective prediction and calibration on the clean test set; returns the rule's keep [N]."""
+    from edge_quq.decision import decide_many
+    from bench.suite import evaluate as ev
+    from bench.suite.core import Progress, score_dict
+
+    thr, mixed, z0, t0 = run.rule
+    act, seed = run.head.activation, run.opts["seed"]
     t_start = time.time()
-    pb = Progress(len(ds.x), "backbone: clean test set", quiet)
-    feats = backbone_features(backbone, bundle, ds.x, progress=pb)
+    pb = Progress(len(ds.x), "backbone: clean test set", run.opts["quiet"])
+    clean = run.head_run(ds.x, max(max(ev.T_GRID), t0), seed, progress=pb)
     pb.close()
-    clean = run_head(head, feats, tmax, seed, detectors)
     timings["clean_features_and_head"] = round(time.time() - t_start, 1)
     y = ds.y
     plain_pred = np.argmax(clean.det_probs, axis=1)
     results["clean"] = {"n": int(len(y)), "int8_accuracy_plain": round(float(np.mean(plain_pred == y)), 4)}
-
-    # Tables III-V
     t_start = time.time()
     say("grid: z x T with bootstrap intervals")
-    results["grid"] = ev.grid_tables(clean, y, thr, mixed, opts["reps"], seed, act)
+    results["grid"] = ev.grid_tables(clean, y, thr, mixed, run.opts["reps"], seed, act)
     timings["grid"] = round(time.time() - t_start, 1)
-
-    # selective prediction and calibration on the clean set
     results["selective"] = ev.selective(clean, y, t0, thr, mixed, act)
-    mean_t0 = clean.moments(t0)[0]
+    mean_t0, std_t0, _ = clean.moments(t0)
     results["calibration"] = ev.calibration({"plain int8": clean.det_probs, f"MC mean (T={t0})": mean_t0,
                                              "closed-form mean": clean.an_mean}, y)
-    id_scores = score_dict(clean, t0, act)
-    rule_id = ev.apply_rule(mean_t0, clean.moments(t0)[1], z0, thr, mixed)
+    run.id_scores = score_dict(clean, t0, act)
+    return decide_many(mean_t0, std_t0, z0, thr, mixed).keep
 
-    # corruptions
+
+def _corruptions(run: Run, ds: Dataset, results: dict, figures: dict, timings: dict) -> Dict[str, Dict[str, dict]]:
+    """The corruption cells (results["corruptions"]); returns the shifted-set OOD tables by "name/severity"."""
+    from bench.suite import evaluate as ev
+    from bench.suite.core import Progress, score_dict
+
+    thr, mixed, z0, t0 = run.rule
+    seed, sevs = run.opts["seed"], run.opts["severities"]
     t_start = time.time()
     corr: Dict[str, Dict[str, dict]] = {}
     shifted_ood: Dict[str, Dict[str, dict]] = {}
     examples = {}
-    sevs = opts["severities"]
-    pb = Progress(len(ds.corruption_names) * len(sevs), "corruptions", quiet)
+    pb = Progress(len(ds.corruption_names) * len(sevs), "corruptions", run.opts["quiet"])
     for name in ds.corruption_names:
         corr[name] = {}
         for sev in sevs:
             xc, yc = ds.corrupted(name, sev)
             if sev in (1, 3, 5) and xc.ndim == 3:
                 examples[(name, sev)] = xc[0]
-            fc = backbone_features(backbone, bundle, xc)
-            rc = run_head(head, fc, t0, seed + 7 * sev, detectors)
+            rc = run.head_run(xc, t0, seed + 7 * sev)
             corr[name][str(sev)] = ev.corruption_cell(rc, yc, z0, t0, thr, mixed)
-            shifted_ood[f"{name}/{sev}"] = ev.ood_table(id_scores, score_dict(rc, t0, act))
+            shifted_ood[f"{name}/{sev}"] = ev.ood_table(run.id_scores, score_dict(rc, t0, run.head.activation))
             pb.update()
     pb.close()
     timings["corruptions"] = round(time.time() - t_start, 1)
     results["corruptions"] = {"z": z0, "T": t0, "synthetic": ds.synthetic_corruptions, "cells": corr}
     figures["examples"] = examples
     figures["clean_example"] = ds.x[0] if ds.x.ndim == 3 else None
+    return shifted_ood
 
-    # far OOD
+
+def _far_ood(run: Run, timings: dict) -> Tuple[dict, Dict[str, float]]:
+    """OOD tables and the rule's ignore rate on the far-OOD sets."""
+    from edge_quq.decision import decide_many
+    from bench.suite import evaluate as ev
+    from bench.suite.core import score_dict
+    from bench.suite.ood import far_ood_sets
+
+    thr, mixed, z0, t0 = run.rule
+    seed = run.opts["seed"]
     t_start = time.time()
-    h, w, c = bundle.input.shape
-    far = far_ood_sets(opts["n_ood"], seed, h, w, c)
+    h, w, c = run.bundle.input.shape
     far_tab, rule_ood = {}, {}
-    for name, xo in far.items():
-        fo = backbone_features(backbone, bundle, xo)
-        ro = run_head(head, fo, t0, seed + 99, detectors)
-        far_tab[name] = ev.ood_table(id_scores, score_dict(ro, t0, act))
+    for name, xo in far_ood_sets(run.opts["n_ood"], seed, h, w, c).items():
+        ro = run.head_run(xo, t0, seed + 99)
+        far_tab[name] = ev.ood_table(run.id_scores, score_dict(ro, t0, run.head.activation))
         m, s, _ = ro.moments(t0)
-        rule_ood[name] = round(float(np.mean(~ev.apply_rule(m, s, z0, thr, mixed).keep)), 4)
+        rule_ood[name] = round(float(np.mean(~decide_many(m, s, z0, thr, mixed).keep)), 4)
     timings["far_ood"] = round(time.time() - t_start, 1)
-    # shifted sets averaged over the corruption types, per severity
-    shifted_mean = {}
-    for sev in sevs:
-        keys = [k for k in shifted_ood if k.endswith(f"/{sev}")]
-        shifted_mean[str(sev)] = {s: {m: ev._r(float(np.nanmean([shifted_ood[k][s][m] for k in keys]))) for m in ("auroc", "aupr_in", "aupr_out", "fpr95")}
-                                  for s in id_scores}
-    results["ood"] = {
-        "id": ds.name, "n_id": int(len(y)), "n_far": opts["n_ood"], "far": far_tab, "shifted_by_set": shifted_ood,
-        "shifted_mean_by_severity": shifted_mean,
-        "rule_ignore_rate": {"in-distribution": round(float(np.mean(~rule_id.keep)), 4), **rule_ood},
-    }
+    return far_tab, rule_ood
 
 
 def render(results: dict, figures: dict, out: Path) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -132,14 +133,12 @@ class Backbone:
 class TFLiteBackbone(Backbone):
     name = "tflite"
 
-    def __init__(self, bundle: Bundle, threads: int, xnnpack: bool = True) -> None:
-        mf = bundle.backbone_tflite
-        if mf is None:
-            raise BackendError(f"{bundle.path}: the bundle has no TFLite backbone")
-        self.spec: ModelFile = mf
+    def __init__(self, path: Path, spec: ModelFile, threads: int, xnnpack: bool = True) -> None:
+        """A model file and its quantization spec (the export's parity check builds one before the manifest exists)."""
+        self.spec: ModelFile = spec
         self.threads = threads
         self.xnnpack = xnnpack
-        self.interp, self.runtime = make_tflite_interpreter(str(bundle.file(mf.file)), threads, xnnpack)
+        self.interp, self.runtime = make_tflite_interpreter(str(path), threads, xnnpack)
         self.interp.allocate_tensors()
         self._in = self.interp.get_input_details()[0]
         self._out = self.interp.get_output_details()[0]
@@ -167,26 +166,23 @@ class TFLiteBackbone(Backbone):
 class OnnxBackbone(Backbone):
     name = "onnx"
 
-    def __init__(self, bundle: Bundle, threads: int) -> None:
-        mf = bundle.backbone_onnx
-        if mf is None:
-            raise BackendError(f"{bundle.path}: the bundle has no ONNX backbone")
+    def __init__(self, path: Path, spec: ModelFile, threads: int) -> None:
         try:
             import onnxruntime as ort  # type: ignore
         except ImportError as e:
             raise BackendError(f"onnxruntime is not installed ({e}); pip install onnxruntime") from None
-        self.spec = mf
+        self.spec = spec
         self.threads = threads
         self.runtime = f"onnxruntime {ort.__version__}"
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(bundle.file(mf.file)), sess_options=opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types per failure
-            raise BackendError(f"{bundle.file(mf.file)}: ONNX Runtime failed to load it ({e})") from None
-        self._in = mf.input_name or self.session.get_inputs()[0].name
-        self._out = mf.output_name or self.session.get_outputs()[0].name
+            raise BackendError(f"{path}: ONNX Runtime failed to load it ({e})") from None
+        self._in = spec.input_name or self.session.get_inputs()[0].name
+        self._out = spec.output_name or self.session.get_outputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         out = self.session.run([self._out], {self._in: quantize(batch, self.spec.input)})[0]
@@ -213,19 +209,27 @@ def onnx_available() -> bool:
         return False
 
 
+def bundle_backbone(bundle: Bundle, kind: str, threads: int, xnnpack: bool = True) -> Backbone:
+    """The bundle's backbone for runtime `kind` ("tflite" or "onnx")."""
+    mf = bundle.backbone_tflite if kind == "tflite" else bundle.backbone_onnx
+    if mf is None:
+        raise BackendError(f"{bundle.path}: the bundle has no {'TFLite' if kind == 'tflite' else 'ONNX'} backbone")
+    if kind == "tflite":
+        return TFLiteBackbone(bundle.file(mf.file), mf, threads, xnnpack)
+    return OnnxBackbone(bundle.file(mf.file), mf, threads)
+
+
 def make_backbone(bundle: Bundle, backend: str = "auto", threads: Optional[int] = None, xnnpack: bool = True) -> Backbone:
     if backend not in BACKENDS:
         raise BackendError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
     n = threads or default_threads()
     if backend == "auto":
         if bundle.backbone_tflite is not None and tflite_available():
-            return TFLiteBackbone(bundle, n, xnnpack)
+            return bundle_backbone(bundle, "tflite", n, xnnpack)
         if bundle.backbone_onnx is not None and onnx_available():
-            return OnnxBackbone(bundle, n)
+            return bundle_backbone(bundle, "onnx", n)
         raise BackendError("no runtime can load this bundle here: install ai-edge-litert (pip install 'edge-quq[litert]') or onnxruntime")
-    if backend == "tflite":
-        return TFLiteBackbone(bundle, n, xnnpack)
-    return OnnxBackbone(bundle, n)
+    return bundle_backbone(bundle, backend, n, xnnpack)
 
 
 def loadable_backends(bundle: Bundle) -> List[Tuple[str, str]]:
@@ -233,9 +237,9 @@ def loadable_backends(bundle: Bundle) -> List[Tuple[str, str]]:
     rows: List[Tuple[str, str]] = []
     checks: List[Tuple[str, Callable[[], Backbone]]] = []
     if bundle.backbone_tflite is not None:
-        checks.append(("tflite", lambda: TFLiteBackbone(bundle, 1)))
+        checks.append(("tflite", lambda: bundle_backbone(bundle, "tflite", 1)))
     if bundle.backbone_onnx is not None:
-        checks.append(("onnx", lambda: OnnxBackbone(bundle, 1)))
+        checks.append(("onnx", lambda: bundle_backbone(bundle, "onnx", 1)))
     for name, build in checks:
         try:
             rows.append((name, "loads: " + build().describe()))

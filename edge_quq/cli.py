@@ -16,8 +16,7 @@ from edge_quq.defaults import BACKENDS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, M
 from edge_quq.errors import EdgeQuqError
 from edge_quq.health import DEFAULT_MAX_AGE_S, DEFAULT_SERVICE_BUNDLE, DEFAULT_STATS_FILE
 from edge_quq.options import PredictorOptions
-
-SAMPLER_CHOICES = ("auto", "numpy", "native", "analytic", "tflite", "onnx")
+from edge_quq.samplers import SAMPLER_CHOICES
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -101,7 +100,7 @@ def build_predictor(**values: Any):
 
 def native_kernel_status(bundle: Any) -> str:
     """What `--sampler auto` runs on this bundle here, and how to get the native kernel when it is missing."""
-    from edge_quq import sampler_native
+    from edge_quq.samplers import native as sampler_native
     from edge_quq.head import load_head_weights
 
     if not sampler_native.available():
@@ -132,7 +131,7 @@ def predict(paths: Sequence[str], batch_size: int, as_json: bool, **model: Any) 
     Exit code 0 when every input was processed (ignoring a sample is a result), 1 when some inputs could not
     be read (the others still get results), 2 for bad options or a bad bundle.
     """
-    from edge_quq.predictor import expand_inputs
+    from edge_quq.inputs import expand_inputs
     from edge_quq.result import Failure, Prediction
     from edge_quq.telemetry import latency_summary
 

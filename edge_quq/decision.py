@@ -22,12 +22,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edge_quq.defaults import DECISION_DEFAULTS, MIXED_POLICIES
+from edge_quq.defaults import DECISION_DEFAULTS, IGNORE_ON_WORDS, MIXED_POLICIES
 from edge_quq.errors import OptionError
+
+if TYPE_CHECKING:
+    from edge_quq.detectors import DetectorSet
 
 PRESENT, ABSENT, UNCERTAIN = 1, 0, -1
 
@@ -84,6 +87,13 @@ def decide_states(states: np.ndarray, mixed: str = "ignore") -> Tuple[np.ndarray
 RULE_NAMES = ("confident", "none_present", "benefit_of_doubt", "uncertain", "mixed_ignore", "mixed_keep")
 
 
+def kept_classes(states: np.ndarray, code: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """[N, C] bool: the classes each sample is kept as (the 1s; the single -1 under benefit of the doubt;
+    none when ignored)."""
+    states = np.atleast_2d(states)
+    return np.where((np.asarray(code) == 2)[..., None], states == UNCERTAIN, states == PRESENT) & np.asarray(keep)[..., None]
+
+
 @dataclass(frozen=True)
 class Decision:
     keep: bool
@@ -95,26 +105,38 @@ class Decision:
     upper: np.ndarray
 
 
+@dataclass
+class Decisions:
+    """The rule over a batch: keep [N] bool, rule codes [N] (RULE_NAMES), states and kept classes [N, C],
+    labels [N] (-1 when ignored)."""
+
+    keep: np.ndarray
+    code: np.ndarray
+    states: np.ndarray
+    indicators: np.ndarray
+    labels: np.ndarray
+
+
+def decide_many(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed: str = "ignore") -> Decisions:
+    """The full rule for rows of per-class MC mean and std [N, C]."""
+    mean = np.atleast_2d(np.asarray(mean, dtype=np.float64))
+    states = interval_states(mean, np.atleast_2d(np.asarray(std, dtype=np.float64)), z, threshold)
+    keep, code = decide_states(states, mixed)
+    return Decisions(keep, code, states, kept_classes(states, code, keep), predicted_labels(mean, states, keep))
+
+
 def decide(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed: str = "ignore") -> Decision:
-    """The full rule for one sample's per-class MC mean and std."""
+    """The full rule for one sample's per-class MC mean and std: decide_many on a batch of one."""
     mean = np.asarray(mean, dtype=np.float64)
     std = np.asarray(std, dtype=np.float64)
-    states = interval_states(mean, std, z, threshold)
-    keep_arr, code_arr = decide_states(states[None, :], mixed)
-    keep, code = bool(keep_arr[0]), int(code_arr[0])
-    if not keep:
-        classes: Tuple[int, ...] = ()
-    elif code == 2:
-        classes = tuple(int(i) for i in np.flatnonzero(states == UNCERTAIN))
-    else:
-        classes = tuple(int(i) for i in np.flatnonzero(states == PRESENT))
-    label = max(classes, key=lambda i: mean[i]) if classes else None
+    d = decide_many(mean[None, :], std[None, :], z, threshold, mixed)
+    classes = tuple(int(i) for i in np.flatnonzero(d.indicators[0]))
     return Decision(
-        keep=keep,
-        rule=RULE_NAMES[code],
-        states=states,
+        keep=bool(d.keep[0]),
+        rule=RULE_NAMES[int(d.code[0])],
+        states=d.states[0],
         classes=classes,
-        label=label,
+        label=int(d.labels[0]) if classes else None,
         lower=mean - z * std,
         upper=mean + z * std,
     )
@@ -130,3 +152,28 @@ def predicted_labels(mean: np.ndarray, states: np.ndarray, keep: np.ndarray) -> 
     masked = np.where(eligible, mean, -np.inf)
     labels = np.argmax(masked, axis=-1)
     return np.where(np.asarray(keep), labels, -1)
+
+
+# --- who may ignore: the MC rule, the bundle's detectors, or both --------------------------------------------
+
+def check_ignore_on(ignore_on: str, detectors: "Optional[DetectorSet]") -> str:
+    """'mc', 'any', or the name of a detector of this bundle that has a fitted threshold."""
+    if ignore_on in IGNORE_ON_WORDS:
+        return ignore_on
+    have = detectors.with_threshold() if detectors is not None else []
+    if ignore_on not in have:
+        if detectors is None:
+            raise OptionError(f"--ignore-on {ignore_on!r}: this bundle has no fitted detectors (add them with edge-quq fit-detectors); use mc")
+        raise OptionError(f"--ignore-on {ignore_on!r}: not a detector with a fitted threshold in this bundle; choose mc, any or one of {', '.join(have)}")
+    return ignore_on
+
+
+def combine_decision(mc_keep: bool, flagged: Sequence[str], ignore_on: str) -> Tuple[bool, List[str]]:
+    """(keep, ignored_by): who may ignore is set by `ignore_on`; ignored_by lists who did ("mc", detector names)."""
+    if ignore_on == "mc":
+        return mc_keep, ([] if mc_keep else ["mc"])
+    if ignore_on == "any":
+        why = ([] if mc_keep else ["mc"]) + list(flagged)
+        return not why, why
+    hit = ignore_on in flagged
+    return not hit, ([ignore_on] if hit else [])

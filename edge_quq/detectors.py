@@ -35,8 +35,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from edge_quq.errors import BundleError, OptionError
-from edge_quq.gradients import GradientSettings, gradient_score
+from edge_quq.gradients import GradientSettings, gradient_scores
 from edge_quq.head import HeadWeights
+from edge_quq.scores import energy
 
 FORMAT_NAME = "edge-quq-detectors"
 FILE_VERSION = 1
@@ -61,14 +62,6 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
 def eval_logits(head: HeadWeights, feats: np.ndarray) -> np.ndarray:
     """Raw eval-mode logits [N, C] (dropout off, temperature not applied: detectors are fitted on them)."""
     return head.logits(np.asarray(feats, np.float32)).astype(np.float64)
-
-
-def energy_from_logits(z: np.ndarray, activation: str) -> np.ndarray:
-    z = np.asarray(z, np.float64)
-    if activation == "sigmoid":
-        return -np.sum(np.logaddexp(0.0, z), axis=1)
-    m = np.max(z, axis=1, keepdims=True)
-    return -(m[:, 0] + np.log(np.sum(np.exp(z - m), axis=1)))
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
@@ -97,7 +90,7 @@ def _score_maxlogit(a, cfg, feats, head) -> np.ndarray:
 
 
 def _score_energy(a, cfg, feats, head) -> np.ndarray:
-    return energy_from_logits(eval_logits(head, feats), head.activation)
+    return energy(eval_logits(head, feats), head.activation)
 
 
 def _fit_react(feats, labels, head, rng, percentile: float = 90.0) -> Dict[str, np.ndarray]:
@@ -106,7 +99,7 @@ def _fit_react(feats, labels, head, rng, percentile: float = 90.0) -> Dict[str, 
 
 def _score_react(a, cfg, feats, head) -> np.ndarray:
     clipped = np.minimum(np.asarray(feats, np.float64), float(a["clip"][0]))
-    return energy_from_logits(eval_logits(head, clipped), head.activation)
+    return energy(eval_logits(head, clipped), head.activation)
 
 
 def _class_means(feats: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -186,7 +179,7 @@ def _fit_vim(feats, labels, head, rng, dim: Optional[int] = None) -> Dict[str, n
     order = np.argsort(evals)[::-1]
     ns = evecs[:, order[d:]]  # the complement of the top-d principal directions
     resid = np.linalg.norm(x @ ns, axis=1)
-    neg_energy = -energy_from_logits(eval_logits(head, feats), head.activation)
+    neg_energy = -energy(eval_logits(head, feats), head.activation)
     alpha = float(np.mean(neg_energy) / max(np.mean(resid), 1e-12))
     return {"origin": u, "null_space": ns, "alpha": np.array([alpha])}
 
@@ -194,15 +187,26 @@ def _fit_vim(feats, labels, head, rng, dim: Optional[int] = None) -> Dict[str, n
 def _score_vim(a, cfg, feats, head) -> np.ndarray:
     x = np.asarray(feats, np.float64) - a["origin"].astype(np.float64)
     resid = np.linalg.norm(x @ a["null_space"].astype(np.float64), axis=1)
-    return float(a["alpha"][0]) * resid + energy_from_logits(eval_logits(head, feats), head.activation)
+    return float(a["alpha"][0]) * resid + energy(eval_logits(head, feats), head.activation)
 
 
 def _score_gradient(a, cfg, feats, head) -> np.ndarray:
-    s = GradientSettings(layer_base=float(cfg["layer_base"]), class_weighting=str(cfg["class_weighting"]), perturbations=0)
     if head.temperature != 1.0:
         # like the other detectors, fitted on the raw head: a temperature set later must not move its threshold
         head = replace(head, temperature=1.0)
-    return np.array([gradient_score(head, f, s) for f in np.asarray(feats, np.float64)])
+    return gradient_scores(head, feats, gradient_settings(cfg))
+
+
+def gradient_settings(cfg: Mapping[str, Any]) -> GradientSettings:
+    """The gradient detector's settings (no perturbations: a detector score must be deterministic)."""
+    return GradientSettings(layer_base=float(cfg["layer_base"]), class_weighting=str(cfg["class_weighting"]), perturbations=0)
+
+
+def gradient_reusable(cfg: Mapping[str, Any], settings: Optional[GradientSettings], head: HeadWeights) -> bool:
+    """True when the gradient score computed with `settings` on `head` equals the gradient detector's score,
+    so the predictor can pass it in instead of computing it twice."""
+    return (settings is not None and settings.perturbations == 0 and head.temperature == 1.0
+            and settings.layer_base == float(cfg.get("layer_base", -1)) and settings.class_weighting == cfg.get("class_weighting"))
 
 
 _IMPL: Dict[str, Tuple[Callable, Callable]] = {
@@ -267,8 +271,16 @@ class DetectorSet:
     def with_threshold(self) -> List[str]:
         return [n for n, d in self.detectors.items() if d.threshold is not None]
 
-    def scores(self, feats: np.ndarray, head: HeadWeights) -> Dict[str, np.ndarray]:
-        return {n: d.score(feats, head) for n, d in self.detectors.items()}
+    def score_all(self, feats: np.ndarray, head: HeadWeights, given: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
+        """Every detector's scores [N] for rows feats [N, F]; `given` holds scores already computed elsewhere
+        (the predictor's gradient score), used instead of computing them again."""
+        given = given or {}
+        return {n: np.asarray(given[n], np.float64).reshape(-1) if n in given else d.score(feats, head)
+                for n, d in self.detectors.items()}
+
+    def flags(self, scores: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Per detector with a threshold (and a score in `scores`): [N] bool, score > threshold."""
+        return {n: self.detectors[n].flag(scores[n]) for n in self.with_threshold() if n in scores}
 
     # -- storage ----------------------------------------------------------------------------------------------
     def to_arrays(self) -> Dict[str, np.ndarray]:

@@ -52,45 +52,48 @@ class GradientSettings:
 
 
 def output_log_prob_grads(logits: np.ndarray, activation: str) -> np.ndarray:
-    """G[k, c] = d log p_k / d logit_c for every class k at once, [C, C]."""
-    z = np.asarray(logits, np.float64)
-    p = output_activation(z[None], activation)[0]
-    c = len(z)
+    """G[n, k, c] = d log p_k / d logit_c for every class k at once, [N, C, C] for logits [N, C]."""
+    z = np.atleast_2d(np.asarray(logits, np.float64))
+    p = output_activation(z, activation)
+    eye = np.eye(z.shape[-1])[None]
     if activation == "softmax":
-        return np.eye(c) - p[None, :]
+        return eye - p[:, None, :]
     if activation == "sigmoid":
-        return np.diag(1.0 - p)
+        return eye * (1.0 - p)[:, None, :]
     # linear head: log of a raw output is meaningless; use the logit itself as the target
-    return np.eye(c)
+    return np.broadcast_to(eye, (len(z),) + eye.shape[1:]).copy()
 
 
 def layer_gradient_norms(head: HeadWeights, x: np.ndarray) -> np.ndarray:
-    """N[l, k] = ||d log p_k / d (W_l, b_l)||, eval mode (no dropout), for one feature vector x [F]."""
+    """N[n, l, k] = ||d log p_k / d (W_l, b_l)||, eval mode (no dropout), for rows x [N, F]; [l, k] for one [F]."""
+    single = np.ndim(x) == 1
+    a = np.atleast_2d(np.asarray(x, np.float64))
     inputs: List[np.ndarray] = []
     pre: List[np.ndarray] = []
-    a = np.asarray(x, np.float64)
     n = len(head.kernels)
     for i in range(n):
         inputs.append(a)
         z = a @ head.kernels[i].astype(np.float64) + head.biases[i]
         pre.append(z)
         a = np.maximum(z, 0.0) if i < n - 1 else z
-    g = output_log_prob_grads(pre[-1], head.activation)  # [C, out_L]
-    norms = np.empty((n, g.shape[0]))
+    g = output_log_prob_grads(pre[-1], head.activation)  # [N, C, out_L]
+    norms = np.empty((len(a), n, g.shape[1]))
     for i in range(n - 1, -1, -1):
-        norms[i] = np.linalg.norm(g, axis=1) * np.sqrt(inputs[i] @ inputs[i] + 1.0)
+        norms[:, i] = np.linalg.norm(g, axis=2) * np.sqrt(np.sum(inputs[i] ** 2, axis=1) + 1.0)[:, None]
         if i > 0:
-            g = (g @ head.kernels[i].T.astype(np.float64)) * (pre[i - 1] > 0.0)
-    return norms
+            g = (g @ head.kernels[i].T.astype(np.float64)) * (pre[i - 1] > 0.0)[:, None, :]
+    return norms[0] if single else norms
 
 
 def class_weights(p: np.ndarray, how: str) -> np.ndarray:
+    """Class weights over the last axis of probabilities p ([C] or [N, C])."""
+    p = np.asarray(p, np.float64)
     if how == "sqrt":
         r = np.sqrt(np.clip(p, 0.0, None))
-        return r / max(r.sum(), 1e-12)
+        return r / np.maximum(r.sum(axis=-1, keepdims=True), 1e-12)
     if how == "prob":
-        return np.asarray(p, np.float64)
-    return np.full(len(p), 1.0 / len(p))
+        return p
+    return np.full(p.shape, 1.0 / p.shape[-1])
 
 
 def layer_weights(n: int, base: float) -> np.ndarray:
@@ -98,18 +101,31 @@ def layer_weights(n: int, base: float) -> np.ndarray:
     return w / w.sum()
 
 
-def gradient_score(head: HeadWeights, x: np.ndarray, settings: GradientSettings = GradientSettings()) -> float:
-    """U(x) for one feature vector (see the module docstring)."""
-    x = np.asarray(x, np.float64)
+def _unperturbed_scores(head: HeadWeights, x: np.ndarray, settings: GradientSettings) -> np.ndarray:
     om = layer_weights(len(head.kernels), settings.layer_base)
+    p = head.probs(x.astype(np.float32)).astype(np.float64)
+    return np.einsum("l,nlc,nc->n", om, layer_gradient_norms(head, x), class_weights(p, settings.class_weighting))
 
-    def one(v: np.ndarray) -> float:
-        p = head.probs(v[None].astype(np.float32))[0].astype(np.float64)
-        norms = layer_gradient_norms(head, v)
-        return float(om @ (norms @ class_weights(p, settings.class_weighting)))
 
-    if settings.perturbations == 0:
-        return one(x)
-    rng = np.random.default_rng(settings.seed)
-    scale = settings.noise * float(np.sqrt(np.mean(x * x)) + 1e-12)
-    return float(np.mean([one(x + rng.normal(0.0, scale, x.shape)) for _ in range(settings.perturbations)]))
+def gradient_scores(head: HeadWeights, feats: np.ndarray, settings: GradientSettings = GradientSettings(),
+                    chunk: int = 1000) -> np.ndarray:
+    """U(x) for rows of feats [N, F] -> [N] (see the module docstring); chunked to bound memory ([chunk, C, H])."""
+    x = np.atleast_2d(np.asarray(feats, np.float64))
+    out = np.empty(len(x))
+    for s in range(0, len(x), chunk):
+        rows = x[s : s + chunk]
+        if settings.perturbations == 0:
+            out[s : s + chunk] = _unperturbed_scores(head, rows, settings)
+            continue
+        # Each row gets its own seeded noise stream, so a row's score does not depend on its batch.
+        for j, v in enumerate(rows):
+            rng = np.random.default_rng(settings.seed)
+            scale = settings.noise * float(np.sqrt(np.mean(v * v)) + 1e-12)
+            noisy = v[None] + rng.normal(0.0, scale, (settings.perturbations, v.shape[0]))
+            out[s + j] = float(np.mean(_unperturbed_scores(head, noisy, settings)))
+    return out
+
+
+def gradient_score(head: HeadWeights, x: np.ndarray, settings: GradientSettings = GradientSettings()) -> float:
+    """U(x) for one feature vector: gradient_scores on a batch of one."""
+    return float(gradient_scores(head, np.asarray(x, np.float64).reshape(1, -1), settings)[0])

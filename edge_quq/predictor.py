@@ -9,23 +9,23 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from edge_quq.backends import Backbone, make_backbone
 from edge_quq.bundle import Bundle, load_bundle
-from edge_quq.decision import MIXED_POLICIES, decide, resolve_z
-from edge_quq.detectors import DetectorSet
+from edge_quq.decision import MIXED_POLICIES, Decision, check_ignore_on, combine_decision, decide, resolve_z
+from edge_quq.detectors import DetectorSet, gradient_reusable
 from edge_quq.errors import EdgeQuqError, OptionError
-from edge_quq.gradients import GradientSettings, gradient_score
+from edge_quq.gradients import GradientSettings, gradient_scores
 from edge_quq.options import PredictorOptions
 from edge_quq.head import HeadWeights, load_head_weights
 from edge_quq.preprocess import min_decode_size, preprocess_image, read_image
 from edge_quq.result import Failure, Prediction
-from edge_quq.sampler import HeadMoments, Sampler, make_sampler
-from edge_quq.scores import compute_scores
+from edge_quq.samplers import make_sampler
+from edge_quq.samplers.base import HeadMoments, Sampler
+from edge_quq.scores import compute_scores, row_scores
 from edge_quq.telemetry import StageClock, rss_bytes
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
@@ -123,44 +123,39 @@ class Predictor:
     def features(self, batch: np.ndarray) -> np.ndarray:
         return self.backbone(batch)
 
-    def head_stage(self, features: np.ndarray, clock: StageClock) -> tuple:
+    def head_stage(self, features: np.ndarray, clock: StageClock) -> HeadMoments:
         with clock.stage("head"):
-            moments = self.sampler.sample(features, self.settings.num_iter)
-            grad = gradient_score(self.head, features, self.gradient) if self.gradient is not None else None
-        return moments, grad
+            return self.sampler.sample(features, self.settings.num_iter)
 
-    def detector_stage(self, features: Optional[np.ndarray], grad: Optional[float], clock: StageClock) -> Dict[str, float]:
-        """Scores of the bundle's fitted detectors for one feature vector (empty without detectors)."""
-        if self.detectors is None or features is None:
-            return {}
-        out: Dict[str, float] = {}
-        with clock.stage("detectors"):
-            for name, det in self.detectors.detectors.items():
-                if name == "gradient" and grad is not None and self._gradient_matches(det.config):
-                    out[name] = float(grad)  # already computed by the head stage with the same settings
-                else:
-                    out[name] = float(det.score(features[None], self.head)[0])
-        return out
+    def score_stage(self, features: np.ndarray, moments: HeadMoments, clock: StageClock) -> Dict[str, float]:
+        """The moment scores, the gradient score (once: the gradient detector reuses it when its settings
+        match) and the bundle's detectors, for one feature vector."""
+        with clock.stage("head"):
+            grad = gradient_scores(self.head, features[None], self.gradient) if self.gradient is not None else None
+        scores = row_scores(compute_scores(moments.mean, moments.std, moments.logits, moments.expected_entropy,
+                                           self.head.activation, grad))
+        if self.detectors is not None:
+            given = {}
+            gdet = self.detectors.detectors.get("gradient")
+            if grad is not None and gdet is not None and gradient_reusable(gdet.config, self.gradient, self.head):
+                given["gradient"] = grad
+            with clock.stage("detectors"):
+                scores.update(row_scores(self.detectors.score_all(features[None], self.head, given)))
+        return scores
 
-    def _gradient_matches(self, cfg: Dict[str, object]) -> bool:
-        g = self.gradient
-        return (g is not None and g.perturbations == 0 and self.head.temperature == 1.0
-                and g.layer_base == float(cfg.get("layer_base", -1))
-                and g.class_weighting == cfg.get("class_weighting"))
-
-    def finish(self, source: str, moments: HeadMoments, grad: Optional[float], clock: StageClock,
-               features: Optional[np.ndarray] = None) -> Prediction:
+    def decision_stage(self, moments: HeadMoments, scores: Dict[str, float]) -> Tuple[Decision, bool, List[str], List[str]]:
+        """(MC decision, keep, ignored_by, flagged): the MC rule, the detectors' flags and the ignore policy."""
         s = self.settings
-        det_scores = self.detector_stage(features, grad, clock)
+        dec = decide(moments.mean, moments.std, s.z, s.threshold, s.mixed)
+        flags = self.detectors.flags({n: np.asarray([v]) for n, v in scores.items()}) if self.detectors else {}
+        flagged = [n for n, hit in flags.items() if hit[0]]
+        keep, ignored_by = combine_decision(dec.keep, flagged, self.ignore_on)
+        return dec, keep, ignored_by, flagged
+
+    def finish(self, source: str, moments: HeadMoments, clock: StageClock, features: np.ndarray) -> Prediction:
+        scores = self.score_stage(features, moments, clock)
         with clock.stage("decision"):
-            dec = decide(moments.mean, moments.std, s.z, s.threshold, s.mixed)
-            scores = compute_scores(moments.mean, moments.std, moments.logits, moments.expected_entropy, self.head.activation)
-            if grad is not None:
-                scores["gradient"] = grad
-            scores.update(det_scores)
-            flagged = [n for n in (self.detectors.with_threshold() if self.detectors else ())
-                       if n in det_scores and det_scores[n] > self.detectors.detectors[n].threshold]
-            keep, ignored_by = combine_decision(dec.keep, flagged, self.ignore_on)
+            dec, keep, ignored_by, flagged = self.decision_stage(moments, scores)
         timings = dict(clock.ms)
         timings["total"] = sum(clock.ms.values())
         names = self.bundle.classes
@@ -172,26 +167,13 @@ class Predictor:
         else:  # a detector-only rule kept what the MC rule ignored: the kept class is the top class
             label_index, classes = top, [top]
         return Prediction(
-            source=source,
-            keep=keep,
-            rule=dec.rule,
-            label=names[label_index] if label_index is not None else None,
-            class_index=label_index,
-            classes=classes,
-            top_index=top,
-            top_label=names[top],
-            mean=moments.mean.tolist(),
-            std=moments.std.tolist(),
-            lower=dec.lower.tolist(),
-            upper=dec.upper.tolist(),
-            states=[int(v) for v in dec.states],
-            deterministic=moments.deterministic.tolist(),
-            scores=scores,
-            timings_ms=timings,
-            rss_bytes=rss_bytes(),
-            settings=self.describe_settings(),
-            ignored_by=ignored_by,
-            flagged=flagged,
+            source=source, keep=keep, rule=dec.rule,
+            label=names[label_index] if label_index is not None else None, class_index=label_index, classes=classes,
+            top_index=top, top_label=names[top],
+            mean=moments.mean.tolist(), std=moments.std.tolist(), lower=dec.lower.tolist(), upper=dec.upper.tolist(),
+            states=[int(v) for v in dec.states], deterministic=moments.deterministic.tolist(),
+            scores=scores, timings_ms=timings, rss_bytes=rss_bytes(), settings=self.describe_settings(),
+            ignored_by=ignored_by, flagged=flagged,
         )
 
     def describe_settings(self) -> dict:
@@ -216,9 +198,9 @@ class Predictor:
             x = self.load_input(image)
         with clock.stage("backbone"):
             feats = self.features(x[None])
-        moments, grad = self.head_stage(feats[0], clock)
+        moments = self.head_stage(feats[0], clock)
         src = source if source is not None else ("<array>" if isinstance(image, np.ndarray) else str(image))
-        return self.finish(src, moments, grad, clock, feats[0])
+        return self.finish(src, moments, clock, feats[0])
 
     def predict_many(self, images: Sequence[ImageLike], batch_size: int = 1) -> List[Union[Prediction, Failure]]:
         """Many images; a bad one becomes a Failure and the rest still get results.
@@ -249,56 +231,5 @@ class Predictor:
             share = batch_clock.ms["backbone"] / len(ok)
             for (src, _, clock), f in zip(ok, feats):
                 clock.ms["backbone"] = share
-                moments, grad = self.head_stage(f, clock)
-                results.append(self.finish(src, moments, grad, clock, f))
+                results.append(self.finish(src, self.head_stage(f, clock), clock, f))
         return results
-
-
-def check_ignore_on(ignore_on: str, detectors: Optional[DetectorSet]) -> str:
-    """'mc', 'any', or the name of a detector of this bundle that has a fitted threshold."""
-    if ignore_on in ("mc", "any"):
-        return ignore_on
-    have = detectors.with_threshold() if detectors is not None else []
-    if ignore_on not in have:
-        if detectors is None:
-            raise OptionError(f"--ignore-on {ignore_on!r}: this bundle has no fitted detectors (add them with edge-quq fit-detectors); use mc")
-        raise OptionError(f"--ignore-on {ignore_on!r}: not a detector with a fitted threshold in this bundle; choose mc, any or one of {', '.join(have)}")
-    return ignore_on
-
-
-def combine_decision(mc_keep: bool, flagged: Sequence[str], ignore_on: str) -> tuple:
-    """(keep, ignored_by): who may ignore is set by `ignore_on`; ignored_by lists who did ("mc", detector names)."""
-    if ignore_on == "mc":
-        return mc_keep, ([] if mc_keep else ["mc"])
-    if ignore_on == "any":
-        why = ([] if mc_keep else ["mc"]) + list(flagged)
-        return not why, why
-    hit = ignore_on in flagged
-    return not hit, ([ignore_on] if hit else [])
-
-
-IMAGE_GLOB_CHARS = set("*?[")
-
-
-def expand_inputs(items: Iterable[str]) -> List[Union[Path, Failure]]:
-    """Files, folders (their images, sorted, not recursive) and globs -> paths; problems become Failures."""
-    import glob
-
-    from edge_quq.preprocess import IMAGE_SUFFIXES
-
-    out: List[Union[Path, Failure]] = []
-    for item in items:
-        p = Path(item)
-        if any(c in item for c in IMAGE_GLOB_CHARS) and not p.exists():
-            matches = sorted(glob.glob(item))
-            if not matches:
-                out.append(Failure(item, f"{item}: pattern matches no files"))
-            out.extend(Path(m) for m in matches if not Path(m).is_dir())
-        elif p.is_dir():
-            imgs = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
-            if not imgs:
-                out.append(Failure(item, f"{item}: folder contains no images ({', '.join(IMAGE_SUFFIXES)})"))
-            out.extend(imgs)
-        else:
-            out.append(p)
-    return out

@@ -1,4 +1,7 @@
-"""Uncertainty scores beside the decision, as pure functions of the head moments.
+"""Uncertainty scores beside the decision, as batched pure functions of the head moments.
+
+Every function works over the last axis: rows [N, C] give [N] scores, a single [C] vector gives a scalar
+array (a sample is a batch of one). The runtime, the benchmark suite and the detectors all call these.
 
 Directions: for every score here a HIGHER value means LESS trust (more likely wrong or out-of-distribution),
 except `max_prob`, where higher means more trust. The benchmark suite relies on these directions.
@@ -9,46 +12,59 @@ except `max_prob`, where higher means more trust. The benchmark suite relies on 
 - mutual_information: predictive entropy minus the mean per-sample entropy (the epistemic part; the BALD
   quantity for softmax heads, its per-class-Bernoulli sum for sigmoid heads).
 - mean_variance: mean over classes of the MC variance.
-- energy: from the eval-mode logits. Softmax: -logsumexp(logits) (Liu et al. 2020). Sigmoid: the joint
-  energy -sum_c softplus(logit_c) (Wang et al. 2021), which treats each class logit as its own two-way
-  softmax against zero. Higher energy = less in-distribution.
-The predictor adds `gradient` (edge_quq.gradients), which needs the features, not only the moments.
+- energy: from the eval-mode logits. Softmax (and linear) heads: -logsumexp(logits) (Liu et al. 2020).
+  Sigmoid: the joint energy -sum_c softplus(logit_c) (Wang et al. 2021), which treats each class logit as
+  its own two-way softmax against zero. Higher energy = less in-distribution.
+- gradient: the closed-form head-gradient score (edge_quq.gradients.gradient_scores), which needs the
+  features, not only the moments; `compute_scores` takes it precomputed.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
 _EPS = 1e-12
 
 
-def entropy_of(p: np.ndarray, activation: str) -> float:
+def entropy(p: np.ndarray, activation: str) -> np.ndarray:
+    """Entropy over the last axis: Shannon for softmax, sum of per-class binary entropies otherwise."""
     p = np.asarray(p, dtype=np.float64)
     pc = np.clip(p, _EPS, 1.0)
     if activation == "softmax":
-        return float(-np.sum(pc * np.log(pc)))
+        return -np.sum(pc * np.log(pc), axis=-1)
     qc = np.clip(1.0 - p, _EPS, 1.0)
-    return float(-np.sum(pc * np.log(pc) + qc * np.log(qc)))
+    return -np.sum(pc * np.log(pc) + qc * np.log(qc), axis=-1)
 
 
-def energy_of(logits: np.ndarray, activation: str) -> float:
+def energy(logits: np.ndarray, activation: str) -> np.ndarray:
+    """Energy over the last axis: -sum softplus(z) for sigmoid heads, -logsumexp(z) otherwise."""
     z = np.asarray(logits, dtype=np.float64)
-    if activation == "softmax":
-        m = np.max(z)
-        return float(-(m + np.log(np.sum(np.exp(z - m)))))
-    # softplus(z) = log(1 + e^z), computed without overflow
-    return float(-np.sum(np.logaddexp(0.0, z)))
+    if activation == "sigmoid":
+        # softplus(z) = log(1 + e^z), computed without overflow
+        return -np.sum(np.logaddexp(0.0, z), axis=-1)
+    m = np.max(z, axis=-1, keepdims=True)
+    return -(m[..., 0] + np.log(np.sum(np.exp(z - m), axis=-1)))
 
 
-def compute_scores(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_entropy: float, activation: str) -> Dict[str, float]:
-    pe = entropy_of(mean, activation)
+def compute_scores(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_entropy: np.ndarray, activation: str,
+                   gradient: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """Every score for rows of head moments ([N, C] -> [N] each; [C] -> scalar arrays)."""
+    mean = np.asarray(mean, dtype=np.float64)
+    pe = entropy(mean, activation)
     scores = {
-        "max_prob": float(np.max(mean)),
+        "max_prob": np.max(mean, axis=-1),
         "predictive_entropy": pe,
-        "mutual_information": max(0.0, pe - float(expected_entropy)),
-        "mean_variance": float(np.mean(np.square(std))),
+        "mutual_information": np.maximum(pe - np.asarray(expected_entropy, dtype=np.float64), 0.0),
+        "mean_variance": np.mean(np.square(np.asarray(std, dtype=np.float64)), axis=-1),
     }
     if activation in ("sigmoid", "softmax"):
-        scores["energy"] = energy_of(logits, activation)
+        scores["energy"] = energy(logits, activation)
+    if gradient is not None:
+        scores["gradient"] = np.asarray(gradient, dtype=np.float64)
     return scores
+
+
+def row_scores(scores: Dict[str, np.ndarray], i: int = 0) -> Dict[str, float]:
+    """One sample's scores as plain floats (what a Prediction carries)."""
+    return {k: float(np.reshape(v, -1)[i]) for k, v in scores.items()}

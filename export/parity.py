@@ -13,79 +13,51 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from edge_quq.bundle import QuantParams
+from edge_quq.bundle import ModelFile, QuantParams
 from edge_quq.head import HeadWeights
-from edge_quq.preprocess import dequantize, quantize
+from edge_quq.samplers.base import full_keep_masks
+
+# ONNX backbones take and return float32 (the quantization is inside the graph, QDQ).
+_FLOAT = QuantParams("float32")
 
 
-def run_tflite(path: Path, x: np.ndarray, io: Dict[str, Any], batch: int = 256) -> np.ndarray:
-    """Features from a (quantized) TFLite backbone, through the same quantize/dequantize as the runtime."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    qin = QuantParams.from_json(io["input"], "tflite input")
-    qout = QuantParams.from_json(io["output"], "tflite output")
-    from edge_quq_export.convert import quiet_fds
-
-    with quiet_fds():  # XNNPACK announces itself on stderr
-        it = Interpreter(model_path=str(path), num_threads=2)
-    d_in = it.get_input_details()[0]
-    outs, cur = [], -1
-    for s in range(0, len(x), batch):
-        xb = x[s : s + batch]
-        if len(xb) != cur:
-            it.resize_tensor_input(d_in["index"], [len(xb)] + list(x.shape[1:]))
-            with quiet_fds():  # the delegate is applied (and announced) on allocation
-                it.allocate_tensors()
-            cur = len(xb)
-        it.set_tensor(d_in["index"], quantize(xb, qin))
-        it.invoke()
-        outs.append(dequantize(it.get_tensor(it.get_output_details()[0]["index"]), qout).reshape(len(xb), -1))
-    return np.concatenate(outs).astype(np.float32)
-
-
-def run_onnx(path: Path, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    outs = [sess.run(None, {name: x[s : s + batch].astype(np.float32)})[0] for s in range(0, len(x), batch)]
+def _batched(backbone, x: np.ndarray, batch: int) -> np.ndarray:
+    outs = [backbone(x[s : s + batch]) for s in range(0, len(x), batch)]
     return np.concatenate(outs).reshape(len(x), -1).astype(np.float32)
 
 
-def run_head_model(kind: str, path: Path, features: np.ndarray, masks: List[np.ndarray]) -> np.ndarray:
-    """Probabilities of an exported head model for given features and 0/1 masks."""
-    feed = {"features": features, **{f"mask{i}": m for i, m in enumerate(masks)}}
-    if kind == "onnx":
-        import onnxruntime as ort
-
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return sess.run(["probs"], feed)[0]
-    from ai_edge_litert.interpreter import Interpreter
-
+def run_tflite(path: Path, x: np.ndarray, io: Dict[str, Any], batch: int = 256) -> np.ndarray:
+    """Features from a (quantized) TFLite backbone, through the runtime's own backend (edge_quq.backends)."""
+    from edge_quq.backends import TFLiteBackbone
     from edge_quq_export.convert import quiet_fds
 
+    spec = ModelFile(path.name, QuantParams.from_json(io["input"], "tflite input"), QuantParams.from_json(io["output"], "tflite output"))
+    with quiet_fds():  # XNNPACK announces itself on stderr, on creation and on each allocation
+        return _batched(TFLiteBackbone(path, spec, threads=2), x, batch)
+
+
+def run_onnx(path: Path, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Features from an ONNX backbone (float input and output, QDQ inside), through the runtime's backend."""
+    from edge_quq.backends import OnnxBackbone
+
+    return _batched(OnnxBackbone(path, ModelFile(path.name, _FLOAT, _FLOAT), threads=2), x, batch)
+
+
+def run_head_model(kind: str, path: Path, features: np.ndarray, masks: List[np.ndarray]) -> np.ndarray:
+    """Probabilities of an exported head model for given features and 0/1 masks (one per block), run by the
+    runtime's head-model runner (edge_quq.samplers.exported)."""
+    from edge_quq.samplers.exported import OnnxHeadModel, TFLiteHeadModel, default_mask_names
+    from edge_quq_export.convert import quiet_fds
+
+    names = default_mask_names(len(masks))
     with quiet_fds():
-        it = Interpreter(model_path=str(path))
-    for d in it.get_input_details():
-        it.resize_tensor_input(d["index"], list(feed[d["name"]].shape))
-    with quiet_fds():
-        it.allocate_tensors()
-    for d in it.get_input_details():
-        it.set_tensor(d["index"], np.ascontiguousarray(feed[d["name"]], dtype=np.float32))
-    it.invoke()
-    out = next(d for d in it.get_output_details() if d["name"] == "probs")
-    return it.get_tensor(out["index"])
+        model = OnnxHeadModel(path, names, threads=1) if kind == "onnx" else TFLiteHeadModel(path, names, threads=1)
+        return model.run(np.asarray(features, np.float32), masks)[0]
 
 
 def random_masks(head: HeadWeights, t: int, seed: int = 0) -> List[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    masks, fan_in = [], head.feature_size
-    for k, r in zip(head.kernels, head.rates):
-        masks.append((rng.random((t, fan_in)) >= r).astype(np.float32))
-        fan_in = k.shape[1]
-    return masks
+    """T rows of keep masks for every block from the runtime's mask stream (all ones where a block has no dropout)."""
+    return full_keep_masks(np.random.default_rng(seed), head, t)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

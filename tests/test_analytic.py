@@ -8,11 +8,13 @@ import math
 import numpy as np
 import pytest
 
-from edge_quq.analytic import (AnalyticSampler, dropout_moments, erf, logit_moments, probit_moments,
+from edge_quq.samplers.analytic import (AnalyticSampler, dropout_moments, erf, logit_moments, probit_moments,
                                relu_moments)
 from edge_quq.head import HeadWeights
-from edge_quq.sampler import NumpySampler, make_sampler
-from edge_quq import sampler_native
+from edge_quq.samplers import make_sampler
+from edge_quq.samplers.reference import NumpySampler
+from edge_quq.samplers import native as sampler_native
+from heads import PARITY_IDS, parity_head, relu_rows
 
 
 def random_head(f, h, c, rates, activation, seed=0) -> HeadWeights:
@@ -143,6 +145,22 @@ def test_close_to_mc_on_a_small_random_head(activation):
         assert a.expected_entropy == pytest.approx(m.expected_entropy, abs=0.15)
         if activation == "softmax":
             assert a.mean.sum() == pytest.approx(1.0)
+
+
+# Two hidden layers: the hidden units' covariance, which the method drops, enters twice.
+PARITY_TOL = {"sigmoid-1hidden": 0.03, "softmax-1hidden": 0.12, "sigmoid-2hidden": 0.08, "softmax-2hidden": 0.08}
+
+
+@pytest.mark.parametrize("shape", PARITY_IDS)
+def test_close_to_mc_on_every_parity_head(shape):
+    """Batched closed form against MC (T = 20000) on sigmoid/softmax heads with one and two hidden layers."""
+    head = parity_head(shape, f=64)
+    x = relu_rows(4, 64, 1)
+    a = make_sampler("analytic", head).sample(x, 0)
+    m = NumpySampler(head, seed=0).sample(x, 20000)
+    assert np.max(np.abs(a.mean - m.mean)) < PARITY_TOL[shape]
+    assert np.max(np.abs(a.std - m.std)) < PARITY_TOL[shape]
+    np.testing.assert_allclose(a.expected_entropy, m.expected_entropy, atol=0.2)
 
 
 @pytest.mark.skipif(not sampler_native.available(), reason="MC at T=20000 on F=2048 needs the native kernel")

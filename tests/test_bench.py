@@ -14,6 +14,7 @@ from sklearn.metrics import log_loss, roc_auc_score, average_precision_score
 
 from bench.suite.corruptions import CORRUPTIONS, corrupt
 from edge_quq import metrics as M
+from heads import PARITY_IDS, parity_head, relu_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -71,48 +72,56 @@ def test_corruption_rejects_bad_input(images):
 
 # --- batched head maths against the runtime's per-sample code ----------------------------------------------------
 
-@pytest.fixture(scope="module")
-def head():
-    from edge_quq.bundle import load_bundle
-    from edge_quq.head import load_head_weights
-
-    return load_head_weights(load_bundle())
-
-
-def test_batched_gradient_and_closed_form_match_runtime(head):
-    from edge_quq.analytic import AnalyticSampler
+@pytest.mark.parametrize("shape", PARITY_IDS)
+def test_batched_gradient_and_closed_form_match_runtime(shape):
+    """bench's head run is the runtime's math: closed form, gradient and eval pass equal the runtime samplers'
+    per-sample results, for sigmoid and softmax heads with one and two hidden layers."""
     from edge_quq.gradients import gradient_score
-    from bench.suite.core import analytic_moments, gradient_scores
+    from edge_quq.samplers import make_sampler
+    from bench.suite.core import run_head
 
-    x = np.random.default_rng(0).uniform(0, 3, (40, head.feature_size)).astype(np.float32)
-    np.testing.assert_allclose(gradient_scores(head, x, chunk=16), [gradient_score(head, v) for v in x], rtol=1e-6)
-    m, s = analytic_moments(head, x)
-    ref = [AnalyticSampler(head).sample(v) for v in x]
-    np.testing.assert_allclose(m, [r.mean for r in ref], atol=1e-6)
-    np.testing.assert_allclose(s, [r.std for r in ref], atol=1e-6)
+    head = parity_head(shape)
+    x = relu_rows(40, head.feature_size, 0)
+    run = run_head(head, x, 8, seed=1)
+    np.testing.assert_allclose(run.gradient, [gradient_score(head, v) for v in x], rtol=1e-6)
+    an = make_sampler("analytic", head)
+    ref = [an.sample(v, 0) for v in x]
+    # float32 products: a batched matmul may round differently from a one-row one
+    np.testing.assert_allclose(run.an_mean, [r.mean for r in ref], atol=1e-6)
+    np.testing.assert_allclose(run.an_std, [r.std for r in ref], atol=1e-6)
+    np.testing.assert_allclose(run.det_probs, [r.deterministic for r in ref], atol=1e-6)
 
 
-def test_batched_mc_matches_numpy_sampler_in_distribution(head):
-    from edge_quq.sampler import NumpySampler
-    from bench.suite.core import mc_probs
+@pytest.mark.parametrize("shape", PARITY_IDS)
+def test_batched_mc_matches_numpy_sampler_in_distribution(shape):
+    """Same seed, same mask stream: bench's MC samples are exactly the numpy sampler's, sample by sample."""
+    from edge_quq.samplers.reference import NumpySampler
+    from edge_quq.scores import compute_scores
+    from bench.suite.core import run_head, score_dict
 
-    x = np.random.default_rng(1).uniform(0, 3, (3, head.feature_size)).astype(np.float32)
-    p = mc_probs(head, x, 4000, np.random.default_rng(2), chunk=2)
+    head = parity_head(shape)
+    x = relu_rows(5, head.feature_size, 2)
+    run = run_head(head, x, 64, seed=3)
     ref = NumpySampler(head, seed=3)
-    for i in range(3):
-        r = ref.sample(x[i], 4000)
-        np.testing.assert_allclose(p[i].mean(axis=0), r.mean, atol=0.02)
-        np.testing.assert_allclose(p[i].std(axis=0), r.std, atol=0.02)
+    mean, std, _ = run.moments(64)
+    bench_scores = score_dict(run, 64, head.activation)
+    for i in range(5):
+        r = ref.sample(x[i], 64)
+        np.testing.assert_allclose(mean[i], r.mean, atol=1e-6)
+        np.testing.assert_allclose(std[i], r.std, atol=1e-6)
+        rs = compute_scores(r.mean, r.std, r.logits, r.expected_entropy, head.activation)
+        assert bench_scores["mutual_information"][i] == pytest.approx(float(rs["mutual_information"]), abs=1e-5)
+        assert bench_scores["entropy_mc"][i] == pytest.approx(float(rs["predictive_entropy"]), abs=1e-5)
+        assert bench_scores["energy"][i] == pytest.approx(float(rs["energy"]), rel=1e-5)
 
 
 def test_apply_rule_matches_per_sample_decide():
-    from edge_quq.decision import decide
-    from bench.suite.core import apply_rule
+    from edge_quq.decision import decide, decide_many
 
     g = np.random.default_rng(4)
     mean = g.uniform(0, 1, (300, 5))
     std = g.uniform(0, 0.3, (300, 5))
-    rr = apply_rule(mean, std, 0.8, 0.5, "ignore")
+    rr = decide_many(mean, std, 0.8, 0.5, "ignore")
     for i in range(300):
         d = decide(mean[i], std[i], 0.8, 0.5, "ignore")
         assert rr.keep[i] == d.keep

@@ -231,7 +231,8 @@ def _folded(head: HeadWeights, t: float) -> HeadWeights:
 
 
 def test_every_sampler_applies_the_temperature(bundle_copy):
-    from edge_quq.sampler import SAMPLERS, draw_keep_masks, make_sampler
+    from edge_quq.samplers import make_sampler
+    from edge_quq.samplers.base import draw_keep_masks
 
     t = 2.5
     b = set_calibration(bundle_copy, {"temperature": t})
@@ -251,7 +252,7 @@ def test_every_sampler_applies_the_temperature(bundle_copy):
         assert got.expected_entropy == pytest.approx(want.expected_entropy, abs=1e-4)
 
     same(make_sampler("numpy", head).sample_with_masks(x, masks))
-    from edge_quq import sampler_native
+    from edge_quq.samplers import native as sampler_native
 
     if sampler_native.available():
         same(make_sampler("native", head).sample_with_masks(x, masks))
@@ -263,9 +264,7 @@ def test_every_sampler_applies_the_temperature(bundle_copy):
         np.testing.assert_allclose(got.std, ref_seeded.std, atol=1e-5)
         np.testing.assert_allclose(got.deterministic, ref_seeded.deterministic, atol=1e-5)
     # closed form: exactly the folded head's
-    import edge_quq.analytic  # noqa: F401
-
-    a, a_ref = SAMPLERS["analytic"](head).sample(x), SAMPLERS["analytic"](ref_head).sample(x)
+    a, a_ref = make_sampler("analytic", head).sample(x, 0), make_sampler("analytic", ref_head).sample(x, 0)
     np.testing.assert_allclose(a.mean, a_ref.mean, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(a.std, a_ref.std, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(a.deterministic, a_ref.deterministic, rtol=1e-5, atol=1e-7)
@@ -276,7 +275,7 @@ def test_every_sampler_applies_the_temperature(bundle_copy):
 
 
 def test_exported_head_without_logits_output_is_refused_with_a_temperature(bundle_copy):
-    from edge_quq.sampler_runtime import _check_temperature
+    from edge_quq.samplers.exported import _check_temperature
 
     head = load_head_weights(set_calibration(bundle_copy, {"temperature": 2.0}))
     with pytest.raises(OptionError, match="no 'logits' output"):

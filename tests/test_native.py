@@ -11,9 +11,10 @@ import pytest
 
 from edge_quq.errors import OptionError
 from edge_quq.head import HeadWeights
-from edge_quq.sampler import NumpySampler, make_sampler, sample_entropy
-from edge_quq import sampler_native
-from edge_quq.sampler_native import NativeSampler
+from edge_quq.samplers import make_sampler
+from edge_quq.samplers.reference import NumpySampler
+from edge_quq.samplers import native as sampler_native
+from edge_quq.samplers.native import NativeSampler
 
 pytestmark = pytest.mark.skipif(not sampler_native.available(), reason="edge_quq._headkernel not built (python setup.py build_ext --inplace)")
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edge_quq.head import HeadWeights
-from edge_quq.sampler import NumpySampler
+from edge_quq.samplers.reference import NumpySampler
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [ROOT / "edge_quq" / "csrc" / "headkernel.c", ROOT / "tests" / "csrc" / "headkernel_driver.c"]

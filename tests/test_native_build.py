@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from edge_quq import sampler_native
+from edge_quq.samplers import native as sampler_native
 
 
 def test_extension_is_built_where_a_compiler_exists():

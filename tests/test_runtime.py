@@ -12,7 +12,8 @@ from edge_quq.bundle import DEFAULT_BUNDLE_DIR, load_bundle
 from edge_quq.errors import BundleError, OptionError
 from edge_quq.head import load_head_weights
 from edge_quq.predictor import Predictor
-from edge_quq.sampler import NumpySampler, make_sampler
+from edge_quq.samplers import make_sampler
+from edge_quq.samplers.reference import NumpySampler
 
 SAMPLES = Path(DEFAULT_BUNDLE_DIR).parent / "samples"
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from edge_quq.head import HeadWeights, output_activation
-from edge_quq.sampler import NumpySampler, make_sampler, sample_entropy
+from edge_quq.samplers import make_sampler
+from edge_quq.samplers.reference import NumpySampler
+from edge_quq.scores import entropy as sample_entropy
 from edge_quq.errors import OptionError
 
 

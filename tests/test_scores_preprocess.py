@@ -10,23 +10,23 @@ import pytest
 from edge_quq.bundle import Preprocess, QuantParams
 from edge_quq.errors import InputError
 from edge_quq.preprocess import dequantize, preprocess_image, quantize, read_image
-from edge_quq.scores import compute_scores, energy_of, entropy_of
+from edge_quq.scores import compute_scores, energy, entropy
 
 
 def test_softmax_entropy_and_energy_by_hand():
     p = np.array([0.5, 0.25, 0.25])
-    assert entropy_of(p, "softmax") == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    assert entropy(p, "softmax") == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
     z = np.array([1.0, 2.0, 3.0])
-    assert energy_of(z, "softmax") == pytest.approx(-math.log(math.e + math.e**2 + math.e**3))
+    assert energy(z, "softmax") == pytest.approx(-math.log(math.e + math.e**2 + math.e**3))
 
 
 def test_sigmoid_entropy_and_joint_energy_by_hand():
     p = np.array([0.5, 0.9])
     h = -(0.5 * math.log(0.5) * 2) - (0.9 * math.log(0.9) + 0.1 * math.log(0.1))
-    assert entropy_of(p, "sigmoid") == pytest.approx(h)
-    assert energy_of(np.array([0.0, 2.0]), "sigmoid") == pytest.approx(-(math.log(2) + math.log(1 + math.e**2)))
+    assert entropy(p, "sigmoid") == pytest.approx(h)
+    assert energy(np.array([0.0, 2.0]), "sigmoid") == pytest.approx(-(math.log(2) + math.log(1 + math.e**2)))
     # no overflow for huge logits
-    assert np.isfinite(energy_of(np.array([1000.0, -1000.0]), "sigmoid"))
+    assert np.isfinite(energy(np.array([1000.0, -1000.0]), "sigmoid"))
 
 
 def test_compute_scores_fields_and_mutual_information():
@@ -35,8 +35,20 @@ def test_compute_scores_fields_and_mutual_information():
     s = compute_scores(mean, std, np.log(mean), expected_entropy=0.5, activation="softmax")
     assert s["max_prob"] == pytest.approx(0.7)
     assert s["mean_variance"] == pytest.approx((0.01 + 0.04) / 3)
-    assert s["mutual_information"] == pytest.approx(entropy_of(mean, "softmax") - 0.5)
+    assert s["mutual_information"] == pytest.approx(entropy(mean, "softmax") - 0.5)
     assert set(s) == {"max_prob", "predictive_entropy", "mutual_information", "mean_variance", "energy"}
+
+
+def test_scores_are_batched_and_a_sample_is_a_batch_of_one():
+    rng = np.random.default_rng(0)
+    for act in ("softmax", "sigmoid"):
+        z = rng.normal(size=(6, 4))
+        p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True) if act == "softmax" else 1.0 / (1.0 + np.exp(-z))
+        std, ee = rng.random((6, 4)) * 0.1, rng.random(6) * 0.1
+        batch = compute_scores(p, std, z, ee, act, gradient=np.arange(6.0))
+        for i in range(6):
+            one = compute_scores(p[i], std[i], z[i], ee[i], act, gradient=np.float64(i))
+            assert {k: float(v) for k, v in one.items()} == pytest.approx({k: float(v[i]) for k, v in batch.items()})
 
 
 GRAY = Preprocess(color="gray", resize=(4, 4), interpolation="area", pixel_scale=1 / 255, mean=(0.0,), std=(1.0,))

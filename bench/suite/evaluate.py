@@ -7,7 +7,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from edge_quq import metrics
-from bench.suite.core import HeadRun, apply_rule, onehot, prediction_of, score_dict, score_predictions
+from bench.suite.core import HeadRun, onehot, prediction_of, score_dict, score_predictions
+from edge_quq.decision import decide_many
 
 Z_GRID = (0.7, 0.8, 0.9)
 T_GRID = (20, 30, 50)
@@ -42,7 +43,7 @@ def grid_tables(run: HeadRun, y: np.ndarray, threshold: float, mixed: str, reps:
         scores = score_dict(run, t, activation)
         preds = score_predictions(run, t)
         for z in Z_GRID:
-            rr = apply_rule(mean, std, z, threshold, mixed)
+            rr = decide_many(mean, std, z, threshold, mixed)
             keep = rr.keep
             wrong_rule = (rr.labels != y)
             k = int(keep.sum())
@@ -82,7 +83,7 @@ def grid_tables(run: HeadRun, y: np.ndarray, threshold: float, mixed: str, reps:
 def corruption_cell(run: HeadRun, y: np.ndarray, z: float, t: int, threshold: float, mixed: str) -> dict:
     c = run.probs.shape[2]
     mean, std, _ = run.moments(t)
-    rr = apply_rule(mean, std, z, threshold, mixed)
+    rr = decide_many(mean, std, z, threshold, mixed)
     true_ind = onehot(y, c)
     plain_pred = np.argmax(run.det_probs, axis=1)
     plain_ind = run.det_probs > threshold
@@ -116,7 +117,7 @@ def selective(run: HeadRun, y: np.ndarray, t: int, threshold: float, mixed: str,
     mean, std, _ = run.moments(t)
     base_wrong = preds["plain"] != y
     for z in z_sweep:
-        rr = apply_rule(mean, std, float(z), threshold, mixed)
+        rr = decide_many(mean, std, float(z), threshold, mixed)
         k = int(rr.keep.sum())
         out["rule_sweep"].append({
             "z": float(z), "coverage": _r(k / len(y)),

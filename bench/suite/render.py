@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
@@ -64,6 +64,14 @@ def verdict(results: dict) -> List[str]:
 
 
 def write_markdown(r: dict) -> str:
+    md: List[str] = []
+    for section in (_md_header, _md_sizes, _md_grid, _md_corruptions, _md_e2e, _md_selective, _md_ood, _md_calibration):
+        md += section(r)
+    return "\n".join(md) + "\n"
+
+
+def _md_header(r: dict) -> List[str]:
+    """Title, command, bundle, samples, machine and the verdict."""
     s = r["settings"]
     md = [f"# Benchmark suite report ({r['dataset']})", "",
           f"Command: `{r['command']}`  ", f"Wall time: {r['wall_seconds']} s; quick mode: {r['quick']}; seed {r['seed']}.  ",
@@ -76,7 +84,12 @@ def write_markdown(r: dict) -> str:
           f"onnxruntime {r['machine'].get('onnxruntime')}, ai-edge-litert {r['machine'].get('ai_edge_litert', '-')}, "
           f"OpenCV {r['machine'].get('opencv')}.  ", f"Timings (s): {r.get('timings_s')}", ""]
     md += ["## Verdict", ""] + ["- " + v for v in verdict(r)] + [""]
+    return md
 
+
+def _md_sizes(r: dict) -> List[str]:
+    """Tables I-II: model size and accuracy, float vs int8 (when the run measured them)."""
+    md: List[str] = []
     if r.get("sizes"):
         md += ["## Table I: model size, float vs int8", "",
                _table(["model", "file", "bytes", "KiB"], [[x["model"], x["file"], x["bytes"], f"{x['bytes'] / 1024:.1f}"] for x in r["sizes"]["rows"]]), ""]
@@ -91,6 +104,12 @@ def write_markdown(r: dict) -> str:
                       [["float32 Keras", _f(fl), _f(man.get("float"))],
                        ["int8 TFLite backbone + head, no dropout", acc(a.get("int8_tflite")), _f(man.get("int8_tflite"))],
                        ["int8 ONNX backbone + head, no dropout", acc(a.get("int8_onnx")), _f(man.get("int8_onnx"))]]), ""]
+    return md
+
+
+def _md_grid(r: dict) -> List[str]:
+    """Tables III-V: the z x T grid."""
+    md: List[str] = []
     md += ["## Tables III-V: the z x T grid on the clean test set", "",
            "micro-F1 over the kept samples (multi-hot: the classes the rule keeps a sample as, vs the one-hot label), "
            "number ignored I, Misclassified(%) = MI / I (ignored samples the plain int8 model gets wrong), with 95% "
@@ -107,7 +126,12 @@ def write_markdown(r: dict) -> str:
                      f"[{_pct(d[0])}, {_pct(d[1])}]"])
     md += [_table(["z", "T", "micro-F1 kept [95% CI]", "ignored I [95% CI]", "Misclassified(%)", "risk rule %", "risk max-prob %",
                    "rule - max-prob (pts) 95% CI"], rows), ""]
+    return md
 
+
+def _md_corruptions(r: dict) -> List[str]:
+    """Tables VI-XIII: corruptions."""
+    md: List[str] = []
     c = r["corruptions"]
     cells = c["cells"]
     md += [f"## Tables VI-XIII: corruptions (z={c['z']}, T={c['T']})", "",
@@ -127,7 +151,12 @@ def write_markdown(r: dict) -> str:
                        ["accuracy plain %"] + [_pct(float(np.mean([v[k]["acc_plain"] for v in cells.values()]))) for k in sevs],
                        ["accuracy kept %"] + [_pct(float(np.nanmean([v[k]["acc_uq_kept"] if v[k]["acc_uq_kept"] is not None else np.nan for v in cells.values()]))) for k in sevs]]),
            "", "Figures: `ignore_vs_severity.png`, `corruption_f1.png`, `corruption_examples.png`.", ""]
+    return md
 
+
+def _md_e2e(r: dict) -> List[str]:
+    """Table XIV, copied from the latency report."""
+    md: List[str] = []
     e2e = r.get("e2e")
     md += ["## Table XIV: inference time of one sample, plain vs UQ", ""]
     if e2e is None:
@@ -136,7 +165,12 @@ def write_markdown(r: dict) -> str:
     else:
         md += [f"From `{r['e2e_source']}` as it was when this report was made (copied whole into report.json under `e2e`; "
                "the latency bench's own report explains its method and load).", "", _e2e_summary(e2e), ""]
+    return md
 
+
+def _md_selective(r: dict) -> List[str]:
+    """Selective prediction and the rule swept over z."""
+    md: List[str] = []
     sel = r["selective"]
     md += [f"## Selective prediction (clean test set, T={sel['T']})", "",
            "AURC = mean selective risk over all coverages (lower is better). Each score keeps the samples it trusts most; its "
@@ -147,7 +181,12 @@ def write_markdown(r: dict) -> str:
            _table(["z", "coverage %", "risk rule %", "risk max-prob plain %", "risk max-prob MC %"],
                   [[x["z"], _pct(x["coverage"]), _pct(x["risk"]), _pct(x["risk_max_prob_plain"]), _pct(x["risk_max_prob_mc"])]
                    for x in sel["rule_sweep"] if x["z"] in (0.0, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 10.0)]), ""]
+    return md
 
+
+def _md_ood(r: dict) -> List[str]:
+    """OOD detection: far and shifted sets, the rule as a detector."""
+    md: List[str] = []
     o = r["ood"]
     md += ["## OOD detection", "",
            f"In-distribution: {o['id']} ({o['n_id']} samples). OpenOOD v1.5 convention: OOD is the positive class for AUROC and "
@@ -161,15 +200,19 @@ def write_markdown(r: dict) -> str:
     md += ["Per corrupted set: report.json `ood.shifted_by_set`. Figure: `ood_auroc.png`.", "",
            "The paper's rule as a detector (share of each set it ignores):", "",
            _table(["set", "ignored %"], [[k, _pct(v)] for k, v in o["rule_ignore_rate"].items()]), ""]
+    return md
 
+
+def _md_calibration(r: dict) -> List[str]:
+    """Calibration on the clean test set."""
+    md: List[str] = []
     md += ["## Calibration (clean test set)", "",
            "ECE with 15 equal-width bins of the head's own confidence (its largest output); NLL, Brier and a second ECE on the "
            "outputs normalised to sum to 1 (a sigmoid head's outputs need not). Figure: `reliability.png`.", "",
            _table(["probabilities", "accuracy %", "mean confidence", "ECE (max output)", "ECE (normalised)", "NLL", "Brier"],
                   [[k, _pct(v["accuracy"]), _f(v["mean_confidence"]), _f(v["ece_max_output"]), _f(v["ece_normalised"]),
                     _f(v["nll_normalised"]), _f(v["brier_normalised"])] for k, v in r["calibration"].items()]), ""]
-    return "\n".join(md) + "\n"
-
+    return md
 
 def _ood_rows(tab: Dict[str, dict]) -> str:
     rows = [[_label(k), _pct(v["auroc"]), _pct(v["aupr_in"]), _pct(v["aupr_out"]), _pct(v["fpr95"])]

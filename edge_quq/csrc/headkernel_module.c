@@ -1,7 +1,7 @@
 /* CPython binding of the head kernel: edge_quq._headkernel.
  *
  * Plain C API and the buffer protocol, so the build needs no numpy headers. The Python side
- * (edge_quq/sampler_native.py) passes C-contiguous numpy arrays of the right dtype; sizes are checked here.
+ * (edge_quq/samplers/native.py) passes C-contiguous numpy arrays of the right dtype; sizes are checked here.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -3,7 +3,8 @@
 Same moments as NumpySampler for the same masks (within float32 rounding), several times faster: the first
 layer is computed once densely and each sample only subtracts the rows of its dropped units; masks come from
 the kernel's own xoshiro256** generator, 64 samples at a time. The kernel variant (NEON, AVX2+FMA, SSE2, plain C)
-is picked at run time from the CPU; `kernel_isa()` says which one runs.
+is picked at run time from the CPU; `kernel_isa()` says which one runs. The kernel takes one feature vector
+per call; a batch is a loop over its rows.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from edge_quq.errors import OptionError
 from edge_quq.head import HeadWeights, output_activation
-from edge_quq.sampler import SAMPLERS, HeadMoments, Sampler
+from edge_quq.samplers.base import HeadMoments, Sampler, as_rows, unbatch
 
 try:
     from edge_quq import _headkernel as _kernel  # type: ignore[attr-defined]
@@ -52,9 +53,10 @@ class NativeSampler(Sampler):
 
     name = "native"
 
-    def __init__(self, head: HeadWeights, seed: Optional[int] = None, bundle=None, threads: Optional[int] = None,
-                 isa: Optional[str] = None) -> None:
-        super().__init__(head, seed, bundle, threads)
+    takes_masks = True
+
+    def __init__(self, head: HeadWeights, seed: Optional[int] = None, isa: Optional[str] = None) -> None:
+        super().__init__(head, seed)
         if _kernel is None:
             raise OptionError("sampler 'native' is not available: the C extension edge_quq._headkernel was not built "
                               "(reinstall with a C compiler, or use --sampler numpy)")
@@ -82,41 +84,49 @@ class NativeSampler(Sampler):
             raise OptionError(f"features have size {x.shape[0]}, the head expects {self._w0.shape[0]}")
         return (x, self._w0, self._b0, self._w1, self._b1, self._rates[0], self._rates[1], self._act)
 
-    def _moments(self, mean: np.ndarray, std: np.ndarray, logits: np.ndarray, ent: float, t: int) -> HeadMoments:
+    def _moments(self, mean: np.ndarray, std: np.ndarray, logits: np.ndarray, ent: np.ndarray, t: int) -> HeadMoments:
         # logits here are the kernel's, already divided by the temperature.
         return HeadMoments(
             mean=mean,
             std=std,
-            deterministic=output_activation(logits.astype(np.float64)[None, :], self.head.activation)[0],
+            deterministic=output_activation(logits.astype(np.float64), self.head.activation),
             logits=logits.astype(np.float64) * self._temperature,
-            expected_entropy=float(ent),
+            expected_entropy=ent,
             num_samples=int(t),
         )
 
-    def sample(self, features: np.ndarray, num_iter: int) -> HeadMoments:
+    def _buffers(self, n: int):
         c = self._b1.shape[0]
-        mean, std, logits = np.empty(c), np.empty(c), np.empty(c, np.float32)
-        # One kernel seed per call from the sampler's generator: a fixed seed reproduces the whole stream and
-        # reseed() works as for the other samplers.
-        kseed = int(self.rng.integers(0, 2**63))
-        ent = _kernel.moments(*self._args(features), int(num_iter), mean, std, logits, seed=kseed, isa=self.isa)
+        return np.empty((n, c)), np.empty((n, c)), np.empty((n, c), np.float32), np.empty(n)
+
+    def sample_rows(self, x: np.ndarray, num_iter: int) -> HeadMoments:
+        mean, std, logits, ent = self._buffers(len(x))
+        for i, row in enumerate(x):
+            # One kernel seed per sample from the sampler's generator: a fixed seed reproduces the whole
+            # stream, a batch equals the same samples one by one, and reseed() works as for the other samplers.
+            kseed = int(self.rng.integers(0, 2**63))
+            ent[i] = _kernel.moments(*self._args(row), int(num_iter), mean[i], std[i], logits[i], seed=kseed, isa=self.isa)
         return self._moments(mean, std, logits, ent, num_iter)
 
     def sample_with_masks(self, features: np.ndarray, masks: Sequence[Optional[np.ndarray]],
                           return_probs: bool = False):
-        """Moments for caller-given 0/1 keep masks ([T, F], [T, H]; None = keep all), as NumpySampler's.
+        """Moments for caller-given 0/1 keep masks ([N * T, F], [N * T, H], sample-major; None = keep all),
+        as NumpySampler's.
 
-        With return_probs, also every sample's outputs [T, C] (for exact per-sample comparisons)."""
-        t = next(m.shape[0] for m in masks if m is not None)
-        k0, k1 = (None if m is None else np.ascontiguousarray(np.asarray(m) != 0, dtype=np.uint8) for m in masks)
-        c = self._b1.shape[0]
-        mean, std, logits = np.empty(c), np.empty(c), np.empty(c, np.float32)
-        probs = np.empty((t, c), np.float32) if return_probs else None
-        ent = _kernel.moments_with_masks(*self._args(features), int(t), mean, std, logits, mask0=k0, mask1=k1,
-                                         probs_out=probs, isa=self.isa)
-        m = self._moments(mean, std, logits, ent, t)
-        return (m, probs) if return_probs else m
-
-
-# Registered even without the extension, so that asking for it explains why it cannot run.
-SAMPLERS["native"] = NativeSampler
+        With return_probs, also every sample's outputs ([T, C], or [N, T, C] for a batch) for exact
+        per-sample comparisons."""
+        x = as_rows(features, self.head.feature_size)
+        n = len(x)
+        t = next(m.shape[0] for m in masks if m is not None) // n
+        k0, k1 = (None if m is None else np.ascontiguousarray(np.asarray(m) != 0, dtype=np.uint8).reshape(n, t, -1)
+                  for m in masks)
+        mean, std, logits, ent = self._buffers(n)
+        probs = np.empty((n, t, self._b1.shape[0]), np.float32)
+        for i, row in enumerate(x):
+            ent[i] = _kernel.moments_with_masks(*self._args(row), int(t), mean[i], std[i], logits[i],
+                                                mask0=None if k0 is None else k0[i], mask1=None if k1 is None else k1[i],
+                                                probs_out=probs[i], isa=self.isa)
+        m = unbatch(features, self._moments(mean, std, logits, ent, t))
+        if not return_probs:
+            return m
+        return m, (probs[0] if np.ndim(features) == 1 else probs)

@@ -1,7 +1,7 @@
 """Closed-form MC-dropout moments of the head: propagate mean and variance instead of sampling.
 
-Pure numpy (no scipy on the device). Registered as sampler "analytic"; num_iter is ignored and HeadMoments
-reports num_samples = 0. The approximations, in order (docs/samplers.md says where they are weak):
+Pure numpy (no scipy on the device), batched over feature rows [N, F]. Sampler "analytic"; num_iter is ignored
+and HeadMoments reports num_samples = 0. `analytic_moments` is the batched entry point the benchmarks call. The approximations, in order (docs/samplers.md says where they are weak):
 
 1. Inverted dropout on an input with mean m and variance v (Bernoulli keep, scale 1/(1-p)):
    mean m, variance v/(1-p) + m^2 p/(1-p). Exact.
@@ -30,8 +30,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from edge_quq.head import HeadWeights
-from edge_quq.sampler import SAMPLERS, HeadMoments, Sampler
+from edge_quq.head import HeadWeights, sigmoid
+from edge_quq.samplers.base import HeadMoments, Sampler
+from edge_quq.scores import entropy
 
 _SQRT2 = np.sqrt(2.0)
 # sigmoid(x) ~ Phi(x / 1.702) for the variance: the max-error fit of the logistic to the normal CDF. With pi/8
@@ -39,7 +40,6 @@ _SQRT2 = np.sqrt(2.0)
 _LAMBDA2 = (1.0 / 1.702) ** 2
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(20)
 _GH_X, _GH_W = np.polynomial.hermite.hermgauss(32)
-_EPS = 1e-12
 
 
 def erf(x: np.ndarray) -> np.ndarray:
@@ -88,7 +88,7 @@ def probit_moments(mu: np.ndarray, var: np.ndarray) -> Tuple[np.ndarray, np.ndar
     rho = lv / (1.0 + lv)
     # Mean in MacKay's sigmoid form (exact when var = 0, max error 0.012 for |mu| <= 9, var <= 9); the
     # Phi form Phi(h) is closer with spread (0.007) but not exact without it, and heads without spread are common.
-    mean = _sigmoid(mu / np.sqrt(1.0 + (np.pi / 8.0) * np.maximum(var, 0.0)))
+    mean = sigmoid(mu / np.sqrt(1.0 + (np.pi / 8.0) * np.maximum(var, 0.0)))
     # Phi2(h, h; rho) - Phi(h)^2 = (1/2pi) * integral_0^{asin rho} exp(-h^2 / (1 + sin t)) dt: smooth in t.
     upper = np.arcsin(np.clip(rho, 0.0, 1.0))
     t = 0.5 * upper[..., None] * (_GL_X + 1.0)
@@ -98,13 +98,8 @@ def probit_moments(mu: np.ndarray, var: np.ndarray) -> Tuple[np.ndarray, np.ndar
 
 
 def _binary_entropy(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, _EPS, 1.0)
-    q = np.clip(1.0 - p, _EPS, 1.0)
-    return -(p * np.log(p) + q * np.log(q))
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
+    """Elementwise binary entropy (scores.entropy over a trailing axis of one class)."""
+    return entropy(p[..., None], "sigmoid")
 
 
 def _gauss_hermite(mu: np.ndarray, var: np.ndarray, fn) -> np.ndarray:
@@ -114,8 +109,9 @@ def _gauss_hermite(mu: np.ndarray, var: np.ndarray, fn) -> np.ndarray:
 
 
 def logit_moments(head: HeadWeights, x: np.ndarray, sq_kernels: Optional[list] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Mean and variance of the head's last pre-activation (logits) under MC dropout, any number of blocks."""
-    m = np.asarray(x, dtype=np.float64).reshape(-1)
+    """Mean and variance of the head's last pre-activation (logits) under MC dropout, any number of blocks,
+    for features [F] or rows [N, F]."""
+    m = np.asarray(x, dtype=np.float64)
     v = np.zeros_like(m)
     n = len(head.kernels)
     for i, (k, b, p) in enumerate(zip(head.kernels, head.biases, head.rates)):
@@ -129,37 +125,55 @@ def logit_moments(head: HeadWeights, x: np.ndarray, sq_kernels: Optional[list] =
     return m, v
 
 
-def output_moments(mu: np.ndarray, var: np.ndarray, activation: str) -> Tuple[np.ndarray, np.ndarray, float]:
-    """Mean, std of the output probabilities and the expected per-sample entropy, from the logit moments."""
+def _softmax_margins(mu: np.ndarray, var: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Mean and variance of d_c = a_c - LSE_{j != c}(a_j) for every class, over the last axis."""
+    c = mu.shape[-1]
+    others = ~np.eye(c, dtype=bool)
+    mo = np.where(others, mu[..., None, :], -np.inf)  # [..., C, C]: row c holds the other classes
+    top = np.max(mo, axis=-1, keepdims=True)
+    e = np.exp(mo - top)
+    w = e / np.sum(e, axis=-1, keepdims=True)
+    lse = top[..., 0] + np.log(np.sum(e, axis=-1))
+    lse_mean = lse + 0.5 * np.sum(w * (1.0 - w) * var[..., None, :], axis=-1)
+    lse_var = np.sum(w * w * var[..., None, :], axis=-1)
+    return mu - lse_mean, var + lse_var
+
+
+def output_moments(mu: np.ndarray, var: np.ndarray, activation: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, std of the output probabilities and the expected per-sample entropy, from the logit moments
+    (over the last axis: [C] -> scalar entropy, [N, C] -> [N])."""
+    mu = np.asarray(mu, dtype=np.float64)
+    var = np.asarray(var, dtype=np.float64)
     if activation == "sigmoid":
         mean, v = probit_moments(mu, var)
-        ent = float(np.sum(_gauss_hermite(mu, var, lambda a: _binary_entropy(_sigmoid(a)))))
+        ent = np.sum(_gauss_hermite(mu, var, lambda a: _binary_entropy(sigmoid(a))), axis=-1)
         return mean, np.sqrt(v), ent
     if activation == "softmax":
-        c = mu.shape[0]
-        if c == 1:
-            return np.ones(1), np.zeros(1), 0.0
-        # For each class c: LSE over the other classes, its second-order mean and linearised variance.
-        others = ~np.eye(c, dtype=bool)
-        mo = np.where(others, mu[None, :], -np.inf)
-        top = np.max(mo, axis=1, keepdims=True)
-        e = np.exp(mo - top)
-        w = e / np.sum(e, axis=1, keepdims=True)
-        lse = top[:, 0] + np.log(np.sum(e, axis=1))
-        lse_mean = lse + 0.5 * np.sum(w * (1.0 - w) * var[None, :], axis=1)
-        lse_var = np.sum(w * w * var[None, :], axis=1)
-        d_mu, d_var = mu - lse_mean, var + lse_var
+        if mu.shape[-1] == 1:
+            return np.ones_like(mu), np.zeros_like(mu), np.zeros(mu.shape[:-1])
+        d_mu, d_var = _softmax_margins(mu, var)
         mean, v = probit_moments(d_mu, d_var)
-        total = np.sum(mean)
-        mean = mean / total
-        ent = float(np.sum(_gauss_hermite(d_mu, d_var, lambda a: _plogp(_sigmoid(a)))))
+        mean = mean / np.sum(mean, axis=-1, keepdims=True)
+        ent = np.sum(_gauss_hermite(d_mu, d_var, lambda a: entropy(sigmoid(a)[..., None], "softmax")), axis=-1)
         return mean, np.sqrt(v), ent
-    return mu.astype(np.float64), np.sqrt(np.maximum(var, 0.0)), float(np.sum(_binary_entropy(mu)))
+    return mu, np.sqrt(np.maximum(var, 0.0)), entropy(mu, "sigmoid")
 
 
-def _plogp(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, _EPS, 1.0)
-    return -p * np.log(p)
+def analytic_moments(head: HeadWeights, feats: np.ndarray, sq_kernels: Optional[list] = None, chunk: int = 256) -> HeadMoments:
+    """Closed-form moments for rows feats [N, F] (batched HeadMoments, num_samples = 0). Chunked because
+    softmax heads hold [rows, C, C] intermediates (C = 100: 80 kB a row)."""
+    x = np.asarray(feats, dtype=np.float32).reshape(-1, head.feature_size)
+    det_logits = head.logits(x).astype(np.float64)
+    t = float(head.temperature)
+    parts = []
+    for s in range(0, len(x), chunk):
+        mu, var = logit_moments(head, x[s : s + chunk], sq_kernels)
+        # logits / T: mean / T and variance / T^2, exactly.
+        parts.append(output_moments(mu / t, var / (t * t), head.activation))
+    c = head.num_classes
+    mean, std, ent = (np.concatenate([p[i] for p in parts]) if parts else np.zeros((0, c) if i < 2 else 0) for i in range(3))
+    return HeadMoments(mean=mean, std=std, deterministic=head.probs_from_logits(det_logits), logits=det_logits,
+                       expected_entropy=ent, num_samples=0)
 
 
 class AnalyticSampler(Sampler):
@@ -167,26 +181,13 @@ class AnalyticSampler(Sampler):
 
     name = "analytic"
 
-    def __init__(self, head: HeadWeights, seed: Optional[int] = None, bundle=None, threads: Optional[int] = None) -> None:
-        super().__init__(head, seed, bundle, threads)
+    def __init__(self, head: HeadWeights, seed: Optional[int] = None) -> None:
+        super().__init__(head, seed)
         # W^2 once: the variance pass is a second matrix-vector product.
         self._sq = [np.square(k, dtype=np.float32) for k in head.kernels]
 
     def sample(self, features: np.ndarray, num_iter: int = 0) -> HeadMoments:
-        x = np.asarray(features, dtype=np.float32).reshape(-1)
-        det_logits = self.head.logits(x[None])[0].astype(np.float64)
-        mu, var = logit_moments(self.head, x, self._sq)
-        t = float(self.head.temperature)
-        # logits / T: mean / T and variance / T^2, exactly.
-        mean, std, ent = output_moments(mu / t, var / (t * t), self.head.activation)
-        return HeadMoments(
-            mean=mean,
-            std=std,
-            deterministic=self.head.probs_from_logits(det_logits[None, :])[0],
-            logits=det_logits,
-            expected_entropy=ent,
-            num_samples=0,
-        )
+        return super().sample(features, num_iter)
 
-
-SAMPLERS["analytic"] = AnalyticSampler
+    def sample_rows(self, x: np.ndarray, num_iter: int = 0) -> HeadMoments:
+        return analytic_moments(self.head, x, self._sq)
