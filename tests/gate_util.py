@@ -28,7 +28,7 @@ def features_of(images: np.ndarray) -> np.ndarray:
 
 def detector_scores(feats: np.ndarray, name: str) -> np.ndarray:
     pred = _predictor()
-    return pred.detectors.scores(feats, pred.head)[name]
+    return pred.detectors.score_all(feats, pred.head)[name]
 
 
 @lru_cache(maxsize=1)
