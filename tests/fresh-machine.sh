@@ -72,18 +72,23 @@ for crt in /usr/local/share/ca-certificates/*.crt; do
   [ -f "$crt" ] || continue
   cp "$crt" "$ROOT/usr/local/share/ca-certificates/"; EXTRA_CA=$((EXTRA_CA + 1))
 done
+# What every installed Debian system has and debootstrap does not write (the installer does): without
+# /etc/hosts, "localhost" does not resolve and chromedriver's own start-up check fails.
+printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' > "$ROOT/etc/hosts"
+echo fresh-machine > "$ROOT/etc/hostname"
 mkdir -p "$ROOT/src"
 git -C "$SRC" archive --format=tar HEAD | tar -x -C "$ROOT/src"
 echo "fresh-machine: $(git -C "$SRC" rev-parse --short HEAD) copied to /src (git archive, committed files only)"
 
-# One private mount and PID namespace per command: /proc, /sys, /dev, /dev/shm inside the root vanish with it,
+# One private mount and PID namespace per command (the root bind-mounted on itself, so that inside it / is a
+# mount point, as on a real machine, and `unshare -m` in the tests can change its propagation): /proc, /sys, /dev, /dev/shm inside the root vanish with it,
 # and so does every process the command left behind. The namespace's PID 1 is this sh, not the command: a
 # test runner as PID 1 sees its own PID where tests expect another process's.
 in_root() {
   # shellcheck disable=SC2016  # the inner script expands its own positional arguments
   unshare --mount --pid --fork --kill-child --propagation private sh -c '
     R=$1; shift
-    mount -t proc proc "$R/proc" && mount -t sysfs sys "$R/sys" && mount --rbind /dev "$R/dev" \
+    mount --bind "$R" "$R" && mount -t proc proc "$R/proc" && mount -t sysfs sys "$R/sys" && mount --rbind /dev "$R/dev" \
       && mount -t tmpfs -o mode=1777 shm "$R/dev/shm" && mount -t tmpfs -o mode=1777 tmp "$R/tmp" || exit 125
     chroot "$R" /usr/bin/env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
       LANG=C.UTF-8 TERM=dumb CI="${CI:-}" /bin/bash -c "cd /src && $1"
