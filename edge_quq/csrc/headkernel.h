@@ -18,29 +18,32 @@ extern "C" {
 
 enum { EQ_ACT_LINEAR = 0, EQ_ACT_SIGMOID = 1, EQ_ACT_SOFTMAX = 2 };
 
-/* Masked rank-1 update, the one hot loop of the kernel:
- *   for every lane t set in `lanes` (t < 64):  c = scale * a[t * a_stride];  if c != 0: y[t*y_stride : +n] += c * w[0:n]
- * Layer 1 uses it with a = &x[i], a_stride = 0 (one coefficient for all samples that drop/keep unit i);
- * layer 2 with a = &h[0][j], a_stride = row stride (each sample's own hidden activation). */
-typedef void (*eq_f32_rank1_masked_fn)(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                       float scale, float *y, size_t y_stride);
+/* Gathered-row accumulate, the one hot loop of the kernel, for `nl` lanes (samples) at once:
+ *   for every lane l < nl:  ys[l][0:n] += sum_{k < cnt[l]} coef[l*ls + k] * w[rows[l*ls + k] * ldw + 0:n]
+ * The caller gives each lane the rows it needs (a sample's dropped or kept units with a nonzero coefficient) of
+ * one row block of W, small enough that the block's slice of W stays in L1 while every lane walks it. The
+ * micro-kernels hold a lane's output columns in registers across its rows (one weight load and one FMA per
+ * multiply-add, no load/store of the output per row) and walk the columns in register-sized blocks. Every
+ * variant adds the rows in the same order, so variants differ only by FMA-vs-mul+add rounding. */
+typedef void (*eq_f32_gather_fn)(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
+                                 const float *coef, const int32_t *cnt, size_t ls, float *const *ys);
 
 typedef struct {
     const char *name; /* "scalar", "sse2", "avx2_fma", "neon" */
-    eq_f32_rank1_masked_fn rank1_masked;
+    eq_f32_gather_fn gather;
 } eq_kernels_t;
 
-void eq_f32_rank1_masked__scalar(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                 float scale, float *y, size_t y_stride);
+void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *coef,
+                           const int32_t *cnt, size_t ls, float *const *ys);
 #if defined(__x86_64__) || defined(_M_X64)
-void eq_f32_rank1_masked__sse2_x8(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                  float scale, float *y, size_t y_stride);
-void eq_f32_rank1_masked__avx2_fma_x16(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                       float scale, float *y, size_t y_stride);
+void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *coef,
+                             const int32_t *cnt, size_t ls, float *const *ys);
+void eq_f32_gather__avx2_fma_x96(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
+                                 const float *coef, const int32_t *cnt, size_t ls, float *const *ys);
 #endif
 #if defined(__aarch64__)
-void eq_f32_rank1_masked__neon_x8(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                  float scale, float *y, size_t y_stride);
+void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *coef,
+                             const int32_t *cnt, size_t ls, float *const *ys);
 #endif
 
 /* Variants usable on this CPU, best first; the last one is always the plain C reference. */
@@ -67,6 +70,7 @@ typedef struct {
     float *det_logits;       /* [C] eval-mode logits (no dropout) */
     float *probs;            /* optional [T, C]: every sample's outputs (tests); NULL to skip */
     double expected_entropy; /* mean over samples of the per-sample entropy */
+    uint64_t macs;           /* multiply-adds the kernel executed (benchmarks: GMAC/s against the core's peak) */
 } eq_moments_t;
 
 /* T MC-dropout samples.  Masks come from the kernel's own PRNG (xoshiro256** seeded by splitmix64(seed)) when

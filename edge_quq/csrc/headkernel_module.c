@@ -51,14 +51,15 @@ static const eq_kernels_t *kernels_by_name(PyObject *isa) {
 
 static PyObject *run(PyObject *args, PyObject *kwargs, int given) {
     static char *kwlist[] = {"x", "w0", "b0", "w1", "b1", "p0", "p1", "activation", "num_iter", "mean_out",
-                             "std_out", "logits_out", "seed", "mask0", "mask1", "probs_out", "isa", NULL};
+                             "std_out", "logits_out", "seed", "mask0", "mask1", "probs_out", "isa", "stats_out", NULL};
     PyObject *ox, *ow0, *ob0, *ow1, *ob1, *omean, *ostd, *ologits;
-    PyObject *omask0 = Py_None, *omask1 = Py_None, *oprobs = Py_None, *oisa = Py_None;
+    PyObject *omask0 = Py_None, *omask1 = Py_None, *oprobs = Py_None, *oisa = Py_None, *ostats = Py_None;
     double p0, p1;
     int act, T;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOddiiOOO|$KOOOO", kwlist, &ox, &ow0, &ob0, &ow1, &ob1, &p0,
-                                     &p1, &act, &T, &omean, &ostd, &ologits, &seed, &omask0, &omask1, &oprobs, &oisa))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOddiiOOO|$KOOOOO", kwlist, &ox, &ow0, &ob0, &ow1, &ob1, &p0,
+                                     &p1, &act, &T, &omean, &ostd, &ologits, &seed, &omask0, &omask1, &oprobs, &oisa,
+                                     &ostats))
         return NULL;
     if (T < 1) return PyErr_Format(PyExc_ValueError, "num_iter must be >= 1, got %d", T);
     if (!(p0 >= 0.0 && p0 < 1.0 && p1 >= 0.0 && p1 < 1.0))
@@ -69,7 +70,7 @@ static PyObject *run(PyObject *args, PyObject *kwargs, int given) {
     if (!k) return NULL;
 
     buf_t bx = {0}, bb0 = {0}, bw0 = {0}, bw1 = {0}, bb1 = {0}, bm = {0}, bs = {0}, bl = {0}, bp = {0}, bk0 = {0},
-          bk1 = {0};
+          bk1 = {0}, bst = {0};
     PyObject *result = NULL;
     /* Shapes come from the vectors: F from x, H from b0, C from b1; the matrices must match them. */
     if (PyObject_GetBuffer(ox, &bx.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
@@ -88,14 +89,15 @@ static PyObject *run(PyObject *args, PyObject *kwargs, int given) {
         buf_get(ologits, &bl, C, 4, 1, 0, "logits_out") ||
         buf_get(oprobs, &bp, (Py_ssize_t)T * C, 4, 1, 1, "probs_out") ||
         buf_get(omask0, &bk0, (Py_ssize_t)T * F, 1, 0, 1, "mask0") ||
-        buf_get(omask1, &bk1, (Py_ssize_t)T * H, 1, 0, 1, "mask1"))
+        buf_get(omask1, &bk1, (Py_ssize_t)T * H, 1, 0, 1, "mask1") ||
+        buf_get(ostats, &bst, 1, 8, 1, 1, "stats_out"))
         goto done;
 
     eq_head_t head = {(int)F, (int)H, (int)C, (const float *)bx.view.buf, (const float *)bw0.view.buf,
                       (const float *)bb0.view.buf, (const float *)bw1.view.buf, (const float *)bb1.view.buf,
                       p0, p1, act};
     eq_moments_t out = {(double *)bm.view.buf, (double *)bs.view.buf, (float *)bl.view.buf,
-                        bp.held ? (float *)bp.view.buf : NULL, 0.0};
+                        bp.held ? (float *)bp.view.buf : NULL, 0.0, 0};
     const uint8_t *k0 = bk0.held ? (const uint8_t *)bk0.view.buf : NULL;
     const uint8_t *k1 = bk1.held ? (const uint8_t *)bk1.view.buf : NULL;
     int rc;
@@ -106,10 +108,12 @@ static PyObject *run(PyObject *args, PyObject *kwargs, int given) {
         PyErr_NoMemory();
         goto done;
     }
+    if (bst.held) *(int64_t *)bst.view.buf = (int64_t)out.macs;
     result = PyFloat_FromDouble(out.expected_entropy);
 done:
     buf_release(&bx); buf_release(&bb0); buf_release(&bb1); buf_release(&bw0); buf_release(&bw1);
     buf_release(&bm); buf_release(&bs); buf_release(&bl); buf_release(&bp); buf_release(&bk0); buf_release(&bk1);
+    buf_release(&bst);
     return result;
 }
 
@@ -166,10 +170,10 @@ static PyObject *py_bernoulli_bits(PyObject *self, PyObject *args) {
 
 #define MOMENTS_DOC                                                                                              \
     "(x, w0, b0, w1, b1, p0, p1, activation, num_iter, mean_out, std_out, logits_out, *, seed=0, mask0=None, "   \
-    "mask1=None, probs_out=None, isa=None) -> expected_entropy\n\n"                                              \
+    "mask1=None, probs_out=None, isa=None, stats_out=None) -> expected_entropy\n\n"                                              \
     "x float32[F], w0 float32[F,H], b0 float32[H], w1 float32[H,C], b1 float32[C]; activation 0 linear, "       \
     "1 sigmoid, 2 softmax. Writes mean_out/std_out float64[C], logits_out float32[C] (eval-mode logits) and, if "  \
-    "given, probs_out float32[T,C]. isa picks a kernel variant from isas() ('scalar' = plain C reference). "      \
+    "given, probs_out float32[T,C] and stats_out int64[1] (multiply-adds executed). isa picks a kernel variant from isas() ('scalar' = plain C reference). "      \
     "Releases the GIL."
 
 static PyMethodDef methods[] = {
