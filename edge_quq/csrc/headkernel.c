@@ -22,6 +22,7 @@
 #include "headkernel.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -177,36 +178,80 @@ static eq_kernels_t eq_table[4];
 static int eq_table_n = -1;
 static char eq_features[64];
 
-static void eq_init_table(void) {
-    /* Idempotent and writes the same values every time, so a racing first call is harmless. */
-    int n = 0;
-    char feats[64] = "";
+/* Feature names as /proc/cpuinfo spells them ("flags" on x86, "Features" on ARM), in EQ_F_* bit order. */
+static const char *const eq_feature_names[] = {"sse2", "avx2", "fma", "asimd", "asimddp", "avx512_vnni", "avx_vnni"};
+
+unsigned eq_features_from_cpuinfo(const char *text) {
+    unsigned f = 0;
+    for (const char *line = text; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+        if (strncmp(line, "flags", 5) != 0 && strncmp(line, "Features", 8) != 0) continue;
+        const char *colon = strchr(line, ':'), *end = strchr(line, '\n');
+        if (!colon || (end && colon > end)) continue;
+        const char *p = colon + 1;
+        if (!end) end = p + strlen(p);
+        while (p < end) {
+            while (p < end && (*p == ' ' || *p == '\t')) ++p;
+            const char *q = p;
+            while (q < end && *q != ' ' && *q != '\t' && *q != '\r') ++q;
+            for (unsigned i = 0; i < sizeof eq_feature_names / sizeof *eq_feature_names; ++i)
+                if ((size_t)(q - p) == strlen(eq_feature_names[i]) && strncmp(p, eq_feature_names[i], (size_t)(q - p)) == 0)
+                    f |= 1u << i;
+            p = q;
+        }
+        break; /* the first processor's line speaks for all */
+    }
+    return f;
+}
+
+static unsigned eq_detect_features(void) {
+    unsigned f = 0;
 #ifdef EQ_X86
-    strcpy(feats, "sse2");
+    f |= EQ_F_SSE2;
 #if defined(__GNUC__) || defined(__clang__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        strcat(feats, ",avx2,fma");
-        eq_table[n].name = "avx2_fma";
-        eq_table[n++].gather = eq_f32_gather__avx2_fma_x96;
-    }
+    if (__builtin_cpu_supports("avx2")) f |= EQ_F_AVX2;
+    if (__builtin_cpu_supports("fma")) f |= EQ_F_FMA;
 #endif
-    eq_table[n].name = "sse2";
-    eq_table[n++].gather = eq_f32_gather__sse2_x48;
 #endif
 #ifdef EQ_ARM64
-    strcpy(feats, "asimd");
+    f |= EQ_F_ASIMD;
 #if defined(__linux__)
-    /* Dot-product (ARMv8.2, Cortex-A76/Pi 5) only matters to an int8 head; the float kernel is ARMv8.0 NEON. */
-    if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) strcat(feats, ",asimddp");
+    /* The kernel's hwcaps, not /proc/cpuinfo: they are what the CPU and the OS actually enable. */
+    if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) f |= EQ_F_ASIMDDP;
 #endif
-    eq_table[n].name = "neon";
-    eq_table[n++].gather = eq_f32_gather__neon_x64;
 #endif
-    eq_table[n].name = "scalar";
-    eq_table[n++].gather = eq_f32_gather__scalar;
-    memcpy(eq_features, feats, sizeof feats);
-    eq_table_n = n;
+    return f;
+}
+
+int eq_kernels_for(unsigned features, eq_kernels_t *table, int max, char *names, size_t names_size) {
+    int n = 0;
+#ifdef EQ_X86
+    if ((features & (EQ_F_AVX2 | EQ_F_FMA)) == (EQ_F_AVX2 | EQ_F_FMA) && n < max)
+        table[n++] = (eq_kernels_t){"avx2_fma", eq_f32_gather__avx2_fma_x96};
+    if (n < max) table[n++] = (eq_kernels_t){"sse2", eq_f32_gather__sse2_x48};
+#endif
+#ifdef EQ_ARM64
+    /* ARMv8.0 NEON everywhere; dot product (ARMv8.2, Cortex-A76/Pi 5) is reported but has no variant: an int8
+     * head would not beat the sparse float kernel (docs/samplers.md, "Why no int8 variant"). */
+    if (n < max) table[n++] = (eq_kernels_t){"neon", eq_f32_gather__neon_x64};
+#endif
+    if (n < max) table[n++] = (eq_kernels_t){"scalar", eq_f32_gather__scalar};
+    if (names && names_size) {
+        names[0] = '\0';
+        size_t used = 0;
+        for (unsigned i = 0; i < sizeof eq_feature_names / sizeof *eq_feature_names; ++i) {
+            if (!(features & (1u << i))) continue;
+            const int w = snprintf(names + used, names_size - used, "%s%s", used ? "," : "", eq_feature_names[i]);
+            if (w < 0 || (size_t)w >= names_size - used) break;
+            used += (size_t)w;
+        }
+    }
+    return n;
+}
+
+static void eq_init_table(void) {
+    /* Idempotent and writes the same values every time, so a racing first call is harmless. */
+    eq_table_n = eq_kernels_for(eq_detect_features(), eq_table, 4, eq_features, sizeof eq_features);
 }
 
 int eq_kernels_count(void) {

@@ -53,6 +53,15 @@ const eq_kernels_t *eq_kernels_find(const char *name); /* NULL if unknown or not
 /* Comma-separated CPU features relevant to the kernels as detected at run time (e.g. "avx2,fma" or "asimd,asimddp"). */
 const char *eq_cpu_features(void);
 
+/* The dispatch as a pure function, so that tests can feed it another machine's /proc/cpuinfo. */
+enum { EQ_F_SSE2 = 1, EQ_F_AVX2 = 2, EQ_F_FMA = 4, EQ_F_ASIMD = 8, EQ_F_ASIMDDP = 16, EQ_F_AVX512_VNNI = 32,
+       EQ_F_AVX_VNNI = 64 };
+/* EQ_F_* bits named on the first "flags" (x86) or "Features" (ARM) line of a /proc/cpuinfo text. */
+unsigned eq_features_from_cpuinfo(const char *text);
+/* Fills table (best first, "scalar" last) with the variants compiled here that those features allow, and names
+ * with the features as a comma-separated list; returns the number of variants. */
+int eq_kernels_for(unsigned features, eq_kernels_t *table, int max, char *names, size_t names_size);
+
 typedef struct {
     int F, H, C;
     const float *x;  /* [F] */

@@ -2,6 +2,7 @@
  * tests/test_native_aarch64.py (also built natively there). No Python on the target needed.
  *
  *   headkernel_driver CASES_FILE
+ *   headkernel_driver --cpuinfo CPUINFO_FILE   (the dispatch for another machine's /proc/cpuinfo)
  *
  * CASES_FILE (little-endian, written by the test with numpy): int32 count, then per case
  *   int32 F, H, C, T, act; float64 p0, p1, atol;
@@ -45,9 +46,30 @@ static double max_abs_diff_d(const double *a, const double *b, size_t n) {
     return m;
 }
 
+/* Prints "features=... variants=..." as the dispatch would choose them on the machine whose cpuinfo this is. */
+static int dispatch_for(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        perror(path);
+        return 2;
+    }
+    static char text[1 << 16];
+    const size_t n = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[n] = '\0';
+    eq_kernels_t table[8];
+    char names[128];
+    const int nk = eq_kernels_for(eq_features_from_cpuinfo(text), table, 8, names, sizeof names);
+    printf("features=%s variants=", names);
+    for (int v = 0; v < nk; ++v) printf("%s%s", v ? "," : "", table[v].name);
+    printf("\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "--cpuinfo") == 0) return dispatch_for(argv[2]);
     if (argc != 2) {
-        fprintf(stderr, "usage: %s CASES_FILE\n", argv[0]);
+        fprintf(stderr, "usage: %s CASES_FILE | --cpuinfo CPUINFO_FILE\n", argv[0]);
         return 2;
     }
     FILE *f = fopen(argv[1], "rb");
