@@ -13,7 +13,7 @@ setup(
     ext_modules=[
         Extension(
             "edge_quq._headkernel",
-            sources=["edge_quq/csrc/headkernel.c", "edge_quq/csrc/headkernel_module.c"],
+            sources=["edge_quq/csrc/headkernel.c", "edge_quq/csrc/analytic.c", "edge_quq/csrc/headkernel_module.c"],
             depends=["edge_quq/csrc/headkernel.h"],
             extra_compile_args=extra,
             optional=True,

@@ -169,16 +169,25 @@ class AnalyticSampler(Sampler):
 
     def __init__(self, head: HeadWeights, seed: Optional[int] = None, bundle=None, threads: Optional[int] = None) -> None:
         super().__init__(head, seed, bundle, threads)
+        # The 2-block head runs in C when the kernel is built (same formulas, one pass over W0, ~4x faster);
+        # the numpy functions above stay the reference and serve every other head.
+        self._native = _native_analytic(head)
         # W^2 once: the variance pass is a second matrix-vector product.
-        self._sq = [np.square(k, dtype=np.float32) for k in head.kernels]
+        self._sq = None if self._native else [np.square(k, dtype=np.float32) for k in head.kernels]
 
     def sample(self, features: np.ndarray, num_iter: int = 0) -> HeadMoments:
         x = np.asarray(features, dtype=np.float32).reshape(-1)
+        if self._native:
+            mean, std, det_logits, ent = self._native(x)
+            return self._result(mean, std, det_logits, ent)
         det_logits = self.head.logits(x[None])[0].astype(np.float64)
         mu, var = logit_moments(self.head, x, self._sq)
         t = float(self.head.temperature)
         # logits / T: mean / T and variance / T^2, exactly.
         mean, std, ent = output_moments(mu / t, var / (t * t), self.head.activation)
+        return self._result(mean, std, det_logits, ent)
+
+    def _result(self, mean: np.ndarray, std: np.ndarray, det_logits: np.ndarray, ent: float) -> HeadMoments:
         return HeadMoments(
             mean=mean,
             std=std,
@@ -187,6 +196,31 @@ class AnalyticSampler(Sampler):
             expected_entropy=ent,
             num_samples=0,
         )
+
+
+def _native_analytic(head: HeadWeights):
+    """x -> (mean, std, eval logits, expected entropy) by edge_quq._headkernel.analytic_moments, or None when the
+    kernel is not built or the head is not the canonical 2-block one."""
+    try:
+        from edge_quq import _headkernel as kernel  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    acts = {"linear": 0, "sigmoid": 1, "softmax": 2}
+    if len(head.kernels) != 2 or head.activation not in acts or not hasattr(kernel, "analytic_moments"):
+        return None
+    w0, w1 = (np.ascontiguousarray(k, dtype=np.float32) for k in head.kernels)
+    b0, b1 = (np.ascontiguousarray(b, dtype=np.float32) for b in head.biases)
+    args = (w0, b0, w1, b1, float(head.rates[0]), float(head.rates[1]), acts[head.activation], float(head.temperature))
+    c = b1.shape[0]
+
+    def run(x: np.ndarray):
+        if x.shape[0] != w0.shape[0]:
+            raise ValueError(f"features have size {x.shape[0]}, the head expects {w0.shape[0]}")
+        mean, std, logits = np.empty(c), np.empty(c), np.empty(c, np.float32)
+        ent = kernel.analytic_moments(np.ascontiguousarray(x), *args, mean, std, logits)
+        return mean, std, logits.astype(np.float64), float(ent)
+
+    return run
 
 
 SAMPLERS["analytic"] = AnalyticSampler

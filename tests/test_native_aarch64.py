@@ -16,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_quq.analytic import logit_moments, output_moments
 from edge_quq.head import HeadWeights
 from edge_quq.sampler import NumpySampler
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [ROOT / "edge_quq" / "csrc" / "headkernel.c", ROOT / "tests" / "csrc" / "headkernel_driver.c"]
+SOURCES = [ROOT / "edge_quq" / "csrc" / "headkernel.c", ROOT / "edge_quq" / "csrc" / "analytic.c",
+           ROOT / "tests" / "csrc" / "headkernel_driver.c"]
 ACT = {"linear": 0, "sigmoid": 1, "softmax": 2}
 # (F, H, C, T, rates, activation): odd sizes hit every SIMD tail; T > 64 crosses a chunk.
 SHAPES = [
@@ -61,6 +63,11 @@ def write_cases(path: Path) -> None:
             out.write(np.ascontiguousarray(probs, "<f4").tobytes())
             out.write(np.ascontiguousarray(mom.mean, "<f8").tobytes())
             out.write(np.ascontiguousarray(mom.std, "<f8").tobytes())
+            # The closed form's numpy reference (edge_quq.analytic), for the C port in analytic.c.
+            mu, var = logit_moments(head, x)
+            a_mean, a_std, a_ent = output_moments(mu, var, act)
+            out.write(np.ascontiguousarray(a_mean, "<f8").tobytes() + np.ascontiguousarray(a_std, "<f8").tobytes())
+            out.write(struct.pack("<d", a_ent))
 
 
 @pytest.fixture(scope="module")

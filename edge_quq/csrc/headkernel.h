@@ -89,6 +89,11 @@ typedef struct {
 int eq_head_moments(const eq_head_t *head, const eq_kernels_t *k, int T, uint64_t seed, int given,
                     const uint8_t *keep0, const uint8_t *keep1, eq_moments_t *out);
 
+/* Closed-form moments (edge_quq.analytic for the 2-block head; analytic.c): mean, std and expected entropy of
+ * activation(logits / temperature), det_logits the raw eval-mode logits; probs is not used. Returns 0, or -1
+ * when memory could not be allocated. */
+int eq_head_analytic(const eq_head_t *head, double temperature, eq_moments_t *out);
+
 /* The Bernoulli generator, exposed for tests: 64 lanes at once, bit t set = unit dropped in sample t. */
 typedef struct { uint64_t s[4]; } eq_rng_t;
 void eq_rng_seed(eq_rng_t *r, uint64_t seed);

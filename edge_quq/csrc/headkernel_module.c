@@ -127,6 +127,54 @@ static PyObject *py_moments_with_masks(PyObject *self, PyObject *args, PyObject 
     return run(args, kwargs, 1);
 }
 
+static PyObject *py_analytic(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ox, *ow0, *ob0, *ow1, *ob1, *omean, *ostd, *ologits;
+    double p0, p1, temperature;
+    int act;
+    if (!PyArg_ParseTuple(args, "OOOOOddidOOO", &ox, &ow0, &ob0, &ow1, &ob1, &p0, &p1, &act, &temperature, &omean,
+                          &ostd, &ologits))
+        return NULL;
+    if (!(p0 >= 0.0 && p0 < 1.0 && p1 >= 0.0 && p1 < 1.0) || !(temperature > 0.0))
+        return PyErr_Format(PyExc_ValueError, "need dropout rates in [0, 1) and a positive temperature");
+    if (act != EQ_ACT_LINEAR && act != EQ_ACT_SIGMOID && act != EQ_ACT_SOFTMAX)
+        return PyErr_Format(PyExc_ValueError, "unknown activation code %d", act);
+    buf_t bx = {0}, bb0 = {0}, bw0 = {0}, bw1 = {0}, bb1 = {0}, bm = {0}, bs = {0}, bl = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(ox, &bx.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    bx.held = 1;
+    if (PyObject_GetBuffer(ob0, &bb0.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    bb0.held = 1;
+    if (PyObject_GetBuffer(ob1, &bb1.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    bb1.held = 1;
+    const Py_ssize_t F = bx.view.len / 4, H = bb0.view.len / 4, C = bb1.view.len / 4;
+    if (F < 1 || H < 1 || C < 1 || F > INT_MAX / 2 || H > INT_MAX / 2 || C > INT_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "empty or oversized head");
+        goto done;
+    }
+    if (buf_get(ow0, &bw0, F * H, 4, 0, 0, "w0") || buf_get(ow1, &bw1, H * C, 4, 0, 0, "w1") ||
+        buf_get(omean, &bm, C, 8, 1, 0, "mean_out") || buf_get(ostd, &bs, C, 8, 1, 0, "std_out") ||
+        buf_get(ologits, &bl, C, 4, 1, 0, "logits_out"))
+        goto done;
+    eq_head_t head = {(int)F, (int)H, (int)C, (const float *)bx.view.buf, (const float *)bw0.view.buf,
+                      (const float *)bb0.view.buf, (const float *)bw1.view.buf, (const float *)bb1.view.buf,
+                      p0, p1, act};
+    eq_moments_t out = {(double *)bm.view.buf, (double *)bs.view.buf, (float *)bl.view.buf, NULL, 0.0, 0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = eq_head_analytic(&head, temperature, &out);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = PyFloat_FromDouble(out.expected_entropy);
+done:
+    buf_release(&bx); buf_release(&bb0); buf_release(&bb1); buf_release(&bw0); buf_release(&bw1);
+    buf_release(&bm); buf_release(&bs); buf_release(&bl);
+    return result;
+}
+
 static PyObject *py_isa(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
     return PyUnicode_FromString(eq_kernels_get(0)->name);
@@ -182,6 +230,11 @@ static PyMethodDef methods[] = {
     {"moments_with_masks", (PyCFunction)(void (*)(void))py_moments_with_masks, METH_VARARGS | METH_KEYWORDS,
      "MC-dropout moments for caller-given uint8 0/1 keep masks mask0[T,F], mask1[T,H] (None: keep all).\n"
      MOMENTS_DOC},
+    {"analytic_moments", py_analytic, METH_VARARGS,
+     "analytic_moments(x, w0, b0, w1, b1, p0, p1, activation, temperature, mean_out, std_out, logits_out) -> "
+     "expected_entropy\n\nClosed-form moments of the 2-block head (edge_quq.analytic's formulas, one pass over W0): "
+     "mean_out/std_out float64[C] of activation(logits / temperature), logits_out float32[C] the raw eval-mode "
+     "logits. Releases the GIL."},
     {"isa", py_isa, METH_NOARGS, "Name of the kernel variant used by default (the best this CPU supports)."},
     {"isas", py_isas, METH_NOARGS, "Kernel variants usable on this CPU, best first; the last is 'scalar'."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "CPU features detected at run time that the kernels care about."},
