@@ -174,6 +174,11 @@ void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, int nl, const
 
 /* ---------------------------------------------------------------- run-time dispatch */
 
+static double eq_activate__scalar(int act, const float *logits, float *p, int C);
+#ifdef EQ_X86
+static double eq_activate__avx2(int act, const float *logits, float *p, int C);
+#endif
+
 static eq_kernels_t eq_table[4];
 static int eq_table_n = -1;
 static char eq_features[64];
@@ -227,15 +232,15 @@ int eq_kernels_for(unsigned features, eq_kernels_t *table, int max, char *names,
     int n = 0;
 #ifdef EQ_X86
     if ((features & (EQ_F_AVX2 | EQ_F_FMA)) == (EQ_F_AVX2 | EQ_F_FMA) && n < max)
-        table[n++] = (eq_kernels_t){"avx2_fma", eq_f32_gather__avx2_fma_x96};
-    if (n < max) table[n++] = (eq_kernels_t){"sse2", eq_f32_gather__sse2_x48};
+        table[n++] = (eq_kernels_t){"avx2_fma", eq_f32_gather__avx2_fma_x96, eq_activate__avx2};
+    if (n < max) table[n++] = (eq_kernels_t){"sse2", eq_f32_gather__sse2_x48, eq_activate__scalar};
 #endif
 #ifdef EQ_ARM64
     /* ARMv8.0 NEON everywhere; dot product (ARMv8.2, Cortex-A76/Pi 5) is reported but has no variant: an int8
      * head would not beat the sparse float kernel (docs/samplers.md, "Why no int8 variant"). */
-    if (n < max) table[n++] = (eq_kernels_t){"neon", eq_f32_gather__neon_x64};
+    if (n < max) table[n++] = (eq_kernels_t){"neon", eq_f32_gather__neon_x64, eq_activate__scalar};
 #endif
-    if (n < max) table[n++] = (eq_kernels_t){"scalar", eq_f32_gather__scalar};
+    if (n < max) table[n++] = (eq_kernels_t){"scalar", eq_f32_gather__scalar, eq_activate__scalar};
     if (names && names_size) {
         names[0] = '\0';
         size_t used = 0;
@@ -343,16 +348,23 @@ static inline float eq_clipf(float v) { return v < 1e-12f ? 1e-12f : (v > 1.0f ?
  *   sigmoid, e = exp(-|v|):  p = 1/(1+e) or e/(1+e),  H = log1p(e) + |v| e/(1+e)  (one log instead of two);
  *   softmax, s = sum exp(v - max):  H = log s - sum p (v - max).
  * The reference clips p to [1e-12, 1] before its logs; that changes a class's term by < 3e-11. */
-static double eq_activate(int act, const float *logits, float *p, int C) {
+/* Sigmoid outputs and binary entropies of logits[c0..C), one class at a time. */
+static double eq_sigmoid_tail(const float *logits, float *p, int c0, int C) {
+    double h = 0.0;
+    for (int c = c0; c < C; ++c) {
+        const float v = logits[c], a = fabsf(v), e = expf(-a), r = 1.0f / (1.0f + e), er = e * r;
+        /* log1p(e) without glibc's slow log1pf: logf(1 + e), or its series where 1 + e would round. */
+        const float l = e < 1e-3f ? e * (1.0f - e * (0.5f - e * (1.0f / 3.0f))) : logf(1.0f + e);
+        p[c] = v >= 0.0f ? r : er;
+        h += (double)(l + a * er);
+    }
+    return h;
+}
+
+static double eq_activate__scalar(int act, const float *logits, float *p, int C) {
     double h = 0.0;
     if (act == EQ_ACT_SIGMOID) {
-        for (int c = 0; c < C; ++c) {
-            const float v = logits[c], a = fabsf(v), e = expf(-a), r = 1.0f / (1.0f + e), er = e * r;
-            /* log1p(e) without glibc's slow log1pf: logf(1 + e), or its series where 1 + e would round. */
-            const float l = e < 1e-3f ? e * (1.0f - e * (0.5f - e * (1.0f / 3.0f))) : logf(1.0f + e);
-            p[c] = v >= 0.0f ? r : er;
-            h += (double)(l + a * er);
-        }
+        h = eq_sigmoid_tail(logits, p, 0, C);
     } else if (act == EQ_ACT_SOFTMAX) {
         float m = logits[0];
         for (int c = 1; c < C; ++c) m = logits[c] > m ? logits[c] : m;
@@ -374,6 +386,96 @@ static double eq_activate(int act, const float *logits, float *p, int C) {
     }
     return h;
 }
+
+#ifdef EQ_X86
+/* exp and log for 8 floats (Cephes' polynomials, ~2 ulp over the ranges used here): with them the per-sample
+ * outputs and entropies of a 1000-class head stop costing more than its multiply-adds. */
+EQ_AVX2 static inline __m256 eq_avx_exp(__m256 x) {
+    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447504f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+/* log(x) for x in [1, 2] (log1p of e = exp(-|v|) in (0, 1]): no special cases needed. */
+EQ_AVX2 static inline __m256 eq_avx_log12(__m256 x) {
+    const __m256i bits = _mm256_castps_si256(x);
+    __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+    __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
+                                                   _mm256_set1_epi32(0x3F000000))); /* [0.5, 1) */
+    const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+    e = _mm256_sub_ps(e, _mm256_and_ps(small, _mm256_set1_ps(1.0f)));
+    m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), _mm256_set1_ps(1.0f));
+    const __m256 z = _mm256_mul_ps(m, m);
+    __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.1514610310e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.1676998740e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.2420140846e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.4249322787e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.6668057665e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.0000714765e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.4999993993e-1f));
+    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.3333331174e-1f));
+    y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+    y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+    y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+    return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
+}
+
+EQ_AVX2 static inline double eq_avx_sum_pd(__m256 v) {
+    const __m256d d = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(d), _mm256_extractf128_pd(d, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+}
+
+EQ_AVX2 static double eq_activate__avx2(int act, const float *logits, float *p, int C) {
+    const int C8 = C & ~7;
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    if (act == EQ_ACT_SIGMOID) {
+        double h = 0.0;
+        for (int c = 0; c < C8; c += 8) {
+            const __m256 v = _mm256_loadu_ps(logits + c), a = _mm256_andnot_ps(sign, v);
+            const __m256 e = eq_avx_exp(_mm256_xor_ps(a, sign)), u = _mm256_add_ps(one, e);
+            const __m256 r = _mm256_div_ps(one, u), er = _mm256_mul_ps(e, r);
+            /* log1p(e) = log(u) * e / (u - 1), exact to rounding; e itself where u rounds to 1. */
+            const __m256 um1 = _mm256_sub_ps(u, one), l0 = _mm256_mul_ps(eq_avx_log12(u), _mm256_div_ps(e, um1));
+            const __m256 l = _mm256_blendv_ps(l0, e, _mm256_cmp_ps(um1, _mm256_setzero_ps(), _CMP_EQ_OQ));
+            _mm256_storeu_ps(p + c, _mm256_blendv_ps(r, er, v)); /* sign bit of v set: e r */
+            h += eq_avx_sum_pd(_mm256_fmadd_ps(a, er, l));
+        }
+        return h + eq_sigmoid_tail(logits, p, C8, C);
+    }
+    if (act != EQ_ACT_SOFTMAX) return eq_activate__scalar(act, logits, p, C);
+    float m = logits[0];
+    for (int c = 1; c < C; ++c) m = logits[c] > m ? logits[c] : m;
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 vs = _mm256_setzero_ps();
+    for (int c = 0; c < C8; c += 8) {
+        const __m256 e = eq_avx_exp(_mm256_sub_ps(_mm256_loadu_ps(logits + c), vm));
+        _mm256_storeu_ps(p + c, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    float s = (float)eq_avx_sum_pd(vs);
+    for (int c = C8; c < C; ++c) s += (p[c] = expf(logits[c] - m));
+    const float inv = 1.0f / s;
+    double pv = 0.0;
+    for (int c = 0; c < C; ++c) {
+        p[c] *= inv;
+        pv += (double)(p[c] * (logits[c] - m));
+    }
+    return log((double)s) - pv;
+}
+#endif
 
 static size_t eq_round16(size_t n) { return (n + 15) & ~(size_t)15; }
 
@@ -544,7 +646,7 @@ static void eq_layer2(eq_run_t *r, int t0, int nt, uint64_t lanes) {
 static void eq_accumulate(eq_run_t *r, int t0, int nt, float *probs) {
     const int C = r->hd->C, act = r->hd->act;
     for (int t = 0; t < nt; ++t) {
-        r->ent += eq_activate(act, r->y + t * r->Cs, r->prob, C);
+        r->ent += r->k->activate(act, r->y + t * r->Cs, r->prob, C);
         if (probs) memcpy(probs + (size_t)(t0 + t) * C, r->prob, (size_t)C * sizeof(float));
         for (int c = 0; c < C; ++c) {
             const double d = (double)r->prob[c] - r->pdet[c];

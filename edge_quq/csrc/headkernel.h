@@ -28,9 +28,14 @@ enum { EQ_ACT_LINEAR = 0, EQ_ACT_SIGMOID = 1, EQ_ACT_SOFTMAX = 2 };
 typedef void (*eq_f32_gather_fn)(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
                                  const float *coef, const int32_t *cnt, size_t ls, float *const *ys);
 
+/* One sample's outputs p[0:C] = activation(logits) and their entropy (Shannon for softmax, sum of binary
+ * entropies otherwise). */
+typedef double (*eq_activate_fn)(int act, const float *logits, float *p, int C);
+
 typedef struct {
     const char *name; /* "scalar", "sse2", "avx2_fma", "neon" */
     eq_f32_gather_fn gather;
+    eq_activate_fn activate;
 } eq_kernels_t;
 
 void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *coef,
