@@ -61,12 +61,13 @@ static inline unsigned eq_popcount64(uint64_t v) {
 
 /* ---------------------------------------------------------------- micro-kernels: gathered-row accumulate */
 
-void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *coef,
+void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
                            const int32_t *cnt, size_t ls, float *const *ys) {
     for (int l = 0; l < nl; ++l) {
         float *y = ys[l];
         for (int k = 0; k < cnt[l]; ++k) {
-            const float c = coef[l * ls + k], *wr = w + (size_t)rows[l * ls + k] * ldw;
+            const int32_t i = rows[l * ls + k];
+            const float c = coef[l][i], *wr = w + (size_t)i * ldw;
             for (size_t j = 0; j < n; ++j) y[j] += c * wr[j];
         }
     }
@@ -81,13 +82,13 @@ void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const i
         const int m = cnt[l];                                                                                  \
         if (!m) continue;                                                                                      \
         const int32_t *r = rows + l * ls;                                                                      \
-        const float *cf = coef + l * ls;                                                                       \
+        const float *cf = coef[l];                                                                             \
         float *y = ys[l] + j;                                                                                  \
         V acc[NV];                                                                                             \
         for (int v = 0; v < NV; ++v) acc[v] = LOAD(y + v * VL);                                                \
         for (int k = 0; k < m; ++k) {                                                                          \
             const float *wr = w + (size_t)r[k] * ldw + j;                                                      \
-            const V c = SPLAT(cf[k]);                                                                          \
+            const V c = SPLAT(cf[r[k]]);                                                                       \
             for (int v = 0; v < NV - 1; ++v) acc[v] = FMA(c, LOAD(wr + v * VL), acc[v]);                       \
             acc[NV - 1] = FMA(c, WLAST(wr + (NV - 1) * VL), acc[NV - 1]);                                      \
         }                                                                                                      \
@@ -119,8 +120,9 @@ void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const i
 #define EQ_GATHER_TAIL(j0, MADD)                                                                               \
     for (int l = 0; l < nl; ++l)                                                                               \
         for (int k = 0; k < cnt[l]; ++k) {                                                                     \
-            const float c = coef[l * ls + k], *wr = w + (size_t)rows[l * ls + k] * ldw;                        \
-            for (size_t i = (j0); i < n; ++i) ys[l][i] = MADD(c, wr[i], ys[l][i]);                             \
+            const int32_t i_ = rows[l * ls + k];                                                               \
+            const float c = coef[l][i_], *wr = w + (size_t)i_ * ldw;                                           \
+            for (size_t jj = (j0); jj < n; ++jj) ys[l][jj] = MADD(c, wr[jj], ys[l][jj]);                       \
         }
 
 static inline float eq_madd_sep(float c, float w, float y) { return y + c * w; }
@@ -129,7 +131,7 @@ static inline float eq_madd_sep(float c, float w, float y) { return y + c * w; }
 static inline __m128 eq_sse_madd(__m128 c, __m128 w, __m128 acc) { return _mm_add_ps(acc, _mm_mul_ps(c, w)); }
 #define EQ_SSE_BLOCK(NV) EQ_GATHER_BLOCK(__m128, 4, NV, _mm_loadu_ps, _mm_storeu_ps, _mm_set1_ps, eq_sse_madd, _mm_loadu_ps)
 
-void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *coef,
+void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
                              const int32_t *cnt, size_t ls, float *const *ys) {
     EQ_BALANCED(n / 4, 12, 4, EQ_SSE_BLOCK);
     /* No FMA on SSE2: the scalar tail rounds like the vector body (mul then add). */
@@ -153,7 +155,7 @@ EQ_AVX2 static inline void eq_avx_store(float *p, __m256 v) { _mm256_storeu_ps(p
 
 EQ_AVX2
 void eq_f32_gather__avx2_fma_x96(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
-                                 const float *coef, const int32_t *cnt, size_t ls, float *const *ys) {
+                                 const float *const *coef, const int32_t *cnt, size_t ls, float *const *ys) {
     /* The last vector of the last block is masked where n is not a multiple of 8: no scalar tail pass. */
     const int rem = (int)(n % 8);
     const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem ? rem : 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
@@ -165,7 +167,7 @@ void eq_f32_gather__avx2_fma_x96(size_t n, const float *w, size_t ldw, int nl, c
 static inline float32x4_t eq_neon_fma(float32x4_t c, float32x4_t w, float32x4_t acc) { return vfmaq_f32(acc, c, w); }
 #define EQ_NEON_BLOCK(NV) EQ_GATHER_BLOCK(float32x4_t, 4, NV, vld1q_f32, vst1q_f32, vdupq_n_f32, eq_neon_fma, vld1q_f32)
 
-void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *coef,
+void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
                              const int32_t *cnt, size_t ls, float *const *ys) {
     EQ_BALANCED(n / 4, 16, 4, EQ_NEON_BLOCK);
     EQ_GATHER_TAIL(n & ~(size_t)3, fmaf)
@@ -495,7 +497,6 @@ enum { EQ_RBMAX = 256, EQ_LANES = 65 };
 
 typedef struct {
     int32_t rows[EQ_LANES * EQ_RBMAX];
-    float coef[EQ_LANES * EQ_RBMAX];
     int32_t cnt[EQ_LANES];
 } eq_lists_t;
 
@@ -513,40 +514,35 @@ static uint64_t eq_masked_gemm(const eq_kernels_t *k, eq_lists_t *L, const int32
                                const float *w, const uint64_t *sel, const float *a, size_t as, float *y, size_t ys,
                                int nt, const float *dense_a, float *dense_y) {
     float *yp[EQ_LANES];
+    const float *ap[EQ_LANES];
     int32_t *restrict cnt = L->cnt, *restrict lrows = L->rows;
-    float *restrict lcoef = L->coef;
     const int d = dense_y != NULL, nl = nt + d, rb = eq_block_rows(n);
-    if (d) yp[0] = dense_y;
-    for (int t = 0; t < nt; ++t) yp[t + d] = y + (size_t)t * ys;
+    if (d) yp[0] = dense_y, ap[0] = dense_a;
+    for (int t = 0; t < nt; ++t) yp[t + d] = y + (size_t)t * ys, ap[t + d] = a + (size_t)t * as;
     uint64_t rows = 0;
     for (int q0 = 0; q0 < np; q0 += rb) {
         const int q1 = np - q0 < rb ? np : q0 + rb;
         memset(L->cnt, 0, sizeof L->cnt);
         for (int q = q0; q < q1; ++q) {
             const int i = idx ? idx[q] : q;
-            if (q + rb < np) {
-                /* The next block's rows, towards L2 while this block is computed: W is read once per call and
-                 * beyond L2 for the large heads, and the lanes' scattered row order defeats the hardware prefetch. */
-                const char *nxt = (const char *)(w + (size_t)(idx ? idx[q + rb] : q + rb) * n);
-                for (size_t o = 0; o < n * sizeof(float); o += 64) __builtin_prefetch(nxt + o, 0, 2);
+            if (d && dense_a[i] != 0.0f) lrows[cnt[0]++] = i;
+            uint64_t bits = sel[q];
+            if (as == 0) {
+                /* One coefficient for every lane (layer 1, nonzero features only): nothing to test. */
+                for (; bits; bits &= bits - 1) {
+                    const unsigned l = eq_ctz64(bits) + (unsigned)d;
+                    lrows[l * EQ_RBMAX + (size_t)cnt[l]++] = i;
+                }
+                continue;
             }
-            if (d && dense_a[i] != 0.0f) {
-                const int c = cnt[0]++;
-                lrows[c] = i;
-                lcoef[c] = dense_a[i];
-            }
-            const float *ai = a + i;
-            for (uint64_t bits = sel[q]; bits; bits &= bits - 1) {
-                const unsigned t = eq_ctz64(bits);
-                const float cf = ai[t * as];
-                /* Branch-free append: a zero coefficient is written but not counted. */
-                const size_t slot = (t + (unsigned)d) * EQ_RBMAX + (size_t)cnt[t + d];
-                lrows[slot] = i;
-                lcoef[slot] = cf;
-                cnt[t + d] += cf != 0.0f;
+            for (const float *ai = a + i; bits; bits &= bits - 1) {
+                const unsigned t = eq_ctz64(bits), l = t + (unsigned)d;
+                /* Branch-free append: a zero coefficient (ReLU-zeroed unit) is written but not counted. */
+                lrows[l * EQ_RBMAX + (size_t)cnt[l]] = i;
+                cnt[l] += ai[t * as] != 0.0f;
             }
         }
-        k->gather(n, w, n, nl, L->rows, L->coef, L->cnt, EQ_RBMAX, yp);
+        k->gather(n, w, n, nl, L->rows, ap, L->cnt, EQ_RBMAX, yp);
         for (int l = 0; l < nl; ++l) rows += (uint64_t)L->cnt[l];
     }
     return rows * n;

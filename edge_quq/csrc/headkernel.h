@@ -19,14 +19,14 @@ extern "C" {
 enum { EQ_ACT_LINEAR = 0, EQ_ACT_SIGMOID = 1, EQ_ACT_SOFTMAX = 2 };
 
 /* Gathered-row accumulate, the one hot loop of the kernel, for `nl` lanes (samples) at once:
- *   for every lane l < nl:  ys[l][0:n] += sum_{k < cnt[l]} coef[l*ls + k] * w[rows[l*ls + k] * ldw + 0:n]
+ *   for every lane l < nl:  ys[l][0:n] += sum_{k < cnt[l]} coef[l][i] * w[i * ldw + 0:n],  i = rows[l*ls + k]
  * The caller gives each lane the rows it needs (a sample's dropped or kept units with a nonzero coefficient) of
  * one row block of W, small enough that the block's slice of W stays in L1 while every lane walks it. The
  * micro-kernels hold a lane's output columns in registers across its rows (one weight load and one FMA per
  * multiply-add, no load/store of the output per row) and walk the columns in register-sized blocks. Every
  * variant adds the rows in the same order, so variants differ only by FMA-vs-mul+add rounding. */
 typedef void (*eq_f32_gather_fn)(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
-                                 const float *coef, const int32_t *cnt, size_t ls, float *const *ys);
+                                 const float *const *coef, const int32_t *cnt, size_t ls, float *const *ys);
 
 /* One sample's outputs p[0:C] = activation(logits) and their entropy (Shannon for softmax, sum of binary
  * entropies otherwise). */
@@ -38,16 +38,16 @@ typedef struct {
     eq_activate_fn activate;
 } eq_kernels_t;
 
-void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *coef,
+void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
                            const int32_t *cnt, size_t ls, float *const *ys);
 #if defined(__x86_64__) || defined(_M_X64)
-void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *coef,
+void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
                              const int32_t *cnt, size_t ls, float *const *ys);
 void eq_f32_gather__avx2_fma_x96(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
-                                 const float *coef, const int32_t *cnt, size_t ls, float *const *ys);
+                                 const float *const *coef, const int32_t *cnt, size_t ls, float *const *ys);
 #endif
 #if defined(__aarch64__)
-void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *coef,
+void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
                              const int32_t *cnt, size_t ls, float *const *ys);
 #endif
 
