@@ -14,7 +14,7 @@ setup(
         Extension(
             "edge_quq._headkernel",
             sources=["edge_quq/csrc/headkernel.c", "edge_quq/csrc/analytic.c", "edge_quq/csrc/headkernel_module.c"],
-            depends=["edge_quq/csrc/headkernel.h"],
+            depends=["edge_quq/csrc/headkernel.h", "edge_quq/csrc/simd_math.h"],
             extra_compile_args=extra,
             optional=True,
         )

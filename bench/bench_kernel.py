@@ -31,12 +31,12 @@ from typing import Callable, Dict, List, Optional, Tuple
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.blas_threads import BLAS_THREADS  # noqa: E402,F401  (one BLAS thread for the eval pass, before numpy)
+
 import numpy as np  # noqa: E402
 
 from edge_quq import _headkernel  # noqa: E402
 from edge_quq.head import HeadWeights  # noqa: E402
-
-from bench.blas_threads import BLAS_THREADS  # noqa: E402,F401  (one BLAS thread for the eval pass, before numpy)
 
 T = 50
 SHAPES = [(2048, 300, 100), (2048, 300, 1000), (1280, 300, 10), (1280, 300, 100), (1280, 300, 1000),

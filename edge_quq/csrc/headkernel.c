@@ -20,6 +20,7 @@
  * eval-mode output so that the one-pass variance does not cancel catastrophically.
  */
 #include "headkernel.h"
+#include "simd_math.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -138,7 +139,6 @@ void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, int nl, const
     EQ_GATHER_TAIL(n & ~(size_t)3, eq_madd_sep)
 }
 
-#define EQ_AVX2 __attribute__((target("avx2,fma")))
 EQ_AVX2 static inline __m256 eq_avx_fma(__m256 c, __m256 w, __m256 acc) { return _mm256_fmadd_ps(c, w, acc); }
 EQ_AVX2 static inline __m256 eq_avx_splat(float c) { return _mm256_set1_ps(c); }
 EQ_AVX2 static inline __m256 eq_avx_load(const float *p) { return _mm256_loadu_ps(p); }
@@ -390,50 +390,6 @@ static double eq_activate__scalar(int act, const float *logits, float *p, int C)
 }
 
 #ifdef EQ_X86
-/* exp and log for 8 floats (Cephes' polynomials, ~2 ulp over the ranges used here): with them the per-sample
- * outputs and entropies of a 1000-class head stop costing more than its multiply-adds. */
-EQ_AVX2 static inline __m256 eq_avx_exp(__m256 x) {
-    x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.3365447504f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
-/* log(x) for x in [1, 2] (log1p of e = exp(-|v|) in (0, 1]): no special cases needed. */
-EQ_AVX2 static inline __m256 eq_avx_log12(__m256 x) {
-    const __m256i bits = _mm256_castps_si256(x);
-    __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
-    __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
-                                                   _mm256_set1_epi32(0x3F000000))); /* [0.5, 1) */
-    const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
-    e = _mm256_sub_ps(e, _mm256_and_ps(small, _mm256_set1_ps(1.0f)));
-    m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), _mm256_set1_ps(1.0f));
-    const __m256 z = _mm256_mul_ps(m, m);
-    __m256 y = _mm256_set1_ps(7.0376836292e-2f);
-    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.1514610310e-1f));
-    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.1676998740e-1f));
-    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.2420140846e-1f));
-    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.4249322787e-1f));
-    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.6668057665e-1f));
-    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.0000714765e-1f));
-    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.4999993993e-1f));
-    y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.3333331174e-1f));
-    y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
-    y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
-    y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
-    return _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), _mm256_add_ps(m, y));
-}
-
 EQ_AVX2 static inline double eq_avx_sum_pd(__m256 v) {
     const __m256d d = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
     const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(d), _mm256_extractf128_pd(d, 1));
@@ -448,10 +404,7 @@ EQ_AVX2 static double eq_activate__avx2(int act, const float *logits, float *p, 
         for (int c = 0; c < C8; c += 8) {
             const __m256 v = _mm256_loadu_ps(logits + c), a = _mm256_andnot_ps(sign, v);
             const __m256 e = eq_avx_exp(_mm256_xor_ps(a, sign)), u = _mm256_add_ps(one, e);
-            const __m256 r = _mm256_div_ps(one, u), er = _mm256_mul_ps(e, r);
-            /* log1p(e) = log(u) * e / (u - 1), exact to rounding; e itself where u rounds to 1. */
-            const __m256 um1 = _mm256_sub_ps(u, one), l0 = _mm256_mul_ps(eq_avx_log12(u), _mm256_div_ps(e, um1));
-            const __m256 l = _mm256_blendv_ps(l0, e, _mm256_cmp_ps(um1, _mm256_setzero_ps(), _CMP_EQ_OQ));
+            const __m256 r = _mm256_div_ps(one, u), er = _mm256_mul_ps(e, r), l = eq_avx_log1p01(e);
             _mm256_storeu_ps(p + c, _mm256_blendv_ps(r, er, v)); /* sign bit of v set: e r */
             h += eq_avx_sum_pd(_mm256_fmadd_ps(a, er, l));
         }
