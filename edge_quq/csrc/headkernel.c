@@ -476,23 +476,30 @@ static uint64_t eq_masked_gemm(const eq_kernels_t *k, eq_lists_t *L, const int32
     for (int q0 = 0; q0 < np; q0 += rb) {
         const int q1 = np - q0 < rb ? np : q0 + rb;
         memset(L->cnt, 0, sizeof L->cnt);
-        for (int q = q0; q < q1; ++q) {
-            const int i = idx ? idx[q] : q;
-            if (d && dense_a[i] != 0.0f) lrows[cnt[0]++] = i;
-            uint64_t bits = sel[q];
-            if (as == 0) {
-                /* One coefficient for every lane (layer 1, nonzero features only): nothing to test. */
-                for (; bits; bits &= bits - 1) {
-                    const unsigned l = eq_ctz64(bits) + (unsigned)d;
-                    lrows[l * EQ_RBMAX + (size_t)cnt[l]++] = i;
-                }
-                continue;
+        if (d)
+            for (int q = q0; q < q1; ++q) {
+                const int i = idx ? idx[q] : q;
+                if (dense_a[i] != 0.0f) lrows[cnt[0]++] = i;
             }
-            for (const float *ai = a + i; bits; bits &= bits - 1) {
-                const unsigned t = eq_ctz64(bits), l = t + (unsigned)d;
-                /* Branch-free append: a zero coefficient (ReLU-zeroed unit) is written but not counted. */
-                lrows[l * EQ_RBMAX + (size_t)cnt[l]] = i;
-                cnt[l] += ai[t * as] != 0.0f;
+        if (as == 0) {
+            /* One coefficient for every lane (layer 1, nonzero features only): nothing to test, row-major. */
+            for (int q = q0; q < q1; ++q)
+                for (uint64_t bits = sel[q]; bits; bits &= bits - 1) {
+                    const unsigned l = eq_ctz64(bits) + (unsigned)d;
+                    lrows[l * EQ_RBMAX + (size_t)cnt[l]++] = idx ? idx[q] : q;
+                }
+        } else {
+            /* Per-lane coefficients (layer 2): lane-major, so that each lane's coefficients are read in order;
+             * branch-free append, a row whose bit is clear or whose coefficient is zero is written, not counted. */
+            for (int t = 0; t < nt; ++t) {
+                const float *at = a + (size_t)t * as;
+                int32_t *lr = lrows + (size_t)(t + d) * EQ_RBMAX, c = 0;
+                for (int q = q0; q < q1; ++q) {
+                    const int i = idx ? idx[q] : q;
+                    lr[c] = i;
+                    c += (int32_t)((sel[q] >> t) & 1u) & (at[i] != 0.0f);
+                }
+                cnt[t + d] = c;
             }
         }
         k->gather(n, w, n, nl, L->rows, ap, L->cnt, EQ_RBMAX, yp);
