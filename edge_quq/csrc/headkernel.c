@@ -3,13 +3,15 @@
  * Cost model, for the paper's head (F=2048, H=300, C=100, p0=0.2, p1=0.4):
  *  - Layer 1 is computed once densely (x.W0, the eval-mode pass); every sample then only touches the rows of
  *    W0 whose unit it drops (subtract) or keeps (add), whichever set is smaller, so a sample costs
- *    min(p0, 1-p0) of a dense product. Rows with x_i == 0 are skipped entirely.
+ *    min(p0, 1-p0) of a dense product. Rows with x_i == 0 are compacted out before anything else.
  *  - Layer 2 cannot reuse a precomputed sum: the hidden activations differ per sample, so "dense minus dropped"
  *    would cost 1+p1 against 1-p1 for adding the kept rows. We add kept rows and also skip hidden units that
  *    the ReLU zeroed (typically half of them).
- *  - Samples are processed in chunks of 64 with the loops ordered row-outer: each row of W0/W1 is read once per
- *    chunk and applied to every sample that needs it, instead of streaming 2.4 MB of W0 per sample. The chunk's
- *    hidden pre-activations (64 x H floats) stay in L1/L2.
+ *  - Samples are processed in chunks of 64 lanes (plus the eval-mode pass as one more lane). W is cut into row
+ *    blocks whose slice under one column block stays in L1; per block, the masks become one row list per lane,
+ *    and the gather micro-kernel walks every lane's list with the lane's output columns held in registers (one
+ *    weight load and one FMA per multiply-add, no store of the outputs per row). W0 (2.4 MB for the paper's
+ *    head) is read from memory once per chunk.
  *  - Masks are 64-lane bit sets (bit t = sample t). They are drawn bit-sliced: a Bernoulli(p) for 64 lanes
  *    compares 64 32-bit uniforms to floor(p * 2^32) most significant bit first, one 64-bit random word per bit
  *    position, stopping once every lane is decided (about 7-8 words for 64 lanes instead of 64 draws). The

@@ -24,7 +24,9 @@ enum { EQ_ACT_LINEAR = 0, EQ_ACT_SIGMOID = 1, EQ_ACT_SOFTMAX = 2 };
  * one row block of W, small enough that the block's slice of W stays in L1 while every lane walks it. The
  * micro-kernels hold a lane's output columns in registers across its rows (one weight load and one FMA per
  * multiply-add, no load/store of the output per row) and walk the columns in register-sized blocks. Every
- * variant adds the rows in the same order, so variants differ only by FMA-vs-mul+add rounding. */
+ * variant adds the rows in the same order, so variants differ only by FMA-vs-mul+add rounding. Each ys[l] must
+ * be readable and writable up to n rounded up to 8 floats: the AVX2 variant loads and stores its last output
+ * vector whole (only its weight load is masked). */
 typedef void (*eq_f32_gather_fn)(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
                                  const float *const *coef, const int32_t *cnt, size_t ls, float *const *ys);
 
