@@ -85,14 +85,23 @@ def test_same_masks_same_outputs_as_numpy(isa, activation, f, h, c, t, rates):
     assert got.num_samples == t
 
 
+CONFORMANCE = CASES + [(2048, 300, 100, 50, (0.2, 0.4)), (1280, 300, 1000, 50, (0.2, 0.4)), (64, 300, 10, 50, (0.2, 0.4))]
+
+
 @pytest.mark.parametrize("isa", [i for i in ISAS if i != "scalar"] or ["scalar"])
-def test_every_variant_matches_the_plain_c_path(isa):
-    head = random_head(2048, 300, 100, (0.2, 0.4), "sigmoid", seed=5)
-    x = relu_features(2048, seed=5)
-    masks = keep_masks(np.random.default_rng(9), 50, 2048, 300, (0.2, 0.4))
-    _, p_isa = NativeSampler(head, isa=isa).sample_with_masks(x, masks, return_probs=True)
-    _, p_ref = NativeSampler(head, isa="scalar").sample_with_masks(x, masks, return_probs=True)
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("f,h,c,t,rates", CONFORMANCE, ids=[f"F{f}-H{h}-C{c}-T{t}" for f, h, c, t, _ in CONFORMANCE])
+def test_every_variant_matches_the_plain_c_path(isa, activation, f, h, c, t, rates):
+    # The conformance test of the kernel variants: same masks, the plain C path as reference. Tolerance 5e-6 on
+    # outputs in [0, 1]: the variants add the same rows in the same order and differ only by FMA rounding and,
+    # for avx2_fma, the 8-wide exp/log polynomials (~2 ulp).
+    head = random_head(f, h, c, rates, activation, seed=5 + f)
+    x = relu_features(f, seed=5)
+    masks = keep_masks(np.random.default_rng(9), t, f, h, rates)
+    m_isa, p_isa = NativeSampler(head, isa=isa).sample_with_masks(x, masks, return_probs=True)
+    m_ref, p_ref = NativeSampler(head, isa="scalar").sample_with_masks(x, masks, return_probs=True)
     np.testing.assert_allclose(p_isa, p_ref, atol=5e-6)
+    assert m_isa.expected_entropy == pytest.approx(m_ref.expected_entropy, rel=1e-5, abs=1e-6)
     # Same seed, same generator in every variant: the same masks, so the same moments up to rounding.
     a = NativeSampler(head, seed=3, isa=isa).sample(x, 50)
     b = NativeSampler(head, seed=3, isa="scalar").sample(x, 50)
@@ -218,3 +227,52 @@ def test_bad_inputs_are_refused():
     with pytest.raises(ValueError):
         _headkernel.moments(np.zeros(8, np.float32), head.kernels[0], head.biases[0], head.kernels[1], head.biases[1],
                             1.0, 0.4, 1, 10, np.empty(c), np.empty(c), np.empty(c, np.float32))
+
+
+# -- the closed-form moments in C (edge_quq/csrc/analytic.c) against the numpy reference (edge_quq.analytic) --------
+ANALYTIC_CASES = [(f, h, c, r, act, temp) for (f, h, c, _, r), act, temp in zip(
+    CASES * 3, ["sigmoid"] * len(CASES) + ["softmax"] * len(CASES) + ["linear"] * len(CASES),
+    [1.0, 1.7, 0.6] * len(CASES))]
+
+
+@pytest.mark.parametrize("f,h,c,rates,activation,temperature", ANALYTIC_CASES,
+                         ids=[f"F{f}-H{h}-C{c}-p{r[0]}_{r[1]}-{a}-T{t}" for f, h, c, r, a, t in ANALYTIC_CASES])
+def test_analytic_in_c_matches_the_numpy_reference(f, h, c, rates, activation, temperature):
+    from edge_quq import analytic
+
+    head = random_head(f, h, c, rates, activation, seed=f + h + c)
+    head = HeadWeights(head.kernels, head.biases, head.rates, head.activation, temperature=temperature)
+    x = relu_features(f, seed=c)
+    sampler = analytic.AnalyticSampler(head)
+    assert sampler._native is not None
+    got = sampler.sample(x)
+    # The reference, spelled out: numpy logit moments and output moments, numpy eval logits.
+    mu, var = analytic.logit_moments(head, x)
+    mean, std, ent = analytic.output_moments(mu / temperature, var / temperature**2, activation)
+    logits = head.logits(x[None])[0].astype(np.float64)
+    # Tolerance: float32 matrix-vector sums in another order (as for the sampler, 2e-5 on the logits); the
+    # quadrature nodes' exp/sin/log in float add ~1e-7 relative.
+    np.testing.assert_allclose(got.logits, logits, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(got.mean, mean, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got.std, std, atol=1e-5, rtol=1e-4)
+    # Linear heads take binary entropies of raw logits, whose slope log((1-p)/p) grows without bound near 0 and 1:
+    # the logits' float32 rounding shows up 10-100x larger there.
+    loose = activation == "linear"
+    assert got.expected_entropy == pytest.approx(ent, rel=1e-4 if loose else 1e-5, abs=1e-4 if loose else 1e-6)
+    np.testing.assert_allclose(got.deterministic, head.probs_from_logits(logits[None])[0], atol=2e-5)
+    assert got.num_samples == 0
+
+
+def test_analytic_in_c_refuses_bad_inputs():
+    from edge_quq import _headkernel
+
+    head = random_head(8, 4, 3, (0.2, 0.4), "sigmoid")
+    w0, w1 = head.kernels
+    b0, b1 = head.biases
+    out = (np.empty(3), np.empty(3), np.empty(3, np.float32))
+    with pytest.raises(ValueError):
+        _headkernel.analytic_moments(np.zeros(8, np.float32), w0, b0, w1[:2], b1, 0.2, 0.4, 1, 1.0, *out)
+    with pytest.raises(ValueError):
+        _headkernel.analytic_moments(np.zeros(8, np.float32), w0, b0, w1, b1, 0.2, 0.4, 1, 0.0, *out)
+    with pytest.raises(ValueError):
+        _headkernel.analytic_moments(np.zeros(8, np.float32), w0, b0, w1, b1, 0.2, 0.4, 7, 1.0, *out)

@@ -1,8 +1,10 @@
 """The head kernel's NEON path on aarch64: the kernel C file and a small C driver (tests/csrc/headkernel_driver.c),
 cross-compiled static and run under qemu-aarch64-static, against expected outputs generated here with numpy.
 
-`-cpu cortex-a72` is the Raspberry Pi 4 core (ARMv8.0, no dot product); `-cpu max` has dot product, which the
-kernel must detect at run time (HWCAP_ASIMDDP). The same driver also runs natively (x86 variants, no Python).
+`-cpu cortex-a72` is the Raspberry Pi 4 core (ARMv8.0, no dot product); `-cpu cortex-a76` (Pi 5) and `-cpu max`
+have dot product, which the kernel must detect at run time (HWCAP_ASIMDDP). The dispatch is also run as a pure
+function on the A72's and A76's /proc/cpuinfo texts (`--cpuinfo`). The same driver also runs natively (x86
+variants, no Python).
 """
 from __future__ import annotations
 
@@ -14,11 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edge_quq.samplers.analytic import logit_moments, output_moments
 from edge_quq.head import HeadWeights
 from edge_quq.samplers.reference import NumpySampler
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = [ROOT / "edge_quq" / "csrc" / "headkernel.c", ROOT / "tests" / "csrc" / "headkernel_driver.c"]
+SOURCES = [ROOT / "edge_quq" / "csrc" / "headkernel.c", ROOT / "edge_quq" / "csrc" / "analytic.c",
+           ROOT / "tests" / "csrc" / "headkernel_driver.c"]
 ACT = {"linear": 0, "sigmoid": 1, "softmax": 2}
 # (F, H, C, T, rates, activation): odd sizes hit every SIMD tail; T > 64 crosses a chunk.
 SHAPES = [
@@ -59,6 +63,11 @@ def write_cases(path: Path) -> None:
             out.write(np.ascontiguousarray(probs, "<f4").tobytes())
             out.write(np.ascontiguousarray(mom.mean, "<f8").tobytes())
             out.write(np.ascontiguousarray(mom.std, "<f8").tobytes())
+            # The closed form's numpy reference (edge_quq.samplers.analytic), for the C port in analytic.c.
+            mu, var = logit_moments(head, x)
+            a_mean, a_std, a_ent = output_moments(mu, var, act)
+            out.write(np.ascontiguousarray(a_mean, "<f8").tobytes() + np.ascontiguousarray(a_std, "<f8").tobytes())
+            out.write(struct.pack("<d", a_ent))
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +106,43 @@ def arm_driver(tmp_path_factory) -> Path:
     return exe
 
 
-@pytest.mark.parametrize("cpu,dotprod", [("cortex-a72", False), ("max", True)])
+@pytest.mark.parametrize("cpu,dotprod", [("cortex-a72", False), ("cortex-a76", True), ("max", True)])
 def test_neon_kernel_under_qemu(arm_driver, cases_file, cpu, dotprod):
     res = subprocess.run([QEMU, "-cpu", cpu, str(arm_driver), str(cases_file)], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     summary = res.stdout.strip().splitlines()[-1]
     assert "variants=neon,scalar" in summary and "failures=0" in summary, summary
     assert ("asimddp" in summary) == dotprod, summary
+
+
+# /proc/cpuinfo of a Raspberry Pi 4 (Cortex-A72, part 0xd08) and a Raspberry Pi 5 (Cortex-A76, part 0xd0b).
+CPUINFO = {
+    "a72": "processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\n"
+           "CPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n",
+    "a76": "processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp "
+           "asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\n"
+           "CPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n",
+}
+
+
+@pytest.mark.parametrize("board,features", [("a72", "asimd"), ("a76", "asimd,asimddp")])
+def test_dispatch_from_an_arm_cpuinfo(arm_driver, tmp_path, board, features):
+    info = tmp_path / "cpuinfo"
+    info.write_text(CPUINFO[board])
+    res = subprocess.run([QEMU, "-cpu", "max", str(arm_driver), "--cpuinfo", str(info)], capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    # The float kernel is ARMv8.0 NEON on both boards; dot product is detected and reported (no int8 variant).
+    assert res.stdout.strip() == f"features={features} variants=neon,scalar"
+
+
+@pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
+def test_dispatch_from_this_machines_cpuinfo_matches_the_runtime(cases_file, tmp_path):
+    from edge_quq.samplers import native as sampler_native
+
+    exe = tmp_path / "driver"
+    build("gcc", exe)
+    res = subprocess.run([str(exe), "--cpuinfo", "/proc/cpuinfo"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    if sampler_native.available():
+        assert res.stdout.split()[1] == "variants=" + ",".join(sampler_native.kernel_isas())

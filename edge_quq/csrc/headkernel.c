@@ -3,13 +3,15 @@
  * Cost model, for the paper's head (F=2048, H=300, C=100, p0=0.2, p1=0.4):
  *  - Layer 1 is computed once densely (x.W0, the eval-mode pass); every sample then only touches the rows of
  *    W0 whose unit it drops (subtract) or keeps (add), whichever set is smaller, so a sample costs
- *    min(p0, 1-p0) of a dense product. Rows with x_i == 0 are skipped entirely.
+ *    min(p0, 1-p0) of a dense product. Rows with x_i == 0 are compacted out before anything else.
  *  - Layer 2 cannot reuse a precomputed sum: the hidden activations differ per sample, so "dense minus dropped"
  *    would cost 1+p1 against 1-p1 for adding the kept rows. We add kept rows and also skip hidden units that
  *    the ReLU zeroed (typically half of them).
- *  - Samples are processed in chunks of 64 with the loops ordered row-outer: each row of W0/W1 is read once per
- *    chunk and applied to every sample that needs it, instead of streaming 2.4 MB of W0 per sample. The chunk's
- *    hidden pre-activations (64 x H floats) stay in L1/L2.
+ *  - Samples are processed in chunks of 64 lanes (plus the eval-mode pass as one more lane). W is cut into row
+ *    blocks whose slice under one column block stays in L1; per block, the masks become one row list per lane,
+ *    and the gather micro-kernel walks every lane's list with the lane's output columns held in registers (one
+ *    weight load and one FMA per multiply-add, no store of the outputs per row). W0 (2.4 MB for the paper's
+ *    head) is read from memory once per chunk.
  *  - Masks are 64-lane bit sets (bit t = sample t). They are drawn bit-sliced: a Bernoulli(p) for 64 lanes
  *    compares 64 32-bit uniforms to floor(p * 2^32) most significant bit first, one 64-bit random word per bit
  *    position, stopping once every lane is decided (about 7-8 words for 64 lanes instead of 64 draws). The
@@ -20,8 +22,10 @@
  * eval-mode output so that the one-pass variance does not cancel catastrophically.
  */
 #include "headkernel.h"
+#include "simd_math.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -58,131 +62,205 @@ static inline unsigned eq_popcount64(uint64_t v) {
     return (unsigned)((v * 0x0101010101010101ULL) >> 56);
 }
 
-/* ---------------------------------------------------------------- micro-kernels: masked rank-1 update */
+/* ---------------------------------------------------------------- micro-kernels: gathered-row accumulate */
 
-void eq_f32_rank1_masked__scalar(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                 float scale, float *y, size_t y_stride) {
-    while (lanes) {
-        const unsigned t = eq_ctz64(lanes);
-        lanes &= lanes - 1;
-        const float c = scale * a[t * a_stride];
-        if (c == 0.0f) continue;
-        float *yt = y + t * y_stride;
-        for (size_t j = 0; j < n; ++j) yt[j] += c * w[j];
+void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
+                           const int32_t *cnt, size_t ls, float *const *ys) {
+    for (int l = 0; l < nl; ++l) {
+        float *y = ys[l];
+        for (int k = 0; k < cnt[l]; ++k) {
+            const int32_t i = rows[l * ls + k];
+            const float c = coef[l][i], *wr = w + (size_t)i * ldw;
+            for (size_t j = 0; j < n; ++j) y[j] += c * wr[j];
+        }
     }
 }
+
+/* One column block of NV vectors (columns j..) for every lane: the lane's accumulators live in registers while
+ * it walks its rows. NV is a compile-time constant at every call site (EQ_SWITCH_NV), so the accumulator array is
+ * fully unrolled into registers. WLAST loads the block's last weight vector (masked where a row ends inside it);
+ * the outputs are loaded and stored whole, into the padding of ys (see headkernel.h). */
+#define EQ_GATHER_BLOCK(V, VL, NV, LOAD, STORE, SPLAT, FMA, WLAST)                                              \
+    for (int l = 0; l < nl; ++l) {                                                                             \
+        const int m = cnt[l];                                                                                  \
+        if (!m) continue;                                                                                      \
+        const int32_t *r = rows + l * ls;                                                                      \
+        const float *cf = coef[l];                                                                             \
+        float *y = ys[l] + j;                                                                                  \
+        V acc[NV];                                                                                             \
+        for (int v = 0; v < NV; ++v) acc[v] = LOAD(y + v * VL);                                                \
+        for (int k = 0; k < m; ++k) {                                                                          \
+            const float *wr = w + (size_t)r[k] * ldw + j;                                                      \
+            const V c = SPLAT(cf[r[k]]);                                                                       \
+            for (int v = 0; v < NV - 1; ++v) acc[v] = FMA(c, LOAD(wr + v * VL), acc[v]);                       \
+            acc[NV - 1] = FMA(c, WLAST(wr + (NV - 1) * VL), acc[NV - 1]);                                      \
+        }                                                                                                      \
+        for (int v = 0; v < NV; ++v) STORE(y + v * VL, acc[v]);                                                \
+    }
+
+#define EQ_CASE(NV, BLOCK) case NV: BLOCK(NV); break;
+#define EQ_SWITCH_NV(nv, BLOCK)                                                                                \
+    switch (nv) {                                                                                              \
+        EQ_CASE(1, BLOCK) EQ_CASE(2, BLOCK) EQ_CASE(3, BLOCK) EQ_CASE(4, BLOCK) EQ_CASE(5, BLOCK)              \
+        EQ_CASE(6, BLOCK) EQ_CASE(7, BLOCK) EQ_CASE(8, BLOCK) EQ_CASE(9, BLOCK) EQ_CASE(10, BLOCK)             \
+        EQ_CASE(11, BLOCK) EQ_CASE(12, BLOCK) EQ_CASE(13, BLOCK) EQ_CASE(14, BLOCK) EQ_CASE(15, BLOCK)         \
+        EQ_CASE(16, BLOCK) default: break;                                                                     \
+    }
+
+/* nvec vectors in blocks of at most maxv, as even as possible: a block of 1-2 vectors would leave the FMA units
+ * waiting on its 1-2 dependency chains, so 300 columns of AVX2 go as 10+10+9+9 vectors, not 12+12+12+1+tail. */
+#define EQ_BALANCED(nvec, maxv, VL, BLOCK)                                                                     \
+    do {                                                                                                       \
+        const size_t nb_ = ((nvec) + (maxv) - 1) / (maxv);                                                     \
+        for (size_t b_ = 0; b_ < nb_; ++b_) {                                                                  \
+            const size_t v0_ = (nvec) * b_ / nb_, nv_ = (nvec) * (b_ + 1) / nb_ - v0_;                         \
+            const size_t j = v0_ * (VL);                                                                       \
+            EQ_SWITCH_NV(nv_, BLOCK)                                                                           \
+        }                                                                                                      \
+    } while (0)
+
+/* Columns n - n % VL .. n, one lane at a time in scalar code; MADD matches the vector body's rounding. */
+#define EQ_GATHER_TAIL(j0, MADD)                                                                               \
+    for (int l = 0; l < nl; ++l)                                                                               \
+        for (int k = 0; k < cnt[l]; ++k) {                                                                     \
+            const int32_t i_ = rows[l * ls + k];                                                               \
+            const float c = coef[l][i_], *wr = w + (size_t)i_ * ldw;                                           \
+            for (size_t jj = (j0); jj < n; ++jj) ys[l][jj] = MADD(c, wr[jj], ys[l][jj]);                       \
+        }
+
+static inline float eq_madd_sep(float c, float w, float y) { return y + c * w; }
 
 #ifdef EQ_X86
-void eq_f32_rank1_masked__sse2_x8(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                  float scale, float *y, size_t y_stride) {
-    while (lanes) {
-        const unsigned t = eq_ctz64(lanes);
-        lanes &= lanes - 1;
-        const float c = scale * a[t * a_stride];
-        if (c == 0.0f) continue;
-        float *yt = y + t * y_stride;
-        const __m128 vc = _mm_set1_ps(c);
-        size_t j = 0;
-        for (; j + 8 <= n; j += 8) {
-            __m128 y0 = _mm_loadu_ps(yt + j), y1 = _mm_loadu_ps(yt + j + 4);
-            y0 = _mm_add_ps(y0, _mm_mul_ps(vc, _mm_loadu_ps(w + j)));
-            y1 = _mm_add_ps(y1, _mm_mul_ps(vc, _mm_loadu_ps(w + j + 4)));
-            _mm_storeu_ps(yt + j, y0);
-            _mm_storeu_ps(yt + j + 4, y1);
-        }
-        for (; j + 4 <= n; j += 4)
-            _mm_storeu_ps(yt + j, _mm_add_ps(_mm_loadu_ps(yt + j), _mm_mul_ps(vc, _mm_loadu_ps(w + j))));
-        for (; j < n; ++j) yt[j] += c * w[j];
-    }
+static inline __m128 eq_sse_madd(__m128 c, __m128 w, __m128 acc) { return _mm_add_ps(acc, _mm_mul_ps(c, w)); }
+#define EQ_SSE_BLOCK(NV) EQ_GATHER_BLOCK(__m128, 4, NV, _mm_loadu_ps, _mm_storeu_ps, _mm_set1_ps, eq_sse_madd, _mm_loadu_ps)
+
+void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
+                             const int32_t *cnt, size_t ls, float *const *ys) {
+    EQ_BALANCED(n / 4, 12, 4, EQ_SSE_BLOCK);
+    /* No FMA on SSE2: the scalar tail rounds like the vector body (mul then add). */
+    EQ_GATHER_TAIL(n & ~(size_t)3, eq_madd_sep)
 }
 
-__attribute__((target("avx2,fma")))
-void eq_f32_rank1_masked__avx2_fma_x16(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                       float scale, float *y, size_t y_stride) {
-    while (lanes) {
-        const unsigned t = eq_ctz64(lanes);
-        lanes &= lanes - 1;
-        const float c = scale * a[t * a_stride];
-        if (c == 0.0f) continue;
-        float *yt = y + t * y_stride;
-        const __m256 vc = _mm256_set1_ps(c);
-        size_t j = 0;
-        for (; j + 16 <= n; j += 16) {
-            __m256 y0 = _mm256_loadu_ps(yt + j), y1 = _mm256_loadu_ps(yt + j + 8);
-            y0 = _mm256_fmadd_ps(vc, _mm256_loadu_ps(w + j), y0);
-            y1 = _mm256_fmadd_ps(vc, _mm256_loadu_ps(w + j + 8), y1);
-            _mm256_storeu_ps(yt + j, y0);
-            _mm256_storeu_ps(yt + j + 8, y1);
-        }
-        for (; j + 8 <= n; j += 8)
-            _mm256_storeu_ps(yt + j, _mm256_fmadd_ps(vc, _mm256_loadu_ps(w + j), _mm256_loadu_ps(yt + j)));
-        for (; j + 4 <= n; j += 4)
-            _mm_storeu_ps(yt + j, _mm_fmadd_ps(_mm256_castps256_ps128(vc), _mm_loadu_ps(w + j), _mm_loadu_ps(yt + j)));
-        for (; j < n; ++j) yt[j] = fmaf(c, w[j], yt[j]);
+EQ_AVX2 static inline __m256 eq_avx_fma(__m256 c, __m256 w, __m256 acc) { return _mm256_fmadd_ps(c, w, acc); }
+EQ_AVX2 static inline __m256 eq_avx_splat(float c) { return _mm256_set1_ps(c); }
+EQ_AVX2 static inline __m256 eq_avx_load(const float *p) { return _mm256_loadu_ps(p); }
+EQ_AVX2 static inline void eq_avx_store(float *p, __m256 v) { _mm256_storeu_ps(p, v); }
+#define EQ_AVX_WTAIL(p) _mm256_maskload_ps((p), tail)
+#define EQ_AVX_FULL(NV) EQ_GATHER_BLOCK(__m256, 8, NV, eq_avx_load, eq_avx_store, eq_avx_splat, eq_avx_fma, eq_avx_load)
+#define EQ_AVX_TAIL(NV) EQ_GATHER_BLOCK(__m256, 8, NV, eq_avx_load, eq_avx_store, eq_avx_splat, eq_avx_fma, EQ_AVX_WTAIL)
+#define EQ_AVX_BLOCK(NV)                                                                                       \
+    if (b_ + 1 == nb_ && rem) {                                                                                \
+        EQ_AVX_TAIL(NV)                                                                                        \
+    } else {                                                                                                   \
+        EQ_AVX_FULL(NV)                                                                                        \
     }
+
+EQ_AVX2
+void eq_f32_gather__avx2_fma_x96(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
+                                 const float *const *coef, const int32_t *cnt, size_t ls, float *const *ys) {
+    /* The last vector of the last block is masked where n is not a multiple of 8: no scalar tail pass. */
+    const int rem = (int)(n % 8);
+    const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem ? rem : 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    EQ_BALANCED((n + 7) / 8, 12, 8, EQ_AVX_BLOCK);
 }
 #endif
 
 #ifdef EQ_ARM64
-void eq_f32_rank1_masked__neon_x8(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                  float scale, float *y, size_t y_stride) {
-    while (lanes) {
-        const unsigned t = eq_ctz64(lanes);
-        lanes &= lanes - 1;
-        const float c = scale * a[t * a_stride];
-        if (c == 0.0f) continue;
-        float *yt = y + t * y_stride;
-        const float32x4_t vc = vdupq_n_f32(c);
-        size_t j = 0;
-        for (; j + 8 <= n; j += 8) {
-            float32x4_t y0 = vld1q_f32(yt + j), y1 = vld1q_f32(yt + j + 4);
-            y0 = vfmaq_f32(y0, vc, vld1q_f32(w + j));
-            y1 = vfmaq_f32(y1, vc, vld1q_f32(w + j + 4));
-            vst1q_f32(yt + j, y0);
-            vst1q_f32(yt + j + 4, y1);
-        }
-        for (; j + 4 <= n; j += 4) vst1q_f32(yt + j, vfmaq_f32(vld1q_f32(yt + j), vc, vld1q_f32(w + j)));
-        for (; j < n; ++j) yt[j] = fmaf(c, w[j], yt[j]);
-    }
+static inline float32x4_t eq_neon_fma(float32x4_t c, float32x4_t w, float32x4_t acc) { return vfmaq_f32(acc, c, w); }
+#define EQ_NEON_BLOCK(NV) EQ_GATHER_BLOCK(float32x4_t, 4, NV, vld1q_f32, vst1q_f32, vdupq_n_f32, eq_neon_fma, vld1q_f32)
+
+void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
+                             const int32_t *cnt, size_t ls, float *const *ys) {
+    EQ_BALANCED(n / 4, 16, 4, EQ_NEON_BLOCK);
+    EQ_GATHER_TAIL(n & ~(size_t)3, fmaf)
 }
 #endif
 
 /* ---------------------------------------------------------------- run-time dispatch */
 
+static double eq_activate__scalar(int act, const float *logits, float *p, int C);
+#ifdef EQ_X86
+static double eq_activate__avx2(int act, const float *logits, float *p, int C);
+#endif
+
 static eq_kernels_t eq_table[4];
 static int eq_table_n = -1;
 static char eq_features[64];
 
-static void eq_init_table(void) {
-    /* Idempotent and writes the same values every time, so a racing first call is harmless. */
-    int n = 0;
-    char feats[64] = "";
+/* Feature names as /proc/cpuinfo spells them ("flags" on x86, "Features" on ARM), in EQ_F_* bit order. */
+static const char *const eq_feature_names[] = {"sse2", "avx2", "fma", "asimd", "asimddp", "avx512_vnni", "avx_vnni"};
+
+unsigned eq_features_from_cpuinfo(const char *text) {
+    unsigned f = 0;
+    for (const char *line = text; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL) {
+        if (strncmp(line, "flags", 5) != 0 && strncmp(line, "Features", 8) != 0) continue;
+        const char *colon = strchr(line, ':'), *end = strchr(line, '\n');
+        if (!colon || (end && colon > end)) continue;
+        const char *p = colon + 1;
+        if (!end) end = p + strlen(p);
+        while (p < end) {
+            while (p < end && (*p == ' ' || *p == '\t')) ++p;
+            const char *q = p;
+            while (q < end && *q != ' ' && *q != '\t' && *q != '\r') ++q;
+            for (unsigned i = 0; i < sizeof eq_feature_names / sizeof *eq_feature_names; ++i)
+                if ((size_t)(q - p) == strlen(eq_feature_names[i]) && strncmp(p, eq_feature_names[i], (size_t)(q - p)) == 0)
+                    f |= 1u << i;
+            p = q;
+        }
+        break; /* the first processor's line speaks for all */
+    }
+    return f;
+}
+
+static unsigned eq_detect_features(void) {
+    unsigned f = 0;
 #ifdef EQ_X86
-    strcpy(feats, "sse2");
+    f |= EQ_F_SSE2;
 #if defined(__GNUC__) || defined(__clang__)
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-        strcat(feats, ",avx2,fma");
-        eq_table[n].name = "avx2_fma";
-        eq_table[n++].rank1_masked = eq_f32_rank1_masked__avx2_fma_x16;
-    }
+    if (__builtin_cpu_supports("avx2")) f |= EQ_F_AVX2;
+    if (__builtin_cpu_supports("fma")) f |= EQ_F_FMA;
 #endif
-    eq_table[n].name = "sse2";
-    eq_table[n++].rank1_masked = eq_f32_rank1_masked__sse2_x8;
 #endif
 #ifdef EQ_ARM64
-    strcpy(feats, "asimd");
+    f |= EQ_F_ASIMD;
 #if defined(__linux__)
-    /* Dot-product (ARMv8.2, Cortex-A76/Pi 5) only matters to an int8 head; the float kernel is ARMv8.0 NEON. */
-    if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) strcat(feats, ",asimddp");
+    /* The kernel's hwcaps, not /proc/cpuinfo: they are what the CPU and the OS actually enable. */
+    if (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) f |= EQ_F_ASIMDDP;
 #endif
-    eq_table[n].name = "neon";
-    eq_table[n++].rank1_masked = eq_f32_rank1_masked__neon_x8;
 #endif
-    eq_table[n].name = "scalar";
-    eq_table[n++].rank1_masked = eq_f32_rank1_masked__scalar;
-    memcpy(eq_features, feats, sizeof feats);
-    eq_table_n = n;
+    return f;
+}
+
+int eq_kernels_for(unsigned features, eq_kernels_t *table, int max, char *names, size_t names_size) {
+    int n = 0;
+#ifdef EQ_X86
+    if ((features & (EQ_F_AVX2 | EQ_F_FMA)) == (EQ_F_AVX2 | EQ_F_FMA) && n < max)
+        table[n++] = (eq_kernels_t){"avx2_fma", eq_f32_gather__avx2_fma_x96, eq_activate__avx2};
+    if (n < max) table[n++] = (eq_kernels_t){"sse2", eq_f32_gather__sse2_x48, eq_activate__scalar};
+#endif
+#ifdef EQ_ARM64
+    /* ARMv8.0 NEON everywhere; dot product (ARMv8.2, Cortex-A76/Pi 5) is reported but has no variant: an int8
+     * head would not beat the sparse float kernel (docs/samplers.md, "Why no int8 variant"). */
+    if (n < max) table[n++] = (eq_kernels_t){"neon", eq_f32_gather__neon_x64, eq_activate__scalar};
+#endif
+    if (n < max) table[n++] = (eq_kernels_t){"scalar", eq_f32_gather__scalar, eq_activate__scalar};
+    if (names && names_size) {
+        names[0] = '\0';
+        size_t used = 0;
+        for (unsigned i = 0; i < sizeof eq_feature_names / sizeof *eq_feature_names; ++i) {
+            if (!(features & (1u << i))) continue;
+            const int w = snprintf(names + used, names_size - used, "%s%s", used ? "," : "", eq_feature_names[i]);
+            if (w < 0 || (size_t)w >= names_size - used) break;
+            used += (size_t)w;
+        }
+    }
+    return n;
+}
+
+static void eq_init_table(void) {
+    /* Idempotent and writes the same values every time, so a racing first call is harmless. */
+    eq_table_n = eq_kernels_for(eq_detect_features(), eq_table, 4, eq_features, sizeof eq_features);
 }
 
 int eq_kernels_count(void) {
@@ -266,41 +344,45 @@ uint64_t eq_bernoulli64(eq_rng_t *r, uint32_t threshold, uint64_t lanes) {
 
 /* ---------------------------------------------------------------- the sampler */
 
-static inline void eq_activate(int act, const float *logits, float *p, int C) {
+static inline float eq_clipf(float v) { return v < 1e-12f ? 1e-12f : (v > 1.0f ? 1.0f : v); }
+
+/* Outputs p of one sample's logits and their entropy (edge_quq.sampler.sample_entropy: Shannon for softmax, sum
+ * of binary entropies otherwise). Sigmoid and softmax take the entropy from quantities the activation already
+ * has, with fewer logs and no branch on the logit's sign (a coin flip, so a branch would mispredict):
+ *   sigmoid, e = exp(-|v|):  p = 1/(1+e) or e/(1+e),  H = log1p(e) + |v| e/(1+e)  (one log instead of two);
+ *   softmax, s = sum exp(v - max):  H = log s - sum p (v - max).
+ * The reference clips p to [1e-12, 1] before its logs; that changes a class's term by < 3e-11. */
+/* Sigmoid outputs and binary entropies of logits[c0..C), one class at a time. */
+static double eq_sigmoid_tail(const float *logits, float *p, int c0, int C) {
+    double h = 0.0;
+    for (int c = c0; c < C; ++c) {
+        const float v = logits[c], a = fabsf(v), e = expf(-a), r = 1.0f / (1.0f + e), er = e * r;
+        /* log1p(e) without glibc's slow log1pf: logf(1 + e), or its series where 1 + e would round. */
+        const float l = e < 1e-3f ? e * (1.0f - e * (0.5f - e * (1.0f / 3.0f))) : logf(1.0f + e);
+        p[c] = v >= 0.0f ? r : er;
+        h += (double)(l + a * er);
+    }
+    return h;
+}
+
+static double eq_activate__scalar(int act, const float *logits, float *p, int C) {
+    double h = 0.0;
     if (act == EQ_ACT_SIGMOID) {
-        for (int c = 0; c < C; ++c) {
-            const float v = logits[c];
-            if (v >= 0.0f) {
-                p[c] = 1.0f / (1.0f + expf(-v));
-            } else {
-                const float e = expf(v);
-                p[c] = e / (1.0f + e);
-            }
-        }
+        h = eq_sigmoid_tail(logits, p, 0, C);
     } else if (act == EQ_ACT_SOFTMAX) {
         float m = logits[0];
         for (int c = 1; c < C; ++c) m = logits[c] > m ? logits[c] : m;
         float s = 0.0f;
         for (int c = 0; c < C; ++c) s += (p[c] = expf(logits[c] - m));
         const float inv = 1.0f / s;
-        for (int c = 0; c < C; ++c) p[c] *= inv;
+        double pv = 0.0;
+        for (int c = 0; c < C; ++c) {
+            p[c] *= inv;
+            pv += (double)(p[c] * (logits[c] - m));
+        }
+        h = log((double)s) - pv;
     } else {
         memcpy(p, logits, (size_t)C * sizeof(float));
-    }
-}
-
-static inline float eq_clipf(float v) { return v < 1e-12f ? 1e-12f : (v > 1.0f ? 1.0f : v); }
-
-/* Shannon entropy for softmax, sum of binary entropies otherwise: edge_quq.sampler.sample_entropy.
- * float logs (double was ~8% of the run time); the sum over samples stays double. */
-static double eq_entropy(int act, const float *p, int C) {
-    double h = 0.0;
-    if (act == EQ_ACT_SOFTMAX) {
-        for (int c = 0; c < C; ++c) {
-            const float v = eq_clipf(p[c]);
-            h -= (double)(v * logf(v));
-        }
-    } else {
         for (int c = 0; c < C; ++c) {
             const float v = eq_clipf(p[c]), q = eq_clipf(1.0f - p[c]);
             h -= (double)(v * logf(v) + q * logf(q));
@@ -308,6 +390,49 @@ static double eq_entropy(int act, const float *p, int C) {
     }
     return h;
 }
+
+#ifdef EQ_X86
+EQ_AVX2 static inline double eq_avx_sum_pd(__m256 v) {
+    const __m256d d = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(d), _mm256_extractf128_pd(d, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+}
+
+EQ_AVX2 static double eq_activate__avx2(int act, const float *logits, float *p, int C) {
+    const int C8 = C & ~7;
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    if (act == EQ_ACT_SIGMOID) {
+        double h = 0.0;
+        for (int c = 0; c < C8; c += 8) {
+            const __m256 v = _mm256_loadu_ps(logits + c), a = _mm256_andnot_ps(sign, v);
+            const __m256 e = eq_avx_exp(_mm256_xor_ps(a, sign)), u = _mm256_add_ps(one, e);
+            const __m256 r = _mm256_div_ps(one, u), er = _mm256_mul_ps(e, r), l = eq_avx_log1p01(e);
+            _mm256_storeu_ps(p + c, _mm256_blendv_ps(r, er, v)); /* sign bit of v set: e r */
+            h += eq_avx_sum_pd(_mm256_fmadd_ps(a, er, l));
+        }
+        return h + eq_sigmoid_tail(logits, p, C8, C);
+    }
+    if (act != EQ_ACT_SOFTMAX) return eq_activate__scalar(act, logits, p, C);
+    float m = logits[0];
+    for (int c = 1; c < C; ++c) m = logits[c] > m ? logits[c] : m;
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 vs = _mm256_setzero_ps();
+    for (int c = 0; c < C8; c += 8) {
+        const __m256 e = eq_avx_exp(_mm256_sub_ps(_mm256_loadu_ps(logits + c), vm));
+        _mm256_storeu_ps(p + c, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    float s = (float)eq_avx_sum_pd(vs);
+    for (int c = C8; c < C; ++c) s += (p[c] = expf(logits[c] - m));
+    const float inv = 1.0f / s;
+    double pv = 0.0;
+    for (int c = 0; c < C; ++c) {
+        p[c] *= inv;
+        pv += (double)(p[c] * (logits[c] - m));
+    }
+    return log((double)s) - pv;
+}
+#endif
 
 static size_t eq_round16(size_t n) { return (n + 15) & ~(size_t)15; }
 
@@ -318,128 +443,223 @@ static uint64_t eq_mask_bits(const uint8_t *keep, int stride, int col, int t0, i
     return bits;
 }
 
+/* Lists hold up to EQ_RBMAX rows per lane; the block height is chosen per call so that the block's slice of W
+ * under one column block (at most 96 columns) is about 32 KB: it stays in L1 while every lane walks it. */
+#ifndef EQ_TILE_FLOATS
+#define EQ_TILE_FLOATS 8192
+#endif
+enum { EQ_RBMAX = 256, EQ_LANES = 65 };
+
+typedef struct {
+    int32_t rows[EQ_LANES * EQ_RBMAX];
+    int32_t cnt[EQ_LANES];
+} eq_lists_t;
+
+static int eq_block_rows(size_t n) {
+    const size_t cols = n < 96 ? n : 96, rb = EQ_TILE_FLOATS / (cols ? cols : 1);
+    return rb < 64 ? 64 : (rb > EQ_RBMAX ? EQ_RBMAX : (int)rb);
+}
+
+/* The rows of W taking part are idx[0..np) (all rows when idx is NULL); sel[q] has bit t set when lane t uses
+ * row idx[q]. For lanes t < nt:  y[t*ys : +n] += sum over those rows i of a[t*as + i] * W[i, 0:n];
+ * and, when dense_y is given, one more lane over every row: dense_y += dense_a[i] * W[i] (the eval-mode pass,
+ * sharing the walk over W; it goes first so that it streams each block of W into cache in order for the
+ * others). Zero coefficients (ReLU-zeroed hidden units) are left out. Returns the multiply-adds done. */
+static uint64_t eq_masked_gemm(const eq_kernels_t *k, eq_lists_t *L, const int32_t *idx, int np, size_t n,
+                               const float *w, const uint64_t *sel, const float *a, size_t as, float *y, size_t ys,
+                               int nt, const float *dense_a, float *dense_y) {
+    float *yp[EQ_LANES];
+    const float *ap[EQ_LANES];
+    int32_t *restrict cnt = L->cnt, *restrict lrows = L->rows;
+    const int d = dense_y != NULL, nl = nt + d, rb = eq_block_rows(n);
+    if (d) yp[0] = dense_y, ap[0] = dense_a;
+    for (int t = 0; t < nt; ++t) yp[t + d] = y + (size_t)t * ys, ap[t + d] = a + (size_t)t * as;
+    uint64_t rows = 0;
+    for (int q0 = 0; q0 < np; q0 += rb) {
+        const int q1 = np - q0 < rb ? np : q0 + rb;
+        memset(L->cnt, 0, sizeof L->cnt);
+        if (d)
+            for (int q = q0; q < q1; ++q) {
+                const int i = idx ? idx[q] : q;
+                if (dense_a[i] != 0.0f) lrows[cnt[0]++] = i;
+            }
+        if (as == 0) {
+            /* One coefficient for every lane (layer 1, nonzero features only): nothing to test, row-major. */
+            for (int q = q0; q < q1; ++q)
+                for (uint64_t bits = sel[q]; bits; bits &= bits - 1) {
+                    const unsigned l = eq_ctz64(bits) + (unsigned)d;
+                    lrows[l * EQ_RBMAX + (size_t)cnt[l]++] = idx ? idx[q] : q;
+                }
+        } else {
+            /* Per-lane coefficients (layer 2): lane-major, so that each lane's coefficients are read in order;
+             * branch-free append, a row whose bit is clear or whose coefficient is zero is written, not counted. */
+            for (int t = 0; t < nt; ++t) {
+                const float *at = a + (size_t)t * as;
+                int32_t *lr = lrows + (size_t)(t + d) * EQ_RBMAX, c = 0;
+                for (int q = q0; q < q1; ++q) {
+                    const int i = idx ? idx[q] : q;
+                    lr[c] = i;
+                    c += (int32_t)((sel[q] >> t) & 1u) & (at[i] != 0.0f);
+                }
+                cnt[t + d] = c;
+            }
+        }
+        k->gather(n, w, n, nl, L->rows, ap, L->cnt, EQ_RBMAX, yp);
+        for (int l = 0; l < nl; ++l) rows += (uint64_t)L->cnt[l];
+    }
+    return rows * n;
+}
+
+/* Eval-mode outputs (no dropout): the deterministic logits and the shift of the moment sums. */
+static void eq_eval_outputs(int act, int C, const float *yeval, float *det_logits, double *pdet) {
+    memcpy(det_logits, yeval, (size_t)C * sizeof(float));
+    if (act == EQ_ACT_SIGMOID) {
+        for (int c = 0; c < C; ++c) pdet[c] = 1.0 / (1.0 + exp(-(double)yeval[c]));
+    } else if (act == EQ_ACT_SOFTMAX) {
+        double m = yeval[0], sm = 0.0;
+        for (int c = 1; c < C; ++c) m = yeval[c] > m ? yeval[c] : m;
+        for (int c = 0; c < C; ++c) sm += (pdet[c] = exp((double)yeval[c] - m));
+        for (int c = 0; c < C; ++c) pdet[c] /= sm;
+    } else {
+        for (int c = 0; c < C; ++c) pdet[c] = yeval[c];
+    }
+}
+
+typedef struct {
+    const eq_head_t *hd;
+    const eq_kernels_t *k;
+    eq_lists_t *lists;
+    size_t Hs, Cs;
+    float s0, s1;
+    uint32_t thr0, thr1;
+    eq_rng_t rng;
+    int given, subtract, nnz;
+    int32_t *nz; /* the nonzero features' indices */
+    const uint8_t *keep0, *keep1;
+    float *xs, *xw, *zfull, *heval, *yeval, *prob, *z, *y;
+    uint64_t *sel0, *sel1;
+    double *pdet, *sum1, *sum2, ent;
+    uint64_t macs;
+} eq_run_t;
+
+/* Layer 1 for lanes [t0, t0+nt): subtract the dropped rows from the dense sum, or add the kept rows to the bias,
+ * whichever touches fewer rows; leaves s1 * ReLU(pre-activation) in z, the coefficients of layer 2. The first
+ * chunk builds the dense sum x.W0 in the same walk over W0 (2.4 MB for the paper's head, beyond L2). */
+static void eq_layer1(eq_run_t *r, int t0, int nt, uint64_t lanes) {
+    const eq_head_t *hd = r->hd;
+    const int F = hd->F, H = hd->H, first = t0 == 0;
+    uint64_t ndrop = 0;
+    /* Only the nonzero features draw masks and take part: nothing of a zero feature reaches the output. */
+    for (int q = 0; q < r->nnz; ++q) {
+        uint64_t d;
+        if (r->given) d = r->keep0 ? eq_mask_bits(r->keep0, F, r->nz[q], t0, nt) : 0;
+        else d = r->thr0 ? eq_bernoulli64_inline(&r->rng, r->thr0, lanes) : 0;
+        ndrop += eq_popcount64(d);
+        r->sel0[q] = d;
+    }
+    r->subtract = ndrop * 2 <= (uint64_t)r->nnz * (uint64_t)nt;
+    if (!r->subtract)
+        for (int q = 0; q < r->nnz; ++q) r->sel0[q] = ~r->sel0[q] & lanes;
+    for (int t = 0; t < nt; ++t) {
+        if (r->subtract) memset(r->z + t * r->Hs, 0, (size_t)H * sizeof(float));
+        else memcpy(r->z + t * r->Hs, hd->b0, (size_t)H * sizeof(float));
+    }
+    if (first) memset(r->xw, 0, r->Hs * sizeof(float));
+    r->macs += eq_masked_gemm(r->k, r->lists, r->nz, r->nnz, (size_t)H, hd->w0, r->sel0, r->xs, 0, r->z, r->Hs, nt,
+                              hd->x, first ? r->xw : NULL);
+    if (first)
+        for (int j = 0; j < H; ++j) {
+            const float v = r->xw[j] + hd->b0[j];
+            r->heval[j] = v > 0.0f ? v : 0.0f;
+            r->zfull[j] = hd->b0[j] + r->s0 * r->xw[j];
+        }
+    /* Branch-free so that it vectorises: the ReLU's sign is a coin flip per unit, a branch would mispredict. */
+    const float s1 = r->s1;
+    const float *restrict zf = r->zfull;
+    for (int t = 0; t < nt; ++t) {
+        float *restrict zt = r->z + t * r->Hs;
+        for (int j = 0; j < H; ++j) {
+            const float v = r->subtract ? zf[j] - zt[j] : zt[j];
+            zt[j] = (v > 0.0f ? v : 0.0f) * s1;
+        }
+    }
+}
+
+/* Layer 2 for the chunk: add the kept, nonzero hidden units' rows; the first chunk adds the eval-mode lane. */
+static void eq_layer2(eq_run_t *r, int t0, int nt, uint64_t lanes) {
+    const eq_head_t *hd = r->hd;
+    const int H = hd->H, C = hd->C, first = t0 == 0;
+    for (int j = 0; j < H; ++j) {
+        uint64_t d;
+        if (r->given) d = r->keep1 ? eq_mask_bits(r->keep1, H, j, t0, nt) : 0;
+        else d = r->thr1 ? eq_bernoulli64_inline(&r->rng, r->thr1, lanes) : 0;
+        r->sel1[j] = ~d & lanes;
+    }
+    for (int t = 0; t < nt; ++t) memcpy(r->y + t * r->Cs, hd->b1, (size_t)C * sizeof(float));
+    if (first) memcpy(r->yeval, hd->b1, (size_t)C * sizeof(float));
+    r->macs += eq_masked_gemm(r->k, r->lists, NULL, H, (size_t)C, hd->w1, r->sel1, r->z, r->Hs, r->y, r->Cs, nt, r->heval,
+                   first ? r->yeval : NULL);
+}
+
+static void eq_accumulate(eq_run_t *r, int t0, int nt, float *probs) {
+    const int C = r->hd->C, act = r->hd->act;
+    for (int t = 0; t < nt; ++t) {
+        r->ent += r->k->activate(act, r->y + t * r->Cs, r->prob, C);
+        if (probs) memcpy(probs + (size_t)(t0 + t) * C, r->prob, (size_t)C * sizeof(float));
+        for (int c = 0; c < C; ++c) {
+            const double d = (double)r->prob[c] - r->pdet[c];
+            r->sum1[c] += d;
+            r->sum2[c] += d * d;
+        }
+    }
+}
+
 int eq_head_moments(const eq_head_t *hd, const eq_kernels_t *k, int T, uint64_t seed, int given,
                     const uint8_t *keep0, const uint8_t *keep1, eq_moments_t *out) {
-    const int F = hd->F, H = hd->H, C = hd->C, act = hd->act;
-    const size_t Hs = eq_round16((size_t)H), Cs = eq_round16((size_t)C);
-    const eq_f32_rank1_masked_fn rank1 = k->rank1_masked;
-    /* Same scale as the reference: float32(1 / (1 - p)) computed in double. */
-    const float s0 = hd->p0 > 0.0 ? (float)(1.0 / (1.0 - hd->p0)) : 1.0f;
-    const float s1 = hd->p1 > 0.0 ? (float)(1.0 / (1.0 - hd->p1)) : 1.0f;
-    const uint32_t thr0 = eq_rate_threshold(hd->p0), thr1 = eq_rate_threshold(hd->p1);
-    const float *x = hd->x, *w0 = hd->w0, *b0 = hd->b0, *w1 = hd->w1, *b1 = hd->b1;
-
+    const int F = hd->F, H = hd->H, C = hd->C;
+    eq_run_t r = {.hd = hd, .k = k, .Hs = eq_round16((size_t)H), .Cs = eq_round16((size_t)C),
+                  /* Same scale as the reference: float32(1 / (1 - p)) computed in double. */
+                  .s0 = hd->p0 > 0.0 ? (float)(1.0 / (1.0 - hd->p0)) : 1.0f,
+                  .s1 = hd->p1 > 0.0 ? (float)(1.0 / (1.0 - hd->p1)) : 1.0f,
+                  .thr0 = eq_rate_threshold(hd->p0), .thr1 = eq_rate_threshold(hd->p1),
+                  .given = given, .keep0 = keep0, .keep1 = keep1};
     /* One allocation for all scratch; float regions start on 64-byte boundaries (Hs, Cs multiples of 16). */
-    const size_t n_f = 3 * Hs + Cs + Cs + 64 * Hs + 64 * Cs;
-    const size_t n_u = (size_t)F + (size_t)H;
-    const size_t n_d = 3 * (size_t)C;
-    char *mem = (char *)malloc(n_f * sizeof(float) + n_u * sizeof(uint64_t) + n_d * sizeof(double) + 64);
+    const size_t Fs = eq_round16((size_t)F);
+    const size_t n_f = Fs + 3 * r.Hs + 2 * r.Cs + 64 * r.Hs + 64 * r.Cs;
+    const size_t n_u = (size_t)F + (size_t)H + (size_t)F / 2 + 1, n_d = 3 * (size_t)C;
+    char *mem = (char *)malloc(sizeof(eq_lists_t) + n_f * sizeof(float) + n_u * sizeof(uint64_t) +
+                               n_d * sizeof(double) + 64);
     if (!mem) return -1;
-    float *base = (float *)(((uintptr_t)mem + 63) & ~(uintptr_t)63);
-    float *xw = base, *zfull = xw + Hs, *heval = zfull + Hs, *yeval = heval + Hs, *prob = yeval + Cs;
-    float *z = prob + Cs, *y = z + 64 * Hs;
-    uint64_t *drop0 = (uint64_t *)(y + 64 * Cs), *drop1 = drop0 + F;
-    double *pdet = (double *)(drop1 + H), *sum1 = pdet + C, *sum2 = sum1 + C;
-
-    int nnz = 0;
-    for (int i = 0; i < F; ++i) nnz += x[i] != 0.0f;
-    memset(sum1, 0, 2 * (size_t)C * sizeof(double));
-    double ent = 0.0;
-    eq_rng_t rng;
-    eq_rng_seed(&rng, seed);
+    r.lists = (eq_lists_t *)(((uintptr_t)mem + 63) & ~(uintptr_t)63);
+    r.xs = (float *)(r.lists + 1);
+    r.xw = r.xs + Fs, r.zfull = r.xw + r.Hs, r.heval = r.zfull + r.Hs, r.yeval = r.heval + r.Hs;
+    r.prob = r.yeval + r.Cs, r.z = r.prob + r.Cs, r.y = r.z + 64 * r.Hs;
+    r.sel0 = (uint64_t *)(r.y + 64 * r.Cs), r.sel1 = r.sel0 + F;
+    r.nz = (int32_t *)(r.sel1 + H);
+    r.pdet = (double *)(r.sel1 + H + F / 2 + 1), r.sum1 = r.pdet + C, r.sum2 = r.sum1 + C;
+    for (int i = 0; i < F; ++i) {
+        r.xs[i] = r.s0 * hd->x[i];
+        if (hd->x[i] != 0.0f) r.nz[r.nnz++] = i;
+    }
+    memset(r.sum1, 0, 2 * (size_t)C * sizeof(double));
+    r.ent = 0.0;
+    eq_rng_seed(&r.rng, seed);
 
     for (int t0 = 0; t0 < T; t0 += 64) {
         const int nt = T - t0 < 64 ? T - t0 : 64;
         const uint64_t lanes = nt == 64 ? ~0ULL : ((1ULL << nt) - 1);
-        /* The first chunk shares its pass over W0 with the dense eval-mode product, so W0 (2.4 MB for the
-         * paper's head, beyond L2) is streamed once for T <= 64 instead of twice. */
-        const int first = t0 == 0;
-
-        /* Layer 1: subtract the dropped rows from the dense sum, or add the kept rows to the bias, whichever
-         * touches fewer rows. Subtract mode accumulates the dropped part from zero and takes the difference at
-         * the end, so that the first chunk can build the dense sum in the same pass. */
-        uint64_t ndrop = 0;
-        for (int i = 0; i < F; ++i) {
-            uint64_t d;
-            if (given) d = keep0 ? eq_mask_bits(keep0, F, i, t0, nt) : 0;
-            else d = thr0 ? eq_bernoulli64_inline(&rng, thr0, lanes) : 0;
-            drop0[i] = d;
-            if (x[i] != 0.0f) ndrop += eq_popcount64(d);
-        }
-        const int subtract = ndrop * 2 <= (uint64_t)nnz * (uint64_t)nt;
-        for (int t = 0; t < nt; ++t) {
-            if (subtract) memset(z + t * Hs, 0, (size_t)H * sizeof(float));
-            else memcpy(z + t * Hs, b0, (size_t)H * sizeof(float));
-        }
-        if (first) memset(xw, 0, Hs * sizeof(float));
-        for (int i = 0; i < F; ++i) {
-            if (x[i] == 0.0f) continue;
-            const float *row = w0 + (size_t)i * H;
-            if (first) rank1((size_t)H, row, 1, x + i, 0, 1.0f, xw, 0);
-            const uint64_t sel = subtract ? drop0[i] : (~drop0[i] & lanes);
-            if (sel) rank1((size_t)H, row, sel, x + i, 0, s0, z, Hs);
-        }
-        if (first) {
-            /* Eval-mode head (no dropout, no scaling): the deterministic output and the moment shift. */
-            for (int j = 0; j < H; ++j) {
-                const float v = xw[j] + b0[j];
-                heval[j] = v > 0.0f ? v : 0.0f;
-                zfull[j] = b0[j] + s0 * xw[j];
-            }
-            memcpy(yeval, b1, (size_t)C * sizeof(float));
-            for (int j = 0; j < H; ++j) rank1((size_t)C, w1 + (size_t)j * C, 1, heval + j, 0, 1.0f, yeval, 0);
-            memcpy(out->det_logits, yeval, (size_t)C * sizeof(float));
-            if (act == EQ_ACT_SIGMOID) {
-                for (int c = 0; c < C; ++c) pdet[c] = 1.0 / (1.0 + exp(-(double)yeval[c]));
-            } else if (act == EQ_ACT_SOFTMAX) {
-                double m = yeval[0], sm = 0.0;
-                for (int c = 1; c < C; ++c) m = yeval[c] > m ? yeval[c] : m;
-                for (int c = 0; c < C; ++c) sm += (pdet[c] = exp((double)yeval[c] - m));
-                for (int c = 0; c < C; ++c) pdet[c] /= sm;
-            } else {
-                for (int c = 0; c < C; ++c) pdet[c] = yeval[c];
-            }
-        }
-        for (int t = 0; t < nt; ++t) {
-            float *zt = z + t * Hs;
-            if (subtract)
-                for (int j = 0; j < H; ++j) {
-                    const float v = zfull[j] - zt[j];
-                    zt[j] = v > 0.0f ? v : 0.0f;
-                }
-            else
-                for (int j = 0; j < H; ++j) zt[j] = zt[j] > 0.0f ? zt[j] : 0.0f;
-        }
-
-        /* Layer 2: add the kept, nonzero hidden units' rows (zero coefficients are skipped in the kernel). */
-        for (int t = 0; t < nt; ++t) memcpy(y + t * Cs, b1, (size_t)C * sizeof(float));
-        for (int j = 0; j < H; ++j) {
-            uint64_t d;
-            if (given) d = keep1 ? eq_mask_bits(keep1, H, j, t0, nt) : 0;
-            else d = thr1 ? eq_bernoulli64_inline(&rng, thr1, lanes) : 0;
-            drop1[j] = d;
-            const uint64_t sel = ~d & lanes;
-            if (sel) rank1((size_t)C, w1 + (size_t)j * C, sel, z + j, Hs, s1, y, Cs);
-        }
-
-        for (int t = 0; t < nt; ++t) {
-            eq_activate(act, y + t * Cs, prob, C);
-            if (out->probs) memcpy(out->probs + (size_t)(t0 + t) * C, prob, (size_t)C * sizeof(float));
-            for (int c = 0; c < C; ++c) {
-                const double d = (double)prob[c] - pdet[c];
-                sum1[c] += d;
-                sum2[c] += d * d;
-            }
-            ent += eq_entropy(act, prob, C);
-        }
+        eq_layer1(&r, t0, nt, lanes);
+        eq_layer2(&r, t0, nt, lanes);
+        if (t0 == 0) eq_eval_outputs(hd->act, C, r.yeval, out->det_logits, r.pdet);
+        eq_accumulate(&r, t0, nt, out->probs);
     }
-
     for (int c = 0; c < C; ++c) {
-        const double m = sum1[c] / T, v = sum2[c] / T - m * m;
-        out->mean[c] = pdet[c] + m;
+        const double m = r.sum1[c] / T, v = r.sum2[c] / T - m * m;
+        out->mean[c] = r.pdet[c] + m;
         out->std[c] = v > 0.0 ? sqrt(v) : 0.0;
     }
-    out->expected_entropy = T > 0 ? ent / T : 0.0;
+    out->expected_entropy = T > 0 ? r.ent / T : 0.0;
+    out->macs = r.macs;
     free(mem);
     return 0;
 }

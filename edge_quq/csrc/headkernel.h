@@ -18,29 +18,39 @@ extern "C" {
 
 enum { EQ_ACT_LINEAR = 0, EQ_ACT_SIGMOID = 1, EQ_ACT_SOFTMAX = 2 };
 
-/* Masked rank-1 update, the one hot loop of the kernel:
- *   for every lane t set in `lanes` (t < 64):  c = scale * a[t * a_stride];  if c != 0: y[t*y_stride : +n] += c * w[0:n]
- * Layer 1 uses it with a = &x[i], a_stride = 0 (one coefficient for all samples that drop/keep unit i);
- * layer 2 with a = &h[0][j], a_stride = row stride (each sample's own hidden activation). */
-typedef void (*eq_f32_rank1_masked_fn)(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                       float scale, float *y, size_t y_stride);
+/* Gathered-row accumulate, the one hot loop of the kernel, for `nl` lanes (samples) at once:
+ *   for every lane l < nl:  ys[l][0:n] += sum_{k < cnt[l]} coef[l][i] * w[i * ldw + 0:n],  i = rows[l*ls + k]
+ * The caller gives each lane the rows it needs (a sample's dropped or kept units with a nonzero coefficient) of
+ * one row block of W, small enough that the block's slice of W stays in L1 while every lane walks it. The
+ * micro-kernels hold a lane's output columns in registers across its rows (one weight load and one FMA per
+ * multiply-add, no load/store of the output per row) and walk the columns in register-sized blocks. Every
+ * variant adds the rows in the same order, so variants differ only by FMA-vs-mul+add rounding. Each ys[l] must
+ * be readable and writable up to n rounded up to 8 floats: the AVX2 variant loads and stores its last output
+ * vector whole (only its weight load is masked). */
+typedef void (*eq_f32_gather_fn)(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
+                                 const float *const *coef, const int32_t *cnt, size_t ls, float *const *ys);
+
+/* One sample's outputs p[0:C] = activation(logits) and their entropy (Shannon for softmax, sum of binary
+ * entropies otherwise). */
+typedef double (*eq_activate_fn)(int act, const float *logits, float *p, int C);
 
 typedef struct {
     const char *name; /* "scalar", "sse2", "avx2_fma", "neon" */
-    eq_f32_rank1_masked_fn rank1_masked;
+    eq_f32_gather_fn gather;
+    eq_activate_fn activate;
 } eq_kernels_t;
 
-void eq_f32_rank1_masked__scalar(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                 float scale, float *y, size_t y_stride);
+void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
+                           const int32_t *cnt, size_t ls, float *const *ys);
 #if defined(__x86_64__) || defined(_M_X64)
-void eq_f32_rank1_masked__sse2_x8(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                  float scale, float *y, size_t y_stride);
-void eq_f32_rank1_masked__avx2_fma_x16(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                       float scale, float *y, size_t y_stride);
+void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
+                             const int32_t *cnt, size_t ls, float *const *ys);
+void eq_f32_gather__avx2_fma_x96(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
+                                 const float *const *coef, const int32_t *cnt, size_t ls, float *const *ys);
 #endif
 #if defined(__aarch64__)
-void eq_f32_rank1_masked__neon_x8(size_t n, const float *w, uint64_t lanes, const float *a, size_t a_stride,
-                                  float scale, float *y, size_t y_stride);
+void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
+                             const int32_t *cnt, size_t ls, float *const *ys);
 #endif
 
 /* Variants usable on this CPU, best first; the last one is always the plain C reference. */
@@ -49,6 +59,15 @@ const eq_kernels_t *eq_kernels_get(int i);
 const eq_kernels_t *eq_kernels_find(const char *name); /* NULL if unknown or not supported here */
 /* Comma-separated CPU features relevant to the kernels as detected at run time (e.g. "avx2,fma" or "asimd,asimddp"). */
 const char *eq_cpu_features(void);
+
+/* The dispatch as a pure function, so that tests can feed it another machine's /proc/cpuinfo. */
+enum { EQ_F_SSE2 = 1, EQ_F_AVX2 = 2, EQ_F_FMA = 4, EQ_F_ASIMD = 8, EQ_F_ASIMDDP = 16, EQ_F_AVX512_VNNI = 32,
+       EQ_F_AVX_VNNI = 64 };
+/* EQ_F_* bits named on the first "flags" (x86) or "Features" (ARM) line of a /proc/cpuinfo text. */
+unsigned eq_features_from_cpuinfo(const char *text);
+/* Fills table (best first, "scalar" last) with the variants compiled here that those features allow, and names
+ * with the features as a comma-separated list; returns the number of variants. */
+int eq_kernels_for(unsigned features, eq_kernels_t *table, int max, char *names, size_t names_size);
 
 typedef struct {
     int F, H, C;
@@ -67,6 +86,7 @@ typedef struct {
     float *det_logits;       /* [C] eval-mode logits (no dropout) */
     float *probs;            /* optional [T, C]: every sample's outputs (tests); NULL to skip */
     double expected_entropy; /* mean over samples of the per-sample entropy */
+    uint64_t macs;           /* multiply-adds the kernel executed (benchmarks: GMAC/s against the core's peak) */
 } eq_moments_t;
 
 /* T MC-dropout samples.  Masks come from the kernel's own PRNG (xoshiro256** seeded by splitmix64(seed)) when
@@ -75,6 +95,11 @@ typedef struct {
  * Returns 0, or -1 when memory could not be allocated. Thread-safe (no global state but the variant table). */
 int eq_head_moments(const eq_head_t *head, const eq_kernels_t *k, int T, uint64_t seed, int given,
                     const uint8_t *keep0, const uint8_t *keep1, eq_moments_t *out);
+
+/* Closed-form moments (edge_quq.analytic for the 2-block head; analytic.c): mean, std and expected entropy of
+ * activation(logits / temperature), det_logits the raw eval-mode logits; probs is not used. Returns 0, or -1
+ * when memory could not be allocated. */
+int eq_head_analytic(const eq_head_t *head, double temperature, eq_moments_t *out);
 
 /* The Bernoulli generator, exposed for tests: 64 lanes at once, bit t set = unit dropped in sample t. */
 typedef struct { uint64_t s[4]; } eq_rng_t;

@@ -49,67 +49,94 @@ static const eq_kernels_t *kernels_by_name(PyObject *isa) {
     return k;
 }
 
+/* The head's buffers and the three outputs every entry writes (mean, std, eval logits), checked and borrowed. */
+typedef struct {
+    buf_t x, b0, b1, w0, w1, mean, std, logits;
+    eq_head_t head;
+} head_bufs_t;
+
+static void head_bufs_release(head_bufs_t *hb) {
+    buf_release(&hb->x); buf_release(&hb->b0); buf_release(&hb->b1); buf_release(&hb->w0); buf_release(&hb->w1);
+    buf_release(&hb->mean); buf_release(&hb->std); buf_release(&hb->logits);
+}
+
+/* Returns 0, or -1 with a Python error set (release with head_bufs_release either way). Shapes come from the
+ * vectors: F from x, H from b0, C from b1; the matrices and outputs must match them. */
+static int head_bufs_get(head_bufs_t *hb, PyObject *ox, PyObject *ow0, PyObject *ob0, PyObject *ow1, PyObject *ob1,
+                         PyObject *omean, PyObject *ostd, PyObject *ologits, double p0, double p1, int act) {
+    memset(hb, 0, sizeof *hb);
+    if (!(p0 >= 0.0 && p0 < 1.0 && p1 >= 0.0 && p1 < 1.0)) {
+        PyErr_Format(PyExc_ValueError, "dropout rates must be in [0, 1), got %g and %g", p0, p1);
+        return -1;
+    }
+    if (act != EQ_ACT_LINEAR && act != EQ_ACT_SIGMOID && act != EQ_ACT_SOFTMAX) {
+        PyErr_Format(PyExc_ValueError, "unknown activation code %d", act);
+        return -1;
+    }
+    PyObject *vecs[3] = {ox, ob0, ob1};
+    buf_t *vbufs[3] = {&hb->x, &hb->b0, &hb->b1};
+    for (int i = 0; i < 3; ++i) {
+        if (PyObject_GetBuffer(vecs[i], &vbufs[i]->view, PyBUF_C_CONTIGUOUS) < 0) return -1;
+        vbufs[i]->held = 1;
+    }
+    const Py_ssize_t F = hb->x.view.len / 4, H = hb->b0.view.len / 4, C = hb->b1.view.len / 4;
+    if (F < 1 || H < 1 || C < 1 || F > INT_MAX / 2 || H > INT_MAX / 2 || C > INT_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "empty or oversized head");
+        return -1;
+    }
+    if (buf_get(ow0, &hb->w0, F * H, 4, 0, 0, "w0") || buf_get(ow1, &hb->w1, H * C, 4, 0, 0, "w1") ||
+        buf_get(omean, &hb->mean, C, 8, 1, 0, "mean_out") || buf_get(ostd, &hb->std, C, 8, 1, 0, "std_out") ||
+        buf_get(ologits, &hb->logits, C, 4, 1, 0, "logits_out"))
+        return -1;
+    eq_head_t head = {(int)F, (int)H, (int)C, (const float *)hb->x.view.buf, (const float *)hb->w0.view.buf,
+                      (const float *)hb->b0.view.buf, (const float *)hb->w1.view.buf, (const float *)hb->b1.view.buf,
+                      p0, p1, act};
+    hb->head = head;
+    return 0;
+}
+
 static PyObject *run(PyObject *args, PyObject *kwargs, int given) {
     static char *kwlist[] = {"x", "w0", "b0", "w1", "b1", "p0", "p1", "activation", "num_iter", "mean_out",
-                             "std_out", "logits_out", "seed", "mask0", "mask1", "probs_out", "isa", NULL};
+                             "std_out", "logits_out", "seed", "mask0", "mask1", "probs_out", "isa", "stats_out", NULL};
     PyObject *ox, *ow0, *ob0, *ow1, *ob1, *omean, *ostd, *ologits;
-    PyObject *omask0 = Py_None, *omask1 = Py_None, *oprobs = Py_None, *oisa = Py_None;
+    PyObject *omask0 = Py_None, *omask1 = Py_None, *oprobs = Py_None, *oisa = Py_None, *ostats = Py_None;
     double p0, p1;
     int act, T;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOddiiOOO|$KOOOO", kwlist, &ox, &ow0, &ob0, &ow1, &ob1, &p0,
-                                     &p1, &act, &T, &omean, &ostd, &ologits, &seed, &omask0, &omask1, &oprobs, &oisa))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOddiiOOO|$KOOOOO", kwlist, &ox, &ow0, &ob0, &ow1, &ob1, &p0,
+                                     &p1, &act, &T, &omean, &ostd, &ologits, &seed, &omask0, &omask1, &oprobs, &oisa,
+                                     &ostats))
         return NULL;
     if (T < 1) return PyErr_Format(PyExc_ValueError, "num_iter must be >= 1, got %d", T);
-    if (!(p0 >= 0.0 && p0 < 1.0 && p1 >= 0.0 && p1 < 1.0))
-        return PyErr_Format(PyExc_ValueError, "dropout rates must be in [0, 1), got %g and %g", p0, p1);
-    if (act != EQ_ACT_LINEAR && act != EQ_ACT_SIGMOID && act != EQ_ACT_SOFTMAX)
-        return PyErr_Format(PyExc_ValueError, "unknown activation code %d", act);
     const eq_kernels_t *k = kernels_by_name(oisa);
     if (!k) return NULL;
 
-    buf_t bx = {0}, bb0 = {0}, bw0 = {0}, bw1 = {0}, bb1 = {0}, bm = {0}, bs = {0}, bl = {0}, bp = {0}, bk0 = {0},
-          bk1 = {0};
+    head_bufs_t hb;
+    buf_t bp = {0}, bk0 = {0}, bk1 = {0}, bst = {0};
     PyObject *result = NULL;
-    /* Shapes come from the vectors: F from x, H from b0, C from b1; the matrices must match them. */
-    if (PyObject_GetBuffer(ox, &bx.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
-    bx.held = 1;
-    if (PyObject_GetBuffer(ob0, &bb0.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
-    bb0.held = 1;
-    if (PyObject_GetBuffer(ob1, &bb1.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
-    bb1.held = 1;
-    const Py_ssize_t F = bx.view.len / 4, H = bb0.view.len / 4, C = bb1.view.len / 4;
-    if (F < 1 || H < 1 || C < 1 || F > INT_MAX / 2 || H > INT_MAX / 2 || C > INT_MAX / 2) {
-        PyErr_SetString(PyExc_ValueError, "empty or oversized head");
+    if (head_bufs_get(&hb, ox, ow0, ob0, ow1, ob1, omean, ostd, ologits, p0, p1, act) ||
+        buf_get(oprobs, &bp, (Py_ssize_t)T * hb.head.C, 4, 1, 1, "probs_out") ||
+        buf_get(omask0, &bk0, (Py_ssize_t)T * hb.head.F, 1, 0, 1, "mask0") ||
+        buf_get(omask1, &bk1, (Py_ssize_t)T * hb.head.H, 1, 0, 1, "mask1") ||
+        buf_get(ostats, &bst, 1, 8, 1, 1, "stats_out"))
         goto done;
-    }
-    if (buf_get(ow0, &bw0, F * H, 4, 0, 0, "w0") || buf_get(ow1, &bw1, H * C, 4, 0, 0, "w1") ||
-        buf_get(omean, &bm, C, 8, 1, 0, "mean_out") || buf_get(ostd, &bs, C, 8, 1, 0, "std_out") ||
-        buf_get(ologits, &bl, C, 4, 1, 0, "logits_out") ||
-        buf_get(oprobs, &bp, (Py_ssize_t)T * C, 4, 1, 1, "probs_out") ||
-        buf_get(omask0, &bk0, (Py_ssize_t)T * F, 1, 0, 1, "mask0") ||
-        buf_get(omask1, &bk1, (Py_ssize_t)T * H, 1, 0, 1, "mask1"))
-        goto done;
-
-    eq_head_t head = {(int)F, (int)H, (int)C, (const float *)bx.view.buf, (const float *)bw0.view.buf,
-                      (const float *)bb0.view.buf, (const float *)bw1.view.buf, (const float *)bb1.view.buf,
-                      p0, p1, act};
-    eq_moments_t out = {(double *)bm.view.buf, (double *)bs.view.buf, (float *)bl.view.buf,
-                        bp.held ? (float *)bp.view.buf : NULL, 0.0};
+    eq_moments_t out = {(double *)hb.mean.view.buf, (double *)hb.std.view.buf, (float *)hb.logits.view.buf,
+                        bp.held ? (float *)bp.view.buf : NULL, 0.0, 0};
     const uint8_t *k0 = bk0.held ? (const uint8_t *)bk0.view.buf : NULL;
     const uint8_t *k1 = bk1.held ? (const uint8_t *)bk1.view.buf : NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = eq_head_moments(&head, k, T, (uint64_t)seed, given, k0, k1, &out);
+    rc = eq_head_moments(&hb.head, k, T, (uint64_t)seed, given, k0, k1, &out);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_NoMemory();
         goto done;
     }
+    if (bst.held) *(int64_t *)bst.view.buf = (int64_t)out.macs;
     result = PyFloat_FromDouble(out.expected_entropy);
 done:
-    buf_release(&bx); buf_release(&bb0); buf_release(&bb1); buf_release(&bw0); buf_release(&bw1);
-    buf_release(&bm); buf_release(&bs); buf_release(&bl); buf_release(&bp); buf_release(&bk0); buf_release(&bk1);
+    head_bufs_release(&hb);
+    buf_release(&bp); buf_release(&bk0); buf_release(&bk1); buf_release(&bst);
     return result;
 }
 
@@ -121,6 +148,34 @@ static PyObject *py_moments(PyObject *self, PyObject *args, PyObject *kwargs) {
 static PyObject *py_moments_with_masks(PyObject *self, PyObject *args, PyObject *kwargs) {
     (void)self;
     return run(args, kwargs, 1);
+}
+
+static PyObject *py_analytic(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ox, *ow0, *ob0, *ow1, *ob1, *omean, *ostd, *ologits;
+    double p0, p1, temperature;
+    int act;
+    if (!PyArg_ParseTuple(args, "OOOOOddidOOO", &ox, &ow0, &ob0, &ow1, &ob1, &p0, &p1, &act, &temperature, &omean,
+                          &ostd, &ologits))
+        return NULL;
+    if (!(temperature > 0.0)) return PyErr_Format(PyExc_ValueError, "temperature must be > 0, got %g", temperature);
+    head_bufs_t hb;
+    PyObject *result = NULL;
+    if (head_bufs_get(&hb, ox, ow0, ob0, ow1, ob1, omean, ostd, ologits, p0, p1, act)) goto done;
+    eq_moments_t out = {(double *)hb.mean.view.buf, (double *)hb.std.view.buf, (float *)hb.logits.view.buf, NULL,
+                        0.0, 0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = eq_head_analytic(&hb.head, temperature, &out);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = PyFloat_FromDouble(out.expected_entropy);
+done:
+    head_bufs_release(&hb);
+    return result;
 }
 
 static PyObject *py_isa(PyObject *self, PyObject *unused) {
@@ -166,10 +221,10 @@ static PyObject *py_bernoulli_bits(PyObject *self, PyObject *args) {
 
 #define MOMENTS_DOC                                                                                              \
     "(x, w0, b0, w1, b1, p0, p1, activation, num_iter, mean_out, std_out, logits_out, *, seed=0, mask0=None, "   \
-    "mask1=None, probs_out=None, isa=None) -> expected_entropy\n\n"                                              \
+    "mask1=None, probs_out=None, isa=None, stats_out=None) -> expected_entropy\n\n"                                              \
     "x float32[F], w0 float32[F,H], b0 float32[H], w1 float32[H,C], b1 float32[C]; activation 0 linear, "       \
     "1 sigmoid, 2 softmax. Writes mean_out/std_out float64[C], logits_out float32[C] (eval-mode logits) and, if "  \
-    "given, probs_out float32[T,C]. isa picks a kernel variant from isas() ('scalar' = plain C reference). "      \
+    "given, probs_out float32[T,C] and stats_out int64[1] (multiply-adds executed). isa picks a kernel variant from isas() ('scalar' = plain C reference). "      \
     "Releases the GIL."
 
 static PyMethodDef methods[] = {
@@ -178,6 +233,11 @@ static PyMethodDef methods[] = {
     {"moments_with_masks", (PyCFunction)(void (*)(void))py_moments_with_masks, METH_VARARGS | METH_KEYWORDS,
      "MC-dropout moments for caller-given uint8 0/1 keep masks mask0[T,F], mask1[T,H] (None: keep all).\n"
      MOMENTS_DOC},
+    {"analytic_moments", py_analytic, METH_VARARGS,
+     "analytic_moments(x, w0, b0, w1, b1, p0, p1, activation, temperature, mean_out, std_out, logits_out) -> "
+     "expected_entropy\n\nClosed-form moments of the 2-block head (edge_quq.analytic's formulas, one pass over W0): "
+     "mean_out/std_out float64[C] of activation(logits / temperature), logits_out float32[C] the raw eval-mode "
+     "logits. Releases the GIL."},
     {"isa", py_isa, METH_NOARGS, "Name of the kernel variant used by default (the best this CPU supports)."},
     {"isas", py_isas, METH_NOARGS, "Kernel variants usable on this CPU, best first; the last is 'scalar'."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "CPU features detected at run time that the kernels care about."},

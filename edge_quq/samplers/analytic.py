@@ -183,11 +183,46 @@ class AnalyticSampler(Sampler):
 
     def __init__(self, head: HeadWeights, seed: Optional[int] = None) -> None:
         super().__init__(head, seed)
+        # The 2-block head runs in C when the kernel is built (same formulas, one pass over W0, ~4x faster);
+        # the numpy functions above stay the reference and serve every other head.
+        self._native = _native_analytic(head)
         # W^2 once: the variance pass is a second matrix-vector product.
-        self._sq = [np.square(k, dtype=np.float32) for k in head.kernels]
+        self._sq = None if self._native else [np.square(k, dtype=np.float32) for k in head.kernels]
 
     def sample(self, features: np.ndarray, num_iter: int = 0) -> HeadMoments:
         return super().sample(features, num_iter)
 
     def sample_rows(self, x: np.ndarray, num_iter: int = 0) -> HeadMoments:
-        return analytic_moments(self.head, x, self._sq)
+        if self._native is None:
+            return analytic_moments(self.head, x, self._sq)
+        rows = [self._native(np.ascontiguousarray(r, dtype=np.float32)) for r in x]
+        c = self.head.num_classes
+        mean, std, logits = (np.stack([r[i] for r in rows]) if rows else np.zeros((0, c)) for i in range(3))
+        ent = np.array([r[3] for r in rows])
+        return HeadMoments(mean=mean, std=std, deterministic=self.head.probs_from_logits(logits), logits=logits,
+                           expected_entropy=ent, num_samples=0)
+
+
+def _native_analytic(head: HeadWeights):
+    """x -> (mean, std, eval logits, expected entropy) by edge_quq._headkernel.analytic_moments, or None when the
+    kernel is not built or the head is not the canonical 2-block one."""
+    try:
+        from edge_quq import _headkernel as kernel  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+    acts = {"linear": 0, "sigmoid": 1, "softmax": 2}
+    if len(head.kernels) != 2 or head.activation not in acts or not hasattr(kernel, "analytic_moments"):
+        return None
+    w0, w1 = (np.ascontiguousarray(k, dtype=np.float32) for k in head.kernels)
+    b0, b1 = (np.ascontiguousarray(b, dtype=np.float32) for b in head.biases)
+    args = (w0, b0, w1, b1, float(head.rates[0]), float(head.rates[1]), acts[head.activation], float(head.temperature))
+    c = b1.shape[0]
+
+    def run(x: np.ndarray):
+        if x.shape[0] != w0.shape[0]:
+            raise ValueError(f"features have size {x.shape[0]}, the head expects {w0.shape[0]}")
+        mean, std, logits = np.empty(c), np.empty(c), np.empty(c, np.float32)
+        ent = kernel.analytic_moments(x, *args, mean, std, logits)
+        return mean, std, logits.astype(np.float64), float(ent)
+
+    return run

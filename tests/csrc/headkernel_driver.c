@@ -2,13 +2,16 @@
  * tests/test_native_aarch64.py (also built natively there). No Python on the target needed.
  *
  *   headkernel_driver CASES_FILE
+ *   headkernel_driver --cpuinfo CPUINFO_FILE   (the dispatch for another machine's /proc/cpuinfo)
  *
  * CASES_FILE (little-endian, written by the test with numpy): int32 count, then per case
  *   int32 F, H, C, T, act; float64 p0, p1, atol;
  *   float32 x[F], w0[F*H], b0[H], w1[H*C], b1[C]; uint8 keep0[T*F], keep1[T*H];
- *   float32 probs[T*C] (numpy HeadWeights.probs with those masks); float64 mean[C], std[C].
+ *   float32 probs[T*C] (numpy HeadWeights.probs with those masks); float64 mean[C], std[C];
+ *   float64 analytic mean[C], std[C], expected entropy (edge_quq.analytic's numpy reference).
  * For every kernel variant this CPU has: the given-mask outputs must match numpy within atol, and every variant
- * must match the plain C one; with the kernel's own PRNG and a fixed seed, all variants must agree too.
+ * must match the plain C one; with the kernel's own PRNG and a fixed seed, all variants must agree too. The
+ * closed form (analytic.c) must match its numpy reference within 1e-5 (1e-4 for a linear head's entropy).
  * Prints one line per failure, then "features=... variants=... cases=N failures=M"; exit status 1 on failures.
  */
 #include <math.h>
@@ -45,9 +48,30 @@ static double max_abs_diff_d(const double *a, const double *b, size_t n) {
     return m;
 }
 
+/* Prints "features=... variants=..." as the dispatch would choose them on the machine whose cpuinfo this is. */
+static int dispatch_for(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        perror(path);
+        return 2;
+    }
+    static char text[1 << 16];
+    const size_t n = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[n] = '\0';
+    eq_kernels_t table[8];
+    char names[128];
+    const int nk = eq_kernels_for(eq_features_from_cpuinfo(text), table, 8, names, sizeof names);
+    printf("features=%s variants=", names);
+    for (int v = 0; v < nk; ++v) printf("%s%s", v ? "," : "", table[v].name);
+    printf("\n");
+    return 0;
+}
+
 int main(int argc, char **argv) {
+    if (argc == 3 && strcmp(argv[1], "--cpuinfo") == 0) return dispatch_for(argv[2]);
     if (argc != 2) {
-        fprintf(stderr, "usage: %s CASES_FILE\n", argv[0]);
+        fprintf(stderr, "usage: %s CASES_FILE | --cpuinfo CPUINFO_FILE\n", argv[0]);
         return 2;
     }
     FILE *f = fopen(argv[1], "rb");
@@ -71,6 +95,7 @@ int main(int argc, char **argv) {
         uint8_t *k0 = read_n(f, (size_t)T * F), *k1 = read_n(f, (size_t)T * H);
         float *want_p = read_n(f, 4 * (size_t)T * C);
         double *want_m = read_n(f, 8 * (size_t)C), *want_s = read_n(f, 8 * (size_t)C);
+        double *an_m = read_n(f, 8 * (size_t)C), *an_s = read_n(f, 8 * (size_t)C), *an_e = read_n(f, 8);
         eq_head_t hd = {F, H, C, x, w0, b0, w1, b1, pr[0], pr[1], dims[4]};
 
         float *ref_p = malloc(4 * (size_t)T * C), *p = malloc(4 * (size_t)T * C), *lg = malloc(4 * (size_t)C);
@@ -98,6 +123,16 @@ int main(int argc, char **argv) {
                 ++failures;
             }
         }
+        eq_moments_t an = {m, s, lg, NULL, 0, 0};
+        if (eq_head_analytic(&hd, 1.0, &an) != 0) return 3;
+        const double etol = dims[4] == EQ_ACT_LINEAR ? 1e-4 : 1e-5;
+        if (max_abs_diff_d(m, an_m, C) > 1e-5 || max_abs_diff_d(s, an_s, C) > 1e-5 ||
+            fabs(an.expected_entropy - *an_e) > etol * (1.0 + fabs(*an_e))) {
+            printf("FAIL case %d analytic: |mean|=%g |std|=%g entropy %.9g vs %.9g\n", ci, max_abs_diff_d(m, an_m, C),
+                   max_abs_diff_d(s, an_s, C), an.expected_entropy, *an_e);
+            ++failures;
+        }
+        free(an_m); free(an_s); free(an_e);
         free(x); free(w0); free(b0); free(w1); free(b1); free(k0); free(k1); free(want_p); free(want_m); free(want_s);
         free(ref_p); free(p); free(lg); free(m); free(s); free(rm); free(rs);
     }
