@@ -238,7 +238,7 @@ ANALYTIC_CASES = [(f, h, c, r, act, temp) for (f, h, c, _, r), act, temp in zip(
 @pytest.mark.parametrize("f,h,c,rates,activation,temperature", ANALYTIC_CASES,
                          ids=[f"F{f}-H{h}-C{c}-p{r[0]}_{r[1]}-{a}-T{t}" for f, h, c, r, a, t in ANALYTIC_CASES])
 def test_analytic_in_c_matches_the_numpy_reference(f, h, c, rates, activation, temperature):
-    from edge_quq import analytic
+    from edge_quq.samplers import analytic
 
     head = random_head(f, h, c, rates, activation, seed=f + h + c)
     head = HeadWeights(head.kernels, head.biases, head.rates, head.activation, temperature=temperature)
