@@ -193,9 +193,21 @@ class _Handler(BaseHTTPRequestHandler):
     sink: "HttpSink"
     protocol_version = "HTTP/1.1"
     server_version = "edge-quq"
+    # The stdlib answers a request it cannot parse in HTTP/0.9 style (a bare HTML body, no status line);
+    # every answer here starts with a status line.
+    default_request_version = "HTTP/1.0"
 
     def version_string(self) -> str:  # the default adds "Python/3.x.y"
         return self.server_version
+
+    def parse_request(self) -> bool:
+        if not super().parse_request():
+            return False
+        if self.request_version not in ("HTTP/1.0", "HTTP/1.1"):  # "HTTP/0.9" would be answered without headers
+            self.request_version = "HTTP/1.0"
+            self.send_error(505, "HTTP/1.0 or HTTP/1.1 only")
+            return False
+        return True
 
     def log_message(self, *args: Any) -> None:  # access logs would flood the journal
         pass
