@@ -307,3 +307,30 @@ def test_page_works_in_a_browser_with_the_token(tmp_path):
             driver.quit()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_stats_survive_a_failed_proc_read():
+    """With every file descriptor in use, psutil's read of /proc/PID/statm raises EMFILE: the stats keep
+    the last RSS, count the failure and go on (this killed the loop in the issue)."""
+    import subprocess
+    import sys
+
+    code = """
+import json, os, resource
+from edge_quq.loopstats import LoopStats
+s = LoopStats("x")
+s.to_dict()
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(os.open("/dev/null", os.O_RDONLY))
+except OSError:
+    pass
+d = s.to_dict()
+print(json.dumps({"rss_mb": d["rss_mb"], "errors": d["proc_read_errors"], "line": s.line(d)}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["errors"] >= 1 and d["rss_mb"] > 0 and "RSS" in d["line"]
