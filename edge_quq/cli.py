@@ -295,11 +295,10 @@ def camera(**values: Any) -> None:
     from edge_quq.camera import CameraLoop, CameraOptions
     from edge_quq.capture import Capture
     from edge_quq.loopstats import LoopStats, summary_text
+    from edge_quq.redact import redact
     from edge_quq.sdnotify import Notifier
     from edge_quq.sinks import SinkSet, open_output
     from edge_quq.sources import open_source
-
-    from edge_quq.redact import redact
 
     opts = CameraOptions.pop_from(values)  # what remains in `values` are the model options
     # Everything that can be refused from the arguments alone is refused before the model loads.
