@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from camera_util import Mosquitto, fashion_test, free_port, read_jsonl, run_camera, start_camera, stop, to_frame, wait_for, write_folder
