@@ -29,6 +29,7 @@ from edge_quq.errors import EdgeQuqError, OptionError
 from edge_quq.loopstats import LoopStats
 from edge_quq.sdnotify import Notifier
 from edge_quq.sinks import FrameResult, SinkSet
+from edge_quq.sources import DEFAULT_MAX_DECODE_ERRORS
 
 Box = Tuple[int, int, int, int]
 
@@ -131,6 +132,7 @@ class CameraLoop:
         self.watch = SourceWatch(capture, self.stats, log)
         self.stop_event = threading.Event()
         self.stop_reason = ""
+        self.fatal: Optional[EdgeQuqError] = None  # set when the run ends in an error (the command exits non-zero)
         self._throttle_warned = False
 
     def request_stop(self, reason: str) -> None:
@@ -145,6 +147,7 @@ class CameraLoop:
         if warn and not self._throttle_warned:
             self.log(f"warning: {warn}")
         self._throttle_warned = bool(warn)
+        self.sinks.collect_errors()
         st = self.stats.to_dict()
         line = self.stats.line(st)
         if not self.s.quiet and not final:
@@ -154,14 +157,21 @@ class CameraLoop:
         return st
 
     def run(self) -> Dict[str, Any]:
+        """Run until the source ends or a stop; the final stats. A start the loop refuses (an --roi outside
+        the first frame) raises OptionError before any stats are written."""
+        refused = False
         with stop_on_signals(self.request_stop):
             self.capture.start()
             try:
                 self._loop()
+            except OptionError:
+                refused = True
+                raise
             finally:
                 self.capture.stop()
                 self.stats.state = "stopped"
-                final = self.publish_stats(final=True)
+                if not refused:
+                    final = self.publish_stats(final=True)
         final["stop_reason"] = self.stop_reason or ("signal" if self.stop_event.is_set() else "")
         return final
 
@@ -186,7 +196,8 @@ class CameraLoop:
             now = time.time()
             if f is None:
                 if self.capture.ended:
-                    self.stop_reason = "end of source"
+                    self.fatal = self.capture.fatal
+                    self.stop_reason = "too many undecodable frames" if self.fatal else "end of source"
                     return
                 self.watch.idle(now)
                 continue
@@ -202,7 +213,13 @@ class CameraLoop:
 
     def _process(self, f: Frame, now: float) -> None:
         img = f.image
-        roi = region(img.shape, self.s.crop, self.s.roi)
+        try:
+            roi = region(img.shape, self.s.crop, self.s.roi)
+        except OptionError:
+            if self.stats.processed:  # a stream that shrank mid-run: this frame only
+                self.stats.failed += 1
+                return
+            raise
         crop = img[roi[1]:roi[1] + roi[3], roi[0]:roi[0] + roi[2]] if roi else img
         try:
             p = self.predictor.predict(crop, source=self.stats.source)
@@ -247,6 +264,8 @@ class CameraOptions:
     mqtt_device: Optional[str] = None
     mqtt_every_frame: bool = False
     mqtt_ca_file: Optional[str] = None
+    serve_token: Optional[str] = None
+    max_decode_errors: int = DEFAULT_MAX_DECODE_ERRORS
 
     @classmethod
     def pop_from(cls, values: Dict[str, Any]) -> "CameraOptions":
@@ -275,9 +294,16 @@ class CameraOptions:
         return LoopSettings(every=self.every, max_fps=self.max_fps, crop=self.crop, roi=roi, duration=self.duration,
                             frames=self.frames, stats_interval=self.stats_interval, quiet=self.quiet)
 
+    def check(self) -> Tuple[Any, LoopSettings, list]:
+        """Everything that can be refused from the settings alone, before the model loads: the source, the
+        loop settings, the outputs. `edge-quq health --config` runs the same checks."""
+        if self.serve_token is not None and (not self.serve_token or any(c.isspace() or not c.isprintable() for c in self.serve_token)):
+            raise OptionError("--serve-token: must be non-empty printable text without spaces")
+        return self.source_spec(), self.loop_settings(), self.output_specs()
+
     def output_options(self, nominal_fps: float, stats: LoopStats, log: Callable[[str], None]) -> Any:
         from edge_quq.sinks import OutputOptions  # noqa: PLC0415
 
         return OutputOptions(max_snapshots=self.max_snapshots, mqtt_prefix=self.mqtt_prefix, mqtt_device=self.mqtt_device,
-                             mqtt_every_frame=self.mqtt_every_frame, mqtt_ca_file=self.mqtt_ca_file,
+                             mqtt_every_frame=self.mqtt_every_frame, mqtt_ca_file=self.mqtt_ca_file, serve_token=self.serve_token,
                              video_fps=self.max_fps or nominal_fps or 10.0, source=self.source, stats=stats, log=log)

@@ -16,7 +16,8 @@ from typing import Callable, Optional
 import numpy as np
 
 from edge_quq.errors import EdgeQuqError
-from edge_quq.sources import Source, SourceSpec
+from edge_quq.redact import redact
+from edge_quq.sources import DecodeLimitError, Source, SourceSpec
 
 
 @dataclass
@@ -42,6 +43,7 @@ class Capture:
         self._slot: Optional[Frame] = None
         self._stop = threading.Event()
         self.ended = False  # file/folder exhausted (or stopped)
+        self.fatal: Optional[EdgeQuqError] = None  # why a file ended early, when the run must fail (too damaged)
         # Counters, read by the loop for its stats (ints are updated under the condition's lock).
         self.seen = 0
         self.dropped = 0
@@ -50,6 +52,7 @@ class Capture:
         self.last_error: Optional[str] = None
         self.last_frame_time = time.time()
         self._unreadable_closed = 0  # unreadable files of the sources already closed (a --loop folder reopens)
+        self._decode_errors_closed = 0
         self._thread = threading.Thread(target=self._run, name="edge-quq-capture", daemon=True)
 
     # -- consumer side ---------------------------------------------------------------------------------
@@ -76,6 +79,12 @@ class Capture:
         """Files of a folder source that could not be read as images (skipped)."""
         src = self.source
         return self._unreadable_closed + (src.unreadable if src is not None else 0)
+
+    @property
+    def decode_errors(self) -> int:
+        """Frames of a video file skipped because they do not decode."""
+        src = self.source
+        return self._decode_errors_closed + (src.decode_errors if src is not None else 0)
 
     def __enter__(self) -> "Capture":
         return self.start()
@@ -111,6 +120,7 @@ class Capture:
     def _close(self) -> None:
         if self.source is not None:
             self._unreadable_closed += self.source.unreadable
+            self._decode_errors_closed += self.source.decode_errors
             try:
                 self.source.close()
             except Exception:  # closing a broken capture must not kill the thread
@@ -125,9 +135,9 @@ class Capture:
                 self.reopens += 1
                 return True
             except EdgeQuqError as e:
-                self.last_error = str(e)
+                self.last_error = redact(str(e))
             except Exception as e:  # a driver error while reopening is reported, then retried
-                self.last_error = f"{type(e).__name__}: {e}"
+                self.last_error = redact(f"{type(e).__name__}: {e}")
             self._stop.wait(delay)
             delay = min(delay * 2, self.backoff_max_s)
         return False
@@ -146,8 +156,12 @@ class Capture:
                 t0 = time.time()
                 try:
                     img = self.source.read() if self.source is not None else None
+                except DecodeLimitError as e:
+                    self.fatal = e
+                    self.last_error = str(e)
+                    break
                 except Exception as e:  # an exception from a driver is a failed read, not the end of the loop
-                    self.last_error = f"read failed: {type(e).__name__}: {e}"
+                    self.last_error = redact(f"read failed: {type(e).__name__}: {e}")
                     img = None
                 if self._stop.is_set():
                     break
@@ -163,7 +177,7 @@ class Capture:
                 # A live source failed: count it, close it, reopen after a short pause (an instant failure
                 # loop would spin a core).
                 self.failures += 1
-                self.last_error = f"no frame from {self.spec.uri} (read failed or stream ended after {time.time() - t0:.1f} s); reopening"
+                self.last_error = f"no frame from {redact(self.spec.uri)} (read failed or stream ended after {time.time() - t0:.1f} s); reopening"
                 self._close()
                 self._stop.wait(self.backoff_min_s)
         finally:

@@ -17,10 +17,13 @@ from edge_quq.errors import EdgeQuqError
 from edge_quq.health import DEFAULT_MAX_AGE_S, DEFAULT_SERVICE_BUNDLE, DEFAULT_STATS_FILE
 from edge_quq.options import PredictorOptions
 from edge_quq.samplers import SAMPLER_CHOICES
+from edge_quq.sources import DEFAULT_MAX_DECODE_ERRORS
 
 
 def fail(message: str, code: int = 2) -> None:
-    click.echo(f"error: {message}", err=True)
+    from edge_quq.redact import redact  # an error quoting a camera or broker URL must not print its password
+
+    click.echo(f"error: {redact(message)}", err=True)
     sys.exit(code)
 
 
@@ -246,6 +249,9 @@ CAMERA_OPTIONS = [
     click.option("--loop", is_flag=True, help="Files and folders: start again at the end (demos, soak tests)."),
     click.option("--stall-timeout", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
                  help="Live sources: seconds without a frame before the source counts as stalled and is reopened."),
+    click.option("--max-decode-errors", type=click.IntRange(min=0), default=DEFAULT_MAX_DECODE_ERRORS, show_default=True,
+                 help="Video files: skip up to this many undecodable frames (a damaged stretch), counted in the stats as "
+                      "decode_errors; one more ends the run with an error (exit 1)."),
     click.option("--open-timeout", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Network sources: seconds to wait for a connection."),
     click.option("--stats-interval", type=click.FloatRange(min=0, min_open=True), default=10.0, show_default=True, help="Seconds between stats (stderr, stats file, MQTT, systemd STATUS)."),
     click.option("--output", "outputs", type=OutputURI(), multiple=True, metavar="URI",
@@ -258,6 +264,9 @@ CAMERA_OPTIONS = [
     click.option("--max-snapshots", type=click.IntRange(min=1), default=200, show_default=True, help="Keep at most this many snapshots (oldest deleted)."),
     click.option("--display", is_flag=True, help="Same as --output display://0: show annotated frames in a window (needs a screen and an OpenCV with GUI)."),
     click.option("--serve", default=None, metavar="[HOST:]PORT", help="Same as --output http://HOST:PORT: live HTTP view (MJPEG stream, page, /status.json); host defaults to 127.0.0.1."),
+    click.option("--serve-token", default=None, metavar="TOKEN", envvar="EDGE_QUQ_SERVE_TOKEN",
+                 help="Live view: require this token, as ?token=TOKEN in the URL (browsers) or an Authorization: Bearer TOKEN "
+                      "header; set it whenever --serve binds beyond 127.0.0.1 (env EDGE_QUQ_SERVE_TOKEN)."),
     click.option("--mqtt", "mqtt_url", default=None, metavar="URL", help="Same as --output mqtt://...: publish to an MQTT broker, mqtt://[user:pass@]host[:port], mqtts:// for TLS."),
     click.option("--mqtt-prefix", default="edge-quq", show_default=True, help="MQTT topic prefix."),
     click.option("--mqtt-device", default=None, help="MQTT device name under the prefix (default: host name)."),
@@ -293,36 +302,45 @@ def camera(**values: Any) -> None:
     from edge_quq.camera import CameraLoop, CameraOptions
     from edge_quq.capture import Capture
     from edge_quq.loopstats import LoopStats, summary_text
+    from edge_quq.redact import redact
     from edge_quq.sdnotify import Notifier
     from edge_quq.sinks import SinkSet, open_output
     from edge_quq.sources import open_source
 
     opts = CameraOptions.pop_from(values)  # what remains in `values` are the model options
     # Everything that can be refused from the arguments alone is refused before the model loads.
-    spec = opts.source_spec()
-    settings = opts.loop_settings()
-    outputs = opts.output_specs()
+    spec, settings, outputs = opts.check()
 
     def log(msg: str) -> None:
-        click.echo(msg, err=True)
+        click.echo(redact(msg), err=True)
+
+    def source() -> Any:
+        return open_source(spec, opts.open_timeout, opts.stall_timeout, opts.max_decode_errors)
 
     predictor = build_predictor(**values)
     with ExitStack() as stack:
-        first = stack.enter_context(open_source(spec, opts.open_timeout, opts.stall_timeout))
-        cap = Capture(spec, lambda: open_source(spec, opts.open_timeout, opts.stall_timeout), first, stall_timeout_s=opts.stall_timeout,
+        first = stack.enter_context(source())
+        cap = Capture(spec, source, first, stall_timeout_s=opts.stall_timeout,
                       loop=opts.loop, pace_s=(1.0 / opts.max_fps) if opts.max_fps and not spec.live else 0.0)
         stats = LoopStats(opts.source, cap)
         sinks = stack.enter_context(SinkSet(log=log))
         out_opts = opts.output_options(first.nominal_fps, stats, log)
-        for o in outputs:
-            sinks.add(open_output(o, out_opts))
-        notifier = stack.enter_context(Notifier())
-        s = predictor.settings
-        log(f"camera: {first.describe()} | backend {predictor.backbone.describe()} sampler {predictor.sampler.name} "
-            f"T={s.num_iter} z={s.z:.3g} threshold={s.threshold:g}")
-        notifier.ready(f"model loaded, {spec.kind} source open")
-        final = CameraLoop(predictor, cap, sinks, settings, notifier, source_uri=opts.source, log=log, stats=stats).run()
+        try:
+            for o in outputs:
+                sinks.add(open_output(o, out_opts))
+            notifier = stack.enter_context(Notifier())
+            s = predictor.settings
+            log(f"camera: {first.describe()} | backend {predictor.backbone.describe()} sampler {predictor.sampler.name} "
+                f"T={s.num_iter} z={s.z:.3g} threshold={s.threshold:g}")
+            notifier.ready(f"model loaded, {spec.kind} source open")
+            loop = CameraLoop(predictor, cap, sinks, settings, notifier, source_uri=opts.source, log=log, stats=stats)
+            final = loop.run()
+        except EdgeQuqError:
+            sinks.discard()  # a refused start leaves no stats file, no empty folder
+            raise
     log(summary_text(final))
+    if loop.fatal is not None:
+        fail(str(loop.fatal), loop.fatal.exit_code)
 
 
 # -- health ------------------------------------------------------------------------------------------------
@@ -350,7 +368,10 @@ def health(config: Optional[Path], stats_file: Optional[Path], bundle: Optional[
 
     if config is not None and not config.exists():
         fail(f"{config}: config file does not exist")
+    from edge_quq.redact import redact, redact_obj
+
     result = service_health(camera, config, stats_file, bundle, backend, max_age, model=not no_model)
+    result.reason, result.details = redact(result.reason), redact_obj(result.details)  # type: ignore[assignment]
     if as_json:
         click.echo(json.dumps(result.to_dict(), sort_keys=True))
     elif result.healthy:

@@ -10,9 +10,11 @@ The camera loop's stats file is one JSON object written atomically (rename), so 
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,15 +45,41 @@ def _installed_bundle() -> Optional[Path]:
     return DEFAULT_SERVICE_BUNDLE if DEFAULT_SERVICE_BUNDLE.is_dir() else None
 
 
+MAX_STATS_BYTES = 1 << 20  # a stats file is a few KB; anything far bigger is not one
+
+
+def read_stats_text(stats_file: Path) -> str:
+    """The stats file's text; OSError for a missing, unreadable or non-regular file (a FIFO would block
+    the reader forever, a device could be endless), ValueError for one that is not UTF-8 or far too big."""
+    # O_NONBLOCK: opening a FIFO for reading must not wait for a writer before fstat can refuse it
+    fd = os.open(stats_file, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            raw = fh.read(MAX_STATS_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_STATS_BYTES:
+        raise ValueError(f"larger than {MAX_STATS_BYTES // 1024} KB")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def check_stats(stats_file: Path, max_age_s: float, now: Optional[float] = None) -> Health:
     """Freshness and state of the camera loop's stats file (no model work)."""
     now = time.time() if now is None else now
     try:
-        raw = Path(stats_file).read_text(encoding="utf-8")
+        raw = read_stats_text(Path(stats_file))
     except FileNotFoundError:
         return Health(False, f"no stats file at {stats_file} (service never ran, or --stats-file differs)")
     except OSError as e:
-        return Health(False, f"cannot read stats file {stats_file} ({e.strerror})")
+        return Health(False, f"cannot read stats file {stats_file} ({e.strerror or e})")
+    except ValueError as e:
+        return Health(False, f"stats file {stats_file} is {e}")
     try:
         stats = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -72,7 +100,21 @@ def check_stats(stats_file: Path, max_age_s: float, now: Optional[float] = None)
         return Health(False, f"stats 'updated' is {_fmt_age(-age)} in the future: system clock changed since {stats_file} was written", details)
     if state != "running":
         return Health(False, f"camera loop state is {state!r}, not 'running' ({stats_file})", details)
+    failing = _failing_outputs(stats.get("sink_errors"))
+    if failing:
+        details["sink_errors"] = stats["sink_errors"]
+        return Health(False, f"outputs failing: {failing} ({stats_file})", details)
     return Health(True, f"stats {_fmt_age(max(age, 0.0))} old, state running", details)
+
+
+def _failing_outputs(errors: Any) -> str:
+    """The outputs the stats say are failing now or stopped, as words ('' when none)."""
+    from edge_quq.loopstats import sink_error_text
+
+    if not isinstance(errors, dict):
+        return ""
+    bad = {k: v for k, v in errors.items() if isinstance(v, dict) and (v.get("failing") or v.get("stopped"))}
+    return "; ".join(sink_error_text(str(k), v) for k, v in bad.items())
 
 
 def check_model(bundle: Optional[Path], backend: str = "auto") -> Health:
@@ -104,19 +146,38 @@ def settings_from_config(path: Path, camera: Any) -> Dict[str, Any]:
     """bundle, backend and stats_file as the service would see them in its config file (the stats file
     set as `stats-file` or as a `stats:PATH` output).
 
-    The whole file is checked against the camera command exactly as the service checks it at start-up: a
-    config the service would refuse is itself a health problem.
+    The whole file is checked against the camera command exactly as the service checks it at start-up
+    (types and keys, then the source, loop settings and outputs, as the camera does before it loads the
+    model): a config the service would refuse is itself a health problem.
     """
     from edge_quq.config import load_config
     from edge_quq.sinks.outputs import stats_paths
 
     dm = load_config(camera, path)
+    check_camera_settings(camera, dm, path)
     out = {k: dm[k] for k in ("bundle", "backend", "stats_file") if k in dm}
     if "stats_file" not in out:
         paths = stats_paths(dm.get("outputs", ()))
         if paths:
             out["stats_file"] = Path(paths[0])
     return out
+
+
+def check_camera_settings(camera: Any, default_map: Dict[str, Any], path: Path) -> None:
+    """Run the camera command's own start-up checks on a config's values (ConfigError naming the file)."""
+    import click
+
+    from edge_quq.camera import CameraOptions
+    from edge_quq.config import ConfigError
+
+    try:
+        ctx = camera.make_context("camera", [], default_map=default_map, resilient_parsing=False)
+    except click.UsageError as e:
+        raise ConfigError(f"{path}: {e.format_message()}") from None
+    try:
+        CameraOptions.pop_from(dict(ctx.params)).check()
+    except EdgeQuqError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def service_health(camera: Any, config: Optional[Path], stats_file: Optional[Path], bundle: Optional[Path], backend: Optional[str],

@@ -3,8 +3,12 @@ the stats file, the HTTP view's /status.json, MQTT's stats topic and systemd's S
 
 The stats dict (to_dict) is the stats file's format:
     updated, state, source, started, uptime_s, frames {seen, processed, dropped, skipped, kept, ignored,
-    failed}, ignore_rate, fps, fps_recent, latency_ms {stage: {p50, p90, p99, mean}}, rss_mb, peak_rss_mb,
-    source_state {live, reopens, failures, last_error, seconds_since_frame, unreadable}, board, sink_errors
+    failed, decode_errors}, ignore_rate, fps, fps_recent, latency_ms {stage: {p50, p90, p99, mean}}, rss_mb,
+    peak_rss_mb, proc_read_errors, source_state {live, reopens, failures, last_error, seconds_since_frame,
+    unreadable}, board, sink_errors {output: {error, count, stopped}}
+
+Every string in it goes through edge_quq.redact (the source URI, errors quoting it): the dict is stored
+and published as it is.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ import time
 from collections import deque
 from typing import Any, Deque, Dict, Optional
 
-from edge_quq.telemetry import latency_summary, rss_bytes
+from edge_quq.redact import redact, redact_obj
+from edge_quq.telemetry import latency_summary, proc_read_errors, rss_bytes
 
 LATENCY_WINDOW = 1000  # percentiles cover the last this-many processed frames (bounded memory)
 
@@ -28,7 +33,7 @@ class LoopStats:
     counters (seen, dropped, reopens, ...); without one, seen counts the recorded frames."""
 
     def __init__(self, source: str = "", capture: Any = None, window: int = LATENCY_WINDOW) -> None:
-        self.source = source
+        self.source = redact(source)
         self.capture = capture
         self.state = "running"
         self.processed = self.kept = self.ignored = self.skipped = self.failed = 0
@@ -39,7 +44,7 @@ class LoopStats:
         self.fps_ema = 0.0
         self.last: Optional[Dict[str, Any]] = None  # the last decision, for the live view
         self.board: Dict[str, Any] = {}
-        self.sink_errors: Dict[str, str] = {}
+        self.sink_errors: Dict[str, Dict[str, Any]] = {}
         self._last_t: Optional[float] = None
         self._lock = threading.Lock()  # the HTTP view reads from its own threads
 
@@ -86,7 +91,8 @@ class LoopStats:
         cap = self.capture
         seen = cap.seen if cap is not None else self.processed + self.skipped + self.failed
         return {"seen": seen, "processed": self.processed, "dropped": cap.dropped if cap is not None else 0, "skipped": self.skipped,
-                "kept": self.kept, "ignored": self.ignored, "failed": self.failed}
+                "kept": self.kept, "ignored": self.ignored, "failed": self.failed,
+                "decode_errors": cap.decode_errors if cap is not None else 0}
 
     def _source_state(self, now: float) -> Dict[str, Any]:
         cap = self.capture
@@ -101,7 +107,7 @@ class LoopStats:
         self.peak_rss = max(self.peak_rss, rss)
         lat = self.latency()
         rate = self.ignore_rate
-        return {
+        return redact_obj({  # type: ignore[return-value]
             "updated": now,
             "state": self.state,
             "source": self.source,
@@ -114,10 +120,11 @@ class LoopStats:
             "latency_ms": {k: {q: _r(v) for q, v in d.items()} for k, d in lat.items()},
             "rss_mb": _r(rss / 2**20, 1),
             "peak_rss_mb": _r(self.peak_rss / 2**20, 1),
+            "proc_read_errors": proc_read_errors(),
             "source_state": self._source_state(now),
             "board": self.board,
-            "sink_errors": dict(self.sink_errors),
-        }
+            "sink_errors": {k: dict(v) for k, v in self.sink_errors.items()},
+        })
 
     def line(self, st: Optional[Dict[str, Any]] = None) -> str:
         """The one-line summary (stderr every stats interval, systemd STATUS=)."""
@@ -149,7 +156,8 @@ def summary_text(st: Dict[str, Any]) -> str:
     lines = [
         f"camera: {st.get('stop_reason') or 'stopped'} after {st['uptime_s']} s on {st['source']}",
         f"  frames: {f['seen']} seen, {f['processed']} processed, {f['dropped']} dropped, {f['skipped']} skipped, "
-        f"{f['kept']} kept, {f['ignored']} ignored ({'-' if rate is None else f'{100 * rate:.1f}%'}), {f['failed']} failed; {st['fps']} fps",
+        f"{f['kept']} kept, {f['ignored']} ignored ({'-' if rate is None else f'{100 * rate:.1f}%'}), {f['failed']} failed, "
+        f"{f.get('decode_errors', 0)} undecodable; {st['fps']} fps",
     ]
     lat = st["latency_ms"]
     if lat:
@@ -164,5 +172,10 @@ def summary_text(st: Dict[str, Any]) -> str:
         thr = b.get("throttled")
         lines.append(f"  board: {b.get('temp_c')} °C" + (f", throttled {thr['raw']} {','.join(thr['flags']) or 'none'}" if thr else ""))
     if st.get("sink_errors"):
-        lines.append("  outputs stopped: " + "; ".join(f"{k}: {v}" for k, v in st["sink_errors"].items()))
+        lines.append("  output errors: " + "; ".join(sink_error_text(k, v) for k, v in st["sink_errors"].items()))
     return "\n".join(lines)
+
+
+def sink_error_text(name: str, e: Dict[str, Any]) -> str:
+    """One output's entry of sink_errors as words (summary, `edge-quq health`)."""
+    return f"{name} {'stopped' if e.get('stopped') else 'failing'} ({e.get('count', 1)}x): {e.get('error')}"

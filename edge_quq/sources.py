@@ -25,11 +25,19 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from edge_quq.errors import InputError, OptionError
+from edge_quq.errors import EdgeQuqError, InputError, OptionError
 from edge_quq.preprocess import IMAGE_SUFFIXES
+from edge_quq.redact import redact
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mjpeg", ".mjpg", ".h264", ".ts", ".mpg", ".mpeg")
 NETWORK_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp")
+DEFAULT_MAX_DECODE_ERRORS = 100  # undecodable frames a video file may have before the run gives up on it
+
+
+class DecodeLimitError(EdgeQuqError):
+    """A video file has more undecodable frames than --max-decode-errors allows: the run ends with an error."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,7 @@ class Source:
     # Frames per second the source says it delivers (0 when unknown): used for the annotated video file.
     nominal_fps: float = 0.0
     unreadable = 0  # files skipped because they are not readable images (folder sources)
+    decode_errors = 0  # frames of a video file skipped because they do not decode (damaged stretches)
 
     def read(self) -> Optional[np.ndarray]:  # pragma: no cover - interface
         raise NotImplementedError
@@ -122,7 +131,7 @@ class Source:
         pass
 
     def describe(self) -> str:
-        return f"{self.spec.kind} {self.spec.target}"
+        return redact(f"{self.spec.kind} {self.spec.target}")
 
     def __iter__(self) -> Iterator[np.ndarray]:
         while True:
@@ -141,10 +150,14 @@ class Source:
 class CvSource(Source):
     """Anything OpenCV's VideoCapture reads: V4L2, FFmpeg (files, RTSP, HTTP), GStreamer."""
 
-    def __init__(self, spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0) -> None:
+    def __init__(self, spec: SourceSpec, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0,
+                 max_decode_errors: int = DEFAULT_MAX_DECODE_ERRORS) -> None:
         import cv2  # noqa: PLC0415
 
         self.spec = spec
+        self.max_decode_errors = max_decode_errors
+        self.decode_errors = 0
+        self.next_index = 0  # of the next frame of a video file
         params: List[int] = []
         if spec.kind == "network":
             # Without these a frozen IP camera blocks read() for FFmpeg's default 30 s; with them the capture
@@ -159,7 +172,7 @@ class CvSource(Source):
         cap = cv2.VideoCapture(target, api, params) if params else cv2.VideoCapture(target, api)
         if not cap.isOpened():
             cap.release()
-            raise InputError(f"--source {spec.uri}: cannot be opened ({_why_not(spec)})")
+            raise InputError(f"--source {redact(spec.uri)}: cannot be opened ({_why_not(spec)})")
         if spec.kind == "v4l2":
             if spec.width:
                 cap.set(cv2.CAP_PROP_FRAME_WIDTH, spec.width)
@@ -171,15 +184,40 @@ class CvSource(Source):
             cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
         fps = cap.get(cv2.CAP_PROP_FPS)
         self.nominal_fps = float(fps) if fps and 0 < fps < 1000 else 0.0
+        count = cap.get(cv2.CAP_PROP_FRAME_COUNT) if spec.kind == "file" else 0
+        self.frame_count = int(count) if count and 0 < count < 1e9 else 0
         self.cap: Any = cap
 
     def read(self) -> Optional[np.ndarray]:
         if self.cap is None:
             return None
         ok, frame = self.cap.read()
-        if not ok or frame is None or frame.size == 0:
-            return None
-        return frame
+        if ok and frame is not None and frame.size:
+            self.next_index += 1
+            return frame
+        return self._skip_damage() if self.frame_count else None
+
+    def _skip_damage(self) -> Optional[np.ndarray]:
+        """A video file whose read fails before its last frame is damaged there, not ended. FFmpeg stays
+        stuck at the damage, so seek past it frame by frame (each seek decodes from the keyframe before it)
+        until a frame decodes; every frame skipped counts as a decode error, and more than
+        max_decode_errors of them end the run (DecodeLimitError)."""
+        import cv2  # noqa: PLC0415
+
+        target = self.next_index
+        while target < self.frame_count - 1:
+            self.decode_errors += 1
+            if self.decode_errors > self.max_decode_errors:
+                raise DecodeLimitError(f"--source {redact(self.spec.uri)}: more than {self.max_decode_errors} undecodable frames "
+                                       f"(the last at frame {target} of {self.frame_count}); the file is damaged "
+                                       "(raise --max-decode-errors to read on)")
+            target += 1
+            self.cap.set(cv2.CAP_PROP_POS_FRAMES, target)
+            ok, frame = self.cap.read()
+            if ok and frame is not None and frame.size:
+                self.next_index = target + 1
+                return frame
+        return None
 
     def close(self) -> None:
         if self.cap is not None:
@@ -296,7 +334,8 @@ def check_openable(spec: SourceSpec) -> None:
             raise OptionError(f"--source {spec.uri}: Jetson CSI cameras need an OpenCV built with GStreamer (Debian/JetPack python3-opencv)")
 
 
-def open_source(spec: Union[str, SourceSpec], open_timeout_s: float = 10.0, read_timeout_s: float = 5.0, **kw: Any) -> Source:
+def open_source(spec: Union[str, SourceSpec], open_timeout_s: float = 10.0, read_timeout_s: float = 5.0,
+                max_decode_errors: int = DEFAULT_MAX_DECODE_ERRORS, **kw: Any) -> Source:
     """Open a source (a URI, or a parsed spec); keyword arguments are parse_source's width, height, fps."""
     if isinstance(spec, str):
         spec = parse_source(spec, **kw)
@@ -312,4 +351,4 @@ def open_source(spec: Union[str, SourceSpec], open_timeout_s: float = 10.0, read
             pass
         jspec = SourceSpec(spec.uri, "csi", jetson_csi_pipeline(spec), spec.index, spec.width, spec.height, spec.fps)
         return CvSource(jspec)
-    return CvSource(spec, open_timeout_s, read_timeout_s)
+    return CvSource(spec, open_timeout_s, read_timeout_s, max_decode_errors)

@@ -26,16 +26,29 @@ class StageClock:
 
 
 _PROCESS = None
+_LAST_RSS = 0
+_READ_ERRORS = 0
 
 
 def rss_bytes() -> int:
-    """Resident set size of this process (psutil; cached Process handle)."""
-    global _PROCESS
-    if _PROCESS is None:
-        import psutil  # noqa: PLC0415
+    """Resident set size of this process (psutil; cached Process handle). Never raises: a failed /proc read
+    (EMFILE when something exhausted the file descriptors, a restricted /proc) returns the last value read
+    and is counted (proc_read_errors), because a number in a stats line is not worth a dead camera loop."""
+    global _PROCESS, _LAST_RSS, _READ_ERRORS
+    try:
+        if _PROCESS is None:
+            import psutil  # noqa: PLC0415
 
-        _PROCESS = psutil.Process()
-    return int(_PROCESS.memory_info().rss)
+            _PROCESS = psutil.Process()
+        _LAST_RSS = int(_PROCESS.memory_info().rss)
+    except Exception:  # OSError, psutil.Error (AccessDenied, ...): all mean "not this time"
+        _READ_ERRORS += 1
+    return _LAST_RSS
+
+
+def proc_read_errors() -> int:
+    """How many rss_bytes() reads have failed in this process."""
+    return _READ_ERRORS
 
 
 def percentiles(values: Sequence[float], qs: Sequence[int] = (50, 90, 99)) -> Dict[str, float]:

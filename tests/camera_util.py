@@ -120,7 +120,7 @@ def stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 10)
 class Mosquitto:
     """A real broker on 127.0.0.1:<free port> (Debian's mosquitto), stoppable and restartable on the same port."""
 
-    def __init__(self, tmp: Path, port: Optional[int] = None) -> None:
+    def __init__(self, tmp: Path, port: Optional[int] = None, users: Optional[Dict[str, str]] = None) -> None:
         import shutil
 
         exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
@@ -129,7 +129,16 @@ class Mosquitto:
         self.exe = exe
         self.port = port or free_port()
         self.conf = tmp / "mosquitto.conf"
-        self.conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
+        conf = f"listener {self.port} 127.0.0.1\npersistence false\n"
+        if users:  # a password file (mosquitto_passwd); "user root": read it where the test put it
+            pw = tmp / "mosquitto.passwd"
+            pw.write_text("")
+            for name, password in users.items():
+                subprocess.run(["mosquitto_passwd", "-b", str(pw), name, password], check=True, capture_output=True)
+            conf += f"allow_anonymous false\npassword_file {pw}\nuser root\n"
+        else:
+            conf += "allow_anonymous true\n"
+        self.conf.write_text(conf)
         self.proc: Optional[subprocess.Popen] = None
         self.start()
 
@@ -159,7 +168,7 @@ class Mosquitto:
 class Subscriber:
     """A paho client in the test that records (time, topic, payload, retained) for a topic filter."""
 
-    def __init__(self, port: int, topic: str) -> None:
+    def __init__(self, port: int, topic: str, username: Optional[str] = None, password: Optional[str] = None) -> None:
         import paho.mqtt.client as mqtt
 
         self.messages: List[tuple] = []
@@ -177,6 +186,8 @@ class Subscriber:
 
         c.on_connect = on_connect
         c.on_message = on_message
+        if username:
+            c.username_pw_set(username, password)
         c.reconnect_delay_set(0.2, 1)
         c.connect_async("127.0.0.1", port, keepalive=10)
         c.loop_start()
@@ -195,10 +206,14 @@ class Subscriber:
 class MjpegServer:
     """An IP camera: multipart JPEG over HTTP on a fixed port; kill() drops every connection and stops
     listening (the camera died), start() brings it back on the same port. Clearing `flowing` freezes it
-    (connections stay open, no frames); `open_delay_s` makes it slow to answer a connection."""
+    (connections stay open, no frames); `open_delay_s` makes it slow to answer a connection. With `auth`
+    (user, password) it wants HTTP basic auth, as IP cameras do (401 and a challenge without it)."""
 
-    def __init__(self, frames: Sequence[bytes], fps: float = 30.0, port: Optional[int] = None, open_delay_s: float = 0.0) -> None:
+    def __init__(self, frames: Sequence[bytes], fps: float = 30.0, port: Optional[int] = None, open_delay_s: float = 0.0,
+                 auth: Optional[tuple] = None) -> None:
         self.frames, self.fps, self.open_delay_s = list(frames), fps, open_delay_s
+        self.auth = auth
+        self.refused = 0
         self.port = port or free_port()
         self.sent = 0
         self.connected_at: List[float] = []
@@ -220,6 +235,17 @@ class MjpegServer:
                 pass
 
             def do_GET(self) -> None:
+                if srv.auth is not None:
+                    import base64
+
+                    want = "Basic " + base64.b64encode(f"{srv.auth[0]}:{srv.auth[1]}".encode()).decode()
+                    if self.headers.get("Authorization") != want:
+                        srv.refused += 1
+                        self.send_response(401)
+                        self.send_header("WWW-Authenticate", 'Basic realm="camera"')
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
                 time.sleep(srv.open_delay_s)
                 srv.connected_at.append(time.time())
                 self.send_response(200)

@@ -226,8 +226,11 @@ def test_memory_flat_over_5000_frames(tmp_path):
 def test_output_uri_forms(uri, kind, target):
     from edge_quq.sinks import alias_outputs, parse_output
 
+    from edge_quq.redact import redact
+
     spec = parse_output(uri)
-    assert (spec.kind, spec.target, spec.label) == (kind, target, f"--output {uri}")
+    # the label (quoted by error lines) never carries a password
+    assert (spec.kind, spec.target, spec.label) == (kind, target, f"--output {redact(uri)}")
     # The old flags name the same outputs.
     old = {"jsonl": "jsonl", "video": "video_out", "snapshots": "snapshots", "stats": "stats_file", "http": "serve", "mqtt": "mqtt",
            "display": "display"}[kind]

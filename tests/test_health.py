@@ -94,7 +94,8 @@ def test_settings_come_from_the_service_config(tmp_path):
     (tmp_path / "state").mkdir()
     s = stats(tmp_path / "state" / "stats.json")
     cfg = tmp_path / "config"
-    cfg.write_text(f'bundle = "{DEFAULT_BUNDLE_DIR}"\nbackend = "onnx"\nstats-file = "state/stats.json"\n')
+    src = f'source = "{tmp_path}"\n'  # the camera refuses a config without a source, so health does too
+    cfg.write_text(f'{src}bundle = "{DEFAULT_BUNDLE_DIR}"\nbackend = "onnx"\nstats-file = "state/stats.json"\n')
     code, out, _ = health("--config", str(cfg), "--json")
     d = json.loads(out)
     assert code == 0 and d["stats_file"] == str(s.resolve()) and d["backend"].startswith("onnx")
@@ -111,7 +112,7 @@ def test_settings_come_from_the_service_config(tmp_path):
     code, _, err = health("--config", str(cfg))
     assert code == 1 and "service config is invalid" in err and "/nonexistent/bundle does not exist" in err
     # The stats file may be set as an output URI (relative to the config's folder, like stats-file).
-    cfg.write_text(f'bundle = "{DEFAULT_BUNDLE_DIR}"\noutput = ["jsonl:-", "stats:state/stats.json"]\n')
+    cfg.write_text(f'{src}bundle = "{DEFAULT_BUNDLE_DIR}"\noutput = ["jsonl:-", "stats:state/stats.json"]\n')
     code, out, _ = health("--config", str(cfg), "--json", "--no-model")
     assert code == 0 and json.loads(out)["stats_file"] == str(s.resolve())
     code, _, err = health("--config", str(tmp_path / "missing"))

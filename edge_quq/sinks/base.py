@@ -3,6 +3,7 @@ close() at the end (which must flush). Sinks are context managers, so `with open
 closes them however the block ends."""
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional
@@ -49,10 +50,61 @@ class FrameResult:
         return self._annotated
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+REPORT_EVERY_S = 300.0  # a failure that persists is said again this often (not every stats interval)
+
+
+class Failures:
+    """A sink's failures that do not end it (disk full, broker refusing): said on stderr the first time,
+    then at most every `every_s` seconds while they last, once more when they end; counted for the stats'
+    sink_errors."""
+
+    def __init__(self, name: str, log: Callable[[str], None] = _stderr, every_s: float = REPORT_EVERY_S) -> None:
+        self.name, self.log, self.every_s = name, log, every_s
+        self.count = 0
+        self.error: Optional[str] = None
+        self.failing = False
+        self._said_at: Optional[float] = None
+        self._since_said = 0
+
+    def failed(self, error: str) -> None:
+        from edge_quq.redact import redact  # noqa: PLC0415
+
+        self.count += 1
+        self._since_said += 1
+        self.error = redact(error)
+        self.failing = True
+        now = time.monotonic()
+        if self._said_at is None:
+            self.log(f"warning: {self.name} output: {self.error}")
+        elif now - self._said_at >= self.every_s:
+            self.log(f"warning: {self.name} output still failing ({self._since_said} failures in {now - self._said_at:.0f} s): {self.error}")
+        else:
+            return
+        self._said_at, self._since_said = now, 0
+
+    def ok(self) -> None:
+        if self.failing:
+            self.failing = False
+            self._said_at = None
+            self.log(f"{self.name} output works again (after {self.count} failures so far)")
+
+    def entry(self) -> Optional[Dict[str, Any]]:
+        """sink_errors' entry for this output, None while it never failed."""
+        return {"error": self.error, "count": self.count, "failing": self.failing} if self.count else None
+
+
 class Sink:
     name = "sink"
     quit = False  # set by a sink whose user asked to end the run (the --display window's q key)
     _rendered = 0
+    failures: Optional[Failures] = None  # set by sinks that survive their own write failures
+
+    def discard(self) -> None:
+        """The run was refused before it started: remove what this output created (files, folders)."""
 
     def emit(self, r: FrameResult) -> None:
         pass

@@ -6,6 +6,10 @@ Topics under PREFIX/DEVICE (default edge-quq/<hostname>):
     result      one JSON object on every change of decision or class (every frame with --mqtt-every-frame)
     stats       the periodic stats object (LoopStats.to_dict(), the same as the stats file)
 
+Connection failures (broker unreachable, wrong password, TLS to a plain port) never stop the run: they are
+said once on stderr (again every few minutes while they last), counted in the stats' sink_errors (which
+`edge-quq health` reports), and paho keeps retrying.
+
 The broker never slows the loop: paho's network thread (loop_start) connects, reconnects with backoff and
 sends; publish() only queues. Results and stats are QoS 0: while the broker is away they are dropped, not
 piled up in memory, and the next change or stats interval brings subscribers up to date.
@@ -17,11 +21,12 @@ import os
 import socket
 import ssl
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
 from edge_quq.errors import OptionError
-from edge_quq.sinks.base import FrameResult, Sink
+from edge_quq.redact import redact
+from edge_quq.sinks.base import Failures, FrameResult, Sink, _stderr
 
 SCHEMES = {"mqtt": (1883, False), "tcp": (1883, False), "mqtts": (8883, True), "ssl": (8883, True)}
 ENV_USER, ENV_PASSWORD = "EDGE_QUQ_MQTT_USERNAME", "EDGE_QUQ_MQTT_PASSWORD"
@@ -29,12 +34,12 @@ ENV_USER, ENV_PASSWORD = "EDGE_QUQ_MQTT_USERNAME", "EDGE_QUQ_MQTT_PASSWORD"
 
 def parse_broker_url(url: str, label: str = "") -> Dict[str, Any]:
     """mqtt://[user[:password]@]host[:port] (mqtts:// for TLS); OptionError naming what does not parse."""
-    label = label or f"--mqtt {url}"
+    label = redact(label or f"--mqtt {url}")
     try:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as e:
-        raise OptionError(f"{label}: not a broker URL ({e}); expected mqtt://[user:password@]host[:port]") from None
+        raise OptionError(f"{label}: not a broker URL ({redact(str(e))}); expected mqtt://[user:password@]host[:port]") from None
     scheme = parts.scheme.lower()
     if scheme not in SCHEMES:
         raise OptionError(f"{label}: scheme must be mqtt:// or mqtts:// (got {scheme + '://' if scheme else 'none'})")
@@ -62,8 +67,11 @@ class MqttSink(Sink):
     name = "mqtt"
 
     def __init__(self, url: str, prefix: str = "edge-quq", device: Optional[str] = None, every_frame: bool = False,
-                 ca_file: Optional[str] = None, keepalive: int = 30, label: str = "") -> None:
+                 ca_file: Optional[str] = None, keepalive: int = 30, label: str = "", log: Callable[[str], None] = _stderr) -> None:
         cfg = parse_broker_url(url, label)
+        self.failures = Failures(self.name, log)
+        self.broker = f"{'mqtts' if cfg['tls'] else 'mqtt'}://{cfg['host']}:{cfg['port']}"
+        self._was_connected = False
         try:
             import paho.mqtt.client as mqtt  # noqa: PLC0415
         except ImportError:
@@ -73,12 +81,13 @@ class MqttSink(Sink):
         self.topic_result = f"{self.base}/result"
         self.topic_stats = f"{self.base}/stats"
         self.every_frame = every_frame
-        self.url = url
+        self.url = redact(url)
         self._last_key: Optional[Tuple[str, Optional[int]]] = None
         self.connected = threading.Event()
         self.published = 0
         self.not_sent = 0  # publishes refused while disconnected
         self.connects = 0
+        self._closing = False
         self._mqtt = mqtt
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edge-quq-{self.base.replace('/', '-')}-{os.getpid()}")
         if cfg["username"]:
@@ -89,6 +98,7 @@ class MqttSink(Sink):
         c.reconnect_delay_set(min_delay=1, max_delay=30)
         c.max_queued_messages_set(100)  # bounds what waits in paho's queue while the socket is slow
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         self.client = c
         # connect_async + loop_start: the first connection also happens in paho's thread, so a broker that is
@@ -97,14 +107,25 @@ class MqttSink(Sink):
         c.loop_start()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
-        if not reason_code.is_failure:
-            self.connects += 1
-            self._last_key = None  # what changed while away is published with the next frame
-            self.connected.set()
-            client.publish(self.topic_available, "online", qos=1, retain=True)
+        if reason_code.is_failure:
+            self.failures.failed(f"broker {self.broker} refused the connection: {reason_code} (retrying)")
+            return
+        self.connects += 1
+        self._was_connected = True
+        self._last_key = None  # what changed while away is published with the next frame
+        self.connected.set()
+        self.failures.ok()
+        client.publish(self.topic_available, "online", qos=1, retain=True)
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        # TCP refused or unreachable, DNS, or a TLS handshake that failed (mqtts:// to a plain port)
+        self.failures.failed(f"cannot connect to broker {self.broker} (unreachable, refused, or TLS failed; retrying)")
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         self.connected.clear()
+        if self._was_connected and reason_code.is_failure and not self._closing:
+            self._was_connected = False
+            self.failures.failed(f"lost the broker {self.broker}: {reason_code} (reconnecting)")
 
     def _publish(self, topic: str, payload: str, qos: int = 0, retain: bool = False) -> None:
         if not self.connected.is_set():
@@ -146,6 +167,7 @@ class MqttSink(Sink):
         self._publish(self.topic_stats, json.dumps(stats, separators=(",", ":")))
 
     def close(self) -> None:
+        self._closing = True
         # A clean stop says offline itself (the will is only for crashes); give it a moment to leave.
         if self.connected.is_set():
             info = self.client.publish(self.topic_available, "offline", qos=1, retain=True)

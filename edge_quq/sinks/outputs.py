@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from edge_quq.errors import EdgeQuqError, OptionError
+from edge_quq.redact import redact
 from edge_quq.sinks.base import FrameResult, Sink
 from edge_quq.sinks.files import DisplaySink, JsonLinesSink, SnapshotSink, StatsFileSink, VideoSink, check_parent, check_video_path
 from edge_quq.sinks.http import HttpSink, parse_hostport
@@ -49,6 +50,7 @@ class OutputOptions:
     mqtt_device: Optional[str] = None
     mqtt_every_frame: bool = False
     mqtt_ca_file: Optional[str] = None
+    serve_token: Optional[str] = None  # the live view's access token (edge_quq.sinks.http)
     video_fps: float = 10.0
     source: str = ""  # shown by the live view
     stats: Any = None  # the run's LoopStats, read by the live view (it keeps its own when None)
@@ -84,7 +86,7 @@ def output_spec(kind: str, target: str, label: str) -> OutputSpec:
 
 def parse_output(uri: str, label: Optional[str] = None) -> OutputSpec:
     """The output a URI names; OptionError (one line naming it) for one that names none."""
-    label = label or f"--output {uri}"
+    label = label or f"--output {redact(uri)}"
     m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*):(.*)$", uri.strip())
     if not m:
         raise OptionError(f"{label}: not an output URI (expected {URI_HELP})")
@@ -112,7 +114,7 @@ def alias_outputs(jsonl: Optional[str] = None, video_out: Optional[str] = None, 
                                          ("video", "--video-out", video_out), ("snapshots", "--snapshots", snapshots),
                                          ("display", "--display", "0" if display else None), ("http", "--serve", serve),
                                          ("mqtt", "--mqtt", mqtt)]
-    return [output_spec(kind, str(v), f"{flag} {v}" if kind != "display" else flag) for kind, flag, v in flags if v is not None]
+    return [output_spec(kind, str(v), f"{flag} {redact(str(v))}" if kind != "display" else flag) for kind, flag, v in flags if v is not None]
 
 
 def _split_path_uri(uri: str) -> Optional[Tuple[str, str]]:
@@ -139,20 +141,20 @@ def open_output(spec: Union[str, OutputSpec], options: Optional[OutputOptions] =
         spec = parse_output(spec)
     o = options or OutputOptions(**kw)
     if spec.kind == "jsonl":
-        return JsonLinesSink(spec.target, label=spec.label)
+        return JsonLinesSink(spec.target, label=spec.label, log=o.log)
     if spec.kind == "video":
         return VideoSink(spec.target, o.video_fps, label=spec.label)
     if spec.kind == "snapshots":
-        return SnapshotSink(spec.target, o.max_snapshots, label=spec.label)
+        return SnapshotSink(spec.target, o.max_snapshots, label=spec.label, log=o.log)
     if spec.kind == "stats":
         return StatsFileSink(spec.target, label=spec.label, log=o.log)
     if spec.kind == "display":
         return DisplaySink(label=spec.label)
     if spec.kind == "http":
-        http = HttpSink(spec.target, o.source, stats=o.stats, label=spec.label)
+        http = HttpSink(spec.target, o.source, stats=o.stats, label=spec.label, token=o.serve_token, log=o.log)
         o.log(f"serving the live view on {http.url}")
         return http
-    return MqttSink(spec.target, o.mqtt_prefix, o.mqtt_device, o.mqtt_every_frame, o.mqtt_ca_file, label=spec.label)
+    return MqttSink(spec.target, o.mqtt_prefix, o.mqtt_device, o.mqtt_every_frame, o.mqtt_ca_file, label=spec.label, log=o.log)
 
 
 class SinkSet:
@@ -181,15 +183,33 @@ class SinkSet:
         for sink in list(self.sinks):
             self._call(sink, sink.stats, st)
 
+    def collect_errors(self) -> Dict[str, Dict[str, Any]]:
+        """Bring `errors` (the stats' sink_errors) up to date with the failures the live sinks counted."""
+        for sink in self.sinks:
+            entry = sink.failures.entry() if sink.failures is not None else None
+            if entry is not None:
+                self.errors[sink.name] = entry
+        return self.errors
+
     def _call(self, sink: Sink, method: Callable[[Any], None], arg: Any) -> None:
         try:
             method(arg)
         except (OSError, EdgeQuqError) as e:
-            msg = getattr(e, "strerror", None) or str(e)
-            self.errors[sink.name] = msg
+            msg = redact(getattr(e, "strerror", None) or str(e))
+            prev = sink.failures.count if sink.failures is not None else 0
+            self.errors[sink.name] = {"error": msg, "count": prev + 1, "failing": True, "stopped": True}
             self.log(f"warning: {sink.name} output stopped: {msg}")
             self.sinks.remove(sink)
             self._close(sink)
+
+    def discard(self) -> None:
+        """The run was refused: every output removes what it created, then closes."""
+        for sink in self.sinks:
+            try:
+                sink.discard()
+            except OSError:
+                pass
+        self.close()
 
     def _close(self, sink: Sink) -> None:
         try:
