@@ -92,7 +92,11 @@ def attach_detectors(bundle_path: os.PathLike, dset: DetectorSet, fit_info: Opti
             f.flush()
             os.fsync(f.fileno())
         manifest = dict(bundle.manifest)
+        # calibration data made with the old detectors no longer fits them: it goes (fit-detectors remakes it)
+        stale_gate = manifest.pop("gate", None)
         files = dict(manifest["files"])
+        if isinstance(stale_gate, dict):
+            files.pop(str(stale_gate.get("file")), None)
         files[DETECTORS_FILE] = {"sha256": sha256_file(tmp_npz), "bytes": tmp_npz.stat().st_size}
         manifest["files"] = files
         manifest["detectors"] = dict(want, file=DETECTORS_FILE, version=FILE_VERSION, names=dset.names,

@@ -306,7 +306,7 @@ def test_ignore_on_choices_on_the_shipped_samples():
     classes = [f.name for f in SAMPLES.glob("0*.png")]
     mc = predict_json()
     assert mc["ood_rings16.png"]["decision"] == "keep"  # the far-OOD image the MC rule misses
-    assert mc["ood_checkerboard.png"]["decision"] == "ignore" and mc["ood_checkerboard.png"]["ignored_by"] == ["mc"]
+    assert mc["ood_checkerboard.png"]["decision"] == "ignore" and mc["ood_checkerboard.png"]["ignored_by"] == ["rule"]
     for d in mc.values():
         assert set(DETECTOR_NAMES) <= set(d["scores"]) and d["settings"]["ignore_on"] == "mc"
     assert "mahalanobis" in mc["ood_rings16.png"]["flagged"]
@@ -317,8 +317,8 @@ def test_ignore_on_choices_on_the_shipped_samples():
     assert all(maha[c]["decision"] == "keep" and maha[c]["ignored_by"] == [] for c in classes)
 
     anyr = predict_json("--ignore-on", "any")
-    assert anyr["ood_rings16.png"]["decision"] == "ignore" and "mc" not in anyr["ood_rings16.png"]["ignored_by"]
-    assert anyr["ood_checkerboard.png"]["ignored_by"][0] == "mc" and len(anyr["ood_checkerboard.png"]["ignored_by"]) > 1
+    assert anyr["ood_rings16.png"]["decision"] == "ignore" and "rule" not in anyr["ood_rings16.png"]["ignored_by"]
+    assert anyr["ood_checkerboard.png"]["ignored_by"][0] == "rule" and len(anyr["ood_checkerboard.png"]["ignored_by"]) > 1
     assert all(anyr[c]["decision"] == "keep" for c in classes)
     # the scores themselves do not depend on ignore_on
     assert anyr["ood_rings16.png"]["scores"]["knn"] == mc["ood_rings16.png"]["scores"]["knn"]
