@@ -298,7 +298,7 @@ def run(*args, check_code=None):
 
 
 def predict_json(*args):
-    p = run("predict", *sorted(str(f) for f in SAMPLES.glob("*.png")), "--seed", "0", "--json", *args, check_code=0)
+    p = run("predict", *sorted(str(f) for f in SAMPLES.glob("*.png")), "--seed", "0", "--json", "--policy", "paper", *args, check_code=0)
     return {Path(d["source"]).name: d for d in map(json.loads, p.stdout.splitlines())}
 
 
