@@ -330,7 +330,8 @@ def test_ignore_on_table_and_errors(tmp_path):
     p = run("predict", str(SAMPLES / "ood_rings16.png"), "--ignore-on", "odin", check_code=2)
     assert p.stderr.strip().splitlines()[-1].startswith("error: --ignore-on 'odin'")
     root = copy_default(tmp_path)
-    rewrite_manifest(root, lambda m: (m.pop("detectors"), m["files"].pop(DETECTORS_FILE)))
+    # without its detectors, the calibration data made with them goes too (else: refused as stale)
+    rewrite_manifest(root, lambda m: (m.pop("detectors"), m["files"].pop(DETECTORS_FILE), m.pop("gate"), m["files"].pop("gate.npz")))
     p = run("predict", str(SAMPLES / "ood_rings16.png"), "--bundle", str(root), "--ignore-on", "knn", check_code=2)
     assert "no fitted detectors" in p.stderr
     p = run("predict", str(SAMPLES / "ood_rings16.png"), "--bundle", str(root), "--json", check_code=0)
