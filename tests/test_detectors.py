@@ -375,7 +375,9 @@ def test_export_fits_detectors_on_the_tiny_model(tmp_path, tiny_model_path, tiny
     b = load_bundle(out)
     ds = load_detectors(b)
     assert ds.names == ["mahalanobis", "vim"] and ds.meta["backbone_sha256"] == fitted_for(b)["backbone_sha256"]
-    assert ds.meta["fit"]["labels"] == "labels" and ds.meta["fit_samples"] == 900
+    # 1000 images: a seeded 20% held out for the gate's calibration, 10% of the rest for the thresholds
+    assert ds.meta["fit"]["labels"] == "labels" and ds.meta["fit_samples"] == 720
+    assert b.gate is not None and b.gate.calibration["samples"] == 200 and "default policy gated" in p.stdout
 
 
 def test_ignore_on_is_a_service_config_key_and_reaches_the_predictor(tmp_path):
@@ -416,7 +418,7 @@ def test_detector_scores_ignore_the_temperature():
 def test_camera_gets_ignore_on_through_the_shared_model_options(tmp_path):
     for f in SAMPLES.glob("*.png"):
         shutil.copy(f, tmp_path / f.name)
-    p = run("camera", "--source", str(tmp_path), "--ignore-on", "mahalanobis", "--jsonl", "-", "--frames", "12", check_code=0)
+    p = run("camera", "--source", str(tmp_path), "--ignore-on", "mahalanobis", "--policy", "paper", "--jsonl", "-", "--frames", "12", check_code=0)
     rows = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
     assert len(rows) == 12  # the folder's images in name order: ten classes, checkerboard, rings
     assert [r["decision"] for r in rows] == ["keep"] * 10 + ["ignore", "ignore"]
