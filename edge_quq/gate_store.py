@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from dataclasses import dataclass, replace
 from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
 from edge_quq.bundle import Bundle, GateSpec, load_bundle, sha256_file, write_manifest
+from edge_quq.detector_store import fitted_for, read_npz, write_npz
 from edge_quq.conformal import CalibrationScores, combine, conformal_pvalues, sort_calibration
 from edge_quq.errors import BundleError, OptionError
 from edge_quq.risk import CalibrationTable
@@ -36,7 +36,6 @@ REGATE_HINT = "recalibrate with `edge-quq fit-detectors BUNDLE --data ...`"
 
 def gate_fingerprints(bundle: Bundle) -> Dict[str, Any]:
     """What calibration data must have been made with to be used with this bundle."""
-    from edge_quq.detector_store import fitted_for
 
     det = bundle.extra.get("detectors")
     det_file = det.get("file") if isinstance(det, Mapping) else None
@@ -125,12 +124,7 @@ def load_gate(bundle: Bundle) -> Optional[LoadedGate]:
     entry = bundle.files.get(spec.file, {})
     if not path.is_file() or sha256_file(path) != entry.get("sha256"):
         raise BundleError(f"{path}: calibration data missing or its sha256 does not match the manifest; {REGATE_HINT}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise BundleError(f"{path}: calibration data cannot be read ({e})") from None
-    data = GateData.from_arrays(arrays, str(path))
+    data = GateData.from_arrays(read_npz(path, "calibration data"), str(path))
     want = gate_fingerprints(bundle)
     for source, rec in (("manifest", spec.fingerprints), ("file", data.meta.get("fingerprints", {}))):
         for key, value in want.items():
@@ -154,12 +148,8 @@ def attach_gate(bundle_path: os.PathLike, data: GateData, spec: GateSpec) -> Bun
     root = bundle.path
     tmp = root / f".{GATE_FILE}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **data.to_arrays())
-            f.flush()
-            os.fsync(f.fileno())
         files = dict(bundle.files)
-        files[GATE_FILE] = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size}
+        files[GATE_FILE] = write_npz(tmp, data.to_arrays())
         os.replace(tmp, root / GATE_FILE)
         out = write_manifest(root, replace(bundle, files=files, gate=replace(spec, file=GATE_FILE, fingerprints=fp)))
     finally:
