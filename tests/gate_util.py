@@ -28,7 +28,7 @@ def features_of(images: np.ndarray) -> np.ndarray:
 
 def detector_scores(feats: np.ndarray, name: str) -> np.ndarray:
     pred = _predictor()
-    return pred.detectors.scores(feats, pred.head)[name]
+    return pred.detectors.score_all(feats, pred.head)[name]
 
 
 @lru_cache(maxsize=1)
@@ -49,7 +49,7 @@ def _real() -> Dict[str, np.ndarray]:
     probs = pred.head.probs(feats)
     out = {"features": feats, "labels": y[:NUM_IMAGES], "confidence": probs.max(axis=1),
            "correct": probs.argmax(axis=1) == y[:NUM_IMAGES]}
-    for name, s in pred.detectors.scores(feats, pred.head).items():
+    for name, s in pred.detectors.score_all(feats, pred.head).items():
         out["score_" + name] = s
     return out
 
