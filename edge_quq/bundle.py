@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from edge_quq.defaults import DECISION_DEFAULTS
+from edge_quq.defaults import DECISION_DEFAULTS, GATE_DEFAULTS, POLICIES
 from edge_quq.errors import BundleError
 
 FORMAT_NAME = "edge-quq-bundle"
@@ -283,9 +283,57 @@ class DecisionDefaults:
         return {"threshold": self.threshold, "num_iter": self.num_iter, "z": self.z, "mixed": self.mixed}
 
 
+@dataclass(frozen=True)
+class GateSpec:
+    """The manifest's `gate` object: the calibration data file (gate.npz, edge_quq.gate_store) and the
+    default decision policy it enables. `to_json` and `from_json` are exact inverses."""
+
+    file: str
+    version: int
+    policy: str
+    alpha: float
+    delta: float
+    combine: str
+    detectors: Tuple[str, ...]  # the detectors the default gate combines
+    risk_score: str  # the confidence score the risk threshold is chosen on
+    fingerprints: Dict[str, Any] = field(default_factory=dict)  # head/backbone/detectors sha256 it was made for
+    calibration: Dict[str, Any] = field(default_factory=dict)  # what data, how many samples, the seed
+    validation: Dict[str, Any] = field(default_factory=dict)  # the exporter's selection table
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], where: str) -> "GateSpec":
+        if not isinstance(d, Mapping):
+            raise BundleError(f"{where}: gate must be an object, got {type(d).__name__}")
+
+        def level(key: str) -> float:
+            v = d.get(key, GATE_DEFAULTS[key])
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < float(v) < 1.0:
+                raise BundleError(f"{where}: gate.{key} must be a number strictly between 0 and 1, got {v!r}")
+            return float(v)
+
+        policy = str(d.get("policy", GATE_DEFAULTS["policy"]))
+        if policy not in POLICIES:
+            raise BundleError(f"{where}: gate.policy {policy!r} is not one of {', '.join(POLICIES)}")
+        dets = d.get("detectors")
+        if not isinstance(dets, (list, tuple)) or not dets or not all(isinstance(n, str) for n in dets):
+            raise BundleError(f"{where}: gate.detectors must be a non-empty list of detector names")
+        return cls(file=str(_req(d, "file", where)), version=int(d.get("version", 1)), policy=policy,
+                   alpha=level("alpha"), delta=level("delta"), combine=str(d.get("combine", GATE_DEFAULTS["combine"])),
+                   detectors=tuple(dets), risk_score=str(d.get("risk_score", "max_prob")),
+                   fingerprints=copy.deepcopy(dict(d.get("fingerprints", {}))),
+                   calibration=copy.deepcopy(dict(d.get("calibration", {}))),
+                   validation=copy.deepcopy(dict(d.get("validation", {}))))
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"file": self.file, "version": self.version, "policy": self.policy, "alpha": self.alpha,
+                "delta": self.delta, "combine": self.combine, "detectors": list(self.detectors),
+                "risk_score": self.risk_score, "fingerprints": copy.deepcopy(self.fingerprints),
+                "calibration": copy.deepcopy(self.calibration), "validation": copy.deepcopy(self.validation)}
+
+
 # Top-level keys the runtime reads; any other (`created`, `producer`, `accuracy`, `parity`, `training`,
 # `detectors`, ...) is kept in Bundle.extra and written back unchanged.
-_TOP_KEYS = ("format", "schema_version", "name", "classes", "input", "backbone", "head", "decision", "calibration", "files")
+_TOP_KEYS = ("format", "schema_version", "name", "classes", "input", "backbone", "head", "decision", "calibration", "gate", "files")
 
 
 @dataclass
@@ -310,6 +358,8 @@ class Bundle:
     calibration: Optional[Dict[str, Any]] = None
     extra: Dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # Calibration data of the OOD gate and risk control (gate.npz); None: only the `paper` policy.
+    gate: Optional[GateSpec] = None
     # Top-level key order of the manifest read, so that a rewrite (set-temperature, detectors) keeps the
     # file's layout and its diff small.
     key_order: Tuple[str, ...] = field(default=(), compare=False, repr=False)
@@ -337,6 +387,8 @@ class Bundle:
         }
         if self.calibration is not None:
             d["calibration"] = copy.deepcopy(self.calibration)
+        if self.gate is not None:
+            d["gate"] = self.gate.to_json()
         d = _merge_extra(d, self.extra, "manifest")
         d["files"] = copy.deepcopy(self.files)
         order = [k for k in self.key_order if k in d]
@@ -424,6 +476,10 @@ def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
         if n not in files:
             raise BundleError(f"{where}: file {n!r} is used but has no checksum entry in files")
     cal = manifest.get("calibration")
+    gate = manifest.get("gate")
+    gate_spec = None if gate is None else GateSpec.from_json(gate, where)
+    if gate_spec is not None and gate_spec.file not in files:
+        raise BundleError(f"{where}: gate file {gate_spec.file!r} has no checksum entry in files")
     return Bundle(
         path=path,
         name=str(manifest.get("name", path.name)),
@@ -438,6 +494,7 @@ def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
         calibration=None if cal is None else copy.deepcopy(dict(cal)),
         extra={k: copy.deepcopy(v) for k, v in manifest.items() if k not in _TOP_KEYS},
         schema_version=version,
+        gate=gate_spec,
         key_order=tuple(manifest),
     )
 
@@ -551,7 +608,25 @@ def bundle_summary(bundle: Bundle) -> List[Tuple[str, str]]:
     if isinstance(det, Mapping):
         size = bundle.files.get(str(det.get("file")), {}).get("bytes", 0)
         rows.append(("detectors", f"{', '.join(det.get('names', []))} ({det.get('file')}, {size / 1024:.1f} KiB; thresholds at ID TPR {det.get('tpr')})"))
+    rows.extend(gate_summary(bundle))
     d = bundle.decision
     rows.append(("decision defaults", f"threshold {d.threshold}, num_iter {d.num_iter}, z {d.z}, mixed {d.mixed}"))
     rows.append(("total size", f"{bundle.total_bytes() / 1024:.1f} KiB in {len(bundle.files)} files"))
+    return rows
+
+
+def gate_summary(bundle: Bundle) -> List[Tuple[str, str]]:
+    """`edge-quq info` rows for the default policy: the gate, its level and the exporter's validation."""
+    g = bundle.gate
+    if g is None:
+        return [("policy", "paper (no calibration data in this bundle: the gated and risk policies are unavailable)")]
+    cal = g.calibration
+    rows = [("policy", f"{g.policy} (default); gate alpha {g.alpha:g} over {', '.join(g.detectors)} ({g.combine}); "
+                       f"risk delta {g.delta:g} on {g.risk_score}"),
+            ("calibration", f"{cal.get('samples', '?')} held-out samples: {cal.get('data', '?')} ({g.file})")]
+    val = g.validation
+    sets = val.get("chosen", {}) if isinstance(val, Mapping) else {}
+    if sets:
+        rows.append(("gate validation", ", ".join(f"{k} {100 * float(v):.1f}%" for k, v in sets.items())
+                     + " ignored by the gate (exporter's held-out data)"))
     return rows

@@ -12,7 +12,7 @@ import click
 
 from edge_quq import __version__
 from edge_quq.config import DEFAULT_CONFIG_PATH, config_option, service_config_example
-from edge_quq.defaults import BACKENDS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, MIXED_POLICIES, default_help
+from edge_quq.defaults import BACKENDS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, MIXED_POLICIES, POLICIES, default_help
 from edge_quq.errors import EdgeQuqError
 from edge_quq.health import DEFAULT_MAX_AGE_S, DEFAULT_SERVICE_BUNDLE, DEFAULT_STATS_FILE
 from edge_quq.options import PredictorOptions
@@ -86,6 +86,15 @@ def model_options(fn: Callable) -> Callable:
         click.option("--ignore-on", default=DEFAULT_IGNORE_ON, show_default=True, metavar="mc|any|DETECTOR",
                      help="What may ignore a prediction: mc (the MC decision rule), a detector of the bundle (its fitted "
                           "threshold alone, e.g. knn), or any (the MC rule or any detector with a threshold)."),
+        click.option("--policy", type=click.Choice(POLICIES), default=None,
+                     help="Decision policy: paper (the MC rule alone), gated (the rule plus the OOD gate), risk (gated plus a "
+                          "certified keep threshold, needs --target-error). Default: the bundle's (gated; paper without calibration data)."),
+        click.option("--ood-alpha", type=float, default=None,
+                     help="OOD gate level in (0, 1): ignore when the combined conformal p-value is below it (default: the bundle's)."),
+        click.option("--target-error", type=float, default=None,
+                     help="Risk policy: error rate among kept predictions to certify, in (0, 1), e.g. 0.02 (implies --policy risk)."),
+        click.option("--delta", type=float, default=None,
+                     help="Risk policy: the certificate fails with probability at most delta (default: the bundle's, 0.05)."),
         click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
                      help="Refuse images with more pixels than this, from their header, before decoding (memory on small boards)."),
     ]
@@ -167,7 +176,7 @@ def predict(paths: Sequence[str], batch_size: int, as_json: bool, **model: Any) 
         rows = []
         # With detectors deciding too, say who ignored each sample; with detectors only watching, say which of
         # them flag it anyway (a kept sample with flags is one a person may still want to look at).
-        why = predictor.ignore_on != "mc"
+        why = True
         flags = predictor.detectors is not None
         extra = (["ignored by"] if why else []) + (["OOD flags"] if flags else [])
         for r in results:
@@ -184,7 +193,7 @@ def predict(paths: Sequence[str], batch_size: int, as_json: bool, **model: Any) 
         s = predictor.settings
         click.echo(
             f"\n{summary['processed']} processed, {summary['kept']} kept, {summary['ignored']} ignored, {summary['failed']} failed"
-            f" | T={s.num_iter} z={s.z:.3g} threshold={s.threshold:g} sampler={predictor.sampler.name} backend={summary['backend']}"
+            f" | policy {predictor.policy.name} | T={s.num_iter} z={s.z:.3g} threshold={s.threshold:g} sampler={predictor.sampler.name} backend={summary['backend']}"
         )
         if preds:
             stages = ", ".join(f"{k} {v['p50']:.2f}" for k, v in summary["latency_ms"].items() if k != "total")

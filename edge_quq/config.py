@@ -258,6 +258,7 @@ EXAMPLES: Dict[str, Any] = {
     "output": ["jsonl:/var/lib/edge-quq/results.jsonl", "http://0.0.0.0:8080"], "jsonl": "/var/lib/edge-quq/results.jsonl", "video-out": "/var/lib/edge-quq/annotated.mp4",
     "snapshots": "/var/lib/edge-quq/snapshots", "serve": "0.0.0.0:8080", "mqtt": "mqtt://user:password@broker.local:1883",
     "mqtt-device": "porch-cam", "mqtt-ca-file": "/etc/ssl/certs/ca-certificates.crt",
+    "policy": "gated", "ood-alpha": 0.05, "target-error": 0.02, "delta": 0.05,
 }
 
 

@@ -169,11 +169,22 @@ def check_ignore_on(ignore_on: str, detectors: "Optional[DetectorSet]") -> str:
 
 
 def combine_decision(mc_keep: bool, flagged: Sequence[str], ignore_on: str) -> Tuple[bool, List[str]]:
-    """(keep, ignored_by): who may ignore is set by `ignore_on`; ignored_by lists who did ("mc", detector names)."""
+    """(keep, ignored_by): who may ignore is set by `ignore_on`; ignored_by lists who did: "rule" (the MC
+    decision rule) and, under --ignore-on DETECTOR or any, the names of detectors over their thresholds."""
     if ignore_on == "mc":
-        return mc_keep, ([] if mc_keep else ["mc"])
+        return mc_keep, ([] if mc_keep else ["rule"])
     if ignore_on == "any":
-        why = ([] if mc_keep else ["mc"]) + list(flagged)
+        why = ([] if mc_keep else ["rule"]) + list(flagged)
         return not why, why
     hit = ignore_on in flagged
     return not hit, ([ignore_on] if hit else [])
+
+
+def policy_reasons(policy: str, gate_ignores: bool, risk_keeps: bool) -> List[str]:
+    """The reasons beyond the rule a policy adds: the OOD gate (gated, risk) and the risk threshold (risk)."""
+    why = []
+    if policy in ("gated", "risk") and gate_ignores:
+        why.append("ood_gate")
+    if policy == "risk" and not risk_keeps:
+        why.append("risk")
+    return why

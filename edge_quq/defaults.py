@@ -34,3 +34,24 @@ DEFAULT_MAX_PIXELS = 50_000_000
 def default_help(key: str) -> str:
     """'(default: bundle's, 0.5)' for CLI help text, from the one table."""
     return f"(default: bundle's, {DECISION_DEFAULTS[key]})"
+
+# --- decision policies (issue 14; docs/decisions.md) ------------------------------------------------------
+# paper: the MC interval rule alone. gated: the rule plus the conformal OOD gate. risk: gated plus a
+# Learn-then-Test keep threshold on a confidence score. A bundle with calibration data (gate.npz) defaults
+# to its manifest's policy (gated as exported); one without it can only run `paper`.
+POLICIES: Tuple[str, ...] = ("paper", "gated", "risk")
+POLICY_WITHOUT_CALIBRATION = "paper"
+# Why a prediction was ignored (Prediction.ignored_by); a detector name may also appear when --ignore-on
+# names one (its fitted threshold alone, the pre-gate mechanism).
+IGNORE_REASONS: Tuple[str, ...] = ("rule", "ood_gate", "risk", "drift")
+# Gate and risk defaults the exporter writes into a manifest, and the fallbacks when a manifest lacks them.
+GATE_DEFAULTS: Dict[str, object] = {
+    "policy": "gated",
+    "alpha": 0.05,       # gate level: P(ignore | exchangeable ID input) <= alpha
+    "delta": 0.05,       # risk: P(error among kept > target) <= delta over the calibration draw
+    "combine": "bonferroni",
+}
+# Confidence scores the exporter may pick for `risk` (higher = more confident after the sign in RISK_SCORE_SIGN).
+RISK_SCORES: Tuple[str, ...] = ("max_prob", "predictive_entropy", "mean_variance", "mutual_information")
+RISK_SCORE_SIGN: Dict[str, float] = {"max_prob": 1.0, "predictive_entropy": -1.0, "mean_variance": -1.0,
+                                     "mutual_information": -1.0}

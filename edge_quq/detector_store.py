@@ -34,6 +34,24 @@ def fitted_for(bundle: Bundle) -> Dict[str, Any]:
             "head_sha256": bundle.files[bundle.head.weights]["sha256"]}
 
 
+def read_npz(path: Path, what: str) -> Dict[str, np.ndarray]:
+    """All arrays of a bundle's npz file (pickle refused), or one BundleError line."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise BundleError(f"{path}: {what} cannot be read ({e})") from None
+
+
+def write_npz(path: Path, arrays: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """Write a compressed npz and flush it to disk; returns its checksum entry {sha256, bytes}."""
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
 def load_detectors(bundle: Bundle) -> Optional[DetectorSet]:
     """The bundle's fitted detectors, or None when its manifest has none. Raises BundleError when stale."""
     entry = bundle.manifest.get("detectors")
@@ -49,12 +67,7 @@ def load_detectors(bundle: Bundle) -> Optional[DetectorSet]:
     if not isinstance(version, int) or not 1 <= version <= FILE_VERSION:
         raise BundleError(f"{where}: detectors version {version!r} is not supported (this edge-quq reads 1..{FILE_VERSION}); upgrade edge-quq or {REFIT_HINT}")
     path = bundle.path / name
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise BundleError(f"{path}: detectors file cannot be read ({e})") from None
-    dset = DetectorSet.from_arrays(arrays, str(path))
+    dset = DetectorSet.from_arrays(read_npz(path, "detectors file"), str(path))
     want = fitted_for(bundle)
     for source, rec in (("manifest", entry), ("file", dset.meta)):
         got_fs = rec.get("feature_size")
@@ -87,12 +100,13 @@ def attach_detectors(bundle_path: os.PathLike, dset: DetectorSet, fit_info: Opti
     tmp_npz = root / f".{DETECTORS_FILE}.tmp-{os.getpid()}"
     tmp_man = root / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
     try:
-        with open(tmp_npz, "wb") as f:
-            np.savez_compressed(f, **dset.to_arrays())
-            f.flush()
-            os.fsync(f.fileno())
+        write_npz(tmp_npz, dset.to_arrays())
         manifest = dict(bundle.manifest)
+        # calibration data made with the old detectors no longer fits them: it goes (fit-detectors remakes it)
+        stale_gate = manifest.pop("gate", None)
         files = dict(manifest["files"])
+        if isinstance(stale_gate, dict):
+            files.pop(str(stale_gate.get("file")), None)
         files[DETECTORS_FILE] = {"sha256": sha256_file(tmp_npz), "bytes": tmp_npz.stat().st_size}
         manifest["files"] = files
         manifest["detectors"] = dict(want, file=DETECTORS_FILE, version=FILE_VERSION, names=dset.names,

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
-from edge_quq.defaults import BACKENDS, CHANNEL_ORDERS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, MAX_NUM_ITER
+from edge_quq.defaults import BACKENDS, CHANNEL_ORDERS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, MAX_NUM_ITER, POLICIES
 from edge_quq.errors import OptionError
 from edge_quq.gradients import GradientSettings
 
@@ -36,6 +36,11 @@ class PredictorOptions:
     gradient: Optional[GradientSettings] = field(default_factory=GradientSettings)
     ignore_on: str = DEFAULT_IGNORE_ON
     max_pixels: int = DEFAULT_MAX_PIXELS  # images above this pixel count are refused before decoding
+    # Decision policy (edge_quq.defaults.POLICIES); None: the manifest's (paper without calibration data).
+    policy: Optional[str] = None
+    ood_alpha: Optional[float] = None  # gate level; None: the manifest's
+    delta: Optional[float] = None  # risk confidence; None: the manifest's
+    target_error: Optional[float] = None  # risk: the error rate among kept predictions to certify
 
     def replace(self, **changes: Any) -> "PredictorOptions":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -55,7 +60,18 @@ class PredictorOptions:
             raise OptionError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if self.threads is not None and self.threads < 1:
             raise OptionError(f"threads must be >= 1, got {self.threads}")
+        self.check_policy()
         return self
+
+    def check_policy(self) -> None:
+        if self.policy is not None and self.policy not in POLICIES:
+            raise OptionError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        for name, flag in (("ood_alpha", "--ood-alpha"), ("delta", "--delta"), ("target_error", "--target-error")):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and 0.0 < float(v) < 1.0):
+                raise OptionError(f"{flag} must be strictly between 0 and 1, got {v}")
+        if self.target_error is not None and self.policy not in (None, "risk"):
+            raise OptionError(f"--target-error applies to --policy risk only, not {self.policy}")
 
     @classmethod
     def from_cli(cls, values: Mapping[str, Any]) -> "PredictorOptions":

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -15,9 +16,12 @@ import numpy as np
 
 from edge_quq.backends import Backbone, make_backbone
 from edge_quq.bundle import Bundle, load_bundle
-from edge_quq.decision import MIXED_POLICIES, Decision, check_ignore_on, combine_decision, decide, resolve_z
+from edge_quq.conformal import COMBINE_RULES, CalibrationScores, combine, conformal_pvalues
+from edge_quq.decision import MIXED_POLICIES, Decision, check_ignore_on, combine_decision, decide, policy_reasons, resolve_z
+from edge_quq.defaults import GATE_DEFAULTS, POLICY_WITHOUT_CALIBRATION, RISK_SCORE_SIGN
 from edge_quq.detectors import DetectorSet, gradient_reusable
 from edge_quq.errors import EdgeQuqError, OptionError
+from edge_quq.gate_store import LoadedGate, load_gate
 from edge_quq.gradients import GradientSettings, gradient_scores
 from edge_quq.options import PredictorOptions
 from edge_quq.head import HeadWeights, load_head_weights
@@ -49,10 +53,66 @@ class Settings:
         return self
 
 
+@dataclass(frozen=True)
+class PolicyState:
+    """The decision policy as resolved against a bundle: what the gate combines and the risk threshold."""
+
+    name: str  # edge_quq.defaults.POLICIES
+    alpha: Optional[float] = None
+    delta: Optional[float] = None
+    combine: str = str(GATE_DEFAULTS["combine"])
+    detectors: Tuple[str, ...] = ()
+    cal: Optional[CalibrationScores] = None
+    risk_score: Optional[str] = None
+    risk_threshold: Optional[float] = None
+    target_error: Optional[float] = None
+    risk_coverage: Optional[float] = None  # share of the (rule- and gate-passed) calibration data kept
+
+    def describe(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"policy": self.name}
+        if self.name != "paper":
+            out.update(ood_alpha=self.alpha, gate_detectors=list(self.detectors), combine=self.combine)
+        if self.name == "risk":
+            out.update(delta=self.delta, target_error=self.target_error, risk_score=self.risk_score,
+                       risk_threshold=self.risk_threshold)
+        return out
+
+
+def resolve_policy(opts: PredictorOptions, gate: Optional[LoadedGate]) -> PolicyState:
+    """The policy from the options and the bundle's calibration data; OptionError for a policy the bundle
+    cannot run or a risk target its calibration data cannot certify (naming the smallest reachable one)."""
+    from edge_quq.risk import ltt_threshold
+
+    name = opts.policy or ("risk" if opts.target_error is not None else None)
+    if name is None:
+        name = gate.spec.policy if gate is not None else POLICY_WITHOUT_CALIBRATION
+    if name == "paper":
+        return PolicyState("paper")
+    if gate is None:
+        raise OptionError(f"--policy {name} needs calibration data, and this bundle has none (no gate.npz); "
+                          "add it with `edge-quq fit-detectors BUNDLE --data ...` or use --policy paper")
+    spec = gate.spec
+    if spec.combine not in COMBINE_RULES:
+        raise OptionError(f"the bundle's gate combines with {spec.combine!r}, which this edge-quq does not know")
+    alpha = float(opts.ood_alpha if opts.ood_alpha is not None else spec.alpha)
+    state = PolicyState(name, alpha=alpha, combine=spec.combine, detectors=tuple(spec.detectors),
+                        cal=gate.calibration(spec.detectors))
+    if name != "risk":
+        return state
+    if opts.target_error is None:
+        raise OptionError("--policy risk needs --target-error (the error rate among kept predictions to certify, e.g. 0.02)")
+    delta = float(opts.delta if opts.delta is not None else spec.delta)
+    thr = ltt_threshold(gate.risk_table(spec.detectors, alpha, spec.combine), opts.target_error, delta)
+    return dataclasses.replace(state, delta=delta, risk_score=spec.risk_score, risk_threshold=thr.threshold,
+                               target_error=thr.target_error, risk_coverage=thr.coverage)
+
+
 class Predictor:
     def __init__(self, bundle: Bundle, backbone: Backbone, head: HeadWeights, sampler: Sampler, settings: Settings,
                  channel_order: str = "bgr", gradient: Optional[GradientSettings] = GradientSettings(),
-                 detectors: Optional[DetectorSet] = None, ignore_on: str = "mc") -> None:
+                 detectors: Optional[DetectorSet] = None, ignore_on: str = "mc",
+                 policy: PolicyState = PolicyState("paper")) -> None:
+        self.policy = policy
         self.gradient = gradient.validate() if gradient is not None else None
         self.detectors = detectors
         self.ignore_on = check_ignore_on(ignore_on, detectors)
@@ -76,6 +136,8 @@ class Predictor:
         3-channel numpy arrays passed to predict() are ordered; files are always decoded correctly.
         `gradient` sets the closed-form gradient score (None turns it off). `ignore_on` picks what can ignore
         a prediction: "mc" (the MC decision rule), a detector name (its fitted threshold alone), or "any".
+        `policy` is paper, gated or risk (None: the bundle's default; docs/decisions.md), with `ood_alpha`,
+        `delta` and, for risk, `target_error`.
         """
         opts = (options or PredictorOptions()).replace(**overrides)
         if path is not None:
@@ -86,6 +148,9 @@ class Predictor:
         bundle = load_bundle(opts.bundle)
         detectors = load_detectors(bundle)
         check_ignore_on(opts.ignore_on, detectors)
+        policy = resolve_policy(opts, load_gate(bundle))
+        if policy.name != "paper" and detectors is None:
+            raise OptionError(f"--policy {policy.name}: the bundle's calibration data needs its detectors file")
         d = bundle.decision
         settings = Settings(
             num_iter=int(opts.num_iter if opts.num_iter is not None else d.num_iter),
@@ -97,7 +162,8 @@ class Predictor:
         head = load_head_weights(bundle)
         backbone = make_backbone(bundle, opts.backend, opts.threads, opts.xnnpack)
         smp = make_sampler(opts.sampler, head, seed=opts.seed, bundle=bundle, threads=opts.threads)
-        predictor = cls(bundle, backbone, head, smp, settings, opts.channel_order, opts.gradient, detectors, opts.ignore_on)
+        predictor = cls(bundle, backbone, head, smp, settings, opts.channel_order, opts.gradient, detectors, opts.ignore_on,
+                        policy)
         predictor.options = opts
         predictor.warm_up()
         return predictor
@@ -143,19 +209,29 @@ class Predictor:
                 scores.update(row_scores(self.detectors.score_all(features[None], self.head, given)))
         return scores
 
-    def decision_stage(self, moments: HeadMoments, scores: Dict[str, float]) -> Tuple[Decision, bool, List[str], List[str]]:
-        """(MC decision, keep, ignored_by, flagged): the MC rule, the detectors' flags and the ignore policy."""
+    def decision_stage(self, moments: HeadMoments, scores: Dict[str, float]) -> Tuple[Decision, bool, List[str], List[str], Optional[float]]:
+        """(MC decision, keep, ignored_by, flagged, ood_p): the MC rule, the detectors' flags, the ignore
+        policy, then the OOD gate and the risk threshold of the decision policy."""
         s = self.settings
         dec = decide(moments.mean, moments.std, s.z, s.threshold, s.mixed)
         flags = self.detectors.flags({n: np.asarray([v]) for n, v in scores.items()}) if self.detectors else {}
         flagged = [n for n, hit in flags.items() if hit[0]]
         keep, ignored_by = combine_decision(dec.keep, flagged, self.ignore_on)
-        return dec, keep, ignored_by, flagged
+        pol = self.policy
+        ood_p = None
+        if pol.cal is not None:
+            row = np.array([[scores[n] for n in pol.detectors]], np.float64)
+            ood_p = float(combine(conformal_pvalues(row, pol.cal), pol.combine)[0])
+        risk_keeps = True
+        if pol.risk_threshold is not None:
+            risk_keeps = RISK_SCORE_SIGN[pol.risk_score] * scores[pol.risk_score] > pol.risk_threshold
+        more = policy_reasons(pol.name, ood_p is not None and ood_p < pol.alpha, risk_keeps)
+        return dec, keep and not more, ignored_by + more, flagged, ood_p
 
     def finish(self, source: str, moments: HeadMoments, clock: StageClock, features: np.ndarray) -> Prediction:
         scores = self.score_stage(features, moments, clock)
         with clock.stage("decision"):
-            dec, keep, ignored_by, flagged = self.decision_stage(moments, scores)
+            dec, keep, ignored_by, flagged, ood_p = self.decision_stage(moments, scores)
         timings = dict(clock.ms)
         timings["total"] = sum(clock.ms.values())
         names = self.bundle.classes
@@ -174,6 +250,7 @@ class Predictor:
             states=[int(v) for v in dec.states], deterministic=moments.deterministic.tolist(),
             scores=scores, timings_ms=timings, rss_bytes=rss_bytes(), settings=self.describe_settings(),
             ignored_by=ignored_by, flagged=flagged,
+            policy=self.policy.name, ood_p=ood_p, risk_threshold=self.policy.risk_threshold,
         )
 
     def describe_settings(self) -> dict:
@@ -188,6 +265,7 @@ class Predictor:
             "seed": s.seed,
             "temperature": self.head.temperature,
             "ignore_on": self.ignore_on,
+            **self.policy.describe(),
         }
 
     # -- public ---------------------------------------------------------------------------------------------

@@ -27,10 +27,15 @@ class Prediction:
     timings_ms: Dict[str, float]
     rss_bytes: int
     settings: Dict[str, Any] = field(default_factory=dict)
-    # Who ignored the sample under the predictor's ignore_on setting: "mc" (the decision rule) and/or
-    # detector names; empty when kept. `flagged`: every detector over its fitted threshold, whatever ignore_on.
+    # Every reason the sample was ignored (edge_quq.defaults.IGNORE_REASONS): "rule" (the MC decision rule),
+    # "ood_gate", "risk", "drift"; under --ignore-on DETECTOR/any also detector names. Empty when kept. `flagged`: every detector over its fitted threshold, whatever ignore_on.
     ignored_by: List[str] = field(default_factory=list)
     flagged: List[str] = field(default_factory=list)
+    # The decision policy (paper, gated, risk), the OOD gate's combined conformal p-value (None under paper)
+    # and, under risk, the keep threshold on the confidence score (keep iff score > it).
+    policy: str = "paper"
+    ood_p: Optional[float] = None
+    risk_threshold: Optional[float] = None
 
     @property
     def decision(self) -> str:
@@ -61,6 +66,9 @@ class Prediction:
             "settings": dict(self.settings),
             "ignored_by": list(self.ignored_by),
             "flagged": list(self.flagged),
+            "policy": self.policy,
+            "ood_p": None if self.ood_p is None else r(self.ood_p),
+            "risk_threshold": None if self.risk_threshold is None else r(self.risk_threshold),
         }
 
     def to_json(self) -> str:

@@ -136,12 +136,16 @@ def _class_names(classes: Optional[str], labels_file: Optional[Path]) -> Optiona
                    "rel_mahalanobis, knn, vim, gradient, or 'all' (default with --fit-data: all). See docs/detectors.md.")
 @click.option("--fit-data", default=None,
               help="In-distribution data for the detectors: 'fashion-mnist', an image folder (class sub-folders give labels) or .npy/.npz ('x', 'y').")
+@click.option("--calibration-data", default=None,
+              help="Held-out labelled ID data for the OOD gate and risk control (gate.npz; same forms as --temperature-data, or "
+                   "'fashion-mnist-val'); it must not have trained the model. Default: a seeded 20% of --fit-data, never used to fit the detectors.")
 def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data: Optional[Path], test_labels: Optional[Path],
                classes: Optional[str], labels_file: Optional[Path], split_layer: Optional[str], dropout: Optional[str],
                color: Optional[str], pixel_scale: float, mean: Optional[str], std: Optional[str], interpolation: str,
                crop_fraction: float, quant_samples: int, test_samples: Optional[int], name: Optional[str], threshold: float,
                num_iter: int, z: float, mixed: str, seed: int, temperature_data: Optional[Path] = None,
-               temperature_labels: Optional[Path] = None, detectors: Optional[str] = None, fit_data: Optional[str] = None) -> None:
+               temperature_labels: Optional[Path] = None, detectors: Optional[str] = None, fit_data: Optional[str] = None,
+               calibration_data: Optional[str] = None) -> None:
     """Split MODEL into an int8 backbone (TFLite + ONNX) and a droppable head, and write a bundle to OUT."""
     from edge_quq.errors import EdgeQuqError
 
@@ -172,7 +176,7 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
             from edge_quq_export.detectors import fit_bundle
 
             # The bundle is complete and verified at this point: a failing fit leaves it valid, without detectors.
-            fit_bundle(bundle.path, fit_data, det_names, seed=seed)
+            fit_bundle(bundle.path, fit_data, det_names, seed=seed, calib_data=calibration_data)
             from edge_quq.bundle import load_bundle
 
             bundle = load_bundle(bundle.path)
@@ -197,6 +201,10 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
     det = bundle.manifest.get("detectors")
     if det:
         click.echo(f"OOD detectors {', '.join(det['names'])} fitted (thresholds at ID TPR {det.get('tpr')}): {bundle.path / det['file']}")
+    if bundle.gate is not None:
+        g = bundle.gate
+        click.echo(f"default policy {g.policy}: gate {', '.join(g.detectors)} at alpha {g.alpha:g} on "
+                   f"{g.calibration.get('samples')} calibration samples ({bundle.path / g.file})")
     click.echo(f"parity report: {bundle.path / 'parity.md'}")
     _warn_on_poor_parity(bundle.path / "parity.json")
 

@@ -10,7 +10,7 @@ import gzip
 import pickle
 import struct
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -286,3 +286,90 @@ def load_labels(path: PathLike, n: int) -> np.ndarray:
     if len(y) != n:
         raise ExportError(f"{p}: {len(y)} labels for {n} test images")
     return y
+
+
+# --- OOD and shift data the exporter can make offline (the gate's validation, docs/decisions.md) ------------
+
+# skimage.data images shipped inside the scikit-image wheel (the others need a download).
+SKIMAGE_PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "coins", "moon", "page", "text", "brick",
+                  "grass", "gravel", "horse", "clock", "hubble_deep_field", "immunohistochemistry", "retina",
+                  "cat")  # not logo or colorwheel: graphics, not photographs (the gate keeps the colorwheel)
+
+
+def package_photos() -> Dict[str, List[np.ndarray]]:
+    """Real photographs that packages ship, as RGB/gray uint8 arrays, per source; a missing package gives
+    no entry (scikit-image, matplotlib and scikit-learn are in the test and export extras)."""
+    out: Dict[str, List[np.ndarray]] = {}
+    try:
+        import skimage.data as skd
+
+        imgs = []
+        for name in SKIMAGE_PHOTOS:
+            try:
+                imgs.append(np.asarray(getattr(skd, name)()))
+            except Exception:  # an image that needs a download (no network here) is skipped, not an error
+                continue
+        out["photos_skimage"] = [i[..., :3] if i.ndim == 3 else i for i in imgs if i.dtype == np.uint8]
+    except ImportError:
+        pass
+    try:
+        import matplotlib.cbook as cbook
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            import matplotlib.image as mpimg
+
+            out["photos_matplotlib"] = [np.asarray(mpimg.imread(f, format="jpg"))]
+    except (ImportError, OSError, ValueError):
+        pass
+    try:
+        from sklearn.datasets import load_sample_images
+
+        out["photos_sklearn"] = [np.asarray(i) for i in load_sample_images().images]
+    except ImportError:
+        pass
+    return {k: v for k, v in out.items() if v}
+
+
+def photo_patches(photos: Sequence[np.ndarray], count: int, rng: np.random.Generator) -> List[np.ndarray]:
+    """The whole photos plus random square crops (side 15-100% of the shorter edge), `count` in all."""
+    out = list(photos)
+    while len(out) < count:
+        img = photos[int(rng.integers(len(photos)))]
+        h, w = img.shape[:2]
+        side = int(rng.uniform(0.15, 1.0) * min(h, w))
+        y, x = int(rng.integers(h - side + 1)), int(rng.integers(w - side + 1))
+        out.append(np.ascontiguousarray(img[y : y + side, x : x + side]))
+    return out[:count]
+
+
+def synthetic_ood(count: int, rng: np.random.Generator, size: int = 56) -> Dict[str, List[np.ndarray]]:
+    """Far-OOD images made from formulas: uniform noise, checkerboards, rings, stripes (uint8 gray)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    sets: Dict[str, List[np.ndarray]] = {"noise": [], "checkerboard": [], "rings": [], "stripes": []}
+    for _ in range(count):
+        sets["noise"].append(rng.integers(0, 256, (size, size), dtype=np.uint8))
+        period = rng.uniform(2, 16)
+        board = ((np.floor((yy + rng.uniform(0, period)) / period) + np.floor((xx + rng.uniform(0, period)) / period)) % 2)
+        sets["checkerboard"].append((board * rng.uniform(100, 255)).astype(np.uint8))
+        cy, cx = rng.uniform(0, size, 2)
+        r = np.hypot(yy - cy, xx - cx)
+        sets["rings"].append((127.5 * (1 + np.sin(r * rng.uniform(0.3, 2.0)))).astype(np.uint8))
+        theta = rng.uniform(0, np.pi)
+        sets["stripes"].append((127.5 * (1 + np.sign(np.sin((xx * np.cos(theta) + yy * np.sin(theta)) * rng.uniform(0.3, 2.0))))).astype(np.uint8))
+    return sets
+
+
+def corrupt(x: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A few corruptions of model-ready images in [0, 1] ([N, H, W, C]): shift data, reported, not required."""
+    if kind == "gaussian_noise":
+        return np.clip(x + rng.normal(0, 0.25, x.shape), 0, 1).astype(np.float32)
+    if kind == "low_contrast":
+        return ((x - x.mean(axis=(1, 2, 3), keepdims=True)) * 0.3 + x.mean(axis=(1, 2, 3), keepdims=True)).astype(np.float32)
+    if kind == "brightness":
+        return np.clip(x + 0.45, 0, 1).astype(np.float32)
+    if kind == "invert":
+        return (1.0 - x).astype(np.float32)
+    raise ExportError(f"unknown corruption {kind!r}")
+
+
+CORRUPTIONS = ("gaussian_noise", "low_contrast", "brightness", "invert")

@@ -11,26 +11,32 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import click
 import numpy as np
+
+from edge_quq.defaults import GATE_DEFAULTS, RISK_SCORE_SIGN
 
 FIT_DATA_HELP = ("In-distribution fit data: 'fashion-mnist' (the Debian package's 60k training images and labels), "
                  "a folder of images (one sub-folder per class name gives labels), or .npy/.npz (.npz 'x' and 'y'). "
                  "Without labels, the head's own eval-mode predictions stand in for them.")
 
 
-def load_fit_data(data: str, bundle, limit: Optional[int], seed: int,
-                  fashion_root: Optional[Path] = None) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
-    """(model-ready float32 input, labels or None, a description for the record)."""
-    from edge_quq_export.datasets import FASHION_MNIST_DIR, load_fashion_mnist, load_inputs, preprocess_array
+def load_fit_data(data: str, bundle, limit: Optional[int], seed: int, fashion_root: Optional[Path] = None,
+                  exclude_val: bool = False) -> Tuple[np.ndarray, Optional[np.ndarray], str]:
+    """(model-ready float32 input, labels or None, a description for the record). exclude_val: leave out
+    the last 5k Fashion-MNIST training images (the validation split, used for calibration instead)."""
+    from edge_quq_export.datasets import FASHION_MNIST_DIR, FMNIST_VAL, load_fashion_mnist, load_inputs, preprocess_array
 
     shape = bundle.input.shape
     spec = bundle.input.preprocess
     if data in ("fashion-mnist", "fashion-mnist:train"):
         x, y = load_fashion_mnist("train", fashion_root or FASHION_MNIST_DIR)
         desc = "Fashion-MNIST train (Debian dataset-fashion-mnist)"
+        if exclude_val:
+            x, y = x[:-FMNIST_VAL], y[:-FMNIST_VAL]
+            desc += f", without the last {FMNIST_VAL} (the validation split)"
         if limit is not None and len(x) > limit:
             keep = np.sort(np.random.default_rng(seed).choice(len(x), limit, replace=False))
             x, y = x[keep], y[keep]
@@ -47,10 +53,34 @@ def backbone_features(bundle, x: np.ndarray, batch: int = 256, threads: Optional
     return feats, bb.describe()
 
 
+def split_calibration(data: str, x: np.ndarray, y: Optional[np.ndarray], calib_data: Optional[str], calib_share: float,
+                      bundle, seed: int, fashion_root: Optional[Path]):
+    """(fit x, fit y, cal x, cal y, cal description): a seeded share of the fit data, or `calib_data`.
+
+    'fashion-mnist-val' (the reference recipe's validation split: held out from the model's training too)
+    is taken out of Fashion-MNIST fit data, so that no calibration image ever fits a detector."""
+    from edge_quq.errors import OptionError
+    from edge_quq_export.calibration import load_temperature_data
+    from edge_quq_export.datasets import FASHION_MNIST_DIR
+
+    if calib_data is None:
+        if not 0.0 < calib_share < 0.9:
+            raise OptionError(f"calibration share must be in (0, 0.9), got {calib_share}")
+        perm = np.random.default_rng([seed, 13]).permutation(len(x))
+        n_cal = max(int(round(calib_share * len(x))), 10)
+        cal, fit = np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
+        return (x[fit], None if y is None else y[fit], x[cal], None if y is None else y[cal],
+                f"seeded {calib_share:g} share of the fit data ({n_cal} samples, never used to fit the detectors)")
+    xc, yc, desc = load_temperature_data(calib_data, bundle, None, None, seed, fashion_root or FASHION_MNIST_DIR)
+    return x, y, xc, yc, desc
+
+
 def fit_bundle(bundle_path: Path, data: str, names: Sequence[str], *, seed: int = 0, tpr: Optional[float] = 0.95,
                limit: Optional[int] = None, holdout: float = 0.1, config: Optional[Dict[str, Dict[str, Any]]] = None,
-               threads: Optional[int] = None, log=None, fashion_root: Optional[Path] = None) -> Dict[str, Any]:
-    """Fit `names` on `data` through the bundle's backbone and attach them; returns a summary."""
+               threads: Optional[int] = None, log=None, fashion_root: Optional[Path] = None,
+               calib_data: Optional[str] = None, calib_share: float = 0.2, gate: bool = True) -> Dict[str, Any]:
+    """Fit `names` on `data` through the bundle's backbone and attach them; then, unless gate=False, store
+    the gate's calibration data from a held-out split (split_calibration, build_gate). Returns a summary."""
     from edge_quq.bundle import load_bundle
     from edge_quq.detector_store import attach_detectors, load_detectors
     from edge_quq.detectors import fit_detectors
@@ -59,7 +89,9 @@ def fit_bundle(bundle_path: Path, data: str, names: Sequence[str], *, seed: int 
     t0 = time.perf_counter()
     bundle = load_bundle(bundle_path)
     head = load_head_weights(bundle)
-    x, y, desc = load_fit_data(data, bundle, limit, seed, fashion_root)
+    x, y, desc = load_fit_data(data, bundle, limit, seed, fashion_root, exclude_val=calib_data == "fashion-mnist-val")
+    x, y, x_cal, y_cal, cal_desc = split_calibration(data, x, y, calib_data, calib_share, bundle, seed, fashion_root) if gate \
+        else (x, y, None, None, "")
     feats, backend = backbone_features(bundle, x, threads=threads)
     label_source = "labels"
     if y is None:
@@ -79,6 +111,10 @@ def fit_bundle(bundle_path: Path, data: str, names: Sequence[str], *, seed: int 
     if log:
         log(f"fitted {', '.join(loaded.names)} on {desc} ({label_source}) in {summary['seconds']} s; "
             f"{out.path / 'detectors.npz'}: {summary['file_bytes'] / 1024:.1f} KiB")
+    if gate:
+        if y_cal is None:
+            y_cal = np.argmax(head.logits(backbone_features(bundle, x_cal, threads=threads)[0]), axis=1)
+        summary["gate"] = build_gate(out.path, x_cal, y_cal, cal_desc, seed=seed, threads=threads, log=log)
     return summary
 
 
@@ -114,23 +150,167 @@ def parse_config(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
 @click.option("--limit", type=click.IntRange(min=10), default=None, help="Use a seeded random subset of this many fit images.")
 @click.option("--holdout", type=float, default=0.1, show_default=True, help="Share of the fit data kept out of the fit, for the thresholds.")
 @click.option("--param", "params", multiple=True, help="Detector setting, e.g. knn.k=10, knn.bank_size=1024, react.percentile=90, vim.dim=32.")
+@click.option("--calibration-data", default=None,
+              help="Held-out ID data for the gate's calibration scores and the risk table (labelled: .npz x/y, class "
+                   "sub-folders, or 'fashion-mnist-val'); it must not have trained the model. Default: a seeded share of --data.")
+@click.option("--calibration-share", type=float, default=0.2, show_default=True,
+              help="Without --calibration-data: the share of --data held out of the fit for calibration.")
+@click.option("--no-gate", is_flag=True, help="Fit the detectors only; store no calibration data (the bundle then runs the paper policy).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 def fit_detectors_cmd(bundle: Path, data: str, names: str, tpr: float, limit: Optional[int], holdout: float,
-                      params: Sequence[str], seed: int, threads: Optional[int]) -> None:
+                      params: Sequence[str], calibration_data: Optional[str], calibration_share: float, no_gate: bool,
+                      seed: int, threads: Optional[int]) -> None:
     """Fit OOD detectors on in-distribution data and add them (detectors.npz) to BUNDLE in place."""
     from edge_quq.detectors import parse_names
     from edge_quq.errors import EdgeQuqError
 
     try:
         summary = fit_bundle(bundle, data, parse_names(names), seed=seed, tpr=tpr, limit=limit, holdout=holdout,
-                             config=parse_config(params), threads=threads, log=lambda m: click.echo(m, err=True))
+                             config=parse_config(params), threads=threads, log=lambda m: click.echo(m, err=True),
+                             calib_data=calibration_data, calib_share=calibration_share, gate=not no_gate)
     except EdgeQuqError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
     for n, d in summary["detectors"].items():
         thr = "-" if d["threshold"] is None else f"{d['threshold']:.6g}"
         click.echo(f"{n:<16} threshold {thr:<12} stored {d['dtype']:<8} {d['bytes'] / 1024:7.1f} KiB")
+
+
+
+# --- calibration data of the OOD gate and risk control (gate.npz; docs/decisions.md) ----------------------
+
+def ood_validation_sets(bundle, seed: int, count: int = 400) -> Dict[str, np.ndarray]:
+    """Far-OOD sets the exporter makes offline, model-ready: synthetic images and patches of real
+    photographs that scikit-image, matplotlib and scikit-learn ship."""
+    from edge_quq.preprocess import preprocess_image
+    from edge_quq_export.datasets import package_photos, photo_patches, synthetic_ood
+
+    rng = np.random.default_rng([seed, 14])
+    raw = synthetic_ood(count // 2, rng)
+    for name, photos in package_photos().items():
+        raw[name] = photo_patches(photos, count, rng)
+    spec = bundle.input.preprocess
+    return {k: np.stack([preprocess_image(im, spec, "rgb") for im in v]) for k, v in raw.items()}
+
+
+def calibration_records(bundle, dset, head, x: np.ndarray, y: np.ndarray, seed: int, num_iter: Optional[int] = None,
+                        threads: Optional[int] = None) -> Dict[str, Any]:
+    """Per calibration sample: every detector's score, the confidence scores, the rule's keep and whether
+    the kept (or top) class was right, computed as the predictor computes them (same backbone, sampler, rule)."""
+    from edge_quq.decision import decide_many, predicted_labels
+    from edge_quq.samplers import make_sampler
+    from edge_quq.scores import compute_scores
+
+    feats, _ = backbone_features(bundle, x, threads=threads)
+    d = bundle.decision
+    m = make_sampler("auto", head, seed=seed, bundle=bundle).sample(feats, int(num_iter or d.num_iter))
+    dec = decide_many(m.mean, m.std, d.z, d.threshold, d.mixed)
+    label = np.where(dec.keep, predicted_labels(m.mean, dec.states, dec.keep), np.argmax(m.mean, axis=1))
+    scores = compute_scores(m.mean, m.std, m.logits, m.expected_entropy, head.activation)
+    return {"detectors": {n: np.asarray(v, np.float64) for n, v in dset.score_all(feats, head).items()},
+            "confidence": {k: RISK_SCORE_SIGN[k] * np.asarray(scores[k], np.float64) for k in RISK_SCORE_SIGN},
+            "rule_keep": np.asarray(dec.keep, bool), "correct": label == np.asarray(y)}
+
+
+def _gate_rates(cal, ref_names: Sequence[str], score_sets: Mapping[str, Mapping[str, np.ndarray]], alpha: float,
+                rule: str) -> Dict[str, float]:
+    from edge_quq.conformal import combine, conformal_pvalues, sort_calibration
+
+    ref = sort_calibration([cal[n] for n in ref_names])
+    return {k: float(np.mean(combine(conformal_pvalues(np.stack([s[n] for n in ref_names], 1), ref), rule) < alpha))
+            for k, s in score_sets.items()}
+
+
+def select_gate(cal_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, Mapping[str, np.ndarray]],
+                alpha: float, rule: str, seed: int, max_size: int = 3) -> Tuple[List[str], Dict[str, Any]]:
+    """Which detectors the default gate combines: half the calibration samples serve as calibration, the other
+    half as held-out ID data. Among the subsets of at most `max_size` detectors whose ID false-ignore rate is
+    within alpha plus two binomial standard errors, the one catching the most of its worst far-OOD set wins
+    (ties: the most on average, then the fewest detectors)."""
+    from itertools import combinations
+
+    names = list(cal_scores)
+    n = len(next(iter(cal_scores.values())))
+    perm = np.random.default_rng([seed, 15]).permutation(n)
+    half_a, half_b = perm[: n // 2], perm[n // 2 :]
+    ref = {k: v[half_a] for k, v in cal_scores.items()}
+    sets = {"id_heldout": {k: v[half_b] for k, v in cal_scores.items()}, **ood_scores}
+    far = [k for k in ood_scores if not k.startswith("shift_")]
+    limit = alpha + 2.0 * np.sqrt(alpha * (1 - alpha) / len(half_b))
+    table, best, best_key = {}, None, None
+    for size in range(1, max_size + 1):
+        for combo in combinations(names, size):
+            rates = _gate_rates(ref, combo, sets, alpha, rule)
+            table[",".join(combo)] = rates
+            key = (rates["id_heldout"] <= limit, min(rates[k] for k in far), float(np.mean([rates[k] for k in far])), -size)
+            if best_key is None or key > best_key:
+                best, best_key = list(combo), key
+    singles = {k: {s: round(v, 4) for s, v in r.items()} for k, r in table.items() if "," not in k}
+    chosen = {s: round(v, 4) for s, v in table[",".join(best)].items()}
+    return best, {"method": f"half of the calibration data as reference, half as held-out ID; alpha {alpha:g}, {rule}",
+                  "id_limit": round(float(limit), 4), "chosen": chosen, "single_detectors": singles}
+
+
+def choose_risk_score(conf: Mapping[str, np.ndarray], correct: np.ndarray, rule_keep: np.ndarray, delta: float,
+                      seed: int, target: float = 0.02) -> Tuple[str, Dict[str, float]]:
+    """The confidence score with the largest certified coverage at `target` (LTT on a seeded half of the
+    calibration data, among samples the rule keeps); max_prob wins ties."""
+    from edge_quq.errors import OptionError
+    from edge_quq.risk import CalibrationTable, ltt_threshold
+
+    half = np.random.default_rng([seed, 16]).permutation(len(correct))[: len(correct) // 2]
+    half = half[rule_keep[half]]
+    cover = {}
+    for name, c in conf.items():
+        try:
+            cover[name] = round(ltt_threshold(CalibrationTable.build(c[half], correct[half]), target, delta).coverage, 4)
+        except OptionError:
+            cover[name] = 0.0
+    best = max(cover, key=lambda k: (cover[k], k == "max_prob"))
+    return best, cover
+
+
+def build_gate(bundle_path: Path, x_cal: np.ndarray, y_cal: np.ndarray, cal_desc: str, *, seed: int = 0,
+               alpha: Optional[float] = None, delta: Optional[float] = None, rule: Optional[str] = None,
+               threads: Optional[int] = None, log=None) -> Dict[str, Any]:
+    """Calibrate the bundle's fitted detectors on held-out ID data (x_cal, y_cal, never used to fit them),
+    choose the default gate's detectors and the risk score by validation, and attach gate.npz."""
+    from edge_quq.bundle import GateSpec, load_bundle
+    from edge_quq.detector_store import load_detectors
+    from edge_quq.errors import OptionError
+    from edge_quq.gate_store import GATE_FILE, GateData, attach_gate
+    from edge_quq.head import load_head_weights
+    from edge_quq_export.datasets import CORRUPTIONS, corrupt
+
+    alpha = float(alpha if alpha is not None else GATE_DEFAULTS["alpha"])
+    delta = float(delta if delta is not None else GATE_DEFAULTS["delta"])
+    rule = str(rule or GATE_DEFAULTS["combine"])
+    bundle = load_bundle(bundle_path)
+    dset, head = load_detectors(bundle), load_head_weights(bundle)
+    if dset is None:
+        raise OptionError("calibration data needs fitted detectors first (edge-quq fit-detectors)")
+    rec = calibration_records(bundle, dset, head, x_cal, y_cal, seed, threads=threads)
+    rng = np.random.default_rng([seed, 17])
+    ood = ood_validation_sets(bundle, seed)
+    few = x_cal[rng.permutation(len(x_cal))[:400]]
+    ood.update({f"shift_{k}": corrupt(few, k, rng) for k in CORRUPTIONS})
+    ood_scores = {k: dset.score_all(backbone_features(bundle, v, threads=threads)[0], head) for k, v in ood.items()}
+    names, validation = select_gate(rec["detectors"], ood_scores, alpha, rule, seed)
+    risk_score, coverage = choose_risk_score(rec["confidence"], rec["correct"], rec["rule_keep"], delta, seed)
+    validation["risk_coverage_at_2pct"] = coverage
+    validation["sets"] = {k: len(v) for k, v in ood.items()}
+    data = GateData(rec["detectors"], rec["confidence"][risk_score], rec["correct"], rec["rule_keep"],
+                    {"data": cal_desc, "samples": int(len(x_cal)), "seed": int(seed), "risk_score": risk_score})
+    spec = GateSpec(file=GATE_FILE, version=1, policy=str(GATE_DEFAULTS["policy"]), alpha=alpha, delta=delta,
+                    combine=rule, detectors=tuple(names), risk_score=risk_score,
+                    calibration={"data": cal_desc, "samples": int(len(x_cal)), "seed": int(seed)}, validation=validation)
+    out = attach_gate(bundle.path, data, spec)
+    if log:
+        chosen = validation["chosen"]
+        log(f"gate: {', '.join(names)} ({rule}, alpha {alpha:g}) on {len(x_cal)} calibration samples; ignored: "
+            + ", ".join(f"{k} {100 * v:.1f}%" for k, v in chosen.items()) + f"; risk score {risk_score}")
+    return {"bundle": str(out.path), "detectors": names, "risk_score": risk_score, "validation": validation}
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ def _run(args) -> int:
         from edge_quq.detectors import parse_names
         from edge_quq_export.detectors import fit_bundle
 
-        fit_bundle(bundle.path, "fashion-mnist", parse_names(args.detectors), seed=args.seed, log=print, fashion_root=args.data)
+        fit_bundle(bundle.path, "fashion-mnist", parse_names(args.detectors), seed=args.seed, log=print, fashion_root=args.data,
+                   calib_data="fashion-mnist-val")  # held out from training: the gate's calibration data
         bundle = load_bundle(bundle.path)
     acc = bundle.manifest["accuracy"]
     print(f"bundle {bundle.path}: {bundle.total_bytes() / 1024:.0f} KiB; test top-1 float {100 * acc['float']:.2f}%, "

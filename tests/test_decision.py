@@ -124,9 +124,9 @@ def test_ignore_policy_combines_the_mc_rule_and_detector_flags():
     from edge_quq.decision import check_ignore_on, combine_decision
 
     assert combine_decision(True, ["knn"], "mc") == (True, [])
-    assert combine_decision(False, [], "mc") == (False, ["mc"])
+    assert combine_decision(False, [], "mc") == (False, ["rule"])
     assert combine_decision(True, ["knn", "vim"], "any") == (False, ["knn", "vim"])
-    assert combine_decision(False, ["knn"], "any") == (False, ["mc", "knn"])
+    assert combine_decision(False, ["knn"], "any") == (False, ["rule", "knn"])
     assert combine_decision(False, ["vim"], "knn") == (True, [])  # only the named detector may ignore
     assert combine_decision(True, ["knn"], "knn") == (False, ["knn"])
     assert check_ignore_on("any", None) == "any"

@@ -298,7 +298,7 @@ def run(*args, check_code=None):
 
 
 def predict_json(*args):
-    p = run("predict", *sorted(str(f) for f in SAMPLES.glob("*.png")), "--seed", "0", "--json", *args, check_code=0)
+    p = run("predict", *sorted(str(f) for f in SAMPLES.glob("*.png")), "--seed", "0", "--json", "--policy", "paper", *args, check_code=0)
     return {Path(d["source"]).name: d for d in map(json.loads, p.stdout.splitlines())}
 
 
@@ -306,7 +306,7 @@ def test_ignore_on_choices_on_the_shipped_samples():
     classes = [f.name for f in SAMPLES.glob("0*.png")]
     mc = predict_json()
     assert mc["ood_rings16.png"]["decision"] == "keep"  # the far-OOD image the MC rule misses
-    assert mc["ood_checkerboard.png"]["decision"] == "ignore" and mc["ood_checkerboard.png"]["ignored_by"] == ["mc"]
+    assert mc["ood_checkerboard.png"]["decision"] == "ignore" and mc["ood_checkerboard.png"]["ignored_by"] == ["rule"]
     for d in mc.values():
         assert set(DETECTOR_NAMES) <= set(d["scores"]) and d["settings"]["ignore_on"] == "mc"
     assert "mahalanobis" in mc["ood_rings16.png"]["flagged"]
@@ -317,8 +317,8 @@ def test_ignore_on_choices_on_the_shipped_samples():
     assert all(maha[c]["decision"] == "keep" and maha[c]["ignored_by"] == [] for c in classes)
 
     anyr = predict_json("--ignore-on", "any")
-    assert anyr["ood_rings16.png"]["decision"] == "ignore" and "mc" not in anyr["ood_rings16.png"]["ignored_by"]
-    assert anyr["ood_checkerboard.png"]["ignored_by"][0] == "mc" and len(anyr["ood_checkerboard.png"]["ignored_by"]) > 1
+    assert anyr["ood_rings16.png"]["decision"] == "ignore" and "rule" not in anyr["ood_rings16.png"]["ignored_by"]
+    assert anyr["ood_checkerboard.png"]["ignored_by"][0] == "rule" and len(anyr["ood_checkerboard.png"]["ignored_by"]) > 1
     assert all(anyr[c]["decision"] == "keep" for c in classes)
     # the scores themselves do not depend on ignore_on
     assert anyr["ood_rings16.png"]["scores"]["knn"] == mc["ood_rings16.png"]["scores"]["knn"]
@@ -330,7 +330,8 @@ def test_ignore_on_table_and_errors(tmp_path):
     p = run("predict", str(SAMPLES / "ood_rings16.png"), "--ignore-on", "odin", check_code=2)
     assert p.stderr.strip().splitlines()[-1].startswith("error: --ignore-on 'odin'")
     root = copy_default(tmp_path)
-    rewrite_manifest(root, lambda m: (m.pop("detectors"), m["files"].pop(DETECTORS_FILE)))
+    # without its detectors, the calibration data made with them goes too (else: refused as stale)
+    rewrite_manifest(root, lambda m: (m.pop("detectors"), m["files"].pop(DETECTORS_FILE), m.pop("gate"), m["files"].pop("gate.npz")))
     p = run("predict", str(SAMPLES / "ood_rings16.png"), "--bundle", str(root), "--ignore-on", "knn", check_code=2)
     assert "no fitted detectors" in p.stderr
     p = run("predict", str(SAMPLES / "ood_rings16.png"), "--bundle", str(root), "--json", check_code=0)
@@ -374,7 +375,9 @@ def test_export_fits_detectors_on_the_tiny_model(tmp_path, tiny_model_path, tiny
     b = load_bundle(out)
     ds = load_detectors(b)
     assert ds.names == ["mahalanobis", "vim"] and ds.meta["backbone_sha256"] == fitted_for(b)["backbone_sha256"]
-    assert ds.meta["fit"]["labels"] == "labels" and ds.meta["fit_samples"] == 900
+    # 1000 images: a seeded 20% held out for the gate's calibration, 10% of the rest for the thresholds
+    assert ds.meta["fit"]["labels"] == "labels" and ds.meta["fit_samples"] == 720
+    assert b.gate is not None and b.gate.calibration["samples"] == 200 and "default policy gated" in p.stdout
 
 
 def test_ignore_on_is_a_service_config_key_and_reaches_the_predictor(tmp_path):
@@ -415,7 +418,7 @@ def test_detector_scores_ignore_the_temperature():
 def test_camera_gets_ignore_on_through_the_shared_model_options(tmp_path):
     for f in SAMPLES.glob("*.png"):
         shutil.copy(f, tmp_path / f.name)
-    p = run("camera", "--source", str(tmp_path), "--ignore-on", "mahalanobis", "--jsonl", "-", "--frames", "12", check_code=0)
+    p = run("camera", "--source", str(tmp_path), "--ignore-on", "mahalanobis", "--policy", "paper", "--jsonl", "-", "--frames", "12", check_code=0)
     rows = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
     assert len(rows) == 12  # the folder's images in name order: ten classes, checkerboard, rings
     assert [r["decision"] for r in rows] == ["keep"] * 10 + ["ignore", "ignore"]

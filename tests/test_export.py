@@ -102,8 +102,8 @@ def test_default_bundle_manifest_round_trips():
 def test_every_manifest_dataclass_round_trips(tmp_path):
     from dataclasses import replace
 
-    from edge_quq.bundle import (DecisionDefaults, HeadLayer, HeadSpec, InputSpec, ModelFile, Preprocess, QuantParams,
-                                 parse_manifest, write_manifest)
+    from edge_quq.bundle import (DecisionDefaults, GateSpec, HeadLayer, HeadSpec, InputSpec, ModelFile, Preprocess,
+                                 QuantParams, parse_manifest, write_manifest)
     from edge_quq.errors import BundleError
 
     for q in (QuantParams("int8", 0.0123, -7), QuantParams("uint8", 0.5, 128), QuantParams("float32")):
@@ -118,7 +118,10 @@ def test_every_manifest_dataclass_round_trips(tmp_path):
     dd = DecisionDefaults(0.6, 20, 1.1, "keep")
     assert DecisionDefaults.from_json(dd.to_json()) == dd
     b = replace(load_bundle(), path=tmp_path, input=spec, backbone_tflite=None, backbone_onnx=mf, split_layer="", head=head,
-                classes=tuple("abcde"), decision=dd, calibration={"temperature": 1.25, "how": "x"}, extra={}, key_order=())
+                classes=tuple("abcde"), decision=dd, calibration={"temperature": 1.25, "how": "x"}, extra={}, key_order=(),
+                gate=None)
+    gate = load_bundle().gate
+    assert gate is not None and GateSpec.from_json(gate.to_json(), "g") == gate
     b.files = {f: {"sha256": "0" * 64, "bytes": 0} for f in ("b.onnx", "h.npz", "h8.tflite")}
     assert parse_manifest(b.to_json(), tmp_path) == b and b.temperature == 1.25
     with pytest.raises(ValueError, match="overwrite"):

@@ -1,0 +1,201 @@
+"""The decision policies on the embedded bundle (issue 14): the default gate ignores real photographs and keeps
+clean clothing, its false-ignore rate and the risk guarantee hold on real data, bad input is one line."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from edge_quq.bundle import DEFAULT_BUNDLE_DIR, load_bundle, parse_manifest
+from edge_quq.gate_store import load_gate
+from edge_quq.risk import CalibrationTable, ltt_threshold
+
+SAMPLES = Path(__file__).resolve().parents[1] / "edge_quq" / "data" / "samples"
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "edge_quq", *map(str, args)], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ))
+
+
+def predict_json(*args):
+    p = run("predict", *args, "--seed", "0", "--json")
+    assert p.returncode == 0, p.stderr
+    return [json.loads(line) for line in p.stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """Real photographs that packages ship, written as files the way a user would pass them."""
+    from edge_quq_export.datasets import package_photos
+
+    out = tmp_path_factory.mktemp("photos")
+    photos = package_photos()
+    assert {"photos_skimage", "photos_matplotlib", "photos_sklearn"} <= set(photos)
+    for src, imgs in photos.items():
+        for i, img in enumerate(imgs):
+            bgr = img if img.ndim == 2 else cv2.cvtColor(np.ascontiguousarray(img[..., :3]), cv2.COLOR_RGB2BGR)
+            cv2.imwrite(str(out / f"{src}_{i:02d}.png"), bgr)
+    return out
+
+
+def test_default_policy_ignores_real_photographs_and_keeps_the_clothing_samples(photo_dir):
+    rows = predict_json(photo_dir)
+    assert len(rows) >= 15
+    for r in rows:
+        assert r["policy"] == "gated" and r["decision"] == "ignore" and "ood_gate" in r["ignored_by"], r["source"]
+        assert r["ood_p"] < r["settings"]["ood_alpha"]
+    clothes = predict_json(*sorted(SAMPLES.glob("0*.png")))
+    assert len(clothes) == 10
+    for r in clothes:
+        assert r["decision"] == "keep" and r["ignored_by"] == [] and r["ood_p"] >= 0.05, r["source"]
+
+
+def test_paper_policy_is_todays_rule(photo_dir):
+    rows = predict_json(photo_dir, "--policy", "paper")
+    assert all(r["policy"] == "paper" and r["ood_p"] is None and "ood_gate" not in r["ignored_by"] for r in rows)
+    assert sum(r["decision"] == "keep" for r in rows) > len(rows) // 2  # what issue 14 reported: photos kept
+
+
+@pytest.fixture(scope="module")
+def clean_test_scores():
+    """Gate p-values of 3000 held-out clean Fashion-MNIST test images (never calibration, never fit)."""
+    from edge_quq.conformal import combine, conformal_pvalues
+    from edge_quq.detector_store import load_detectors
+    from edge_quq.head import load_head_weights
+    from edge_quq_export.datasets import FASHION_MNIST_DIR, load_fashion_mnist, preprocess_array
+    from edge_quq_export.detectors import backbone_features
+
+    b = load_bundle()
+    gate, dset, head = load_gate(b), load_detectors(b), load_head_weights(b)
+    x, _ = load_fashion_mnist("test", FASHION_MNIST_DIR)
+    x = x[np.random.default_rng(0).permutation(len(x))[:3000]]
+    feats, _ = backbone_features(b, preprocess_array(x, b.input.shape, b.input.preprocess, "test"))
+    sc = dset.score_all(feats, head)
+    names = gate.spec.detectors
+    return gate, combine(conformal_pvalues(np.stack([sc[n] for n in names], 1), gate.calibration(names)), gate.spec.combine)
+
+
+def test_gate_false_ignore_rate_on_clean_test_images(clean_test_scores):
+    gate, p = clean_test_scores
+    a, n = gate.spec.alpha, len(p)
+    margin = 3.0 * math.sqrt(a * (1 - a) / n) + math.sqrt(a / gate.size)  # test binomial + calibration draw
+    assert np.mean(p < a) <= a + margin
+
+
+def test_risk_guarantee_on_the_bundles_calibration_data():
+    """The stored calibration table as the population: calibration sets of half its size drawn from it, the
+    threshold chosen on each, its true error rate read off the whole table. Over 200 draws the target is
+    exceeded in at most delta (plus a binomial margin) of them."""
+    g = load_gate(load_bundle())
+    table = g.risk_table(g.spec.detectors, g.spec.alpha, g.spec.combine)
+    conf, wrong = table.scores, table.wrong.astype(bool)
+    target, delta, splits, violations = 0.03, g.spec.delta, 200, 0
+    rng = np.random.default_rng(0)
+    for _ in range(splits):
+        draw = rng.integers(0, conf.size, conf.size // 2)
+        thr = ltt_threshold(CalibrationTable.build(conf[draw], ~wrong[draw]), target, delta).threshold
+        violations += wrong[conf > thr].mean() > target
+    assert violations / splits <= delta + 3 * math.sqrt(delta * (1 - delta) / splits)
+
+
+def test_risk_policy_records_its_threshold():
+    rows = predict_json(*sorted(SAMPLES.glob("0*.png")), "--target-error", "0.03")
+    assert {r["policy"] for r in rows} == {"risk"}
+    thr = rows[0]["risk_threshold"]
+    assert thr is not None and all(r["risk_threshold"] == thr for r in rows)
+    for r in rows:
+        if "risk" in r["ignored_by"]:
+            assert r["decision"] == "ignore"
+
+
+def _copy_bundle(tmp_path: Path) -> Path:
+    dst = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, dst)
+    return dst
+
+
+def _edit_manifest(folder: Path, fn) -> None:
+    m = json.loads((folder / "manifest.json").read_text())
+    fn(m)
+    (folder / "manifest.json").write_text(json.dumps(m, indent=2))
+
+
+def _no_gate(folder: Path) -> Path:
+    def strip(m):
+        m.pop("gate")
+        m["files"].pop("gate.npz")
+    _edit_manifest(folder, strip)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bad_bundles(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    out = {"none": _no_gate(_copy_bundle(root / "none"))}
+    out["checksum"] = _copy_bundle(root / "sum")
+    raw = bytearray((out["checksum"] / "gate.npz").read_bytes())
+    raw[100] ^= 0xFF  # same size, other content
+    (out["checksum"] / "gate.npz").write_bytes(bytes(raw))
+    for key, field in (("head", "head_sha256"), ("detectors", "detectors_sha256")):
+        out[key] = _copy_bundle(root / key)
+        _edit_manifest(out[key], lambda m, f=field: m["gate"]["fingerprints"].__setitem__(f, "0" * 64))
+    return out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("--target-error", "0"), "--target-error must be strictly between 0 and 1"),
+    (("--target-error", "1.5"), "--target-error must be strictly between 0 and 1"),
+    (("--target-error", "0.0001"), "smallest reachable target"),
+    (("--ood-alpha", "0"), "--ood-alpha must be strictly between 0 and 1"),
+    (("--ood-alpha", "1"), "--ood-alpha must be strictly between 0 and 1"),
+    (("--delta", "-0.1", "--target-error", "0.03"), "--delta must be strictly between 0 and 1"),
+    (("--policy", "risk"), "needs --target-error"),
+    (("--policy", "gated", "--bundle", "none"), "needs calibration data"),
+    (("--policy", "risk", "--target-error", "0.03", "--bundle", "none"), "needs calibration data"),
+    (("--bundle", "checksum"), "sha256"),
+    (("--bundle", "head"), "made for another head"),
+    (("--bundle", "detectors"), "made for another detectors"),
+])
+def test_bad_input_is_one_line_and_exit_2(bad_bundles, tmp_path, args, needle):
+    args = tuple(str(bad_bundles[a]) if a in bad_bundles else a for a in args)
+    out = tmp_path / "out.jsonl"
+    p = subprocess.run(f"{sys.executable} -m edge_quq predict {SAMPLES / '00_t-shirt-top.png'} --json "
+                       + " ".join(args) + f" > {out}", shell=True, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+    assert out.read_text() == ""
+
+
+def test_bundle_without_calibration_data_defaults_to_paper(bad_bundles):
+    b = bad_bundles["none"]
+    rows = predict_json(SAMPLES / "ood_checkerboard.png", "--bundle", b)
+    assert rows[0]["policy"] == "paper" and rows[0]["ood_p"] is None
+    info = run("info", b)
+    assert info.returncode == 0
+    lines = [ln for ln in info.stdout.splitlines() if ln.startswith("policy")]
+    assert len(lines) == 1 and "no calibration data" in lines[0]
+
+
+def test_info_shows_policy_and_validation():
+    p = run("info")
+    assert p.returncode == 0
+    text = p.stdout
+    assert "gated (default); gate alpha 0.05 over mahalanobis" in text and "photos_skimage" in text
+
+
+def test_gate_spec_roundtrip_is_exact():
+    b = load_bundle()
+    assert b.gate is not None
+    again = parse_manifest(b.to_json(), b.path)
+    assert again == b and again.to_json() == b.to_json()
+    assert json.loads((b.path / "manifest.json").read_text())["gate"] == b.gate.to_json()
