@@ -6,6 +6,7 @@ from typing import Dict, List
 
 import numpy as np
 
+from bench.suite import render_policies
 from bench.suite.core import SCORE_LABELS
 
 FIGURES = ("risk_coverage.png", "reliability.png", "ignore_vs_severity.png", "corruption_f1.png", "ood_auroc.png",
@@ -65,7 +66,8 @@ def verdict(results: dict) -> List[str]:
 
 def write_markdown(r: dict) -> str:
     md: List[str] = []
-    for section in (_md_header, _md_sizes, _md_grid, _md_corruptions, _md_e2e, _md_selective, _md_ood, _md_calibration):
+    for section in (_md_header, _md_sizes, _md_grid, _md_corruptions, _md_e2e, _md_selective, _md_ood, _md_calibration,
+                    render_policies.markdown):
         md += section(r)
     return "\n".join(md) + "\n"
 
@@ -84,6 +86,9 @@ def _md_header(r: dict) -> List[str]:
           f"onnxruntime {r['machine'].get('onnxruntime')}, ai-edge-litert {r['machine'].get('ai_edge_litert', '-')}, "
           f"OpenCV {r['machine'].get('opencv')}.  ", f"Timings (s): {r.get('timings_s')}", ""]
     md += ["## Verdict", ""] + ["- " + v for v in verdict(r)] + [""]
+    if r.get("policies"):
+        md += ["Decision policies (issue 14) against the issue's targets:", ""]
+        md += ["- " + v for v in render_policies.verdict_lines(r["policies"])] + [""]
     return md
 
 
@@ -327,3 +332,4 @@ def write_figures(r: dict, figs: dict, out: Path) -> None:
                 if j == 0:
                     ax.set_ylabel(f"sev {s}", fontsize=6)
         fig.tight_layout(); fig.savefig(out / "corruption_examples.png", dpi=120); plt.close(fig)
+    render_policies.figures(r, out)
