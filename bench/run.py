@@ -378,7 +378,8 @@ def render(results: dict, figures: dict, out: Path) -> None:
 @click.option("--no-detectors", is_flag=True, help="Leave out the bundle's fitted OOD detectors as score columns.")
 @click.option("--no-policies", is_flag=True, help="Leave out issue 14's decision policies, split check and drift streams.")
 @click.option("--gate-detectors", default="usable", show_default=True,
-              help="Detectors the combined gate combines: 'usable' (every usable detector of the bundle) or a comma list.")
+              help="Detectors the combined gate `gated` combines: 'usable' (every usable detector of the bundle) or a comma "
+                   "list; more sets after ';' are evaluated as candidate gates `gated[a+b]`.")
 @click.option("--drift-detector", default="mahalanobis", show_default=True, help="The detector whose p-values feed the drift monitor.")
 @click.option("--splits", type=int, default=None, help="Random calibration/test splits for the guarantee check (default 200; --quick 20).")
 @click.option("--drift-seeds", type=int, default=None, help="Streams per drift cell and clean false-alarm check (default 20; --quick 5).")

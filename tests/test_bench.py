@@ -201,7 +201,7 @@ def test_small_run_writes_every_output(tmp_path, images):
     out = tmp_path / "suite"
     r = _run("--out", str(out), "--quick", "--quiet", "--samples", "300", "--corrupt-samples", "40", "--ood-samples", "40",
              "--reps", "30", "--corruptions", "gaussian_noise,fog,contrast", "--severities", "1,5", "--splits", "5",
-             "--drift-seeds", "2", "--drift-frames", "300")
+             "--drift-seeds", "2", "--drift-frames", "300", "--gate-detectors", "usable;mahalanobis,knn")
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("report.json", "report.md") + FIGURES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -227,13 +227,14 @@ def _check_policy_sections(rep: dict, md: str, out: Path) -> None:
     from bench.suite.render_policies import POLICY_FIGURES
 
     p = rep["policies"]
-    pols = {"paper", "maxprob@paper-coverage", "gated", "risk@1%", "risk@2%", "risk@5%"} | {f"gate:{d}" for d in p["settings"]["usable_detectors"]}
+    pols = ({"paper", "maxprob@paper-coverage", "gated", "gated[mahalanobis+knn]", "risk@1%", "risk@2%", "risk@5%"}
+            | {f"gate:{d}" for d in p["settings"]["usable_detectors"]})
     assert set(p["clean"]) == pols and "mahalanobis" in p["settings"]["usable_detectors"]
     for v in p["clean"].values():
         assert 0.0 <= v["coverage"] <= 1.0 and len(v["coverage_ci95"]) == 2
     assert {"photos (skimage.data)", "photo (matplotlib grace_hopper.jpg)", "photos (sklearn sample images)", "uniform noise"} <= set(p["far"])
     assert set(p["far"]["uniform noise"]) == pols and set(p["shifted"]["fog"]["5"]) == pols
-    assert p["splits"]["splits"] == 5 and set(p["splits"]["gate"]) == pols & set(p["splits"]["gate"]) and "gated" in p["splits"]["gate"]
+    assert p["splits"]["splits"] == 5 and set(p["splits"]["gate"]) == {k for k in pols if k.startswith("gate")}
     assert set(p["drift"]["frames_to_alarm"]) == {"gaussian_noise", "fog", "contrast"}
     assert p["drift"]["false_alarms"]["frames"] == 300 and p["drift"]["false_alarms"]["seeds"] == 2
     assert p["cost"]["whole_decision"]["p50_us"] > 0
@@ -268,8 +269,8 @@ def test_policy_math_on_synthetic_scores():
 def test_gate_detector_choice_errors_name_the_choices():
     from bench.suite.policies import choose_gate
 
-    assert choose_gate("usable", ["a", "b", "c"], ["a", "b"]) == ["a", "b"]
-    assert choose_gate("b", ["a", "b"], ["a", "b"]) == ["b"]
+    assert choose_gate("usable", ["a", "b", "c"], ["a", "b"]) == [["a", "b"]]
+    assert choose_gate("b;usable; a, b", ["a", "b"], ["a", "b"]) == [["b"], ["a", "b"], ["a", "b"]]
     with pytest.raises(ValueError, match="c not among the bundle's usable detectors"):
         choose_gate("a,c", ["a", "b", "c"], ["a", "b"])
 

@@ -68,10 +68,14 @@ class Calibrated:
     combined: str                            # the name of the combined gate policy
 
 
-def gate_sets(gate_detectors: Sequence[str], usable: Sequence[str], rule: str = COMBINE_RULE) -> Dict[str, Tuple[List[str], str]]:
-    """Policy name -> (detectors, combination rule): every usable detector alone, then the combined gate."""
+def gate_sets(gate_detectors: Sequence[str], usable: Sequence[str], rule: str = COMBINE_RULE,
+              candidates: Sequence[Sequence[str]] = ()) -> Dict[str, Tuple[List[str], str]]:
+    """Policy name -> (detectors, combination rule): every usable detector alone, the combined gate `gated`,
+    and any further candidate sets as `gated[a+b]` (for choosing a bundle's set)."""
     out = {f"gate:{n}": ([n], "bonferroni") for n in usable}
     out["gated"] = (list(gate_detectors), rule)
+    for c in candidates:
+        out[f"gated[{'+'.join(c)}]"] = (list(c), rule)
     return out
 
 
@@ -110,7 +114,8 @@ def decide(c: Calibrated, a: SetArrays, alpha: float = ALPHA) -> Dict[str, Tuple
     ign = gate_ignores(c, a, alpha)
     out = {"paper": (a.rule_keep, a.rule_pred), "maxprob@paper-coverage": (keep_mask(a.confidence, c.maxprob_threshold), a.pred)}
     for name in c.gates:
-        out[name] = (a.rule_keep & ~ign[name], a.rule_pred)
+        if name.startswith("gate"):
+            out[name] = (a.rule_keep & ~ign[name], a.rule_pred)
     for name, thr in c.risk.items():
         keep = np.zeros(len(a.pred), bool) if thr is None else keep_mask(a.confidence, thr) & ~ign[c.combined]
         out[name] = (keep, a.pred)

@@ -14,16 +14,21 @@ from bench.suite.streams import DRIFT_CAL, DriftSetup, false_alarms, frames_to_a
 DRIFT_MAX_FRAMES = 500  # a shifted stream is watched this long (then "no alarm")
 
 
-def choose_gate(spec: str, available: List[str], usable: List[str]) -> List[str]:
-    """The combined gate's detectors: 'usable' (every usable detector of the bundle) or a comma list."""
-    if spec.strip() == "usable":
-        return list(usable)
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    bad = [n for n in names if n not in usable]
-    if not names or bad:
-        raise ValueError(f"--gate-detectors: {', '.join(bad) or '(none given)'} not among the bundle's usable detectors "
-                         f"({', '.join(usable)}; the bundle has {', '.join(available)})")
-    return names
+def choose_gate(spec: str, available: List[str], usable: List[str]) -> List[List[str]]:
+    """The combined gates' detector sets from --gate-detectors: sets separated by ';', each 'usable' (every
+    usable detector of the bundle) or a comma list. The first set is `gated`'s, the others are candidates."""
+    out = []
+    for part in spec.split(";"):
+        if part.strip() == "usable":
+            out.append(list(usable))
+            continue
+        names = [n.strip() for n in part.split(",") if n.strip()]
+        bad = [n for n in names if n not in usable]
+        if not names or bad:
+            raise ValueError(f"--gate-detectors: {', '.join(bad) or '(none given)'} not among the bundle's usable detectors "
+                             f"({', '.join(usable)}; the bundle has {', '.join(available)})")
+        out.append(names)
+    return out
 
 
 @dataclass
@@ -38,8 +43,8 @@ class PolicyStage:
         """Calibrate on the seeded main split, then the clean tables, the split check and clean drift streams."""
         seed = opts["seed"]
         usable = dc.usable_detectors(a.det)
-        chosen = choose_gate(opts["gate_detectors"], list(a.det), usable)
-        gates = dc.gate_sets(chosen, usable)
+        chosen, *candidates = choose_gate(opts["gate_detectors"], list(a.det), usable)
+        gates = dc.gate_sets(chosen, usable, candidates=candidates)
         ci, ti = dc.split(len(y), [seed, 14])
         correct = a.pred == y
         cal = dc.calibrate(a.take(ci), correct[ci], gates)
@@ -53,7 +58,7 @@ class PolicyStage:
             "settings": {"alpha": dc.ALPHA, "combine": dc.COMBINE_RULE, "risk_delta": dc.RISK_DELTA, "risk_targets": list(dc.RISK_TARGETS),
                          "risk_score": "MC-mean max probability (T = bundle default), LTT with the exact binomial p-value",
                          "calibration_fraction": dc.CAL_FRACTION, "n_calibration": int(len(ci)), "n_test": int(len(ti)),
-                         "usable_detectors": usable, "gate_detectors": chosen, "drift_detector": drift_det,
+                         "usable_detectors": usable, "gate_detectors": chosen, "candidate_gates": candidates, "drift_detector": drift_det,
                          "drift_calibration": n_dcal, "drift_delta": drift.delta, "drift_max_frames": DRIFT_MAX_FRAMES},
             "calibration": {"maxprob_threshold": round(cal.maxprob_threshold, 6), "risk": cal.risk_info},
         }

@@ -8,6 +8,7 @@ import numpy as np
 
 from bench.suite import render_policies
 from bench.suite.core import SCORE_LABELS
+from bench.suite.plots import heatmap
 
 FIGURES = ("risk_coverage.png", "reliability.png", "ignore_vs_severity.png", "corruption_f1.png", "ood_auroc.png",
            "corruption_examples.png")
@@ -305,14 +306,8 @@ def write_figures(r: dict, figs: dict, out: Path) -> None:
     tabs = [o["far"][k] for k in o["far"]] + [o["shifted_mean_by_severity"][s] for s in ("1", "3", "5") if s in o["shifted_mean_by_severity"]]
     scores = list(tabs[0])
     m = np.array([[t[s]["auroc"] if t[s]["auroc"] is not None else np.nan for t in tabs] for s in scores], float)
-    fig, ax = plt.subplots(figsize=(1.2 * len(sets) + 3, 0.35 * len(scores) + 2))
-    im = ax.imshow(m, vmin=0.3, vmax=1.0, cmap="viridis", aspect="auto")
-    for i in range(len(scores)):
-        for j in range(len(sets)):
-            ax.text(j, i, f"{100 * m[i, j]:.0f}", ha="center", va="center", fontsize=7, color="w" if m[i, j] < 0.75 else "k")
-    ax.set_xticks(range(len(sets))); ax.set_xticklabels(sets, rotation=30, ha="right", fontsize=7)
-    ax.set_yticks(range(len(scores))); ax.set_yticklabels([_label(s) for s in scores], fontsize=7)
-    ax.set_title("OOD AUROC (%)"); fig.colorbar(im); fig.tight_layout(); fig.savefig(out / "ood_auroc.png", dpi=120); plt.close(fig)
+    heatmap(m, [_label(s) for s in scores], sets, "OOD AUROC (%)", out / "ood_auroc.png", 0.3, 1.0,
+            (1.2 * len(sets) + 3, 0.35 * len(scores) + 2))
 
     # corruption examples
     ex = figs.get("examples") or {}

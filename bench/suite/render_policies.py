@@ -6,6 +6,8 @@ from typing import List
 
 import numpy as np
 
+from bench.suite.plots import heatmap
+
 POLICY_FIGURES = ("policy_ignore_rates.png", "drift_frames_to_alarm.png")
 
 
@@ -34,6 +36,11 @@ def _value(v) -> str:
     return str(v)
 
 
+def _candidates(s: dict) -> str:
+    c = s.get("candidate_gates") or []
+    return "" if not c else "; candidate combined gates " + ", ".join(f"`gated[{'+'.join(x)}]`" for x in c) + " (paper rule + that set)"
+
+
 def verdict_lines(p: dict) -> List[str]:
     return [f"{t['target']}: {_met(t['met'])} ({_value(t['value'])})." for t in p["targets"]]
 
@@ -47,7 +54,7 @@ def markdown(r: dict) -> List[str]:
           f"Calibration/test split of the clean set (seeded): {s['n_calibration']} calibration, {s['n_test']} test images. "
           f"Gate: conformal p-values against the calibration split's detector scores, alpha = {s['alpha']}; single-detector gates "
           f"`gate:NAME` (paper rule + that detector's gate), combined gate `gated` (paper rule + {s['combine']} of "
-          f"{', '.join(s['gate_detectors'])}). `maxprob@paper-coverage`: MC-mean max probability above the threshold that keeps "
+          f"{', '.join(s['gate_detectors'])}){_candidates(s)}. `maxprob@paper-coverage`: MC-mean max probability above the threshold that keeps "
           f"the paper rule's share of the calibration split. `risk@X%`: combined gate, then the LTT threshold "
           f"(delta = {s['risk_delta']}) on {s['risk_score']}, calibrated on the calibration images the gate keeps.", "",
           "### Against the issue's targets", "", _table(["target", "result", "measured"],
@@ -123,15 +130,8 @@ def figures(r: dict, out: Path) -> None:
     sets = ["clean test"] + list(p["far"]) + [f"{n} 5" for n in p["shifted"] if "5" in p["shifted"][n]]
     m = np.array([[1 - p["clean"][k]["coverage"]] + [p["far"][s][k]["ignore_rate"] for s in p["far"]]
                   + [p["shifted"][n]["5"][k]["ignore_rate"] for n in p["shifted"] if "5" in p["shifted"][n]] for k in pols], float)
-    fig, ax = plt.subplots(figsize=(0.45 * len(sets) + 4, 0.35 * len(pols) + 2.5))
-    im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    for i in range(len(pols)):
-        for j in range(len(sets)):
-            ax.text(j, i, f"{100 * m[i, j]:.0f}", ha="center", va="center", fontsize=6, color="w" if m[i, j] < 0.6 else "k")
-    ax.set_xticks(range(len(sets))); ax.set_xticklabels(sets, rotation=60, ha="right", fontsize=6)
-    ax.set_yticks(range(len(pols))); ax.set_yticklabels(pols, fontsize=7)
-    ax.set_title("Ignored (%) per policy: clean, far-OOD, corruptions at severity 5"); fig.colorbar(im)
-    fig.tight_layout(); fig.savefig(out / POLICY_FIGURES[0], dpi=120); plt.close(fig)
+    heatmap(m, pols, sets, "Ignored (%) per policy: clean, far-OOD, corruptions at severity 5", out / POLICY_FIGURES[0], 0.0, 1.0,
+            (0.45 * len(sets) + 4, 0.35 * len(pols) + 2.5), fontsize=6, rotation=60)
 
     fta = p["drift"]["frames_to_alarm"]
     fig, ax = plt.subplots(figsize=(7, 5))
