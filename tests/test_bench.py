@@ -238,7 +238,7 @@ def _check_policy_sections(rep: dict, md: str, out: Path) -> None:
     assert set(p["drift"]["frames_to_alarm"]) == {"gaussian_noise", "fog", "contrast"}
     assert p["drift"]["false_alarms"]["frames"] == 300 and p["drift"]["false_alarms"]["seeds"] == 2
     assert p["cost"]["whole_decision"]["p50_us"] > 0
-    assert len(p["targets"]) == 9 and all(t["met"] in (True, False, None) for t in p["targets"])
+    assert len(p["targets"]) == 10 and all(t["met"] in (True, False, None) for t in p["targets"])
     assert "## Decision policies (issue 14)" in md and "Against the issue's targets" in md
     for name in POLICY_FIGURES:
         assert (out / name).is_file(), name
@@ -264,6 +264,7 @@ def test_policy_math_on_synthetic_scores():
     assert res["gate"]["gated"]["mean_rate"] <= dc.ALPHA
     assert res["risk"]["risk@5%"]["violation_rate"] <= 0.15 and res["risk"]["risk@5%"]["unreachable_splits"] == 0
     assert abs(dc.binomial_limit(1000, 0.05) - 0.062) < 0.003
+    assert dc.exceeds_binomial(30, 1000, 0.02) and not dc.exceeds_binomial(25, 1000, 0.02) and not dc.exceeds_binomial(0, 0, 0.02)
 
 
 def test_gate_detector_choice_errors_name_the_choices():

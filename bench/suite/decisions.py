@@ -164,12 +164,24 @@ def binomial_limit(m: int, alpha: float, level: float = 0.95) -> float:
     return float(ks[np.searchsorted(cdf, level)]) / m
 
 
+def exceeds_binomial(errors: int, kept: int, target: float, level: float = 0.05) -> bool:
+    """Whether `errors` among `kept` test samples is beyond the target's one-sided binomial margin:
+    P(Binomial(kept, target) >= errors) < level, i.e. the test half itself shows the risk above the target."""
+    from edge_quq.risk import binom_cdf
+
+    if kept == 0 or errors == 0:
+        return False
+    tail = 1.0 - float(binom_cdf(np.array([errors - 1]), np.array([kept]), np.array([target]))[0])
+    return tail < level
+
+
 def split_check(a: SetArrays, y: np.ndarray, gates: Dict[str, Tuple[List[str], str]], n_splits: int, seed: int,
                 alpha: float = ALPHA, delta: float = RISK_DELTA, targets: Sequence[float] = RISK_TARGETS) -> dict:
     """Over n_splits random calibration/test splits of the clean set: each gate's in-distribution
     false-ignore rate against alpha plus its binomial margin, and how often each risk target was violated
-    (error among kept test samples above the target; a split whose calibration cannot certify the target
-    keeps nothing and counts as not violated, reported as unreachable)."""
+    (error among kept test samples above the target, and above it by more than the test half's binomial
+    margin; a split whose calibration cannot certify the target keeps nothing and counts as not violated,
+    reported as unreachable)."""
     correct = a.pred == y
     n_cal = int(round(len(y) * CAL_FRACTION))
     m = len(y) - n_cal
@@ -179,7 +191,9 @@ def split_check(a: SetArrays, y: np.ndarray, gates: Dict[str, Tuple[List[str], s
     g_rates: Dict[str, List[float]] = {k: [] for k in gates}
     r_err: Dict[str, List[float]] = {f"risk@{100 * t:g}%": [] for t in targets}
     r_cov: Dict[str, List[float]] = {k: [] for k in r_err}
+    r_sig: Dict[str, int] = {k: 0 for k in r_err}
     unreachable = {k: 0 for k in r_err}
+    tgt = dict(zip(r_err, targets))
     for s in range(n_splits):
         ci, ti = split(len(y), [seed, 100, s])
         c = calibrate(a.take(ci), correct[ci], gates, alpha, delta, targets)
@@ -193,14 +207,17 @@ def split_check(a: SetArrays, y: np.ndarray, gates: Dict[str, Tuple[List[str], s
                 continue
             keep = keep_mask(t.confidence, thr) & ~ign[c.combined]
             r_cov[k].append(float(keep.mean()))
-            r_err[k].append(float(np.mean(~correct[ti][keep])) if keep.any() else 0.0)
+            errors = int(np.sum(~correct[ti][keep]))
+            r_err[k].append(errors / keep.sum() if keep.any() else 0.0)
+            r_sig[k] += int(exceeds_binomial(errors, int(keep.sum()), tgt[k]))
     gate_out = {k: {"mean_rate": round(float(np.mean(v)), 4), "max_rate": round(float(np.max(v)), 4),
                     "exceed_binomial": round(float(np.mean(np.array(v) > limit)), 4),
                     "exceed_binomial_and_calibration": round(float(np.mean(np.array(v) > limit_cal)), 4)} for k, v in g_rates.items()}
     risk_out = {}
     for k, t in zip(r_err, targets):
         e = np.array(r_err[k])
-        risk_out[k] = {"target": t, "violation_rate": round(float(np.sum(e > t)) / n_splits, 4), "unreachable_splits": unreachable[k],
+        risk_out[k] = {"target": t, "violation_rate": round(float(np.sum(e > t)) / n_splits, 4),
+                       "violation_beyond_binomial_margin": round(r_sig[k] / n_splits, 4), "unreachable_splits": unreachable[k],
                        "mean_error_kept": round(float(e.mean()), 4) if e.size else None,
                        "mean_coverage": round(float(np.mean(r_cov[k])), 4) if e.size else None,
                        "min_coverage": round(float(np.min(r_cov[k])), 4) if e.size else None}

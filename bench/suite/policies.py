@@ -110,8 +110,11 @@ def targets(p: dict, cells: dict) -> List[dict]:
         {"target": "gated: >= 99% ignored on every far-OOD set", "value": far, "met": _all(v >= 0.99 for v in far.values())},
         {"target": "gated: <= 8% of clean test images ignored", "value": round(1 - g["coverage"], 4), "met": 1 - g["coverage"] <= 0.08},
         {"target": "gated: error among kept <= 5%", "value": g["error_kept"], "met": g["error_kept"] is not None and g["error_kept"] <= 0.05},
-        {"target": "risk@2%: guarantee holds in >= 95% of splits", "value": 1 - s2.get("violation_rate", 1.0),
+        {"target": "risk@2%: guarantee holds in >= 95% of splits (test error <= 2%)", "value": 1 - s2.get("violation_rate", 1.0),
          "met": s2.get("violation_rate", 1.0) <= 0.05},
+        {"target": "risk@2%: the same, counting a violation only when the test error is beyond 2% by more than its "
+                   "binomial margin", "value": 1 - s2.get("violation_beyond_binomial_margin", 1.0),
+         "met": s2.get("violation_beyond_binomial_margin", 1.0) <= 0.05},
         {"target": "risk@2%: coverage >= 78% on the clean test split", "value": r2.get("coverage"),
          "met": r2.get("coverage") is not None and r2["coverage"] >= 0.78},
         {"target": "drift: alarm within 20 frames (median over seeds) for every severity-5 corruption with accuracy < 50%",
