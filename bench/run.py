@@ -1,4 +1,5 @@
-"""The benchmark suite of issue 6: paper tables, selective prediction, OOD detection, calibration.
+"""The benchmark suite of issue 6: paper tables, selective prediction, OOD detection, calibration; and of
+issue 14: the decision policies (paper, gated, risk) with their guarantees checked, and the drift alarm.
 
     python -m bench.run --out bench/results/suite            # full run (Fashion-MNIST, ~15 min here)
     python -m bench.run --out /tmp/suite --quick             # minutes: small subsets, fewer bootstrap reps
