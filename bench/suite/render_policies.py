@@ -139,9 +139,11 @@ def figures(r: dict, out: Path) -> None:
     fta = p["drift"]["frames_to_alarm"]
     fig, ax = plt.subplots(figsize=(7, 5))
     cap = p["settings"]["drift_max_frames"]
-    for name, v in fta.items():
+    cmap = plt.get_cmap("tab20")
+    for i, (name, v) in enumerate(fta.items()):
         ks = sorted(v, key=int)
-        ax.plot([int(k) for k in ks], [v[k]["median"] if v[k]["median"] is not None else cap for k in ks], marker="o", ms=3, lw=1, label=name)
+        ax.plot([int(k) for k in ks], [v[k]["median"] if v[k]["median"] is not None else cap for k in ks], marker="o", ms=3, lw=1,
+                color=cmap(i % 20), ls="-" if i < 10 else "--", label=name)
     ax.axhline(20, color="k", ls="--", lw=0.8)
     ax.set_yscale("log"); ax.set_xlabel("severity"); ax.set_ylabel(f"median frames to alarm (no alarm: {cap})")
     ax.set_title("Drift alarm on corrupted streams"); ax.legend(fontsize=6, ncol=2); ax.grid(alpha=0.3)
