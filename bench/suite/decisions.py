@@ -114,8 +114,7 @@ def decide(c: Calibrated, a: SetArrays, alpha: float = ALPHA) -> Dict[str, Tuple
     ign = gate_ignores(c, a, alpha)
     out = {"paper": (a.rule_keep, a.rule_pred), "maxprob@paper-coverage": (keep_mask(a.confidence, c.maxprob_threshold), a.pred)}
     for name in c.gates:
-        if name.startswith("gate"):
-            out[name] = (a.rule_keep & ~ign[name], a.rule_pred)
+        out[name] = (a.rule_keep & ~ign[name], a.rule_pred)
     for name, thr in c.risk.items():
         keep = np.zeros(len(a.pred), bool) if thr is None else keep_mask(a.confidence, thr) & ~ign[c.combined]
         out[name] = (keep, a.pred)
