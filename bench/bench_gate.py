@@ -34,17 +34,13 @@ def _time_us(fn: Callable[[int], object], repeats: int) -> Dict[str, float]:
             "p99_us": round(samples[int(len(samples) * 0.99)], 2), "best_us": round(best, 2)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--detectors", type=int, default=3)
-    ap.add_argument("--calibration", type=int, default=5000)
-    ap.add_argument("--repeats", type=int, default=20000)
-    args = ap.parse_args()
+def measure(detectors: int = 3, calibration: int = 5000, repeats: int = 20000) -> dict:
+    """Per-sample microseconds of each step and of the whole decision, on random scores and features."""
     rng = np.random.default_rng(0)
-    d, n = args.detectors, args.calibration
+    d, n = detectors, calibration
     cal = sort_calibration(rng.normal(size=(d, n)))
-    scores = rng.normal(size=(args.repeats, 1, d))
-    feats = rng.normal(size=(args.repeats, 64))
+    scores = rng.normal(size=(repeats, 1, d))
+    feats = rng.normal(size=(repeats, 64))
     pv = conformal_pvalues(scores[:, 0], cal)
     monitor = DriftMonitor()
     sizes = [n] * d
@@ -54,14 +50,22 @@ def main() -> None:
         gate(combine(p, "bonferroni"), 0.05)
         monitor.update(float(drift_pvalues(p[:, :1], sizes[:1], monitor.delta)[0]), feats[i])
 
-    report = {
-        "detectors": d, "calibration": n, "repeats": args.repeats,
-        "pvalues": _time_us(lambda i: conformal_pvalues(scores[i], cal), args.repeats),
-        "combine_and_gate": _time_us(lambda i: gate(combine(pv[i:i + 1], "hmp"), 0.05), args.repeats),
-        "drift_update": _time_us(lambda i: monitor.update(0.5, feats[i]), args.repeats),
-        "whole_decision": _time_us(whole, args.repeats),
+    return {
+        "detectors": d, "calibration": n, "repeats": repeats,
+        "pvalues": _time_us(lambda i: conformal_pvalues(scores[i], cal), repeats),
+        "combine_and_gate": _time_us(lambda i: gate(combine(pv[i:i + 1], "hmp"), 0.05), repeats),
+        "drift_update": _time_us(lambda i: monitor.update(0.5, feats[i]), repeats),
+        "whole_decision": _time_us(whole, repeats),
     }
-    print(json.dumps(report))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--detectors", type=int, default=3)
+    ap.add_argument("--calibration", type=int, default=5000)
+    ap.add_argument("--repeats", type=int, default=20000)
+    args = ap.parse_args()
+    print(json.dumps(measure(args.detectors, args.calibration, args.repeats)))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The benchmark suite of issue 6: paper tables, selective prediction, OOD detection, calibration.
+"""The benchmark suite of issue 6: paper tables, selective prediction, OOD detection, calibration; and of
+issue 14: the decision policies (paper, gated, risk) with their guarantees checked, and the drift alarm.
 
     python -m bench.run --out bench/results/suite            # full run (Fashion-MNIST, ~15 min here)
     python -m bench.run --out /tmp/suite --quick             # minutes: small subsets, fewer bootstrap reps
@@ -194,6 +195,7 @@ class Run:
     detectors: Any
     opts: dict
     id_scores: Dict[str, np.ndarray] = field(default_factory=dict)
+    policy: Any = None  # bench.suite.policies.PolicyStage once the clean set is calibrated (needs detectors)
 
     @property
     def rule(self) -> Tuple[float, str, float, int]:
@@ -227,9 +229,14 @@ def evaluate_dataset(ds: Dataset, bundle_path: Optional[str], opts: dict, say, r
                          "decision_defaults": {"threshold": thr, "z": z0, "T": t0, "mixed": mixed},
                          "detectors": detectors.names if detectors is not None else []}
     timings = results.setdefault("timings_s", {})
-    rule_id_keep = _clean_set(run, ds, say, results, timings)
+    rule_id_keep, clean = _clean_set(run, ds, say, results, timings)
+    _start_policies(run, clean, ds.y, say, results, timings)
     shifted_ood = _corruptions(run, ds, results, figures, timings)
     far_tab, rule_ood = _far_ood(run, timings)
+    if run.policy is not None:
+        t_start = time.time()
+        results["policies"] = run.policy.finish(results["corruptions"]["cells"])
+        timings["policies_cost_and_verdict"] = round(time.time() - t_start, 1)
     # shifted sets averaged over the corruption types, per severity
     shifted_mean = {}
     for sev in opts["severities"]:
@@ -243,8 +250,9 @@ def evaluate_dataset(ds: Dataset, bundle_path: Optional[str], opts: dict, say, r
     }
 
 
-def _clean_set(run: Run, ds: Dataset, say, results: dict, timings: dict) -> np.ndarray:
-    """Tables III-V, selective prediction and calibration on the clean test set; returns the rule's keep [N]."""
+def _clean_set(run: Run, ds: Dataset, say, results: dict, timings: dict) -> Tuple[np.ndarray, Any]:
+    """Tables III-V, selective prediction and calibration on the clean test set; returns the rule's keep [N]
+    and the clean set's HeadRun."""
     from edge_quq.decision import decide_many
     from bench.suite import evaluate as ev
     from bench.suite.core import Progress, score_dict
@@ -268,13 +276,28 @@ def _clean_set(run: Run, ds: Dataset, say, results: dict, timings: dict) -> np.n
     results["calibration"] = ev.calibration({"plain int8": clean.det_probs, f"MC mean (T={t0})": mean_t0,
                                              "closed-form mean": clean.an_mean}, y)
     run.id_scores = score_dict(clean, t0, act)
-    return decide_many(mean_t0, std_t0, z0, thr, mixed).keep
+    return decide_many(mean_t0, std_t0, z0, thr, mixed).keep, clean
+
+
+def _start_policies(run: Run, clean, y: np.ndarray, say, results: dict, timings: dict) -> None:
+    """Issue 14's policies, calibrated on a seeded split of the clean set; they need the bundle's detectors."""
+    from bench.suite.decisions import set_arrays
+    from bench.suite.policies import PolicyStage
+
+    if run.detectors is None or not run.opts["policies"]:
+        results["policies"] = None
+        return
+    thr, mixed, z0, t0 = run.rule
+    t_start = time.time()
+    run.policy = PolicyStage.on_clean(set_arrays(clean, t0, z0, thr, mixed), y, run.opts, say)
+    timings["policies_clean_splits_drift"] = round(time.time() - t_start, 1)
 
 
 def _corruptions(run: Run, ds: Dataset, results: dict, figures: dict, timings: dict) -> Dict[str, Dict[str, dict]]:
     """The corruption cells (results["corruptions"]); returns the shifted-set OOD tables by "name/severity"."""
     from bench.suite import evaluate as ev
     from bench.suite.core import Progress, score_dict
+    from bench.suite.decisions import set_arrays
 
     thr, mixed, z0, t0 = run.rule
     seed, sevs = run.opts["seed"], run.opts["severities"]
@@ -291,6 +314,8 @@ def _corruptions(run: Run, ds: Dataset, results: dict, figures: dict, timings: d
                 examples[(name, sev)] = xc[0]
             rc = run.head_run(xc, t0, seed + 7 * sev)
             corr[name][str(sev)] = ev.corruption_cell(rc, yc, z0, t0, thr, mixed)
+            if run.policy is not None:
+                run.policy.shifted_set(name, sev, set_arrays(rc, t0, z0, thr, mixed), yc)
             shifted_ood[f"{name}/{sev}"] = ev.ood_table(run.id_scores, score_dict(rc, t0, run.head.activation))
             pb.update()
     pb.close()
@@ -306,18 +331,22 @@ def _far_ood(run: Run, timings: dict) -> Tuple[dict, Dict[str, float]]:
     from edge_quq.decision import decide_many
     from bench.suite import evaluate as ev
     from bench.suite.core import score_dict
-    from bench.suite.ood import far_ood_sets
+    from bench.suite.decisions import set_arrays
+    from bench.suite.ood import far_ood_sets, photo_sets
 
     thr, mixed, z0, t0 = run.rule
     seed = run.opts["seed"]
     t_start = time.time()
     h, w, c = run.bundle.input.shape
     far_tab, rule_ood = {}, {}
-    for name, xo in far_ood_sets(run.opts["n_ood"], seed, h, w, c).items():
+    sets = {**far_ood_sets(run.opts["n_ood"], seed, h, w, c), **photo_sets(run.opts["n_ood"], seed)}
+    for name, xo in sets.items():
         ro = run.head_run(xo, t0, seed + 99)
         far_tab[name] = ev.ood_table(run.id_scores, score_dict(ro, t0, run.head.activation))
         m, s, _ = ro.moments(t0)
         rule_ood[name] = round(float(np.mean(~decide_many(m, s, z0, thr, mixed).keep)), 4)
+        if run.policy is not None:
+            run.policy.far_set(name, set_arrays(ro, t0, z0, thr, mixed))
     timings["far_ood"] = round(time.time() - t_start, 1)
     return far_tab, rule_ood
 
@@ -348,9 +377,18 @@ def render(results: dict, figures: dict, out: Path) -> None:
 @click.option("--threads", type=int, default=None, help="Backbone threads (default: all cores).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-detectors", is_flag=True, help="Leave out the bundle's fitted OOD detectors as score columns.")
+@click.option("--no-policies", is_flag=True, help="Leave out issue 14's decision policies, split check and drift streams.")
+@click.option("--gate-detectors", default="usable", show_default=True,
+              help="Detectors the combined gate `gated` combines: 'usable' (every usable detector of the bundle) or a comma "
+                   "list; more sets after ';' are evaluated as candidate gates `gated[a+b]`.")
+@click.option("--drift-detector", default="mahalanobis", show_default=True, help="The detector whose p-values feed the drift monitor.")
+@click.option("--splits", type=int, default=None, help="Random calibration/test splits for the guarantee check (default 200; --quick 20).")
+@click.option("--drift-seeds", type=int, default=None, help="Streams per drift cell and clean false-alarm check (default 20; --quick 5).")
+@click.option("--drift-frames", type=int, default=None, help="Frames per clean drift stream (default 10000; --quick 2000).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(out, quick, bundle, float_model, cifar100, cifar100_bundle, samples, corrupt_samples, ood_samples, reps, corruptions,
-         severities, backend, threads, seed, no_detectors, quiet) -> None:
+         severities, backend, threads, seed, no_detectors, no_policies, gate_detectors, drift_detector, splits, drift_seeds, drift_frames,
+         quiet) -> None:
     """Run the benchmark suite and write report.json, report.md and figures under OUT."""
     from edge_quq.errors import EdgeQuqError
 
@@ -361,6 +399,11 @@ def main(out, quick, bundle, float_model, cifar100, cifar100_bundle, samples, co
         "reps": reps if reps is not None else (100 if quick else 1000),
         "n_ood": ood_samples if ood_samples is not None else (200 if quick else 2000),
         "severities": parse_severities(severities),
+        "policies": not no_policies, "gate_detectors": gate_detectors, "drift_detector": drift_detector,
+        "splits": splits if splits is not None else (20 if quick else 200),
+        "drift_seeds": drift_seeds if drift_seeds is not None else (5 if quick else 20),
+        "drift_frames": drift_frames if drift_frames is not None else (2000 if quick else 10000),
+        "cost_repeats": 2000 if quick else 20000,
     }
     from bench.suite.corruptions import CORRUPTIONS
 
@@ -373,6 +416,9 @@ def main(out, quick, bundle, float_model, cifar100, cifar100_bundle, samples, co
     for label, v in (("--samples", n_clean), ("--corrupt-samples", n_corr), ("--ood-samples", opts["n_ood"]), ("--reps", opts["reps"])):
         if v < 20:
             raise click.UsageError(f"{label} must be at least 20, got {v}")
+    for label, v in (("--splits", opts["splits"]), ("--drift-seeds", opts["drift_seeds"]), ("--drift-frames", opts["drift_frames"])):
+        if v < 1:
+            raise click.UsageError(f"{label} must be at least 1, got {v}")
     if cifar100 and not cifar100_bundle:
         raise click.UsageError("--cifar100 needs --cifar100-bundle (a bundle exported from a CIFAR-100 model)")
     out = Path(out)
@@ -381,7 +427,7 @@ def main(out, quick, bundle, float_model, cifar100, cifar100_bundle, samples, co
         "command": "python -m bench.run " + " ".join(sys.argv[1:]),
         "quick": quick, "seed": seed, "machine": machine_info(),
         "settings": {"clean_samples": n_clean, "corrupt_samples": n_corr, "ood_samples": opts["n_ood"], "bootstrap_reps": opts["reps"],
-                     "backend": backend},
+                     "backend": backend, "splits": opts["splits"], "drift_seeds": opts["drift_seeds"], "drift_frames": opts["drift_frames"]},
     }
     figures: dict = {}
     tmp = Path(tempfile.mkdtemp(prefix=".suite-", dir=str(out.parent) if out.parent.exists() else None))

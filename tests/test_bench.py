@@ -200,7 +200,8 @@ def test_small_run_writes_every_output(tmp_path, images):
 
     out = tmp_path / "suite"
     r = _run("--out", str(out), "--quick", "--quiet", "--samples", "300", "--corrupt-samples", "40", "--ood-samples", "40",
-             "--reps", "30", "--corruptions", "gaussian_noise,fog,contrast", "--severities", "1,5")
+             "--reps", "30", "--corruptions", "gaussian_noise,fog,contrast", "--severities", "1,5", "--splits", "5",
+             "--drift-seeds", "2", "--drift-frames", "300", "--gate-detectors", "usable;mahalanobis,knn")
     assert r.returncode == 0, r.stderr[-3000:]
     for name in ("report.json", "report.md") + FIGURES:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -217,6 +218,62 @@ def test_small_run_writes_every_output(tmp_path, images):
     for heading in ("Table I:", "Table II:", "Tables III-V", "Tables VI-XIII", "Table XIV", "Selective prediction", "OOD detection",
                     "Calibration", "Verdict"):
         assert heading in md
+    _check_policy_sections(rep, md, out)
+
+
+def _check_policy_sections(rep: dict, md: str, out: Path) -> None:
+    """Issue 14's sections of the tiny run: every policy on clean, far-OOD and corrupted sets, the split check,
+    drift, cost and the verdict against the targets."""
+    from bench.suite.render_policies import POLICY_FIGURES
+
+    p = rep["policies"]
+    pols = ({"paper", "maxprob@paper-coverage", "gated", "gated[mahalanobis+knn]", "risk@1%", "risk@2%", "risk@5%"}
+            | {f"gate:{d}" for d in p["settings"]["usable_detectors"]})
+    assert set(p["clean"]) == pols and "mahalanobis" in p["settings"]["usable_detectors"]
+    for v in p["clean"].values():
+        assert 0.0 <= v["coverage"] <= 1.0 and len(v["coverage_ci95"]) == 2
+    assert {"photos (skimage.data)", "photo (matplotlib grace_hopper.jpg)", "photos (sklearn sample images)", "uniform noise"} <= set(p["far"])
+    assert set(p["far"]["uniform noise"]) == pols and set(p["shifted"]["fog"]["5"]) == pols
+    assert p["splits"]["splits"] == 5 and set(p["splits"]["gate"]) == {k for k in pols if k.startswith("gate")}
+    assert set(p["drift"]["frames_to_alarm"]) == {"gaussian_noise", "fog", "contrast"}
+    assert p["drift"]["false_alarms"]["frames"] == 300 and p["drift"]["false_alarms"]["seeds"] == 2
+    assert p["cost"]["whole_decision"]["p50_us"] > 0
+    assert len(p["targets"]) == 10 and all(t["met"] in (True, False, None) for t in p["targets"])
+    assert "## Decision policies (issue 14)" in md and "Against the issue's targets" in md
+    for name in POLICY_FIGURES:
+        assert (out / name).is_file(), name
+
+
+def test_policy_math_on_synthetic_scores():
+    """The split check on exchangeable synthetic data: single gates ignore about alpha of in-distribution
+    samples, the combined gate less, and the risk policy's violation frequency stays near or below delta."""
+    from bench.suite import decisions as dc
+
+    g = np.random.default_rng(5)
+    n = 4000
+    conf = g.uniform(0.3, 1.0, n)
+    y = np.zeros(n, int)
+    pred = np.where(g.random(n) < 0.2 * (1 - conf), 1, 0)  # more confident, more often right
+    det = {"a": g.normal(size=n), "b": g.normal(size=n), "const": np.ones(n), "nan": np.full(n, np.nan)}
+    a = dc.SetArrays(det, conf, pred, np.ones(n, bool), pred, g.normal(size=(n, 4)))
+    usable = dc.usable_detectors(det)
+    assert usable == ["a", "b"]
+    res = dc.split_check(a, y, dc.gate_sets(usable, usable), 40, seed=1, targets=(0.05,))
+    for k in ("gate:a", "gate:b"):
+        assert abs(res["gate"][k]["mean_rate"] - dc.ALPHA) < 0.006
+    assert res["gate"]["gated"]["mean_rate"] <= dc.ALPHA
+    assert res["risk"]["risk@5%"]["violation_rate"] <= 0.15 and res["risk"]["risk@5%"]["unreachable_splits"] == 0
+    assert abs(dc.binomial_limit(1000, 0.05) - 0.062) < 0.003
+    assert dc.exceeds_binomial(30, 1000, 0.02) and not dc.exceeds_binomial(25, 1000, 0.02) and not dc.exceeds_binomial(0, 0, 0.02)
+
+
+def test_gate_detector_choice_errors_name_the_choices():
+    from bench.suite.policies import choose_gate
+
+    assert choose_gate("usable", ["a", "b", "c"], ["a", "b"]) == [["a", "b"]]
+    assert choose_gate("b;usable; a, b", ["a", "b"], ["a", "b"]) == [["b"], ["a", "b"], ["a", "b"]]
+    with pytest.raises(ValueError, match="c not among the bundle's usable detectors"):
+        choose_gate("a,c", ["a", "b", "c"], ["a", "b"])
 
 
 def test_bad_options_fail_cleanly(tmp_path):

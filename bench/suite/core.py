@@ -95,6 +95,8 @@ class HeadRun:
     an_std: np.ndarray  # [N, C]
     gradient: np.ndarray  # [N] closed-form head gradient score
     extra: Dict[str, np.ndarray] = field(default_factory=dict)  # more per-sample scores (e.g. detectors)
+    detector_scores: Dict[str, np.ndarray] = field(default_factory=dict)  # every fitted detector (the gates' input)
+    features: Optional[np.ndarray] = None  # [N, F] backbone features (the drift monitor's scene feed)
 
     def moments(self, t: int) -> tuple:
         """(mean, std, expected entropy) from the first t samples: the T-grid reuses one draw of max(T)."""
@@ -108,11 +110,9 @@ class HeadRun:
 def run_head(head: HeadWeights, feats: np.ndarray, t: int, seed: int, detectors=None) -> HeadRun:
     rng = np.random.default_rng(seed)
     an = analytic_moments(head, feats)
-    extra: Dict[str, np.ndarray] = {}
-    if detectors is not None:
-        for name, det in detectors.detectors.items():
-            if name != "gradient":  # the head gradient is already a column of its own
-                extra[f"det_{name}"] = np.asarray(det.score(feats, head), np.float64)
+    det = {} if detectors is None else {n: np.asarray(s, np.float64) for n, s in detectors.score_all(feats, head).items()}
+    # the head gradient is already a score column of its own
+    extra = {f"det_{n}": s for n, s in det.items() if n != "gradient"}
     return HeadRun(
         probs=mc_probs(head, feats, t, rng),
         det_logits=an.logits,
@@ -121,6 +121,8 @@ def run_head(head: HeadWeights, feats: np.ndarray, t: int, seed: int, detectors=
         an_std=an.std,
         gradient=gradient_scores(head, feats),
         extra=extra,
+        detector_scores=det,
+        features=feats,
     )
 
 

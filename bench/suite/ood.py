@@ -66,3 +66,73 @@ def far_ood_sets(n: int, seed: int, h: int = 28, w: int = 28, channels: int = 1)
         x = fn(n, np.random.default_rng([seed, 1000 + i]), h, w)
         out[name] = np.repeat(x[..., None], channels, axis=-1) if channels > 1 else x
     return out
+
+
+# --- real photographs that packages ship -----------------------------------------------------------------------
+
+# scikit-image's photographs and micrographs (its synthetic images, logo and binary shapes are left out)
+SKIMAGE_PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "moon",
+                  "page", "text", "coins", "clock", "grass", "gravel", "brick", "retina", "cat", "microaneurysms", "cell")
+PATCH = 64  # side of the stored patches; the bundle's own preprocessing then resizes them to its input
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+    img = np.asarray(img)
+    if img.dtype != np.uint8:
+        img = (img * 255 if img.max() <= 1.0 else img).clip(0, 255).astype(np.uint8)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    return img[..., :3]
+
+
+def photo_sources() -> Dict[str, list]:
+    """Set name -> list of RGB uint8 photographs, for each package that is installed."""
+    out: Dict[str, list] = {}
+    try:
+        import skimage.data as sd
+
+        imgs = []
+        for name in SKIMAGE_PHOTOS:
+            try:
+                imgs.append(_rgb(getattr(sd, name)()))
+            except Exception:  # noqa: BLE001 - an image that needs a download (pooch) is skipped offline
+                pass
+        if imgs:
+            out["photos (skimage.data)"] = imgs
+    except ImportError:
+        pass
+    try:
+        from matplotlib import cbook
+
+        with cbook.get_sample_data("grace_hopper.jpg") as f:
+            img = cv2.imdecode(np.frombuffer(f.read(), np.uint8), cv2.IMREAD_COLOR)
+        out["photo (matplotlib grace_hopper.jpg)"] = [img[..., ::-1].copy()]
+    except (ImportError, OSError, TypeError):
+        pass
+    try:
+        from sklearn.datasets import load_sample_images
+
+        out["photos (sklearn sample images)"] = [_rgb(i) for i in load_sample_images().images]
+    except ImportError:
+        pass
+    return out
+
+
+def patches(images: list, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n random square crops (side 1/8 to all of the shorter edge, random place, random mirror) as
+    [n, PATCH, PATCH, 3] uint8 RGB, area-resized."""
+    out = np.empty((n, PATCH, PATCH, 3), np.uint8)
+    for i in range(n):
+        img = images[int(rng.integers(len(images)))]
+        h, w = img.shape[:2]
+        side = int(rng.integers(max(8, min(h, w) // 8), min(h, w) + 1))
+        y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = img[y0:y0 + side, x0:x0 + side]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out[i] = cv2.resize(np.ascontiguousarray(crop), (PATCH, PATCH), interpolation=cv2.INTER_AREA)
+    return out
+
+
+def photo_sets(n: int, seed: int) -> Dict[str, np.ndarray]:
+    return {name: patches(imgs, n, np.random.default_rng([seed, 2000 + i])) for i, (name, imgs) in enumerate(photo_sources().items())}

@@ -6,7 +6,9 @@ from typing import Dict, List
 
 import numpy as np
 
+from bench.suite import render_policies
 from bench.suite.core import SCORE_LABELS
+from bench.suite.plots import heatmap
 
 FIGURES = ("risk_coverage.png", "reliability.png", "ignore_vs_severity.png", "corruption_f1.png", "ood_auroc.png",
            "corruption_examples.png")
@@ -65,7 +67,8 @@ def verdict(results: dict) -> List[str]:
 
 def write_markdown(r: dict) -> str:
     md: List[str] = []
-    for section in (_md_header, _md_sizes, _md_grid, _md_corruptions, _md_e2e, _md_selective, _md_ood, _md_calibration):
+    for section in (_md_header, _md_sizes, _md_grid, _md_corruptions, _md_e2e, _md_selective, _md_ood, _md_calibration,
+                    render_policies.markdown):
         md += section(r)
     return "\n".join(md) + "\n"
 
@@ -84,6 +87,9 @@ def _md_header(r: dict) -> List[str]:
           f"onnxruntime {r['machine'].get('onnxruntime')}, ai-edge-litert {r['machine'].get('ai_edge_litert', '-')}, "
           f"OpenCV {r['machine'].get('opencv')}.  ", f"Timings (s): {r.get('timings_s')}", ""]
     md += ["## Verdict", ""] + ["- " + v for v in verdict(r)] + [""]
+    if r.get("policies"):
+        md += ["Decision policies (issue 14) against the issue's targets:", ""]
+        md += ["- " + v for v in render_policies.verdict_lines(r["policies"])] + [""]
     return md
 
 
@@ -300,14 +306,8 @@ def write_figures(r: dict, figs: dict, out: Path) -> None:
     tabs = [o["far"][k] for k in o["far"]] + [o["shifted_mean_by_severity"][s] for s in ("1", "3", "5") if s in o["shifted_mean_by_severity"]]
     scores = list(tabs[0])
     m = np.array([[t[s]["auroc"] if t[s]["auroc"] is not None else np.nan for t in tabs] for s in scores], float)
-    fig, ax = plt.subplots(figsize=(1.2 * len(sets) + 3, 0.35 * len(scores) + 2))
-    im = ax.imshow(m, vmin=0.3, vmax=1.0, cmap="viridis", aspect="auto")
-    for i in range(len(scores)):
-        for j in range(len(sets)):
-            ax.text(j, i, f"{100 * m[i, j]:.0f}", ha="center", va="center", fontsize=7, color="w" if m[i, j] < 0.75 else "k")
-    ax.set_xticks(range(len(sets))); ax.set_xticklabels(sets, rotation=30, ha="right", fontsize=7)
-    ax.set_yticks(range(len(scores))); ax.set_yticklabels([_label(s) for s in scores], fontsize=7)
-    ax.set_title("OOD AUROC (%)"); fig.colorbar(im); fig.tight_layout(); fig.savefig(out / "ood_auroc.png", dpi=120); plt.close(fig)
+    heatmap(m, [_label(s) for s in scores], sets, "OOD AUROC (%)", out / "ood_auroc.png", 0.3, 1.0,
+            (1.2 * len(sets) + 3, 0.35 * len(scores) + 2))
 
     # corruption examples
     ex = figs.get("examples") or {}
@@ -327,3 +327,4 @@ def write_figures(r: dict, figs: dict, out: Path) -> None:
                 if j == 0:
                     ax.set_ylabel(f"sev {s}", fontsize=6)
         fig.tight_layout(); fig.savefig(out / "corruption_examples.png", dpi=120); plt.close(fig)
+    render_policies.figures(r, out)

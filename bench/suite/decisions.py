@@ -1,0 +1,230 @@
+"""The decision policies of issue 14 on benchmark data: `paper`, max probability at the paper rule's
+coverage, the paper rule behind one detector's gate or the combined gate (`gated`), and `risk` (gate, then a
+Learn-then-Test threshold on the MC-mean max probability).
+
+All the math is the runtime's: conformal p-values, their combination and the gate (edge_quq.conformal), the
+risk table and LTT threshold (edge_quq.risk), the paper rule (edge_quq.decision). This module only makes
+seeded calibration/test splits of held-out in-distribution data and counts. The gate's detector set is a
+parameter (`gate_detectors`), so a bundle's chosen set can be passed in later.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from edge_quq.conformal import CalibrationScores, combine, conformal_pvalues, gate, sort_calibration
+from edge_quq.decision import decide_many
+from edge_quq.errors import OptionError
+from edge_quq.risk import CalibrationTable, keep_mask, ltt_threshold
+
+ALPHA = 0.05             # the gate's level (issue 14's default)
+COMBINE_RULE = "hmp"      # the combined gate: corrected harmonic mean (edge_quq.conformal)
+RISK_DELTA = 0.05
+RISK_TARGETS = (0.01, 0.02, 0.05)
+CAL_FRACTION = 0.5       # share of the clean test set used as calibration data, the rest is the test split
+
+
+@dataclass
+class SetArrays:
+    """Per-sample inputs of every policy for one image set."""
+
+    det: Dict[str, np.ndarray]   # detector scores, higher = more out-of-distribution
+    confidence: np.ndarray       # MC-mean max probability (the risk policy's score)
+    pred: np.ndarray             # MC-mean argmax
+    rule_keep: np.ndarray        # the paper rule's keep
+    rule_pred: np.ndarray        # the paper rule's label (-1 when ignored)
+    features: np.ndarray         # backbone features (the drift monitor's scene feed)
+
+    def take(self, idx: np.ndarray) -> "SetArrays":
+        return SetArrays({k: v[idx] for k, v in self.det.items()}, self.confidence[idx], self.pred[idx],
+                         self.rule_keep[idx], self.rule_pred[idx], self.features[idx])
+
+    def scores(self, names: Sequence[str]) -> np.ndarray:
+        return np.column_stack([self.det[n] for n in names])
+
+
+def set_arrays(run, t: int, z: float, threshold: float, mixed: str) -> SetArrays:
+    """SetArrays of a bench.suite.core.HeadRun at the bundle's decision defaults."""
+    mean, std, _ = run.moments(t)
+    rr = decide_many(mean, std, z, threshold, mixed)
+    return SetArrays(dict(run.detector_scores), mean.max(axis=1), np.argmax(mean, axis=1), rr.keep, rr.labels, run.features)
+
+
+def usable_detectors(det: Dict[str, np.ndarray]) -> List[str]:
+    """Detectors whose in-distribution scores are all finite and not constant (a p-value needs a ranking)."""
+    return [n for n, s in det.items() if np.all(np.isfinite(s)) and np.ptp(s) > 0]
+
+
+@dataclass
+class Calibrated:
+    """Everything the policies learn from one calibration split."""
+
+    gates: Dict[str, Tuple[List[str], CalibrationScores, str]]  # policy -> (detectors, calibration, rule)
+    maxprob_threshold: float
+    risk: Dict[str, Optional[float]]        # policy -> LTT threshold (None: target unreachable)
+    risk_info: Dict[str, dict]
+    combined: str                            # the name of the combined gate policy
+
+
+def gate_sets(gate_detectors: Sequence[str], usable: Sequence[str], rule: str = COMBINE_RULE,
+              candidates: Sequence[Sequence[str]] = ()) -> Dict[str, Tuple[List[str], str]]:
+    """Policy name -> (detectors, combination rule): every usable detector alone, the combined gate `gated`,
+    and any further candidate sets as `gated[a+b]` (for choosing a bundle's set)."""
+    out = {f"gate:{n}": ([n], "bonferroni") for n in usable}
+    out["gated"] = (list(gate_detectors), rule)
+    for c in candidates:
+        out[f"gated[{'+'.join(c)}]"] = (list(c), rule)
+    return out
+
+
+def calibrate(cal: SetArrays, correct: np.ndarray, gates: Dict[str, Tuple[List[str], str]],
+              alpha: float = ALPHA, delta: float = RISK_DELTA, targets: Sequence[float] = RISK_TARGETS) -> Calibrated:
+    """Fit every policy on calibration data: gate calibration scores, the max-prob threshold giving the
+    paper rule's coverage, and LTT thresholds on the calibration samples the combined gate keeps. A
+    calibration sample's own score is among its calibration scores, so its gate p-value is conservative by
+    at most 1 / (n + 1)."""
+    fitted = {name: (names, sort_calibration([cal.det[n] for n in names]), rule) for name, (names, rule) in gates.items()}
+    cov = float(cal.rule_keep.mean())
+    # keep iff confidence > threshold, keeping the paper rule's share of the calibration set
+    maxprob_thr = float(np.quantile(cal.confidence, 1.0 - cov)) if cov < 1 else -np.inf
+    names, cs, rule = fitted["gated"]
+    passed = ~gate(combine(conformal_pvalues(cal.scores(names), cs), rule), alpha)
+    table = CalibrationTable.build(cal.confidence[passed], correct[passed])
+    risk, info = {}, {}
+    for t in targets:
+        key = f"risk@{100 * t:g}%"
+        try:
+            r = ltt_threshold(table, t, delta)
+            risk[key], info[key] = r.threshold, {"threshold": r.threshold, "calibration_coverage": round(r.coverage, 4),
+                                                 "calibration_kept": r.kept, "calibration_errors": r.errors}
+        except OptionError as e:
+            risk[key], info[key] = None, {"unreachable": str(e)}
+    return Calibrated(fitted, maxprob_thr, risk, info, "gated")
+
+
+def gate_ignores(c: Calibrated, a: SetArrays, alpha: float = ALPHA) -> Dict[str, np.ndarray]:
+    """Per gate policy: True where its gate alone ignores the sample."""
+    return {name: gate(combine(conformal_pvalues(a.scores(names), cs), rule), alpha) for name, (names, cs, rule) in c.gates.items()}
+
+
+def decide(c: Calibrated, a: SetArrays, alpha: float = ALPHA) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Policy -> (keep [N], predicted label [N]) on one image set."""
+    ign = gate_ignores(c, a, alpha)
+    out = {"paper": (a.rule_keep, a.rule_pred), "maxprob@paper-coverage": (keep_mask(a.confidence, c.maxprob_threshold), a.pred)}
+    for name in c.gates:
+        out[name] = (a.rule_keep & ~ign[name], a.rule_pred)
+    for name, thr in c.risk.items():
+        keep = np.zeros(len(a.pred), bool) if thr is None else keep_mask(a.confidence, thr) & ~ign[c.combined]
+        out[name] = (keep, a.pred)
+    return out
+
+
+def rates(keep: np.ndarray, pred: np.ndarray, y: Optional[np.ndarray]) -> dict:
+    k = int(keep.sum())
+    err = None if y is None or k == 0 else round(float(np.mean(pred[keep] != y[keep])), 4)
+    return {"ignore_rate": round(1.0 - k / max(len(keep), 1), 4), "error_kept": err, "kept": k}
+
+
+def bootstrap_table(decided: Dict[str, Tuple[np.ndarray, np.ndarray]], y: np.ndarray, reps: int, seed: int) -> Dict[str, dict]:
+    """Coverage and error among kept with 95% percentile bootstrap intervals over test samples (the same
+    resampled indices for every policy; the calibrated thresholds stay fixed)."""
+    rng = np.random.default_rng([seed, 14])
+    idx = rng.integers(0, len(y), (reps, len(y)))
+    out = {}
+    for name, (keep, pred) in decided.items():
+        wrong = (pred != y).astype(np.float64)
+        kb = keep[idx]
+        nk = kb.sum(axis=1)
+        cov_b = nk / len(y)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            err_b = (wrong[idx] * kb).sum(axis=1) / nk
+        r = rates(keep, pred, y)
+        q = lambda v: [round(float(np.nanquantile(v, 0.025)), 4), round(float(np.nanquantile(v, 0.975)), 4)] if np.isfinite(v).any() else [None, None]
+        out[name] = {"coverage": round(1 - r["ignore_rate"], 4), "coverage_ci95": q(cov_b), "error_kept": r["error_kept"],
+                     "error_kept_ci95": q(err_b), "kept": r["kept"], "n": int(len(y))}
+    return out
+
+
+def split(n: int, seed, fraction: float = CAL_FRACTION) -> Tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    k = int(round(n * fraction))
+    return np.sort(perm[:k]), np.sort(perm[k:])
+
+
+def binomial_limit(m: int, alpha: float, level: float = 0.95) -> float:
+    """The rate a Binomial(m, alpha) count stays at or below with probability `level` (exact, the
+    runtime's binomial tail): alpha plus its binomial margin for m test samples."""
+    from edge_quq.risk import binom_cdf
+
+    ks = np.arange(m + 1)
+    cdf = binom_cdf(ks, np.full(ks.shape, m), np.full(ks.shape, alpha))
+    return float(ks[np.searchsorted(cdf, level)]) / m
+
+
+def exceeds_binomial(errors: int, kept: int, target: float, level: float = 0.05) -> bool:
+    """Whether `errors` among `kept` test samples is beyond the target's one-sided binomial margin:
+    P(Binomial(kept, target) >= errors) < level, i.e. the test half itself shows the risk above the target."""
+    from edge_quq.risk import binom_cdf
+
+    if kept == 0 or errors == 0:
+        return False
+    tail = 1.0 - float(binom_cdf(np.array([errors - 1]), np.array([kept]), np.array([target]))[0])
+    return tail < level
+
+
+def split_check(a: SetArrays, y: np.ndarray, gates: Dict[str, Tuple[List[str], str]], n_splits: int, seed: int,
+                alpha: float = ALPHA, delta: float = RISK_DELTA, targets: Sequence[float] = RISK_TARGETS) -> dict:
+    """Over n_splits random calibration/test splits of the clean set: each gate's in-distribution
+    false-ignore rate against alpha plus its binomial margin, and how often each risk target was violated
+    (error among kept test samples above the target, and above it by more than the test half's binomial
+    margin; a split whose calibration cannot certify the target keeps nothing and counts as not violated,
+    reported as unreachable)."""
+    correct = a.pred == y
+    n_cal = int(round(len(y) * CAL_FRACTION))
+    m = len(y) - n_cal
+    limit = binomial_limit(m, alpha)
+    # the rate given one calibration draw also moves, by about sqrt(alpha (1 - alpha) / n_cal)
+    limit_cal = alpha + 1.6449 * np.sqrt(alpha * (1 - alpha) * (1 / m + 1 / n_cal))
+    g_rates: Dict[str, List[float]] = {k: [] for k in gates}
+    r_err: Dict[str, List[float]] = {f"risk@{100 * t:g}%": [] for t in targets}
+    r_cov: Dict[str, List[float]] = {k: [] for k in r_err}
+    r_sig: Dict[str, int] = {k: 0 for k in r_err}
+    unreachable = {k: 0 for k in r_err}
+    tgt = dict(zip(r_err, targets))
+    for s in range(n_splits):
+        ci, ti = split(len(y), [seed, 100, s])
+        c = calibrate(a.take(ci), correct[ci], gates, alpha, delta, targets)
+        t = a.take(ti)
+        ign = gate_ignores(c, t, alpha)
+        for k in gates:
+            g_rates[k].append(float(ign[k].mean()))
+        for k, thr in c.risk.items():
+            if thr is None:
+                unreachable[k] += 1
+                continue
+            keep = keep_mask(t.confidence, thr) & ~ign[c.combined]
+            r_cov[k].append(float(keep.mean()))
+            errors = int(np.sum(~correct[ti][keep]))
+            r_err[k].append(errors / keep.sum() if keep.any() else 0.0)
+            r_sig[k] += int(exceeds_binomial(errors, int(keep.sum()), tgt[k]))
+    gate_out = {k: {"mean_rate": round(float(np.mean(v)), 4), "max_rate": round(float(np.max(v)), 4),
+                    "exceed_binomial": round(float(np.mean(np.array(v) > limit)), 4),
+                    "exceed_binomial_and_calibration": round(float(np.mean(np.array(v) > limit_cal)), 4)} for k, v in g_rates.items()}
+    risk_out = {}
+    for k, t in zip(r_err, targets):
+        e = np.array(r_err[k])
+        risk_out[k] = {"target": t, "violation_rate": round(float(np.sum(e > t)) / n_splits, 4),
+                       "violation_beyond_binomial_margin": round(r_sig[k] / n_splits, 4), "unreachable_splits": unreachable[k],
+                       "mean_error_kept": round(float(e.mean()), 4) if e.size else None,
+                       "mean_coverage": round(float(np.mean(r_cov[k])), 4) if e.size else None,
+                       "min_coverage": round(float(np.min(r_cov[k])), 4) if e.size else None}
+    return {"splits": n_splits, "n_calibration": n_cal, "n_test": m, "alpha": alpha, "delta": delta,
+            "alpha_binomial_limit": round(limit, 4), "alpha_binomial_and_calibration_limit": round(float(limit_cal), 4),
+            "gate": gate_out, "risk": risk_out}
+
+
+def shift_rates(c: Calibrated, a: SetArrays, y: Optional[np.ndarray]) -> Dict[str, dict]:
+    """Ignore rate and error among kept for every policy on one (shifted or OOD) set; y None: no labels."""
+    return {k: rates(keep, pred, y) for k, (keep, pred) in decide(c, a).items()}
