@@ -289,7 +289,9 @@ def _start_policies(run: Run, clean, y: np.ndarray, say, results: dict, timings:
         return
     thr, mixed, z0, t0 = run.rule
     t_start = time.time()
-    run.policy = PolicyStage.on_clean(set_arrays(clean, t0, z0, thr, mixed), y, run.opts, say)
+    gate = run.bundle.gate
+    run.policy = PolicyStage.on_clean(set_arrays(clean, t0, z0, thr, mixed), y, run.opts, say,
+                                      list(gate.detectors) if gate is not None else None)
     timings["policies_clean_splits_drift"] = round(time.time() - t_start, 1)
 
 
@@ -378,9 +380,10 @@ def render(results: dict, figures: dict, out: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-detectors", is_flag=True, help="Leave out the bundle's fitted OOD detectors as score columns.")
 @click.option("--no-policies", is_flag=True, help="Leave out issue 14's decision policies, split check and drift streams.")
-@click.option("--gate-detectors", default="usable", show_default=True,
-              help="Detectors the combined gate `gated` combines: 'usable' (every usable detector of the bundle) or a comma "
-                   "list; more sets after ';' are evaluated as candidate gates `gated[a+b]`.")
+@click.option("--gate-detectors", default="bundle;usable", show_default=True,
+              help="Detectors the combined gate `gated` combines: 'bundle' (the exporter's choice, the product default), "
+                   "'usable' (every usable detector of the bundle) or a comma list; more sets after ';' are evaluated as "
+                   "candidate gates `gated[a+b]`.")
 @click.option("--drift-detector", default="mahalanobis", show_default=True, help="The detector whose p-values feed the drift monitor.")
 @click.option("--splits", type=int, default=None, help="Random calibration/test splits for the guarantee check (default 200; --quick 20).")
 @click.option("--drift-seeds", type=int, default=None, help="Streams per drift cell and clean false-alarm check (default 20; --quick 5).")

@@ -16,12 +16,14 @@ import numpy as np
 
 from edge_quq.conformal import CalibrationScores, combine, conformal_pvalues, gate, sort_calibration
 from edge_quq.decision import decide_many
+from edge_quq.defaults import GATE_DEFAULTS
 from edge_quq.errors import OptionError
 from edge_quq.risk import CalibrationTable, keep_mask, ltt_threshold
 
-ALPHA = 0.05             # the gate's level (issue 14's default)
-COMBINE_RULE = "hmp"      # the combined gate: corrected harmonic mean (edge_quq.conformal)
-RISK_DELTA = 0.05
+# The product's own defaults (edge_quq/defaults.py), so `gated` here is what `edge-quq predict` does.
+ALPHA = float(GATE_DEFAULTS["alpha"])  # type: ignore[arg-type]
+COMBINE_RULE = str(GATE_DEFAULTS["combine"])
+RISK_DELTA = float(GATE_DEFAULTS["delta"])  # type: ignore[arg-type]
 RISK_TARGETS = (0.01, 0.02, 0.05)
 CAL_FRACTION = 0.5       # share of the clean test set used as calibration data, the rest is the test split
 

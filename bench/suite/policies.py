@@ -14,13 +14,19 @@ from bench.suite.streams import DRIFT_CAL, DriftSetup, false_alarms, frames_to_a
 DRIFT_MAX_FRAMES = 500  # a shifted stream is watched this long (then "no alarm")
 
 
-def choose_gate(spec: str, available: List[str], usable: List[str]) -> List[List[str]]:
-    """The combined gates' detector sets from --gate-detectors: sets separated by ';', each 'usable' (every
-    usable detector of the bundle) or a comma list. The first set is `gated`'s, the others are candidates."""
+def choose_gate(spec: str, available: List[str], usable: List[str], bundle_gate: Optional[List[str]] = None) -> List[List[str]]:
+    """The combined gates' detector sets from --gate-detectors: sets separated by ';', each 'bundle' (the set the
+    exporter chose and the product's default `gated` policy uses), 'usable' (every usable detector of the
+    bundle) or a comma list. The first set is `gated`'s, the others are candidates."""
     out = []
     for part in spec.split(";"):
         if part.strip() == "usable":
             out.append(list(usable))
+            continue
+        if part.strip() == "bundle":
+            if not bundle_gate:
+                raise ValueError("--gate-detectors bundle: this bundle has no gate (calibration data); name the detectors")
+            out.append(list(bundle_gate))
             continue
         names = [n.strip() for n in part.split(",") if n.strip()]
         bad = [n for n in names if n not in usable]
@@ -39,11 +45,11 @@ class PolicyStage:
     out: dict = field(default_factory=dict)
 
     @classmethod
-    def on_clean(cls, a: dc.SetArrays, y: np.ndarray, opts: dict, say) -> "PolicyStage":
+    def on_clean(cls, a: dc.SetArrays, y: np.ndarray, opts: dict, say, bundle_gate: Optional[List[str]] = None) -> "PolicyStage":
         """Calibrate on the seeded main split, then the clean tables, the split check and clean drift streams."""
         seed = opts["seed"]
         usable = dc.usable_detectors(a.det)
-        chosen, *candidates = choose_gate(opts["gate_detectors"], list(a.det), usable)
+        chosen, *candidates = choose_gate(opts["gate_detectors"], list(a.det), usable, bundle_gate)
         gates = dc.gate_sets(chosen, usable, candidates=candidates)
         ci, ti = dc.split(len(y), [seed, 14])
         correct = a.pred == y
