@@ -182,3 +182,43 @@ def test_drift_monitor_in_the_api():
     assert set(p.ood_pvalues) == set(predictor.policy.detectors) and p.features is not None
     assert "ood_pvalues" not in p.to_dict() and "features" not in p.to_dict()
     assert edge_quq.DriftMonitor.for_predictor(edge_quq.Predictor.from_bundle(policy="paper", num_iter=10)) is None
+
+
+def test_live_view_shows_policy_reasons_flags_and_drift(tmp_path):
+    """The page in a real headless Chromium shows the policy, ignored_by, the detector flags and the alarm."""
+    from test_camera_http import CHROMIUM, DRIVER, _driver
+
+    if not (CHROMIUM and DRIVER):
+        pytest.skip("chromium and chromium-driver are not installed")
+    pytest.importorskip("selenium")
+    import tempfile
+
+    video = shifted_video(tmp_path / "shift.avi")
+    port = free_port()
+    proc = start_camera("--source", str(video), "--loop", "--max-fps", "20", "--serve", f"127.0.0.1:{port}", *FAST)
+    driver = None
+    try:
+        def alarmed() -> bool:
+            try:
+                return bool((_status(port).get("drift") or {}).get("alarm"))
+            except OSError:
+                return False
+
+        assert wait_for(alarmed, 60), proc.stderr.read() if proc.poll() is not None else "no alarm"
+        with tempfile.TemporaryDirectory() as profile:
+            driver = _driver(profile)
+            driver.set_page_load_timeout(30)
+            driver.get(f"http://127.0.0.1:{port}/")
+            text = lambda i: driver.find_element("id", i).text  # noqa: E731
+            assert wait_for(lambda: text("drift").startswith("ALARM since frame"), 10), text("drift")
+            assert text("policy") == "gated"
+            assert wait_for(lambda: "ood_gate" in text("ignored_by"), 10), text("ignored_by")
+            assert "mahalanobis" in text("flagged")
+            driver.quit()
+            driver = None
+        stop(proc, signal.SIGTERM)
+    finally:
+        if driver is not None:
+            driver.quit()
+        if proc.poll() is None:
+            proc.kill()

@@ -45,12 +45,13 @@ def annotate(r) -> np.ndarray:
 
 
 def why_text(p, drift) -> str:
-    """The policy, why the frame was ignored, the detector flags and the drift state, in one short line."""
+    """The policy, why the frame was ignored, the drift state and the detector flags, in one short line
+    (most important first: a small frame cuts the end off)."""
     parts = [p.policy]
     if p.ignored_by:
         parts.append("by " + ",".join(p.ignored_by))
-    if p.flagged:
-        parts.append("flag " + ",".join(p.flagged))
     if drift is not None:
         parts.append(f"DRIFT since #{drift.get('since_frame')}" if drift.get("alarm") else "drift ok")
+    if p.flagged:
+        parts.append("flag " + ",".join(p.flagged) if len(p.flagged) <= 2 else f"{len(p.flagged)} flags")
     return "  ".join(parts)
