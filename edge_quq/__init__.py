@@ -17,6 +17,7 @@ __all__ = [
     "Predictor",
     "PredictorOptions",
     "Prediction",
+    "DriftMonitor",
     "load_bundle",
     "open_source",
     "open_output",
@@ -41,6 +42,10 @@ def __getattr__(name: str):
         from edge_quq.result import Prediction
 
         return Prediction
+    if name == "DriftMonitor":  # drift alarm of a stream: DriftMonitor.for_predictor(p), then observe(prediction)
+        from edge_quq.drift import DriftMonitor
+
+        return DriftMonitor
     if name == "open_source":  # a frame source by URI (edge_quq.sources): a context manager, iterates over frames
         from edge_quq.sources import open_source
 

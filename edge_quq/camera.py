@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from edge_quq.board import board_status, throttle_warning
+from edge_quq.defaults import DEFAULT_ON_DRIFT, DRIFT_DEFAULTS, ON_DRIFT
 from edge_quq.capture import Capture, Frame
 from edge_quq.errors import EdgeQuqError, OptionError
 from edge_quq.loopstats import LoopStats
@@ -120,8 +121,11 @@ def _stderr(msg: str) -> None:
 
 class CameraLoop:
     def __init__(self, predictor: Any, capture: Capture, sinks: SinkSet, settings: LoopSettings, notifier: Optional[Notifier] = None,
-                 source_uri: str = "", log: Callable[[str], None] = _stderr, stats: Optional[LoopStats] = None) -> None:
+                 source_uri: str = "", log: Callable[[str], None] = _stderr, stats: Optional[LoopStats] = None,
+                 drift: Any = None, on_drift: str = DEFAULT_ON_DRIFT) -> None:
         self.predictor = predictor
+        self.drift = drift  # an edge_quq.drift.DriftMonitor fed from every processed frame, or None
+        self.on_drift = on_drift
         self.capture = capture
         self.sinks = sinks
         self.s = settings
@@ -227,9 +231,20 @@ class CameraLoop:
             self.stats.failed += 1
             self.log(f"warning: frame {f.index}: {e}")
             return
-        self.stats.record(p, now, f.index)
-        self.sinks.emit(FrameResult.make(f.index, f.time, img, p, roi, self.stats.fps_ema))
+        drift = self._drift(p)
+        self.stats.record(p, now, f.index, drift)
+        self.sinks.emit(FrameResult.make(f.index, f.time, img, p, roi, self.stats.fps_ema, drift))
         self.notifier.watchdog()
+
+    def _drift(self, p: Any) -> Optional[Dict[str, Any]]:
+        """Feed the drift monitor with this frame; under --on-drift ignore, a frame during an alarm is ignored."""
+        if self.drift is None:
+            return None
+        status = self.drift.observe(p)
+        if status.alarm and self.on_drift == "ignore":
+            p.keep, p.label, p.class_index, p.classes = False, None, None, []
+            p.ignored_by.append("drift")
+        return status.to_json()
 
 
 @dataclass
@@ -266,6 +281,9 @@ class CameraOptions:
     mqtt_ca_file: Optional[str] = None
     serve_token: Optional[str] = None
     max_decode_errors: int = DEFAULT_MAX_DECODE_ERRORS
+    on_drift: str = DEFAULT_ON_DRIFT
+    drift_delta: float = float(DRIFT_DEFAULTS["delta"])  # type: ignore[arg-type]
+    no_drift: bool = False
 
     @classmethod
     def pop_from(cls, values: Dict[str, Any]) -> "CameraOptions":
@@ -297,6 +315,10 @@ class CameraOptions:
     def check(self) -> Tuple[Any, LoopSettings, list]:
         """Everything that can be refused from the settings alone, before the model loads: the source, the
         loop settings, the outputs. `edge-quq health --config` runs the same checks."""
+        if self.on_drift not in ON_DRIFT:
+            raise OptionError(f"--on-drift must be one of {', '.join(ON_DRIFT)}, got {self.on_drift!r}")
+        if not 0.0 < float(self.drift_delta) < 1.0:
+            raise OptionError(f"--drift-delta must be strictly between 0 and 1, got {self.drift_delta}")
         if self.serve_token is not None and (not self.serve_token or any(c.isspace() or not c.isprintable() for c in self.serve_token)):
             raise OptionError("--serve-token: must be non-empty printable text without spaces")
         return self.source_spec(), self.loop_settings(), self.output_specs()
@@ -307,3 +329,19 @@ class CameraOptions:
         return OutputOptions(max_snapshots=self.max_snapshots, mqtt_prefix=self.mqtt_prefix, mqtt_device=self.mqtt_device,
                              mqtt_every_frame=self.mqtt_every_frame, mqtt_ca_file=self.mqtt_ca_file, serve_token=self.serve_token,
                              video_fps=self.max_fps or nominal_fps or 10.0, source=self.source, stats=stats, log=log)
+
+    def drift_monitor(self, predictor: Any, log: Callable[[str], None]) -> Any:
+        """The run's DriftMonitor, or None (--no-drift, or no gate p-values: said once here)."""
+        if self.no_drift:
+            return None
+        from edge_quq.drift import DriftMonitor  # noqa: PLC0415
+
+        monitor = DriftMonitor.for_predictor(predictor, delta=self.drift_delta)
+        if monitor is None:
+            why = ("the bundle has no calibration data" if getattr(predictor.bundle, "gate", None) is None
+                   else f"policy {predictor.policy.name} computes no gate p-values (use --policy gated or risk)")
+            log(f"camera: drift alarm off: {why} (every JSON line carries \"drift\": null)")
+            return None
+        log(f"camera: drift alarm on: detector {monitor.detector}, delta {monitor.delta:g}, "
+            f"clears after {monitor.clear_after} fed frames without a crossing, --on-drift {self.on_drift}")
+        return monitor

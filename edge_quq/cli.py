@@ -12,7 +12,8 @@ import click
 
 from edge_quq import __version__
 from edge_quq.config import DEFAULT_CONFIG_PATH, config_option, service_config_example
-from edge_quq.defaults import BACKENDS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, MIXED_POLICIES, POLICIES, default_help
+from edge_quq.defaults import (BACKENDS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, DEFAULT_ON_DRIFT, DRIFT_DEFAULTS, MIXED_POLICIES,
+                               ON_DRIFT, POLICIES, default_help)
 from edge_quq.errors import EdgeQuqError
 from edge_quq.health import DEFAULT_MAX_AGE_S, DEFAULT_SERVICE_BUNDLE, DEFAULT_STATS_FILE
 from edge_quq.options import PredictorOptions
@@ -281,6 +282,14 @@ CAMERA_OPTIONS = [
     click.option("--mqtt-device", default=None, help="MQTT device name under the prefix (default: host name)."),
     click.option("--mqtt-every-frame", is_flag=True, help="Publish a result for every frame, not only on a change of decision or class."),
     click.option("--mqtt-ca-file", type=click.Path(exists=True, dir_okay=False), default=None, help="CA certificate for mqtts:// (default: the system's)."),
+    click.option("--on-drift", type=click.Choice(ON_DRIFT), default=DEFAULT_ON_DRIFT, show_default=True,
+                 help="When the drift alarm is up: flag (report it only) or ignore (frames during the alarm are also ignored, "
+                      "\"drift\" in ignored_by)."),
+    click.option("--drift-delta", type=click.FloatRange(min=0, max=1, min_open=True, max_open=True),
+                 default=float(DRIFT_DEFAULTS["delta"]), show_default=True,  # type: ignore[arg-type]
+                 help="Drift alarm: bound on the probability of a false alarm on an in-distribution stream (per start "
+                      "of the martingale; docs/camera.md)."),
+    click.option("--no-drift", is_flag=True, help="No drift alarm (every JSON line then carries \"drift\": null)."),
     click.option("-q", "--quiet", is_flag=True, help="No periodic stats lines on stderr (the final summary is still printed)."),
 ]
 
@@ -342,7 +351,9 @@ def camera(**values: Any) -> None:
             log(f"camera: {first.describe()} | backend {predictor.backbone.describe()} sampler {predictor.sampler.name} "
                 f"T={s.num_iter} z={s.z:.3g} threshold={s.threshold:g}")
             notifier.ready(f"model loaded, {spec.kind} source open")
-            loop = CameraLoop(predictor, cap, sinks, settings, notifier, source_uri=opts.source, log=log, stats=stats)
+            drift = opts.drift_monitor(predictor, log)
+            loop = CameraLoop(predictor, cap, sinks, settings, notifier, source_uri=opts.source, log=log, stats=stats,
+                              drift=drift, on_drift=opts.on_drift)
             final = loop.run()
         except EdgeQuqError:
             sinks.discard()  # a refused start leaves no stats file, no empty folder

@@ -55,3 +55,19 @@ GATE_DEFAULTS: Dict[str, object] = {
 RISK_SCORES: Tuple[str, ...] = ("max_prob", "predictive_entropy", "mean_variance", "mutual_information")
 RISK_SCORE_SIGN: Dict[str, float] = {"max_prob": 1.0, "predictive_entropy": -1.0, "mean_variance": -1.0,
                                      "mutual_information": -1.0}
+
+# --- drift alarm of streams (edge_quq.drift, `edge-quq camera`; docs/decisions.md) ----------------------------
+# Defaults of the drift monitor; docs/decisions.md says where each number comes from.
+DRIFT_DEFAULTS: Dict[str, object] = {
+    "delta": 0.01,            # false-alarm probability bound (Ville), per fresh start
+    "family": "power",
+    "jump": 0.01,             # J of the jumper mixture (Vovk et al. 2021 use 0.01)
+    "feed": "scene",
+    "scene_distance": 0.25,   # L2 distance between L2-normalised features that counts as a new scene
+    "scene_memory": 16,       # fed frames a new scene is compared with
+    "interval": 1,            # at most one fed frame per this many frames (1: no limit)
+    "clear_after": 30,        # fed frames without a crossing that clear the alarm
+}
+# --on-drift: flag (report the alarm only) or ignore (frames during an alarm are also ignored, "drift" in ignored_by).
+ON_DRIFT: Tuple[str, ...] = ("flag", "ignore")
+DEFAULT_ON_DRIFT = "flag"

@@ -44,26 +44,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from edge_quq.conformal import check_level, combine
+from edge_quq.defaults import DRIFT_DEFAULTS
 from edge_quq.errors import InputError, OptionError
 
 FAMILIES: Tuple[str, ...] = ("power", "simple")
 FEED_MODES: Tuple[str, ...] = ("scene", "interval")
-# Defaults of the drift monitor; docs/decisions.md says where each number comes from.
-DRIFT_DEFAULTS: Dict[str, object] = {
-    "delta": 0.01,            # false-alarm probability bound (Ville), per fresh start
-    "family": "power",
-    "jump": 0.01,             # J of the jumper mixture (Vovk et al. 2021 use 0.01)
-    "feed": "scene",
-    "scene_distance": 0.25,   # L2 distance between L2-normalised features that counts as a new scene
-    "scene_memory": 16,       # fed frames a new scene is compared with
-    "interval": 1,            # at most one fed frame per this many frames (1: no limit)
-    "clear_after": 30,        # fed frames without a crossing that clear the alarm
-}
 _P_FLOOR = 1e-12  # p = 0 (an unscorable input) bets as this p rather than as infinity; raising p keeps validity
 
 
@@ -212,6 +202,29 @@ class DriftMonitor:
     family: str = str(DRIFT_DEFAULTS["family"])
     jump: float = float(DRIFT_DEFAULTS["jump"])  # type: ignore[arg-type]
     clear_after: int = int(DRIFT_DEFAULTS["clear_after"])  # type: ignore[call-overload]
+    # For observe(): which detector's p-value of a Prediction feeds the martingale, and its calibration size
+    # (the DKW margin of drift_pvalues). for_predictor() sets both.
+    detector: Optional[str] = None
+    n_calibration: Optional[int] = None
+
+    @classmethod
+    def for_predictor(cls, predictor: Any, **settings: Any) -> Optional["DriftMonitor"]:
+        """A monitor fed from `predictor`'s results through observe(): the gate's first detector (one
+        detector, module docstring). None when the predictor computes no p-values (a bundle without
+        calibration data, or policy paper)."""
+        pol = predictor.policy
+        if pol.cal is None or not pol.detectors:
+            return None
+        return cls(detector=pol.detectors[0], n_calibration=pol.cal.sizes[0], **settings)
+
+    def observe(self, prediction: Any) -> DriftStatus:
+        """update() from an edge_quq Prediction: its margined p-value of `detector`, its features."""
+        pvals = prediction.ood_pvalues
+        if self.detector is None or self.n_calibration is None or not pvals or self.detector not in pvals:
+            raise InputError(f"drift monitor: the prediction carries no p-value of detector {self.detector!r} "
+                             "(make the monitor with DriftMonitor.for_predictor and a gated/risk policy)")
+        p = drift_pvalues(np.array([pvals[self.detector]]), [self.n_calibration], self.delta)[0]
+        return self.update(float(p), prediction.features)
 
     def __post_init__(self) -> None:
         check_level(self.delta, "drift delta")

@@ -6,6 +6,9 @@ Healthy means three things, checked in this order so the reason given is the mos
 2. its `state` is "running" (the loop says frames flow; "stalled" and "stopped" are its own verdicts);
 3. the bundle loads (manifest and checksums verified) and a backend can open its backbone: a restart
    would come back up.
+A drift alarm in the stats (the input stream stopped looking like the calibration data) does not make the
+service unhealthy: the service works, the data changed. It is reported in the line ("healthy: ...; drift
+alarm since frame N") and in --json's `drift`, and the exit code stays 0.
 The camera loop's stats file is one JSON object written atomically (rename), so a read never sees half.
 """
 from __future__ import annotations
@@ -104,7 +107,13 @@ def check_stats(stats_file: Path, max_age_s: float, now: Optional[float] = None)
     if failing:
         details["sink_errors"] = stats["sink_errors"]
         return Health(False, f"outputs failing: {failing} ({stats_file})", details)
-    return Health(True, f"stats {_fmt_age(max(age, 0.0))} old, state running", details)
+    reason = f"stats {_fmt_age(max(age, 0.0))} old, state running"
+    drift = stats.get("drift")
+    if isinstance(drift, dict):
+        details["drift"] = drift
+        if drift.get("alarm") is True:
+            reason += f"; drift alarm since frame {drift.get('since_frame')} (the input data changed, the service works)"
+    return Health(True, reason, details)
 
 
 def _failing_outputs(errors: Any) -> str:

@@ -5,7 +5,8 @@ The stats dict (to_dict) is the stats file's format:
     updated, state, source, started, uptime_s, frames {seen, processed, dropped, skipped, kept, ignored,
     failed, decode_errors}, ignore_rate, fps, fps_recent, latency_ms {stage: {p50, p90, p99, mean}}, rss_mb,
     peak_rss_mb, proc_read_errors, source_state {live, reopens, failures, last_error, seconds_since_frame,
-    unreadable}, board, sink_errors {output: {error, count, stopped}}
+    unreadable}, board, sink_errors {output: {error, count, stopped}}, drift {alarm, log10_martingale,
+    since_frame} (null without a drift monitor)
 
 Every string in it goes through edge_quq.redact (the source URI, errors quoting it): the dict is stored
 and published as it is.
@@ -43,13 +44,15 @@ class LoopStats:
         self.peak_rss = 0
         self.fps_ema = 0.0
         self.last: Optional[Dict[str, Any]] = None  # the last decision, for the live view
+        self.drift: Optional[Dict[str, Any]] = None  # the last frame's DriftStatus.to_json()
         self.board: Dict[str, Any] = {}
         self.sink_errors: Dict[str, Dict[str, Any]] = {}
         self._last_t: Optional[float] = None
         self._lock = threading.Lock()  # the HTTP view reads from its own threads
 
-    def record(self, prediction: Any, now: Optional[float] = None, index: Optional[int] = None) -> None:
-        """One processed frame."""
+    def record(self, prediction: Any, now: Optional[float] = None, index: Optional[int] = None,
+               drift: Optional[Dict[str, Any]] = None) -> None:
+        """One processed frame, with its drift state (None without a drift monitor)."""
         now = time.time() if now is None else now
         with self._lock:
             if self.first_frame_at is None:
@@ -66,7 +69,11 @@ class LoopStats:
             self.timings.append(prediction.timings_ms)
             self.peak_rss = max(self.peak_rss, prediction.rss_bytes)
             self.last = {"frame": self.processed - 1 if index is None else index, "time": now, "decision": prediction.decision,
-                         "label": prediction.label, "top_label": prediction.top_label}
+                         "label": prediction.label, "top_label": prediction.top_label,
+                         "policy": getattr(prediction, "policy", None), "ignored_by": list(getattr(prediction, "ignored_by", [])),
+                         "flagged": list(getattr(prediction, "flagged", [])), "ood_p": getattr(prediction, "ood_p", None)}
+            if drift is not None:
+                self.drift = dict(drift)
 
     def since_last(self, now: float) -> Optional[float]:
         """Seconds since the last processed frame (None before the first)."""
@@ -124,6 +131,7 @@ class LoopStats:
             "source_state": self._source_state(now),
             "board": self.board,
             "sink_errors": {k: dict(v) for k, v in self.sink_errors.items()},
+            "drift": self.drift,
         })
 
     def line(self, st: Optional[Dict[str, Any]] = None) -> str:
@@ -146,7 +154,17 @@ def stats_line(st: Dict[str, Any]) -> str:
         parts.append(f"{b['temp_c']:.0f}°C")
     if b.get("throttled") and b["throttled"].get("active"):
         parts.append("THROTTLED")
+    alarm = drift_text(st.get("drift"))
+    if alarm:
+        parts.append(alarm)
     return ", ".join(parts)
+
+
+def drift_text(drift: Any) -> str:
+    """'DRIFT ALARM since frame N' while the stats' drift record says alarm, else ''."""
+    if not isinstance(drift, dict) or drift.get("alarm") is not True:
+        return ""
+    return f"DRIFT ALARM since frame {drift.get('since_frame')}"
 
 
 def summary_text(st: Dict[str, Any]) -> str:
@@ -171,6 +189,9 @@ def summary_text(st: Dict[str, Any]) -> str:
     if b.get("temp_c") is not None or b.get("throttled"):
         thr = b.get("throttled")
         lines.append(f"  board: {b.get('temp_c')} °C" + (f", throttled {thr['raw']} {','.join(thr['flags']) or 'none'}" if thr else ""))
+    d = st.get("drift")
+    if isinstance(d, dict):
+        lines.append(f"  drift: {drift_text(d) or 'no alarm'} (log10 martingale {d.get('log10_martingale')})")
     if st.get("sink_errors"):
         lines.append("  output errors: " + "; ".join(sink_error_text(k, v) for k, v in st["sink_errors"].items()))
     return "\n".join(lines)

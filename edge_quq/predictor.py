@@ -209,9 +209,20 @@ class Predictor:
                 scores.update(row_scores(self.detectors.score_all(features[None], self.head, given)))
         return scores
 
-    def decision_stage(self, moments: HeadMoments, scores: Dict[str, float]) -> Tuple[Decision, bool, List[str], List[str], Optional[float]]:
+    def gate_pvalues(self, scores: Dict[str, float]) -> Optional[np.ndarray]:
+        """Each gate detector's conformal p-value [D] (the policy's detectors, in order); None without
+        calibration data."""
+        pol = self.policy
+        if pol.cal is None:
+            return None
+        row = np.array([[scores[n] for n in pol.detectors]], np.float64)
+        return conformal_pvalues(row, pol.cal)[0]
+
+    def decision_stage(self, moments: HeadMoments, scores: Dict[str, float],
+                       pvalues: Optional[np.ndarray] = None) -> Tuple[Decision, bool, List[str], List[str], Optional[float]]:
         """(MC decision, keep, ignored_by, flagged, ood_p): the MC rule, the detectors' flags, the ignore
-        policy, then the OOD gate and the risk threshold of the decision policy."""
+        policy, then the OOD gate and the risk threshold of the decision policy. `pvalues`: gate_pvalues()
+        when the caller already has them."""
         s = self.settings
         dec = decide(moments.mean, moments.std, s.z, s.threshold, s.mixed)
         flags = self.detectors.flags({n: np.asarray([v]) for n, v in scores.items()}) if self.detectors else {}
@@ -220,8 +231,8 @@ class Predictor:
         pol = self.policy
         ood_p = None
         if pol.cal is not None:
-            row = np.array([[scores[n] for n in pol.detectors]], np.float64)
-            ood_p = float(combine(conformal_pvalues(row, pol.cal), pol.combine)[0])
+            p = self.gate_pvalues(scores) if pvalues is None else pvalues
+            ood_p = float(combine(p[None], pol.combine)[0])
         risk_keeps = True
         if pol.risk_threshold is not None:
             risk_keeps = RISK_SCORE_SIGN[pol.risk_score] * scores[pol.risk_score] > pol.risk_threshold
@@ -231,7 +242,8 @@ class Predictor:
     def finish(self, source: str, moments: HeadMoments, clock: StageClock, features: np.ndarray) -> Prediction:
         scores = self.score_stage(features, moments, clock)
         with clock.stage("decision"):
-            dec, keep, ignored_by, flagged, ood_p = self.decision_stage(moments, scores)
+            pvalues = self.gate_pvalues(scores)
+            dec, keep, ignored_by, flagged, ood_p = self.decision_stage(moments, scores, pvalues)
         timings = dict(clock.ms)
         timings["total"] = sum(clock.ms.values())
         names = self.bundle.classes
@@ -251,6 +263,8 @@ class Predictor:
             scores=scores, timings_ms=timings, rss_bytes=rss_bytes(), settings=self.describe_settings(),
             ignored_by=ignored_by, flagged=flagged,
             policy=self.policy.name, ood_p=ood_p, risk_threshold=self.policy.risk_threshold,
+            ood_pvalues=None if pvalues is None else dict(zip(self.policy.detectors, pvalues.tolist())),
+            features=features,
         )
 
     def describe_settings(self) -> dict:

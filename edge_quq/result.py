@@ -36,6 +36,10 @@ class Prediction:
     policy: str = "paper"
     ood_p: Optional[float] = None
     risk_threshold: Optional[float] = None
+    # Stream hooks (edge_quq.drift.DriftMonitor.observe), not written to the JSON: each gate detector's
+    # conformal p-value (None without calibration data or under paper) and the backbone feature vector.
+    ood_pvalues: Optional[Dict[str, float]] = None
+    features: Optional[Any] = field(default=None, repr=False, compare=False)
 
     @property
     def decision(self) -> str:

@@ -12,7 +12,7 @@ from camera_util import Mosquitto, Subscriber, read_jsonl, run_camera, start_cam
 pytest.importorskip("paho.mqtt")
 
 RESULT_KEYS = {"ts", "frame", "decision", "label", "class_index", "top_label", "top_index", "score", "interval", "rule", "ignored_by",
-               "latency_ms"}
+               "policy", "ood_p", "drift_alarm", "latency_ms"}
 
 
 @pytest.fixture()
@@ -49,6 +49,13 @@ def test_topics_and_payloads(tmp_path, broker):
         assert p["interval"][0] <= p["score"] <= p["interval"][1] + 1e-6
     by_frame = {x["frame"]: x for x in recs}
     assert all(by_frame[p["frame"]]["decision"] == p["decision"] and by_frame[p["frame"]]["label"] == p["label"] for p in results)
+
+    # The drift topic: retained, on the first frame and on every change of the alarm (tests/test_camera_drift.py
+    # has a stream that raises it).
+    drift = [(json.loads(m[2]), m[3]) for m in sub.on("edge-quq/cam1/drift")]
+    alarm = [x["drift"]["alarm"] for x in recs]
+    assert [d["frame"] for d, _ in drift] == [x["frame"] for i, x in enumerate(recs) if i == 0 or alarm[i] != alarm[i - 1]]
+    assert all(set(d) == {"ts", "frame", "alarm", "log10_martingale", "since_frame"} for d, _ in drift)
 
     stats = [json.loads(m[2]) for m in sub.on("edge-quq/cam1/stats")]
     assert stats and {"updated", "state", "frames", "ignore_rate", "latency_ms", "rss_mb"} <= set(stats[-1])

@@ -31,10 +31,27 @@ def annotate(r) -> np.ndarray:
     t = p.top_index
     line1 = f"{p.label} {p.mean[t]:.2f}" if p.keep else f"IGNORE ({p.top_label}? {p.mean[t]:.2f}+-{p.std[t]:.2f})"
     line2 = f"#{r.index}  {p.timings_ms.get('total', 0.0):.1f} ms  {r.fps:.1f} fps"
+    line3 = why_text(p, r.drift)
     fs = max(0.45, w / 700)
     th = max(1, int(round(fs * 2)))
-    bar = int(48 * fs) + 8
+    bar = int(66 * fs) + 10
     cv2.rectangle(img, (0, 0), (w, bar), (0, 0, 0), -1)
     cv2.putText(img, line1, (6, int(20 * fs) + 4), cv2.FONT_HERSHEY_SIMPLEX, fs, color, th, cv2.LINE_AA)
     cv2.putText(img, line2, (6, int(42 * fs) + 4), cv2.FONT_HERSHEY_SIMPLEX, fs * 0.8, (230, 230, 230), max(1, th - 1), cv2.LINE_AA)
+    alarm = r.drift is not None and r.drift.get("alarm")
+    cv2.putText(img, line3, (6, int(62 * fs) + 4), cv2.FONT_HERSHEY_SIMPLEX, fs * 0.7, IGNORE_BGR if alarm else (200, 200, 200),
+                max(1, th - 1), cv2.LINE_AA)
     return img
+
+
+def why_text(p, drift) -> str:
+    """The policy, why the frame was ignored, the drift state and the detector flags, in one short line
+    (most important first: a small frame cuts the end off)."""
+    parts = [p.policy]
+    if p.ignored_by:
+        parts.append("by " + ",".join(p.ignored_by))
+    if drift is not None:
+        parts.append(f"DRIFT since #{drift.get('since_frame')}" if drift.get("alarm") else "drift ok")
+    if p.flagged:
+        parts.append("flag " + ",".join(p.flagged) if len(p.flagged) <= 2 else f"{len(p.flagged)} flags")
+    return "  ".join(parts)

@@ -13,11 +13,13 @@ import numpy as np
 from edge_quq.result import Prediction
 
 
-def frame_record(index: int, t: float, prediction: Prediction, roi: Optional[tuple] = None) -> Dict[str, Any]:
-    """The JSON-line object of one frame: time, frame index, the prediction, the classified region."""
+def frame_record(index: int, t: float, prediction: Prediction, roi: Optional[tuple] = None,
+                 drift: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The JSON-line object of one frame: time, frame index, the prediction, the drift state
+    (DriftStatus.to_json(); null without a drift monitor), the classified region."""
     rec = prediction.to_dict()
     rec.pop("settings", None)  # the same every frame: it is in the stats file and the start-up line
-    record = {"ts": round(t, 4), "frame": index, **rec}
+    record = {"ts": round(t, 4), "frame": index, **rec, "drift": drift}
     if roi:
         record["roi"] = list(roi)
     return record
@@ -32,13 +34,14 @@ class FrameResult:
     record: Dict[str, Any]  # the JSON-line object
     roi: Optional[tuple] = None  # (x, y, w, h) of the region that was classified
     fps: float = 0.0
+    drift: Optional[Dict[str, Any]] = None  # DriftStatus.to_json() of this frame; None without a drift monitor
     _annotated: Optional[np.ndarray] = field(default=None, repr=False)
     _annotate: Optional[Callable[["FrameResult"], np.ndarray]] = field(default=None, repr=False)
 
     @classmethod
     def make(cls, index: int, t: float, image: np.ndarray, prediction: Prediction, roi: Optional[tuple] = None,
-             fps: float = 0.0) -> "FrameResult":
-        return cls(index, t, image, prediction, frame_record(index, t, prediction, roi), roi, fps)
+             fps: float = 0.0, drift: Optional[Dict[str, Any]] = None) -> "FrameResult":
+        return cls(index, t, image, prediction, frame_record(index, t, prediction, roi, drift), roi, fps, drift)
 
     @property
     def annotated(self) -> np.ndarray:

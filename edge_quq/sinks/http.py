@@ -1,9 +1,11 @@
 """http://HOST:PORT (--serve): a live view for a browser on the same network (stdlib http.server).
 
-    GET /             a small page: the stream, running ignore rate, latency, FPS (polls /status.json)
+    GET /             a small page: the stream, the last decision with its policy, why it was ignored
+                      (ignored_by), the detector flags and OOD p-value, the drift state, running ignore
+                      rate, latency, FPS (polls /status.json)
     GET /stream.mjpg  multipart/x-mixed-replace JPEG stream of annotated frames
     GET /frame.jpg    the latest annotated frame
-    GET /status.json  running counters, the last decision, and the latest periodic stats (all read from the
+    GET /status.json  running counters, the last decision, the drift state, and the latest periodic stats (all read from the
                       run's LoopStats; the view counts nothing itself)
 
 Frames are annotated and JPEG-encoded only while someone watches, once per frame however many viewers
@@ -51,6 +53,11 @@ td{padding:2px 10px}.keep{color:#5c5}.ignore{color:#e55}</style></head>
 <img id="stream" src="stream.mjpg__Q__" alt="live stream">
 <table>
 <tr><td>decision</td><td id="decision">-</td></tr>
+<tr><td>policy</td><td id="policy">-</td></tr>
+<tr><td>ignored by</td><td id="ignored_by">-</td></tr>
+<tr><td>detector flags</td><td id="flagged">-</td></tr>
+<tr><td>OOD p</td><td id="ood_p">-</td></tr>
+<tr><td>drift</td><td id="drift">-</td></tr>
 <tr><td>ignore rate</td><td id="ignore_rate">-</td></tr>
 <tr><td>latency p50 / p90 (ms)</td><td id="latency">-</td></tr>
 <tr><td>FPS</td><td id="fps">-</td></tr>
@@ -64,6 +71,15 @@ async function poll(){
     const d = document.getElementById('decision');
     d.textContent = s.last ? (s.last.decision + ' ' + (s.last.label || ('(' + s.last.top_label + '?)'))) : '-';
     d.className = s.last ? s.last.decision : '';
+    const L = s.last || {};
+    document.getElementById('policy').textContent = L.policy || '-';
+    document.getElementById('ignored_by').textContent = (L.ignored_by && L.ignored_by.length) ? L.ignored_by.join(', ') : '-';
+    document.getElementById('flagged').textContent = (L.flagged && L.flagged.length) ? L.flagged.join(', ') : 'none';
+    document.getElementById('ood_p').textContent = (L.ood_p === null || L.ood_p === undefined) ? '-' : L.ood_p.toFixed(4);
+    const dr = document.getElementById('drift');
+    dr.textContent = !s.drift ? 'off' : (s.drift.alarm ? ('ALARM since frame ' + s.drift.since_frame) : 'no alarm')
+      + (s.drift ? ' (log10 M ' + s.drift.log10_martingale.toFixed(2) + ')' : '');
+    dr.className = s.drift && s.drift.alarm ? 'ignore' : 'keep';
     document.getElementById('ignore_rate').textContent = (100*s.ignore_rate).toFixed(1) + ' %';
     document.getElementById('latency').textContent = s.latency_ms_p50.toFixed(2) + ' / ' + s.latency_ms_p90.toFixed(2);
     document.getElementById('fps').textContent = s.fps.toFixed(1);
@@ -361,12 +377,13 @@ class HttpSink(Sink):
             "clients": self.clients,
             "connections": {"open": len(httpd.active), "max": httpd.max_clients, "rejected": httpd.rejected, "dropped": httpd.dropped},
             "last": st.last,
+            "drift": st.drift,
             "stats": self.latest_stats,
         }
 
     def emit(self, r: FrameResult) -> None:
         if self.own_stats:
-            self.loop_stats.record(r.prediction, r.time, r.index)
+            self.loop_stats.record(r.prediction, r.time, r.index, r.drift)
         with self._cond:
             self._latest = r
             self._seq += 1

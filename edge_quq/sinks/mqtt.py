@@ -5,6 +5,9 @@ Topics under PREFIX/DEVICE (default edge-quq/<hostname>):
                 clean stop
     result      one JSON object on every change of decision or class (every frame with --mqtt-every-frame)
     stats       the periodic stats object (LoopStats.to_dict(), the same as the stats file)
+    drift       the drift state {ts, frame, alarm, log10_martingale, since_frame} (retained, QoS 1), published
+                on the first frame, whenever the alarm is raised or cleared, and again after a reconnect;
+                nothing without a drift monitor
 
 Connection failures (broker unreachable, wrong password, TLS to a plain port) never stop the run: they are
 said once on stderr (again every few minutes while they last), counted in the stats' sink_errors (which
@@ -80,6 +83,8 @@ class MqttSink(Sink):
         self.topic_available = f"{self.base}/available"
         self.topic_result = f"{self.base}/result"
         self.topic_stats = f"{self.base}/stats"
+        self.topic_drift = f"{self.base}/drift"
+        self._last_alarm: Optional[bool] = None
         self.every_frame = every_frame
         self.url = redact(url)
         self._last_key: Optional[Tuple[str, Optional[int]]] = None
@@ -113,6 +118,7 @@ class MqttSink(Sink):
         self.connects += 1
         self._was_connected = True
         self._last_key = None  # what changed while away is published with the next frame
+        self._last_alarm = None
         self.connected.set()
         self.failures.ok()
         client.publish(self.topic_available, "online", qos=1, retain=True)
@@ -153,6 +159,9 @@ class MqttSink(Sink):
             "interval": [round(p.lower[t], 4), round(p.upper[t], 4)],
             "rule": p.rule,
             "ignored_by": list(p.ignored_by),
+            "policy": p.policy,
+            "ood_p": None if p.ood_p is None else round(p.ood_p, 6),
+            "drift_alarm": None if r.drift is None else r.drift.get("alarm"),
             "latency_ms": round(p.timings_ms.get("total", 0.0), 3),
         }
 
@@ -162,6 +171,11 @@ class MqttSink(Sink):
         if self.every_frame or key != self._last_key:
             self._last_key = key
             self._publish(self.topic_result, json.dumps(self.result_payload(r), separators=(",", ":")))
+        d = r.drift
+        if d is not None and d.get("alarm") != self._last_alarm and self.connected.is_set():
+            self._last_alarm = d.get("alarm")
+            payload = {"ts": round(r.time, 3), "frame": r.index, **d}
+            self._publish(self.topic_drift, json.dumps(payload, separators=(",", ":")), qos=1, retain=True)
 
     def stats(self, stats: Dict[str, Any]) -> None:
         self._publish(self.topic_stats, json.dumps(stats, separators=(",", ":")))

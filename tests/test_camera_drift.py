@@ -1,0 +1,224 @@
+"""The drift alarm of `edge-quq camera` (issue 14, section 2) on real MJPG videos of Fashion-MNIST test images,
+with the real command, a real Mosquitto broker and the real HTTP view; and DriftMonitor in the library API."""
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from camera_util import (SCALE, Mosquitto, Subscriber, fashion_test, free_port, read_jsonl, run_camera, start_camera, stop,
+                         to_frame, wait_for)
+
+FAST = ("-T", "10", "--threads", "1", "--seed", "0", "-q")
+
+
+def _write(path: Path, frames) -> Path:
+    import cv2
+
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25.0, (28 * SCALE, 28 * SCALE))
+    assert w.isOpened()
+    for f in frames:
+        w.write(f)
+    w.release()
+    return path
+
+
+def _noisy(img28: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
+    return np.clip(img28.astype(np.float64) + rng.normal(0, sigma, img28.shape), 0, 255).astype(np.uint8)
+
+
+def clean_video(path: Path, n: int = 300) -> Path:
+    x, _ = fashion_test(n, offset=5000)
+    order = np.random.default_rng(1).permutation(n)
+    return _write(path, (to_frame(x[i]) for i in order))
+
+
+def static_video(path: Path, n: int = 1000) -> Path:
+    """One in-distribution image held in view, with sensor noise of 2/255 per frame."""
+    x, _ = fashion_test(1, offset=7)
+    rng = np.random.default_rng(2)
+    return _write(path, (to_frame(_noisy(x[0], rng, 2.0)) for _ in range(n)))
+
+
+def shifted_video(path: Path, n: int = 40) -> Path:
+    """Distinct test images under heavy Gaussian pixel noise (sigma 60/255): a shifted stream."""
+    x, _ = fashion_test(n, offset=3000)
+    rng = np.random.default_rng(3)
+    return _write(path, (to_frame(_noisy(img, rng, 60.0)) for img in x))
+
+
+def _drifts(lines):
+    return [rec["drift"] for rec in lines]
+
+
+def test_clean_shuffled_stream_raises_no_alarm(tmp_path):
+    video = clean_video(tmp_path / "clean.avi")
+    out = tmp_path / "r.jsonl"
+    r = run_camera("--source", str(video), "--jsonl", str(out), "--stats-file", str(tmp_path / "stats.json"), *FAST)
+    assert r.returncode == 0, r.stderr
+    assert "drift alarm on: detector" in r.stderr
+    lines = read_jsonl(out)
+    assert len(lines) == 300
+    d = _drifts(lines)
+    assert all(set(x) == {"alarm", "log10_martingale", "since_frame"} for x in d)
+    assert not any(x["alarm"] for x in d) and all(x["since_frame"] is None for x in d)
+    assert max(x["log10_martingale"] for x in d) < np.log10(2 / 0.01)
+    assert not any("drift" in rec["ignored_by"] for rec in lines)
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    assert stats["drift"]["alarm"] is False
+
+
+def test_static_in_distribution_clip_raises_no_alarm(tmp_path):
+    """~1000 frames of one image: the scene feed counts it once, so the alarm cannot grow from it."""
+    video = static_video(tmp_path / "static.avi")
+    out = tmp_path / "r.jsonl"
+    r = run_camera("--source", str(video), "--jsonl", str(out), *FAST, timeout=300)
+    assert r.returncode == 0, r.stderr
+    d = _drifts(read_jsonl(out))
+    assert len(d) == 1000
+    assert not any(x["alarm"] for x in d)
+
+
+def _status(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_shifted_stream_alarms_everywhere(tmp_path):
+    """Noise-corrupted frames: the alarm within 20 fed frames, in the JSON lines, /status.json, the stats
+    file, the retained MQTT drift topic and `edge-quq health`; --on-drift ignore adds "drift" to ignored_by."""
+    pytest.importorskip("paho.mqtt")
+    video = shifted_video(tmp_path / "shift.avi")
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    port = free_port()
+    out, stats_file = tmp_path / "r.jsonl", tmp_path / "stats.json"
+    proc = start_camera("--source", str(video), "--loop", "--max-fps", "50", "--jsonl", str(out), "--stats-file", str(stats_file),
+                        "--serve", f"127.0.0.1:{port}", "--mqtt", broker.url, "--mqtt-device", "cam1", "--stats-interval", "0.3",
+                        "--on-drift", "ignore", *FAST)
+    try:
+        def alarmed() -> bool:
+            try:
+                st = _status(port)
+            except OSError:
+                return False
+            return bool(st.get("drift") and st["drift"]["alarm"])
+
+        assert wait_for(alarmed, 90), proc.stderr.read() if proc.poll() is not None else "no alarm in /status.json"
+        st = _status(port)
+        assert st["last"]["policy"] == "gated" and "drift" in st["last"]["ignored_by"]
+        assert wait_for(lambda: stats_file.exists() and (json.loads(stats_file.read_text()).get("drift") or {}).get("alarm"), 10)
+        from edge_quq.health import check_stats
+
+        h = check_stats(stats_file, 60.0)
+        assert h.healthy and "drift alarm since frame" in h.reason and h.details["drift"]["alarm"] is True
+        assert stop(proc, signal.SIGTERM) < 5 and proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = read_jsonl(out)
+    first = next(i for i, rec in enumerate(lines) if rec["drift"]["alarm"])
+    assert first < 20  # every distinct frame is fed: frames to alarm = fed frames to alarm here
+    assert lines[first]["drift"]["since_frame"] == lines[first]["frame"]
+    assert all("drift" in rec["ignored_by"] and rec["decision"] == "ignore" for rec in lines[first:])
+    assert not any("drift" in rec["ignored_by"] for rec in lines[:first])
+    # The retained drift topic: a late subscriber still gets the alarm.
+    sub = Subscriber(broker.port, "edge-quq/cam1/drift")
+    try:
+        assert wait_for(lambda: sub.on("/drift"), 10)
+        _, topic, payload, retained = sub.on("/drift")[-1]
+        msg = json.loads(payload)
+        assert retained and msg["alarm"] is True and msg["since_frame"] == lines[first]["frame"]
+    finally:
+        sub.close()
+        broker.stop()
+
+
+def test_flag_reports_without_ignoring(tmp_path):
+    video = shifted_video(tmp_path / "shift.avi", n=25)
+    out = tmp_path / "r.jsonl"
+    r = run_camera("--source", str(video), "--jsonl", str(out), *FAST)
+    assert r.returncode == 0, r.stderr
+    lines = read_jsonl(out)
+    assert any(rec["drift"]["alarm"] for rec in lines)
+    assert not any("drift" in rec["ignored_by"] for rec in lines)
+    assert "DRIFT ALARM since frame" in r.stderr  # the end-of-run summary
+
+
+def test_no_drift_and_paper_carry_null(tmp_path):
+    video = shifted_video(tmp_path / "shift.avi", n=5)
+    for extra, said in ((("--no-drift",), None), (("--policy", "paper"), "drift alarm off")):
+        out = tmp_path / f"r{len(extra)}{extra[0]}.jsonl"
+        r = run_camera("--source", str(video), "--jsonl", str(out), *extra, *FAST)
+        assert r.returncode == 0, r.stderr
+        assert all(rec["drift"] is None for rec in read_jsonl(out))
+        if said:
+            assert r.stderr.count(said) == 1
+
+
+def test_bad_drift_options(tmp_path):
+    video = shifted_video(tmp_path / "shift.avi", n=2)
+    for args, word in ((("--drift-delta", "1.5"), "--drift-delta"), (("--on-drift", "stop"), "--on-drift")):
+        r = run_camera("--source", str(video), *args, *FAST)
+        assert r.returncode == 2 and word in r.stderr
+
+
+def test_drift_monitor_in_the_api():
+    """The documented library use: DriftMonitor.for_predictor, then observe() on each Prediction."""
+    import edge_quq
+
+    predictor = edge_quq.Predictor.from_bundle(seed=0, num_iter=10)
+    monitor = edge_quq.DriftMonitor.for_predictor(predictor)
+    assert monitor is not None and monitor.detector == predictor.policy.detectors[0]
+    x, _ = fashion_test(30, offset=3000)
+    rng = np.random.default_rng(4)
+    statuses = [monitor.observe(predictor.predict(to_frame(_noisy(img, rng, 60.0)))) for img in x]
+    assert any(s.alarm for s in statuses)
+    p = predictor.predict(to_frame(x[0]))
+    assert set(p.ood_pvalues) == set(predictor.policy.detectors) and p.features is not None
+    assert "ood_pvalues" not in p.to_dict() and "features" not in p.to_dict()
+    assert edge_quq.DriftMonitor.for_predictor(edge_quq.Predictor.from_bundle(policy="paper", num_iter=10)) is None
+
+
+def test_live_view_shows_policy_reasons_flags_and_drift(tmp_path):
+    """The page in a real headless Chromium shows the policy, ignored_by, the detector flags and the alarm."""
+    from test_camera_http import CHROMIUM, DRIVER, _driver
+
+    if not (CHROMIUM and DRIVER):
+        pytest.skip("chromium and chromium-driver are not installed")
+    pytest.importorskip("selenium")
+    import tempfile
+
+    video = shifted_video(tmp_path / "shift.avi")
+    port = free_port()
+    proc = start_camera("--source", str(video), "--loop", "--max-fps", "20", "--serve", f"127.0.0.1:{port}", *FAST)
+    driver = None
+    try:
+        def alarmed() -> bool:
+            try:
+                return bool((_status(port).get("drift") or {}).get("alarm"))
+            except OSError:
+                return False
+
+        assert wait_for(alarmed, 60), proc.stderr.read() if proc.poll() is not None else "no alarm"
+        with tempfile.TemporaryDirectory() as profile:
+            driver = _driver(profile)
+            driver.set_page_load_timeout(30)
+            driver.get(f"http://127.0.0.1:{port}/")
+            text = lambda i: driver.find_element("id", i).text  # noqa: E731
+            assert wait_for(lambda: text("drift").startswith("ALARM since frame"), 10), text("drift")
+            assert text("policy") == "gated"
+            assert wait_for(lambda: "ood_gate" in text("ignored_by"), 10), text("ignored_by")
+            assert "mahalanobis" in text("flagged")
+            driver.quit()
+            driver = None
+        stop(proc, signal.SIGTERM)
+    finally:
+        if driver is not None:
+            driver.quit()
+        if proc.poll() is None:
+            proc.kill()
