@@ -305,3 +305,31 @@ def test_install_copies_inside_symlinks_as_regular_files(bundle, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     copied = root / "opt/edge-quq/bundle/parity.md"
     assert copied.is_file() and not copied.is_symlink()
+
+
+# -- export --out ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where", ["/proc/x", "/proc/x/y/bundle", "nonempty", "afile"])
+def test_export_refuses_an_unusable_out_with_one_line_before_loading_the_model(tmp_path, where):
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"not read: --out is checked first")
+    out = Path(where)
+    if where == "nonempty":
+        out = tmp_path / "nonempty"
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif where == "afile":
+        out = tmp_path / "afile"
+        out.write_text("mine")
+    err = one_error_line(run("export", str(model), "--quant-data", str(tmp_path), "--out", str(out)))
+    assert str(out) in err
+    if where.startswith("/proc"):
+        assert "cannot create" in err
+    else:
+        assert (out / "keep.txt").read_text() == "mine" if out.is_dir() else out.read_text() == "mine"
+
+
+def test_export_of_a_real_model_to_proc_is_one_line(tmp_path, tiny_model_path, tiny_data_files):
+    """With a model that loads, /proc/x used to get as far as staging and end in an OSError traceback."""
+    calib, _ = tiny_data_files
+    err = one_error_line(run("export", str(tiny_model_path), "--quant-data", str(calib), "--out", "/proc/x"))
+    assert "/proc/x" in err and "cannot create" in err
