@@ -142,7 +142,7 @@ class QuantParams:
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str) -> "QuantParams":
         dtype = _str(_field(d, "dtype", where), where, "dtype", ("int8", "uint8", "float32"))
-        lo, hi = {"int8": (-128, 127), "uint8": (0, 255)}.get(dtype, (0, 0))
+        lo, hi = {"int8": (-128, 127), "uint8": (0, 255)}.get(dtype, (-2**31, 2**31 - 1))
         return cls(dtype=dtype, scale=_num(_field(d, "scale", where, 1.0), where, "scale", 0.0, lo_open=True),
                    zero_point=_int(_field(d, "zero_point", where, 0), where, "zero_point", lo, hi))
 
@@ -629,12 +629,20 @@ def file_entries(folder: Path, names: Sequence[str]) -> Dict[str, Dict[str, Any]
     return {n: {"sha256": sha256_file(folder / n), "bytes": (folder / n).stat().st_size} for n in names}
 
 
+def manifest_text(manifest: Mapping[str, Any]) -> str:
+    """manifest.json's text: strict JSON (a NaN in a recorded metric is written as null; allow_nan=False
+    makes any non-finite number the runtime reads, which validation refuses anyway, fail here, loudly)."""
+    from edge_quq.result import dumps
+
+    return dumps(manifest, indent=2, separators=(",", ": ")) + "\n"
+
+
 def _replace_manifest_file(folder: Path, manifest: Mapping[str, Any]) -> None:
     """Write manifest.json through a temporary file and a rename, so a reader never sees half of it."""
     mpath = folder / MANIFEST_NAME
     tmp = mpath.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        tmp.write_text(manifest_text(manifest), encoding="utf-8")
         os.replace(tmp, mpath)
     finally:
         if tmp.exists():
@@ -644,7 +652,9 @@ def _replace_manifest_file(folder: Path, manifest: Mapping[str, Any]) -> None:
 def write_manifest(folder: Path, bundle: Bundle) -> Bundle:
     """Write `bundle` as manifest.json into `folder`; check it reads back as the same bundle and verifies
     (the writer's self-check)."""
-    manifest = bundle.to_json()
+    from edge_quq.result import json_safe
+
+    manifest = json_safe(bundle.to_json())  # what the file will hold: recorded NaN metrics become null
     parse_manifest(manifest, Path(folder))  # a manifest the reader would refuse is never written
     _replace_manifest_file(Path(folder), manifest)
     loaded = load_bundle(folder, verify=True)

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import resource
 import signal
 import sys
 from array import array
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import click
 
@@ -252,10 +253,16 @@ def predict(paths: Sequence[str], batch_size: int, as_json: bool, **model: Any) 
                 else:
                     yield item
 
-        for r in predictor.iter_predict(paths_only(), batch_size=batch_size):
-            emit(r)
-            if stop.signal_name:
-                break
+        try:
+            for r in predictor.iter_predict(paths_only(), batch_size=batch_size):
+                emit(r)
+                if stop.signal_name:
+                    break
+        except BrokenPipeError:
+            # The reader went away (`edge-quq predict DIR | head`): stop quietly, as cat does, with
+            # stdout pointed at /dev/null so that the interpreter's final flush does not complain either.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
     summary = totals.summary(predictor, stop.signal_name)
     if table is None:
         click.echo(dumps({"summary": summary}), err=True)

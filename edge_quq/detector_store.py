@@ -8,18 +8,18 @@ mismatch instead of silently scoring features it was never fitted on.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from edge_quq.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from edge_quq.bundle import MANIFEST_NAME, Bundle, load_bundle, manifest_text, sha256_file
 from edge_quq.detectors import FILE_VERSION, DetectorSet
 from edge_quq.errors import BundleError
 from edge_quq.gradients import CLASS_WEIGHTINGS
 from edge_quq.head import read_npz
+from edge_quq.result import json_safe
 
 DETECTORS_FILE = "detectors.npz"
 REFIT_HINT = "refit with `edge-quq fit-detectors BUNDLE --data ...`"
@@ -142,7 +142,7 @@ def attach_detectors(bundle_path: os.PathLike, dset: DetectorSet, fit_info: Opti
         manifest["detectors"] = dict(want, file=DETECTORS_FILE, version=FILE_VERSION, names=dset.names,
                                      thresholds={n: d.threshold for n, d in dset.detectors.items()},
                                      tpr=dset.meta.get("tpr"))
-        tmp_man.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        tmp_man.write_text(manifest_text(json_safe(manifest)), encoding="utf-8")
         os.replace(tmp_npz, root / DETECTORS_FILE)
         os.replace(tmp_man, root / MANIFEST_NAME)
     finally:

@@ -291,7 +291,7 @@ class DetectorSet:
                 out.update(_encode(f"{n}/{k}", v, d.dtype))
             dets[n] = {"config": d.config, "threshold": d.threshold, "tpr": d.tpr, "dtype": d.dtype}
         meta = dict(self.meta, format=FORMAT_NAME, version=FILE_VERSION, detectors=dets)
-        out["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), np.uint8)
+        out["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True, allow_nan=False).encode("utf-8"), np.uint8)
         return out
 
     @classmethod

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -106,3 +105,14 @@ def test_peak_rss_does_not_grow_with_the_number_of_files(folders, lean_bundle):
     # Kept results cost ~4 KB each (18 000 more files: ~70 MB); the summary's per-stage arrays cost 8 bytes
     # per stage per file and the sorted folder listing ~100 bytes per file (~3 MB together).
     assert large - small < 12, (small, large)
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(folders):
+    """`edge-quq predict DIR | head -3`: streaming makes this common; it must not end in a traceback."""
+    p = start(str(folders[2000]), "--json")
+    lines = [p.stdout.readline() for _ in range(3)]
+    p.stdout.close()
+    err = p.stderr.read()
+    p.wait(timeout=300)
+    assert all(json.loads(l)["decision"] in ("keep", "ignore") for l in lines)
+    assert "Traceback" not in err and p.returncode == 128 + signal.SIGPIPE, (p.returncode, err)
