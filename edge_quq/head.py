@@ -7,6 +7,7 @@ ReLU, the last sigmoid, softmax or linear. This module is the reference every ot
 from __future__ import annotations
 
 import struct
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -103,15 +104,15 @@ def save_head_weights(path: Path, spec_layers: Sequence[str], kernels: Sequence[
 
 def read_npz(path: Path, what: str) -> Dict[str, np.ndarray]:
     """Every array of an npz file (no pickle), or one BundleError line: a damaged or hostile file can fail
-    in the zip layer, in zlib, or in numpy's header parser (ValueError, SyntaxError), or claim a shape too
-    big to allocate."""
+    in the zip layer, in zlib, or in numpy's header parser (ValueError, SyntaxError, TokenError: it reads the
+    header with the Python tokenizer), or claim a shape too big to allocate."""
     try:
         with np.load(path, allow_pickle=False) as npz:
             if not hasattr(npz, "files"):
                 raise ValueError("not an npz archive")
             return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, SyntaxError, MemoryError, KeyError,
-            struct.error, NotImplementedError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, SyntaxError, tokenize.TokenError,
+            MemoryError, OverflowError, KeyError, struct.error, NotImplementedError) as e:
         raise BundleError(f"{path}: {what} file cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
 
 
