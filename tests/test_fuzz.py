@@ -284,3 +284,22 @@ def test_memory_stayed_bounded(rss_baseline):
     """Runs last in this file: no example above raised the process's peak RSS by more than a small board
     can spare (a decompression bomb or a shape from a damaged header would add gigabytes)."""
     assert status_mb("VmHWM") - rss_baseline < 600, (rss_baseline, status_mb("VmHWM"))
+
+
+def test_png_chunk_claiming_gigabytes_is_refused_without_allocating_them(rss_baseline):
+    """Found by the image fuzzing: OpenCV 5 allocated an IDAT chunk's declared 3 GB for a 600-byte file."""
+    import struct
+
+    from edge_quq.preprocess import read_image
+
+    data = bytearray(SEEDS["png"])
+    idat = data.index(b"IDAT") - 4
+    data[idat:idat + 4] = struct.pack(">I", 2_991_339_574)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "x.png"
+        p.write_bytes(bytes(data))
+        Path("/proc/self/clear_refs").write_text("5")
+        before = status_mb("VmRSS")
+        with pytest.raises(InputError, match="runs past the end"):
+            read_image(p)
+        assert status_mb("VmHWM") - before < 100
