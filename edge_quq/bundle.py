@@ -119,18 +119,6 @@ def _list(v: Any, where: str, name: str, min_len: int = 0) -> List[Any]:
     return v
 
 
-def check_finite_json(value: Any, where: str, name: str) -> None:
-    """Refuse NaN and ±Infinity anywhere inside `value` (Python's json reads them; strict parsers do not)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _bad(where, name, "finite", value)
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            check_finite_json(v, where, f"{name}.{k}")
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            check_finite_json(v, where, f"{name}[{i}]")
-
-
 @dataclass(frozen=True)
 class QuantParams:
     """Affine int8/uint8 quantization: real = scale * (q - zero_point)."""
