@@ -36,6 +36,7 @@ ROOT=""
 DRY_RUN=0
 UNINSTALL=0
 BUNDLE_SRC=""
+BUNDLE_SHA256=""
 SOURCE="v4l2:///dev/video0"
 WHEEL=""
 WHEELHOUSE=""
@@ -53,6 +54,8 @@ usage() {
 Usage: install.sh [options]
 
   --bundle DIR           bundle folder to install (default: the package's embedded demo bundle)
+  --bundle-sha256 HASH   refuse the bundle unless its manifest's sha256 is HASH (`edge-quq info BUNDLE`
+                         prints it as "manifest sha256"; the manifest pins every other file's sha256)
   --wheel FILE           install this edge-quq wheel instead of the checkout the script lives in
   --wheelhouse DIR       offline: pip takes every package from DIR (--no-index --find-links DIR)
   --extra NAME           TFLite interpreter extra: auto (default), litert, tflite-runtime, none
@@ -75,6 +78,7 @@ note_change() { CHANGES=$((CHANGES + 1)); }
 while [ $# -gt 0 ]; do
   case "$1" in
     --bundle) BUNDLE_SRC=${2:?--bundle needs a folder}; shift 2 ;;
+    --bundle-sha256) BUNDLE_SHA256=${2:?--bundle-sha256 needs a hash}; shift 2 ;;
     --source) SOURCE=${2:?--source needs a URI}; shift 2 ;;
     --wheel) WHEEL=${2:?--wheel needs a file}; shift 2 ;;
     --wheelhouse) WHEELHOUSE=${2:?--wheelhouse needs a folder}; shift 2 ;;
@@ -92,6 +96,12 @@ while [ $# -gt 0 ]; do
 done
 
 case "$EXTRA" in auto|litert|tflite-runtime|none) ;; *) die "--extra must be auto, litert, tflite-runtime or none (got '$EXTRA')" ;; esac
+BUNDLE_SHA256=$(printf '%s' "$BUNDLE_SHA256" | tr 'A-F' 'a-f')
+case "$BUNDLE_SHA256" in
+  "") ;;
+  *[!0-9a-f]*) die "--bundle-sha256 must be 64 hex digits (got '$BUNDLE_SHA256')" ;;
+  *) [ ${#BUNDLE_SHA256} -eq 64 ] || die "--bundle-sha256 must be 64 hex digits (got ${#BUNDLE_SHA256})" ;;
+esac
 if [ -n "$ROOT" ]; then
   [ -d "$ROOT" ] || die "--root $ROOT: folder does not exist"
   ROOT=$(cd "$ROOT" && pwd)
@@ -151,24 +161,41 @@ check_python() {
 }
 
 # The bundle is verified (manifest + sha256 of every file) with the package's own reader, which needs only
-# the standard library, before anything is copied: a corrupt bundle never replaces a good one.
+# the standard library, before anything is copied: a corrupt bundle never replaces a good one. A symlink
+# anywhere in the folder that leads outside it is refused too (cp -L below would copy what it points at);
+# --bundle-sha256 pins the manifest itself, the one file no checksum in the manifest covers.
 verify_bundle() {
-  local out
+  local out name digest
   if ! out=$("$PYTHON" -I -c '
-import sys
+import os, sys
 sys.path.insert(0, sys.argv[1])
+from pathlib import Path
 from edge_quq.bundle import load_bundle
 from edge_quq.errors import EdgeQuqError
+root = Path(sys.argv[2]).resolve()
+for dirpath, dirnames, filenames in os.walk(root):
+    for n in dirnames + filenames:
+        p = Path(dirpath) / n
+        if p.is_symlink():
+            real = p.resolve()
+            if real != root and root not in real.parents:
+                print(f"{p}: symlink to {real}, outside the bundle folder")
+                sys.exit(1)
 try:
     b = load_bundle(sys.argv[2])
 except EdgeQuqError as e:
     print(e)
     sys.exit(1)
-print(b.manifest.get("name", "?"))
+print(b.manifest_sha256, b.manifest.get("name", "?"))
 ' "$SRC" "$1" 2>&1); then
     die "bundle $1 does not verify: $out"
   fi
-  say "bundle $1: '$out', checksums verified"
+  digest=${out%% *}
+  name=${out#* }
+  if [ -n "$BUNDLE_SHA256" ] && [ "$digest" != "$BUNDLE_SHA256" ]; then
+    die "bundle $1: manifest sha256 is $digest, not the pinned --bundle-sha256 $BUNDLE_SHA256"
+  fi
+  say "bundle $1: '$name', manifest sha256 $digest, checksums verified"
 }
 
 # Which TFLite interpreter extra suits this Python (README "Which TFLite interpreter"): ai-edge-litert works
@@ -299,7 +326,8 @@ sync_bundle() {
   # Copy next to the target and swap with two renames: the service never sees a half-copied bundle.
   fs_run mkdir -p "$ROOT$APP_DIR"
   fs_run rm -rf "$dest.new" "$dest.old"
-  fs_run cp -R "$src" "$dest.new"
+  # -L: copy what an inside symlink points at, as a regular file (verify_bundle refused outside ones)
+  fs_run cp -RL "$src" "$dest.new"
   fs_run chmod -R u=rwX,go=rX "$dest.new"
   if [ -e "$dest" ]; then fs_run mv "$dest" "$dest.old"; fi
   fs_run mv "$dest.new" "$dest"

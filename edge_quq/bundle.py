@@ -12,11 +12,13 @@ import hashlib
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from edge_quq.defaults import DECISION_DEFAULTS, GATE_DEFAULTS, POLICIES
+from edge_quq.conformal import COMBINE_RULES
+from edge_quq.defaults import DECISION_DEFAULTS, GATE_DEFAULTS, MAX_NUM_ITER, MIXED_POLICIES, POLICIES, RISK_SCORES
 from edge_quq.errors import BundleError
 
 FORMAT_NAME = "edge-quq-bundle"
@@ -38,6 +40,86 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# -- validation ------------------------------------------------------------------------------------------
+# Every value the runtime reads goes through one of these checks in from_json, so a wrong type, a missing
+# key or a non-finite or out-of-range number is one BundleError line naming the field, never a traceback
+# from int("abc") or a silent decision on a scale of 0. The checks return the value unchanged (or as the
+# type the dataclass holds), so to_json stays the exact inverse of from_json.
+_MISSING = object()
+# Upper bounds that no real model reaches but that keep a typo from allocating gigabytes.
+MAX_SIDE = 1 << 15
+MAX_UNITS = 1 << 20
+
+
+def _json_type(v: Any) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "a boolean"
+    if isinstance(v, (int, float)):
+        return f"{v!r}"
+    if isinstance(v, str):
+        return repr(v) if len(v) <= 40 else "a long string"
+    return "an array" if isinstance(v, (list, tuple)) else ("an object" if isinstance(v, Mapping) else type(v).__name__)
+
+
+def _bad(where: str, name: str, what: str, v: Any) -> BundleError:
+    return BundleError(f"{where}: {name} must be {what}, got {_json_type(v)}")
+
+
+def _field(d: Mapping[str, Any], key: str, where: str, default: Any = _MISSING) -> Any:
+    if not isinstance(d, Mapping):
+        raise BundleError(f"{where}: expected an object, got {_json_type(d)}")
+    if key not in d:
+        if default is _MISSING:
+            raise BundleError(f"{where}: missing required field {key!r}")
+        return default
+    return d[key]
+
+
+def _int(v: Any, where: str, name: str, lo: int, hi: Optional[int] = None) -> int:
+    # bool is an int in Python; `true` in a manifest is a mistake, not 1.
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        raise _bad(where, name, f"an integer in [{lo}, {hi if hi is not None else 'inf'}]", v)
+    return v
+
+
+def _num(v: Any, where: str, name: str, lo: float = -math.inf, hi: float = math.inf,
+         lo_open: bool = False, hi_open: bool = False) -> float:
+    # abs() first: float() of a 400-digit integer overflows instead of answering.
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and abs(v) < 1e300
+    if ok:
+        x = float(v)
+        ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise _bad(where, name, "a finite number" + ("" if (lo, hi) == (-math.inf, math.inf) else f" in {rng}"), v)
+    return float(v)
+
+
+def _str(v: Any, where: str, name: str, choices: Optional[Sequence[str]] = None) -> str:
+    if not isinstance(v, str) or not v or (choices is not None and v not in choices):
+        raise _bad(where, name, f"one of {', '.join(choices)}" if choices else "a non-empty string", v)
+    return v
+
+
+def _text(v: Any, where: str, name: str) -> str:
+    """A string that may be empty (names shown to people, not looked up)."""
+    if not isinstance(v, str):
+        raise _bad(where, name, "a string", v)
+    return v
+
+
+def _opt_str(v: Any, where: str, name: str) -> Optional[str]:
+    return None if v is None else _str(v, where, name)
+
+
+def _list(v: Any, where: str, name: str, min_len: int = 0) -> List[Any]:
+    if not isinstance(v, list) or len(v) < min_len:
+        raise _bad(where, name, "an array" + (f" of at least {min_len} entries" if min_len else ""), v)
+    return v
+
+
 @dataclass(frozen=True)
 class QuantParams:
     """Affine int8/uint8 quantization: real = scale * (q - zero_point)."""
@@ -48,10 +130,10 @@ class QuantParams:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str) -> "QuantParams":
-        dtype = _req(d, "dtype", where)
-        if dtype not in ("int8", "uint8", "float32"):
-            raise BundleError(f"{where}: dtype {dtype!r} is not one of int8, uint8, float32")
-        return cls(dtype=dtype, scale=float(d.get("scale", 1.0)), zero_point=int(d.get("zero_point", 0)))
+        dtype = _str(_field(d, "dtype", where), where, "dtype", ("int8", "uint8", "float32"))
+        lo, hi = {"int8": (-128, 127), "uint8": (0, 255)}.get(dtype, (-2**31, 2**31 - 1))
+        return cls(dtype=dtype, scale=_num(_field(d, "scale", where, 1.0), where, "scale", 0.0, lo_open=True),
+                   zero_point=_int(_field(d, "zero_point", where, 0), where, "zero_point", lo, hi))
 
     def to_json(self) -> Dict[str, Any]:
         if self.dtype == "float32":  # scale and zero point mean nothing on a float tensor
@@ -79,29 +161,26 @@ class Preprocess:
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> "Preprocess":
         where = "manifest input.preprocess"
-        color = _req(d, "color", where)
-        if color not in ("gray", "rgb", "bgr"):
-            raise BundleError(f"{where}: color {color!r} is not one of gray, rgb, bgr")
-        interp = d.get("interpolation", "area")
-        if interp not in ("area", "linear", "nearest", "cubic"):
-            raise BundleError(f"{where}: interpolation {interp!r} is not one of area, linear, nearest, cubic")
-        resize = tuple(int(v) for v in _req(d, "resize", where))
-        if len(resize) != 2 or min(resize) < 1:
-            raise BundleError(f"{where}: resize must be [height, width], got {list(resize)}")
-        crop = float(d.get("crop_fraction", 1.0))
-        if not 0.0 < crop <= 1.0:
-            raise BundleError(f"{where}: crop_fraction must be in (0, 1], got {crop}")
+        color = _str(_field(d, "color", where), where, "color", ("gray", "rgb", "bgr"))
+        interp = _str(_field(d, "interpolation", where, "area"), where, "interpolation", ("area", "linear", "nearest", "cubic"))
+        resize = _list(_field(d, "resize", where), where, "resize")
+        if len(resize) != 2:
+            raise _bad(where, "resize", "[height, width]", resize)
+        size = tuple(_int(v, where, "resize", 1, MAX_SIDE) for v in resize)
+        crop = _num(_field(d, "crop_fraction", where, 1.0), where, "crop_fraction", 0.0, 1.0, lo_open=True)
         channels = 1 if color == "gray" else 3
-        mean = tuple(float(v) for v in d.get("mean", [0.0] * channels))
-        std = tuple(float(v) for v in d.get("std", [1.0] * channels))
-        if len(mean) not in (1, channels) or len(std) not in (1, channels) or any(s == 0 for s in std):
-            raise BundleError(f"{where}: mean/std must have 1 or {channels} non-zero entries")
+        mean = tuple(_num(v, where, "mean", -1e6, 1e6) for v in _list(_field(d, "mean", where, [0.0] * channels), where, "mean"))
+        # std divides: a zero or tiny std turns every pixel into inf or noise that the model decides on.
+        std = tuple(_num(v, where, "std", 1e-6, 1e6) for v in _list(_field(d, "std", where, [1.0] * channels), where, "std"))
+        if len(mean) not in (1, channels) or len(std) not in (1, channels):
+            raise BundleError(f"{where}: mean/std must have 1 or {channels} entries")
         return cls(
             color=color,
-            resize=(resize[0], resize[1]),
+            resize=(size[0], size[1]),
             interpolation=interp,
             crop_fraction=crop,
-            pixel_scale=float(d.get("pixel_scale", 1.0 / 255.0)),
+            # A pixel scale of 0 makes every image the same input: the model then "keeps" one class for all.
+            pixel_scale=_num(_field(d, "pixel_scale", where, 1.0 / 255.0), where, "pixel_scale", 1e-6, 1e3),
             mean=mean,
             std=std,
         )
@@ -130,15 +209,16 @@ class InputSpec:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str) -> "InputSpec":
-        shape = tuple(int(v) for v in _req(d, "shape", f"{where} input"))
-        if len(shape) != 3:
-            raise BundleError(f"{where}: input.shape must be [height, width, channels], got {list(shape)}")
-        pre = Preprocess.from_json(_req(d, "preprocess", f"{where} input"))
+        raw = _list(_field(d, "shape", f"{where} input"), where, "input.shape")
+        if len(raw) != 3:
+            raise _bad(where, "input.shape", "[height, width, channels]", raw)
+        shape = tuple(_int(v, where, "input.shape", 1, MAX_SIDE) for v in raw)
+        pre = Preprocess.from_json(_field(d, "preprocess", f"{where} input"))
         if pre.channels != shape[2] or tuple(pre.resize) != shape[:2]:
             raise BundleError(
                 f"{where}: input.preprocess ({pre.color}, resize {list(pre.resize)}) does not match input.shape {list(shape)}"
             )
-        spec = cls(shape=(shape[0], shape[1], shape[2]), preprocess=pre, layout=d.get("layout", "NHWC"))
+        spec = cls(shape=(shape[0], shape[1], shape[2]), preprocess=pre, layout=_field(d, "layout", where, "NHWC"))
         if spec.layout != "NHWC":
             raise BundleError(f"{where}: input.layout {spec.layout!r} is not supported (NHWC only)")
         return spec
@@ -162,11 +242,11 @@ class ModelFile:
         if d is None:
             return None
         return cls(
-            file=str(_req(d, "file", where)),
-            input=QuantParams.from_json(_req(d, "input", where), f"{where}.input"),
-            output=QuantParams.from_json(_req(d, "output", where), f"{where}.output"),
-            input_name=d.get("input_name"),
-            output_name=d.get("output_name"),
+            file=_str(_field(d, "file", where), where, "file"),
+            input=QuantParams.from_json(_field(d, "input", where), f"{where}.input"),
+            output=QuantParams.from_json(_field(d, "output", where), f"{where}.output"),
+            input_name=_opt_str(d.get("input_name"), where, "input_name"),
+            output_name=_opt_str(d.get("output_name"), where, "output_name"),
         )
 
     def to_json(self) -> Dict[str, Any]:
@@ -189,11 +269,10 @@ class HeadLayer:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str) -> "HeadLayer":
-        rate = float(d.get("dropout", 0.0)) if isinstance(d, Mapping) else 0.0
-        if not 0.0 <= rate < 1.0:
-            raise BundleError(f"{where}: dropout rate {rate} is not in [0, 1)")
-        return cls(name=str(_req(d, "name", where)), dropout=rate, units=int(_req(d, "units", where)),
-                   activation=str(_req(d, "activation", where)))
+        rate = _num(_field(d, "dropout", where, 0.0), where, "dropout rate", 0.0, 1.0, hi_open=True)
+        return cls(name=_str(_field(d, "name", where), where, "name"), dropout=rate,
+                   units=_int(_field(d, "units", where), where, "units", 1, MAX_UNITS),
+                   activation=_str(_field(d, "activation", where), where, "activation"))
 
     def to_json(self) -> Dict[str, Any]:
         return {"name": self.name, "dropout": self.dropout, "units": self.units, "activation": self.activation}
@@ -219,8 +298,8 @@ class HeadSpec:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any], where: str) -> "HeadSpec":
-        layers = tuple(HeadLayer.from_json(ld, f"{where} head.layers[{i}]")
-                       for i, ld in enumerate(_req(d, "layers", f"{where} head")))
+        raw = _list(_field(d, "layers", f"{where} head"), where, "head.layers")
+        layers = tuple(HeadLayer.from_json(ld, f"{where} head.layers[{i}]") for i, ld in enumerate(raw))
         if not layers:
             raise BundleError(f"{where}: head.layers is empty")
         for hl in layers[:-1]:
@@ -229,13 +308,13 @@ class HeadSpec:
         if layers[-1].activation not in ("sigmoid", "softmax", "linear"):
             raise BundleError(f"{where}: output activation {layers[-1].activation!r} is not sigmoid, softmax or linear")
         return cls(
-            weights=str(_req(d, "weights", f"{where} head")),
+            weights=_str(_field(d, "weights", f"{where} head"), where, "head.weights"),
             layers=layers,
-            feature_size=int(_req(d, "feature_size", f"{where} head")),
-            tflite=d.get("tflite"),
-            onnx=d.get("onnx"),
-            tflite_int8=d.get("tflite_int8"),
-            mask_inputs=tuple(d.get("mask_inputs", ())),
+            feature_size=_int(_field(d, "feature_size", f"{where} head"), where, "head.feature_size", 1, MAX_UNITS),
+            tflite=_opt_str(d.get("tflite"), where, "head.tflite"),
+            onnx=_opt_str(d.get("onnx"), where, "head.onnx"),
+            tflite_int8=_opt_str(d.get("tflite_int8"), where, "head.tflite_int8"),
+            mask_inputs=tuple(_str(m, where, "head.mask_inputs[]") for m in _list(d.get("mask_inputs", []), where, "head.mask_inputs")),
             extra={k: copy.deepcopy(v) for k, v in d.items() if k not in _HEAD_KEYS},
         )
 
@@ -270,13 +349,13 @@ class DecisionDefaults:
     mixed: str = str(DECISION_DEFAULTS["mixed"])
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> "DecisionDefaults":
-        base = cls()
+    def from_json(cls, d: Mapping[str, Any], where: str = "manifest") -> "DecisionDefaults":
+        base, w = cls(), f"{where} decision"
         return cls(
-            threshold=float(d.get("threshold", base.threshold)),
-            num_iter=int(d.get("num_iter", base.num_iter)),
-            z=float(d.get("z", base.z)),
-            mixed=str(d.get("mixed", base.mixed)),
+            threshold=_num(_field(d, "threshold", w, base.threshold), where, "decision.threshold", 0.0, 1.0, True, True),
+            num_iter=_int(_field(d, "num_iter", w, base.num_iter), where, "decision.num_iter", 2, MAX_NUM_ITER),
+            z=_num(_field(d, "z", w, base.z), where, "decision.z", 0.0, 100.0),
+            mixed=_str(_field(d, "mixed", w, base.mixed), where, "decision.mixed", MIXED_POLICIES),
         )
 
     def to_json(self) -> Dict[str, Any]:
@@ -317,12 +396,19 @@ class GateSpec:
         dets = d.get("detectors")
         if not isinstance(dets, (list, tuple)) or not dets or not all(isinstance(n, str) for n in dets):
             raise BundleError(f"{where}: gate.detectors must be a non-empty list of detector names")
-        return cls(file=str(_req(d, "file", where)), version=int(d.get("version", 1)), policy=policy,
-                   alpha=level("alpha"), delta=level("delta"), combine=str(d.get("combine", GATE_DEFAULTS["combine"])),
-                   detectors=tuple(dets), risk_score=str(d.get("risk_score", "max_prob")),
-                   fingerprints=copy.deepcopy(dict(d.get("fingerprints", {}))),
-                   calibration=copy.deepcopy(dict(d.get("calibration", {}))),
-                   validation=copy.deepcopy(dict(d.get("validation", {}))))
+        w = f"{where} gate"
+
+        def obj(key: str) -> Dict[str, Any]:
+            v = d.get(key, {})
+            if not isinstance(v, Mapping):
+                raise _bad(w, key, "an object", v)
+            return copy.deepcopy(dict(v))
+
+        return cls(file=_str(_field(d, "file", w), w, "file"), version=_int(d.get("version", 1), w, "version", 1),
+                   policy=policy, alpha=level("alpha"), delta=level("delta"),
+                   combine=_str(d.get("combine", GATE_DEFAULTS["combine"]), w, "combine", COMBINE_RULES),
+                   detectors=tuple(dets), risk_score=_str(d.get("risk_score", "max_prob"), w, "risk_score", RISK_SCORES),
+                   fingerprints=obj("fingerprints"), calibration=obj("calibration"), validation=obj("validation"))
 
     def to_json(self) -> Dict[str, Any]:
         return {"file": self.file, "version": self.version, "policy": self.policy, "alpha": self.alpha,
@@ -363,6 +449,9 @@ class Bundle:
     # Top-level key order of the manifest read, so that a rewrite (set-temperature, detectors) keeps the
     # file's layout and its diff small.
     key_order: Tuple[str, ...] = field(default=(), compare=False, repr=False)
+    # sha256 of manifest.json's bytes as read (no file lists it: it lists the others). `edge-quq info` shows
+    # it and install.sh --bundle-sha256 pins it; "" for a bundle not read from a file.
+    manifest_sha256: str = field(default="", compare=False, repr=False)
 
     @property
     def temperature(self) -> float:
@@ -405,14 +494,6 @@ class Bundle:
         return sum(int(v.get("bytes", 0)) for v in self.files.values())
 
 
-def _req(d: Mapping[str, Any], key: str, where: str) -> Any:
-    if not isinstance(d, Mapping):
-        raise BundleError(f"{where}: expected an object, got {type(d).__name__}")
-    if key not in d:
-        raise BundleError(f"{where}: missing required field {key!r}")
-    return d[key]
-
-
 def _merge_extra(d: Dict[str, Any], extra: Mapping[str, Any], where: str) -> Dict[str, Any]:
     clash = sorted(set(d) & set(extra))
     if clash:
@@ -438,8 +519,8 @@ def _schema_version(manifest: Mapping[str, Any], where: str) -> int:
     if manifest.get("format") != FORMAT_NAME:
         raise BundleError(f"{where}: not an edge-quq bundle manifest (format is {manifest.get('format')!r})")
     version = manifest.get("schema_version")
-    if not isinstance(version, int):
-        raise BundleError(f"{where}: schema_version missing or not an integer")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise BundleError(f"{where}: schema_version missing or not an integer (got {_json_type(version)})")
     if version > SCHEMA_VERSION:
         raise BundleError(
             f"{where}: bundle schema version {version} is newer than this edge-quq supports "
@@ -450,31 +531,63 @@ def _schema_version(manifest: Mapping[str, Any], where: str) -> int:
     return version
 
 
+def _check_files(files: Any, where: str) -> Mapping[str, Any]:
+    if not isinstance(files, Mapping) or not files:
+        raise BundleError(f"{where}: files must be a non-empty object of name -> {{sha256, bytes}}")
+    for name, entry in files.items():
+        if not isinstance(entry, Mapping):
+            raise _bad(where, f"files[{name!r}]", "an object {sha256, bytes}", entry)
+        if "sha256" in entry and not (isinstance(entry["sha256"], str) and len(entry["sha256"]) == 64):
+            raise _bad(where, f"files[{name!r}].sha256", "64 hex digits", entry["sha256"])
+        if "bytes" in entry:
+            _int(entry["bytes"], where, f"files[{name!r}].bytes", 0)
+    return files
+
+
+def _check_detectors_entry(det: Any, where: str) -> None:
+    """The optional `detectors` record: its shape here (info prints it); detector_store checks its meaning."""
+    if det is None:
+        return
+    _str(_field(det, "file", f"{where} detectors"), where, "detectors.file")
+    for i, n in enumerate(_list(det.get("names", []), where, "detectors.names")):
+        _str(n, where, f"detectors.names[{i}]")
+    thresholds = det.get("thresholds", {})
+    if not isinstance(thresholds, Mapping):
+        raise _bad(where, "detectors.thresholds", "an object", thresholds)
+    for n, t in thresholds.items():
+        if t is not None:
+            _num(t, where, f"detectors.thresholds.{n}")
+    if det.get("tpr") is not None:
+        _num(det["tpr"], where, "detectors.tpr", 0.0, 1.0, True, True)
+    if "feature_size" in det:
+        _int(det["feature_size"], where, "detectors.feature_size", 1, MAX_UNITS)
+    for key in ("backbone_sha256",):
+        if not isinstance(det.get(key, {}), Mapping):
+            raise _bad(where, f"detectors.{key}", "an object", det[key])
+
+
 def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
     """Build a Bundle from a manifest dict, checking schema and internal consistency (not files)."""
     where = f"{path / MANIFEST_NAME}"
     version = _schema_version(manifest, where)
-    classes = tuple(str(c) for c in _req(manifest, "classes", where))
-    if len(classes) < 1:
-        raise BundleError(f"{where}: classes is empty")
-    input_spec = InputSpec.from_json(_req(manifest, "input", where), where)
-    bb = _req(manifest, "backbone", where)
-    tfl = ModelFile.from_json(bb.get("tflite"), f"{where} backbone.tflite")
+    classes = tuple(_str(c, where, "classes[]") for c in _list(_field(manifest, "classes", where), where, "classes", 1))
+    input_spec = InputSpec.from_json(_field(manifest, "input", where), where)
+    bb = _field(manifest, "backbone", where)
+    tfl = ModelFile.from_json(_field(bb, "tflite", f"{where} backbone", None), f"{where} backbone.tflite")
     onx = ModelFile.from_json(bb.get("onnx"), f"{where} backbone.onnx")
     if tfl is None and onx is None:
         raise BundleError(f"{where}: backbone names neither a tflite nor an onnx model")
-    head = HeadSpec.from_json(_req(manifest, "head", where), where)
+    head = HeadSpec.from_json(_field(manifest, "head", where), where)
     if head.num_classes != len(classes):
         raise BundleError(f"{where}: head outputs {head.num_classes} classes but classes lists {len(classes)}")
     temperature = parse_temperature(manifest, where)
     if temperature != 1.0 and head.output_activation == "linear":
         raise BundleError(f"{where}: calibration.temperature {temperature:g} needs a sigmoid or softmax head; this head is linear")
-    files = _req(manifest, "files", where)
-    if not isinstance(files, Mapping) or not files:
-        raise BundleError(f"{where}: files must be a non-empty object of name -> {{sha256, bytes}}")
+    files = _check_files(_field(manifest, "files", where), where)
     for n in [m.file for m in (tfl, onx) if m is not None] + head.files:
         if n not in files:
             raise BundleError(f"{where}: file {n!r} is used but has no checksum entry in files")
+    _check_detectors_entry(manifest.get("detectors"), where)
     cal = manifest.get("calibration")
     gate = manifest.get("gate")
     gate_spec = None if gate is None else GateSpec.from_json(gate, where)
@@ -482,14 +595,14 @@ def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
         raise BundleError(f"{where}: gate file {gate_spec.file!r} has no checksum entry in files")
     return Bundle(
         path=path,
-        name=str(manifest.get("name", path.name)),
+        name=_text(manifest.get("name", path.name), where, "name"),
         classes=classes,
         input=input_spec,
         backbone_tflite=tfl,
         backbone_onnx=onx,
-        split_layer=str(bb.get("split_layer", "")),
+        split_layer=_text(bb.get("split_layer", ""), where, "backbone.split_layer"),
         head=head,
-        decision=DecisionDefaults.from_json(manifest.get("decision", {})),
+        decision=DecisionDefaults.from_json(manifest.get("decision", {}), where),
         files={str(k): dict(v) for k, v in files.items()},
         calibration=None if cal is None else copy.deepcopy(dict(cal)),
         extra={k: copy.deepcopy(v) for k, v in manifest.items() if k not in _TOP_KEYS},
@@ -499,14 +612,27 @@ def parse_manifest(manifest: Mapping[str, Any], path: Path) -> Bundle:
     )
 
 
+def bundle_file(root: Path, name: str) -> Path:
+    """`root/name`, refused unless it is a regular file inside the bundle folder once symlinks are resolved:
+    a manifest must not make the runtime read (or install.sh copy) a file from elsewhere on the board."""
+    if os.path.isabs(name) or ".." in Path(name).parts:
+        raise BundleError(f"{root}: manifest file name {name!r} points outside the bundle")
+    p = root / name
+    try:
+        real, base = p.resolve(strict=True), root.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing, dangling link, or a symlink loop
+        raise BundleError(f"{p}: file named in the manifest is missing (or a broken symlink)") from None
+    if real != base and base not in real.parents:
+        raise BundleError(f"{p}: is a symlink to {real}, outside the bundle folder; bundle files must be inside it")
+    if not stat.S_ISREG(real.stat().st_mode):
+        raise BundleError(f"{p}: not a regular file")
+    return p
+
+
 def verify_files(bundle: Bundle) -> None:
-    """Check every file named in the manifest exists with the recorded size and sha256."""
+    """Check every file named in the manifest is a regular file inside the bundle, with the recorded size and sha256."""
     for name, entry in bundle.files.items():
-        if os.path.isabs(name) or ".." in Path(name).parts:
-            raise BundleError(f"{bundle.path}: manifest file name {name!r} points outside the bundle")
-        p = bundle.path / name
-        if not p.is_file():
-            raise BundleError(f"{p}: file named in the manifest is missing")
+        p = bundle_file(bundle.path, name)
         size = p.stat().st_size
         if "bytes" in entry and int(entry["bytes"]) != size:
             raise BundleError(f"{p}: size {size} bytes does not match the manifest ({entry['bytes']} bytes); truncated or replaced")
@@ -518,6 +644,23 @@ def verify_files(bundle: Bundle) -> None:
             raise BundleError(f"{p}: sha256 mismatch (manifest {want[:12]}…, file {got[:12]}…); the bundle was modified or corrupted")
 
 
+def read_manifest(root: Path) -> Tuple[Dict[str, Any], str]:
+    """(manifest object, sha256 of its bytes) of the bundle folder `root`."""
+    if not (root / MANIFEST_NAME).exists() and not (root / MANIFEST_NAME).is_symlink():
+        raise BundleError(f"{root}: not a bundle (no {MANIFEST_NAME})")
+    mpath = bundle_file(root, MANIFEST_NAME)
+    data = mpath.read_bytes()
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    # ValueError: also a JSONDecodeError, and an integer longer than Python's digit limit;
+    # RecursionError: arrays nested thousands deep.
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise BundleError(f"{mpath}: manifest is not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{mpath}: manifest must be a JSON object")
+    return manifest, hashlib.sha256(data).hexdigest()
+
+
 def load_bundle(path: Optional[os.PathLike] = None, verify: bool = True) -> Bundle:
     """Load and (by default) verify a bundle folder; None means the embedded default bundle."""
     root = Path(path) if path is not None else DEFAULT_BUNDLE_DIR
@@ -525,16 +668,10 @@ def load_bundle(path: Optional[os.PathLike] = None, verify: bool = True) -> Bund
         raise BundleError(f"{root}: bundle folder does not exist")
     if root.is_file() and root.name == MANIFEST_NAME:
         root = root.parent
-    mpath = root / MANIFEST_NAME
-    if not mpath.is_file():
-        raise BundleError(f"{root}: not a bundle (no {MANIFEST_NAME})")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{mpath}: manifest is not valid JSON ({e})") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{mpath}: manifest must be a JSON object")
-    bundle = parse_manifest(manifest, root)
+    if not root.is_dir():
+        raise BundleError(f"{root}: not a bundle folder")
+    manifest, digest = read_manifest(root)
+    bundle = replace(parse_manifest(manifest, root), manifest_sha256=digest)
     if verify:
         verify_files(bundle)
     return bundle
@@ -545,12 +682,20 @@ def file_entries(folder: Path, names: Sequence[str]) -> Dict[str, Dict[str, Any]
     return {n: {"sha256": sha256_file(folder / n), "bytes": (folder / n).stat().st_size} for n in names}
 
 
+def manifest_text(manifest: Mapping[str, Any]) -> str:
+    """manifest.json's text: strict JSON (a NaN in a recorded metric is written as null; allow_nan=False
+    makes any non-finite number the runtime reads, which validation refuses anyway, fail here, loudly)."""
+    from edge_quq.result import dumps
+
+    return dumps(manifest, indent=2, separators=(",", ": ")) + "\n"
+
+
 def _replace_manifest_file(folder: Path, manifest: Mapping[str, Any]) -> None:
     """Write manifest.json through a temporary file and a rename, so a reader never sees half of it."""
     mpath = folder / MANIFEST_NAME
     tmp = mpath.with_name(f".{MANIFEST_NAME}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        tmp.write_text(manifest_text(manifest), encoding="utf-8")
         os.replace(tmp, mpath)
     finally:
         if tmp.exists():
@@ -560,7 +705,9 @@ def _replace_manifest_file(folder: Path, manifest: Mapping[str, Any]) -> None:
 def write_manifest(folder: Path, bundle: Bundle) -> Bundle:
     """Write `bundle` as manifest.json into `folder`; check it reads back as the same bundle and verifies
     (the writer's self-check)."""
-    manifest = bundle.to_json()
+    from edge_quq.result import json_safe
+
+    manifest = json_safe(bundle.to_json())  # what the file will hold: recorded NaN metrics become null
     parse_manifest(manifest, Path(folder))  # a manifest the reader would refuse is never written
     _replace_manifest_file(Path(folder), manifest)
     loaded = load_bundle(folder, verify=True)
@@ -586,6 +733,7 @@ def bundle_summary(bundle: Bundle) -> List[Tuple[str, str]]:
         ("bundle", str(bundle.path)),
         ("name", bundle.name),
         ("schema", f"{FORMAT_NAME} v{bundle.schema_version}"),
+        ("manifest sha256", bundle.manifest_sha256 or "-"),
         ("classes", f"{bundle.num_classes}: " + ", ".join(bundle.classes)),
         ("input", f"{bundle.input.shape[0]}x{bundle.input.shape[1]}x{bundle.input.shape[2]} {bundle.input.layout}, "
                   f"{bundle.input.preprocess.color}, pixel_scale {bundle.input.preprocess.pixel_scale:.6g}, "

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import resource
+import signal
 import sys
+from array import array
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import click
 
@@ -124,12 +127,103 @@ def native_kernel_status(bundle: Any) -> str:
     return f"native ({sampler_native.kernel_isa()} kernel)"
 
 
-def _fmt_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
-    return "\n".join(lines)
+class RunTotals:
+    """The run summary of `predict`, kept as counts and one float array per stage, so that memory does not
+    grow with results kept around (8 bytes per stage per file)."""
+
+    def __init__(self) -> None:
+        self.inputs = self.failed = self.kept = 0
+        self.stages: Dict[str, array] = {}
+
+    def add(self, r: Any) -> None:
+        from edge_quq.result import Failure
+
+        self.inputs += 1
+        if isinstance(r, Failure):
+            self.failed += 1
+            return
+        self.kept += int(r.keep)
+        for k, v in r.timings_ms.items():
+            self.stages.setdefault(k, array("d")).append(v)
+
+    @property
+    def processed(self) -> int:
+        return self.inputs - self.failed
+
+    def latency_ms(self) -> Dict[str, Dict[str, float]]:
+        from edge_quq.telemetry import STAGES, percentiles
+
+        import numpy as np
+
+        keys = [k for k in (*STAGES, "total") if k in self.stages]
+        return {k: {**percentiles(self.stages[k]), "mean": float(np.mean(self.stages[k]))} for k in keys}
+
+    def summary(self, predictor: Any, interrupted: Optional[str]) -> Dict[str, Any]:
+        return {"inputs": self.inputs, "processed": self.processed, "failed": self.failed, "kept": self.kept,
+                "ignored": self.processed - self.kept, "latency_ms": self.latency_ms(),
+                "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "settings": predictor.describe_settings(),
+                "backend": predictor.backbone.describe(), "interrupted": interrupted}
+
+
+class TableRows:
+    """`predict`'s table, one row printed per result as it comes. Column widths are fixed before the first
+    result from what is known then (the bundle's class and rule names); an input name longer than its
+    column pushes that row's other cells right instead of holding every row back to measure them all."""
+
+    INPUT_WIDTH = 28
+
+    def __init__(self, predictor: Any) -> None:
+        from edge_quq.decision import RULE_NAMES
+
+        self.predictor = predictor
+        self.why = True  # rule, OOD gate, risk or a detector: always say who ignored each sample
+        self.flags = predictor.detectors is not None  # detectors watch: say which flag a kept sample anyway
+        label_w = max(len(c) for c in predictor.bundle.classes)
+        header = ["input", "decision", "label", "rule", "top class mean±std", "max p", "ms"]
+        header += (["ignored by"] if self.why else []) + (["OOD flags"] if self.flags else [])
+        self.widths = [self.INPUT_WIDTH, 8, max(label_w, 5), max(map(len, RULE_NAMES)), label_w + 12, 6, 8, 14, 10][:len(header)]
+        self.header = self.line(header) + "\n" + "  ".join("-" * w for w in self.widths)
+
+    def line(self, cells: Sequence[str]) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, self.widths)).rstrip()
+
+    def row(self, r: Any) -> str:
+        from edge_quq.result import Failure
+
+        extra = len(self.widths) - 7
+        if isinstance(r, Failure):
+            return self.line([Path(r.source).name, "ERROR"] + ["-"] * (5 + extra))
+        t = r.top_index
+        return self.line([
+            Path(r.source).name, r.decision, r.label or "-", r.rule,
+            f"{r.top_label} {r.mean[t]:.3f}±{r.std[t]:.3f}", f"{r.scores['max_prob']:.3f}", f"{r.timings_ms['total']:.2f}",
+        ] + ([",".join(r.ignored_by) or "-"] if self.why else [])
+          + ([_flag_text(r.flagged, self.predictor.detectors)] if self.flags else []))
+
+
+class StopOnSignal:
+    """`with StopOnSignal() as stop:` SIGTERM and SIGINT set stop.signal_name instead of killing the process,
+    so a loop checking it between results ends after a whole line and still prints its summary."""
+
+    def __init__(self) -> None:
+        self.signal_name: Optional[str] = None
+        self._old: Dict[int, Any] = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(getattr(signal, self.signal_name)) if self.signal_name else 0
 
 
 @main.command()
@@ -141,66 +235,66 @@ def _fmt_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
 def predict(paths: Sequence[str], batch_size: int, as_json: bool, **model: Any) -> None:
     """Classify image files, folders or globs; say keep or ignore for each.
 
-    Exit code 0 when every input was processed (ignoring a sample is a result), 1 when some inputs could not
-    be read (the others still get results), 2 for bad options or a bad bundle.
+    Each result is printed as soon as its file is done. Exit code 0 when every input was processed (ignoring
+    a sample is a result), 1 when some inputs could not be read (the others still get results), 2 for bad
+    options or a bad bundle; after SIGTERM (SIGINT) the results so far and the summary are printed and the
+    exit code is 143 (130).
     """
-    from edge_quq.inputs import expand_inputs
-    from edge_quq.result import Failure, Prediction
-    from edge_quq.telemetry import latency_summary
+    from edge_quq.inputs import iter_inputs
+    from edge_quq.result import Failure, dumps
 
     predictor = build_predictor(**model)
-    expanded = expand_inputs(paths)
-    files = [p for p in expanded if not isinstance(p, Failure)]
-    results: List[Any] = [p for p in expanded if isinstance(p, Failure)]
-    results += predictor.predict_many(files, batch_size=batch_size)
+    totals = RunTotals()
+    table = None if as_json else TableRows(predictor)
+    if table is not None:
+        click.echo(table.header)
 
-    preds = [r for r in results if isinstance(r, Prediction)]
-    failures = [r for r in results if isinstance(r, Failure)]
-    for f in failures:
-        click.echo(f"error: {f.error}", err=True)
-    summary = {
-        "inputs": len(results),
-        "processed": len(preds),
-        "failed": len(failures),
-        "kept": sum(p.keep for p in preds),
-        "ignored": sum(not p.keep for p in preds),
-        "latency_ms": latency_summary([p.timings_ms for p in preds]),
-        "peak_rss_mb": round(peak_rss_bytes() / 2**20, 1),
-        "settings": predictor.describe_settings(),
-        "backend": predictor.backbone.describe(),
-    }
-    if as_json:
-        for r in results:
-            click.echo(json.dumps(r.to_dict(), separators=(",", ":")))
-        click.echo(json.dumps({"summary": summary}, separators=(",", ":")), err=True)
+    def emit(r: Any) -> None:
+        totals.add(r)
+        if isinstance(r, Failure):
+            click.echo(f"error: {r.error}", err=True)
+        click.echo(dumps(r.to_dict()) if table is None else table.row(r))
+
+    with StopOnSignal() as stop:
+        def paths_only() -> Iterator[Path]:
+            # expansion problems are reported in input order, between the results around them
+            for item in iter_inputs(paths):
+                if stop.signal_name:
+                    return
+                if isinstance(item, Failure):
+                    emit(item)
+                else:
+                    yield item
+
+        try:
+            for r in predictor.iter_predict(paths_only(), batch_size=batch_size):
+                emit(r)
+                if stop.signal_name:
+                    break
+        except BrokenPipeError:
+            # The reader went away (`edge-quq predict DIR | head`): stop quietly, as cat does, with
+            # stdout pointed at /dev/null so that the interpreter's final flush does not complain either.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
+    summary = totals.summary(predictor, stop.signal_name)
+    if table is None:
+        click.echo(dumps({"summary": summary}), err=True)
     else:
-        rows = []
-        # With detectors deciding too, say who ignored each sample; with detectors only watching, say which of
-        # them flag it anyway (a kept sample with flags is one a person may still want to look at).
-        why = True
-        flags = predictor.detectors is not None
-        extra = (["ignored by"] if why else []) + (["OOD flags"] if flags else [])
-        for r in results:
-            if isinstance(r, Failure):
-                rows.append([Path(r.source).name, "ERROR", "-", "-", "-", "-", "-"] + ["-"] * len(extra))
-                continue
-            t = r.top_index
-            rows.append([
-                Path(r.source).name, r.decision, r.label or "-", r.rule,
-                f"{r.top_label} {r.mean[t]:.3f}±{r.std[t]:.3f}", f"{r.scores['max_prob']:.3f}", f"{r.timings_ms['total']:.2f}",
-            ] + ([",".join(r.ignored_by) or "-"] if why else []) + ([_flag_text(r.flagged, predictor.detectors)] if flags else []))
-        click.echo(_fmt_table(rows, ["input", "decision", "label", "rule", "top class mean±std", "max p", "ms"] + extra))
-        lat = summary["latency_ms"].get("total", {})
-        s = predictor.settings
-        click.echo(
-            f"\n{summary['processed']} processed, {summary['kept']} kept, {summary['ignored']} ignored, {summary['failed']} failed"
-            f" | policy {predictor.policy.name} | T={s.num_iter} z={s.z:.3g} threshold={s.threshold:g} sampler={predictor.sampler.name} backend={summary['backend']}"
-        )
-        if preds:
-            stages = ", ".join(f"{k} {v['p50']:.2f}" for k, v in summary["latency_ms"].items() if k != "total")
-            click.echo(f"latency ms p50/p90/p99: {lat['p50']:.2f}/{lat['p90']:.2f}/{lat['p99']:.2f} (p50 per stage: {stages}); peak RSS {summary['peak_rss_mb']} MB")
-    if failures:
-        sys.exit(1)
+        _print_table_summary(summary, predictor)
+    sys.exit(stop.exit_code or (1 if totals.failed else 0))
+
+
+def _print_table_summary(summary: Dict[str, Any], predictor: Any) -> None:
+    s = predictor.settings
+    stopped = f" (stopped by {summary['interrupted']})" if summary["interrupted"] else ""
+    click.echo(
+        f"\n{summary['processed']} processed, {summary['kept']} kept, {summary['ignored']} ignored, {summary['failed']} failed{stopped}"
+        f" | policy {predictor.policy.name} | T={s.num_iter} z={s.z:.3g} threshold={s.threshold:g} sampler={predictor.sampler.name} backend={summary['backend']}"
+    )
+    lat = summary["latency_ms"].get("total")
+    if lat:
+        stages = ", ".join(f"{k} {v['p50']:.2f}" for k, v in summary["latency_ms"].items() if k != "total")
+        click.echo(f"latency ms p50/p90/p99: {lat['p50']:.2f}/{lat['p90']:.2f}/{lat['p99']:.2f} (p50 per stage: {stages}); peak RSS {summary['peak_rss_mb']} MB")
 
 
 @main.command()
@@ -220,7 +314,10 @@ def info(bundle: Optional[Path], as_json: bool) -> None:
     backends = loadable_backends(b)
     rows.append(("head sampler", native_kernel_status(b)))
     if as_json:
-        click.echo(json.dumps({"fields": dict(rows), "backends": dict(backends), "manifest": b.manifest}, indent=2))
+        from edge_quq.result import dumps
+
+        click.echo(dumps({"manifest_sha256": b.manifest_sha256, "fields": dict(rows), "backends": dict(backends),
+                          "manifest": b.manifest}, indent=2, separators=(",", ": ")))
         return
     width = max(len(k) for k, _ in rows + backends) + 2
     for k, v in rows:

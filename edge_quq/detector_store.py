@@ -8,17 +8,18 @@ mismatch instead of silently scoring features it was never fitted on.
 """
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
-from edge_quq.bundle import MANIFEST_NAME, Bundle, load_bundle, sha256_file
+from edge_quq.bundle import MANIFEST_NAME, Bundle, load_bundle, manifest_text, sha256_file
 from edge_quq.detectors import FILE_VERSION, DetectorSet
 from edge_quq.errors import BundleError
+from edge_quq.gradients import CLASS_WEIGHTINGS
+from edge_quq.head import read_npz
+from edge_quq.result import json_safe
 
 DETECTORS_FILE = "detectors.npz"
 REFIT_HINT = "refit with `edge-quq fit-detectors BUNDLE --data ...`"
@@ -32,15 +33,6 @@ def fitted_for(bundle: Bundle) -> Dict[str, Any]:
             backbone[kind] = bundle.files[mf.file]["sha256"]
     return {"feature_size": bundle.head.feature_size, "backbone_sha256": backbone,
             "head_sha256": bundle.files[bundle.head.weights]["sha256"]}
-
-
-def read_npz(path: Path, what: str) -> Dict[str, np.ndarray]:
-    """All arrays of a bundle's npz file (pickle refused), or one BundleError line."""
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise BundleError(f"{path}: {what} cannot be read ({e})") from None
 
 
 def write_npz(path: Path, arrays: Dict[str, np.ndarray]) -> Dict[str, Any]:
@@ -67,9 +59,11 @@ def load_detectors(bundle: Bundle) -> Optional[DetectorSet]:
     if not isinstance(version, int) or not 1 <= version <= FILE_VERSION:
         raise BundleError(f"{where}: detectors version {version!r} is not supported (this edge-quq reads 1..{FILE_VERSION}); upgrade edge-quq or {REFIT_HINT}")
     path = bundle.path / name
-    dset = DetectorSet.from_arrays(read_npz(path, "detectors file"), str(path))
+    dset = DetectorSet.from_arrays(read_npz(path, "detectors"), str(path))
     want = fitted_for(bundle)
     for source, rec in (("manifest", entry), ("file", dset.meta)):
+        if not isinstance(rec.get("backbone_sha256", {}), dict):
+            raise BundleError(f"{path}: detectors {source} record: backbone_sha256 must be an object")
         got_fs = rec.get("feature_size")
         if got_fs != want["feature_size"]:
             raise BundleError(f"{path}: detectors were fitted for {got_fs} features ({source} record) but the head takes {want['feature_size']}; {REFIT_HINT}")
@@ -81,7 +75,52 @@ def load_detectors(bundle: Bundle) -> Optional[DetectorSet]:
                                   f"the bundle's is {sha[:12]}…): stale or copied from another bundle; {REFIT_HINT}")
         if rec.get("head_sha256") != want["head_sha256"]:
             raise BundleError(f"{path}: detectors were fitted for other head weights ({source} record); {REFIT_HINT}")
+    check_arrays(dset, bundle.head.feature_size, bundle.num_classes, str(path))
     return dset
+
+
+# The arrays each detector scores with, by shape: F features, C classes, "n" any count >= 1. A file whose
+# arrays differ would fail deep inside a matmul on the first frame, or score garbage; it is refused at load.
+ARRAY_SHAPES: Dict[str, Dict[str, Tuple[Any, ...]]] = {
+    "react": {"clip": (1,)},
+    "mahalanobis": {"whitener": ("F", "F"), "means_w": ("C", "F")},
+    "rel_mahalanobis": {"whitener": ("F", "F"), "means_w": ("C", "F"), "whitener0": ("F", "F"), "mean0_w": (1, "F")},
+    "knn": {"bank": ("n", "F")},
+    "vim": {"origin": ("F",), "null_space": ("F", "n"), "alpha": (1,)},
+}
+# A class absent from the fit data has no mean (NaN row, never the nearest); nothing else may be non-finite.
+MAY_HOLD_NAN = {"means_w"}
+
+
+def check_arrays(dset: DetectorSet, feature_size: int, num_classes: int, where: str) -> None:
+    """Refuse detector arrays of the wrong shape or with non-finite values, and configs the scores cannot use."""
+    sizes = {"F": feature_size, "C": num_classes}
+    for name, det in dset.detectors.items():
+        for key, shape in ARRAY_SHAPES.get(name, {}).items():
+            a = det.arrays.get(key)
+            want = tuple(sizes.get(d, d) if isinstance(d, str) else d for d in shape)
+            ok = a is not None and a.ndim == len(want) and all(
+                w == "n" and g >= 1 or g == w for g, w in zip(a.shape, want))
+            if not ok:
+                got = "missing" if a is None else f"shape {a.shape}"
+                raise BundleError(f"{where}: detector {name!r} array {key!r} is {got}, expected {want}; {REFIT_HINT}")
+            bad = np.isinf(a) if key in MAY_HOLD_NAN else ~np.isfinite(a)
+            if bad.any():
+                raise BundleError(f"{where}: detector {name!r} array {key!r} holds non-finite values; {REFIT_HINT}")
+        _check_config(name, det.config, where)
+
+
+def _check_config(name: str, cfg: Dict[str, Any], where: str) -> None:
+    if name == "knn":
+        k = cfg.get("k")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise BundleError(f"{where}: detector 'knn' config k must be an integer >= 1, got {k!r}")
+    if name == "gradient":
+        base, weighting = cfg.get("layer_base"), cfg.get("class_weighting")
+        if isinstance(base, bool) or not isinstance(base, (int, float)) or not np.isfinite(base) or base <= 0 \
+                or weighting not in CLASS_WEIGHTINGS:
+            raise BundleError(f"{where}: detector 'gradient' config needs a finite layer_base > 0 and class_weighting "
+                              f"in {', '.join(CLASS_WEIGHTINGS)}, got {base!r}, {weighting!r}")
 
 
 def attach_detectors(bundle_path: os.PathLike, dset: DetectorSet, fit_info: Optional[Dict[str, Any]] = None) -> Bundle:
@@ -112,7 +151,7 @@ def attach_detectors(bundle_path: os.PathLike, dset: DetectorSet, fit_info: Opti
         manifest["detectors"] = dict(want, file=DETECTORS_FILE, version=FILE_VERSION, names=dset.names,
                                      thresholds={n: d.threshold for n, d in dset.detectors.items()},
                                      tpr=dset.meta.get("tpr"))
-        tmp_man.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+        tmp_man.write_text(manifest_text(json_safe(manifest)), encoding="utf-8")
         os.replace(tmp_npz, root / DETECTORS_FILE)
         os.replace(tmp_man, root / MANIFEST_NAME)
     finally:

@@ -291,16 +291,19 @@ class DetectorSet:
                 out.update(_encode(f"{n}/{k}", v, d.dtype))
             dets[n] = {"config": d.config, "threshold": d.threshold, "tpr": d.tpr, "dtype": d.dtype}
         meta = dict(self.meta, format=FORMAT_NAME, version=FILE_VERSION, detectors=dets)
-        out["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), np.uint8)
+        out["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True, allow_nan=False).encode("utf-8"), np.uint8)
         return out
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], where: str) -> "DetectorSet":
         if "meta" not in arrays:
             raise BundleError(f"{where}: not an edge-quq detectors file (no meta record)")
+        raw = np.asarray(arrays["meta"])
+        if raw.dtype != np.uint8 or raw.ndim != 1:
+            raise BundleError(f"{where}: detectors meta record must be a 1-D uint8 array, got {raw.dtype} {raw.shape}")
         try:
-            meta = json.loads(bytes(np.asarray(arrays["meta"], np.uint8)).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            meta = json.loads(raw.tobytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
             raise BundleError(f"{where}: detectors meta record is not valid JSON ({e})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
             raise BundleError(f"{where}: not an edge-quq detectors file (format {meta.get('format') if isinstance(meta, dict) else None!r})")
@@ -309,17 +312,26 @@ class DetectorSet:
             raise BundleError(f"{where}: detectors file version {version!r} is not supported (this edge-quq reads 1..{FILE_VERSION}); refit or upgrade")
         dets: Dict[str, FittedDetector] = {}
         recs = meta.get("detectors", {})
+        if not isinstance(recs, dict):
+            raise BundleError(f"{where}: detectors meta record: 'detectors' must be an object")
         for n in sorted(recs, key=lambda k: DETECTOR_NAMES.index(k) if k in DETECTOR_NAMES else -1):
             d = recs[n]
             if n not in _IMPL:
                 raise BundleError(f"{where}: unknown detector {n!r}")
+            if not isinstance(d, dict) or not isinstance(d.get("config", {}), dict):
+                raise BundleError(f"{where}: detector {n!r}: meta record must be an object with an object 'config'")
+            thr, tpr, dtype = d.get("threshold"), d.get("tpr"), d.get("dtype", "float32")
+            for key, v in (("threshold", thr), ("tpr", tpr)):
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)):
+                    raise BundleError(f"{where}: detector {n!r}: {key} must be a finite number or null, got {v!r}")
+            if dtype not in ("int8", "float16", "float32"):
+                raise BundleError(f"{where}: detector {n!r}: dtype {dtype!r} is not one of int8, float16, float32")
             prefix = f"{n}/"
             arrs = {}
             for k in arrays:
                 if k.startswith(prefix) and not k.endswith(".scale"):
-                    arrs[k[len(prefix):]] = _decode(arrays, k)
-            thr = d.get("threshold")
-            dets[n] = FittedDetector(n, dict(d.get("config", {})), arrs, None if thr is None else float(thr), d.get("tpr"), str(d.get("dtype", "float32")))
+                    arrs[k[len(prefix):]] = _decode(arrays, k, where)
+            dets[n] = FittedDetector(n, dict(d.get("config", {})), arrs, None if thr is None else float(thr), tpr, dtype)
         meta = {k: v for k, v in meta.items() if k != "detectors"}
         return cls(dets, meta)
 
@@ -333,13 +345,20 @@ def _encode(key: str, v: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
     return {key: v.astype(np.float64 if v.size == 1 else np.dtype(dtype))}
 
 
-def _decode(arrays: Mapping[str, np.ndarray], key: str) -> np.ndarray:
+def _decode(arrays: Mapping[str, np.ndarray], key: str, where: str = "detectors") -> np.ndarray:
     """Stored array -> the in-memory form the scores use: float32 for arrays (half the memory of float64 on
-    the board; the KNN bank is the big one), float64 for scalars."""
+    the board; the KNN bank is the big one), float64 for scalars. A stored array that is not a real number
+    array, or an int8 one without its one finite scale, is refused with one line."""
     v = np.asarray(arrays[key])
+    if v.dtype.kind not in "fi":
+        raise BundleError(f"{where}: {key} has dtype {v.dtype}, not a number array")
     if v.dtype == np.int8:
-        v = v.astype(np.float32) * np.float32(np.asarray(arrays[f"{key}.scale"])[0])
-    return np.ascontiguousarray(v, np.float64 if v.size == 1 else np.float32)
+        scale = np.asarray(arrays.get(f"{key}.scale", np.zeros(0)))
+        if scale.dtype.kind != "f" or scale.size != 1 or not np.isfinite(scale).all():
+            raise BundleError(f"{where}: {key} is int8 but {key}.scale is not one finite number")
+        v = v.astype(np.float32) * np.float32(scale.reshape(-1)[0])
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.ascontiguousarray(v, np.float64 if v.size == 1 else np.float32)
 
 
 def _roundtrip(arrs: Dict[str, np.ndarray], dtype: str) -> Dict[str, np.ndarray]:

@@ -6,10 +6,13 @@ ReLU, the last sigmoid, softmax or linear. This module is the reference every ot
 """
 from __future__ import annotations
 
+import struct
+import tokenize
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -99,24 +102,45 @@ def save_head_weights(path: Path, spec_layers: Sequence[str], kernels: Sequence[
         np.savez(f, **arrays)
 
 
+def read_npz(path: Path, what: str) -> Dict[str, np.ndarray]:
+    """Every array of an npz file (no pickle), or one BundleError line: a damaged or hostile file can fail
+    in the zip layer, in zlib, or in numpy's header parser (ValueError, SyntaxError, TokenError: it reads the
+    header with the Python tokenizer), or claim a shape too big to allocate."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if not hasattr(npz, "files"):
+                raise ValueError("not an npz archive")
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, SyntaxError, tokenize.TokenError,
+            MemoryError, OverflowError, KeyError, struct.error, NotImplementedError) as e:
+        raise BundleError(f"{path}: {what} file cannot be read ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _float_array(a: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """A stored weight as float32, refused unless numeric and finite: one inf bias makes a class present for
+    every input, and the decision would never say so."""
+    if a.dtype.kind not in "fiu":
+        raise BundleError(f"{path}: {key} has dtype {a.dtype}, not a number array")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.ascontiguousarray(a, dtype=np.float32)
+    if not np.all(np.isfinite(out)):
+        raise BundleError(f"{path}: {key} holds NaN or infinite values (or values beyond float32)")
+    return out
+
+
 def load_head_weights(bundle: Bundle) -> HeadWeights:
     return load_head_from_spec(bundle.path / bundle.head.weights, bundle.head, bundle.temperature)
 
 
 def load_head_from_spec(path: Path, spec: HeadSpec, temperature: float = 1.0) -> HeadWeights:
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise BundleError(f"{path}: head weights file cannot be read ({e})") from None
+    arrays = read_npz(path, "head weights")
     kernels, biases = [], []
     fan_in = spec.feature_size
     for layer in spec.layers:
         kk, bk = f"{layer.name}/kernel", f"{layer.name}/bias"
         if kk not in arrays or bk not in arrays:
             raise BundleError(f"{path}: head weights lack {kk!r} or {bk!r}")
-        k = np.ascontiguousarray(arrays[kk], dtype=np.float32)
-        b = np.ascontiguousarray(arrays[bk], dtype=np.float32)
+        k, b = _float_array(arrays[kk], path, kk), _float_array(arrays[bk], path, bk)
         if k.shape != (fan_in, layer.units) or b.shape != (layer.units,):
             raise BundleError(
                 f"{path}: layer {layer.name!r} has kernel {k.shape} / bias {b.shape}, manifest says ({fan_in}, {layer.units})"

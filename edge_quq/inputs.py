@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import glob
+import os
 from pathlib import Path
-from typing import Iterable, List, Union
+from typing import Iterable, Iterator, List, Union
 
 from edge_quq.preprocess import IMAGE_SUFFIXES
 from edge_quq.result import Failure
@@ -11,21 +12,35 @@ from edge_quq.result import Failure
 IMAGE_GLOB_CHARS = set("*?[")
 
 
-def expand_inputs(items: Iterable[str]) -> List[Union[Path, Failure]]:
-    """Files, folders and globs -> paths, in the order given; problems become Failures (reported, not fatal)."""
-    out: List[Union[Path, Failure]] = []
+def iter_inputs(items: Iterable[str]) -> Iterator[Union[Path, Failure]]:
+    """Files, folders and globs -> paths, in the order given, one at a time; problems become Failures
+    (reported, not fatal).
+
+    A folder is listed as sorted names (strings, ~60 bytes each), not Path objects, and each Path is made
+    only when it is yielded: `edge-quq predict` starts on the first file of a 100 000-file folder at once.
+    """
     for item in items:
         p = Path(item)
         if any(c in item for c in IMAGE_GLOB_CHARS) and not p.exists():
             matches = sorted(glob.glob(item))
             if not matches:
-                out.append(Failure(item, f"{item}: pattern matches no files"))
-            out.extend(Path(m) for m in matches if not Path(m).is_dir())
+                yield Failure(item, f"{item}: pattern matches no files")
+            yield from (Path(m) for m in matches if not Path(m).is_dir())
         elif p.is_dir():
-            imgs = sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
-            if not imgs:
-                out.append(Failure(item, f"{item}: folder contains no images ({', '.join(IMAGE_SUFFIXES)})"))
-            out.extend(imgs)
+            try:
+                with os.scandir(p) as entries:
+                    names = sorted(e.name for e in entries
+                                   if os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES and e.is_file())
+            except OSError as e:
+                yield Failure(item, f"{item}: cannot list the folder ({e.strerror})")
+                continue
+            if not names:
+                yield Failure(item, f"{item}: folder contains no images ({', '.join(IMAGE_SUFFIXES)})")
+            yield from (p / n for n in names)
         else:
-            out.append(p)
-    return out
+            yield p
+
+
+def expand_inputs(items: Iterable[str]) -> List[Union[Path, Failure]]:
+    """iter_inputs as a list."""
+    return list(iter_inputs(items))

@@ -7,10 +7,11 @@
 """
 from __future__ import annotations
 
+import itertools
 import os
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -295,33 +296,44 @@ class Predictor:
         return self.finish(src, moments, clock, feats[0])
 
     def predict_many(self, images: Sequence[ImageLike], batch_size: int = 1) -> List[Union[Prediction, Failure]]:
-        """Many images; a bad one becomes a Failure and the rest still get results.
+        """Many images; a bad one becomes a Failure and the rest still get results (iter_predict, as a list)."""
+        return list(self.iter_predict(images, batch_size))
+
+    def iter_predict(self, images: Iterable[ImageLike], batch_size: int = 1) -> Iterator[Union[Prediction, Failure]]:
+        """Results one by one, in input order, each as soon as its batch is done; `images` is consumed
+        lazily, so memory stays flat however many there are (edge-quq predict streams 100 000 files).
 
         With batch_size > 1 the backbone runs on batches; each result's backbone time is its share of the
         batch's time.
         """
         if batch_size < 1:
             raise OptionError(f"batch size must be >= 1, got {batch_size}")
-        results: List[Union[Prediction, Failure]] = []
-        for start in range(0, len(images), batch_size):
-            chunk = images[start : start + batch_size]
-            ok: List[tuple] = []
+        it = iter(images)
+        while True:
+            chunk = list(itertools.islice(it, batch_size))
+            if not chunk:
+                return
+            done: List[Union[Failure, tuple]] = []  # keeps input order: Failures and decoded inputs interleaved
             for img in chunk:
                 src = "<array>" if isinstance(img, np.ndarray) else str(img)
                 clock = StageClock()
                 try:
                     with clock.stage("preprocess"):
-                        x = self.load_input(img)
-                    ok.append((src, x, clock))
+                        done.append((src, self.load_input(img), clock))
                 except EdgeQuqError as e:
-                    results.append(Failure(src, str(e)))
-            if not ok:
-                continue
-            batch_clock = StageClock()
-            with batch_clock.stage("backbone"):
-                feats = self.features(np.stack([x for _, x, _ in ok]))
-            share = batch_clock.ms["backbone"] / len(ok)
-            for (src, _, clock), f in zip(ok, feats):
+                    done.append(Failure(src, str(e)))
+            ok = [d for d in done if isinstance(d, tuple)]
+            feats: Any = ()
+            if ok:
+                batch_clock = StageClock()
+                with batch_clock.stage("backbone"):
+                    feats = iter(self.features(np.stack([x for _, x, _ in ok])))
+                share = batch_clock.ms["backbone"] / len(ok)
+            for d in done:
+                if isinstance(d, Failure):
+                    yield d
+                    continue
+                src, _, clock = d
+                f = next(feats)
                 clock.ms["backbone"] = share
-                results.append(self.finish(src, self.head_stage(f, clock), clock, f))
-        return results
+                yield self.finish(src, self.head_stage(f, clock), clock, f)

@@ -7,6 +7,25 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 
+def json_safe(value: Any) -> Any:
+    """`value` with every non-finite float (NaN, ±Infinity) replaced by None, recursively: JSON has no such
+    numbers, and Python's json would write the non-standard tokens that strict parsers reject."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """json.dumps for everything the product writes: non-finite numbers become null, and allow_nan=False
+    makes any that slip past json_safe (a numpy float64 subclass is still a float) fail loudly, not silently."""
+    kwargs.setdefault("separators", (",", ":"))
+    return json.dumps(json_safe(value), allow_nan=False, **kwargs)
+
+
 @dataclass
 class Prediction:
     source: str  # file path, frame id, or "<array>"
@@ -46,8 +65,9 @@ class Prediction:
         return "keep" if self.keep else "ignore"
 
     def to_dict(self, class_names: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-        def r(v: float) -> float:
-            return round(float(v), 6) if math.isfinite(v) else v
+        def r(v: float) -> Optional[float]:
+            # null, not NaN/Infinity: those are not JSON, and strict parsers reject the whole line.
+            return round(float(v), 6) if math.isfinite(v) else None
 
         return {
             "source": self.source,
@@ -65,9 +85,9 @@ class Prediction:
             "states": list(self.states),
             "deterministic": [r(v) for v in self.deterministic],
             "scores": {k: r(v) for k, v in self.scores.items()},
-            "timings_ms": {k: round(v, 4) for k, v in self.timings_ms.items()},
+            "timings_ms": {k: round(v, 4) if math.isfinite(v) else None for k, v in self.timings_ms.items()},
             "rss_mb": round(self.rss_bytes / 2**20, 2),
-            "settings": dict(self.settings),
+            "settings": json_safe(dict(self.settings)),
             "ignored_by": list(self.ignored_by),
             "flagged": list(self.flagged),
             "policy": self.policy,
@@ -76,7 +96,7 @@ class Prediction:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        return dumps(self.to_dict())
 
 
 @dataclass

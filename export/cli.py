@@ -6,7 +6,9 @@ command, and TensorFlow (seconds to import, absent on boards) loads only when th
 """
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -72,6 +74,24 @@ def run_command(cmd: click.BaseCommand, argv: Sequence[str], prog: str) -> int:
         click.echo(f"error: {msg}", err=True)
         return getattr(e, "exit_code", 2)
     return 0
+
+def check_out_writable(out: Path, force: bool) -> None:
+    """Refuse an --out that cannot become a bundle before TensorFlow loads: an existing file or non-empty
+    folder that is not a bundle (writer.check_out), or a place where no folder can be made (/proc/x, a
+    read-only mount). The exporter stages next to OUT, so a folder is made and removed in OUT's nearest
+    existing ancestor: a real write, which os.access cannot promise for root or on /proc."""
+    from edge_quq.errors import ExportError
+    from edge_quq_export.writer import check_out
+
+    check_out(out, force)
+    parent = out.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".edge-quq-probe-", dir=parent))
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot create a bundle folder there ({parent}: {e.strerror or e})") from None
+
 
 def _floats(value: Optional[str], what: str) -> Optional[List[float]]:
     if value is None:
@@ -160,6 +180,7 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
             if fit_data not in ("fashion-mnist", "fashion-mnist:train") and not Path(fit_data).exists():
                 raise OptionError(f"--fit-data {fit_data}: not found")
             det_names = parse_names(detectors or "all")
+        check_out_writable(out, force)
         from edge_quq_export.pipeline import ExportOptions, export_model
 
         t0 = time.perf_counter()
@@ -186,6 +207,9 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
             raise
         click.echo(f"error: {msg}", err=True)
         sys.exit(getattr(e, "exit_code", 2))
+    except OSError as e:  # the disk, not the model: full, read-only, or a path that cannot hold files
+        click.echo(f"error: {e.filename or out}: {e.strerror or e}", err=True)
+        sys.exit(2)
     acc = bundle.manifest.get("accuracy")
     click.echo(f"wrote {bundle.path} ({bundle.total_bytes() / 1024:.1f} KiB, {len(bundle.files)} files) in {time.perf_counter() - t0:.1f} s")
     click.echo(f"split at {bundle.split_layer!r}: features {bundle.head.feature_size}, head " +
