@@ -774,7 +774,10 @@ def gate_summary(bundle: Bundle) -> List[Tuple[str, str]]:
             ("calibration", f"{cal.get('samples', '?')} held-out samples: {cal.get('data', '?')} ({g.file})")]
     val = g.validation
     sets = val.get("chosen", {}) if isinstance(val, Mapping) else {}
-    if sets:
-        rows.append(("gate validation", ", ".join(f"{k} {100 * float(v):.1f}%" for k, v in sets.items())
+    # The validation table is the exporter's record, shown as it is: a value that is not a rate is left out.
+    rates = {k: v for k, v in sets.items() if not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)} \
+        if isinstance(sets, Mapping) else {}
+    if rates:
+        rows.append(("gate validation", ", ".join(f"{k} {100 * float(v):.1f}%" for k, v in rates.items())
                      + " ignored by the gate (exporter's held-out data)"))
     return rows

@@ -147,6 +147,8 @@ class Predictor:
         from edge_quq.detector_store import load_detectors
 
         bundle = load_bundle(opts.bundle)
+        # The head first: broken weights are the root problem, not the detectors or gate fitted to them.
+        head = load_head_weights(bundle)
         detectors = load_detectors(bundle)
         check_ignore_on(opts.ignore_on, detectors)
         policy = resolve_policy(opts, load_gate(bundle))
@@ -160,7 +162,6 @@ class Predictor:
             mixed=opts.mixed if opts.mixed is not None else d.mixed,
             seed=opts.seed,
         ).validate()
-        head = load_head_weights(bundle)
         backbone = make_backbone(bundle, opts.backend, opts.threads, opts.xnnpack)
         smp = make_sampler(opts.sampler, head, seed=opts.seed, bundle=bundle, threads=opts.threads)
         predictor = cls(bundle, backbone, head, smp, settings, opts.channel_order, opts.gradient, detectors, opts.ignore_on,

@@ -36,13 +36,15 @@ def folders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lean_bundle(tmp_path_factory) -> Path:
-    """The default bundle without detectors: the same memory story, fewer seconds per file."""
+    """The default bundle without detectors (and so without the gate calibrated on them): the same memory
+    story, fewer seconds per file."""
     b = tmp_path_factory.mktemp("lean") / "bundle"
     shutil.copytree(DEFAULT_BUNDLE_DIR, b)
     m = json.loads((b / MANIFEST_NAME).read_text())
-    del m["detectors"], m["files"]["detectors.npz"]
+    del m["detectors"], m["files"]["detectors.npz"], m["gate"], m["files"]["gate.npz"]
     (b / MANIFEST_NAME).write_text(json.dumps(m, indent=2))
     (b / "detectors.npz").unlink()
+    (b / "gate.npz").unlink()
     return b
 
 
@@ -75,8 +77,8 @@ def test_table_rows_stream_and_sigterm_prints_the_summary(folders):
     assert p.returncode == 143, err
     assert head[0].startswith("input") and set(head[1].strip()) <= {"-", " "}
     rows = [l for l in head[2:] + rest.splitlines(keepends=True) if l.startswith("img")]
-    # input, decision, label, rule, "top mean±std" (two words), max p, ms, OOD flags
-    assert rows and all(l.endswith("\n") and len(l.split()) == 9 for l in rows)
+    # input, decision, label, rule, "top mean±std" (two words), max p, ms, ignored by, OOD flags
+    assert rows and all(l.endswith("\n") and len(l.split()) == 10 for l in rows)
     assert f"{len(rows)} processed" in rest and "stopped by SIGTERM" in rest
 
 
