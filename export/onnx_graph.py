@@ -200,9 +200,10 @@ def _structural(g: Graph, n, b: _Builder) -> str:
 
 
 def _dropout_rate(g: Graph, n) -> float:
+    # Rates are stored as float32 in the graph: rounded so that 0.2 is recorded as 0.2, not 0.20000000298.
     if len(n.input) > 1 and n.input[1]:
-        return float(g.const(n.input[1], n).reshape(-1)[0])
-    return float(_attr(n, "ratio", 0.5))
+        return round(float(g.const(n.input[1], n).reshape(-1)[0]), 6)
+    return round(float(_attr(n, "ratio", 0.5)), 6)
 
 
 def _batchnorm(g: Graph, n, b: _Builder) -> str:
