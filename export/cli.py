@@ -19,7 +19,7 @@ from edge_quq_export import DEFAULT_QUANT_SAMPLES
 
 # Packages of the [export] extra (and matplotlib for the report's figures): missing one is a setup problem
 # worth one line, anything else is a bug.
-HOST_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx", "ai_edge_litert")
+HOST_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx", "ai_edge_litert", "torch", "onnxscript")
 FIGURE_MODULES = ("matplotlib",)
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -48,7 +48,8 @@ def host_error(e: BaseException) -> Optional[str]:
     if isinstance(e, ModuleNotFoundError):
         top = (e.name or "").split(".")[0]
         if top in HOST_MODULES:
-            return f"the exporter needs the [export] extra (pip install 'edge-quq[export]'): {e}"
+            extra = "export-torch" if top in ("torch", "onnxscript") else "export"
+            return f"the exporter needs the [{extra}] extra (pip install 'edge-quq[{extra}]'): {e}"
         if top in FIGURE_MODULES:
             return "the report's figures need matplotlib (pip install 'edge-quq[bench]')"
     return None
@@ -144,7 +145,7 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
                crop_fraction: float, quant_samples: int, test_samples: Optional[int], name: Optional[str], threshold: float,
                num_iter: int, z: float, mixed: str, seed: int, temperature_data: Optional[Path] = None,
                temperature_labels: Optional[Path] = None, detectors: Optional[str] = None, fit_data: Optional[str] = None) -> None:
-    """Split MODEL (.keras/.h5, or a float .onnx classifier) into an int8 backbone and a droppable head, and write a bundle to OUT."""
+    """Split MODEL (.keras/.h5, a float .onnx classifier or a torch.export .pt2 archive) into an int8 backbone and a droppable head, and write a bundle to OUT."""
     from edge_quq.errors import EdgeQuqError
 
     try:
@@ -206,13 +207,18 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
 
 
 def export_any(model: Path, opts, split_node: Optional[str] = None):
-    """Dispatch on the model file's suffix: .onnx to the ONNX path, anything else to the Keras pipeline."""
+    """Dispatch on the model file's suffix: .onnx to the ONNX path, .pt2 (torch.export) through ONNX, anything
+    else to the Keras pipeline."""
     from edge_quq.errors import ExportError
 
     if model.suffix.lower() == ".onnx":
         from edge_quq_export.onnx_import import export_onnx
 
         return export_onnx(model, opts, split_node)
+    if model.suffix.lower() == ".pt2":
+        from edge_quq_export.torch_export import export_pt2
+
+        return export_pt2(model, opts, split_node)
     if split_node is not None:
         raise ExportError("--split-node is for ONNX models; name a Keras model's first head layer with --split-layer")
     from edge_quq_export.pipeline import export_model
