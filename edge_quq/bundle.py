@@ -552,6 +552,8 @@ def bundle_summary(bundle: Bundle) -> List[Tuple[str, str]]:
             size = bundle.files.get(mf.file, {}).get("bytes", 0)
             rows.append((label, f"{mf.file} ({size / 1024:.1f} KiB), in {mf.input.dtype} scale {mf.input.scale:.6g} "
                                 f"zp {mf.input.zero_point}, out {mf.output.dtype} scale {mf.output.scale:.6g} zp {mf.output.zero_point}"))
+    if bundle.backbone_tflite is None:  # ONNX-only bundles (from ONNX/PyTorch models) say why
+        rows.append(("backbone tflite", "none: " + str(bundle.extra.get("backbone_note", "this bundle is ONNX-only"))))
     for label, f in (("head tflite", bundle.head.tflite), ("head onnx", bundle.head.onnx), ("head tflite int8", bundle.head.tflite_int8)):
         if f:
             rows.append((label, f))

@@ -171,6 +171,8 @@ def parse_head(g: Graph, split: str, dropout: Optional[Sequence[float]]) -> Tupl
         raise ExportError(f"--dropout gives {len(rates)} rates but the head has {len(b.kernels)} dense layers")
     if any(not 0.0 <= r < 1.0 for r in rates):
         raise ExportError(f"dropout rates must be in [0, 1), got {list(rates)}")
+    if not any(rates):  # as for Keras models: MC dropout with no dropout is a user mistake, not a default
+        raise ExportError("every head dropout rate is 0; give the rates with --dropout")
     head = HeadWeights(kernels=tuple(b.kernels), biases=tuple(b.biases), rates=tuple(float(r) for r in rates),
                        activation=output_act, hidden=tuple(b.hidden))
     return head, covered

@@ -203,6 +203,10 @@ def test_onnx_only_bundle_with_nchw_input(gelu_bundle):
     # features are a meaningful check (cosine); 90% agreement is the stated tolerance.
     assert report["int8"]["onnx"]["feature_cosine_mean"] > 0.99 and report["int8"]["onnx"]["top1_agreement"] >= 0.9
     assert "ONNX only" in (b.path / "parity.md").read_text()
+    from edge_quq.bundle import bundle_summary
+
+    rows = dict(bundle_summary(b))
+    assert rows["backbone tflite"].startswith("none: ONNX only") and "NCHW" in rows["input"]
 
 
 def test_predict_feeds_nchw_rgb_from_files(gelu_bundle, tmp_path):
