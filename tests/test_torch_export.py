@@ -166,7 +166,7 @@ def test_int8_top1_agrees_with_float(trained):
     report = json.loads((bundle.path / "parity.json").read_text())
     row = report["int8"]["onnx"]
     assert report["samples"] == 200 and row["top1_agreement"] >= AGREEMENT, row
-    assert report["float"]["top1_accuracy"] > 0.3  # trained, not chance (10%)
+    assert report["float"]["top1_accuracy"] > 0.2  # trained to twice chance (10%) at least: the agreement means something
 
 
 def test_mc_samplers_match_the_numpy_reference(trained):
