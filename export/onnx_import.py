@@ -5,8 +5,9 @@ Same stages as the Keras pipeline (export/pipeline.py), with an ONNX graph in pl
 backbone (graph up to the split) is quantized by ONNX Runtime's static quantization (QDQ, per-channel int8);
 parity is measured with the runtime's own backends; the manifest is written by the same Staging writer.
 
-The TFLite backbone: an ONNX -> TFLite converter that runs offline here would be onnx2tf, which is not part
-of the [export] extra; bundles from ONNX are ONNX-only (manifest `backbone.tflite` absent, recorded as
+The TFLite backbone: the ONNX -> TFLite converter that runs offline here is onnx2tf, which pins an older
+TensorFlow/ONNX/numpy stack and so is not part of the [export] extra (docs/export.md has its measured parity);
+bundles from ONNX are ONNX-only (manifest `backbone.tflite` absent, recorded as
 `backbone_note`, and the parity report says so). The exported TFLite head is still written, so the `tflite`
 head sampler works with the ONNX backbone.
 """
@@ -29,8 +30,8 @@ from edge_quq_export.pipeline import ExportOptions, HeldOut
 from edge_quq_export.writer import Staging, check_out
 
 MIN_OPSET = 13
-ONNX_ONLY_NOTE = ("ONNX only: no offline ONNX->TFLite converter is part of the exporter (onnx2tf not installed), "
-                  "so this bundle has no TFLite backbone")
+ONNX_ONLY_NOTE = ("ONNX only: no ONNX->TFLite converter is part of the exporter (onnx2tf pins an older TensorFlow "
+                  "stack), so this bundle has no TFLite backbone")
 # Head extraction is exact up to float32 rounding; above this the graph holds something the parser missed.
 HEAD_REPRODUCTION_TOL = 1e-4
 
