@@ -1,6 +1,7 @@
 """Backbone runtimes: TFLite (ai-edge-litert, tflite-runtime or tensorflow.lite) and ONNX Runtime.
 
-A backbone takes a float32 batch [N, H, W, C] already preprocessed, quantizes it with the model's own input
+A backbone takes a float32 batch [N, H, W, C] already preprocessed (and transposes it to NCHW itself when the
+bundle's input.layout says so), quantizes it with the model's own input
 parameters, runs once, and returns float32 features [N, F]. Each runtime is imported only when used, so a
 board needs only the one it runs.
 """
@@ -17,7 +18,7 @@ import numpy as np
 
 from edge_quq.bundle import Bundle, ModelFile
 from edge_quq.errors import BackendError
-from edge_quq.preprocess import dequantize, quantize
+from edge_quq.preprocess import dequantize, quantize, to_layout
 
 BACKENDS = ("auto", "tflite", "onnx")
 
@@ -133,9 +134,10 @@ class Backbone:
 class TFLiteBackbone(Backbone):
     name = "tflite"
 
-    def __init__(self, path: Path, spec: ModelFile, threads: int, xnnpack: bool = True) -> None:
+    def __init__(self, path: Path, spec: ModelFile, threads: int, xnnpack: bool = True, layout: str = "NHWC") -> None:
         """A model file and its quantization spec (the export's parity check builds one before the manifest exists)."""
         self.spec: ModelFile = spec
+        self.layout = layout
         self.threads = threads
         self.xnnpack = xnnpack
         self.interp, self.runtime = make_tflite_interpreter(str(path), threads, xnnpack)
@@ -154,7 +156,7 @@ class TFLiteBackbone(Backbone):
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         self._resize(batch.shape[0])
-        self.interp.set_tensor(self._in["index"], quantize(batch, self.spec.input))
+        self.interp.set_tensor(self._in["index"], quantize(to_layout(batch, self.layout), self.spec.input))
         self.interp.invoke()
         out = self.interp.get_tensor(self._out["index"])
         return dequantize(out, self.spec.output).reshape(batch.shape[0], -1)
@@ -166,7 +168,8 @@ class TFLiteBackbone(Backbone):
 class OnnxBackbone(Backbone):
     name = "onnx"
 
-    def __init__(self, path: Path, spec: ModelFile, threads: int) -> None:
+    def __init__(self, path: Path, spec: ModelFile, threads: int, layout: str = "NHWC") -> None:
+        self.layout = layout
         try:
             import onnxruntime as ort  # type: ignore
         except ImportError as e:
@@ -185,7 +188,7 @@ class OnnxBackbone(Backbone):
         self._out = spec.output_name or self.session.get_outputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        out = self.session.run([self._out], {self._in: quantize(batch, self.spec.input)})[0]
+        out = self.session.run([self._out], {self._in: quantize(to_layout(batch, self.layout), self.spec.input)})[0]
         return dequantize(out, self.spec.output).reshape(batch.shape[0], -1)
 
     def describe(self) -> str:
@@ -214,9 +217,10 @@ def bundle_backbone(bundle: Bundle, kind: str, threads: int, xnnpack: bool = Tru
     mf = bundle.backbone_tflite if kind == "tflite" else bundle.backbone_onnx
     if mf is None:
         raise BackendError(f"{bundle.path}: the bundle has no {'TFLite' if kind == 'tflite' else 'ONNX'} backbone")
+    layout = bundle.input.layout
     if kind == "tflite":
-        return TFLiteBackbone(bundle.file(mf.file), mf, threads, xnnpack)
-    return OnnxBackbone(bundle.file(mf.file), mf, threads)
+        return TFLiteBackbone(bundle.file(mf.file), mf, threads, xnnpack, layout)
+    return OnnxBackbone(bundle.file(mf.file), mf, threads, layout)
 
 
 def make_backbone(bundle: Bundle, backend: str = "auto", threads: Optional[int] = None, xnnpack: bool = True) -> Backbone:

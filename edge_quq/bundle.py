@@ -201,9 +201,15 @@ class Preprocess:
         return 1 if self.color == "gray" else 3
 
 
+# How the backbone takes its input batch: NHWC (Keras, TFLite) or NCHW (PyTorch, most ONNX classifiers).
+LAYOUTS = ("NHWC", "NCHW")
+
+
 @dataclass(frozen=True)
 class InputSpec:
-    shape: Tuple[int, int, int]  # (height, width, channels), batch excluded; layout NHWC
+    # (height, width, channels), batch excluded, whatever the layout: the preprocess makes [H, W, C] images
+    # and the backends transpose a batch to `layout` just before the model runs.
+    shape: Tuple[int, int, int]
     preprocess: Preprocess
     layout: str = "NHWC"
 
@@ -219,8 +225,8 @@ class InputSpec:
                 f"{where}: input.preprocess ({pre.color}, resize {list(pre.resize)}) does not match input.shape {list(shape)}"
             )
         spec = cls(shape=(shape[0], shape[1], shape[2]), preprocess=pre, layout=_field(d, "layout", where, "NHWC"))
-        if spec.layout != "NHWC":
-            raise BundleError(f"{where}: input.layout {spec.layout!r} is not supported (NHWC only)")
+        if spec.layout not in LAYOUTS:
+            raise BundleError(f"{where}: input.layout {spec.layout!r} is not one of {', '.join(LAYOUTS)}")
         return spec
 
     def to_json(self) -> Dict[str, Any]:
@@ -278,6 +284,9 @@ class HeadLayer:
         return {"name": self.name, "dropout": self.dropout, "units": self.units, "activation": self.activation}
 
 
+# Hidden head activations by their manifest names (edge_quq.head.hidden_activation defines them).
+HIDDEN_ACTIVATIONS = ("relu", "hardswish", "silu", "gelu")
+
 # Keys of `head` the runtime reads; any other key (the exporter's `keras_layers`, `dropout_source`) is kept
 # in HeadSpec.extra so that rewriting a manifest loses nothing.
 _HEAD_KEYS = ("weights", "feature_size", "layers", "tflite", "onnx", "tflite_int8", "mask_inputs")
@@ -303,8 +312,9 @@ class HeadSpec:
         if not layers:
             raise BundleError(f"{where}: head.layers is empty")
         for hl in layers[:-1]:
-            if hl.activation != "relu":
-                raise BundleError(f"{where}: hidden head layer {hl.name!r} has activation {hl.activation!r}; only relu is supported")
+            if hl.activation not in HIDDEN_ACTIVATIONS:
+                raise BundleError(f"{where}: hidden head layer {hl.name!r} has activation {hl.activation!r}; "
+                                  f"one of {', '.join(HIDDEN_ACTIVATIONS)} is supported")
         if layers[-1].activation not in ("sigmoid", "softmax", "linear"):
             raise BundleError(f"{where}: output activation {layers[-1].activation!r} is not sigmoid, softmax or linear")
         return cls(
@@ -747,6 +757,8 @@ def bundle_summary(bundle: Bundle) -> List[Tuple[str, str]]:
             size = bundle.files.get(mf.file, {}).get("bytes", 0)
             rows.append((label, f"{mf.file} ({size / 1024:.1f} KiB), in {mf.input.dtype} scale {mf.input.scale:.6g} "
                                 f"zp {mf.input.zero_point}, out {mf.output.dtype} scale {mf.output.scale:.6g} zp {mf.output.zero_point}"))
+    if bundle.backbone_tflite is None:  # ONNX-only bundles (from ONNX/PyTorch models) say why
+        rows.append(("backbone tflite", "none: " + str(bundle.extra.get("backbone_note", "this bundle is ONNX-only"))))
     for label, f in (("head tflite", bundle.head.tflite), ("head onnx", bundle.head.onnx), ("head tflite int8", bundle.head.tflite_int8)):
         if f:
             rows.append((label, f))

@@ -1,7 +1,7 @@
 """The droppable head as plain numpy: weights file, activations, and the masked forward pass.
 
 The head is a stack of blocks, each `dropout(p_i) -> dense(W_i, b_i) -> activation_i`, hidden activations
-ReLU, the last sigmoid, softmax or linear. This module is the reference every other head implementation
+ReLU (the default), Hardswish, SiLU or GELU (exact, erf form), the last sigmoid, softmax or linear. This module is the reference every other head implementation
 (native kernel, exported TFLite/ONNX head) must match given the same keep masks.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from edge_quq.bundle import Bundle, HeadSpec
+from edge_quq.bundle import HIDDEN_ACTIVATIONS, Bundle, HeadSpec
 from edge_quq.errors import BundleError
 
 
@@ -36,6 +36,30 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / np.sum(e, axis=axis, keepdims=True)
 
 
+def erf(x: np.ndarray) -> np.ndarray:
+    """Vectorised erf, |error| < 1.2e-7 (Numerical Recipes erfc with a Chebyshev fit), float64."""
+    x = np.asarray(x, dtype=np.float64)
+    z = np.abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * (
+        0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
+    erfc = t * np.exp(poly)
+    return np.where(x >= 0, 1.0 - erfc, erfc - 1.0)
+
+
+def hidden_activation(h: np.ndarray, kind: str) -> np.ndarray:
+    """A hidden layer's activation, as PyTorch defines it (GELU: the exact erf form, torch's default)."""
+    if kind == "relu":
+        return np.maximum(h, 0.0)
+    if kind == "hardswish":
+        return h * np.clip(h + 3.0, 0.0, 6.0) / 6.0
+    if kind == "silu":
+        return h * sigmoid(h)
+    if kind == "gelu":
+        return (0.5 * h * (1.0 + erf(h / np.sqrt(2.0)))).astype(h.dtype)
+    raise ValueError(f"hidden activation {kind!r} is not one of {', '.join(HIDDEN_ACTIVATIONS)}")
+
+
 def output_activation(logits: np.ndarray, kind: str) -> np.ndarray:
     if kind == "sigmoid":
         return sigmoid(logits)
@@ -53,6 +77,17 @@ class HeadWeights:
     # Post-hoc temperature (bundle calibration.temperature): probabilities are activation(logits / T).
     # logits() stays the raw last-layer output; every sampler applies T through probs_from_logits().
     temperature: float = 1.0
+    # Activation of each hidden block (len(kernels) - 1 names from HIDDEN_ACTIVATIONS); () means all ReLU.
+    hidden: Sequence[str] = ()
+
+    @property
+    def hidden_activations(self) -> Sequence[str]:
+        return tuple(self.hidden) if self.hidden else ("relu",) * (len(self.kernels) - 1)
+
+    @property
+    def relu_only(self) -> bool:
+        """Every hidden block is ReLU: what the native kernel and the closed form handle."""
+        return all(a == "relu" for a in self.hidden_activations)
 
     @property
     def feature_size(self) -> int:
@@ -73,13 +108,14 @@ class HeadWeights:
         """
         h = np.asarray(x, dtype=np.float32)
         n_blocks = len(self.kernels)
+        acts = self.hidden_activations
         for i in range(n_blocks):
             m = None if masks is None else masks[i]
             if m is not None and self.rates[i] > 0.0:
                 h = h * (m.astype(np.float32, copy=False) * np.float32(1.0 / (1.0 - self.rates[i])))
             h = h @ self.kernels[i] + self.biases[i]
             if i < n_blocks - 1:
-                np.maximum(h, 0.0, out=h)
+                h = hidden_activation(h, acts[i])
         return h
 
     def probs_from_logits(self, logits: np.ndarray) -> np.ndarray:
@@ -154,4 +190,5 @@ def load_head_from_spec(path: Path, spec: HeadSpec, temperature: float = 1.0) ->
         rates=tuple(l.dropout for l in spec.layers),
         activation=spec.output_activation,
         temperature=float(temperature),
+        hidden=tuple(l.activation for l in spec.layers[:-1]),
     )

@@ -215,6 +215,16 @@ def preprocess_image(img: np.ndarray, spec: Preprocess, channel_order: str = "bg
     return ((f * np.float32(spec.pixel_scale) - mean) / std).astype(np.float32)
 
 
+def to_layout(batch: np.ndarray, layout: str) -> np.ndarray:
+    """A preprocessed batch [N, H, W, C] in the backbone's input layout (manifest input.layout): NHWC unchanged,
+    NCHW transposed (PyTorch-made models). The preprocess itself always works on [H, W, C] images."""
+    if layout == "NHWC":
+        return batch
+    if layout == "NCHW":
+        return np.ascontiguousarray(np.asarray(batch).transpose(0, 3, 1, 2))
+    raise InputError(f"input layout {layout!r} is not NHWC or NCHW")
+
+
 def min_decode_size(spec: Preprocess) -> Tuple[int, int]:
     """The smallest decoded (height, width) that still covers the model input after the center crop."""
     h, w = spec.resize

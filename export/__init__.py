@@ -6,3 +6,10 @@ __version__ = "0.1.0"
 
 # Images the int8 converters set activation ranges on (a random subset when more are given).
 DEFAULT_QUANT_SAMPLES = 300
+
+
+def from_torch(module, example_input, out, quant_data, **kwargs):
+    """A PyTorch classifier -> bundle (edge_quq_export.torch_export.from_torch; torch loads only when called)."""
+    from edge_quq_export.torch_export import from_torch as _from_torch
+
+    return _from_torch(module, example_input, out, quant_data, **kwargs)

@@ -21,7 +21,7 @@ from edge_quq_export import DEFAULT_QUANT_SAMPLES
 
 # Packages of the [export] extra (and matplotlib for the report's figures): missing one is a setup problem
 # worth one line, anything else is a bug.
-HOST_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx", "ai_edge_litert")
+HOST_MODULES = ("tensorflow", "keras", "tf2onnx", "onnx", "ai_edge_litert", "torch", "onnxscript")
 FIGURE_MODULES = ("matplotlib",)
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -50,7 +50,8 @@ def host_error(e: BaseException) -> Optional[str]:
     if isinstance(e, ModuleNotFoundError):
         top = (e.name or "").split(".")[0]
         if top in HOST_MODULES:
-            return f"the exporter needs the [export] extra (pip install 'edge-quq[export]'): {e}"
+            extra = "export-torch" if top in ("torch", "onnxscript") else "export"
+            return f"the exporter needs the [{extra}] extra (pip install 'edge-quq[{extra}]'): {e}"
         if top in FIGURE_MODULES:
             return "the report's figures need matplotlib (pip install 'edge-quq[bench]')"
     return None
@@ -131,6 +132,8 @@ def _class_names(classes: Optional[str], labels_file: Optional[Path]) -> Optiona
 @click.option("--classes", default=None, help="Class names, comma-separated, in output order.")
 @click.option("--labels-file", type=click.Path(path_type=Path), default=None, help="Class names, one per line, in output order.")
 @click.option("--split-layer", default=None, help="Name of the first head layer (default: the first Dropout of the trailing Dropout/Dense head).")
+@click.option("--split-node", default=None, help="ONNX models: name of the first head node (default: the head's first Dropout, "
+              "or the last 1-2 dense layers when it has none).")
 @click.option("--dropout", default=None, help="Dropout rate per head dense layer, e.g. 0.2,0.4. Required when the head has no Dropout; overrides the model's rates.")
 @click.option("--color", type=click.Choice(["gray", "rgb", "bgr"]), default=None, help="Channel order the model was trained on (default: gray for 1 channel, rgb for 3).")
 @click.option("--pixel-scale", type=float, default=1.0 / 255.0, show_default=True, help="Input = (pixel * pixel_scale - mean) / std, pixel on 0..255.")
@@ -160,13 +163,13 @@ def _class_names(classes: Optional[str], labels_file: Optional[Path]) -> Optiona
               help="Held-out labelled ID data for the OOD gate and risk control (gate.npz; same forms as --temperature-data, or "
                    "'fashion-mnist-val'); it must not have trained the model. Default: a seeded 20% of --fit-data, never used to fit the detectors.")
 def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data: Optional[Path], test_labels: Optional[Path],
-               classes: Optional[str], labels_file: Optional[Path], split_layer: Optional[str], dropout: Optional[str],
+               classes: Optional[str], labels_file: Optional[Path], split_layer: Optional[str], split_node: Optional[str], dropout: Optional[str],
                color: Optional[str], pixel_scale: float, mean: Optional[str], std: Optional[str], interpolation: str,
                crop_fraction: float, quant_samples: int, test_samples: Optional[int], name: Optional[str], threshold: float,
                num_iter: int, z: float, mixed: str, seed: int, temperature_data: Optional[Path] = None,
                temperature_labels: Optional[Path] = None, detectors: Optional[str] = None, fit_data: Optional[str] = None,
                calibration_data: Optional[str] = None) -> None:
-    """Split MODEL into an int8 backbone (TFLite + ONNX) and a droppable head, and write a bundle to OUT."""
+    """Split MODEL (.keras/.h5, a float .onnx classifier or a torch.export .pt2 archive) into an int8 backbone and a droppable head, and write a bundle to OUT."""
     from edge_quq.errors import EdgeQuqError
 
     try:
@@ -181,7 +184,7 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
                 raise OptionError(f"--fit-data {fit_data}: not found")
             det_names = parse_names(detectors or "all")
         check_out_writable(out, force)
-        from edge_quq_export.pipeline import ExportOptions, export_model
+        from edge_quq_export.pipeline import ExportOptions
 
         t0 = time.perf_counter()
         opts = ExportOptions(
@@ -192,7 +195,7 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
             test_samples=test_samples, threshold=threshold, num_iter=num_iter, z=z, mixed=mixed, seed=seed,
             temperature_data=temperature_data, temperature_labels=temperature_labels,
         )
-        bundle = export_model(model, opts)
+        bundle = export_any(model, opts, split_node)
         if det_names is not None:
             from edge_quq_export.detectors import fit_bundle
 
@@ -215,8 +218,10 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
     click.echo(f"split at {bundle.split_layer!r}: features {bundle.head.feature_size}, head " +
                " -> ".join(f"dropout {l.dropout:g} / dense {l.units} {l.activation}" for l in bundle.head.layers))
     if acc:
-        click.echo(f"top-1 on {acc['samples']} held-out samples: float {100 * acc['float']:.2f}%, "
-                   f"int8 tflite {100 * acc['int8_tflite']:.2f}%, int8 onnx {100 * acc['int8_onnx']:.2f}%")
+        click.echo(f"top-1 on {acc['samples']} held-out samples: float {100 * acc['float']:.2f}%, " +
+                   ", ".join(f"int8 {k} {100 * acc[f'int8_{k}']:.2f}%" for k in ("tflite", "onnx") if f"int8_{k}" in acc))
+    if bundle.manifest.get("backbone_note"):
+        click.echo(f"note: {bundle.manifest['backbone_note']}")
     cal = bundle.manifest.get("calibration")
     if cal:
         h = cal.get("heldout", {})
@@ -231,6 +236,26 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
                    f"{g.calibration.get('samples')} calibration samples ({bundle.path / g.file})")
     click.echo(f"parity report: {bundle.path / 'parity.md'}")
     _warn_on_poor_parity(bundle.path / "parity.json")
+
+
+def export_any(model: Path, opts, split_node: Optional[str] = None):
+    """Dispatch on the model file's suffix: .onnx to the ONNX path, .pt2 (torch.export) through ONNX, anything
+    else to the Keras pipeline."""
+    from edge_quq.errors import ExportError
+
+    if model.suffix.lower() == ".onnx":
+        from edge_quq_export.onnx_import import export_onnx
+
+        return export_onnx(model, opts, split_node)
+    if model.suffix.lower() == ".pt2":
+        from edge_quq_export.torch_export import export_pt2
+
+        return export_pt2(model, opts, split_node)
+    if split_node is not None:
+        raise ExportError("--split-node is for ONNX models; name a Keras model's first head layer with --split-layer")
+    from edge_quq_export.pipeline import export_model
+
+    return export_model(model, opts)
 
 
 # Below these, int8 changes what the model says often enough that the user should look before deploying.

@@ -151,6 +151,15 @@ def tflite_model_file(path: Path) -> ModelFile:
     return ModelFile(file=path.name, input=io[0][0], output=io[1][0], input_name=io[0][1], output_name=io[1][1])
 
 
+def _tf_hidden(tf, kind: str):
+    """edge_quq.head.hidden_activation in TensorFlow ops."""
+    fns = {"relu": tf.nn.relu, "hardswish": lambda h: h * tf.nn.relu6(h + 3.0) / 6.0, "silu": tf.nn.silu,
+           "gelu": lambda h: tf.nn.gelu(h, approximate=False)}
+    if kind not in fns:
+        raise ExportError(f"the exported TFLite head has no hidden activation {kind!r}")
+    return fns[kind]
+
+
 def tflite_head(head: HeadWeights) -> bytes:
     tf = _quiet_tf()
     specs = [tf.TensorSpec([None, head.feature_size], tf.float32, name="features")]
@@ -162,6 +171,7 @@ def tflite_head(head: HeadWeights) -> bytes:
     biases = [tf.constant(b) for b in head.biases]
     scales = [np.float32(1.0 / (1.0 - r)) for r in head.rates]
     n = len(kernels)
+    acts = [_tf_hidden(tf, a) for a in head.hidden_activations]
 
     class Head(tf.Module):
         @tf.function(input_signature=specs)
@@ -172,7 +182,7 @@ def tflite_head(head: HeadWeights) -> bytes:
                 h = h * (masks[i] * scales[i])
                 h = tf.matmul(h, kernels[i]) + biases[i]
                 if i < n - 1:
-                    h = tf.nn.relu(h)
+                    h = acts[i](h)
             if head.activation == "sigmoid":
                 p = tf.sigmoid(h)
             elif head.activation == "softmax":
@@ -278,6 +288,26 @@ def onnx_int8_backbone(float_model, quant: np.ndarray, out_path: Path) -> None:
             raise ExportError(f"ONNX int8 quantization of the backbone failed: {str(e).strip().splitlines()[0][:300]}") from None
 
 
+def _onnx_hidden(kind: str, x: str, y: str):
+    """edge_quq.head.hidden_activation as ONNX nodes (opset 17: GELU as its erf form, no Gelu op yet)."""
+    from onnx import helper, numpy_helper
+
+    if kind == "relu":
+        return [helper.make_node("Relu", [x], [y])], []
+    if kind == "hardswish":
+        return [helper.make_node("HardSwish", [x], [y])], []
+    if kind == "silu":
+        return [helper.make_node("Sigmoid", [x], [f"{y}_sig"]), helper.make_node("Mul", [x, f"{y}_sig"], [y])], []
+    if kind == "gelu":
+        consts = [numpy_helper.from_array(np.array(v, np.float32), f"{y}_{n}") for n, v in
+                  (("rsqrt2", 1.0 / np.sqrt(2.0)), ("one", 1.0), ("half", 0.5))]
+        nodes = [helper.make_node("Mul", [x, f"{y}_rsqrt2"], [f"{y}_s"]), helper.make_node("Erf", [f"{y}_s"], [f"{y}_e"]),
+                 helper.make_node("Add", [f"{y}_e", f"{y}_one"], [f"{y}_a"]), helper.make_node("Mul", [x, f"{y}_a"], [f"{y}_m"]),
+                 helper.make_node("Mul", [f"{y}_m", f"{y}_half"], [y])]
+        return nodes, consts
+    raise ExportError(f"the exported ONNX head has no hidden activation {kind!r}")
+
+
 def onnx_head(head: HeadWeights):
     """The masked head as a hand-built ONNX graph: Mul (mask * 1/(1-p)), MatMul, Add, Relu, Sigmoid|Softmax."""
     import onnx
@@ -299,7 +329,9 @@ def onnx_head(head: HeadWeights):
         last = i == n - 1
         nodes.append(helper.make_node("Add", [f"mm{i}", f"bias{i}"], ["logits" if last else f"pre{i}"]))
         if not last:
-            nodes.append(helper.make_node("Relu", [f"pre{i}"], [f"h{i}"]))
+            act_nodes, act_inits = _onnx_hidden(head.hidden_activations[i], f"pre{i}", f"h{i}")
+            nodes += act_nodes
+            inits += act_inits
             h = f"h{i}"
         fan_in = k.shape[1]
     if head.activation == "sigmoid":

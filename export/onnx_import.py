@@ -1,0 +1,272 @@
+"""`edge-quq export model.onnx`: a float ONNX classifier -> an edge-quq bundle (ONNX int8 backbone, numpy head).
+
+Same stages as the Keras pipeline (export/pipeline.py), with an ONNX graph in place of a Keras model:
+`prepare_onnx` checks everything the user gave (model, split, head, data) before anything is written; the
+backbone (graph up to the split) is quantized by ONNX Runtime's static quantization (QDQ, per-channel int8);
+parity is measured with the runtime's own backends; the manifest is written by the same Staging writer.
+
+The TFLite backbone: the ONNX -> TFLite converter that runs offline here is onnx2tf, which pins an older
+TensorFlow/ONNX/numpy stack and so is not part of the [export] extra (docs/export.md has its measured parity);
+bundles from ONNX are ONNX-only (manifest `backbone.tflite` absent, recorded as
+`backbone_note`, and the parity report says so). The exported TFLite head is still written, so the `tflite`
+head sampler works with the ONNX backbone.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from edge_quq.bundle import Bundle, HeadLayer, HeadSpec, InputSpec, ModelFile, Preprocess, QuantParams
+from edge_quq.errors import ExportError
+from edge_quq.head import HeadWeights, save_head_weights
+from edge_quq.preprocess import to_layout
+
+from edge_quq_export.onnx_graph import Graph, find_split, parse_head
+from edge_quq_export.pipeline import ExportOptions, HeldOut
+from edge_quq_export.writer import Staging, check_out
+
+MIN_OPSET = 13
+ONNX_ONLY_NOTE = ("ONNX only: no ONNX->TFLite converter is part of the exporter (onnx2tf pins an older TensorFlow "
+                  "stack), so this bundle has no TFLite backbone")
+# Head extraction is exact up to float32 rounding; above this the graph holds something the parser missed.
+HEAD_REPRODUCTION_TOL = 1e-4
+
+
+@dataclass
+class OnnxPrepared:
+    model: Any  # onnx.ModelProto, the float classifier
+    path: Path
+    layout: str  # "NCHW" | "NHWC"
+    shape: Tuple[int, int, int]  # (H, W, C)
+    split: str
+    split_how: str
+    head: HeadWeights
+    head_nodes: List[str]
+    classes: Tuple[str, ...]
+    spec: Preprocess
+    quant: np.ndarray  # [N, H, W, C], the runtime's preprocess output
+    test: HeldOut
+    title: str
+    seed: int
+
+
+def load_onnx(path: Union[str, Path]):
+    """The ONNX model at `path`, checked: readable, opset >= 13, one image input with fixed H, W, C, one output."""
+    import onnx
+
+    p = Path(path)
+    if not p.is_file():
+        raise ExportError(f"{p}: model file not found")
+    try:
+        model = onnx.load(str(p))
+    except Exception as e:  # noqa: BLE001  (protobuf's DecodeError and friends)
+        raise ExportError(f"{p}: cannot be read as an ONNX model ({type(e).__name__}: {str(e).strip()[:200]})") from None
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < MIN_OPSET:
+        raise ExportError(f"{p}: opset {opset}; opset {MIN_OPSET} or later is required (re-export with a newer opset)")
+    inits = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in inits]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise ExportError(f"{p}: the model has {len(inputs)} inputs and {len(model.graph.output)} outputs; one image input and one output are required")
+    return model
+
+
+def input_layout(model) -> Tuple[str, Tuple[int, int, int]]:
+    """("NCHW" or "NHWC", (H, W, C)) from the input's shape; only the batch may be dynamic."""
+    inits = {t.name for t in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in inits)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in inp.type.tensor_type.shape.dim]
+    shown = [d if d is not None else "?" for d in dims]
+    if len(dims) != 4 or any(d is None for d in dims[1:]):
+        raise ExportError(f"the model input {inp.name!r} has shape {shown}; a fixed image shape is required "
+                          "(only the batch may be dynamic): export with fixed height, width and channels")
+    if dims[1] in (1, 3) and dims[3] not in (1, 3):
+        return "NCHW", (dims[2], dims[3], dims[1])
+    if dims[3] in (1, 3):
+        return "NHWC", (dims[1], dims[2], dims[3])
+    if dims[1] in (1, 3):
+        return "NCHW", (dims[2], dims[3], dims[1])
+    raise ExportError(f"the model input has shape {shown}; 1 (gray) or 3 (rgb/bgr) channels are supported")
+
+
+def prepare_onnx(path: Union[str, Path], opts: ExportOptions, split_node: Optional[str] = None) -> OnnxPrepared:
+    """Every check on user input, before anything is written."""
+    from edge_quq_export import pipeline as pl
+
+    p = Path(path)
+    model = load_onnx(p)
+    layout, shape = input_layout(model)
+    g = Graph(model)
+    split, how = find_split(g, split_node, opts.dropout)
+    head, nodes = parse_head(g, split, opts.dropout)
+    classes = pl._class_names(opts.classes, head.num_classes)
+    spec = pl._preprocess(opts, shape)
+    if opts.quant_data is None:
+        raise ExportError("quantization data is required (--quant-data: images or an array the int8 ranges are set on)")
+    if opts.temperature_data is not None:
+        raise ExportError("--temperature-data is not supported for ONNX models yet (set it later with the runtime's tools)")
+    quant = pl._inputs(opts.quant_data, shape, spec, "quantization data", opts.quant_samples, opts.seed)[0]
+    test = pl._test_data(opts, shape, spec, classes, quant)
+    return OnnxPrepared(model=model, path=p, layout=layout, shape=shape, split=split, split_how=how, head=head,
+                        head_nodes=nodes, classes=classes, spec=spec, quant=quant, test=test,
+                        title=opts.name or p.stem, seed=opts.seed)
+
+
+def float_backbone(model, split: str):
+    """The float graph from the input to `split`, input `image` (batch made dynamic), output `features` [N, F]."""
+    import onnx
+    from onnx import helper
+
+    from edge_quq_export import convert as conv
+
+    inits = {t.name for t in model.graph.initializer}
+    inp = next(i for i in model.graph.input if i.name not in inits)
+    nodes, needed = _ancestors(model.graph, split)
+    graph = helper.make_graph(nodes, "backbone", [inp], [], initializer=[t for t in model.graph.initializer if t.name in needed])
+    bb = helper.make_model(graph, opset_imports=list(model.opset_import))
+    bb.ir_version = model.ir_version
+    inp = inp.name
+    flat = split + "__flat"
+    bb.graph.node.append(helper.make_node("Flatten", [split], [flat], axis=1))
+    del bb.graph.output[:]
+    bb.graph.output.append(helper.make_tensor_value_info(flat, onnx.TensorProto.FLOAT, ["N", None]))
+    _dynamic_batch(bb)
+    conv._rename_onnx_value(bb, inp, conv.BACKBONE_INPUT)
+    conv._rename_onnx_value(bb, flat, conv.BACKBONE_OUTPUT)
+    return bb
+
+
+def _ancestors(graph, tensor: str):
+    """The nodes `tensor` depends on, in graph order, and every value name they read."""
+    producer = {o: n for n in graph.node for o in n.output}
+    keep, todo, needed = set(), [tensor], set()
+    while todo:
+        t = todo.pop()
+        n = producer.get(t)
+        if n is None or id(n) in keep:
+            continue
+        keep.add(id(n))
+        needed.update(n.input)
+        todo.extend(i for i in n.input if i)
+    return [n for n in graph.node if id(n) in keep], needed
+
+
+def _dynamic_batch(model) -> None:
+    """Batch dim of the input symbolic; shapes inferred for the fixed batch are dropped (ORT infers them again)."""
+    d = model.graph.input[0].type.tensor_type.shape.dim[0]
+    d.Clear()
+    d.dim_param = "N"
+    del model.graph.value_info[:]
+
+
+def run_model(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    """A float ONNX model on x (in the model's layout) with ONNX Runtime, batch by batch (1 if the batch is fixed)."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    i = sess.get_inputs()[0]
+    fixed = i.shape[0] if isinstance(i.shape[0], int) else None
+    step = fixed or batch
+    outs = [sess.run(None, {i.name: x[s : s + step].astype(np.float32)})[0] for s in range(0, len(x), step)]
+    return np.concatenate(outs).reshape(len(x), -1).astype(np.float32)
+
+
+def export_onnx(path: Union[str, Path], opts: ExportOptions, split_node: Optional[str] = None) -> Bundle:
+    """ONNX classifier -> verified bundle folder at opts.out, or nothing at all."""
+    out = Path(opts.out)
+    check_out(out, opts.force)
+    p = prepare_onnx(path, opts, split_node)
+    bb = float_backbone(p.model, p.split)
+    x_test = to_layout(p.test.x, p.layout)
+    float_probs = run_model(p.model, x_test)
+    try:
+        float_feats = run_model(bb, x_test)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"the backbone does not run with a dynamic batch ({str(e).strip().splitlines()[0][:200]}); "
+                          "export the model with a dynamic batch dimension") from None
+    reproduction = float(np.max(np.abs(p.head.probs(float_feats) - float_probs)))
+    if reproduction > HEAD_REPRODUCTION_TOL * max(1.0, float(np.max(np.abs(float_probs)))):
+        raise ExportError(f"the extracted head does not reproduce the model's output (max |diff| {reproduction:.3g}); "
+                          f"the head after {p.split!r} holds something the exporter does not model")
+    with Staging(out, opts.force) as st:
+        c = _convert(p, bb, st.path)
+        report = _verify(p, c, st.path, float_probs, float_feats, reproduction)
+        return _write(st, p, c, report, opts)
+
+
+@dataclass
+class _Files:
+    backbone_onnx: ModelFile
+    head: HeadSpec
+    sizes: Dict[str, int]
+
+
+def _convert(p: OnnxPrepared, bb, folder: Path) -> _Files:
+    import onnx
+
+    from edge_quq_export import convert as conv
+
+    conv.onnx_int8_backbone(bb, to_layout(p.quant, p.layout), folder / "backbone_int8.onnx")
+    names = [f"dense{i}" for i in range(len(p.head.kernels))]
+    save_head_weights(folder / "head.npz", names, p.head.kernels, p.head.biases)
+    onnx.save(conv.onnx_head(p.head), str(folder / "head_f32.onnx"))
+    (folder / "head_f32.tflite").write_bytes(conv.tflite_head(p.head))
+    acts = [*p.head.hidden_activations, p.head.activation]
+    layers = tuple(HeadLayer(name=n, dropout=float(r), units=int(k.shape[1]), activation=a)
+                   for n, r, k, a in zip(names, p.head.rates, p.head.kernels, acts))
+    head = HeadSpec(weights="head.npz", layers=layers, feature_size=p.head.feature_size, tflite="head_f32.tflite",
+                    onnx="head_f32.onnx", mask_inputs=tuple(f"mask{i}" for i in range(len(layers))),
+                    extra={"onnx_nodes": list(p.head_nodes), "split": p.split_how})
+    mf = ModelFile(file="backbone_int8.onnx", input=QuantParams("float32"), output=QuantParams("float32"),
+                   input_name=conv.BACKBONE_INPUT, output_name=conv.BACKBONE_OUTPUT)
+    sizes = {"model.onnx": p.path.stat().st_size, "backbone_f32.onnx": len(bb.SerializeToString())}
+    sizes.update({f: (folder / f).stat().st_size for f in (mf.file, *head.files)})
+    return _Files(backbone_onnx=mf, head=head, sizes=sizes)
+
+
+def _verify(p: OnnxPrepared, c: _Files, folder: Path, float_probs: np.ndarray, float_feats: np.ndarray,
+            reproduction: float) -> Dict[str, Any]:
+    from edge_quq_export.parity import build_report, random_masks, run_head_model, run_onnx, write_report
+
+    feats = run_onnx(folder / c.backbone_onnx.file, to_layout(p.test.x, p.layout))
+    t = min(16, len(float_feats))
+    masks = random_masks(p.head, t, p.seed)
+    ref = p.head.probs(float_feats[:t], masks)
+    head_check = {k: float(np.max(np.abs(run_head_model(k, folder / f, float_feats[:t], masks) - ref)))
+                  for k, f in (("onnx", c.head.onnx), ("tflite", c.head.tflite))}
+    report = build_report(n=len(p.test.x), data_source=p.test.source, labels=p.test.labels, float_probs=float_probs,
+                          float_feats=float_feats, head=p.head, backends={"onnx": feats}, head_check=head_check,
+                          sizes=c.sizes, head_reproduction=reproduction)
+    report["quant_samples"] = int(len(p.quant))
+    report["source"] = "onnx"
+    report["backbone_note"] = ONNX_ONLY_NOTE
+    write_report(folder, report, p.title)
+    with open(folder / "parity.md", "a", encoding="utf-8") as f:
+        f.write(f"\n{ONNX_ONLY_NOTE}.\n")
+    return report
+
+
+def _write(st: Staging, p: OnnxPrepared, c: _Files, report: Dict[str, Any], opts: ExportOptions) -> Bundle:
+    from edge_quq_export.pipeline import _KEY_ORDER, _producer
+
+    extra: Dict[str, Any] = {
+        "created": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "producer": _producer(),
+        "parity": "parity.json",
+        "source_model": {"format": "onnx", "file": p.path.name, "split": p.split_how},
+        "backbone_note": ONNX_ONLY_NOTE,
+    }
+    if p.test.labels is not None:
+        extra["accuracy"] = {"data": p.test.source, "samples": int(len(p.test.x)),
+                             "float": report["float"]["top1_accuracy"],
+                             "int8_onnx": report["int8"]["onnx"]["top1_accuracy"]}
+    extra.update(opts.extra_manifest)
+    bundle = Bundle(path=st.path, name=p.title, classes=p.classes,
+                    input=InputSpec(shape=p.shape, preprocess=p.spec, layout=p.layout),
+                    backbone_tflite=None, backbone_onnx=c.backbone_onnx, split_layer=p.split, head=c.head,
+                    decision=opts.decision, calibration=None, extra=extra, key_order=_KEY_ORDER)
+    return st.commit(bundle)
