@@ -17,8 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from edge_quq.conformal import COMBINE_RULES
-from edge_quq.defaults import DECISION_DEFAULTS, GATE_DEFAULTS, MAX_NUM_ITER, MIXED_POLICIES, POLICIES, RISK_SCORES
+from edge_quq.defaults import COMBINE_RULES, DECISION_DEFAULTS, GATE_DEFAULTS, MAX_NUM_ITER, MIXED_POLICIES, POLICIES, RISK_SCORES
 from edge_quq.errors import BundleError
 
 FORMAT_NAME = "edge-quq-bundle"

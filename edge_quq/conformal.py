@@ -26,9 +26,9 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from edge_quq.defaults import COMBINE_RULES
 from edge_quq.errors import InputError, OptionError
 
-COMBINE_RULES: Tuple[str, ...] = ("bonferroni", "hmp")
 
 
 @dataclass(frozen=True)

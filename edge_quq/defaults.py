@@ -45,6 +45,11 @@ POLICY_WITHOUT_CALIBRATION = "paper"
 # names one (its fitted threshold alone, the pre-gate mechanism).
 IGNORE_REASONS: Tuple[str, ...] = ("rule", "ood_gate", "risk", "drift")
 # Gate and risk defaults the exporter writes into a manifest, and the fallbacks when a manifest lacks them.
+# Rules that combine several detectors' p-values and stay valid under any dependence between them
+# (edge_quq.conformal.combine). Spelled here so that bundle.py, which deploy/install.sh imports with the
+# system Python (no numpy), can check a manifest without importing the math.
+COMBINE_RULES: Tuple[str, ...] = ("bonferroni", "hmp")
+
 GATE_DEFAULTS: Dict[str, object] = {
     "policy": "gated",
     "alpha": 0.05,       # gate level: P(ignore | exchangeable ID input) <= alpha

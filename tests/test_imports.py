@@ -30,3 +30,13 @@ def test_each_module_imports_alone_in_a_fresh_interpreter(chunk):
         if r.returncode != 0:
             failed[name] = r.stderr.strip().splitlines()[-1:]
     assert not failed, failed
+
+
+def test_bundle_module_needs_no_numpy():
+    # deploy/install.sh checks a bundle with the system Python, which on a fresh machine has no numpy.
+    import subprocess
+    import sys
+
+    code = "import sys; sys.modules['numpy'] = None; from edge_quq.bundle import load_bundle; load_bundle()"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
