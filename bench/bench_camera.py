@@ -11,7 +11,6 @@ Writes camera.json and camera.md into --out.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -23,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any, Dict, List
+
+import click
 
 ROOT = Path(__file__).resolve().parent.parent
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -93,24 +94,23 @@ def run(cfg: str, folder: Path, frames: int, work: Path) -> Dict[str, Any]:
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--frames", type=int, default=10000)
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    ap.add_argument("--configs", default="jsonl,video,http,all")
-    a = ap.parse_args()
+@click.command(help=__doc__.split("\n\n")[0], context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--frames", type=int, default=10000, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=ROOT / "bench" / "results", show_default=True)
+@click.option("--configs", default="jsonl,video,http,all", show_default=True)
+def main(frames: int, out: Path, configs: str) -> None:
     with tempfile.TemporaryDirectory() as td:
         work = Path(td)
         write_folder(work / "imgs", 100)
-        rows = [run(c, work / "imgs", a.frames, work) for c in a.configs.split(",")]
+        rows = [run(c, work / "imgs", frames, work) for c in configs.split(",")]
     meta = {"machine": platform.machine(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "load_average_end": list(os.getloadavg()), "frames": a.frames, "bundle": "embedded default (Fashion-MNIST), default settings"}
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "camera.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+            "load_average_end": list(os.getloadavg()), "frames": frames, "bundle": "embedded default (Fashion-MNIST), default settings"}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "camera.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
     lines = ["# Camera loop throughput and memory", "",
              f"Machine: {meta['machine']}, {meta['cpus']} cores, python {meta['python']}; load average at the end {[round(v, 2) for v in meta['load_average_end']]} "
              "(the machine is shared with other jobs: compare rows of this run with each other, not across runs).",
-             f"Source: a folder of 100 Fashion-MNIST test images (112x112) with --loop, {a.frames} frames per configuration; {meta['bundle']}.", "",
+             f"Source: a folder of 100 Fashion-MNIST test images (112x112) with --loop, {frames} frames per configuration; {meta['bundle']}.", "",
              "| config | FPS | total p50 ms | total p99 ms | backbone p50 | head p50 | RSS @500 MB | RSS @5000 MB | RSS @last MB | growth 500->last MB | MJPEG frames read |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -119,7 +119,7 @@ def main() -> None:
                      f"{rss.get(500)} | {rss.get(5000)} | {rss[r['frames']]} | {r['rss_growth_500_to_last_mb']:+.2f} | {r['mjpeg_frames_received'] or '-'} |")
     lines += ["", "Latency percentiles cover the last 1,000 frames of each run (the loop's window). The latency is the",
               "predictor's (preprocess to decision); FPS also pays for capture, sinks and JSON lines."]
-    (a.out / "camera.md").write_text("\n".join(lines) + "\n")
+    (out / "camera.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -18,7 +18,6 @@ arrays. Writes bench/results/detectors.{json,md}.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -26,8 +25,9 @@ import sys
 import time
 import tracemalloc
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
+import click
 import cv2
 import numpy as np
 
@@ -230,15 +230,14 @@ def summarise(sets: Dict[str, Dict], names: List[str]) -> Dict[str, Dict[str, fl
     return summary
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", default=None, help="bundle with detectors (default: the embedded one)")
-    ap.add_argument("--id-samples", type=int, default=10000)
-    ap.add_argument("--ood-samples", type=int, default=2000)
-    ap.add_argument("--reps", type=int, default=500, help="single-sample calls timed per detector")
-    ap.add_argument("--no-ablation", action="store_true", help="skip the KNN bank-size ablation (needs the training set)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    a = ap.parse_args(argv)
+@click.command(help=__doc__.split("\n")[0], context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", default=None, help="bundle with detectors (default: the embedded one)")
+@click.option("--id-samples", type=int, default=10000, show_default=True)
+@click.option("--ood-samples", type=int, default=2000, show_default=True)
+@click.option("--reps", type=int, default=500, show_default=True, help="single-sample calls timed per detector")
+@click.option("--no-ablation", is_flag=True, help="skip the KNN bank-size ablation (needs the training set)")
+@click.option("--out", default=str(ROOT / "bench" / "results"), show_default=True)
+def main(bundle: Optional[str], id_samples: int, ood_samples: int, reps: int, no_ablation: bool, out: str) -> None:
 
     from edge_quq.metrics import ood_metrics
     from edge_quq.predictor import Predictor
@@ -246,23 +245,23 @@ def main(argv=None) -> int:
 
     t_start = time.time()
     load0 = os.getloadavg()
-    pred = Predictor.from_bundle(a.bundle, seed=0)
+    pred = Predictor.from_bundle(bundle, seed=0)
     if pred.detectors is None:
-        print(f"error: {pred.bundle.path} has no detectors; run edge-quq fit-detectors first", file=sys.stderr)
-        return 2
+        click.echo(f"error: {pred.bundle.path} has no detectors; run edge-quq fit-detectors first", err=True)
+        sys.exit(2)
     rng = np.random.default_rng(0)
     xt, yt = load_fashion_mnist("test")
-    far_sets, shift_fns, source = ood_sets(a.ood_samples)
-    idx = np.sort(rng.choice(len(xt), min(a.id_samples, len(xt)), replace=False))
+    far_sets, shift_fns, source = ood_sets(ood_samples)
+    idx = np.sort(rng.choice(len(xt), min(id_samples, len(xt)), replace=False))
     id_scores, id_feats = all_scores(pred, xt[idx])
     names = list(MC_SCORES) + pred.detectors.names
     sets: Dict[str, Dict] = {}
     ood_feats: Dict[str, np.ndarray] = {}
     shift_feats: Dict[str, np.ndarray] = {}
-    shift_src = xt[np.sort(rng.choice(len(xt), min(a.ood_samples, len(xt)), replace=False))]
+    shift_src = xt[np.sort(rng.choice(len(xt), min(ood_samples, len(xt)), replace=False))]
     for kind, table in (("far", far_sets), ("shift", shift_fns)):
         for sname, fn in table.items():
-            x = fn(a.ood_samples, rng) if kind == "far" else fn(shift_src, rng)
+            x = fn(ood_samples, rng) if kind == "far" else fn(shift_src, rng)
             sc, fe = all_scores(pred, x)
             (ood_feats if kind == "far" else shift_feats)[sname] = fe
             metrics = {n: ood_metrics(id_scores[n], sc[n]) for n in names}
@@ -270,9 +269,9 @@ def main(argv=None) -> int:
             sets[sname] = {"kind": kind, "samples": len(x), "metrics": metrics, "flagged_at_threshold": flagged}
             print(f"{sname:<22} " + " ".join(f"{n}={metrics[n]['auroc']:.3f}" for n in names), file=sys.stderr)
     id_flagged = {n: float(np.mean(hit)) for n, hit in pred.detectors.flags(id_scores).items()}
-    costs = cost(pred, id_feats, a.reps)
+    costs = cost(pred, id_feats, reps)
     ablation = []
-    if not a.no_ablation:
+    if not no_ablation:
         xtr, ytr = load_fashion_mnist("train")
         from edge_quq_export.datasets import preprocess_array
 
@@ -292,12 +291,11 @@ def main(argv=None) -> int:
                     "backend": pred.backbone.describe(), "numpy": np.__version__},
         "seconds": round(time.time() - t_start, 1),
     }
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "detectors.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "detectors.md").write_text(markdown(report, names) + "\n")
-    print(f"wrote {out / 'detectors.json'} and {out / 'detectors.md'} in {report['seconds']} s", file=sys.stderr)
-    return 0
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "detectors.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "detectors.md").write_text(markdown(report, names) + "\n")
+    print(f"wrote {out_dir / 'detectors.json'} and {out_dir / 'detectors.md'} in {report['seconds']} s", file=sys.stderr)
 
 
 def markdown(r: Dict, names: List[str]) -> str:
@@ -351,4 +349,4 @@ def markdown(r: Dict, names: List[str]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -30,7 +30,6 @@ Writes e2e.json and e2e.md into --out; the JSON schema is described in e2e.md.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -46,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.blas_threads import BLAS_THREADS  # noqa: E402  (before numpy)
 
+import click  # noqa: E402
 import numpy as np  # noqa: E402
 
 from edge_quq.samplers import SAMPLER_NAMES as SAMPLERS  # noqa: E402  (the lazy table: imports no sampler)
@@ -404,35 +404,34 @@ def summarize(report: dict) -> dict:
     return {"summary": out, **{k: v for k, v in report.items() if k != "summary"}}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--models", default="resnet50,efficientnet_b0")
-    ap.add_argument("--reps", type=int, default=40)
-    ap.add_argument("--naive-reps", type=int, default=3)
-    ap.add_argument("--calib", type=int, default=8, help="random calibration images for the int8 export")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--tmp", default=str(ROOT / "bench" / "results" / "tmp"), help="cache of the exported bundles")
-    ap.add_argument("--reexport", action="store_true")
-    ap.add_argument("--export-only", action="store_true")
-    ap.add_argument("--render", action="store_true", help="rewrite e2e.md (and the summary) from --out/e2e.json")
-    ap.add_argument("--samplers", default=",".join(SAMPLERS), help="comma-separated samplers to time")
-    ap.add_argument("--merge", action="store_true",
-                    help="keep the other models' results of an existing --out/e2e.json (re-time one model)")
-    args = ap.parse_args()
-    if args.render:
-        path = Path(args.out) / "e2e.json"
+@click.command(help=__doc__.split("\n")[0], context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--models", default="resnet50,efficientnet_b0", show_default=True)
+@click.option("--reps", type=int, default=40, show_default=True)
+@click.option("--naive-reps", type=int, default=3, show_default=True)
+@click.option("--calib", type=int, default=8, show_default=True, help="random calibration images for the int8 export")
+@click.option("--out", default=str(ROOT / "bench" / "results"), show_default=True)
+@click.option("--tmp", default=str(ROOT / "bench" / "results" / "tmp"), show_default=True, help="cache of the exported bundles")
+@click.option("--reexport", is_flag=True)
+@click.option("--export-only", is_flag=True)
+@click.option("--render", is_flag=True, help="rewrite e2e.md (and the summary) from --out/e2e.json")
+@click.option("--samplers", default=",".join(SAMPLERS), show_default=True, help="comma-separated samplers to time")
+@click.option("--merge", is_flag=True, help="keep the other models' results of an existing --out/e2e.json (re-time one model)")
+def main(models: str, reps: int, naive_reps: int, calib: int, out: str, tmp: str, reexport: bool, export_only: bool,
+         render: bool, samplers: str, merge: bool) -> None:
+    if render:
+        path = Path(out) / "e2e.json"
         report = summarize(json.loads(path.read_text()))
         path.write_text(json.dumps(report, indent=1))
         write_markdown(path.with_suffix(".md"), report)
         return
-    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    names = [n.strip() for n in models.split(",") if n.strip()]
     bad = [n for n in names if n not in MODELS]
     if bad:
         sys.exit(f"error: unknown model {bad[0]!r} (choose from {', '.join(MODELS)})")
-    tmp = Path(args.tmp)
+    tmp = Path(tmp)
     tmp.mkdir(parents=True, exist_ok=True)
-    bundles = {n: ensure_bundle(n, tmp, args.calib, args.reexport) for n in names}
-    if args.export_only:
+    bundles = {n: ensure_bundle(n, tmp, calib, reexport) for n in names}
+    if export_only:
         return
 
     from edge_quq.samplers import native as sampler_native
@@ -447,20 +446,20 @@ def main() -> None:
         "export_seconds": {n: round(s, 1) for n, (_, s) in bundles.items() if s is not None},
         "models": {},
     }
-    old_path = Path(args.out) / "e2e.json"
-    if args.merge and old_path.is_file():
+    old_path = Path(out) / "e2e.json"
+    if merge and old_path.is_file():
         old = json.loads(old_path.read_text())
         report["models"] = {k: v for k, v in old.get("models", {}).items() if k not in names}
         report["targets_uq_plain_T50"] = {**old.get("targets_uq_plain_T50", {}), **report["targets_uq_plain_T50"]}
     for n in names:
         print(f"  {n}: timing", file=sys.stderr)
-        report["models"][n] = bench_model(n, bundles[n][0].resolve(), args.reps, args.naive_reps, seed=0,
-                                         sampler_names=tuple(x.strip() for x in args.samplers.split(",") if x.strip()))
+        report["models"][n] = bench_model(n, bundles[n][0].resolve(), reps, naive_reps, seed=0,
+                                         sampler_names=tuple(x.strip() for x in samplers.split(",") if x.strip()))
         r = report["models"][n]
         print(f"  {n}: plain {r['plain_ms']:.2f} ms; T=50 " + ", ".join(
             f"{s} {r['ratio_uq_plain'][s]['50']:.3f}" for s in r["ratio_uq_plain"]) +
             f"; naive {r['naive_ms']['50']:.0f} ms", file=sys.stderr)
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = summarize(report)
     (out / "e2e.json").write_text(json.dumps(report, indent=1))

@@ -5,7 +5,6 @@ and one DriftMonitor update (scene feeding, 64-d features). Prints one JSON line
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -13,6 +12,7 @@ from typing import Callable, Dict, List
 
 from bench.blas_threads import BLAS_THREADS  # noqa: F401  (before numpy)
 
+import click  # noqa: E402
 import numpy as np  # noqa: E402
 
 from edge_quq.conformal import combine, conformal_pvalues, gate, sort_calibration  # noqa: E402
@@ -59,13 +59,12 @@ def measure(detectors: int = 3, calibration: int = 5000, repeats: int = 20000) -
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--detectors", type=int, default=3)
-    ap.add_argument("--calibration", type=int, default=5000)
-    ap.add_argument("--repeats", type=int, default=20000)
-    args = ap.parse_args()
-    print(json.dumps(measure(args.detectors, args.calibration, args.repeats)))
+@click.command(help=__doc__.splitlines()[0], context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--detectors", type=int, default=3, show_default=True)
+@click.option("--calibration", type=int, default=5000, show_default=True)
+@click.option("--repeats", type=int, default=20000, show_default=True)
+def main(detectors: int, calibration: int, repeats: int) -> None:
+    print(json.dumps(measure(detectors, calibration, repeats)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Writes head.json and head.md into --out. numpy runs with 1 BLAS thread like the 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.blas_threads import BLAS_THREADS  # noqa: E402  (before numpy)
 
+import click  # noqa: E402
 import numpy as np  # noqa: E402
 
 from edge_quq.samplers.analytic import AnalyticSampler  # noqa: E402
@@ -170,36 +170,35 @@ def write_markdown(path: Path, report: dict) -> None:
     path.write_text("\n".join(lines))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--bundle", default=None, help="bundle folder (default: the embedded one)")
-    ap.add_argument("--reps", type=int, default=200)
-    ap.add_argument("--images", type=int, default=500, help="Fashion-MNIST test images for analytic vs MC")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args()
+@click.command(help=__doc__.split("\n")[0], context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--bundle", "bundle_path", default=None, help="bundle folder (default: the embedded one)")
+@click.option("--reps", type=int, default=200, show_default=True)
+@click.option("--images", type=int, default=500, show_default=True, help="Fashion-MNIST test images for analytic vs MC")
+@click.option("--out", default=str(ROOT / "bench" / "results"), show_default=True)
+def main(bundle_path: Optional[str], reps: int, images: int, out: str) -> None:
 
     rng = np.random.default_rng(0)
     rows = []
     for f, label in ((2048, "paper head, ResNet50 features"), (1280, "paper head, EfficientNet-B0 features")):
         x = (np.maximum(rng.normal(size=f), 0) * 2).astype(np.float32)
-        rows += bench_head(label, paper_head(f), x, args.reps)
-    bundle = load_bundle(args.bundle)
+        rows += bench_head(label, paper_head(f), x, reps)
+    bundle = load_bundle(bundle_path)
     head = load_head_weights(bundle)
     x = (np.maximum(rng.normal(size=head.feature_size), 0) * 2).astype(np.float32)
-    rows += bench_head(f"bundle head ({bundle.path.name})", head, x, args.reps, bundle=bundle)
+    rows += bench_head(f"bundle head ({bundle.path.name})", head, x, reps, bundle=bundle)
 
     report = {
         "machine": f"{platform.machine()} {platform.processor() or ''} python {platform.python_version()} numpy {np.__version__}".strip(),
         "native_isas": list(sampler_native.kernel_isas()),
         "native_default": sampler_native.kernel_isa(),
         "cpu_features": sampler_native._kernel.cpu_features() if sampler_native.available() else "",
-        "reps": args.reps,
+        "reps": reps,
         "numpy_blas_threads": BLAS_THREADS,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "rows": rows,
-        "analytic_vs_mc": analytic_vs_mc(args.bundle, args.images),
+        "analytic_vs_mc": analytic_vs_mc(bundle_path, images),
     }
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "head.json").write_text(json.dumps(report, indent=1))
     write_markdown(out / "head.md", report)

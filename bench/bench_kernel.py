@@ -14,7 +14,6 @@ Writes kernel.json and kernel.md into --out.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -33,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.blas_threads import BLAS_THREADS  # noqa: E402,F401  (one BLAS thread for the eval pass, before numpy)
 
+import click  # noqa: E402
 import numpy as np  # noqa: E402
 
 from edge_quq import _headkernel  # noqa: E402
@@ -252,20 +252,18 @@ def report(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--baseline", default=None, help="git revision whose kernel is timed alongside")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    args = ap.parse_args(argv)
-    res = run(args.reps, args.rounds, args.baseline)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernel.json").write_text(json.dumps(res, indent=1) + "\n")
-    (args.out / "kernel.md").write_text(report(res))
+@click.command(help=__doc__.splitlines()[0], context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--reps", type=int, default=30, show_default=True)
+@click.option("--rounds", type=int, default=5, show_default=True)
+@click.option("--baseline", default=None, help="git revision whose kernel is timed alongside")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=ROOT / "bench" / "results", show_default=True)
+def main(reps: int, rounds: int, baseline: Optional[str], out: Path) -> None:
+    res = run(reps, rounds, baseline)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "kernel.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / "kernel.md").write_text(report(res))
     print(report(res))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
