@@ -88,13 +88,13 @@ def _status(port: int) -> dict:
         return json.loads(r.read())
 
 
-def test_shifted_stream_alarms_everywhere(tmp_path):
+def test_shifted_stream_alarms_everywhere(tmp_path, request):
     """Noise-corrupted frames: the alarm within 20 fed frames, in the JSON lines, /status.json, the stats
     file, the retained MQTT drift topic and `edge-quq health`; --on-drift ignore adds "drift" to ignored_by."""
     pytest.importorskip("paho.mqtt")
     video = shifted_video(tmp_path / "shift.avi")
-    broker = Mosquitto(tmp_path)
-    broker.start()
+    broker = Mosquitto(tmp_path)  # started by its constructor (a second start() leaked the first broker)
+    request.addfinalizer(broker.stop)
     port = free_port()
     out, stats_file = tmp_path / "r.jsonl", tmp_path / "stats.json"
     proc = start_camera("--source", str(video), "--loop", "--max-fps", "50", "--jsonl", str(out), "--stats-file", str(stats_file),
