@@ -143,7 +143,10 @@ class Mosquitto:
         self.start()
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The broker's own log goes to a file beside its config: when a client cannot connect, it says why.
+        self.log = self.conf.with_suffix(".log")
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([self.exe, "-c", str(self.conf), "-v"], stdout=log, stderr=log)
 
         def up() -> bool:
             try:
@@ -152,7 +155,11 @@ class Mosquitto:
             except OSError:
                 return False
 
-        assert wait_for(up, 10), "mosquitto did not start"
+        assert wait_for(up, 10), f"mosquitto did not start: {self.log.read_text()[-2000:]}"
+
+    def diagnose(self) -> str:
+        state = "running" if self.proc is not None and self.proc.poll() is None else f"exited ({self.proc.returncode if self.proc else '-'})"
+        return f"broker {state}; its log: {self.log.read_text()[-2000:]}"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -192,7 +199,8 @@ class Subscriber:
         c.connect_async("127.0.0.1", port, keepalive=10)
         c.loop_start()
         self.client = c
-        assert self.connected.wait(10)
+        # Generous: a loaded 2-core CI machine running a whole test suite beside this one is slow to schedule.
+        assert self.connected.wait(30), f"no CONNACK from 127.0.0.1:{port} within 30 s"
 
     def on(self, suffix: str) -> List[tuple]:
         with self.lock:

@@ -19,6 +19,7 @@ RESULT_KEYS = {"ts", "frame", "decision", "label", "class_index", "top_label", "
 def broker(tmp_path):
     b = Mosquitto(tmp_path)
     yield b
+    print(b.diagnose())  # shown with a failing test's captured output
     b.stop()
 
 
