@@ -6,7 +6,8 @@
 #   - an IP camera that freezes (HTTP MJPEG, connection held open, no frames) stops the WATCHDOG=1 pings and
 #     systemd restarts the service ("Watchdog timeout"), which comes back once frames flow again;
 #   - `systemctl stop` ends it cleanly (STOPPING=1, stats state "stopped") inside TimeoutStopSec;
-#   - `edge-quq health` (as an unprivileged user) says healthy while it runs.
+#   - `edge-quq health` (as an unprivileged monitoring user in group edge-quq, which may read the 0640 stats
+#     file) says healthy while it runs.
 #
 #   sudo deploy/install.sh && sudo deploy/nspawn-check.sh [--report FILE]
 #
@@ -134,7 +135,9 @@ echo "active_after_start=$(prop ActiveState)/$(prop SubState)" >> $R
 echo "watchdog_usec=$(prop WatchdogUSec)" >> $R
 sleep 3
 echo "status_text=$(prop StatusText)" >> $R
-echo "health=$(runuser -u nobody -- /opt/edge-quq/venv/bin/edge-quq health 2>&1)" >> $R
+# A monitoring account as docs/deploy.md describes it: unprivileged, in group edge-quq (the stats file is 0640).
+useradd --system --no-create-home --shell /usr/sbin/nologin -G edge-quq eqmonitor 2>/dev/null || true
+echo "health=$(runuser -u eqmonitor -- /opt/edge-quq/venv/bin/edge-quq health 2>&1)" >> $R
 restarts0=$(prop NRestarts)
 pid0=$(prop MainPID)
 touch /nscheck/freeze
@@ -148,7 +151,7 @@ tr=$(now)
 echo "restarted_after_freeze=$restarted" >> $R
 echo "freeze_to_restart_s=$(awk "BEGIN { printf \"%.1f\", $tr - $tf }")" >> $R
 echo "watchdog_timeout_logged=$(journalctl -u edge-quq-camera --no-pager | grep -c 'Watchdog timeout')" >> $R
-echo "health_while_frozen=$(runuser -u nobody -- /opt/edge-quq/venv/bin/edge-quq health --no-model 2>&1)" >> $R
+echo "health_while_frozen=$(runuser -u eqmonitor -- /opt/edge-quq/venv/bin/edge-quq health --no-model 2>&1)" >> $R
 rm -f /nscheck/freeze
 for _ in $(seq 1 120); do
   [ "$(prop ActiveState)" = active ] && [ "$(prop MainPID)" != "$pid0" ] && break
@@ -156,7 +159,7 @@ for _ in $(seq 1 120); do
 done
 sleep 3
 echo "active_after_unfreeze=$(prop ActiveState)/$(prop SubState)" >> $R
-echo "health_after_unfreeze=$(runuser -u nobody -- /opt/edge-quq/venv/bin/edge-quq health 2>&1)" >> $R
+echo "health_after_unfreeze=$(runuser -u eqmonitor -- /opt/edge-quq/venv/bin/edge-quq health 2>&1)" >> $R
 ts=$(now)
 systemctl stop edge-quq-camera
 te=$(now)
