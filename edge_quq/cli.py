@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import os
 import resource
 import signal
@@ -486,11 +485,12 @@ def health(config: Optional[Path], stats_file: Optional[Path], bundle: Optional[
     if config is not None and not config.exists():
         fail(f"{config}: config file does not exist")
     from edge_quq.redact import redact, redact_obj
+    from edge_quq.result import dumps
 
     result = service_health(camera, config, stats_file, bundle, backend, max_age, model=not no_model)
     result.reason, result.details = redact(result.reason), redact_obj(result.details)  # type: ignore[assignment]
     if as_json:
-        click.echo(json.dumps(result.to_dict(), sort_keys=True))
+        click.echo(dumps(result.to_dict(), sort_keys=True, separators=None))
     elif result.healthy:
         click.echo(f"healthy: {result.reason}")
     else:

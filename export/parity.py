@@ -7,7 +7,6 @@ and file sizes.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -16,6 +15,7 @@ import numpy as np
 from edge_quq.bundle import ModelFile, QuantParams
 from edge_quq.head import HeadWeights
 from edge_quq.samplers.base import full_keep_masks
+from edge_quq.result import dumps
 
 # ONNX backbones take and return float32 (the quantization is inside the graph, QDQ).
 _FLOAT = QuantParams("float32")
@@ -138,5 +138,5 @@ def markdown(report: Dict[str, Any], title: str) -> str:
 
 
 def write_report(folder: Path, report: Dict[str, Any], title: str) -> None:
-    (folder / "parity.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (folder / "parity.json").write_text(dumps(report, indent=2, separators=None) + "\n", encoding="utf-8")
     (folder / "parity.md").write_text(markdown(report, title), encoding="utf-8")

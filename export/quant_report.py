@@ -14,7 +14,6 @@ top-1, before and after temperature scaling. docs/calibration.md explains every 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import os
 import shutil
 import sys
@@ -32,6 +31,7 @@ from edge_quq.calibration import calibration_summary, confidence_and_prediction,
 from edge_quq.errors import ExportError, OptionError
 from edge_quq.head import load_head_weights, output_activation
 from edge_quq.metrics import reliability_bins
+from edge_quq.result import dumps
 
 from edge_quq_export.cli import CONTEXT, run_command
 from edge_quq_export.datasets import (FASHION_MNIST_DIR, FMNIST_VAL, fashion_mnist_val, load_fashion_mnist, load_inputs,
@@ -441,7 +441,7 @@ def write_report(r: Dict[str, Any], out: Path) -> List[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         pngs = write_figures(r, tmp)
-        (tmp / "calibration.json").write_text(json.dumps(r, indent=1) + "\n", encoding="utf-8")
+        (tmp / "calibration.json").write_text(dumps(r, indent=1, separators=None) + "\n", encoding="utf-8")
         (tmp / "calibration.md").write_text(render_markdown(r, pngs), encoding="utf-8")
         out.mkdir(exist_ok=True)
         for name in ["calibration.json", "calibration.md"] + pngs:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import json
 import os
 import sys
 from collections import deque
@@ -11,6 +10,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 
 from edge_quq.errors import OptionError
 from edge_quq.sinks.base import Failures, FrameResult, Sink, _stderr
+from edge_quq.result import dumps
 
 STATS_FILE_MODE = 0o640  # the stats name the source; owner and group (a monitoring user) only
 
@@ -109,7 +109,7 @@ class JsonLinesSink(Sink):
                 raise OptionError(f"{label or '--jsonl ' + dest}: cannot be written ({e.strerror})") from None
 
     def emit(self, r: FrameResult) -> None:
-        line = json.dumps(r.record, separators=(",", ":")) + "\n"
+        line = dumps(r.record) + "\n"
         if self.fd is None:
             sys.stdout.write(line)
             sys.stdout.flush()
@@ -229,7 +229,7 @@ class SnapshotSink(Sink):
                 raise OSError(errno.EINVAL, "OpenCV could not encode the frame as PNG")
             write_whole(stem.with_suffix(".png"), png.tobytes())
             try:
-                write_whole(stem.with_suffix(".json"), (json.dumps(r.record, separators=(",", ":")) + "\n").encode("utf-8"))
+                write_whole(stem.with_suffix(".json"), (dumps(r.record) + "\n").encode("utf-8"))
             except OSError:
                 _unlink(stem.with_suffix(".png"))
                 raise
@@ -316,4 +316,4 @@ class StatsFileSink(Sink):
 
 def atomic_write_json(path: Path, obj: Dict[str, Any], mode: int = STATS_FILE_MODE) -> None:
     """Write, fsync-free but rename-atomic: a reader sees the old or the new file, never half of one."""
-    write_whole(path, (json.dumps(obj, separators=(",", ":")) + "\n").encode("utf-8"), mode)
+    write_whole(path, (dumps(obj) + "\n").encode("utf-8"), mode)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import queue
 import socket
 import threading
@@ -39,6 +38,7 @@ from edge_quq.errors import OptionError
 from edge_quq.loopstats import LoopStats
 from edge_quq.redact import redact, redact_obj
 from edge_quq.sinks.base import FrameResult, Sink
+from edge_quq.result import dumps
 
 DEFAULT_HOST = "127.0.0.1"
 MAX_CLIENTS = 64  # connections served at once (MJPEG viewers included); one more gets 503
@@ -260,7 +260,7 @@ class _Handler(BaseHTTPRequestHandler):
         elif path in ("/", "/index.html"):
             self._send(200, "text/html; charset=utf-8", PAGE.replace("__Q__", q).encode())
         elif path == "/status.json":
-            self._send(200, "application/json", json.dumps(self.sink.status()).encode())
+            self._send(200, "application/json", dumps(self.sink.status()).encode())
         elif path == "/frame.jpg":
             jpg = self.sink.jpeg()[1]
             if jpg is None:

@@ -19,7 +19,6 @@ piled up in memory, and the next change or stats interval brings subscribers up 
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import ssl
@@ -30,6 +29,7 @@ from urllib.parse import unquote, urlsplit
 from edge_quq.errors import OptionError
 from edge_quq.redact import redact
 from edge_quq.sinks.base import Failures, FrameResult, Sink, _stderr
+from edge_quq.result import dumps
 
 SCHEMES = {"mqtt": (1883, False), "tcp": (1883, False), "mqtts": (8883, True), "ssl": (8883, True)}
 ENV_USER, ENV_PASSWORD = "EDGE_QUQ_MQTT_USERNAME", "EDGE_QUQ_MQTT_PASSWORD"
@@ -170,15 +170,15 @@ class MqttSink(Sink):
         key = (p.decision, p.class_index if p.keep else None)
         if self.every_frame or key != self._last_key:
             self._last_key = key
-            self._publish(self.topic_result, json.dumps(self.result_payload(r), separators=(",", ":")))
+            self._publish(self.topic_result, dumps(self.result_payload(r)))
         d = r.drift
         if d is not None and d.get("alarm") != self._last_alarm and self.connected.is_set():
             self._last_alarm = d.get("alarm")
             payload = {"ts": round(r.time, 3), "frame": r.index, **d}
-            self._publish(self.topic_drift, json.dumps(payload, separators=(",", ":")), qos=1, retain=True)
+            self._publish(self.topic_drift, dumps(payload), qos=1, retain=True)
 
     def stats(self, stats: Dict[str, Any]) -> None:
-        self._publish(self.topic_stats, json.dumps(stats, separators=(",", ":")))
+        self._publish(self.topic_stats, dumps(stats))
 
     def close(self) -> None:
         self._closing = True
