@@ -202,6 +202,15 @@ class Run:
         d = self.bundle.decision
         return d.threshold, d.mixed, d.z, d.num_iter
 
+    def arrays(self, head_run):
+        """The policies' per-sample inputs (bench.suite.decisions.SetArrays) at the bundle's decision defaults,
+        with the bundle's risk score (max_prob when it has no calibration data)."""
+        from bench.suite.decisions import set_arrays
+
+        thr, mixed, z0, t0 = self.rule
+        gate = self.bundle.gate
+        return set_arrays(head_run, t0, z0, thr, mixed, self.head.activation, gate.risk_score if gate is not None else "max_prob")
+
     def head_run(self, x_u8: np.ndarray, t: int, seed: int, progress=None):
         from bench.suite.core import backbone_features, run_head
 
@@ -280,18 +289,22 @@ def _clean_set(run: Run, ds: Dataset, say, results: dict, timings: dict) -> Tupl
 
 
 def _start_policies(run: Run, clean, y: np.ndarray, say, results: dict, timings: dict) -> None:
-    """Issue 14's policies, calibrated on a seeded split of the clean set; they need the bundle's detectors."""
-    from bench.suite.decisions import set_arrays
+    """Issue 14's policies, calibrated on a seeded split of the clean set, and as the bundle ships them
+    (its own calibration data); they need the bundle's detectors."""
+    from edge_quq.gate_store import load_gate
+    from bench.suite.decisions import shipped
     from bench.suite.policies import PolicyStage
 
     if run.detectors is None or not run.opts["policies"]:
         results["policies"] = None
         return
-    thr, mixed, z0, t0 = run.rule
     t_start = time.time()
     gate = run.bundle.gate
-    run.policy = PolicyStage.on_clean(set_arrays(clean, t0, z0, thr, mixed), y, run.opts, say,
-                                      list(gate.detectors) if gate is not None else None)
+    loaded = load_gate(run.bundle) if gate is not None else None
+    run.opts["risk_score"] = gate.risk_score if gate is not None else "max_prob"
+    run.policy = PolicyStage.on_clean(run.arrays(clean), y, run.opts, say, list(gate.detectors) if gate is not None else None,
+                                      shipped(gate, loaded) if loaded is not None else None,
+                                      gate.alpha if gate is not None else 0.05)
     timings["policies_clean_splits_drift"] = round(time.time() - t_start, 1)
 
 
@@ -299,7 +312,6 @@ def _corruptions(run: Run, ds: Dataset, results: dict, figures: dict, timings: d
     """The corruption cells (results["corruptions"]); returns the shifted-set OOD tables by "name/severity"."""
     from bench.suite import evaluate as ev
     from bench.suite.core import Progress, score_dict
-    from bench.suite.decisions import set_arrays
 
     thr, mixed, z0, t0 = run.rule
     seed, sevs = run.opts["seed"], run.opts["severities"]
@@ -317,7 +329,7 @@ def _corruptions(run: Run, ds: Dataset, results: dict, figures: dict, timings: d
             rc = run.head_run(xc, t0, seed + 7 * sev)
             corr[name][str(sev)] = ev.corruption_cell(rc, yc, z0, t0, thr, mixed)
             if run.policy is not None:
-                run.policy.shifted_set(name, sev, set_arrays(rc, t0, z0, thr, mixed), yc)
+                run.policy.shifted_set(name, sev, run.arrays(rc), yc)
             shifted_ood[f"{name}/{sev}"] = ev.ood_table(run.id_scores, score_dict(rc, t0, run.head.activation))
             pb.update()
     pb.close()
@@ -333,7 +345,6 @@ def _far_ood(run: Run, timings: dict) -> Tuple[dict, Dict[str, float]]:
     from edge_quq.decision import decide_many
     from bench.suite import evaluate as ev
     from bench.suite.core import score_dict
-    from bench.suite.decisions import set_arrays
     from bench.suite.ood import far_ood_sets, photo_sets
 
     thr, mixed, z0, t0 = run.rule
@@ -348,7 +359,7 @@ def _far_ood(run: Run, timings: dict) -> Tuple[dict, Dict[str, float]]:
         m, s, _ = ro.moments(t0)
         rule_ood[name] = round(float(np.mean(~decide_many(m, s, z0, thr, mixed).keep)), 4)
         if run.policy is not None:
-            run.policy.far_set(name, set_arrays(ro, t0, z0, thr, mixed))
+            run.policy.far_set(name, run.arrays(ro))
     timings["far_ood"] = round(time.time() - t_start, 1)
     return far_tab, rule_ood
 

@@ -255,7 +255,7 @@ def test_policy_math_on_synthetic_scores():
     y = np.zeros(n, int)
     pred = np.where(g.random(n) < 0.2 * (1 - conf), 1, 0)  # more confident, more often right
     det = {"a": g.normal(size=n), "b": g.normal(size=n), "const": np.ones(n), "nan": np.full(n, np.nan)}
-    a = dc.SetArrays(det, conf, pred, np.ones(n, bool), pred, g.normal(size=(n, 4)))
+    a = dc.SetArrays(det, conf, pred, np.ones(n, bool), pred, g.normal(size=(n, 4)), conf)
     usable = dc.usable_detectors(det)
     assert usable == ["a", "b"]
     res = dc.split_check(a, y, dc.gate_sets(usable, usable), 40, seed=1, targets=(0.05,))

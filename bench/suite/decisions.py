@@ -1,6 +1,7 @@
 """The decision policies of issue 14 on benchmark data: `paper`, max probability at the paper rule's
-coverage, the paper rule behind one detector's gate or the combined gate (`gated`), and `risk` (gate, then a
-Learn-then-Test threshold on the MC-mean max probability).
+coverage, the paper rule behind one detector's gate or the combined gate (`gated`), and `risk` (`gated`, then
+a Learn-then-Test threshold on the bundle's risk score), each calibrated on a seeded split of the clean set;
+and the same policies as the bundle ships them (`shipped`: its own calibration data, gate.npz).
 
 All the math is the runtime's: conformal p-values, their combination and the gate (edge_quq.conformal), the
 risk table and LTT threshold (edge_quq.risk), the paper rule (edge_quq.decision). This module only makes
@@ -33,25 +34,38 @@ class SetArrays:
     """Per-sample inputs of every policy for one image set."""
 
     det: Dict[str, np.ndarray]   # detector scores, higher = more out-of-distribution
-    confidence: np.ndarray       # MC-mean max probability (the risk policy's score)
+    confidence: np.ndarray       # the risk policy's score, signed so that higher = more confident
     pred: np.ndarray             # MC-mean argmax
     rule_keep: np.ndarray        # the paper rule's keep
     rule_pred: np.ndarray        # the paper rule's label (-1 when ignored)
     features: np.ndarray         # backbone features (the drift monitor's scene feed)
+    maxprob: np.ndarray          # MC-mean max probability (the max-prob baseline's score)
 
     def take(self, idx: np.ndarray) -> "SetArrays":
         return SetArrays({k: v[idx] for k, v in self.det.items()}, self.confidence[idx], self.pred[idx],
-                         self.rule_keep[idx], self.rule_pred[idx], self.features[idx])
+                         self.rule_keep[idx], self.rule_pred[idx], self.features[idx], self.maxprob[idx])
 
     def scores(self, names: Sequence[str]) -> np.ndarray:
         return np.column_stack([self.det[n] for n in names])
 
+    def label(self) -> np.ndarray:
+        """The label a prediction carries: the rule's when it keeps, else the MC-mean top class (what the
+        bundle's calibration records count as right or wrong)."""
+        return np.where(self.rule_keep, self.rule_pred, self.pred)
 
-def set_arrays(run, t: int, z: float, threshold: float, mixed: str) -> SetArrays:
-    """SetArrays of a bench.suite.core.HeadRun at the bundle's decision defaults."""
+
+def set_arrays(run, t: int, z: float, threshold: float, mixed: str, activation: str = "softmax",
+               risk_score: str = "max_prob") -> SetArrays:
+    """SetArrays of a bench.suite.core.HeadRun at the bundle's decision defaults; `risk_score` is the
+    bundle's (manifest gate.risk_score), computed by the runtime's edge_quq.scores."""
+    from edge_quq.defaults import RISK_SCORE_SIGN
+    from edge_quq.scores import compute_scores
+
     mean, std, _ = run.moments(t)
     rr = decide_many(mean, std, z, threshold, mixed)
-    return SetArrays(dict(run.detector_scores), mean.max(axis=1), np.argmax(mean, axis=1), rr.keep, rr.labels, run.features)
+    sc = compute_scores(mean, std, run.det_logits, run.expected_entropy(t, activation), activation)
+    conf = RISK_SCORE_SIGN[risk_score] * np.asarray(sc[risk_score], np.float64)
+    return SetArrays(dict(run.detector_scores), conf, np.argmax(mean, axis=1), rr.keep, rr.labels, run.features, mean.max(axis=1))
 
 
 def usable_detectors(det: Dict[str, np.ndarray]) -> List[str]:
@@ -64,7 +78,7 @@ class Calibrated:
     """Everything the policies learn from one calibration split."""
 
     gates: Dict[str, Tuple[List[str], CalibrationScores, str]]  # policy -> (detectors, calibration, rule)
-    maxprob_threshold: float
+    maxprob_threshold: Optional[float]      # None: no max-prob row (the shipped policies)
     risk: Dict[str, Optional[float]]        # policy -> LTT threshold (None: target unreachable)
     risk_info: Dict[str, dict]
     combined: str                            # the name of the combined gate policy
@@ -84,16 +98,20 @@ def gate_sets(gate_detectors: Sequence[str], usable: Sequence[str], rule: str = 
 def calibrate(cal: SetArrays, correct: np.ndarray, gates: Dict[str, Tuple[List[str], str]],
               alpha: float = ALPHA, delta: float = RISK_DELTA, targets: Sequence[float] = RISK_TARGETS) -> Calibrated:
     """Fit every policy on calibration data: gate calibration scores, the max-prob threshold giving the
-    paper rule's coverage, and LTT thresholds on the calibration samples the combined gate keeps. A
-    calibration sample's own score is among its calibration scores, so its gate p-value is conservative by
-    at most 1 / (n + 1)."""
+    paper rule's coverage, and LTT thresholds on the calibration samples the rule and the combined gate keep
+    (as the bundle's risk table is built, edge_quq.gate_store). A calibration sample's own score is among its
+    calibration scores, so its gate p-value is conservative by at most 1 / (n + 1)."""
     fitted = {name: (names, sort_calibration([cal.det[n] for n in names]), rule) for name, (names, rule) in gates.items()}
     cov = float(cal.rule_keep.mean())
-    # keep iff confidence > threshold, keeping the paper rule's share of the calibration set
-    maxprob_thr = float(np.quantile(cal.confidence, 1.0 - cov)) if cov < 1 else -np.inf
+    # keep iff MC-mean max probability > threshold, keeping the paper rule's share of the calibration set
+    maxprob_thr = float(np.quantile(cal.maxprob, 1.0 - cov)) if cov < 1 else -np.inf
     names, cs, rule = fitted["gated"]
-    passed = ~gate(combine(conformal_pvalues(cal.scores(names), cs), rule), alpha)
-    table = CalibrationTable.build(cal.confidence[passed], correct[passed])
+    passed = ~gate(combine(conformal_pvalues(cal.scores(names), cs), rule), alpha) & cal.rule_keep
+    return _with_risk(Calibrated(fitted, maxprob_thr, {}, {}, "gated"),
+                      CalibrationTable.build(cal.confidence[passed], correct[passed]), delta, targets)
+
+
+def _with_risk(c: Calibrated, table: CalibrationTable, delta: float, targets: Sequence[float]) -> Calibrated:
     risk, info = {}, {}
     for t in targets:
         key = f"risk@{100 * t:g}%"
@@ -103,7 +121,16 @@ def calibrate(cal: SetArrays, correct: np.ndarray, gates: Dict[str, Tuple[List[s
                                                  "calibration_kept": r.kept, "calibration_errors": r.errors}
         except OptionError as e:
             risk[key], info[key] = None, {"unreachable": str(e)}
-    return Calibrated(fitted, maxprob_thr, risk, info, "gated")
+    return Calibrated(c.gates, c.maxprob_threshold, risk, info, c.combined)
+
+
+def shipped(spec, loaded, delta: Optional[float] = None, targets: Sequence[float] = RISK_TARGETS) -> Calibrated:
+    """The policies as the bundle ships them: its gate detectors, combination rule and alpha (manifest
+    `gate`) against its own calibration data (gate.npz, edge_quq.gate_store.LoadedGate), and the risk
+    thresholds LTT picks from its stored table, as `edge-quq predict --target-error` does."""
+    names = list(spec.detectors)
+    c = Calibrated({"gated": (names, loaded.calibration(names), spec.combine)}, None, {}, {}, "gated")
+    return _with_risk(c, loaded.risk_table(names, spec.alpha, spec.combine), spec.delta if delta is None else delta, targets)
 
 
 def gate_ignores(c: Calibrated, a: SetArrays, alpha: float = ALPHA) -> Dict[str, np.ndarray]:
@@ -111,15 +138,24 @@ def gate_ignores(c: Calibrated, a: SetArrays, alpha: float = ALPHA) -> Dict[str,
     return {name: gate(combine(conformal_pvalues(a.scores(names), cs), rule), alpha) for name, (names, cs, rule) in c.gates.items()}
 
 
+def risk_keep(a: SetArrays, threshold: Optional[float], gate_ignored: np.ndarray) -> np.ndarray:
+    """What `risk` keeps, as the predictor decides: the rule keeps, the gate passes and the risk score is
+    above the threshold (None: the target is unreachable, nothing is kept)."""
+    if threshold is None:
+        return np.zeros(len(a.pred), bool)
+    return a.rule_keep & ~gate_ignored & keep_mask(a.confidence, threshold)
+
+
 def decide(c: Calibrated, a: SetArrays, alpha: float = ALPHA) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     """Policy -> (keep [N], predicted label [N]) on one image set."""
     ign = gate_ignores(c, a, alpha)
-    out = {"paper": (a.rule_keep, a.rule_pred), "maxprob@paper-coverage": (keep_mask(a.confidence, c.maxprob_threshold), a.pred)}
+    out = {"paper": (a.rule_keep, a.rule_pred)}
+    if c.maxprob_threshold is not None:
+        out["maxprob@paper-coverage"] = (keep_mask(a.maxprob, c.maxprob_threshold), a.pred)
     for name in c.gates:
         out[name] = (a.rule_keep & ~ign[name], a.rule_pred)
     for name, thr in c.risk.items():
-        keep = np.zeros(len(a.pred), bool) if thr is None else keep_mask(a.confidence, thr) & ~ign[c.combined]
-        out[name] = (keep, a.pred)
+        out[name] = (risk_keep(a, thr, ign[c.combined]), a.rule_pred)
     return out
 
 
@@ -183,7 +219,7 @@ def split_check(a: SetArrays, y: np.ndarray, gates: Dict[str, Tuple[List[str], s
     (error among kept test samples above the target, and above it by more than the test half's binomial
     margin; a split whose calibration cannot certify the target keeps nothing and counts as not violated,
     reported as unreachable)."""
-    correct = a.pred == y
+    correct = a.label() == y
     n_cal = int(round(len(y) * CAL_FRACTION))
     m = len(y) - n_cal
     limit = binomial_limit(m, alpha)
@@ -206,7 +242,7 @@ def split_check(a: SetArrays, y: np.ndarray, gates: Dict[str, Tuple[List[str], s
             if thr is None:
                 unreachable[k] += 1
                 continue
-            keep = keep_mask(t.confidence, thr) & ~ign[c.combined]
+            keep = risk_keep(t, thr, ign[c.combined])
             r_cov[k].append(float(keep.mean()))
             errors = int(np.sum(~correct[ti][keep]))
             r_err[k].append(errors / keep.sum() if keep.any() else 0.0)
@@ -227,6 +263,6 @@ def split_check(a: SetArrays, y: np.ndarray, gates: Dict[str, Tuple[List[str], s
             "gate": gate_out, "risk": risk_out}
 
 
-def shift_rates(c: Calibrated, a: SetArrays, y: Optional[np.ndarray]) -> Dict[str, dict]:
+def shift_rates(c: Calibrated, a: SetArrays, y: Optional[np.ndarray], alpha: float = ALPHA) -> Dict[str, dict]:
     """Ignore rate and error among kept for every policy on one (shifted or OOD) set; y None: no labels."""
-    return {k: rates(keep, pred, y) for k, (keep, pred) in decide(c, a).items()}
+    return {k: rates(keep, pred, y) for k, (keep, pred) in decide(c, a, alpha).items()}

@@ -57,12 +57,13 @@ def markdown(r: dict) -> List[str]:
           f"{', '.join(s['gate_detectors'])}){_candidates(s)}. `maxprob@paper-coverage`: MC-mean max probability above the threshold that keeps "
           f"the paper rule's share of the calibration split. `risk@X%`: combined gate, then the LTT threshold "
           f"(delta = {s['risk_delta']}) on {s['risk_score']}, calibrated on the calibration images the gate keeps.", "",
-          "### Against the issue's targets", "", _table(["target", "result", "measured"],
+          "### Against the issue's targets", "",
+          "Clean and far-OOD targets: the policies as the bundle ships them (next section); guarantees: the random splits.", "",
+          _table(["target", "result", "measured"],
                                                           [[t["target"], _met(t["met"]), _value(t["value"])] for t in p["targets"]]), ""]
+    md += _md_shipped(p)
     md += ["### Clean test split (95% bootstrap intervals over test images)", "",
-           _table(["policy", "coverage %", "95% CI", "error among kept %", "95% CI", "kept"],
-                  [[k, _pct(v["coverage"]), _ci(v["coverage_ci95"]), _pct(v["error_kept"]), _ci(v["error_kept_ci95"]), v["kept"]]
-                   for k, v in p["clean"].items()]), "",
+           _table(["policy", "coverage %", "95% CI", "error among kept %", "95% CI", "kept"], _rate_rows(p["clean"])), "",
            "Risk thresholds on the main split: " + "; ".join(f"{k}: {_value(v)}" for k, v in p["calibration"]["risk"].items()), ""]
     sp = p["splits"]
     md += [f"### Over {sp['splits']} random calibration/test splits ({sp['n_calibration']} / {sp['n_test']})", "",
@@ -81,6 +82,30 @@ def markdown(r: dict) -> List[str]:
                   [[k, _pct(v["violation_rate"]), _pct(v.get("violation_beyond_binomial_margin")), v["unreachable_splits"],
                     _pct(v["mean_error_kept"]), _pct(v["mean_coverage"]), _pct(v["min_coverage"])] for k, v in sp["risk"].items()]), ""]
     return md + _md_shift(p) + _md_drift(p, r)
+
+
+def _rate_rows(tab: dict) -> List[List[str]]:
+    return [[k, _pct(v["coverage"]), _ci(v["coverage_ci95"]), _pct(v["error_kept"]), _ci(v["error_kept_ci95"]), v["kept"]]
+            for k, v in tab.items()]
+
+
+def _md_shipped(p: dict) -> List[str]:
+    sh = p.get("shipped")
+    if not sh:
+        return []
+    pols = list(sh["clean"])
+    md = ["### As the bundle ships them (no options)", "",
+          f"The bundle's own gate ({p['settings']['combine']} of {', '.join(p['settings']['gate_detectors'])}, alpha "
+          f"{sh['alpha']}) against its own calibration data (gate.npz, not from the test set), and `risk@X%` with the threshold "
+          "LTT picks from the bundle's stored table, on the whole clean test set: what `edge-quq predict` does with no options "
+          "(`gated`) and with `--target-error X`. 95% bootstrap intervals over test images. Risk thresholds: "
+          + "; ".join(f"{k}: {_value(v)}" for k, v in sh["risk"].items()), "",
+          _table(["policy", "coverage %", "95% CI", "error among kept %", "95% CI", "kept"], _rate_rows(sh["clean"])), "",
+          "Far-OOD sets, ignored %:", "",
+          _table(["policy"] + list(sh["far"]), [[k] + [_pct(sh["far"][s][k]["ignore_rate"]) for s in sh["far"]] for k in pols]), ""]
+    rows = [[f"{name} {sev}"] + [f"{_pct(v[k]['ignore_rate'])} / {_pct(v[k]['error_kept'])}" for k in pols]
+            for name, sevs in sh["shifted"].items() for sev, v in sevs.items() if sev == max(sevs, key=int)]
+    return md + ["Corruptions at the highest severity, ignored % / error among kept %:", "", _table(["set"] + pols, rows), ""]
 
 
 def _md_shift(p: dict) -> List[str]:
