@@ -142,6 +142,10 @@ def test_config_file_accepts_the_options(tmp_path):
     cfg.write_text('mqtt-discovery-mode = "entity"\n')
     with pytest.raises(ConfigError, match="mqtt-discovery-mode"):
         load_config(camera, cfg)
+    # Removal is a one-off act on the command line; in the service's file it would run at every start.
+    cfg.write_text('mqtt-discovery-remove = true\n')
+    with pytest.raises(ConfigError, match="unknown key 'mqtt-discovery-remove'"):
+        load_config(camera, cfg)
 
 
 # -- the real command and a real broker ------------------------------------------------------------------------
