@@ -149,18 +149,23 @@ def test_config_file_accepts_the_options(tmp_path):
 
 
 # -- the real command and a real broker ------------------------------------------------------------------------
-def test_discovery_payload_and_the_states_it_names(tmp_path, broker):
-    video = tmp_path / "v.avi"
-    write_video(video, n=120, corrupt_range=(40, 80))
+def _run_with_states(tmp_path: Path, broker: Mosquitto, *args: str) -> Subscriber:
+    """Run the camera to its end on a video with a corrupt stretch; the state topics it published."""
+    write_video(tmp_path / "v.avi", n=120, corrupt_range=(40, 80))
     states = Subscriber(broker.port, "edge-quq/#")
-    out = tmp_path / "out.jsonl"
     try:
-        r = run_camera("--source", str(video), "--mqtt", broker.url, "--mqtt-device", "cam1", "--mqtt-discovery",
-                       "--jsonl", str(out), "--stats-interval", "0.2", "--max-fps", "60", *FAST)
+        r = run_camera("--source", str(tmp_path / "v.avi"), "--mqtt", broker.url, *args, *FAST)
         assert r.returncode == 0, r.stderr
         assert wait_for(lambda: states.on("/available") and states.on("/available")[-1][2] == "offline", 10)
     finally:
         states.close()
+    return states
+
+
+def test_discovery_payload_and_the_states_it_names(tmp_path, broker):
+    out = tmp_path / "out.jsonl"
+    states = _run_with_states(tmp_path, broker, "--mqtt-device", "cam1", "--mqtt-discovery", "--jsonl", str(out),
+                              "--stats-interval", "0.2", "--max-fps", "60")
     # Home Assistant starting now gets the configuration from the broker: retained, valid JSON.
     ha = Subscriber(broker.port, "homeassistant/#")
     try:
@@ -258,12 +263,20 @@ def test_broker_down_at_start_gets_discovery_when_it_comes_up(tmp_path):
     pytest.importorskip("paho.mqtt")
     write_folder(tmp_path / "imgs", 10)
     port = free_port()
+    stats_file = tmp_path / "stats.json"
     proc = start_camera("--source", str(tmp_path / "imgs"), "--loop", "--max-fps", "20", "--mqtt", f"mqtt://127.0.0.1:{port}",
-                        "--mqtt-device", "late", "--mqtt-discovery", "--stats-interval", "0.3", *FAST)
+                        "--mqtt-device", "late", "--mqtt-discovery", "--stats-interval", "0.3", "--stats-file", str(stats_file), *FAST)
     b = None
+
+    def mqtt_failing() -> bool:
+        try:
+            return json.loads(stats_file.read_text())["sink_errors"]["mqtt"]["failing"]
+        except (OSError, ValueError, KeyError):
+            return False
+
     try:
-        wait_for(lambda: proc.poll() is not None, 3)
-        assert proc.poll() is None  # the loop runs without its broker
+        # The loop runs, and has tried the broker that is not there yet.
+        assert wait_for(mqtt_failing, 120) and proc.poll() is None
         b = Mosquitto(tmp_path, port=port)
         ha = Subscriber(port, "homeassistant/#")
         states = Subscriber(port, "edge-quq/late/stats")
@@ -297,6 +310,14 @@ def test_bad_device_name_is_one_error_line_and_publishes_nothing(tmp_path, broke
     assert r.returncode == 2
     assert r.stderr.startswith("error: --mqtt-device 'porch cam': ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert sub.messages == []
+
+
+def test_removal_with_no_broker_is_one_error_line_exit_1(tmp_path):
+    pytest.importorskip("paho.mqtt")
+    r = run_camera("--source", str(tmp_path), "--mqtt", f"mqtt://127.0.0.1:{free_port()}", "--mqtt-device", "cam",
+                   "--mqtt-discovery-remove", timeout=60)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: --mqtt-discovery-remove: cannot connect to broker mqtt://127.0.0.1:")
 
 
 def test_discovery_without_an_mqtt_output_is_refused(tmp_path):

@@ -27,6 +27,7 @@ import os
 import socket
 import ssl
 import threading
+import time
 from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
@@ -257,11 +258,15 @@ def remove_discovery(url: str, device: Optional[str] = None, discovery: str = ha
     c.loop_start()
     try:
         infos = [c.publish(t, b"", qos=1, retain=True) for t in topics]
+        end = time.monotonic() + timeout
         for info in infos:
-            info.wait_for_publish(timeout=timeout)
+            try:
+                info.wait_for_publish(timeout=max(0.0, end - time.monotonic()))
+            except (RuntimeError, ValueError):  # not queued: the connection went away
+                pass
             if not info.is_published():
-                raise BrokerError(f"--mqtt-discovery-remove: broker {broker} did not acknowledge within {timeout:g} s "
-                                  f"(refused the connection?)")
+                raise BrokerError(f"--mqtt-discovery-remove: broker {broker} did not acknowledge the removal within "
+                                  f"{timeout:g} s (refused the connection?)")
     finally:
         c.disconnect()
         c.loop_stop()
