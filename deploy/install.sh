@@ -38,6 +38,9 @@ UNINSTALL=0
 BUNDLE_SRC=""
 BUNDLE_SHA256=""
 SOURCE="v4l2:///dev/video0"
+MQTT_URL=""
+MQTT_DEVICE=""
+MQTT_DISCOVERY=""
 WHEEL=""
 WHEELHOUSE=""
 EXTRA=auto
@@ -62,6 +65,12 @@ Usage: install.sh [options]
   --python PATH          Python for the virtual environment (default: python3; 3.9 or newer)
   --system-site-packages let the venv see apt's Python packages (python3-picamera2, python3-opencv
                          with GStreamer); only when creating the venv
+  --mqtt URL             results and stats to this MQTT broker (mqtt://[user:pass@]host[:port]; the config
+                         file is 0640, readable by the service's group only)
+  --mqtt-device NAME     the camera's MQTT device name (default: the board's host name)
+  --mqtt-discovery[=PREFIX]
+                         Home Assistant MQTT discovery under PREFIX (default homeassistant); needs --mqtt
+                         (docs/camera.md). These three are written into a new config (or with --reset-config)
   --reset-config         rewrite /etc/edge-quq/config from the template (default: keep an existing one)
   --no-start             install and enable, but do not (re)start the service
   --root DIR             stage into DIR instead of / (files only; see the header of this script)
@@ -80,6 +89,10 @@ while [ $# -gt 0 ]; do
     --bundle) BUNDLE_SRC=${2:?--bundle needs a folder}; shift 2 ;;
     --bundle-sha256) BUNDLE_SHA256=${2:?--bundle-sha256 needs a hash}; shift 2 ;;
     --source) SOURCE=${2:?--source needs a URI}; shift 2 ;;
+    --mqtt) MQTT_URL=${2:?--mqtt needs a broker URL}; shift 2 ;;
+    --mqtt-device) MQTT_DEVICE=${2:?--mqtt-device needs a name}; shift 2 ;;
+    --mqtt-discovery) MQTT_DISCOVERY=homeassistant; shift ;;
+    --mqtt-discovery=*) MQTT_DISCOVERY=${1#*=}; shift ;;
     --wheel) WHEEL=${2:?--wheel needs a file}; shift 2 ;;
     --wheelhouse) WHEELHOUSE=${2:?--wheelhouse needs a folder}; shift 2 ;;
     --extra) EXTRA=${2:?--extra needs a name}; shift 2 ;;
@@ -101,6 +114,16 @@ case "$BUNDLE_SHA256" in
   "") ;;
   *[!0-9a-f]*) die "--bundle-sha256 must be 64 hex digits (got '$BUNDLE_SHA256')" ;;
   *) [ ${#BUNDLE_SHA256} -eq 64 ] || die "--bundle-sha256 must be 64 hex digits (got ${#BUNDLE_SHA256})" ;;
+esac
+if [ -n "$MQTT_DISCOVERY" ] && [ -z "$MQTT_URL" ]; then
+  die "--mqtt-discovery needs --mqtt URL"
+fi
+case "$MQTT_DISCOVERY" in
+  *[#+]*|/*|*/) die "--mqtt-discovery=$MQTT_DISCOVERY: the prefix must have no MQTT wildcards (# +) and no leading or trailing '/'" ;;
+esac
+# Home Assistant's discovery topics and unique_ids take only these characters (the camera refuses others too).
+case "$MQTT_DEVICE" in
+  *[!A-Za-z0-9_-]*) [ -z "$MQTT_DISCOVERY" ] || die "--mqtt-device '$MQTT_DEVICE': Home Assistant discovery needs letters, digits, '_' and '-' only" ;;
 esac
 if [ -n "$ROOT" ]; then
   [ -d "$ROOT" ] || die "--root $ROOT: folder does not exist"
@@ -337,17 +360,32 @@ sync_bundle() {
 write_config() {
   local dest=$ROOT$CONF_FILE tmp
   if [ -f "$dest" ] && [ "$RESET_CONFIG" -eq 0 ]; then
+    if [ -n "$MQTT_URL$MQTT_DEVICE$MQTT_DISCOVERY" ]; then
+      say "  kept $CONF_FILE: the --mqtt options are not applied to an existing config (edit it, or --reset-config)"
+    fi
     return 0
   fi
   tmp=$(mktemp)
-  # The template's @...@ placeholders are TOML strings; json.dumps writes a valid TOML basic string.
+  local keys=()
+  [ -z "$MQTT_URL" ] || keys+=(mqtt "$MQTT_URL")
+  [ -z "$MQTT_DEVICE" ] || keys+=(mqtt-device "$MQTT_DEVICE")
+  [ -z "$MQTT_DISCOVERY" ] || keys+=(mqtt-discovery "$MQTT_DISCOVERY")
+  # The template's @...@ placeholders are TOML strings; json.dumps writes a valid TOML basic string. After
+  # "--": keys whose commented-out example line ("#key = ...") becomes a setting.
   "$PYTHON" -I -c '
-import json, sys
+import json, re, sys
 text = open(sys.argv[1], encoding="utf-8").read()
-for key, value in zip(sys.argv[2::2], sys.argv[3::2]):
+args = sys.argv[2:]
+cut = args.index("--")
+for key, value in zip(args[:cut:2], args[1:cut:2]):
     text = text.replace(json.dumps("@%s@" % key), json.dumps(value)).replace("@%s@" % key, value)
+for key, value in zip(args[cut + 1::2], args[cut + 2::2]):
+    line = "%s = %s" % (key, json.dumps(value))
+    text, n = re.subn("^#%s = .*$" % re.escape(key), lambda m: line, text, count=1, flags=re.M)
+    if n != 1:
+        sys.exit("error: deploy/config.example has no #%s line" % key)
 sys.stdout.write(text)
-' "$SRC/deploy/config.example" SOURCE "$SOURCE" BUNDLE_DIR "$BUNDLE_DIR" STATE_DIR "$STATE_DIR" > "$tmp"
+' "$SRC/deploy/config.example" SOURCE "$SOURCE" BUNDLE_DIR "$BUNDLE_DIR" STATE_DIR "$STATE_DIR" -- "${keys[@]+"${keys[@]}"}" > "$tmp"
   install_file "$tmp" "$CONF_FILE" 0640
   rm -f "$tmp"
   RESTART_NEEDED=1

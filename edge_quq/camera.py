@@ -24,12 +24,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 from edge_quq.board import board_status, throttle_warning
-from edge_quq.defaults import DEFAULT_ON_DRIFT, DRIFT_DEFAULTS, ON_DRIFT
+from edge_quq.defaults import DEFAULT_MQTT_DISCOVERY_MODE, DEFAULT_ON_DRIFT, DRIFT_DEFAULTS, MQTT_DISCOVERY_PREFIX, ON_DRIFT
 from edge_quq.capture import Capture, Frame
 from edge_quq.errors import EdgeQuqError, OptionError
 from edge_quq.loopstats import LoopStats
 from edge_quq.sdnotify import Notifier
 from edge_quq.sinks import FrameResult, SinkSet
+from edge_quq.sinks.ha_discovery import discovery_messages
+from edge_quq.sinks.mqtt import default_device, remove_discovery
 from edge_quq.sources import DEFAULT_MAX_DECODE_ERRORS
 
 Box = Tuple[int, int, int, int]
@@ -279,6 +281,9 @@ class CameraOptions:
     mqtt_device: Optional[str] = None
     mqtt_every_frame: bool = False
     mqtt_ca_file: Optional[str] = None
+    mqtt_discovery: Optional[str] = None  # Home Assistant's discovery prefix, None: no discovery
+    mqtt_discovery_mode: str = DEFAULT_MQTT_DISCOVERY_MODE
+    mqtt_discovery_remove: bool = False
     serve_token: Optional[str] = None
     max_decode_errors: int = DEFAULT_MAX_DECODE_ERRORS
     on_drift: str = DEFAULT_ON_DRIFT
@@ -321,13 +326,34 @@ class CameraOptions:
             raise OptionError(f"--drift-delta must be strictly between 0 and 1, got {self.drift_delta}")
         if self.serve_token is not None and (not self.serve_token or any(c.isspace() or not c.isprintable() for c in self.serve_token)):
             raise OptionError("--serve-token: must be non-empty printable text without spaces")
-        return self.source_spec(), self.loop_settings(), self.output_specs()
+        outputs = self.output_specs()
+        self.check_discovery(outputs)
+        return self.source_spec(), self.loop_settings(), outputs
+
+    def check_discovery(self, outputs: list) -> None:
+        """--mqtt-discovery*: an MQTT output to publish on, and a device name and prefix HA accepts."""
+        if self.mqtt_discovery is None and not self.mqtt_discovery_remove:
+            return
+        flag = "--mqtt-discovery-remove" if self.mqtt_discovery_remove else "--mqtt-discovery"
+        if not any(o.kind == "mqtt" for o in outputs):
+            raise OptionError(f"{flag} needs an MQTT output (--mqtt URL or --output mqtt://...)")
+        discovery_messages(self.mqtt_device or default_device(), "-", self.mqtt_discovery or MQTT_DISCOVERY_PREFIX,
+                           self.mqtt_discovery_mode)
+
+    def remove_discovery(self) -> list:
+        """--mqtt-discovery-remove on every MQTT output: the discovery topics cleared."""
+        outputs = self.output_specs()
+        self.check_discovery(outputs)
+        return [t for o in outputs if o.kind == "mqtt"
+                for t in remove_discovery(o.target, self.mqtt_device, self.mqtt_discovery or MQTT_DISCOVERY_PREFIX,
+                                          self.mqtt_ca_file, label=o.label)]
 
     def output_options(self, nominal_fps: float, stats: LoopStats, log: Callable[[str], None]) -> Any:
         from edge_quq.sinks import OutputOptions  # noqa: PLC0415
 
         return OutputOptions(max_snapshots=self.max_snapshots, mqtt_prefix=self.mqtt_prefix, mqtt_device=self.mqtt_device,
                              mqtt_every_frame=self.mqtt_every_frame, mqtt_ca_file=self.mqtt_ca_file, serve_token=self.serve_token,
+                             mqtt_discovery=self.mqtt_discovery, mqtt_discovery_mode=self.mqtt_discovery_mode,
                              video_fps=self.max_fps or nominal_fps or 10.0, source=self.source, stats=stats, log=log)
 
     def drift_monitor(self, predictor: Any, log: Callable[[str], None]) -> Any:

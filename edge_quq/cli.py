@@ -14,8 +14,9 @@ import click
 
 from edge_quq import __version__
 from edge_quq.config import DEFAULT_CONFIG_PATH, config_option, service_config_example
-from edge_quq.defaults import (BACKENDS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, DEFAULT_ON_DRIFT, DRIFT_DEFAULTS, MIXED_POLICIES,
-                               ON_DRIFT, POLICIES, default_help)
+from edge_quq.defaults import (BACKENDS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, DEFAULT_MQTT_DISCOVERY_MODE, DEFAULT_ON_DRIFT,
+                               DRIFT_DEFAULTS, MIXED_POLICIES, MQTT_DISCOVERY_MODES, MQTT_DISCOVERY_PREFIX, ON_DRIFT, POLICIES,
+                               default_help)
 from edge_quq.errors import EdgeQuqError
 from edge_quq.health import DEFAULT_MAX_AGE_S, DEFAULT_SERVICE_BUNDLE, DEFAULT_STATS_FILE
 from edge_quq.options import PredictorOptions
@@ -378,6 +379,16 @@ CAMERA_OPTIONS = [
     click.option("--mqtt-device", default=None, help="MQTT device name under the prefix (default: host name)."),
     click.option("--mqtt-every-frame", is_flag=True, help="Publish a result for every frame, not only on a change of decision or class."),
     click.option("--mqtt-ca-file", type=click.Path(exists=True, dir_okay=False), default=None, help="CA certificate for mqtts:// (default: the system's)."),
+    click.option("--mqtt-discovery", is_flag=False, flag_value=MQTT_DISCOVERY_PREFIX, default=None, metavar="[PREFIX]",
+                 help=f"Publish Home Assistant MQTT discovery (retained) under PREFIX (alone: {MQTT_DISCOVERY_PREFIX}), so the "
+                      "camera shows up in Home Assistant as a device with its sensors; republished when Home Assistant "
+                      "says online on PREFIX/status. The device name (--mqtt-device) must be letters, digits, _ and -."),
+    click.option("--mqtt-discovery-mode", type=click.Choice(MQTT_DISCOVERY_MODES), default=DEFAULT_MQTT_DISCOVERY_MODE, show_default=True,
+                 help="device: one message PREFIX/device/ID/config for the whole device (Home Assistant 2024.11 and newer); "
+                      "component: one PREFIX/COMPONENT/ID/config per entity (older Home Assistant)."),
+    click.option("--mqtt-discovery-remove", is_flag=True,
+                 help="Delete this device from Home Assistant (empty retained payloads on its discovery topics, both "
+                      "modes), then exit 0 without opening the source or loading the model."),
     click.option("--on-drift", type=click.Choice(ON_DRIFT), default=DEFAULT_ON_DRIFT, show_default=True,
                  help="When the drift alarm is up: flag (report it only) or ignore (frames during the alarm are also ignored, "
                       "\"drift\" in ignored_by)."),
@@ -422,6 +433,11 @@ def camera(**values: Any) -> None:
     from edge_quq.sources import open_source
 
     opts = CameraOptions.pop_from(values)  # what remains in `values` are the model options
+    if opts.mqtt_discovery_remove:
+        topics = opts.remove_discovery()
+        click.echo(f"camera: Home Assistant discovery removed (empty retained payloads on {len(topics)} topics, "
+                   f"{topics[0]} and the per-component ones)", err=True)
+        return
     # Everything that can be refused from the arguments alone is refused before the model loads.
     spec, settings, outputs = opts.check()
 

@@ -28,8 +28,9 @@ CONFIG_ENVVAR = "EDGE_QUQ_CONFIG"
 # Keys naming an input the service cannot run without: checked for existence when the file is read, so a
 # wrong path is reported at start-up (with the key and path) instead of as a crash loop later.
 MUST_EXIST = frozenset({"bundle"})
-# Options that make no sense in a file: they act on the command line itself.
-NOT_CONFIGURABLE = frozenset({"config", "help", "version"})
+# Options that make no sense in a file: they act on the command line itself (a service whose config said
+# mqtt-discovery-remove would delete its Home Assistant device and exit at every start).
+NOT_CONFIGURABLE = frozenset({"config", "help", "version", "mqtt_discovery_remove"})
 
 
 class ConfigError(EdgeQuqError):
@@ -257,7 +258,7 @@ EXAMPLES: Dict[str, Any] = {
     "fps": 15.0, "max-fps": 5.0, "crop": 0.8, "roi": "100,50,224,224", "duration": 3600.0, "frames": 1000,
     "output": ["jsonl:/var/lib/edge-quq/results.jsonl", "http://0.0.0.0:8080"], "jsonl": "/var/lib/edge-quq/results.jsonl", "video-out": "/var/lib/edge-quq/annotated.mp4",
     "snapshots": "/var/lib/edge-quq/snapshots", "serve": "0.0.0.0:8080", "mqtt": "mqtt://user:password@broker.local:1883",
-    "mqtt-device": "porch-cam", "mqtt-ca-file": "/etc/ssl/certs/ca-certificates.crt",
+    "mqtt-device": "porch-cam", "mqtt-ca-file": "/etc/ssl/certs/ca-certificates.crt", "mqtt-discovery": "homeassistant",
     "policy": "gated", "ood-alpha": 0.05, "target-error": 0.02, "delta": 0.05,
 }
 

@@ -76,3 +76,10 @@ DRIFT_DEFAULTS: Dict[str, object] = {
 # --on-drift: flag (report the alarm only) or ignore (frames during an alarm are also ignored, "drift" in ignored_by).
 ON_DRIFT: Tuple[str, ...] = ("flag", "ignore")
 DEFAULT_ON_DRIFT = "flag"
+
+# --- Home Assistant MQTT discovery (`edge-quq camera --mqtt-discovery`; edge_quq.sinks.ha_discovery) ----------
+# Home Assistant's default discovery prefix; device: one message for the whole device (HA 2024.11+),
+# component: one message per entity (older HA versions).
+MQTT_DISCOVERY_PREFIX = "homeassistant"
+MQTT_DISCOVERY_MODES: Tuple[str, ...] = ("device", "component")
+DEFAULT_MQTT_DISCOVERY_MODE = "device"

@@ -12,7 +12,7 @@ from camera_util import Mosquitto, Subscriber, read_jsonl, run_camera, start_cam
 pytest.importorskip("paho.mqtt")
 
 RESULT_KEYS = {"ts", "frame", "decision", "label", "class_index", "top_label", "top_index", "score", "interval", "rule", "ignored_by",
-               "policy", "ood_p", "drift_alarm", "latency_ms"}
+               "policy", "ood_p", "drift_alarm", "latency_ms", "last_kept_label"}
 
 
 @pytest.fixture()

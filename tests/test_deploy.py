@@ -123,10 +123,32 @@ def test_a_tampered_bundle_is_refused_before_anything_is_written(tmp_path):
     (["--extra", "cuda"], "error: --extra must be auto, litert, tflite-runtime or none (got 'cuda')"),
     (["--root", "/nonexistent/stage"], "error: --root /nonexistent/stage: folder does not exist"),
     (["--root", "{tmp}", "--bundle", "/nonexistent/b"], "error: --bundle /nonexistent/b: folder does not exist"),
+    (["--root", "{tmp}", "--mqtt-discovery"], "error: --mqtt-discovery needs --mqtt URL"),
+    (["--root", "{tmp}", "--mqtt", "mqtt://b", "--mqtt-device", "porch cam", "--mqtt-discovery"],
+     "error: --mqtt-device 'porch cam': Home Assistant discovery needs letters, digits, '_' and '-' only"),
 ])
 def test_bad_options_are_one_error_line(tmp_path, args, message):
     r = install(*[a.replace("{tmp}", str(tmp_path)) for a in args], check=False)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == message
+
+
+def test_mqtt_and_home_assistant_discovery_options_go_into_the_config(tmp_path):
+    from edge_quq.cli import main
+    from edge_quq.config import load_config
+
+    root = tmp_path / "root"
+    root.mkdir()
+    install("--root", str(root), "--mqtt", "mqtt://user:p\"w@broker.local", "--mqtt-device", "porch-cam", "--mqtt-discovery=ha")
+    conf = root / "etc/edge-quq/config"
+    text = conf.read_text()
+    assert 'mqtt = "mqtt://user:p\\"w@broker.local"' in text and 'mqtt-device = "porch-cam"' in text and 'mqtt-discovery = "ha"' in text
+    text = text.replace("/opt/edge-quq/bundle", str(BUNDLE)).replace("/var/lib/edge-quq", str(tmp_path))
+    conf.write_text(text)
+    dm = load_config(main.commands["camera"], conf)
+    assert (dm["mqtt_url"], dm["mqtt_device"], dm["mqtt_discovery"]) == ("mqtt://user:p\"w@broker.local", "porch-cam", "ha")
+    # An existing config is kept, and the script says the options were not applied to it.
+    again = install("--root", str(root), "--mqtt", "mqtt://other", "--mqtt-discovery")
+    assert "the --mqtt options are not applied to an existing config" in again.stdout and conf.read_text() == text
 
 
 def test_shellcheck_clean():

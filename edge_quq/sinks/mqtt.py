@@ -9,6 +9,10 @@ Topics under PREFIX/DEVICE (default edge-quq/<hostname>):
                 on the first frame, whenever the alarm is raised or cleared, and again after a reconnect;
                 nothing without a drift monitor
 
+With --mqtt-discovery [PREFIX] it also publishes Home Assistant's discovery message(s) (edge_quq.sinks.ha_discovery)
+retained on every connect, and again whenever Home Assistant says `online` on PREFIX/status (it restarted and
+forgot what it had not kept); `remove_discovery` deletes them.
+
 Connection failures (broker unreachable, wrong password, TLS to a plain port) never stop the run: they are
 said once on stderr (again every few minutes while they last), counted in the stats' sink_errors (which
 `edge-quq health` reports), and paho keeps retrying.
@@ -23,11 +27,13 @@ import os
 import socket
 import ssl
 import threading
+import time
 from typing import Any, Callable, Dict, Optional, Tuple
 from urllib.parse import unquote, urlsplit
 
-from edge_quq.errors import OptionError
+from edge_quq.errors import EdgeQuqError, OptionError
 from edge_quq.redact import redact
+from edge_quq.sinks import ha_discovery
 from edge_quq.sinks.base import Failures, FrameResult, Sink, _stderr
 from edge_quq.result import dumps
 
@@ -70,16 +76,19 @@ class MqttSink(Sink):
     name = "mqtt"
 
     def __init__(self, url: str, prefix: str = "edge-quq", device: Optional[str] = None, every_frame: bool = False,
-                 ca_file: Optional[str] = None, keepalive: int = 30, label: str = "", log: Callable[[str], None] = _stderr) -> None:
+                 ca_file: Optional[str] = None, keepalive: int = 30, label: str = "", log: Callable[[str], None] = _stderr,
+                 discovery: Optional[str] = None, discovery_mode: str = ha_discovery.DEFAULT_MODE) -> None:
         cfg = parse_broker_url(url, label)
         self.failures = Failures(self.name, log)
         self.broker = f"{'mqtts' if cfg['tls'] else 'mqtt'}://{cfg['host']}:{cfg['port']}"
         self._was_connected = False
-        try:
-            import paho.mqtt.client as mqtt  # noqa: PLC0415
-        except ImportError:
-            raise OptionError(f"{label or '--mqtt'}: needs paho-mqtt: pip install 'edge-quq[mqtt]'") from None
-        self.base = f"{_check_topic_part('prefix', prefix)}/{_check_topic_part('device', device or default_device())}"
+        mqtt = _paho(label)
+        device = device or default_device()
+        self.base = f"{_check_topic_part('prefix', prefix)}/{_check_topic_part('device', device)}"
+        # Refused here, before any connection: a bad device name publishes nothing at all.
+        self.discovery = [] if discovery is None else ha_discovery.discovery_messages(device, self.base, discovery, discovery_mode)
+        self.topic_ha_status = None if discovery is None else ha_discovery.status_topic(discovery)
+        self._last_kept_label: Optional[str] = None
         self.topic_available = f"{self.base}/available"
         self.topic_result = f"{self.base}/result"
         self.topic_stats = f"{self.base}/stats"
@@ -94,17 +103,14 @@ class MqttSink(Sink):
         self.connects = 0
         self._closing = False
         self._mqtt = mqtt
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"edge-quq-{self.base.replace('/', '-')}-{os.getpid()}")
-        if cfg["username"]:
-            c.username_pw_set(cfg["username"], cfg["password"])
-        if cfg["tls"]:
-            c.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        c = _client(mqtt, cfg, ca_file, f"edge-quq-{self.base.replace('/', '-')}-{os.getpid()}")
         c.will_set(self.topic_available, "offline", qos=1, retain=True)
         c.reconnect_delay_set(min_delay=1, max_delay=30)
         c.max_queued_messages_set(100)  # bounds what waits in paho's queue while the socket is slow
         c.on_connect = self._on_connect
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
         self.client = c
         # connect_async + loop_start: the first connection also happens in paho's thread, so a broker that is
         # down at start-up delays nothing; it is retried with the backoff above.
@@ -122,6 +128,20 @@ class MqttSink(Sink):
         self.connected.set()
         self.failures.ok()
         client.publish(self.topic_available, "online", qos=1, retain=True)
+        if self.topic_ha_status is not None:
+            client.subscribe(self.topic_ha_status, qos=1)
+            self._publish_discovery(client)
+
+    def _publish_discovery(self, client: Any) -> None:
+        for topic, payload in self.discovery:
+            client.publish(topic, payload, qos=1, retain=True)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        if msg.topic == self.topic_ha_status and msg.payload == b"online":
+            # Home Assistant (re)started: discovery again, and the states it has not seen with the next frame
+            self._publish_discovery(client)
+            self._last_key = None
+            self._last_alarm = None
 
     def _on_connect_fail(self, client, userdata) -> None:
         # TCP refused or unreachable, DNS, or a TLS handshake that failed (mqtts:// to a plain port)
@@ -143,8 +163,7 @@ class MqttSink(Sink):
         else:
             self.not_sent += 1
 
-    @staticmethod
-    def result_payload(r: FrameResult) -> Dict[str, Any]:
+    def result_payload(self, r: FrameResult) -> Dict[str, Any]:
         p = r.prediction
         t = p.top_index
         return {
@@ -163,11 +182,14 @@ class MqttSink(Sink):
             "ood_p": None if p.ood_p is None else round(p.ood_p, 6),
             "drift_alarm": None if r.drift is None else r.drift.get("alarm"),
             "latency_ms": round(p.timings_ms.get("total", 0.0), 3),
+            "last_kept_label": self._last_kept_label,  # the label of the latest kept frame, this one or earlier
         }
 
     def emit(self, r: FrameResult) -> None:
         p = r.prediction
         key = (p.decision, p.class_index if p.keep else None)
+        if p.keep:
+            self._last_kept_label = p.label
         if self.every_frame or key != self._last_key:
             self._last_key = key
             self._publish(self.topic_result, dumps(self.result_payload(r)))
@@ -178,7 +200,8 @@ class MqttSink(Sink):
             self._publish(self.topic_drift, dumps(payload), qos=1, retain=True)
 
     def stats(self, stats: Dict[str, Any]) -> None:
-        self._publish(self.topic_stats, dumps(stats))
+        # "ha": the few values Home Assistant's templates read, flat (edge_quq.sinks.ha_discovery.state_fields)
+        self._publish(self.topic_stats, dumps({**stats, "ha": ha_discovery.state_fields(stats)}))
 
     def close(self) -> None:
         self._closing = True
@@ -191,3 +214,60 @@ class MqttSink(Sink):
                 pass
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def _paho(label: str = "") -> Any:
+    try:
+        import paho.mqtt.client as mqtt  # noqa: PLC0415
+    except ImportError:
+        raise OptionError(f"{label or '--mqtt'}: needs paho-mqtt: pip install 'edge-quq[mqtt]'") from None
+    return mqtt
+
+
+def _client(mqtt: Any, cfg: Dict[str, Any], ca_file: Optional[str], client_id: str) -> Any:
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+    if cfg["username"]:
+        c.username_pw_set(cfg["username"], cfg["password"])
+    if cfg["tls"]:
+        c.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+    return c
+
+
+class BrokerError(EdgeQuqError):
+    """The broker could not be reached or did not take the messages (a run-time failure: exit 1)."""
+
+    exit_code = 1
+
+
+def remove_discovery(url: str, device: Optional[str] = None, discovery: str = ha_discovery.DEFAULT_PREFIX,
+                     ca_file: Optional[str] = None, label: str = "", timeout: float = 10.0) -> list:
+    """--mqtt-discovery-remove: an empty retained payload on every discovery topic of `device` (both layouts),
+    which makes Home Assistant delete the device and its entities. Returns the topics; BrokerError when the
+    broker cannot be reached or does not acknowledge them within `timeout` seconds."""
+    cfg = parse_broker_url(url, label)
+    device = device or default_device()
+    topics = ha_discovery.removal_topics(device, discovery)  # a bad name or prefix is refused before connecting
+    mqtt = _paho(label)
+    broker = f"{'mqtts' if cfg['tls'] else 'mqtt'}://{cfg['host']}:{cfg['port']}"
+    c = _client(mqtt, cfg, ca_file, f"edge-quq-remove-{device}-{os.getpid()}")
+    try:
+        if c.connect(cfg["host"], cfg["port"], keepalive=30) != mqtt.MQTT_ERR_SUCCESS:
+            raise OSError("connect failed")
+    except (OSError, ssl.SSLError) as e:
+        raise BrokerError(f"--mqtt-discovery-remove: cannot connect to broker {broker}: {redact(str(e))}") from None
+    c.loop_start()
+    try:
+        infos = [c.publish(t, b"", qos=1, retain=True) for t in topics]
+        end = time.monotonic() + timeout
+        for info in infos:
+            try:
+                info.wait_for_publish(timeout=max(0.0, end - time.monotonic()))
+            except (RuntimeError, ValueError):  # not queued: the connection went away
+                pass
+            if not info.is_published():
+                raise BrokerError(f"--mqtt-discovery-remove: broker {broker} did not acknowledge the removal within "
+                                  f"{timeout:g} s (refused the connection?)")
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return topics

@@ -50,6 +50,8 @@ class OutputOptions:
     mqtt_device: Optional[str] = None
     mqtt_every_frame: bool = False
     mqtt_ca_file: Optional[str] = None
+    mqtt_discovery: Optional[str] = None  # Home Assistant discovery prefix (edge_quq.sinks.ha_discovery)
+    mqtt_discovery_mode: str = "device"
     serve_token: Optional[str] = None  # the live view's access token (edge_quq.sinks.http)
     video_fps: float = 10.0
     source: str = ""  # shown by the live view
@@ -154,7 +156,8 @@ def open_output(spec: Union[str, OutputSpec], options: Optional[OutputOptions] =
         http = HttpSink(spec.target, o.source, stats=o.stats, label=spec.label, token=o.serve_token, log=o.log)
         o.log(f"serving the live view on {http.url}")
         return http
-    return MqttSink(spec.target, o.mqtt_prefix, o.mqtt_device, o.mqtt_every_frame, o.mqtt_ca_file, label=spec.label, log=o.log)
+    return MqttSink(spec.target, o.mqtt_prefix, o.mqtt_device, o.mqtt_every_frame, o.mqtt_ca_file, label=spec.label, log=o.log,
+                    discovery=o.mqtt_discovery, discovery_mode=o.mqtt_discovery_mode)
 
 
 class SinkSet:
