@@ -396,7 +396,8 @@ def render(results: dict, figures: dict, out: Path) -> None:
                    "'usable' (every usable detector of the bundle) or a comma list; more sets after ';' are evaluated as "
                    "candidate gates `gated[a+b]`.")
 @click.option("--drift-detector", default="mahalanobis", show_default=True, help="The detector whose p-values feed the drift monitor.")
-@click.option("--splits", type=int, default=None, help="Random calibration/test splits for the guarantee check (default 200; --quick 20).")
+@click.option("--splits", type=int, default=None, help="Random calibration/test splits for the guarantee check (default 200; --quick 20); 5x as many i.i.d. "
+                   "calibration draws for its population check.")
 @click.option("--drift-seeds", type=int, default=None, help="Streams per drift cell and clean false-alarm check (default 20; --quick 5).")
 @click.option("--drift-frames", type=int, default=None, help="Frames per clean drift stream (default 10000; --quick 2000).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -415,6 +416,8 @@ def main(out, quick, bundle, float_model, cifar100, cifar100_bundle, samples, co
         "severities": parse_severities(severities),
         "policies": not no_policies, "gate_detectors": gate_detectors, "drift_detector": drift_detector,
         "splits": splits if splits is not None else (20 if quick else 200),
+        # i.i.d. calibration draws for the population check of the risk guarantee (cheap: no test split)
+        "population_resamples": 5 * (splits if splits is not None else (20 if quick else 200)),
         "drift_seeds": drift_seeds if drift_seeds is not None else (5 if quick else 20),
         "drift_frames": drift_frames if drift_frames is not None else (2000 if quick else 10000),
         "cost_repeats": 2000 if quick else 20000,

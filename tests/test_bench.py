@@ -238,7 +238,15 @@ def _check_policy_sections(rep: dict, md: str, out: Path) -> None:
     assert set(p["drift"]["frames_to_alarm"]) == {"gaussian_noise", "fog", "contrast"}
     assert p["drift"]["false_alarms"]["frames"] == 300 and p["drift"]["false_alarms"]["seeds"] == 2
     assert p["cost"]["whole_decision"]["p50_us"] > 0
-    assert len(p["targets"]) == 10 and all(t["met"] in (True, False, None) for t in p["targets"])
+    # the policies as the bundle ships them: its gate and risk table, on every clean image
+    sh = p["shipped"]
+    assert set(sh["clean"]) == {"paper", "gated", "risk@1%", "risk@2%", "risk@5%"} and sh["clean"]["gated"]["n"] == 300
+    assert set(sh["far"]) == set(p["far"]) and set(sh["shifted"]["fog"]["5"]) == set(sh["clean"])
+    assert "As the bundle ships them" in md
+    pop = p["population"]
+    assert pop["resamples"] == 25 and set(pop["risk"]) == {"risk@1%", "risk@2%", "risk@5%"}
+    assert all(0.0 <= v["violation_rate"] <= 1.0 for v in pop["risk"].values()) and "i.i.d. calibration draws" in md
+    assert len(p["targets"]) == 11 and all(t["met"] in (True, False, None) for t in p["targets"])
     assert "## Decision policies (issue 14)" in md and "Against the issue's targets" in md
     for name in POLICY_FIGURES:
         assert (out / name).is_file(), name

@@ -263,6 +263,42 @@ def split_check(a: SetArrays, y: np.ndarray, gates: Dict[str, Tuple[List[str], s
             "gate": gate_out, "risk": risk_out}
 
 
+def population_check(a: SetArrays, y: np.ndarray, names: Sequence[str], rule: str, resamples: int, seed: int,
+                     n_cal: int = 5000, alpha: float = ALPHA, delta: float = RISK_DELTA,
+                     targets: Sequence[float] = RISK_TARGETS) -> dict:
+    """The risk guarantee checked where its premise holds exactly: the clean set is the population, each
+    calibration set is `n_cal` i.i.d. draws from it (with replacement), and the error among kept is computed
+    on the whole population, so no test-sample noise enters. LTT promises that the population risk of the
+    chosen threshold exceeds the target in at most delta of the draws."""
+    correct = a.label() == y
+    cols = a.scores(names)
+    rng = np.random.default_rng([seed, 101])
+    viol = {t: 0 for t in targets}
+    cover: Dict[float, List[float]] = {t: [] for t in targets}
+    for _ in range(resamples):
+        ci = rng.integers(0, len(y), n_cal)
+        ign = gate(combine(conformal_pvalues(cols, sort_calibration([cols[ci, j] for j in range(cols.shape[1])])), rule), alpha)
+        use = ci[~ign[ci] & a.rule_keep[ci]]
+        table = CalibrationTable.build(a.confidence[use], correct[use])
+        for t in targets:
+            try:
+                keep = risk_keep(a, ltt_threshold(table, t, delta).threshold, ign)
+            except OptionError:
+                keep = np.zeros(len(y), bool)
+            viol[t] += int(keep.any() and np.mean(~correct[keep]) > t)
+            cover[t].append(float(keep.mean()))
+    return {"resamples": resamples, "n_calibration": n_cal,
+            "risk": {f"risk@{100 * t:g}%": {"target": t, "violation_rate": round(viol[t] / resamples, 4),
+                                            "violation_ci95": [round(v, 4) for v in _wilson(viol[t], resamples)],
+                                            "mean_coverage": round(float(np.mean(cover[t])), 4)} for t in targets}}
+
+
+def _wilson(k: int, n: int, z: float = 1.96) -> Tuple[float, float]:
+    p = k / n
+    mid, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
 def shift_rates(c: Calibrated, a: SetArrays, y: Optional[np.ndarray], alpha: float = ALPHA) -> Dict[str, dict]:
     """Ignore rate and error among kept for every policy on one (shifted or OOD) set; y None: no labels."""
     return {k: rates(keep, pred, y) for k, (keep, pred) in decide(c, a, alpha).items()}

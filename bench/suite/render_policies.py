@@ -81,7 +81,21 @@ def markdown(r: dict) -> List[str]:
                    "mean error kept %", "mean coverage %", "min coverage %"],
                   [[k, _pct(v["violation_rate"]), _pct(v.get("violation_beyond_binomial_margin")), v["unreachable_splits"],
                     _pct(v["mean_error_kept"]), _pct(v["mean_coverage"]), _pct(v["min_coverage"])] for k, v in sp["risk"].items()]), ""]
+    md += _md_population(p)
     return md + _md_shift(p) + _md_drift(p, r)
+
+
+def _md_population(p: dict) -> List[str]:
+    pop = p.get("population")
+    if not pop:
+        return []
+    return [f"### The risk guarantee on {pop['resamples']} i.i.d. calibration draws", "",
+            f"The clean set as the population: each calibration set is {pop['n_calibration']} draws with replacement from it "
+            "(exactly LTT's i.i.d. premise), the gate and the threshold are calibrated on the draw, and the error among kept is "
+            "computed on the whole population, so no test-sample noise enters. Violated: the population's error among kept "
+            "is above the target (must happen in at most delta of the draws).", "",
+            _table(["risk policy", "violated in % of draws", "95% CI", "mean coverage %"],
+                   [[k, _pct(v["violation_rate"]), _ci(v["violation_ci95"]), _pct(v["mean_coverage"])] for k, v in pop["risk"].items()]), ""]
 
 
 def _rate_rows(tab: dict) -> List[List[str]]:
