@@ -199,3 +199,22 @@ def test_gate_spec_roundtrip_is_exact():
     again = parse_manifest(b.to_json(), b.path)
     assert again == b and again.to_json() == b.to_json()
     assert json.loads((b.path / "manifest.json").read_text())["gate"] == b.gate.to_json()
+
+
+def test_exporter_gate_choice_keeps_the_far_ood_catch_then_makes_fewest_wrong_decisions():
+    """select_gate on scores built so that the answer is known: `far` and `err` both catch every far-OOD
+    sample, `far`'s in-distribution ignores hit right predictions, `err`'s hit wrong ones; `weak` makes the
+    fewest wrong decisions of all but misses far-OOD, so it must never win."""
+    from edge_quq_export.detectors import select_gate
+
+    g = np.random.default_rng(3)
+    n = 4000
+    correct = g.random(n) > 0.1
+    rule_keep = np.ones(n, bool)
+    noise = g.normal(size=n)
+    cal = {"far": noise, "err": np.where(correct, 0.0, 3.0) + 0.1 * noise, "weak": np.where(correct, 0.0, 5.0) + noise}
+    ood = {"photos": {"far": np.full(200, 50.0), "err": np.full(200, 50.0), "weak": np.zeros(200)}}
+    names, val = select_gate(cal, ood, 0.05, "bonferroni", 0, rule_keep, correct, max_size=2)
+    assert names == ["err"], val
+    assert val["chosen"]["photos"] == 1.0 and val["chosen"]["id_wrong_decisions"] < val["single_detectors"]["far"]["id_wrong_decisions"]
+    assert {"id_ignored_with_rule", "id_error_kept", "id_wrong_decisions"} <= set(val["chosen"])
