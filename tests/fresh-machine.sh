@@ -44,9 +44,10 @@ CMD_TEST=$(readme_command test)
 [ -n "$CMD_TEST" ] || die "README.md has no command after <!-- fresh-machine: test -->"
 
 CHILD=""
-# The command runs in its own PID namespace; ending its unshare (--kill-child) ends everything inside.
+# The command runs in its own PID namespace under unshare (CHILD); ending unshare (--kill-child) ends everything
+# inside. unshare --fork blocks SIGINT and SIGTERM for itself, so only SIGKILL ends it.
 # shellcheck disable=SC2317  # called from the traps
-stop_child() { [ -z "$CHILD" ] || { kill "$CHILD" 2>/dev/null; wait "$CHILD" 2>/dev/null; } || true; }
+stop_child() { [ -z "$CHILD" ] || { kill -KILL "$CHILD" 2>/dev/null; wait "$CHILD" 2>/dev/null; } || true; }
 trap 'stop_child' EXIT
 trap 'exit 130' INT TERM
 if [ -n "$KEEP" ]; then
@@ -56,6 +57,11 @@ else
   ROOT=$(mktemp -d /var/tmp/edge-quq-fresh.XXXXXX)
   trap 'stop_child; rm -rf --one-file-system "$ROOT"' EXIT
 fi
+# mktemp -d makes the folder 0700, and it becomes the root's "/". A real machine's / is 0755: daemons that drop
+# root need to reach /etc. Mosquitto drops to user mosquitto, and libwrap (Debian builds mosquitto with TCP
+# wrappers) then cannot open /etc/hosts.allow or /etc/hosts.deny (EACCES, not ENOENT) and so denies every
+# client: "Client connection from 127.0.0.1 denied access by tcpd".
+chmod 0755 "$ROOT"
 [ -z "$LOGDIR" ] || mkdir -p "$LOGDIR"
 
 t0=$(date +%s)
@@ -84,9 +90,10 @@ echo "fresh-machine: $(git -C "$SRC" rev-parse --short HEAD) copied to /src (git
 # mount point, as on a real machine, and `unshare -m` in the tests can change its propagation): /proc, /sys, /dev, /dev/shm inside the root vanish with it,
 # and so does every process the command left behind. The namespace's PID 1 is this sh, not the command: a
 # test runner as PID 1 sees its own PID where tests expect another process's.
+# With IN_ROOT_EXEC=1 the calling (background) shell becomes unshare, so that $! is unshare itself.
 in_root() {
   # shellcheck disable=SC2016  # the inner script expands its own positional arguments
-  unshare --mount --pid --fork --kill-child --propagation private sh -c '
+  ${IN_ROOT_EXEC:+exec} unshare --mount --pid --fork --kill-child --propagation private sh -c '
     R=$1; shift
     mount --bind "$R" "$R" && mount -t proc proc "$R/proc" && mount -t sysfs sys "$R/sys" && mount --rbind /dev "$R/dev" \
       && mount -t tmpfs -o mode=1777 shm "$R/dev/shm" && mount -t tmpfs -o mode=1777 tmp "$R/tmp" || exit 125
@@ -103,7 +110,7 @@ run_step() {
   echo "fresh-machine: [$name] \$ $cmd"
   start=$(date +%s)
   set +e
-  in_root "$cmd" >"$log" 2>&1 &
+  IN_ROOT_EXEC=1 in_root "$cmd" >"$log" 2>&1 &
   CHILD=$!
   wait "$CHILD"
   RC[$name]=$?
