@@ -27,7 +27,7 @@ while [ $# -gt 0 ]; do
     --log) LOGDIR=${2:?--log needs a folder}; shift 2 ;;
     --only) ONLY=${2:?--only needs install or test}; shift 2 ;;
     --nspawn) NSPAWN=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "error: unknown option: $1" >&2; exit 2 ;;
   esac
 done
