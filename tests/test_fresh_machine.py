@@ -1,5 +1,6 @@
 """tests/fresh-machine.sh reads the README's two commands at their markers; the commands it would run are the
-ones a reader sees. (The script itself boots a Debian root for ~20 minutes: .ci/run runs it, pytest does not.)"""
+ones a reader sees. (The script itself builds a Debian root and runs the whole suite in it, ~30 minutes:
+.ci/run runs it, pytest does not.)"""
 from __future__ import annotations
 
 import subprocess
