@@ -50,11 +50,15 @@ CMD_TEST=$(readme_command test)
 [ -n "$CMD_INSTALL" ] || die "README.md has no command after <!-- fresh-machine: install-and-run -->"
 [ -n "$CMD_TEST" ] || die "README.md has no command after <!-- fresh-machine: test -->"
 
-CHILD=""
-# The command runs in its own PID namespace under unshare (CHILD); ending unshare (--kill-child) ends everything
-# inside. unshare --fork blocks SIGINT and SIGTERM for itself, so only SIGKILL ends it.
+CHILD="" STEP_LOG=""
+# The command runs in its own PID namespace under unshare or nspawn (CHILD); ending CHILD ends everything
+# inside (--kill-child; nspawn does the same). unshare --fork blocks SIGINT and SIGTERM for itself, so only
+# SIGKILL ends it. An interrupted step's log goes too, unless it was asked for (--log).
 # shellcheck disable=SC2317  # called from the traps
-stop_child() { [ -z "$CHILD" ] || { kill -KILL "$CHILD" 2>/dev/null; wait "$CHILD" 2>/dev/null; } || true; }
+stop_child() {
+  [ -z "$CHILD" ] || { kill -KILL "$CHILD" 2>/dev/null; wait "$CHILD" 2>/dev/null; } || true
+  [ -n "$LOGDIR" ] || [ -z "$STEP_LOG" ] || rm -f "$STEP_LOG"
+}
 trap 'stop_child' EXIT
 trap 'exit 130' INT TERM
 if [ -n "$KEEP" ]; then
@@ -128,6 +132,7 @@ run_step() {
   local name=$1 cmd=$2 log start
   log=${LOGDIR:+$LOGDIR/$name.log}
   log=${log:-$ROOT.$name.log}
+  STEP_LOG=$log
   echo "fresh-machine: [$name] \$ $cmd"
   start=$(date +%s)
   set +e
