@@ -159,7 +159,13 @@ class Mosquitto:
 
     def diagnose(self) -> str:
         state = "running" if self.proc is not None and self.proc.poll() is None else f"exited ({self.proc.returncode if self.proc else '-'})"
-        return f"broker {state}; its log: {self.log.read_text()[-2000:]}"
+        log = self.log.read_text()
+        # Debian's mosquitto asks libwrap, as user mosquitto (it drops root), and libwrap refuses everyone when it
+        # cannot read the files (a root "/" of mode 0700 did that in tests/fresh-machine.sh).
+        hint = ""
+        if "denied access by tcpd" in log:
+            hint = "; TCP wrappers refused the client: a rule in /etc/hosts.deny, or /etc/hosts.* unreadable by user mosquitto"
+        return f"broker {state}{hint}; its log: {log[-2000:]}"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
