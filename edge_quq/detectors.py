@@ -214,8 +214,9 @@ def gradient_reusable(cfg: Mapping[str, Any], settings: Optional[GradientSetting
 _USES_LOGITS = frozenset(("maxlogit", "energy", "vim"))
 # float32 detector arrays up to this many elements are also kept as float64 for scoring: the scores are
 # float64 math, and converting the arrays on every frame cost more than the matmuls (a 1280-feature
-# whitener's copy alone took milliseconds). The price is memory: 2x the detectors' arrays (about 35 MB more
-# for F = 1280, 85 MB for F = 2048); beyond this size (F > 2048) they are converted per call as before.
+# whitener's copy alone took milliseconds). The price is memory: 2x the detectors' arrays (about 45 MB more
+# for F = 1280, 120 MB for F = 2048: three F x F whiteners); beyond this size (F > 2048) they are converted per
+# call as before.
 _F64_CACHE_ELEMENTS = 1 << 22
 
 _IMPL: Dict[str, Tuple[Callable, Callable]] = {
