@@ -56,12 +56,19 @@ def resolve_z(z: Optional[float] = None, confidence_level: Optional[float] = Non
 
 def interval_states(mean: np.ndarray, std: np.ndarray, z: float, threshold: float) -> np.ndarray:
     """1 / 0 / -1 per class (any leading shape), as int8."""
-    lower = mean - z * std
-    upper = mean + z * std
-    states = np.full(np.shape(mean), UNCERTAIN, dtype=np.int8)
-    states[lower > threshold] = PRESENT
-    states[upper < threshold] = ABSENT
-    return states
+    return _interval_states(mean - z * std, mean + z * std, threshold)
+
+
+def _interval_states(lower: np.ndarray, upper: np.ndarray, threshold: float) -> np.ndarray:
+    # 1 / 0 / -1 as arithmetic on the two comparisons instead of masked writes (this runs once per frame):
+    # upper below the threshold wins, as it always did, should both ever hold
+    below = upper < threshold
+    return ((lower > threshold) & ~below).astype(np.int8) * np.int8(2) + below.astype(np.int8) - np.int8(1)
+
+
+# Rule code per (no PRESENT?, uncertain count clipped at 2): indexed by [n_pos > 0, min(n_unc, 2)].
+_CODES = {mixed: np.array([[1, 2, 3], [0, code, code]], np.int8) for mixed, code in (("ignore", 4), ("keep", 5))}
+_KEEP_CODE = np.array([True, False, True, False, False, True])  # codes 0, 2, 5 keep
 
 
 def decide_states(states: np.ndarray, mixed: str = "ignore") -> Tuple[np.ndarray, np.ndarray]:
@@ -72,16 +79,10 @@ def decide_states(states: np.ndarray, mixed: str = "ignore") -> Tuple[np.ndarray
     if mixed not in MIXED_POLICIES:
         raise OptionError(f"mixed policy must be one of {', '.join(MIXED_POLICIES)}, got {mixed!r}")
     s = np.atleast_2d(states)
-    n_pos = np.sum(s == PRESENT, axis=-1)
-    n_unc = np.sum(s == UNCERTAIN, axis=-1)
-    code = np.empty(s.shape[:-1], dtype=np.int8)
-    code[(n_unc == 0) & (n_pos > 0)] = 0
-    code[(n_unc == 0) & (n_pos == 0)] = 1
-    code[(n_unc == 1) & (n_pos == 0)] = 2
-    code[(n_unc > 1) & (n_pos == 0)] = 3
-    code[(n_unc > 0) & (n_pos > 0)] = 5 if mixed == "keep" else 4
-    keep = np.isin(code, (0, 2, 5))
-    return keep, code
+    # one table look-up instead of a mask per rule: this runs once per frame on the device
+    code = _CODES[mixed][np.any(s == PRESENT, axis=-1).view(np.int8),
+                         np.minimum(np.count_nonzero(s == UNCERTAIN, axis=-1), 2)]
+    return _KEEP_CODE[code], code
 
 
 RULE_NAMES = ("confident", "none_present", "benefit_of_doubt", "uncertain", "mixed_ignore", "mixed_keep")

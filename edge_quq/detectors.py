@@ -85,19 +85,19 @@ def _fit_none(feats, labels, head, rng, **cfg) -> Dict[str, np.ndarray]:
     return {}
 
 
-def _score_maxlogit(a, cfg, feats, head) -> np.ndarray:
-    return -np.max(eval_logits(head, feats), axis=1)
+def _score_maxlogit(a, cfg, feats, head, logits=None) -> np.ndarray:
+    return -np.max(eval_logits(head, feats) if logits is None else logits, axis=1)
 
 
-def _score_energy(a, cfg, feats, head) -> np.ndarray:
-    return energy(eval_logits(head, feats), head.activation)
+def _score_energy(a, cfg, feats, head, logits=None) -> np.ndarray:
+    return energy(eval_logits(head, feats) if logits is None else logits, head.activation)
 
 
 def _fit_react(feats, labels, head, rng, percentile: float = 90.0) -> Dict[str, np.ndarray]:
     return {"clip": np.array([np.percentile(feats, percentile)], np.float64)}
 
 
-def _score_react(a, cfg, feats, head) -> np.ndarray:
+def _score_react(a, cfg, feats, head, logits=None) -> np.ndarray:
     clipped = np.minimum(np.asarray(feats, np.float64), float(a["clip"][0]))
     return energy(eval_logits(head, clipped), head.activation)
 
@@ -119,15 +119,15 @@ def _fit_mahalanobis(feats, labels, head, rng, ridge: float = 1e-6) -> Dict[str,
 
 
 def _min_class_dist(a: Mapping[str, np.ndarray], feats: np.ndarray) -> np.ndarray:
-    fw = np.asarray(feats, np.float64) @ a["whitener"].astype(np.float64)
-    mw = a["means_w"].astype(np.float64)
+    fw = np.asarray(feats, np.float64) @ np.asarray(a["whitener"], np.float64)
+    mw = np.asarray(a["means_w"], np.float64)
     # ||fw - m||^2 = |fw|^2 - 2 fw.m + |m|^2, all classes in one matmul
     d = np.sum(fw * fw, axis=1, keepdims=True) - 2.0 * fw @ mw.T + np.sum(mw * mw, axis=1)[None, :]
     d = np.where(np.isnan(d), np.inf, d)
     return np.maximum(np.min(d, axis=1), 0.0)
 
 
-def _score_mahalanobis(a, cfg, feats, head) -> np.ndarray:
+def _score_mahalanobis(a, cfg, feats, head, logits=None) -> np.ndarray:
     return _min_class_dist(a, feats)
 
 
@@ -139,9 +139,9 @@ def _fit_rel_mahalanobis(feats, labels, head, rng, ridge: float = 1e-6) -> Dict[
     return out
 
 
-def _score_rel_mahalanobis(a, cfg, feats, head) -> np.ndarray:
+def _score_rel_mahalanobis(a, cfg, feats, head, logits=None) -> np.ndarray:
     d = _min_class_dist(a, feats)
-    g = np.asarray(feats, np.float64) @ a["whitener0"].astype(np.float64) - a["mean0_w"].astype(np.float64)
+    g = np.asarray(feats, np.float64) @ np.asarray(a["whitener0"], np.float64) - np.asarray(a["mean0_w"], np.float64)
     return d - np.sum(g * g, axis=1)
 
 
@@ -153,7 +153,7 @@ def _fit_knn(feats, labels, head, rng, k: int = 10, bank_size: int = 2048) -> Di
     return {"bank": l2_normalise(feats[idx])}
 
 
-def _score_knn(a, cfg, feats, head) -> np.ndarray:
+def _score_knn(a, cfg, feats, head, logits=None) -> np.ndarray:
     k = int(cfg["k"])
     bank = np.asarray(a["bank"], np.float32)  # float32 matmul (no copy): the bank is the only big array
     sims = l2_normalise(feats).astype(np.float32) @ bank.T
@@ -184,13 +184,13 @@ def _fit_vim(feats, labels, head, rng, dim: Optional[int] = None) -> Dict[str, n
     return {"origin": u, "null_space": ns, "alpha": np.array([alpha])}
 
 
-def _score_vim(a, cfg, feats, head) -> np.ndarray:
-    x = np.asarray(feats, np.float64) - a["origin"].astype(np.float64)
-    resid = np.linalg.norm(x @ a["null_space"].astype(np.float64), axis=1)
-    return float(a["alpha"][0]) * resid + energy(eval_logits(head, feats), head.activation)
+def _score_vim(a, cfg, feats, head, logits=None) -> np.ndarray:
+    x = np.asarray(feats, np.float64) - np.asarray(a["origin"], np.float64)
+    resid = np.linalg.norm(x @ np.asarray(a["null_space"], np.float64), axis=1)
+    return float(a["alpha"][0]) * resid + energy(eval_logits(head, feats) if logits is None else logits, head.activation)
 
 
-def _score_gradient(a, cfg, feats, head) -> np.ndarray:
+def _score_gradient(a, cfg, feats, head, logits=None) -> np.ndarray:
     if head.temperature != 1.0:
         # like the other detectors, fitted on the raw head: a temperature set later must not move its threshold
         head = replace(head, temperature=1.0)
@@ -208,6 +208,16 @@ def gradient_reusable(cfg: Mapping[str, Any], settings: Optional[GradientSetting
     return (settings is not None and settings.perturbations == 0 and head.temperature == 1.0
             and settings.layer_base == float(cfg.get("layer_base", -1)) and settings.class_weighting == cfg.get("class_weighting"))
 
+
+# Each score function also takes `logits`: eval_logits(head, feats) when the caller already has them (the
+# detectors marked here share one head pass per frame instead of one each).
+_USES_LOGITS = frozenset(("maxlogit", "energy", "vim"))
+# float32 detector arrays up to this many elements are also kept as float64 for scoring: the scores are
+# float64 math, and converting the arrays on every frame cost more than the matmuls (a 1280-feature
+# whitener's copy alone took milliseconds). The price is memory: 2x the detectors' arrays (about 45 MB more
+# for F = 1280, 120 MB for F = 2048: three F x F whiteners); beyond this size (F > 2048) they are converted per
+# call as before.
+_F64_CACHE_ELEMENTS = 1 << 22
 
 _IMPL: Dict[str, Tuple[Callable, Callable]] = {
     "maxlogit": (_fit_none, _score_maxlogit),
@@ -241,8 +251,24 @@ class FittedDetector:
     tpr: Optional[float] = None
     dtype: str = "float32"
 
-    def score(self, feats: np.ndarray, head: HeadWeights) -> np.ndarray:
-        return _IMPL[self.name][1](self.arrays, self.config, np.atleast_2d(feats), head)
+    _f64: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def score(self, feats: np.ndarray, head: HeadWeights, logits: Optional[np.ndarray] = None) -> np.ndarray:
+        """Scores [N] of rows feats [N, F]; `logits`: eval_logits(head, feats), when already computed."""
+        return _IMPL[self.name][1](self._scoring_arrays(), self.config, np.atleast_2d(feats), head, logits)
+
+    def _scoring_arrays(self) -> Dict[str, np.ndarray]:
+        """`arrays` with the small float32 ones as float64 (same values), converted once per array object."""
+        out = {}
+        for k, v in self.arrays.items():
+            if v.dtype != np.float32 or v.size > _F64_CACHE_ELEMENTS or (self.name == "knn" and k == "bank"):
+                out[k] = v  # the KNN bank is scored in float32 anyway
+                continue
+            hit = self._f64.get(k)
+            if hit is None or hit[0] is not v:
+                hit = self._f64[k] = (v, v.astype(np.float64))
+            out[k] = hit[1]
+        return out
 
     def flag(self, scores: np.ndarray) -> np.ndarray:
         if self.threshold is None:
@@ -275,7 +301,10 @@ class DetectorSet:
         """Every detector's scores [N] for rows feats [N, F]; `given` holds scores already computed elsewhere
         (the predictor's gradient score), used instead of computing them again."""
         given = given or {}
-        return {n: np.asarray(given[n], np.float64).reshape(-1) if n in given else d.score(feats, head)
+        feats = np.atleast_2d(feats)
+        shared = _USES_LOGITS.intersection(self.detectors).difference(given)
+        logits = eval_logits(head, feats) if shared else None
+        return {n: np.asarray(given[n], np.float64).reshape(-1) if n in given else d.score(feats, head, logits)
                 for n, d in self.detectors.items()}
 
     def flags(self, scores: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
