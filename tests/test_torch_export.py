@@ -305,3 +305,19 @@ def test_pt2_archive_on_the_cli(fashion64, tmp_path):
     assert r.exit_code == 0, r.stderr
     head = load_head_weights(load_bundle(tmp_path / "b"))
     assert head.hidden_activations == ("gelu",) and head.rates == (0.25, 0.5)
+
+
+def test_from_pytorch_example(tmp_path):
+    """examples/from_pytorch.py as a user runs it: trains, exports with onnx2tf, and `edge-quq predict` keeps
+    its prediction of the first test image through the TFLite backbone."""
+    import subprocess
+    import sys
+
+    assert ONNX2TF, "EDGE_QUQ_ONNX2TF is not set: run tests/run.sh, which sets up onnx2tf's venv"
+    example = Path(__file__).resolve().parents[1] / "examples" / "from_pytorch.py"
+    r = subprocess.run([sys.executable, str(example), str(tmp_path / "b")], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=1200, env={**os.environ, "EDGE_QUQ_ONNX2TF": ONNX2TF})
+    assert r.returncode == 0, r.stderr
+    assert "TFLite backbone: onnx2tf" in r.stdout and "backend=tflite" in r.stdout, r.stdout
+    acc = load_bundle(tmp_path / "b").manifest["accuracy"]
+    assert acc["float"] > 0.4 and abs(acc["int8_tflite"] - acc["float"]) <= 0.05, acc
