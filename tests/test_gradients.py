@@ -120,3 +120,28 @@ def test_bad_settings_are_refused():
         GradientSettings(class_weighting="max").validate()
     with pytest.raises(OptionError):
         GradientSettings(layer_base=0).validate()
+
+
+@pytest.mark.parametrize("hidden", ["hardswish", "silu", "gelu"])
+def test_every_detector_fits_and_scores_on_a_non_relu_head(hidden):
+    """All detectors, gradient and ReAct included, on a head with another hidden activation: finite scores, the
+    gradient detector equal to gradient_scores (which the closed-form test above checks), and ReAct's clip
+    acting on the head's input features only (features below the clip score as the plain energy)."""
+    from edge_quq.detectors import DETECTOR_NAMES, fit_detectors
+    from edge_quq.gradients import gradient_scores
+    from edge_quq.scores import energy
+
+    rng = np.random.default_rng(4)
+    head = head64("softmax", f=8, h=12, c=4, seed=1, hidden=hidden)
+    feats = np.abs(rng.normal(size=(400, 8))).astype(np.float32)
+    labels = np.argmax(head.logits(feats), axis=1)
+    dset = fit_detectors(feats, labels, head, DETECTOR_NAMES, seed=0)
+    test = np.abs(rng.normal(size=(50, 8))).astype(np.float32)
+    scores = dset.score_all(test, head)
+    assert set(scores) == set(DETECTOR_NAMES) and all(np.all(np.isfinite(s)) for s in scores.values())
+    np.testing.assert_allclose(scores["gradient"], gradient_scores(head, test, GradientSettings(perturbations=0)), rtol=1e-3)
+    clip = float(dset.detectors["react"].arrays["clip"][0])
+    small = test[np.all(test <= clip, axis=1)]
+    assert len(small) >= 5
+    np.testing.assert_allclose(dset.detectors["react"].score(small, head),
+                               energy(head.logits(small).astype(np.float64), "softmax"), rtol=1e-5)
