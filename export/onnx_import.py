@@ -214,6 +214,7 @@ class _Files:
     sizes: Dict[str, int]
     backbone_tflite: Optional[ModelFile] = None
     note: Optional[str] = ONNX_ONLY_NOTE  # why there is no TFLite backbone; None when there is one
+    converter: Optional[str] = None  # the TFLite converter that was run, whatever came of it
 
 
 def _convert(p: OnnxPrepared, bb, folder: Path, onnx2tf: Optional[Path]) -> _Files:
@@ -238,6 +239,7 @@ def _convert(p: OnnxPrepared, bb, folder: Path, onnx2tf: Optional[Path]) -> _Fil
     sizes.update({f: (folder / f).stat().st_size for f in (mf.file, *head.files)})
     files = _Files(backbone_onnx=mf, head=head, sizes=sizes)
     if onnx2tf is not None:
+        files.converter = "onnx2tf"
         _tflite_backbone(p, bb, folder, onnx2tf, files)
     return files
 
@@ -259,8 +261,13 @@ def _tflite_backbone(p: OnnxPrepared, bb, folder: Path, exe: Path, files: _Files
             files.note = f"ONNX only: onnx2tf could not convert the backbone to TFLite ({e})"
             return
     target = folder / "backbone_int8.tflite"
-    target.write_bytes(conv.rename_tflite_tensors(data, single=(conv.BACKBONE_INPUT, conv.BACKBONE_OUTPUT)))
-    files.backbone_tflite = conv.tflite_model_file(target)
+    try:
+        target.write_bytes(conv.rename_tflite_tensors(data, single=(conv.BACKBONE_INPUT, conv.BACKBONE_OUTPUT)))
+        files.backbone_tflite = conv.tflite_model_file(target)
+    except Exception as e:  # noqa: BLE001  (a model the runtime cannot load: the ONNX backbone still serves)
+        target.unlink(missing_ok=True)
+        files.note = f"ONNX only: onnx2tf's TFLite backbone does not load ({type(e).__name__}: {str(e).strip()[:200]})"
+        return
     files.sizes[target.name] = target.stat().st_size
     files.note = None
 
@@ -282,7 +289,7 @@ def _verify(p: OnnxPrepared, c: _Files, folder: Path, float_probs: np.ndarray, f
                           sizes=c.sizes, head_reproduction=reproduction)
     report["quant_samples"] = int(len(p.quant))
     report["source"] = "onnx"
-    report["tflite_converter"] = "onnx2tf" if c.backbone_tflite is not None or rejected else None
+    report["tflite_converter"] = c.converter
     if rejected:
         report["tflite_rejected"] = rejected
     if c.note:
@@ -303,20 +310,29 @@ def _check_tflite(p: OnnxPrepared, c: _Files, folder: Path, x: np.ndarray, float
     if c.backbone_tflite is None:
         return None
     mf = c.backbone_tflite
-    feats = run_tflite(folder / mf.file, x, {"input": mf.input.to_json(), "output": mf.output.to_json()})
+    try:
+        feats = run_tflite(folder / mf.file, x, {"input": mf.input.to_json(), "output": mf.output.to_json()})
+    except Exception as e:  # noqa: BLE001  (e.g. a batch the converted graph cannot be resized to)
+        _drop_tflite(c, folder, f"ONNX only: onnx2tf's TFLite backbone does not run ({type(e).__name__}: {str(e).strip()[:200]})")
+        return None
     row = compare(float_probs, float_feats, feats, p.head, p.test.labels)
     onnx_row = compare(float_probs, float_feats, backends["onnx"], p.head, p.test.labels)
     floor = onnx_row["top1_agreement"] - TFLITE_MAX_AGREEMENT_DROP
     if row["feature_cosine_mean"] >= TFLITE_MIN_COSINE and row["top1_agreement"] >= floor:
         backends["tflite"] = feats
         return None
-    (folder / mf.file).unlink()
-    c.sizes.pop(mf.file, None)
-    c.backbone_tflite = None
-    c.note = (f"ONNX only: the onnx2tf TFLite backbone lost parity with float (top-1 agreement "
-              f"{100 * row['top1_agreement']:.1f}%, needed {100 * floor:.1f}%; feature cosine mean "
-              f"{row['feature_cosine_mean']:.4f}, needed {TFLITE_MIN_COSINE}), so it was left out")
+    _drop_tflite(c, folder, f"ONNX only: the onnx2tf TFLite backbone lost parity with float (top-1 agreement "
+                            f"{100 * row['top1_agreement']:.1f}%, needed {100 * floor:.1f}%; feature cosine mean "
+                            f"{row['feature_cosine_mean']:.4f}, needed {TFLITE_MIN_COSINE}), so it was left out")
     return row
+
+
+def _drop_tflite(c: _Files, folder: Path, note: str) -> None:
+    if c.backbone_tflite is not None:
+        (folder / c.backbone_tflite.file).unlink(missing_ok=True)
+        c.sizes.pop(c.backbone_tflite.file, None)
+    c.backbone_tflite = None
+    c.note = note
 
 
 def _write(st: Staging, p: OnnxPrepared, c: _Files, report: Dict[str, Any], opts: ExportOptions) -> Bundle:

@@ -321,3 +321,21 @@ def test_from_pytorch_example(tmp_path):
     assert "TFLite backbone: onnx2tf" in r.stdout and "backend=tflite" in r.stdout, r.stdout
     acc = load_bundle(tmp_path / "b").manifest["accuracy"]
     assert acc["float"] > 0.4 and abs(acc["int8_tflite"] - acc["float"]) <= 0.05, acc
+
+
+def test_a_tflite_backbone_that_loses_parity_is_left_out(fashion64, tmp_path, monkeypatch):
+    """The parity gate, made unreachable (mean cosine above 1): onnx2tf's backbone is measured, removed, and its
+    row kept in parity.json as `tflite_rejected`; the bundle is ONNX-only and says why."""
+    assert ONNX2TF, "EDGE_QUQ_ONNX2TF is not set: run tests/run.sh, which sets up onnx2tf's venv"
+    from edge_quq_export import from_torch, onnx_import
+
+    monkeypatch.setattr(onnx_import, "TFLITE_MIN_COSINE", 1.01)
+    torch.manual_seed(6)
+    data = fashion64
+    bundle = from_torch(mobilenet_like("relu", "softmax").eval(), _tensor(data[2][:2]), tmp_path / "b", data[0][:32],
+                        test_data=data[2][:50], mean=MEAN, std=STD, onnx2tf=ONNX2TF)
+    b = load_bundle(bundle.path)
+    report = json.loads((bundle.path / "parity.json").read_text())
+    assert b.backbone_tflite is None and not (bundle.path / "backbone_int8.tflite").exists()
+    assert "lost parity" in b.manifest["backbone_note"] and report["tflite_rejected"]["feature_cosine_mean"] > 0.9
+    assert report["tflite_converter"] == "onnx2tf" and set(report["int8"]) == {"onnx"}
