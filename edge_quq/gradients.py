@@ -7,7 +7,8 @@ at once, with no autodiff framework on the device.
 For a dense layer with input u and output pre-activation z = u W + b, and g = d log p_k / d z:
     dW = u^T g  (an outer product, so ||dW||_F = ||u|| * ||g||),   db = g,
     so the layer's gradient norm is ||g|| * sqrt(||u||^2 + 1).
-Going down one layer: g_below = (g W^T) * relu'(z_below).
+Going down one layer: g_below = (g W^T) * act'(z_below), act' the hidden activation's derivative (ReLU,
+Hardswish, SiLU or GELU as edge_quq.head.hidden_activation defines them: activation_derivative below).
 
 The score (higher = less trust):
     U(x) = sum_l  omega_l * sum_k  w_k * ||d log p_k / d theta_l||
@@ -28,7 +29,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from edge_quq.errors import OptionError
-from edge_quq.head import HeadWeights, output_activation
+from edge_quq.head import HeadWeights, erf, hidden_activation, output_activation, sigmoid
 
 CLASS_WEIGHTINGS = ("sqrt", "prob", "uniform")
 
@@ -78,6 +79,22 @@ def _kernel64(k: np.ndarray) -> np.ndarray:
     return hit[1]
 
 
+def activation_derivative(z: np.ndarray, kind: str) -> np.ndarray:
+    """d act(z) / dz elementwise for a hidden activation of edge_quq.head (at the kinks: PyTorch's choice,
+    relu'(0) = 0 and hardswish'(+-3) = the inner piece's value)."""
+    z = np.asarray(z, np.float64)
+    if kind == "relu":
+        return (z > 0.0).astype(np.float64)
+    if kind == "hardswish":  # z * relu6(z + 3) / 6
+        return np.where(z < -3.0, 0.0, np.where(z > 3.0, 1.0, (2.0 * z + 3.0) / 6.0))
+    if kind == "silu":  # z * s(z): s + z s (1 - s)
+        s = sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    if kind == "gelu":  # z * Phi(z): Phi + z phi
+        return 0.5 * (1.0 + erf(z / np.sqrt(2.0))) + z * np.exp(-0.5 * z * z) / np.sqrt(2.0 * np.pi)
+    raise ValueError(f"no derivative for hidden activation {kind!r}")
+
+
 def layer_gradient_norms(head: HeadWeights, x: np.ndarray) -> np.ndarray:
     """N[n, l, k] = ||d log p_k / d (W_l, b_l)||, eval mode (no dropout), for rows x [N, F]; [l, k] for one [F]."""
     single = np.ndim(x) == 1
@@ -85,17 +102,18 @@ def layer_gradient_norms(head: HeadWeights, x: np.ndarray) -> np.ndarray:
     inputs: List[np.ndarray] = []
     pre: List[np.ndarray] = []
     n = len(head.kernels)
+    acts = head.hidden_activations
     for i in range(n):
         inputs.append(a)
         z = a @ _kernel64(head.kernels[i]) + head.biases[i]
         pre.append(z)
-        a = np.maximum(z, 0.0) if i < n - 1 else z
+        a = hidden_activation(z, acts[i]) if i < n - 1 else z
     g = output_log_prob_grads(pre[-1], head.activation)  # [N, C, out_L]
     norms = np.empty((len(a), n, g.shape[1]))
     for i in range(n - 1, -1, -1):
         norms[:, i] = np.linalg.norm(g, axis=2) * np.sqrt(np.sum(inputs[i] ** 2, axis=1) + 1.0)[:, None]
         if i > 0:
-            g = (g @ _kernel64(head.kernels[i]).T) * (pre[i - 1] > 0.0)[:, None, :]
+            g = (g @ _kernel64(head.kernels[i]).T) * activation_derivative(pre[i - 1], acts[i - 1])[:, None, :]
     return norms[0] if single else norms
 
 

@@ -134,6 +134,9 @@ def _class_names(classes: Optional[str], labels_file: Optional[Path]) -> Optiona
 @click.option("--split-layer", default=None, help="Name of the first head layer (default: the first Dropout of the trailing Dropout/Dense head).")
 @click.option("--split-node", default=None, help="ONNX models: name of the first head node (default: the head's first Dropout, "
               "or the last 1-2 dense layers when it has none).")
+@click.option("--onnx2tf", "onnx2tf", default=None, metavar="PATH",
+              help="ONNX and .pt2 models: the onnx2tf executable (in its own venv) that makes the int8 TFLite backbone "
+                   "(default: $EDGE_QUQ_ONNX2TF; neither: an ONNX-only bundle). See docs/export.md.")
 @click.option("--dropout", default=None, help="Dropout rate per head dense layer, e.g. 0.2,0.4. Required when the head has no Dropout; overrides the model's rates.")
 @click.option("--color", type=click.Choice(["gray", "rgb", "bgr"]), default=None, help="Channel order the model was trained on (default: gray for 1 channel, rgb for 3).")
 @click.option("--pixel-scale", type=float, default=1.0 / 255.0, show_default=True, help="Input = (pixel * pixel_scale - mean) / std, pixel on 0..255.")
@@ -168,7 +171,7 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
                crop_fraction: float, quant_samples: int, test_samples: Optional[int], name: Optional[str], threshold: float,
                num_iter: int, z: float, mixed: str, seed: int, temperature_data: Optional[Path] = None,
                temperature_labels: Optional[Path] = None, detectors: Optional[str] = None, fit_data: Optional[str] = None,
-               calibration_data: Optional[str] = None) -> None:
+               calibration_data: Optional[str] = None, onnx2tf: Optional[str] = None) -> None:
     """Split MODEL (.keras/.h5, a float .onnx classifier or a torch.export .pt2 archive) into an int8 backbone and a droppable head, and write a bundle to OUT."""
     from edge_quq.errors import EdgeQuqError
 
@@ -195,7 +198,7 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
             test_samples=test_samples, threshold=threshold, num_iter=num_iter, z=z, mixed=mixed, seed=seed,
             temperature_data=temperature_data, temperature_labels=temperature_labels,
         )
-        bundle = export_any(model, opts, split_node)
+        bundle = export_any(model, opts, split_node, onnx2tf)
         if det_names is not None:
             from edge_quq_export.detectors import fit_bundle
 
@@ -238,7 +241,7 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
     _warn_on_poor_parity(bundle.path / "parity.json")
 
 
-def export_any(model: Path, opts, split_node: Optional[str] = None):
+def export_any(model: Path, opts, split_node: Optional[str] = None, onnx2tf: Optional[str] = None):
     """Dispatch on the model file's suffix: .onnx to the ONNX path, .pt2 (torch.export) through ONNX, anything
     else to the Keras pipeline."""
     from edge_quq.errors import ExportError
@@ -246,13 +249,15 @@ def export_any(model: Path, opts, split_node: Optional[str] = None):
     if model.suffix.lower() == ".onnx":
         from edge_quq_export.onnx_import import export_onnx
 
-        return export_onnx(model, opts, split_node)
+        return export_onnx(model, opts, split_node, onnx2tf)
     if model.suffix.lower() == ".pt2":
         from edge_quq_export.torch_export import export_pt2
 
-        return export_pt2(model, opts, split_node)
+        return export_pt2(model, opts, split_node, onnx2tf)
     if split_node is not None:
         raise ExportError("--split-node is for ONNX models; name a Keras model's first head layer with --split-layer")
+    if onnx2tf is not None:
+        raise ExportError("--onnx2tf is for ONNX and .pt2 models; Keras models are converted to TFLite by TensorFlow itself")
     from edge_quq_export.pipeline import export_model
 
     return export_model(model, opts)

@@ -5,11 +5,11 @@ Same stages as the Keras pipeline (export/pipeline.py), with an ONNX graph in pl
 backbone (graph up to the split) is quantized by ONNX Runtime's static quantization (QDQ, per-channel int8);
 parity is measured with the runtime's own backends; the manifest is written by the same Staging writer.
 
-The TFLite backbone: the ONNX -> TFLite converter that runs offline here is onnx2tf, which pins an older
-TensorFlow/ONNX/numpy stack and so is not part of the [export] extra (docs/export.md has its measured parity);
-bundles from ONNX are ONNX-only (manifest `backbone.tflite` absent, recorded as
-`backbone_note`, and the parity report says so). The exported TFLite head is still written, so the `tflite`
-head sampler works with the ONNX backbone.
+The TFLite backbone: onnx2tf, run from its own virtualenv (onnx2tf_backbone.py, `--onnx2tf PATH` or
+EDGE_QUQ_ONNX2TF), converts the float backbone to full int8. Without it, when it fails, or when its features
+lose parity with float (TFLITE_MIN_COSINE, TFLITE_MAX_AGREEMENT_DROP), the bundle is ONNX-only: manifest
+`backbone.tflite` absent, the reason recorded as `backbone_note`, and the parity report says so. The exported
+TFLite head is written either way, so the `tflite` head sampler works with the ONNX backbone.
 """
 from __future__ import annotations
 
@@ -30,8 +30,12 @@ from edge_quq_export.pipeline import ExportOptions, HeldOut
 from edge_quq_export.writer import Staging, check_out
 
 MIN_OPSET = 13
-ONNX_ONLY_NOTE = ("ONNX only: no ONNX->TFLite converter is part of the exporter (onnx2tf pins an older TensorFlow "
-                  "stack), so this bundle has no TFLite backbone")
+ONNX_ONLY_NOTE = ("ONNX only: no ONNX->TFLite converter was given (--onnx2tf PATH or EDGE_QUQ_ONNX2TF naming onnx2tf "
+                  "in its own venv, docs/export.md), so this bundle has no TFLite backbone")
+# The onnx2tf backbone is kept only when it is about as faithful to float as the ONNX int8 one: mean feature
+# cosine with float at least this, and top-1 agreement with float at most this far below ONNX int8's.
+TFLITE_MIN_COSINE = 0.98
+TFLITE_MAX_AGREEMENT_DROP = 0.05
 # Head extraction is exact up to float32 rounding; above this the graph holds something the parser missed.
 HEAD_REPRODUCTION_TOL = 1e-4
 
@@ -175,10 +179,15 @@ def run_model(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate(outs).reshape(len(x), -1).astype(np.float32)
 
 
-def export_onnx(path: Union[str, Path], opts: ExportOptions, split_node: Optional[str] = None) -> Bundle:
-    """ONNX classifier -> verified bundle folder at opts.out, or nothing at all."""
+def export_onnx(path: Union[str, Path], opts: ExportOptions, split_node: Optional[str] = None,
+                onnx2tf: Optional[Union[str, Path]] = None) -> Bundle:
+    """ONNX classifier -> verified bundle folder at opts.out, or nothing at all. `onnx2tf`: the onnx2tf
+    executable for the TFLite backbone (default $EDGE_QUQ_ONNX2TF; neither: an ONNX-only bundle)."""
+    from edge_quq_export.onnx2tf_backbone import find_onnx2tf
+
     out = Path(opts.out)
     check_out(out, opts.force)
+    exe = find_onnx2tf(onnx2tf)
     p = prepare_onnx(path, opts, split_node)
     bb = float_backbone(p.model, p.split)
     x_test = to_layout(p.test.x, p.layout)
@@ -193,7 +202,7 @@ def export_onnx(path: Union[str, Path], opts: ExportOptions, split_node: Optiona
         raise ExportError(f"the extracted head does not reproduce the model's output (max |diff| {reproduction:.3g}); "
                           f"the head after {p.split!r} holds something the exporter does not model")
     with Staging(out, opts.force) as st:
-        c = _convert(p, bb, st.path)
+        c = _convert(p, bb, st.path, exe)
         report = _verify(p, c, st.path, float_probs, float_feats, reproduction)
         return _write(st, p, c, report, opts)
 
@@ -203,9 +212,12 @@ class _Files:
     backbone_onnx: ModelFile
     head: HeadSpec
     sizes: Dict[str, int]
+    backbone_tflite: Optional[ModelFile] = None
+    note: Optional[str] = ONNX_ONLY_NOTE  # why there is no TFLite backbone; None when there is one
+    converter: Optional[str] = None  # the TFLite converter that was run, whatever came of it
 
 
-def _convert(p: OnnxPrepared, bb, folder: Path) -> _Files:
+def _convert(p: OnnxPrepared, bb, folder: Path, onnx2tf: Optional[Path]) -> _Files:
     import onnx
 
     from edge_quq_export import convert as conv
@@ -225,29 +237,102 @@ def _convert(p: OnnxPrepared, bb, folder: Path) -> _Files:
                    input_name=conv.BACKBONE_INPUT, output_name=conv.BACKBONE_OUTPUT)
     sizes = {"model.onnx": p.path.stat().st_size, "backbone_f32.onnx": len(bb.SerializeToString())}
     sizes.update({f: (folder / f).stat().st_size for f in (mf.file, *head.files)})
-    return _Files(backbone_onnx=mf, head=head, sizes=sizes)
+    files = _Files(backbone_onnx=mf, head=head, sizes=sizes)
+    if onnx2tf is not None:
+        files.converter = "onnx2tf"
+        _tflite_backbone(p, bb, folder, onnx2tf, files)
+    return files
+
+
+def _tflite_backbone(p: OnnxPrepared, bb, folder: Path, exe: Path, files: _Files) -> None:
+    """backbone_int8.tflite by onnx2tf into `folder` and `files`, or the reason it failed into files.note."""
+    import tempfile
+
+    import onnx
+
+    from edge_quq_export import convert as conv
+    from edge_quq_export.onnx2tf_backbone import ConversionFailed, convert
+
+    with tempfile.TemporaryDirectory(prefix="edge_quq_bb_") as tmp:
+        onnx.save(bb, str(Path(tmp) / "backbone.onnx"))
+        try:
+            data = convert(exe, Path(tmp) / "backbone.onnx", p.quant, p.layout)
+        except ConversionFailed as e:
+            files.note = f"ONNX only: onnx2tf could not convert the backbone to TFLite ({e})"
+            return
+    target = folder / "backbone_int8.tflite"
+    try:
+        target.write_bytes(conv.rename_tflite_tensors(data, single=(conv.BACKBONE_INPUT, conv.BACKBONE_OUTPUT)))
+        files.backbone_tflite = conv.tflite_model_file(target)
+    except Exception as e:  # noqa: BLE001  (a model the runtime cannot load: the ONNX backbone still serves)
+        target.unlink(missing_ok=True)
+        files.note = f"ONNX only: onnx2tf's TFLite backbone does not load ({type(e).__name__}: {str(e).strip()[:200]})"
+        return
+    files.sizes[target.name] = target.stat().st_size
+    files.note = None
 
 
 def _verify(p: OnnxPrepared, c: _Files, folder: Path, float_probs: np.ndarray, float_feats: np.ndarray,
             reproduction: float) -> Dict[str, Any]:
     from edge_quq_export.parity import build_report, random_masks, run_head_model, run_onnx, write_report
 
-    feats = run_onnx(folder / c.backbone_onnx.file, to_layout(p.test.x, p.layout))
+    x = to_layout(p.test.x, p.layout)
+    backends = {"onnx": run_onnx(folder / c.backbone_onnx.file, x)}
+    rejected = _check_tflite(p, c, folder, x, float_probs, float_feats, backends)
     t = min(16, len(float_feats))
     masks = random_masks(p.head, t, p.seed)
     ref = p.head.probs(float_feats[:t], masks)
     head_check = {k: float(np.max(np.abs(run_head_model(k, folder / f, float_feats[:t], masks) - ref)))
                   for k, f in (("onnx", c.head.onnx), ("tflite", c.head.tflite))}
     report = build_report(n=len(p.test.x), data_source=p.test.source, labels=p.test.labels, float_probs=float_probs,
-                          float_feats=float_feats, head=p.head, backends={"onnx": feats}, head_check=head_check,
+                          float_feats=float_feats, head=p.head, backends=backends, head_check=head_check,
                           sizes=c.sizes, head_reproduction=reproduction)
     report["quant_samples"] = int(len(p.quant))
     report["source"] = "onnx"
-    report["backbone_note"] = ONNX_ONLY_NOTE
+    report["tflite_converter"] = c.converter
+    if rejected:
+        report["tflite_rejected"] = rejected
+    if c.note:
+        report["backbone_note"] = c.note
     write_report(folder, report, p.title)
-    with open(folder / "parity.md", "a", encoding="utf-8") as f:
-        f.write(f"\n{ONNX_ONLY_NOTE}.\n")
+    if c.note:
+        with open(folder / "parity.md", "a", encoding="utf-8") as f:
+            f.write(f"\n{c.note}.\n")
     return report
+
+
+def _check_tflite(p: OnnxPrepared, c: _Files, folder: Path, x: np.ndarray, float_probs: np.ndarray,
+                  float_feats: np.ndarray, backends: Dict[str, np.ndarray]) -> Optional[Dict[str, Any]]:
+    """Adds the onnx2tf backbone's features to `backends` when it keeps parity; otherwise removes its file,
+    records why in c.note and returns its parity row (kept in the report as `tflite_rejected`)."""
+    from edge_quq_export.parity import compare, run_tflite
+
+    if c.backbone_tflite is None:
+        return None
+    mf = c.backbone_tflite
+    try:
+        feats = run_tflite(folder / mf.file, x, {"input": mf.input.to_json(), "output": mf.output.to_json()})
+    except Exception as e:  # noqa: BLE001  (e.g. a batch the converted graph cannot be resized to)
+        _drop_tflite(c, folder, f"ONNX only: onnx2tf's TFLite backbone does not run ({type(e).__name__}: {str(e).strip()[:200]})")
+        return None
+    row = compare(float_probs, float_feats, feats, p.head, p.test.labels)
+    onnx_row = compare(float_probs, float_feats, backends["onnx"], p.head, p.test.labels)
+    floor = onnx_row["top1_agreement"] - TFLITE_MAX_AGREEMENT_DROP
+    if row["feature_cosine_mean"] >= TFLITE_MIN_COSINE and row["top1_agreement"] >= floor:
+        backends["tflite"] = feats
+        return None
+    _drop_tflite(c, folder, f"ONNX only: the onnx2tf TFLite backbone lost parity with float (top-1 agreement "
+                            f"{100 * row['top1_agreement']:.1f}%, needed {100 * floor:.1f}%; feature cosine mean "
+                            f"{row['feature_cosine_mean']:.4f}, needed {TFLITE_MIN_COSINE}), so it was left out")
+    return row
+
+
+def _drop_tflite(c: _Files, folder: Path, note: str) -> None:
+    if c.backbone_tflite is not None:
+        (folder / c.backbone_tflite.file).unlink(missing_ok=True)
+        c.sizes.pop(c.backbone_tflite.file, None)
+    c.backbone_tflite = None
+    c.note = note
 
 
 def _write(st: Staging, p: OnnxPrepared, c: _Files, report: Dict[str, Any], opts: ExportOptions) -> Bundle:
@@ -258,15 +343,18 @@ def _write(st: Staging, p: OnnxPrepared, c: _Files, report: Dict[str, Any], opts
         "producer": _producer(),
         "parity": "parity.json",
         "source_model": {"format": "onnx", "file": p.path.name, "split": p.split_how},
-        "backbone_note": ONNX_ONLY_NOTE,
     }
+    if c.note:
+        extra["backbone_note"] = c.note
+    else:
+        extra["backbone_converter"] = "onnx2tf (full-integer int8, per-channel)"
     if p.test.labels is not None:
         extra["accuracy"] = {"data": p.test.source, "samples": int(len(p.test.x)),
-                             "float": report["float"]["top1_accuracy"],
-                             "int8_onnx": report["int8"]["onnx"]["top1_accuracy"]}
+                             "float": report["float"]["top1_accuracy"]}
+        extra["accuracy"].update({f"int8_{k}": r["top1_accuracy"] for k, r in report["int8"].items()})
     extra.update(opts.extra_manifest)
     bundle = Bundle(path=st.path, name=p.title, classes=p.classes,
                     input=InputSpec(shape=p.shape, preprocess=p.spec, layout=p.layout),
-                    backbone_tflite=None, backbone_onnx=c.backbone_onnx, split_layer=p.split, head=c.head,
+                    backbone_tflite=c.backbone_tflite, backbone_onnx=c.backbone_onnx, split_layer=p.split, head=c.head,
                     decision=opts.decision, calibration=None, extra=extra, key_order=_KEY_ORDER)
     return st.commit(bundle)

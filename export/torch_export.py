@@ -72,8 +72,9 @@ def to_onnx(model: Any, example_input: Any, path: Path, exporter: str = "torchsc
 
 def from_torch(module: Any, example_input: Any, out: Union[str, Path], quant_data: Any, *,
                dropout: Optional[Sequence[float]] = None, exporter: str = "torchscript",
-               split_node: Optional[str] = None, **options: Any) -> Bundle:
-    """A PyTorch classifier (nn.Module, float, NCHW input) -> verified bundle at `out`, ONNX int8 backbone.
+               split_node: Optional[str] = None, onnx2tf: Optional[Union[str, Path]] = None, **options: Any) -> Bundle:
+    """A PyTorch classifier (nn.Module, float, NCHW input) -> verified bundle at `out`: ONNX int8 backbone, plus
+    the int8 TFLite one when onnx2tf (`onnx2tf`, default $EDGE_QUQ_ONNX2TF) converts it with parity.
 
     `quant_data` and `options` are those of ExportOptions (test_data, classes, mean, std, name, ...); `dropout`
     defaults to the module's own head rates (head_rates); `exporter` picks torch.onnx.export's exporter.
@@ -86,10 +87,11 @@ def from_torch(module: Any, example_input: Any, out: Union[str, Path], quant_dat
     opts = ExportOptions(out=Path(out), quant_data=quant_data, dropout=rates, **options)
     with tempfile.TemporaryDirectory(prefix="edge_quq_torch_") as tmp:
         path = to_onnx(module, example_input, Path(tmp) / "model.onnx", exporter)
-        return export_onnx(path, opts, split_node)
+        return export_onnx(path, opts, split_node, onnx2tf)
 
 
-def export_pt2(path: Path, opts: ExportOptions, split_node: Optional[str] = None) -> Bundle:
+def export_pt2(path: Path, opts: ExportOptions, split_node: Optional[str] = None,
+               onnx2tf: Optional[Union[str, Path]] = None) -> Bundle:
     """A torch.export archive (.pt2) -> bundle: exported to ONNX by the dynamo exporter with the archive's own
     example inputs. The archive keeps no module structure, so the head rates come from --dropout."""
     import torch
@@ -109,4 +111,4 @@ def export_pt2(path: Path, opts: ExportOptions, split_node: Optional[str] = None
         opts.name = Path(path).stem
     with tempfile.TemporaryDirectory(prefix="edge_quq_pt2_") as tmp:
         onnx_path = to_onnx(ep, example[0], Path(tmp) / f"{Path(path).stem}.onnx", "dynamo")
-        return export_onnx(onnx_path, opts, split_node)
+        return export_onnx(onnx_path, opts, split_node, onnx2tf)

@@ -47,5 +47,14 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   fi
 fi
 
+# onnx2tf, the ONNX -> TFLite converter of the ONNX/PyTorch export, pins an older TensorFlow stack, so it lives
+# in a venv of its own (docs/export.md) that the export finds through EDGE_QUQ_ONNX2TF. Measured here: 6 min the
+# first time on a loaded 2-core machine (a TensorFlow wheel; about 1.5 min of CPU), nothing once it exists.
+if [ ! -x .venv-onnx2tf/bin/onnx2tf ]; then
+  "$PY" -m venv .venv-onnx2tf
+  .venv-onnx2tf/bin/python -m pip install -q "onnx2tf==1.29.24"
+fi
+export EDGE_QUQ_ONNX2TF="$PWD/.venv-onnx2tf/bin/onnx2tf"
+
 # Everything is installed now, so no test may skip (tests/conftest.py turns a skip into a failure).
 EDGE_QUQ_NO_SKIPS=1 exec .venv/bin/python -m pytest "$@"

@@ -6,17 +6,26 @@ import pytest
 
 from edge_quq.errors import OptionError
 from edge_quq.gradients import GradientSettings, gradient_score, layer_gradient_norms, layer_weights
-from edge_quq.head import HeadWeights
+from edge_quq.head import HIDDEN_ACTIVATIONS, HeadWeights
 
 
-def head64(activation, f=6, h=5, c=4, seed=0):
+def head64(activation, f=6, h=5, c=4, seed=0, hidden="relu"):
     rng = np.random.default_rng(seed)
     return HeadWeights(
         kernels=(rng.normal(size=(f, h)), rng.normal(size=(h, c)) * 0.7),
         biases=(rng.normal(size=h) * 0.1, rng.normal(size=c) * 0.1),
         rates=(0.2, 0.4),
         activation=activation,
+        hidden=(hidden,),
     )
+
+
+def _act(a, kind):
+    """The hidden activations written out independently of edge_quq.head (GELU through scipy's erf)."""
+    from scipy.special import erf
+
+    return {"relu": lambda: np.maximum(a, 0), "hardswish": lambda: a * np.clip(a + 3, 0, 6) / 6,
+            "silu": lambda: a / (1 + np.exp(-a)), "gelu": lambda: 0.5 * a * (1 + erf(a / np.sqrt(2)))}[kind]()
 
 
 def log_probs(head: HeadWeights, x, kernels, biases):
@@ -24,7 +33,7 @@ def log_probs(head: HeadWeights, x, kernels, biases):
     for i, (k, b) in enumerate(zip(kernels, biases)):
         a = a @ k + b
         if i < len(kernels) - 1:
-            a = np.maximum(a, 0)
+            a = _act(a, head.hidden_activations[i])
     if head.activation == "softmax":
         a = a - a.max()
         return a - np.log(np.exp(a).sum())
@@ -58,6 +67,28 @@ def test_closed_form_matches_numerical_differentiation(activation, seed):
     assert np.allclose(layer_gradient_norms(head, x), numeric_norms(head, x), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("hidden", HIDDEN_ACTIVATIONS)
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_every_hidden_activation_matches_numerical_differentiation(hidden, activation):
+    """The closed form uses each activation's own derivative; pre-activations here span the kinks of
+    Hardswish (+-3) and the curved parts of SiLU and GELU."""
+    for seed in range(3):
+        head = head64(activation, seed=seed, hidden=hidden)
+        x = np.random.default_rng(20 + seed).normal(size=6) * 2.0
+        assert np.allclose(layer_gradient_norms(head, x), numeric_norms(head, x), rtol=1e-5, atol=1e-7), (hidden, seed)
+
+
+def test_activation_derivatives_match_finite_differences():
+    from edge_quq.gradients import activation_derivative
+    from edge_quq.head import hidden_activation
+
+    z = np.linspace(-6, 6, 1201) + 1e-3  # off the kinks at 0 and +-3
+    for kind in HIDDEN_ACTIVATIONS:
+        num = (_act(z + 1e-6, kind) - _act(z - 1e-6, kind)) / 2e-6
+        assert np.allclose(activation_derivative(z, kind), num, atol=1e-6), kind
+        assert np.allclose(hidden_activation(z, kind), _act(z, kind), atol=1e-6), kind
+
+
 def test_three_layer_head_matches_numerical():
     rng = np.random.default_rng(5)
     head = HeadWeights(kernels=(rng.normal(size=(4, 6)), rng.normal(size=(6, 5)), rng.normal(size=(5, 3))),
@@ -89,3 +120,28 @@ def test_bad_settings_are_refused():
         GradientSettings(class_weighting="max").validate()
     with pytest.raises(OptionError):
         GradientSettings(layer_base=0).validate()
+
+
+@pytest.mark.parametrize("hidden", ["hardswish", "silu", "gelu"])
+def test_every_detector_fits_and_scores_on_a_non_relu_head(hidden):
+    """All detectors, gradient and ReAct included, on a head with another hidden activation: finite scores, the
+    gradient detector equal to gradient_scores (which the closed-form test above checks), and ReAct's clip
+    acting on the head's input features only (features below the clip score as the plain energy)."""
+    from edge_quq.detectors import DETECTOR_NAMES, fit_detectors
+    from edge_quq.gradients import gradient_scores
+    from edge_quq.scores import energy
+
+    rng = np.random.default_rng(4)
+    head = head64("softmax", f=8, h=12, c=4, seed=1, hidden=hidden)
+    feats = np.abs(rng.normal(size=(400, 8))).astype(np.float32)
+    labels = np.argmax(head.logits(feats), axis=1)
+    dset = fit_detectors(feats, labels, head, DETECTOR_NAMES, seed=0)
+    test = np.abs(rng.normal(size=(50, 8))).astype(np.float32)
+    scores = dset.score_all(test, head)
+    assert set(scores) == set(DETECTOR_NAMES) and all(np.all(np.isfinite(s)) for s in scores.values())
+    np.testing.assert_allclose(scores["gradient"], gradient_scores(head, test, GradientSettings(perturbations=0)), rtol=1e-3)
+    clip = float(dset.detectors["react"].arrays["clip"][0])
+    small = test[np.all(test <= clip, axis=1)]
+    assert len(small) >= 5
+    np.testing.assert_allclose(dset.detectors["react"].score(small, head),
+                               energy(head.logits(small).astype(np.float64), "softmax"), rtol=1e-5)

@@ -164,8 +164,9 @@ def test_layout_field_round_trips_and_defaults_to_nhwc():
 
 # --- the whole export through the CLI ------------------------------------------------------------------------
 
-def _export(tmp: Path, model, *extra: str, out: str = "bundle"):
-    """(exit code, stderr, OUT) of `edge-quq export model.onnx ...` run in-process."""
+def _export(tmp: Path, model, *extra: str, out: str = "bundle", env=None):
+    """(exit code, stderr, OUT) of `edge-quq export model.onnx ...` run in-process; without onnx2tf unless `env`
+    names it (tests/run.sh sets EDGE_QUQ_ONNX2TF for tests/test_torch_export.py, which converts)."""
     from click.testing import CliRunner
 
     from edge_quq_export.cli import export_cmd
@@ -178,7 +179,7 @@ def _export(tmp: Path, model, *extra: str, out: str = "bundle"):
         runner = CliRunner(mix_stderr=False)  # click < 8.2
     except TypeError:
         runner = CliRunner()  # click >= 8.2 keeps stderr apart by default
-    r = runner.invoke(export_cmd, argv)
+    r = runner.invoke(export_cmd, argv, env=env or {"EDGE_QUQ_ONNX2TF": None})
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         raise r.exception
     return r.exit_code, r.stderr, tmp / out
@@ -195,7 +196,7 @@ def gelu_bundle(tmp_path_factory):
 def test_onnx_only_bundle_with_nchw_input(gelu_bundle):
     b = gelu_bundle
     assert b.input.layout == "NCHW" and b.backbone_tflite is None and b.backbone_onnx is not None
-    assert "ONNX only" in b.manifest["backbone_note"]
+    assert "ONNX only" in b.manifest["backbone_note"] and "--onnx2tf" in b.manifest["backbone_note"]
     report = json.loads((b.path / "parity.json").read_text())
     assert report["head_reproduction_max_abs"] < 1e-5
     assert max(report["exported_head_vs_numpy_max_abs"].values()) < 1e-5
@@ -266,3 +267,14 @@ def test_error_paths_one_line_exit_2_nothing_written(case, extra, message, tmp_p
     assert code == 2 and not out.exists()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")]
+
+
+@pytest.mark.parametrize("how", ["option", "env"])
+def test_a_converter_that_is_not_there_is_a_bad_option(how, tmp_path):
+    """--onnx2tf PATH or EDGE_QUQ_ONNX2TF naming no executable: one error line, exit 2, nothing written."""
+    missing = str(tmp_path / "no-venv" / "bin" / "onnx2tf")
+    extra, env = (("--onnx2tf", missing), None) if how == "option" else ((), {"EDGE_QUQ_ONNX2TF": missing})
+    code, err, out = _export(tmp_path, classifier("relu", "softmax"), *extra, env=env)
+    assert code == 2 and not out.exists(), err
+    assert err.strip().startswith("error: ") and len(err.strip().splitlines()) == 1 and "onnx2tf" in err
+

@@ -6,11 +6,18 @@ torch (PyPI torchvision does not import against the local CPU torch), trained fo
 resized to 64x64 RGB with ImageNet normalisation. tests/conftest.py leaves this file out where torch is not
 installed (collect_ignore); tests/run.sh installs torch, so CI runs it.
 
-Stated tolerance: int8 top-1 agreement with the float model >= 90% on 200 held-out images.
+Stated tolerance: int8 top-1 agreement with the float model >= 90% on 200 held-out images, for the ONNX int8
+backbone and for the TFLite one.
+
+The TFLite backbone comes from onnx2tf in its own venv, named by EDGE_QUQ_ONNX2TF (tests/run.sh sets that venv
+up and exports the variable). The two trained models are exported with it; every other export here runs
+without it (the variable is removed for each test), so only they pay for the conversion. Without the variable
+the converter tests fail rather than skip: run them through tests/run.sh, or set EDGE_QUQ_ONNX2TF yourself.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +33,14 @@ from edge_quq.head import load_head_weights  # noqa: E402
 SIZE = 64
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 AGREEMENT = 0.90
+ONNX2TF = os.environ.get("EDGE_QUQ_ONNX2TF")
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.filterwarnings("ignore::UserWarning"),
               pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+
+@pytest.fixture(autouse=True)
+def _no_converter_by_default(monkeypatch):
+    monkeypatch.delenv("EDGE_QUQ_ONNX2TF", raising=False)
 
 
 def _act(kind: str):
@@ -120,7 +133,7 @@ def _export(model, data, out: Path, exporter: str):
 
     torch.manual_seed(0)
     return from_torch(model, _tensor(data[2][:2]), out, data[0][:128], exporter=exporter, test_data=data[2],
-                      test_labels=data[3], mean=MEAN, std=STD, classes=[f"c{i}" for i in range(10)])
+                      test_labels=data[3], mean=MEAN, std=STD, classes=[f"c{i}" for i in range(10)], onnx2tf=ONNX2TF)
 
 
 @pytest.fixture(scope="session")
@@ -147,7 +160,60 @@ def test_bundle_records_nchw_imagenet_rgb(trained):
     b = load_bundle(bundle.path)
     assert b.input.layout == "NCHW" and b.input.shape == (SIZE, SIZE, 3)
     assert b.input.preprocess.color == "rgb" and b.input.preprocess.mean == MEAN and b.input.preprocess.std == STD
-    assert b.backbone_tflite is None and "ONNX only" in b.manifest["backbone_note"]
+    assert (b.backbone_tflite is None) == ("backbone_note" in b.manifest)
+
+
+def test_onnx2tf_makes_the_tflite_backbone_of_the_mobilenet(mobilenet, fashion64, tmp_path):
+    """onnx2tf converts the MobileNet-shaped backbone to full int8 (int8 input and output) with parity, the
+    runtime loads it, and `predict` gives the same class through both backbones."""
+    assert ONNX2TF, "EDGE_QUQ_ONNX2TF is not set: run tests/run.sh, which sets up onnx2tf's venv"
+    _, bundle = mobilenet
+    b = load_bundle(bundle.path)
+    assert b.backbone_tflite is not None, b.manifest.get("backbone_note")
+    assert b.backbone_tflite.input.dtype == "int8" and b.backbone_tflite.output.dtype == "int8"
+    report = json.loads((bundle.path / "parity.json").read_text())
+    row = report["int8"]["tflite"]
+    assert report["tflite_converter"] == "onnx2tf" and row["top1_agreement"] >= AGREEMENT, row
+    assert row["feature_cosine_mean"] >= 0.98, row
+    assert "int8 tflite" in (bundle.path / "parity.md").read_text()
+    import cv2
+
+    from edge_quq.predictor import Predictor
+
+    img = tmp_path / "x.png"
+    cv2.imwrite(str(img), fashion64[2][0][:, :, ::-1])
+    preds = {k: Predictor.from_bundle(bundle.path, seed=0, sampler="numpy", backend=k).predict(str(img)) for k in ("tflite", "onnx")}
+    np.testing.assert_allclose(preds["tflite"].deterministic, preds["onnx"].deterministic, atol=0.1)
+
+
+def test_onnx2tf_converts_the_dynamo_exported_resnet(resnet):
+    assert ONNX2TF, "EDGE_QUQ_ONNX2TF is not set: run tests/run.sh, which sets up onnx2tf's venv"
+    _, bundle = resnet
+    assert load_bundle(bundle.path).backbone_tflite is not None
+    row = json.loads((bundle.path / "parity.json").read_text())["int8"]["tflite"]
+    assert row["top1_agreement"] >= AGREEMENT and row["feature_cosine_mean"] >= 0.98, row
+
+
+def test_onnx2tf_failure_leaves_an_onnx_only_bundle_that_says_why(fashion64, tmp_path):
+    """onnx2tf 1.29 cannot convert the TorchScript export of the ResNet-shaped backbone (it mislays the channel
+    axis before the final Flatten; the dynamo export of the same network converts): the bundle is ONNX-only,
+    and info and the parity report name the converter's error."""
+    assert ONNX2TF, "EDGE_QUQ_ONNX2TF is not set: run tests/run.sh, which sets up onnx2tf's venv"
+    from click.testing import CliRunner
+
+    from edge_quq.cli import main
+    from edge_quq_export import from_torch
+
+    torch.manual_seed(5)
+    data = fashion64
+    bundle = from_torch(resnet_like("relu", "softmax").eval(), _tensor(data[2][:2]), tmp_path / "b", data[0][:32],
+                        test_data=data[2][:50], mean=MEAN, std=STD, onnx2tf=ONNX2TF)
+    b = load_bundle(bundle.path)
+    note = b.manifest["backbone_note"]
+    assert b.backbone_tflite is None and note.startswith("ONNX only: onnx2tf could not convert"), note
+    assert json.loads((bundle.path / "parity.json").read_text())["backbone_note"] == note
+    assert note in (bundle.path / "parity.md").read_text()
+    assert "none: ONNX only: onnx2tf" in CliRunner().invoke(main, ["info", str(bundle.path)]).output
 
 
 def test_exported_head_matches_the_torch_head(trained):
@@ -239,3 +305,37 @@ def test_pt2_archive_on_the_cli(fashion64, tmp_path):
     assert r.exit_code == 0, r.stderr
     head = load_head_weights(load_bundle(tmp_path / "b"))
     assert head.hidden_activations == ("gelu",) and head.rates == (0.25, 0.5)
+
+
+def test_from_pytorch_example(tmp_path):
+    """examples/from_pytorch.py as a user runs it: trains, exports with onnx2tf, and `edge-quq predict` keeps
+    its prediction of the first test image through the TFLite backbone."""
+    import subprocess
+    import sys
+
+    assert ONNX2TF, "EDGE_QUQ_ONNX2TF is not set: run tests/run.sh, which sets up onnx2tf's venv"
+    example = Path(__file__).resolve().parents[1] / "examples" / "from_pytorch.py"
+    r = subprocess.run([sys.executable, str(example), str(tmp_path / "b")], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=1200, env={**os.environ, "EDGE_QUQ_ONNX2TF": ONNX2TF})
+    assert r.returncode == 0, r.stderr
+    assert "TFLite backbone: onnx2tf" in r.stdout and "backend=tflite" in r.stdout, r.stdout
+    acc = load_bundle(tmp_path / "b").manifest["accuracy"]
+    assert acc["float"] > 0.4 and abs(acc["int8_tflite"] - acc["float"]) <= 0.05, acc
+
+
+def test_a_tflite_backbone_that_loses_parity_is_left_out(fashion64, tmp_path, monkeypatch):
+    """The parity gate, made unreachable (mean cosine above 1): onnx2tf's backbone is measured, removed, and its
+    row kept in parity.json as `tflite_rejected`; the bundle is ONNX-only and says why."""
+    assert ONNX2TF, "EDGE_QUQ_ONNX2TF is not set: run tests/run.sh, which sets up onnx2tf's venv"
+    from edge_quq_export import from_torch, onnx_import
+
+    monkeypatch.setattr(onnx_import, "TFLITE_MIN_COSINE", 1.01)
+    torch.manual_seed(6)
+    data = fashion64
+    bundle = from_torch(mobilenet_like("relu", "softmax").eval(), _tensor(data[2][:2]), tmp_path / "b", data[0][:32],
+                        test_data=data[2][:50], mean=MEAN, std=STD, onnx2tf=ONNX2TF)
+    b = load_bundle(bundle.path)
+    report = json.loads((bundle.path / "parity.json").read_text())
+    assert b.backbone_tflite is None and not (bundle.path / "backbone_int8.tflite").exists()
+    assert "lost parity" in b.manifest["backbone_note"] and report["tflite_rejected"]["feature_cosine_mean"] > 0.9
+    assert report["tflite_converter"] == "onnx2tf" and set(report["int8"]) == {"onnx"}
