@@ -56,7 +56,7 @@ def markdown(r: dict) -> List[str]:
           f"`gate:NAME` (paper rule + that detector's gate), combined gate `gated` (paper rule + {s['combine']} of "
           f"{', '.join(s['gate_detectors'])}){_candidates(s)}. `maxprob@paper-coverage`: MC-mean max probability above the threshold that keeps "
           f"the paper rule's share of the calibration split. `risk@X%`: combined gate, then the LTT threshold "
-          f"(delta = {s['risk_delta']}) on {s['risk_score']}, calibrated on the calibration images the gate keeps.", "",
+          f"(delta = {s['risk_delta']}) on {s['risk_score']}, calibrated on the calibration images the rule and the gate keep.", "",
           "### Against the issue's targets", "",
           "Clean and far-OOD targets: the policies as the bundle ships them (next section); guarantees: the random splits.", "",
           _table(["target", "result", "measured"],
