@@ -186,17 +186,15 @@ def test_drift_monitor_in_the_api():
 
 def test_live_view_shows_policy_reasons_flags_and_drift(tmp_path):
     """The page in a real headless Chromium shows the policy, ignored_by, the detector flags and the alarm."""
-    from test_camera_http import CHROMIUM, DRIVER, _driver
+    from test_camera_http import CHROMIUM, DRIVER, chromium
 
     if not (CHROMIUM and DRIVER):
         pytest.skip("chromium and chromium-driver are not installed")
     pytest.importorskip("selenium")
-    import tempfile
 
     video = shifted_video(tmp_path / "shift.avi")
     port = free_port()
     proc = start_camera("--source", str(video), "--loop", "--max-fps", "20", "--serve", f"127.0.0.1:{port}", *FAST)
-    driver = None
     try:
         def alarmed() -> bool:
             try:
@@ -205,20 +203,13 @@ def test_live_view_shows_policy_reasons_flags_and_drift(tmp_path):
                 return False
 
         assert wait_for(alarmed, 60), proc.stderr.read() if proc.poll() is not None else "no alarm"
-        with tempfile.TemporaryDirectory() as profile:
-            driver = _driver(profile)
-            driver.set_page_load_timeout(30)
-            driver.get(f"http://127.0.0.1:{port}/")
+        with chromium(f"http://127.0.0.1:{port}/") as driver:
             text = lambda i: driver.find_element("id", i).text  # noqa: E731
             assert wait_for(lambda: text("drift").startswith("ALARM since frame"), 10), text("drift")
             assert text("policy") == "gated"
             assert wait_for(lambda: "ood_gate" in text("ignored_by"), 10), text("ignored_by")
             assert "mahalanobis" in text("flagged")
-            driver.quit()
-            driver = None
         stop(proc, signal.SIGTERM)
     finally:
-        if driver is not None:
-            driver.quit()
         if proc.poll() is None:
             proc.kill()

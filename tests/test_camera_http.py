@@ -1,6 +1,7 @@
 """`edge-quq camera --serve`: the live view in a real headless Chromium (Debian `chromium` + `chromium-driver`)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -16,16 +17,25 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 
 
-def _driver(profile: str):
+@contextlib.contextmanager
+def chromium(url: str):
+    """A headless Chromium on `url` with a throw-away profile; quit however the test ends."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-              "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}"):
-        opts.add_argument(a)
-    return webdriver.Chrome(service=Service(DRIVER), options=opts)
+    with tempfile.TemporaryDirectory() as profile:
+        opts = webdriver.ChromeOptions()
+        opts.binary_location = CHROMIUM
+        for a in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", f"--user-data-dir={profile}"):
+            opts.add_argument(a)
+        driver = webdriver.Chrome(service=Service(DRIVER), options=opts)
+        try:
+            driver.set_page_load_timeout(30)
+            driver.get(url)
+            yield driver
+        finally:
+            driver.quit()
 
 
 def _get(url: str) -> bytes:
@@ -41,7 +51,6 @@ def test_live_view_in_chromium(tmp_path):
     proc = start_camera("--source", str(tmp_path / "imgs"), "--loop", "--max-fps", "15", "--serve", f"127.0.0.1:{port}",
                         "--stats-interval", "0.5", "-T", "10", "--threads", "1", "-q")
     base = f"http://127.0.0.1:{port}/"
-    driver = None
     try:
         def up() -> bool:
             try:
@@ -54,10 +63,7 @@ def test_live_view_in_chromium(tmp_path):
         assert status["state"] == "running" and status["last"]["decision"] in ("keep", "ignore") and 0 <= status["ignore_rate"] <= 1
         assert _get(base + "frame.jpg")[:2] == b"\xff\xd8"
 
-        with tempfile.TemporaryDirectory() as profile:
-            driver = _driver(profile)
-            driver.set_page_load_timeout(30)
-            driver.get(base)
+        with chromium(base) as driver:
             assert "edge-quq" in driver.title
             # The MJPEG <img> shows decoded frames (annotated frames are at least 320 px wide) ...
             assert wait_for(lambda: driver.execute_script("return document.getElementById('stream').naturalWidth") >= 320, 20)
@@ -68,13 +74,9 @@ def test_live_view_in_chromium(tmp_path):
             assert driver.find_element("id", "ignore_rate").text.endswith("%")
             assert driver.find_element("id", "state").text == "running"
             assert json.loads(_get(base + "status.json"))["clients"] >= 1
-            driver.quit()
-            driver = None
         assert stop(proc, signal.SIGTERM) < 1.5
         assert proc.returncode == 0
     finally:
-        if driver is not None:
-            driver.quit()
         if proc.poll() is None:
             proc.kill()
 

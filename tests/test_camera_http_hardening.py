@@ -281,30 +281,21 @@ def test_binding_beyond_loopback_without_a_token_warns_once():
 
 def test_page_works_in_a_browser_with_the_token(tmp_path):
     """The real Chromium check of test_camera_http, through ?token=."""
-    from test_camera_http import CHROMIUM, DRIVER, _driver
+    from test_camera_http import CHROMIUM, DRIVER, chromium
 
     if not (CHROMIUM and DRIVER):
         pytest.skip("chromium and chromium-driver are not installed")
     pytest.importorskip("selenium")
-    import tempfile
 
     port = free_port()
     proc, _ = _camera(tmp_path, port, "--serve-token", "tok123")
-    driver = None
     try:
-        with tempfile.TemporaryDirectory() as profile:
-            driver = _driver(profile)
-            driver.set_page_load_timeout(30)
-            driver.get(f"http://127.0.0.1:{port}/?token=tok123")
+        with chromium(f"http://127.0.0.1:{port}/?token=tok123") as driver:
             assert wait_for(lambda: driver.execute_script("return document.getElementById('stream').naturalWidth") >= 320, 20)
             assert wait_for(lambda: driver.find_element("id", "processed").text not in ("", "-"), 10)
             assert driver.find_element("id", "state").text == "running"
-            driver.quit()
-            driver = None
         assert stop(proc) < 5 and proc.returncode == 0
     finally:
-        if driver is not None:
-            driver.quit()
         if proc.poll() is None:
             proc.kill()
 
