@@ -24,7 +24,7 @@ instead costs one backbone pass per copy and lives in the predictor.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional
 
 import numpy as np
 
@@ -65,20 +65,6 @@ def output_log_prob_grads(logits: np.ndarray, activation: str) -> np.ndarray:
     return np.broadcast_to(eye, (len(z),) + eye.shape[1:]).copy()
 
 
-_F64: Dict[int, Tuple[np.ndarray, np.ndarray]] = {}
-
-
-def _kernel64(k: np.ndarray) -> np.ndarray:
-    """A head kernel as float64, converted once per kernel array (the copy cost more than the single-row
-    matmul it feeds on every frame); the cache holds the source array, so an id is never reused stale."""
-    hit = _F64.get(id(k))
-    if hit is None or hit[0] is not k:
-        if len(_F64) > 64:  # heads come and go in tests and the suite: keep the cache small
-            _F64.clear()
-        hit = _F64[id(k)] = (k, k.astype(np.float64))
-    return hit[1]
-
-
 def activation_derivative(z: np.ndarray, kind: str) -> np.ndarray:
     """d act(z) / dz elementwise for a hidden activation of edge_quq.head (at the kinks: PyTorch's choice,
     relu'(0) = 0 and hardswish'(+-3) = the inner piece's value)."""
@@ -105,7 +91,7 @@ def layer_gradient_norms(head: HeadWeights, x: np.ndarray) -> np.ndarray:
     acts = head.hidden_activations
     for i in range(n):
         inputs.append(a)
-        z = a @ _kernel64(head.kernels[i]) + head.biases[i]
+        z = a @ head.kernels64[i] + head.biases[i]
         pre.append(z)
         a = hidden_activation(z, acts[i]) if i < n - 1 else z
     g = output_log_prob_grads(pre[-1], head.activation)  # [N, C, out_L]
@@ -113,7 +99,7 @@ def layer_gradient_norms(head: HeadWeights, x: np.ndarray) -> np.ndarray:
     for i in range(n - 1, -1, -1):
         norms[:, i] = np.linalg.norm(g, axis=2) * np.sqrt(np.sum(inputs[i] ** 2, axis=1) + 1.0)[:, None]
         if i > 0:
-            g = (g @ _kernel64(head.kernels[i]).T) * activation_derivative(pre[i - 1], acts[i - 1])[:, None, :]
+            g = (g @ head.kernels64[i].T) * activation_derivative(pre[i - 1], acts[i - 1])[:, None, :]
     return norms[0] if single else norms
 
 

@@ -11,6 +11,7 @@ import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -79,6 +80,12 @@ class HeadWeights:
     temperature: float = 1.0
     # Activation of each hidden block (len(kernels) - 1 names from HIDDEN_ACTIVATIONS); () means all ReLU.
     hidden: Sequence[str] = ()
+
+    @cached_property
+    def kernels64(self) -> List[np.ndarray]:
+        """The kernels as float64, converted once per head: the float64 score math (gradients) feeds them
+        single rows every frame, and the copy cost more than the matmul."""
+        return [np.asarray(k, np.float64) for k in self.kernels]
 
     @property
     def hidden_activations(self) -> Sequence[str]:
