@@ -108,6 +108,26 @@ def test_a_full_disk_leaves_whole_records_and_says_so_once(tmp_path, small_disk)
     assert "output errors: " in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_flapping_output_is_said_once_per_quiet_period():
+    from edge_quq.sinks.base import Failures
+
+    said: list = []
+    f = Failures("snapshots", said.append, every_s=3600)
+    for _ in range(5):  # a nearly full disk: one record fits, the next does not
+        f.failed("No space left on device")
+        f.ok()
+    assert said == ["warning: snapshots output: No space left on device", "snapshots output works again (after 1 failures so far)"]
+    assert f.entry() == {"error": "No space left on device", "count": 5, "failing": False}
+    said.clear()
+    g = Failures("jsonl", said.append, every_s=0)  # no quiet period: every new run of failures is said
+    g.failed("full")
+    g.failed("full")
+    g.ok()
+    g.failed("full")
+    assert said[0] == "warning: jsonl output: full" and said[1].startswith("warning: jsonl output still failing (1 failures")
+    assert said[2:] == ["jsonl output works again (after 2 failures so far)", "warning: jsonl output: full"]
+
+
 # -- refused starts ---------------------------------------------------------------------------------------
 def test_a_refused_start_leaves_nothing_behind(tmp_path):
     write_folder(tmp_path / "imgs", 3)

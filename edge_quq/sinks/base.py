@@ -63,7 +63,11 @@ REPORT_EVERY_S = 300.0  # a failure that persists is said again this often (not 
 class Failures:
     """A sink's failures that do not end it (disk full, broker refusing): said on stderr the first time,
     then at most every `every_s` seconds while they last, once more when they end; counted for the stats'
-    sink_errors."""
+    sink_errors.
+
+    A nearly full disk makes an output flap (a small record fits, the next does not): the quiet period
+    holds across such recoveries, so a flapping output says at most one line per `every_s`, and the
+    "works again" line follows only a failure that was said."""
 
     def __init__(self, name: str, log: Callable[[str], None] = _stderr, every_s: float = REPORT_EVERY_S) -> None:
         self.name, self.log, self.every_s = name, log, every_s
@@ -72,6 +76,7 @@ class Failures:
         self.failing = False
         self._said_at: Optional[float] = None
         self._since_said = 0
+        self._announced = False  # the current run of failures was said
 
     def failed(self, error: str) -> None:
         from edge_quq.redact import redact  # noqa: PLC0415
@@ -81,19 +86,21 @@ class Failures:
         self.error = redact(error)
         self.failing = True
         now = time.monotonic()
-        if self._said_at is None:
-            self.log(f"warning: {self.name} output: {self.error}")
-        elif now - self._said_at >= self.every_s:
+        quiet = self._said_at is not None and now - self._said_at < self.every_s
+        if quiet:
+            return
+        if self._announced:
             self.log(f"warning: {self.name} output still failing ({self._since_said} failures in {now - self._said_at:.0f} s): {self.error}")
         else:
-            return
-        self._said_at, self._since_said = now, 0
+            self.log(f"warning: {self.name} output: {self.error}")
+        self._said_at, self._since_said, self._announced = now, 0, True
 
     def ok(self) -> None:
         if self.failing:
             self.failing = False
-            self._said_at = None
-            self.log(f"{self.name} output works again (after {self.count} failures so far)")
+            if self._announced:
+                self.log(f"{self.name} output works again (after {self.count} failures so far)")
+            self._announced = False
 
     def entry(self) -> Optional[Dict[str, Any]]:
         """sink_errors' entry for this output, None while it never failed."""
