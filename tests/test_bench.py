@@ -315,3 +315,20 @@ def test_cifar_loader_path_reads_the_standard_files(tmp_path):
     assert ds.x.shape == (30, 32, 32, 3) and ds.corruption_names == ["fog"]
     xc, yc = ds.corrupted("fog", 5)
     assert xc.shape == (20, 32, 32, 3) and yc.shape == (20,)
+
+
+def test_digits_report_runs_the_runtime_and_matches_its_own_rows(tmp_path):
+    """bench.bench_digits on a few images: the default row is the gate row it reports (the MC rule only adds
+    ignores), and every detector and pair of the bundle has a row."""
+    out = tmp_path / "digits"
+    r = subprocess.run([sys.executable, "-m", "bench.bench_digits", "--n", "40", "--n-clean", "200", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert sum(d["n"] for d in res["per_digit"]) == 40 and res["n_clean"] == 200
+    gates = {d["gate"]: d for d in res["detectors"]}
+    assert len(gates) == 8 + 28 + 1 and "mahalanobis + rel_mahalanobis" in gates
+    shipped = " + ".join(res["policy"]["gate_detectors"])
+    assert res["default"]["digits_ignored"] >= gates[shipped]["digits_caught"]
+    assert all(d["whole_photos"] >= 15 for d in gates.values())
+    assert out.with_suffix(".md").read_text().startswith("# Drawn digits against the default gate")

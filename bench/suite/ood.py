@@ -8,19 +8,22 @@ inputs with no object at all.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Tuple
 
 import cv2
 import numpy as np
 
 
-def digits(n: int, rng: np.random.Generator, h: int = 28, w: int = 28) -> np.ndarray:
+def drawn_digits(n: int, rng: np.random.Generator, h: int = 28, w: int = 28) -> Tuple[np.ndarray, np.ndarray]:
+    """(images [n, h, w] uint8, the digit drawn in each [n]); `digits` is the same set without the labels."""
     fonts = [cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_COMPLEX, cv2.FONT_HERSHEY_TRIPLEX,
              cv2.FONT_HERSHEY_SCRIPT_SIMPLEX]
     out = np.zeros((n, h, w), np.uint8)
+    labels = np.zeros(n, np.int64)
     for i in range(n):
         img = np.zeros((2 * h, 2 * w), np.uint8)
-        d = str(int(rng.integers(10)))
+        labels[i] = int(rng.integers(10))
+        d = str(labels[i])
         font = fonts[int(rng.integers(len(fonts)))]
         scale = float(rng.uniform(1.3, 1.9)) * h / 28
         thick = int(rng.integers(3, 7))
@@ -29,7 +32,11 @@ def digits(n: int, rng: np.random.Generator, h: int = 28, w: int = 28) -> np.nda
         y = int((2 * h + th) / 2 + rng.integers(-4, 5))
         cv2.putText(img, d, (x, y), font, scale, 255, thick, cv2.LINE_AA)
         out[i] = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
-    return out
+    return out, labels
+
+
+def digits(n: int, rng: np.random.Generator, h: int = 28, w: int = 28) -> np.ndarray:
+    return drawn_digits(n, rng, h, w)[0]
 
 
 def uniform_noise(n: int, rng: np.random.Generator, h: int = 28, w: int = 28) -> np.ndarray:
@@ -60,10 +67,15 @@ FAR_OOD: Dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+def far_ood_rng(name: str, seed: int) -> np.random.Generator:
+    """The generator far_ood_sets draws the set `name` with (so a set can be drawn again on its own)."""
+    return np.random.default_rng([seed, 1000 + list(FAR_OOD).index(name)])
+
+
 def far_ood_sets(n: int, seed: int, h: int = 28, w: int = 28, channels: int = 1) -> Dict[str, np.ndarray]:
     out = {}
-    for i, (name, fn) in enumerate(FAR_OOD.items()):
-        x = fn(n, np.random.default_rng([seed, 1000 + i]), h, w)
+    for name, fn in FAR_OOD.items():
+        x = fn(n, far_ood_rng(name, seed), h, w)
         out[name] = np.repeat(x[..., None], channels, axis=-1) if channels > 1 else x
     return out
 
