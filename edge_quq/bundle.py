@@ -774,6 +774,10 @@ def bundle_summary(bundle: Bundle) -> List[Tuple[str, str]]:
     return rows
 
 
+# The exporter's held-out ID figures for the whole default decision (edge_quq_export.detectors.select_gate).
+WITH_RULE_RATES = {"id_ignored_with_rule": "ignored", "id_error_kept": "error among kept", "id_wrong_decisions": "wrong decisions"}
+
+
 def gate_summary(bundle: Bundle) -> List[Tuple[str, str]]:
     """`edge-quq info` rows for the default policy: the gate, its level and the exporter's validation."""
     g = bundle.gate
@@ -788,7 +792,13 @@ def gate_summary(bundle: Bundle) -> List[Tuple[str, str]]:
     # The validation table is the exporter's record, shown as it is: a value that is not a rate is left out.
     rates = {k: v for k, v in sets.items() if not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)} \
         if isinstance(sets, Mapping) else {}
+    # The id_* entries describe the whole default decision (rule plus gate) on held-out ID data, not the gate's catch.
+    with_rule = {k: rates.pop(k) for k in list(rates) if k in WITH_RULE_RATES}
     if rates:
         rows.append(("gate validation", ", ".join(f"{k} {100 * float(v):.1f}%" for k, v in rates.items())
                      + " ignored by the gate (exporter's held-out data)"))
+    if with_rule:
+        rows.append(("with the rule", ", ".join(f"{WITH_RULE_RATES[k]} {100 * float(v):.1f}%" for k, v in with_rule.items())
+                     + " (held-out ID data)"))
     return rows
+
