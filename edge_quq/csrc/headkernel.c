@@ -559,6 +559,9 @@ static uint64_t eq_mask_bits(const uint8_t *keep, int stride, int col, int t0, i
 
 /* Lists hold up to EQ_RBMAX rows per lane; the block height is chosen per call so that the block's slice of W
  * under one column block (at most 96 columns) is about 32 KB: it stays in L1 while every lane walks it. */
+#ifndef EQ_RBMIN
+#define EQ_RBMIN 64
+#endif
 #ifndef EQ_TILE_FLOATS
 #define EQ_TILE_FLOATS 8192
 #endif
@@ -571,7 +574,7 @@ typedef struct {
 
 static int eq_block_rows(size_t n) {
     const size_t cols = n < 96 ? n : 96, rb = EQ_TILE_FLOATS / (cols ? cols : 1);
-    return rb < 64 ? 64 : (rb > EQ_RBMAX ? EQ_RBMAX : (int)rb);
+    return rb < EQ_RBMIN ? EQ_RBMIN : (rb > EQ_RBMAX ? EQ_RBMAX : (int)rb);
 }
 
 /* The rows of W taking part are idx[0..np) (all rows when idx is NULL); sel[q] has bit t set when lane t uses
