@@ -251,13 +251,13 @@ static double eq_output_moments(int act, int C, const double *mu, const double *
     return ent;
 }
 
-/* y += m.W and, when v is given, yv += v.W^2, over the rows of W [n_in, n]: a dense layer's mean and variance in
- * one pass over W. */
-static inline __attribute__((always_inline)) void eq_mean_var_body(int n_in, int n, const float *w, const float *m,
-                                                                   const float *v, float *restrict y,
-                                                                   float *restrict yv) {
+/* y += m.W, yv += v.W^2 when v is given, and y2 += m2.W when m2 is given (the eval-mode lane), over the rows of
+ * W [n_in, n]: a dense layer's mean, variance and eval output in one pass over W (W1 of a 1000-class head is
+ * 1.2 MB, beyond L2: reading it once instead of twice is a third of the closed form's time there). */
+static void eq_mean_var_plain(int n_in, int n, const float *w, const float *m, const float *v, float *restrict y,
+                              float *restrict yv, const float *m2, float *restrict y2) {
     for (int i = 0; i < n_in; ++i) {
-        const float mi = m[i], vi = v ? v[i] : 0.0f;
+        const float mi = m[i], vi = v ? v[i] : 0.0f, ei = m2 ? m2[i] : 0.0f;
         const float *restrict wr = w + (size_t)i * n;
         if (vi != 0.0f)
             for (int j = 0; j < n; ++j) {
@@ -266,57 +266,62 @@ static inline __attribute__((always_inline)) void eq_mean_var_body(int n_in, int
             }
         else if (mi != 0.0f)
             for (int j = 0; j < n; ++j) y[j] += mi * wr[j];
+        if (ei != 0.0f)
+            for (int j = 0; j < n; ++j) y2[j] += ei * wr[j];
     }
 }
 
-static void eq_mean_var_plain(int n_in, int n, const float *w, const float *m, const float *v, float *y, float *yv) {
-    eq_mean_var_body(n_in, n, w, m, v, y, yv);
-}
-
 #if defined(__x86_64__) || defined(_M_X64)
-/* Register-blocked: NV vectors of y (and of yv) stay in registers while the block walks every active row, so a
- * row costs its weight loads and FMAs only (the plain loop loads and stores y and yv for every row, and is bound
- * by the stores). Columns past the last whole vector go through the plain loop. */
-#define EQ_MV_BLOCK(NV, VAR)                                                                                   \
+/* Register-blocked: NV vectors of each output stay in registers while the block walks every active row, so a
+ * row costs its weight loads and FMAs only (the plain loop loads and stores the outputs for every row, and is
+ * bound by the stores). Columns past the last whole vector go through a scalar loop. */
+#define EQ_MV_BLOCK(NV, VAR, EV)                                                                               \
     for (; j + 8 * (NV) <= n8; j += 8 * (NV)) {                                                                \
-        __m256 a[NV], b[NV];                                                                                   \
-        for (int u = 0; u < (NV); ++u) a[u] = _mm256_loadu_ps(y + j + 8 * u);                                  \
-        if (VAR)                                                                                               \
-            for (int u = 0; u < (NV); ++u) b[u] = _mm256_loadu_ps(yv + j + 8 * u);                             \
+        __m256 a[NV], b[NV], e[NV];                                                                            \
+        for (int u = 0; u < (NV); ++u) {                                                                       \
+            a[u] = _mm256_loadu_ps(y + j + 8 * u);                                                             \
+            if (VAR) b[u] = _mm256_loadu_ps(yv + j + 8 * u);                                                   \
+            if (EV) e[u] = _mm256_loadu_ps(y2 + j + 8 * u);                                                    \
+        }                                                                                                      \
         for (int k = 0; k < na; ++k) {                                                                         \
             const float *wr = w + (size_t)idx[k] * (size_t)n + j;                                              \
             const __m256 mm = _mm256_set1_ps(m[idx[k]]);                                                       \
-            const __m256 vv = _mm256_set1_ps(VAR ? v[idx[k]] : 0.0f);                                          \
+            const __m256 vv = _mm256_set1_ps(VAR ? v[idx[k]] : 0.0f), ee = _mm256_set1_ps(EV ? m2[idx[k]] : 0.0f); \
             for (int u = 0; u < (NV); ++u) {                                                                   \
                 const __m256 wv = _mm256_loadu_ps(wr + 8 * u);                                                 \
                 a[u] = _mm256_fmadd_ps(mm, wv, a[u]);                                                          \
                 if (VAR) b[u] = _mm256_fmadd_ps(_mm256_mul_ps(vv, wv), wv, b[u]);                              \
+                if (EV) e[u] = _mm256_fmadd_ps(ee, wv, e[u]);                                                  \
             }                                                                                                  \
         }                                                                                                      \
-        for (int u = 0; u < (NV); ++u) _mm256_storeu_ps(y + j + 8 * u, a[u]);                                  \
-        if (VAR)                                                                                               \
-            for (int u = 0; u < (NV); ++u) _mm256_storeu_ps(yv + j + 8 * u, b[u]);                             \
+        for (int u = 0; u < (NV); ++u) {                                                                       \
+            _mm256_storeu_ps(y + j + 8 * u, a[u]);                                                             \
+            if (VAR) _mm256_storeu_ps(yv + j + 8 * u, b[u]);                                                   \
+            if (EV) _mm256_storeu_ps(y2 + j + 8 * u, e[u]);                                                    \
+        }                                                                                                      \
     }
 
 __attribute__((target("avx2,fma"))) static void eq_mean_var_avx2(int n_in, int n, const float *w, const float *m,
-                                                                  const float *v, float *y, float *yv) {
+                                                                  const float *v, float *y, float *yv,
+                                                                  const float *m2, float *y2) {
     int32_t stack_idx[2048], *idx = n_in <= 2048 ? stack_idx : (int32_t *)malloc((size_t)n_in * sizeof(int32_t));
     if (!idx) {
-        eq_mean_var_plain(n_in, n, w, m, v, y, yv);
+        eq_mean_var_plain(n_in, n, w, m, v, y, yv, m2, y2);
         return;
     }
     int na = 0;
-    for (int i = 0; i < n_in; ++i) idx[na] = i, na += m[i] != 0.0f || (v && v[i] != 0.0f);
+    for (int i = 0; i < n_in; ++i) idx[na] = i, na += m[i] != 0.0f || (v && v[i] != 0.0f) || (m2 && m2[i] != 0.0f);
     const int n8 = n & ~7;
     int j = 0;
-    if (v) {
-        EQ_MV_BLOCK(6, 1)
-        EQ_MV_BLOCK(2, 1)
-        EQ_MV_BLOCK(1, 1)
+    if (v && m2) {
+        EQ_MV_BLOCK(4, 1, 1)
+        EQ_MV_BLOCK(1, 1, 1)
+    } else if (v) {
+        EQ_MV_BLOCK(6, 1, 0)
+        EQ_MV_BLOCK(1, 1, 0)
     } else {
-        EQ_MV_BLOCK(12, 0)
-        EQ_MV_BLOCK(4, 0)
-        EQ_MV_BLOCK(1, 0)
+        EQ_MV_BLOCK(12, 0, 0)
+        EQ_MV_BLOCK(1, 0, 0)
     }
     for (int k = 0; k < na; ++k) {
         const int i = idx[k];
@@ -324,20 +329,22 @@ __attribute__((target("avx2,fma"))) static void eq_mean_var_avx2(int n_in, int n
         for (int jj = n8; jj < n; ++jj) {
             y[jj] += m[i] * wr[jj];
             if (v) yv[jj] += v[i] * (wr[jj] * wr[jj]);
+            if (m2) y2[jj] += m2[i] * wr[jj];
         }
     }
     if (idx != stack_idx) free(idx);
 }
 #endif
 
-static void eq_mean_var(int n_in, int n, const float *w, const float *m, const float *v, float *y, float *yv) {
+static void eq_mean_var(int n_in, int n, const float *w, const float *m, const float *v, float *y, float *yv,
+                        const float *m2, float *y2) {
 #if defined(__x86_64__) || defined(_M_X64)
     if (eq_kernels_find("avx2_fma")) {
-        eq_mean_var_avx2(n_in, n, w, m, v, y, yv);
+        eq_mean_var_avx2(n_in, n, w, m, v, y, yv, m2, y2);
         return;
     }
 #endif
-    eq_mean_var_plain(n_in, n, w, m, v, y, yv);
+    eq_mean_var_plain(n_in, n, w, m, v, y, yv, m2, y2);
 }
 
 /* Inverted dropout of independent inputs: exact moments, handed to the next layer in float32 like the reference. */
@@ -361,17 +368,16 @@ int eq_head_analytic(const eq_head_t *hd, double temperature, eq_moments_t *out)
     /* Block 1: dropout of a fixed vector (no variance in), then the dense layer. x.W0 + b0 in float32 is also the
      * eval-mode pre-activation of edge_quq.head.HeadWeights.logits. */
     eq_dropout(m0, NULL, F, hd->p0, mf, vf);
-    eq_mean_var(F, H, hd->w0, mf, vf, z, zv);
+    eq_mean_var(F, H, hd->w0, mf, vf, z, zv, NULL, NULL);
     for (int j = 0; j < H; ++j) {
         const float pre = z[j] + hd->b0[j];
         he[j] = pre > 0.0f ? pre : 0.0f;
         eq_relu_moments((double)z[j] + (double)hd->b0[j], (double)zv[j], &hm[j], &hvar[j]);
     }
+    /* Block 2, and the eval-mode logits in the same pass over W1. */
     memcpy(out->det_logits, hd->b1, (size_t)C * sizeof(float));
-    eq_mean_var(H, C, hd->w1, he, NULL, out->det_logits, NULL);
-    /* Block 2. */
     eq_dropout(hm, hvar, H, hd->p1, hmf, hvf);
-    eq_mean_var(H, C, hd->w1, hmf, hvf, y, yv);
+    eq_mean_var(H, C, hd->w1, hmf, hvf, y, yv, he, out->det_logits);
     for (int c = 0; c < C; ++c) {
         mu[c] = ((double)y[c] + (double)hd->b1[c]) / temperature;
         var[c] = (double)yv[c] / (temperature * temperature);
