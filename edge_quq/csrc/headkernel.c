@@ -577,14 +577,52 @@ static int eq_block_rows(size_t n) {
     return rb < EQ_RBMIN ? EQ_RBMIN : (rb > EQ_RBMAX ? EQ_RBMAX : (int)rb);
 }
 
-/* The rows of W taking part are idx[0..np) (all rows when idx is NULL); sel[q] has bit t set when lane t uses
- * row idx[q]. For lanes t < nt:  y[t*ys : +n] += sum over those rows i of a[t*as + i] * W[i, 0:n];
+/* 64 x 64 bit transpose: bit c of a[r] ends up as bit r of a[c] (Hacker's Delight, 6 rounds of block swaps). */
+static void eq_transpose64(uint64_t a[64]) {
+    uint64_t m = 0x00000000FFFFFFFFULL;
+    for (int j = 32; j != 0; j >>= 1, m ^= m << j)
+        for (int k = 0; k < 64; k = ((k | j) + 1) & ~j) {
+            const uint64_t t = ((a[k] >> j) ^ a[k | j]) & m;
+            a[k] ^= t << j;
+            a[k | j] ^= t;
+        }
+}
+
+/* Bit r set when z[r] != 0, r < n <= 64. */
+static inline uint64_t eq_nonzero_bits(const float *z, int n) {
+    uint64_t b = 0;
+    int r = 0;
+#ifdef EQ_X86
+    for (; r + 4 <= n; r += 4)
+        b |= (uint64_t)_mm_movemask_ps(_mm_cmpneq_ps(_mm_loadu_ps(z + r), _mm_setzero_ps())) << r;
+#endif
+    for (; r < n; ++r) b |= (uint64_t)(z[r] != 0.0f) << r;
+    return b;
+}
+
+/* From row-major lane masks (sel[q] bit t: lane t uses position q < np) to lane-major row sets (lm[t * lmw + w]
+ * bit r: lane t uses position 64 w + r), one 64 x 64 transpose per 64 positions; with z, also dropping the
+ * positions whose coefficient z[t * zs + q] is zero (ReLU-zeroed hidden units). The per-lane row lists are then
+ * read off the set bits in position order: no per-row, per-lane test and no scattered appends. */
+static void eq_lane_sets(const uint64_t *sel, int np, int nt, uint64_t *lm, int lmw, const float *z, size_t zs) {
+    for (int w = 0; w * 64 < np; ++w) {
+        uint64_t m[64];
+        const int n = np - w * 64 < 64 ? np - w * 64 : 64;
+        for (int q = 0; q < 64; ++q) m[q] = q < n ? sel[w * 64 + q] : 0;
+        eq_transpose64(m);
+        for (int t = 0; t < nt; ++t)
+            lm[(size_t)t * (size_t)lmw + (size_t)w] = z ? m[t] & eq_nonzero_bits(z + (size_t)t * zs + (size_t)w * 64, n) : m[t];
+    }
+}
+
+/* The rows of W taking part are idx[0..np) (all rows when idx is NULL); lm holds each lane's positions as bit sets
+ * (eq_lane_sets, lmw words per lane). For lanes t < nt:  y[t*ys : +n] += sum over its rows i of a[t*as + i] * W[i, 0:n];
  * and, when dense_y is given, one more lane over every row: dense_y += dense_a[i] * W[i] (the eval-mode pass,
  * sharing the walk over W; it goes first so that it streams each block of W into cache in order for the
- * others). Zero coefficients (ReLU-zeroed hidden units) are left out. Returns the multiply-adds done. */
+ * others; its zero coefficients are left out). Returns the multiply-adds done. */
 static uint64_t eq_masked_gemm(const eq_kernels_t *k, eq_lists_t *L, const int32_t *idx, int np, size_t n,
-                               const float *w, const uint64_t *sel, const float *a, size_t as, float *y, size_t ys,
-                               int nt, const float *dense_a, float *dense_y) {
+                               const float *w, const uint64_t *lm, int lmw, const float *a, size_t as, float *y,
+                               size_t ys, int nt, const float *dense_a, float *dense_y) {
     float *yp[EQ_LANES];
     const float *ap[EQ_LANES];
     int32_t *restrict cnt = L->cnt, *restrict lrows = L->rows;
@@ -594,32 +632,26 @@ static uint64_t eq_masked_gemm(const eq_kernels_t *k, eq_lists_t *L, const int32
     uint64_t rows = 0;
     for (int q0 = 0; q0 < np; q0 += rb) {
         const int q1 = np - q0 < rb ? np : q0 + rb;
-        memset(L->cnt, 0, sizeof L->cnt);
+        cnt[0] = 0;
         if (d)
             for (int q = q0; q < q1; ++q) {
                 const int i = idx ? idx[q] : q;
                 if (dense_a[i] != 0.0f) lrows[cnt[0]++] = i;
             }
-        if (as == 0) {
-            /* One coefficient for every lane (layer 1, nonzero features only): nothing to test, row-major. */
-            for (int q = q0; q < q1; ++q)
-                for (uint64_t bits = sel[q]; bits; bits &= bits - 1) {
-                    const unsigned l = eq_ctz64(bits) + (unsigned)d;
-                    lrows[l * EQ_RBMAX + (size_t)cnt[l]++] = idx ? idx[q] : q;
+        for (int t = 0; t < nt; ++t) {
+            const uint64_t *lt = lm + (size_t)t * (size_t)lmw;
+            int32_t *lr = lrows + (size_t)(t + d) * EQ_RBMAX, c = 0;
+            for (int wi = q0 >> 6; wi <= (q1 - 1) >> 6; ++wi) {
+                const int lo = wi * 64;
+                uint64_t bits = lt[wi];
+                if (lo < q0) bits &= ~0ULL << (q0 - lo);
+                if (q1 - lo < 64) bits &= (1ULL << (q1 - lo)) - 1;
+                for (; bits; bits &= bits - 1) {
+                    const int q = lo + (int)eq_ctz64(bits);
+                    lr[c++] = idx ? idx[q] : q;
                 }
-        } else {
-            /* Per-lane coefficients (layer 2): lane-major, so that each lane's coefficients are read in order;
-             * branch-free append, a row whose bit is clear or whose coefficient is zero is written, not counted. */
-            for (int t = 0; t < nt; ++t) {
-                const float *at = a + (size_t)t * as;
-                int32_t *lr = lrows + (size_t)(t + d) * EQ_RBMAX, c = 0;
-                for (int q = q0; q < q1; ++q) {
-                    const int i = idx ? idx[q] : q;
-                    lr[c] = i;
-                    c += (int32_t)((sel[q] >> t) & 1u) & (at[i] != 0.0f);
-                }
-                cnt[t + d] = c;
             }
+            cnt[t + d] = c;
         }
         k->gather(n, w, n, nl, L->rows, ap, L->cnt, EQ_RBMAX, yp);
         for (int l = 0; l < nl; ++l) rows += (uint64_t)L->cnt[l];
@@ -652,6 +684,8 @@ typedef struct {
     eq_rng_t rng;
     int given, subtract, nnz;
     int32_t *nz; /* the nonzero features' indices */
+    uint64_t *lm; /* lane-major row sets of the current layer (eq_lane_sets), lmw0 words per lane for layer 1 */
+    int lmw0;
     const uint8_t *keep0, *keep1;
     float *xs, *xw, *zfull, *heval, *yeval, *prob, *z, *y;
     uint64_t *sel0, *sel1;
@@ -696,8 +730,9 @@ static void eq_layer1(eq_run_t *r, int t0, int nt, uint64_t lanes) {
         else memcpy(r->z + t * r->Hs, hd->b0, (size_t)H * sizeof(float));
     }
     if (first) memset(r->xw, 0, r->Hs * sizeof(float));
-    r->macs += eq_masked_gemm(r->k, r->lists, r->nz, r->nnz, (size_t)H, hd->w0, r->sel0, r->xs, 0, r->z, r->Hs, nt,
-                              hd->x, first ? r->xw : NULL);
+    eq_lane_sets(r->sel0, r->nnz, nt, r->lm, r->lmw0, NULL, 0);
+    r->macs += eq_masked_gemm(r->k, r->lists, r->nz, r->nnz, (size_t)H, hd->w0, r->lm, r->lmw0, r->xs, 0, r->z, r->Hs,
+                              nt, hd->x, first ? r->xw : NULL);
     if (first)
         for (int j = 0; j < H; ++j) {
             const float v = r->xw[j] + hd->b0[j];
@@ -724,10 +759,9 @@ static void eq_layer1_i8(eq_run_t *r, int t0, int nt, uint64_t lanes) {
     const int H = hd->H, ntp = (nt + 3) & ~3;
     const size_t hp = r->hp;
     if (t0 == 0) {
-        memset(r->sel0, 0, (size_t)r->nnz * sizeof(uint64_t));
         memset(r->xw, 0, r->Hs * sizeof(float));
-        r->macs += eq_masked_gemm(r->k, r->lists, r->nz, r->nnz, (size_t)H, hd->w0, r->sel0, r->xs, 0, r->z, r->Hs, 0,
-                                  hd->x, r->xw);
+        r->macs += eq_masked_gemm(r->k, r->lists, r->nz, r->nnz, (size_t)H, hd->w0, r->lm, r->lmw0, r->xs, 0, r->z,
+                                  r->Hs, 0, hd->x, r->xw);
         for (int j = 0; j < H; ++j) {
             const float v = r->xw[j] + hd->b0[j];
             r->heval[j] = v > 0.0f ? v : 0.0f;
@@ -800,8 +834,10 @@ static void eq_layer2(eq_run_t *r, int t0, int nt, uint64_t lanes) {
     }
     for (int t = 0; t < nt; ++t) memcpy(r->y + t * r->Cs, hd->b1, (size_t)C * sizeof(float));
     if (first) memcpy(r->yeval, hd->b1, (size_t)C * sizeof(float));
-    r->macs += eq_masked_gemm(r->k, r->lists, NULL, H, (size_t)C, hd->w1, r->sel1, r->z, r->Hs, r->y, r->Cs, nt, r->heval,
-                   first ? r->yeval : NULL);
+    const int lmw = (H + 63) / 64;
+    eq_lane_sets(r->sel1, H, nt, r->lm, lmw, r->z, r->Hs);
+    r->macs += eq_masked_gemm(r->k, r->lists, NULL, H, (size_t)C, hd->w1, r->lm, lmw, r->z, r->Hs, r->y, r->Cs, nt,
+                              r->heval, first ? r->yeval : NULL);
 }
 
 static void eq_accumulate(eq_run_t *r, int t0, int nt, float *probs) {
@@ -829,7 +865,8 @@ int eq_head_moments(const eq_head_t *hd, const eq_kernels_t *k, int T, uint64_t 
     /* One allocation for all scratch; float regions start on 64-byte boundaries (Hs, Cs multiples of 16). */
     const size_t Fs = eq_round16((size_t)F);
     const size_t n_f = Fs + 3 * r.Hs + 2 * r.Cs + 64 * r.Hs + 64 * r.Cs;
-    const size_t n_u = (size_t)F + (size_t)H + (size_t)F / 2 + 1, n_d = 3 * (size_t)C;
+    const size_t lmw = (size_t)(F > H ? F : H) / 64 + 1;
+    const size_t n_u = (size_t)F + (size_t)H + (size_t)F / 2 + 1 + 64 * lmw, n_d = 3 * (size_t)C;
     char *mem = (char *)malloc(sizeof(eq_lists_t) + n_f * sizeof(float) + n_u * sizeof(uint64_t) +
                                n_d * sizeof(double) + 64);
     if (!mem) return -1;
@@ -839,11 +876,13 @@ int eq_head_moments(const eq_head_t *hd, const eq_kernels_t *k, int T, uint64_t 
     r.prob = r.yeval + r.Cs, r.z = r.prob + r.Cs, r.y = r.z + 64 * r.Hs;
     r.sel0 = (uint64_t *)(r.y + 64 * r.Cs), r.sel1 = r.sel0 + F;
     r.nz = (int32_t *)(r.sel1 + H);
-    r.pdet = (double *)(r.sel1 + H + F / 2 + 1), r.sum1 = r.pdet + C, r.sum2 = r.sum1 + C;
+    r.lm = r.sel1 + H + F / 2 + 1;
+    r.pdet = (double *)(r.lm + 64 * lmw), r.sum1 = r.pdet + C, r.sum2 = r.sum1 + C;
     for (int i = 0; i < F; ++i) {
         r.xs[i] = r.s0 * hd->x[i];
         if (hd->x[i] != 0.0f) r.nz[r.nnz++] = i;
     }
+    r.lmw0 = (r.nnz + 63) / 64;
     memset(r.sum1, 0, 2 * (size_t)C * sizeof(double));
     r.ent = 0.0;
     eq_rng_seed(&r.rng, seed);
