@@ -154,6 +154,19 @@ def test_sdot_keeps_the_float_decisions_under_qemu(arm_driver, tmp_path):
     assert agree >= DECISION_AGREEMENT, agree
 
 
+def test_a_build_without_sdot_falls_back_to_neon(cases_file, tmp_path):
+    # What an aarch64 compiler without the dot-product intrinsics builds (EQ_NO_SDOT takes the same branch): the
+    # float variants only, even on a CPU that has the instructions.
+    if not (CROSS and QEMU):
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64-static")
+    exe = tmp_path / "driver_nosdot"
+    build(CROSS, exe, "-static", "-DEQ_NO_SDOT")
+    res = subprocess.run([QEMU, "-cpu", "max", str(exe), str(cases_file)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = res.stdout.strip().splitlines()[-1]
+    assert "features=asimd,asimddp variants=neon,scalar " in summary and "failures=0" in summary, summary
+
+
 # /proc/cpuinfo of a Raspberry Pi 4 (Cortex-A72, part 0xd08) and a Raspberry Pi 5 (Cortex-A76, part 0xd0b).
 CPUINFO = {
     "a72": "processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\nCPU implementer\t: 0x41\n"

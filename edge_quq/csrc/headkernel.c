@@ -196,9 +196,11 @@ void eq_i8_gemm__scalar(int G, size_t hp, const int8_t *wp, int ntp, const int8_
 
 /* ARMv8.2 dot product (Cortex-A76, Pi 5) in a function compiled for it, so that the rest of the file stays
  * ARMv8.0 and an A72 never runs it (chosen from HWCAP_ASIMDDP). Compilers whose arm_neon.h cannot give the
- * intrinsics to one function (gcc < 10, clang < 16) leave the variant out unless the whole build targets it. */
-#if defined(EQ_ARM64) && (defined(__ARM_FEATURE_DOTPROD) || (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10) || \
-                          (defined(__clang__) && __clang_major__ >= 16))
+ * intrinsics to one function (gcc < 10, clang < 16) leave the variant out unless the whole build targets it;
+ * -DEQ_NO_SDOT does the same (the tests build that fallback). */
+#if defined(EQ_ARM64) && !defined(EQ_NO_SDOT) &&                                                              \
+    (defined(__ARM_FEATURE_DOTPROD) || (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10) ||          \
+     (defined(__clang__) && __clang_major__ >= 16))
 #define EQ_HAVE_SDOT 1
 #if defined(__ARM_FEATURE_DOTPROD)
 #define EQ_SDOT
