@@ -888,8 +888,10 @@ int eq_head_moments(const eq_head_t *hd, const eq_kernels_t *k, int T, uint64_t 
     memset(r.sum1, 0, 2 * (size_t)C * sizeof(double));
     r.ent = 0.0;
     eq_rng_seed(&r.rng, seed);
+    /* The int32 sums hold nnz products of at most 127 x 127: beyond 2^17 rows the float layer 1 takes over. */
+    const int i8 = k->gemm_i8 != NULL && r.nnz <= (1 << 17);
     void *i8mem = NULL;
-    if (k->gemm_i8 && !(i8mem = eq_prepare_i8(&r))) {
+    if (i8 && !(i8mem = eq_prepare_i8(&r))) {
         free(mem);
         return -1;
     }
@@ -897,7 +899,7 @@ int eq_head_moments(const eq_head_t *hd, const eq_kernels_t *k, int T, uint64_t 
     for (int t0 = 0; t0 < T; t0 += 64) {
         const int nt = T - t0 < 64 ? T - t0 : 64;
         const uint64_t lanes = nt == 64 ? ~0ULL : ((1ULL << nt) - 1);
-        if (k->gemm_i8) eq_layer1_i8(&r, t0, nt, lanes);
+        if (i8) eq_layer1_i8(&r, t0, nt, lanes);
         else eq_layer1(&r, t0, nt, lanes);
         eq_layer2(&r, t0, nt, lanes);
         if (t0 == 0) eq_eval_outputs(hd->act, C, r.yeval, out->det_logits, r.pdet);
