@@ -284,7 +284,7 @@ static void eq_mean_var_plain(int n_in, int n, const float *w, const float *m, c
             if (VAR) b[u] = _mm256_loadu_ps(yv + j + 8 * u);                                                   \
             if (EV) e[u] = _mm256_loadu_ps(y2 + j + 8 * u);                                                    \
         }                                                                                                      \
-        for (int k = 0; k < na; ++k) {                                                                         \
+        for (int k = k0; k < k1; ++k) {                                                                        \
             const float *wr = w + (size_t)idx[k] * (size_t)n + j;                                              \
             const __m256 mm = _mm256_set1_ps(m[idx[k]]);                                                       \
             const __m256 vv = _mm256_set1_ps(VAR ? v[idx[k]] : 0.0f), ee = _mm256_set1_ps(EV ? m2[idx[k]] : 0.0f); \
@@ -302,6 +302,10 @@ static void eq_mean_var_plain(int n_in, int n, const float *w, const float *m, c
         }                                                                                                      \
     }
 
+#ifndef EQ_MV_ROWS
+#define EQ_MV_ROWS 128
+#endif
+
 __attribute__((target("avx2,fma"))) static void eq_mean_var_avx2(int n_in, int n, const float *w, const float *m,
                                                                   const float *v, float *y, float *yv,
                                                                   const float *m2, float *y2) {
@@ -313,16 +317,21 @@ __attribute__((target("avx2,fma"))) static void eq_mean_var_avx2(int n_in, int n
     int na = 0;
     for (int i = 0; i < n_in; ++i) idx[na] = i, na += m[i] != 0.0f || (v && v[i] != 0.0f) || (m2 && m2[i] != 0.0f);
     const int n8 = n & ~7;
-    int j = 0;
-    if (v && m2) {
-        EQ_MV_BLOCK(4, 1, 1)
-        EQ_MV_BLOCK(1, 1, 1)
-    } else if (v) {
-        EQ_MV_BLOCK(6, 1, 0)
-        EQ_MV_BLOCK(1, 1, 0)
-    } else {
-        EQ_MV_BLOCK(12, 0, 0)
-        EQ_MV_BLOCK(1, 0, 0)
+    /* Row blocks of EQ_MV_ROWS, so that W streams from memory in row order once while the column blocks reuse
+     * the block's rows from L2. */
+    for (int k0 = 0; k0 < na; k0 += EQ_MV_ROWS) {
+        const int k1 = na - k0 < EQ_MV_ROWS ? na : k0 + EQ_MV_ROWS;
+        int j = 0;
+        if (v && m2) {
+            EQ_MV_BLOCK(4, 1, 1)
+            EQ_MV_BLOCK(1, 1, 1)
+        } else if (v) {
+            EQ_MV_BLOCK(6, 1, 0)
+            EQ_MV_BLOCK(1, 1, 0)
+        } else {
+            EQ_MV_BLOCK(12, 0, 0)
+            EQ_MV_BLOCK(1, 0, 0)
+        }
     }
     for (int k = 0; k < na; ++k) {
         const int i = idx[k];
