@@ -10,6 +10,8 @@ C in (10, 100, 1000), p = (0.2, 0.4), with sparse features (ReLU: half are zero)
 none zero); the kernel reports the multiply-adds it executed (stats_out), so GMAC/s = executed MACs / median
 call time. Rounds interleave peak and kernel measurements; the report gives medians over rounds of each round's
 median. --baseline REV also builds the kernel as it was at git revision REV and times it in the same rounds.
+Also times numpy's float32 sgemm (one BLAS thread) in every round: the share of a tuned matrix product's speed.
+The int8 variants (neon_sdot, ARMv8.2) cannot be timed on x86; the table holds the variants this CPU runs.
 Writes kernel.json and kernel.md into --out.
 """
 from __future__ import annotations
@@ -88,18 +90,31 @@ def build_baseline(rev: str, tmp: Path):
     """The kernel module as it was at `rev`, imported under another package name for same-run ratios."""
     src = tmp / "baseline"
     src.mkdir()
-    for name in ("headkernel.c", "headkernel.h", "headkernel_module.c"):
-        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:edge_quq/csrc/{name}"], capture_output=True,
-                              text=True, check=True).stdout
-        (src / name).write_text(text)
+    sources = []
+    # analytic.c and simd_math.h exist from the revision that moved the closed form into C on.
+    for name in ("headkernel.c", "headkernel.h", "headkernel_module.c", "analytic.c", "simd_math.h"):
+        res = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:edge_quq/csrc/{name}"], capture_output=True, text=True)
+        if res.returncode != 0:
+            continue
+        (src / name).write_text(res.stdout)
+        if name.endswith(".c"):
+            sources.append(str(src / name))
     so = src / ("_headkernel" + sysconfig.get_config_var("EXT_SUFFIX"))
     subprocess.run(["gcc", "-O3", "-std=gnu11", "-fno-math-errno", "-shared", "-fPIC",
-                    f"-I{sysconfig.get_paths()['include']}", str(src / "headkernel.c"), str(src / "headkernel_module.c"),
-                    "-o", str(so)], check=True)
+                    f"-I{sysconfig.get_paths()['include']}", *sources, "-lm", "-o", str(so)], check=True)
     spec = importlib.util.spec_from_file_location("eq_baseline._headkernel", so)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # type: ignore[union-attr]
     return mod
+
+
+def sgemm_gmacs(n: int = 512, reps: int = 20) -> float:
+    """GMAC/s of numpy's float32 matrix product (OpenBLAS sgemm, one thread: bench.blas_threads) on n x n
+    matrices, by thread CPU time, median of reps: what tuned code reaches on this core with real memory traffic."""
+    rng = np.random.default_rng(0)
+    a, b = (rng.normal(size=(n, n)).astype(np.float32) for _ in range(2))
+    cpu, _ = time_median(lambda: a @ b, reps)
+    return n ** 3 / cpu / 1e9
 
 
 def head_arrays(f: int, h: int, c: int, dense: bool, seed: int = 0):
@@ -149,15 +164,21 @@ def eval_call(arrays) -> Callable[[], object]:
     return lambda: head.logits(x[None])
 
 
-def make_cases() -> List[dict]:
+def make_cases(isas: List[str]) -> List[dict]:
+    """Every case with the MACs each variant executes: an int8 variant (neon_sdot) runs layer 1 densely, so its
+    count differs; "macs" is the float variants' (the first float one in the list)."""
+    float_isa = next(i for i in isas if not _headkernel.is_int8(i))
     cases = []
     for f, h, c in SHAPES:
         for dense in (False, True):
             arrays = head_arrays(f, h, c, dense)
-            stats = np.zeros(1, np.int64)
-            kernel_call(_headkernel, arrays, None, stats)()
+            macs = {}
+            for isa in isas:
+                stats = np.zeros(1, np.int64)
+                kernel_call(_headkernel, arrays, isa, stats)()
+                macs[isa] = int(stats[0])
             cases.append({"F": f, "H": h, "C": c, "features": "dense" if dense else "relu", "arrays": arrays,
-                          "macs": int(stats[0]), "dense_macs": T * (f * h + h * c)})
+                          "macs": macs[float_isa], "macs_by_isa": macs, "dense_macs": T * (f * h + h * c)})
     return cases
 
 
@@ -167,7 +188,7 @@ def run(reps: int, rounds: int, baseline: Optional[str]) -> dict:
         tmp = Path(d)
         peak_exe = build_peak(tmp)
         base = build_baseline(baseline, tmp) if baseline else None
-        cases = make_cases()
+        cases = make_cases(isas)
         calls: Dict[str, Callable[[dict], Callable[[], object]]] = {
             isa: (lambda case, isa=isa: kernel_call(_headkernel, case["arrays"], isa, None)) for isa in isas}
         if base is not None:
@@ -175,11 +196,13 @@ def run(reps: int, rounds: int, baseline: Optional[str]) -> dict:
         calls["analytic"] = lambda case: analytic_call(case["arrays"])
         calls["eval"] = lambda case: eval_call(case["arrays"])
         peaks: List[Tuple[float, float]] = []
+        sgemm: List[float] = []
         times: Dict[str, Dict[int, List[Tuple[float, float]]]] = {name: {} for name in calls}
         # Rounds interleave everything, so that a busy spell of the shared machine hits all columns alike.
         for _ in range(rounds):
             if peak_exe:
                 peaks.append(peak_gmacs(peak_exe))
+            sgemm.append(sgemm_gmacs())
             for ci, case in enumerate(cases):
                 for name, make in calls.items():
                     times[name].setdefault(ci, []).append(time_median(make(case), reps))
@@ -187,22 +210,26 @@ def run(reps: int, rounds: int, baseline: Optional[str]) -> dict:
     peak_wall = statistics.median(p[1] for p in peaks) if peaks else None
     rows = []
     for ci, case in enumerate(cases):
-        row = {k: v for k, v in case.items() if k != "arrays"}
+        row = {k: v for k, v in case.items() if k not in ("arrays", "macs_by_isa")}
         for name, per in times.items():
             cpu = statistics.median(t[0] for t in per[ci])
             wall = statistics.median(t[1] for t in per[ci])
             row[name] = {"cpu_us": round(cpu * 1e6, 1), "wall_us": round(wall * 1e6, 1)}
             if name not in ("analytic", "eval"):
-                row[name]["gmacs_executed"] = round(case["macs"] / cpu / 1e9, 2)
+                macs = case["macs_by_isa"].get(name, case["macs"])
+                row[name]["gmacs_executed"] = round(macs / cpu / 1e9, 2)
                 row[name]["gmacs_dense_equiv"] = round(case["dense_macs"] / cpu / 1e9, 2)
                 if peak_cpu:
-                    row[name]["peak_fraction"] = round(case["macs"] / cpu / 1e9 / peak_cpu, 3)
+                    row[name]["peak_fraction"] = round(macs / cpu / 1e9 / peak_cpu, 3)
+                row[name]["sgemm_fraction"] = round(macs / cpu / 1e9 / statistics.median(sgemm), 3)
         rows.append(row)
     return {"machine": {"cpu": _cpu_model(), "features": _headkernel.cpu_features(), "isas": isas,
                         "load_average": [round(v, 2) for v in os.getloadavg()]},
             "peak_gmacs_1core_cpu_time": round(peak_cpu, 1) if peak_cpu else None,
             "peak_gmacs_1core_wall_time": round(peak_wall, 1) if peak_wall else None,
             "peak_rounds": [[round(a, 1), round(b, 1)] for a, b in peaks],
+            "sgemm_gmacs_1core_cpu_time": round(statistics.median(sgemm), 1),
+            "sgemm_rounds": [round(v, 1) for v in sgemm],
             "T": T, "reps": reps, "rounds": rounds, "baseline": baseline, "rows": rows}
 
 
@@ -231,14 +258,18 @@ def report(res: dict) -> str:
                   "`vfmadd` chains on registers (8 float32 lanes each, 2 FMA pipes), ~50 ms per round, median of the "
                   f"rounds (CPU, wall) {res['peak_rounds']}. Every time below is a thread-CPU-time median as well, "
                   "so that the share of the core other sessions took does not count against either side.", ""]
+    lines += [f"**sgemm: {res['sgemm_gmacs_1core_cpu_time']} GMAC/s**: numpy's float32 512 x 512 matrix product "
+              "(OpenBLAS, one thread, thread CPU time, median of 20 calls per round, median of the rounds "
+              f"{res['sgemm_rounds']}): what tuned code with real loads reaches on this core.", ""]
     head = "| F | C | features | executed MMAC | " + " | ".join(f"{n} µs / GMAC/s" for n in names)
-    head += f" | {best} % of peak |" + (" speed-up vs baseline |" if res["baseline"] else "")
+    head += f" | {best} % of peak | {best} % of sgemm |" + (" speed-up vs baseline |" if res["baseline"] else "")
     head += " eval pass µs | analytic µs | analytic / (2 eval + 20 µs) |"
     lines += ["H = 300 everywhere.", "", head, "|" + "---|" * (head.count("|") - 1)]
     for r in res["rows"]:
         cells = [str(r["F"]), str(r["C"]), r["features"], f"{r['macs'] / 1e6:.2f}"]
         cells += [f"{r[n]['cpu_us']:.0f} / {r[n]['gmacs_executed']:.1f}" for n in names]
         cells.append(f"{100 * r[best].get('peak_fraction', float('nan')):.0f}%")
+        cells.append(f"{100 * r[best]['sgemm_fraction']:.0f}%")
         if res["baseline"]:
             cells.append(f"{r['baseline']['cpu_us'] / r[best]['cpu_us']:.2f}x")
         ev, an = r["eval"]["cpu_us"], r["analytic"]["cpu_us"]
@@ -249,6 +280,10 @@ def report(res: dict) -> str:
               "times the row length. A dense masked evaluation would do T x (F x H + H x C). The eval pass is "
               "`HeadWeights.logits` (numpy, one BLAS thread), what the plain path runs; the analytic column is "
               "`_headkernel.analytic_moments` (sigmoid head)."]
+    int8 = [n for n in isas if _headkernel.is_int8(n)]
+    if int8:
+        lines += ["", f"{', '.join(int8)} run layer 1 in int8, densely over the nonzero rows: their GMAC/s count the "
+                  "int8 multiply-adds they execute (more than the float variants' MMAC column)."]
     return "\n".join(lines) + "\n"
 
 

@@ -15,10 +15,14 @@ from edge_quq.samplers import make_sampler
 from edge_quq.samplers.reference import NumpySampler
 from edge_quq.samplers import native as sampler_native
 from edge_quq.samplers.native import NativeSampler
+from heads import int8_tolerance
 
 pytestmark = pytest.mark.skipif(not sampler_native.available(), reason="edge_quq._headkernel not built (python setup.py build_ext --inplace)")
 
 ISAS = sampler_native.kernel_isas() or ("scalar",)
+# Float32 variants match numpy to float32 rounding; the int8 ones (first layer quantised) to int8_tolerance.
+FLOAT_ISAS = tuple(i for i in ISAS if not sampler_native.kernel_is_int8(i))
+INT8_ISAS = tuple(i for i in ISAS if sampler_native.kernel_is_int8(i)) + ("scalar_i8",)
 
 
 def random_head(f: int, h: int, c: int, rates: Tuple[float, float], activation: str, seed: int = 0) -> HeadWeights:
@@ -64,7 +68,7 @@ def cases():
 CASES = list(cases())
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("isa", FLOAT_ISAS)
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax", "linear"])
 @pytest.mark.parametrize("f,h,c,t,rates", CASES, ids=[f"F{f}-H{h}-C{c}-T{t}-p{r[0]}_{r[1]}" for f, h, c, t, r in CASES])
 def test_same_masks_same_outputs_as_numpy(isa, activation, f, h, c, t, rates):
@@ -85,6 +89,40 @@ def test_same_masks_same_outputs_as_numpy(isa, activation, f, h, c, t, rates):
     assert got.num_samples == t
 
 
+@pytest.mark.parametrize("isa", INT8_ISAS)
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax", "linear"])
+@pytest.mark.parametrize("f,h,c,t,rates", CASES, ids=[f"F{f}-H{h}-C{c}-T{t}-p{r[0]}_{r[1]}" for f, h, c, t, r in CASES])
+def test_int8_variants_match_numpy_within_the_int8_tolerance(isa, activation, f, h, c, t, rates):
+    head = random_head(f, h, c, rates, activation, seed=f + h + c)
+    rng = np.random.default_rng(f * 31 + t)
+    masks = keep_masks(rng, t, f, h, rates)
+    ref_masks = NumpySampler(head)
+    for x in (relu_features(f, seed=t), rng.normal(size=f).astype(np.float32)):  # sparse ReLU and signed features
+        ref = ref_masks.sample_with_masks(x, masks)
+        got = NativeSampler(head, isa=isa).sample_with_masks(x, masks)
+        tol_mean, tol_std = int8_tolerance(ref.mean, activation)
+        np.testing.assert_allclose(got.mean, ref.mean, atol=tol_mean, rtol=0)
+        np.testing.assert_allclose(got.std, ref.std, atol=tol_std, rtol=0)
+        # The eval-mode pass stays float32: the deterministic outputs are the float kernels'.
+        np.testing.assert_allclose(got.logits, ref.logits, atol=2e-5, rtol=1e-5)
+
+
+def test_int8_reference_keeps_the_float_decisions():
+    from edge_quq.decision import decide_many
+
+    agree = []
+    for i in range(48):
+        act = ("sigmoid", "softmax")[i % 2]
+        head = random_head(256, 64, 10, (0.2, 0.4), act, seed=i)
+        x = relu_features(256, seed=100 + i)
+        masks = keep_masks(np.random.default_rng(i), 50, 256, 64, (0.2, 0.4))
+        a = NativeSampler(head, isa="scalar_i8").sample_with_masks(x, masks)
+        b = NumpySampler(head).sample_with_masks(x, masks)
+        da, db = (decide_many(m.mean[None], m.std[None], 0.8, 0.5) for m in (a, b))
+        agree.append(bool(da.keep[0]) == bool(db.keep[0]))
+    assert np.mean(agree) >= 0.95, np.mean(agree)
+
+
 CONFORMANCE = CASES + [(2048, 300, 100, 50, (0.2, 0.4)), (1280, 300, 1000, 50, (0.2, 0.4)), (64, 300, 10, 50, (0.2, 0.4))]
 
 
@@ -92,19 +130,20 @@ CONFORMANCE = CASES + [(2048, 300, 100, 50, (0.2, 0.4)), (1280, 300, 1000, 50, (
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
 @pytest.mark.parametrize("f,h,c,t,rates", CONFORMANCE, ids=[f"F{f}-H{h}-C{c}-T{t}" for f, h, c, t, _ in CONFORMANCE])
 def test_every_variant_matches_the_plain_c_path(isa, activation, f, h, c, t, rates):
-    # The conformance test of the kernel variants: same masks, the plain C path as reference. Tolerance 5e-6 on
-    # outputs in [0, 1]: the variants add the same rows in the same order and differ only by FMA rounding and,
-    # for avx2_fma, the 8-wide exp/log polynomials (~2 ulp).
+    # The conformance test of the kernel variants: same masks, the plain C path as reference (scalar_i8 for the
+    # int8 ones, whose integer sums are exact). Tolerance 5e-6 on outputs in [0, 1]: the variants add the same
+    # rows in the same order and differ only by FMA rounding and, for avx2_fma, the 8-wide exp/log polynomials.
+    plain = "scalar_i8" if sampler_native.kernel_is_int8(isa) else "scalar"
     head = random_head(f, h, c, rates, activation, seed=5 + f)
     x = relu_features(f, seed=5)
     masks = keep_masks(np.random.default_rng(9), t, f, h, rates)
     m_isa, p_isa = NativeSampler(head, isa=isa).sample_with_masks(x, masks, return_probs=True)
-    m_ref, p_ref = NativeSampler(head, isa="scalar").sample_with_masks(x, masks, return_probs=True)
+    m_ref, p_ref = NativeSampler(head, isa=plain).sample_with_masks(x, masks, return_probs=True)
     np.testing.assert_allclose(p_isa, p_ref, atol=5e-6)
     assert m_isa.expected_entropy == pytest.approx(m_ref.expected_entropy, rel=1e-5, abs=1e-6)
     # Same seed, same generator in every variant: the same masks, so the same moments up to rounding.
     a = NativeSampler(head, seed=3, isa=isa).sample(x, 50)
-    b = NativeSampler(head, seed=3, isa="scalar").sample(x, 50)
+    b = NativeSampler(head, seed=3, isa=plain).sample(x, 50)
     np.testing.assert_allclose(a.mean, b.mean, atol=5e-6)
     np.testing.assert_allclose(a.std, b.std, atol=5e-6)
 

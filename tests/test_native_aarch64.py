@@ -2,7 +2,9 @@
 cross-compiled static and run under qemu-aarch64-static, against expected outputs generated here with numpy.
 
 `-cpu cortex-a72` is the Raspberry Pi 4 core (ARMv8.0, no dot product); `-cpu cortex-a76` (Pi 5) and `-cpu max`
-have dot product, which the kernel must detect at run time (HWCAP_ASIMDDP). The dispatch is also run as a pure
+have dot product, which the kernel must detect at run time (HWCAP_ASIMDDP) and then lead with the int8 variant
+'neon_sdot' (checked against numpy within the int8 tolerance, against its plain C reference 'scalar_i8' within
+float32 rounding, and on the keep/ignore decision against the float NEON kernel). The dispatch is also run as a pure
 function on the A72's and A76's /proc/cpuinfo texts (`--cpuinfo`). The same driver also runs natively (x86
 variants, no Python).
 """
@@ -19,6 +21,7 @@ import pytest
 from edge_quq.samplers.analytic import logit_moments, output_moments
 from edge_quq.head import HeadWeights
 from edge_quq.samplers.reference import NumpySampler
+from heads import int8_tolerance
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = [ROOT / "edge_quq" / "csrc" / "headkernel.c", ROOT / "edge_quq" / "csrc" / "analytic.c",
@@ -38,11 +41,17 @@ SHAPES = [
 ATOL = 2e-5
 
 
-def write_cases(path: Path) -> None:
+# The keep/ignore decision of the int8 variants against the float reference: many small heads with real-looking
+# outputs (He-scaled weights, half-zero features), decided as the default policy does (z = 0.8, threshold 0.5).
+DECISION_SHAPES = [(256, 64, 10, 50, (0.2, 0.4), ("sigmoid", "softmax")[i % 2]) for i in range(64)]
+DECISION_AGREEMENT = 0.95
+
+
+def write_cases(path: Path, shapes=SHAPES) -> None:
     rng = np.random.default_rng(0)
     with open(path, "wb") as out:
-        out.write(struct.pack("<i", len(SHAPES)))
-        for f, h, c, t, rates, act in SHAPES:
+        out.write(struct.pack("<i", len(shapes)))
+        for f, h, c, t, rates, act in shapes:
             head = HeadWeights(
                 kernels=((rng.normal(size=(f, h)) * np.sqrt(2 / f)).astype(np.float32),
                          (rng.normal(size=(h, c)) * np.sqrt(2 / h)).astype(np.float32)),
@@ -55,7 +64,7 @@ def write_cases(path: Path) -> None:
                      for n, p in ((f, rates[0]), (h, rates[1]))]
             probs = head.probs(np.broadcast_to(x, (t, f)), masks).astype(np.float32)
             mom = NumpySampler(head).sample_with_masks(x, masks)
-            out.write(struct.pack("<5i3d", f, h, c, t, ACT[act], rates[0], rates[1], ATOL))
+            out.write(struct.pack("<5i5d", f, h, c, t, ACT[act], rates[0], rates[1], ATOL, *int8_tolerance(mom.mean, act)))
             for a in (x, head.kernels[0], head.biases[0], head.kernels[1], head.biases[1]):
                 out.write(np.ascontiguousarray(a, "<f4").tobytes())
             for m in masks:
@@ -108,11 +117,54 @@ def arm_driver(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("cpu,dotprod", [("cortex-a72", False), ("cortex-a76", True), ("max", True)])
 def test_neon_kernel_under_qemu(arm_driver, cases_file, cpu, dotprod):
-    res = subprocess.run([QEMU, "-cpu", cpu, str(arm_driver), str(cases_file)], capture_output=True, text=True, timeout=300)
+    # With the dot product the int8 variant leads and is checked with the others (int8 tolerance against numpy,
+    # float32 rounding against scalar_i8); without it, it must not be offered.
+    res = subprocess.run([QEMU, "-cpu", cpu, str(arm_driver), str(cases_file)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     summary = res.stdout.strip().splitlines()[-1]
-    assert "variants=neon,scalar" in summary and "failures=0" in summary, summary
+    variants = "neon_sdot,neon,scalar" if dotprod else "neon,scalar"
+    assert f"variants={variants} " in summary and "failures=0" in summary, summary
     assert ("asimddp" in summary) == dotprod, summary
+
+
+def decisions(path: Path, shapes) -> list:
+    """Keep/ignore per case from a driver dump (mean[C], std[C] per case) with the default rule."""
+    from edge_quq.decision import decide
+
+    raw, pos, out = path.read_bytes(), 0, []
+    for _, _, c, _, _, _ in shapes:
+        mean = np.frombuffer(raw, "<f8", c, pos)
+        std = np.frombuffer(raw, "<f8", c, pos + 8 * c)
+        pos += 16 * c
+        out.append(bool(decide(mean, std, 0.8, 0.5).keep))
+    return out
+
+
+def test_sdot_keeps_the_float_decisions_under_qemu(arm_driver, tmp_path):
+    cases = tmp_path / "decision_cases.bin"
+    write_cases(cases, DECISION_SHAPES)
+    got = {}
+    for variant in ("neon_sdot", "neon"):
+        dump = tmp_path / f"{variant}.bin"
+        res = subprocess.run([QEMU, "-cpu", "max", str(arm_driver), str(cases), "--dump", variant, str(dump)],
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stdout + res.stderr
+        got[variant] = decisions(dump, DECISION_SHAPES)
+    agree = np.mean([a == b for a, b in zip(got["neon_sdot"], got["neon"])])
+    assert agree >= DECISION_AGREEMENT, agree
+
+
+def test_a_build_without_sdot_falls_back_to_neon(cases_file, tmp_path):
+    # What an aarch64 compiler without the dot-product intrinsics builds (EQ_NO_SDOT takes the same branch): the
+    # float variants only, even on a CPU that has the instructions.
+    if not (CROSS and QEMU):
+        pytest.skip("needs aarch64-linux-gnu-gcc and qemu-aarch64-static")
+    exe = tmp_path / "driver_nosdot"
+    build(CROSS, exe, "-static", "-DEQ_NO_SDOT")
+    res = subprocess.run([QEMU, "-cpu", "max", str(exe), str(cases_file)], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    summary = res.stdout.strip().splitlines()[-1]
+    assert "features=asimd,asimddp variants=neon,scalar " in summary and "failures=0" in summary, summary
 
 
 # /proc/cpuinfo of a Raspberry Pi 4 (Cortex-A72, part 0xd08) and a Raspberry Pi 5 (Cortex-A76, part 0xd0b).
@@ -132,8 +184,9 @@ def test_dispatch_from_an_arm_cpuinfo(arm_driver, tmp_path, board, features):
     res = subprocess.run([QEMU, "-cpu", "max", str(arm_driver), "--cpuinfo", str(info)], capture_output=True, text=True,
                          timeout=60)
     assert res.returncode == 0, res.stderr
-    # The float kernel is ARMv8.0 NEON on both boards; dot product is detected and reported (no int8 variant).
-    assert res.stdout.strip() == f"features={features} variants=neon,scalar"
+    # The Pi 4 gets the float NEON kernel, the Pi 5 the int8 dot-product one first.
+    variants = "neon_sdot,neon,scalar" if "asimddp" in features else "neon,scalar"
+    assert res.stdout.strip() == f"features={features} variants={variants}"
 
 
 @pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")

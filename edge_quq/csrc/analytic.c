@@ -1,17 +1,18 @@
 /* Closed-form MC-dropout moments of the 2-block head in C: edge_quq.analytic (the numpy reference) for the
- * canonical head, fused so that W0 is read once.
+ * canonical head, fused so that W0 and W1 are each read once.
  *
  * The numpy version spends its 0.5-0.6 ms on ~100 small array operations, not on arithmetic. Here:
  *  - one pass over W0 computes the mean (x.W0) and the variance (v.W0^2) of the hidden pre-activations at once,
  *    with float32 products and sums like the reference's float32 matrix products; x.W0 + b0 is also the
- *    eval-mode pre-activation, so the deterministic logits come almost free;
+ *    eval-mode pre-activation; one pass over W1 likewise gives the logits' mean, variance and eval-mode value;
  *  - the rectified-Gaussian, probit and quadrature steps are the reference's formulas (same erf approximation,
  *    same Gauss-Legendre/Gauss-Hermite nodes), in double;
  *  - softmax's leave-one-out log-sum-exp uses the sums over all classes minus class c (O(C) instead of O(C^2));
  *    the top class, for which that difference could cancel, is summed directly.
  * The binary entropy of sigmoid(a) is log1p(e) + |a| e / (1 + e), e = exp(-|a|): one exp and one log per node,
  * equal to the reference's clipped form up to 3e-11 per term. The quadrature nodes' exp/sin/log run in float
- * (sums in double): they were most of the time in double, and cost ~1e-7 relative. */
+ * (sums in double): they were most of the time in double, and cost ~1e-7 relative; with AVX2 they run 8 classes
+ * at a time (eq_sigmoid_moments8), which with 1000 classes more than halved their time. */
 #include "headkernel.h"
 #include "simd_math.h"
 
@@ -78,88 +79,89 @@ static void eq_relu_moments(double mu, double var, double *mean, double *v) {
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define EQ_ANALYTIC_AVX2 1
-/* The nodes as float vectors, zero-weight padded to whole vectors; filled once (racing fills write the same). */
-static float eq_glx[24], eq_glw[24], eq_ghx[32], eq_ghw[32];
-static int eq_nodes_ready;
 
-static void eq_nodes_init(void) {
-    for (int k = 0; k < 20; ++k) eq_glx[k] = (float)EQ_GL_X[k], eq_glw[k] = (float)EQ_GL_W[k];
-    for (int k = 0; k < 32; ++k) eq_ghx[k] = (float)EQ_GH_X[k], eq_ghw[k] = (float)EQ_GH_W[k];
-    eq_nodes_ready = 1;
+/* asin(x) for x in [0, 1] (Cephes' asinf, ~1e-7). */
+EQ_AVX2 static inline __m256 eq_avx_asin01(__m256 x) {
+    const __m256 big = _mm256_cmp_ps(x, _mm256_set1_ps(0.5f), _CMP_GT_OQ);
+    const __m256 zb = _mm256_mul_ps(_mm256_set1_ps(0.5f), _mm256_sub_ps(_mm256_set1_ps(1.0f), x));
+    const __m256 z = _mm256_blendv_ps(_mm256_mul_ps(x, x), zb, big), r = _mm256_blendv_ps(x, _mm256_sqrt_ps(zb), big);
+    __m256 p = _mm256_set1_ps(4.2163199048e-2f);
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(2.4181311049e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(4.5470025998e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(7.4953002686e-2f));
+    p = _mm256_fmadd_ps(p, z, _mm256_set1_ps(1.6666752422e-1f));
+    p = _mm256_fmadd_ps(_mm256_mul_ps(p, z), r, r);
+    const __m256 pb = _mm256_sub_ps(_mm256_set1_ps(1.57079632679489661923f), _mm256_add_ps(p, p));
+    return _mm256_blendv_ps(p, pb, big);
 }
 
-/* sum_k w_k exp(-h^2 / (1 + sin(upper/2 (x_k + 1)))), 8 nodes at a time. */
-EQ_AVX2 static double eq_gl_sum_avx2(double h, double upper) {
-    const __m256 hh = _mm256_set1_ps((float)(h * h)), half = _mm256_set1_ps((float)(0.5 * upper));
-    const __m256 one = _mm256_set1_ps(1.0f);
-    __m256 acc = _mm256_setzero_ps();
-    for (int k = 0; k < 24; k += 8) {
-        const __m256 t = _mm256_mul_ps(half, _mm256_add_ps(_mm256_loadu_ps(eq_glx + k), one));
-        const __m256 v = eq_avx_exp(_mm256_div_ps(_mm256_sub_ps(_mm256_setzero_ps(), hh),
-                                                  _mm256_add_ps(one, eq_avx_sin_half_pi(t))));
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(eq_glw + k), v, acc);
+/* eq_probit_moments and eq_gh_entropy for 8 classes at once, in float (the scalar versions run the quadrature
+ * nodes in float too): with C = 1000 the per-class quadratures were most of the closed form's time. */
+EQ_AVX2 static void eq_sigmoid_moments8(const double *mu, const double *var, int plogp, double *mean, double *v,
+                                        double *ent) {
+    const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps(), sign = _mm256_set1_ps(-0.0f);
+    const __m256 m8 = _mm256_set_m128(_mm256_cvtpd_ps(_mm256_loadu_pd(mu + 4)), _mm256_cvtpd_ps(_mm256_loadu_pd(mu)));
+    const __m256 v8 = _mm256_max_ps(zero, _mm256_set_m128(_mm256_cvtpd_ps(_mm256_loadu_pd(var + 4)),
+                                                          _mm256_cvtpd_ps(_mm256_loadu_pd(var))));
+    const __m256 lv = _mm256_mul_ps(_mm256_set1_ps((float)EQ_LAMBDA2), v8), u = _mm256_add_ps(one, lv);
+    const __m256 h = _mm256_div_ps(_mm256_mul_ps(_mm256_set1_ps((float)sqrt(EQ_LAMBDA2)), m8), _mm256_sqrt_ps(u));
+    const __m256 upper = eq_avx_asin01(_mm256_min_ps(one, _mm256_div_ps(lv, u)));
+    const __m256 a = _mm256_div_ps(m8, _mm256_sqrt_ps(_mm256_fmadd_ps(_mm256_set1_ps((float)(EQ_PI / 8.0)), v8, one)));
+    const __m256 mn = _mm256_div_ps(one, _mm256_add_ps(one, eq_avx_exp(_mm256_xor_ps(a, sign))));
+    const __m256 nhh = _mm256_xor_ps(_mm256_mul_ps(h, h), sign), half = _mm256_mul_ps(_mm256_set1_ps(0.5f), upper);
+    __m256 gl = zero;
+    for (int k = 0; k < 20; ++k) {
+        const __m256 sn = eq_avx_sin_half_pi(_mm256_mul_ps(half, _mm256_set1_ps((float)EQ_GL_X[k] + 1.0f)));
+        gl = _mm256_fmadd_ps(_mm256_set1_ps((float)EQ_GL_W[k]), eq_avx_exp(_mm256_div_ps(nhh, _mm256_add_ps(one, sn))), gl);
     }
-    return eq_avx_hsum(acc);
-}
-
-/* eq_gh_entropy's sum, 8 nodes at a time. */
-EQ_AVX2 static double eq_gh_sum_avx2(double mu, double sc, int plogp) {
-    const __m256 vmu = _mm256_set1_ps((float)mu), vsc = _mm256_set1_ps((float)sc), one = _mm256_set1_ps(1.0f);
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 acc = _mm256_setzero_ps();
-    for (int k = 0; k < 32; k += 8) {
-        const __m256 a = _mm256_fmadd_ps(vsc, _mm256_loadu_ps(eq_ghx + k), vmu), m = _mm256_andnot_ps(sign, a);
+    const __m256 var_out = _mm256_max_ps(zero, _mm256_mul_ps(_mm256_mul_ps(half, gl), _mm256_set1_ps((float)(0.5 / EQ_PI))));
+    const __m256 sc = _mm256_sqrt_ps(_mm256_add_ps(v8, v8));
+    __m256 gh = zero;
+    for (int k = 0; k < 32; ++k) {
+        const __m256 x = _mm256_fmadd_ps(sc, _mm256_set1_ps((float)EQ_GH_X[k]), m8), m = _mm256_andnot_ps(sign, x);
         const __m256 e = eq_avx_exp(_mm256_xor_ps(m, sign)), p = _mm256_div_ps(one, _mm256_add_ps(one, e));
         const __m256 l = eq_avx_log1p01(e), ep = _mm256_mul_ps(e, p);
-        /* -p log p of sigmoid(a): a >= 0: p l; a < 0: e p (l + m). Binary entropy: l + m e p. */
-        const __m256 f = plogp ? _mm256_blendv_ps(_mm256_mul_ps(p, l), _mm256_mul_ps(ep, _mm256_add_ps(l, m)), a)
+        /* -p log p of sigmoid(x): x >= 0: p l; x < 0: e p (l + m). Binary entropy: l + m e p. */
+        const __m256 f = plogp ? _mm256_blendv_ps(_mm256_mul_ps(p, l), _mm256_mul_ps(ep, _mm256_add_ps(l, m)), x)
                                : _mm256_fmadd_ps(m, ep, l);
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(eq_ghw + k), f, acc);
+        gh = _mm256_fmadd_ps(_mm256_set1_ps((float)EQ_GH_W[k]), f, gh);
     }
-    return eq_avx_hsum(acc);
+    float fm[8], fv[8], fe[8];
+    _mm256_storeu_ps(fm, mn), _mm256_storeu_ps(fv, var_out), _mm256_storeu_ps(fe, gh);
+    double e = 0.0;
+    for (int c = 0; c < 8; ++c) mean[c] = fm[c], v[c] = fv[c], e += fe[c];
+    *ent = e / sqrt(EQ_PI);
 }
 #endif
 
-/* The quadratures' inner sums run 8 nodes at a time where AVX2 is there (float, ~1e-6 relative), else in
- * scalar float calls. */
+/* Classes go 8 at a time through eq_sigmoid_moments8 where AVX2 is there, the rest one by one. */
 static int eq_quad_avx2(void) {
 #ifdef EQ_ANALYTIC_AVX2
-    if (!eq_kernels_find("avx2_fma")) return 0;
-    if (!eq_nodes_ready) eq_nodes_init();
-    return 1;
+    return eq_kernels_find("avx2_fma") != NULL;
 #else
     return 0;
 #endif
 }
 
 /* E and Var of sigmoid(a), a ~ N(mu, var): MacKay's mean, bivariate-probit variance by Gauss-Legendre. */
-static void eq_probit_moments(double mu, double var, double *mean, double *v, int avx2) {
+static void eq_probit_moments(double mu, double var, double *mean, double *v) {
     const double vv = var > 0.0 ? var : 0.0, lv = EQ_LAMBDA2 * vv;
     const double h = sqrt(EQ_LAMBDA2) * mu / sqrt(1.0 + lv), rho = lv / (1.0 + lv);
     *mean = eq_sigmoid(mu / sqrt(1.0 + (EQ_PI / 8.0) * vv));
     const double upper = asin(rho < 0.0 ? 0.0 : (rho > 1.0 ? 1.0 : rho));
     double sum = 0.0;
-#ifdef EQ_ANALYTIC_AVX2
-    if (avx2) sum = eq_gl_sum_avx2(h, upper);
-#endif
-    if (!avx2) {
-        /* float sin/exp per node (double ones were most of the run time): relative error ~1e-7 on a variance. */
-        const float hh = (float)(h * h), half = (float)(0.5 * upper);
-        for (int k = 0; k < 20; ++k)
-            sum += EQ_GL_W[k] * (double)expf(-hh / (1.0f + sinf(half * ((float)EQ_GL_X[k] + 1.0f))));
-    }
+    /* float sin/exp per node (double ones were most of the run time): relative error ~1e-7 on a variance. */
+    const float hh = (float)(h * h), half = (float)(0.5 * upper);
+    for (int k = 0; k < 20; ++k)
+        sum += EQ_GL_W[k] * (double)expf(-hh / (1.0f + sinf(half * ((float)EQ_GL_X[k] + 1.0f))));
     const double extra = 0.5 * upper * sum / (2.0 * EQ_PI);
     *v = extra > 0.0 ? extra : 0.0;
 }
 
 /* E[f(sigmoid(a))], a ~ N(mu, var), by 32-point Gauss-Hermite; f = binary entropy (plogp = 0) or -p log p. */
-static double eq_gh_entropy(double mu, double var, int plogp, int avx2) {
+static double eq_gh_entropy(double mu, double var, int plogp) {
     const double sc = sqrt(2.0 * (var > 0.0 ? var : 0.0));
     double sum = 0.0;
-#ifdef EQ_ANALYTIC_AVX2
-    if (avx2) return eq_gh_sum_avx2(mu, sc, plogp) / sqrt(EQ_PI);
-#endif
-    (void)avx2;
     for (int k = 0; k < 32; ++k) {
         const double a = mu + sc * EQ_GH_X[k], m = fabs(a);
         const float ef = expf((float)-m);
@@ -229,25 +231,34 @@ static double eq_output_moments(int act, int C, const double *mu, const double *
         return ent;
     }
     double total = 0.0, v;
-    const int avx2 = eq_quad_avx2();
-    for (int c = 0; c < C; ++c) {
-        eq_probit_moments(mu[c], var[c], &mean[c], &v, avx2);
+    int c = 0;
+#ifdef EQ_ANALYTIC_AVX2
+    if (eq_quad_avx2())
+        for (; c + 8 <= C; c += 8) {
+            double e8;
+            eq_sigmoid_moments8(mu + c, var + c, act == EQ_ACT_SOFTMAX, mean + c, std + c, &e8);
+            ent += e8;
+            for (int k = c; k < c + 8; ++k) std[k] = sqrt(std[k]), total += mean[k];
+        }
+#endif
+    for (; c < C; ++c) {
+        eq_probit_moments(mu[c], var[c], &mean[c], &v);
         std[c] = sqrt(v);
         total += mean[c];
-        ent += eq_gh_entropy(mu[c], var[c], act == EQ_ACT_SOFTMAX, avx2);
+        ent += eq_gh_entropy(mu[c], var[c], act == EQ_ACT_SOFTMAX);
     }
     if (act == EQ_ACT_SOFTMAX)
         for (int c = 0; c < C; ++c) mean[c] /= total;
     return ent;
 }
 
-/* y += m.W and, when v is given, yv += v.W^2, over the rows of W [n_in, n]: a dense layer's mean and variance in
- * one pass over W. */
-static inline __attribute__((always_inline)) void eq_mean_var_body(int n_in, int n, const float *w, const float *m,
-                                                                   const float *v, float *restrict y,
-                                                                   float *restrict yv) {
+/* y += m.W, yv += v.W^2 when v is given, and y2 += m2.W when m2 is given (the eval-mode lane), over the rows of
+ * W [n_in, n]: a dense layer's mean, variance and eval output in one pass over W (W1 of a 1000-class head is
+ * 1.2 MB, beyond L2: reading it once instead of twice is a third of the closed form's time there). */
+static void eq_mean_var_plain(int n_in, int n, const float *w, const float *m, const float *v, float *restrict y,
+                              float *restrict yv, const float *m2, float *restrict y2) {
     for (int i = 0; i < n_in; ++i) {
-        const float mi = m[i], vi = v ? v[i] : 0.0f;
+        const float mi = m[i], vi = v ? v[i] : 0.0f, ei = m2 ? m2[i] : 0.0f;
         const float *restrict wr = w + (size_t)i * n;
         if (vi != 0.0f)
             for (int j = 0; j < n; ++j) {
@@ -256,28 +267,94 @@ static inline __attribute__((always_inline)) void eq_mean_var_body(int n_in, int
             }
         else if (mi != 0.0f)
             for (int j = 0; j < n; ++j) y[j] += mi * wr[j];
+        if (ei != 0.0f)
+            for (int j = 0; j < n; ++j) y2[j] += ei * wr[j];
     }
 }
 
-static void eq_mean_var_plain(int n_in, int n, const float *w, const float *m, const float *v, float *y, float *yv) {
-    eq_mean_var_body(n_in, n, w, m, v, y, yv);
-}
-
 #if defined(__x86_64__) || defined(_M_X64)
+/* Register-blocked: NV vectors of each output stay in registers while the block walks every active row, so a
+ * row costs its weight loads and FMAs only (the plain loop loads and stores the outputs for every row, and is
+ * bound by the stores). Columns past the last whole vector go through a scalar loop. */
+#define EQ_MV_BLOCK(NV, VAR, EV)                                                                               \
+    for (; j + 8 * (NV) <= n8; j += 8 * (NV)) {                                                                \
+        __m256 a[NV], b[NV], e[NV];                                                                            \
+        for (int u = 0; u < (NV); ++u) {                                                                       \
+            a[u] = _mm256_loadu_ps(y + j + 8 * u);                                                             \
+            if (VAR) b[u] = _mm256_loadu_ps(yv + j + 8 * u);                                                   \
+            if (EV) e[u] = _mm256_loadu_ps(y2 + j + 8 * u);                                                    \
+        }                                                                                                      \
+        for (int k = k0; k < k1; ++k) {                                                                        \
+            const float *wr = w + (size_t)idx[k] * (size_t)n + j;                                              \
+            const __m256 mm = _mm256_set1_ps(m[idx[k]]);                                                       \
+            const __m256 vv = _mm256_set1_ps(VAR ? v[idx[k]] : 0.0f), ee = _mm256_set1_ps(EV ? m2[idx[k]] : 0.0f); \
+            for (int u = 0; u < (NV); ++u) {                                                                   \
+                const __m256 wv = _mm256_loadu_ps(wr + 8 * u);                                                 \
+                a[u] = _mm256_fmadd_ps(mm, wv, a[u]);                                                          \
+                if (VAR) b[u] = _mm256_fmadd_ps(_mm256_mul_ps(vv, wv), wv, b[u]);                              \
+                if (EV) e[u] = _mm256_fmadd_ps(ee, wv, e[u]);                                                  \
+            }                                                                                                  \
+        }                                                                                                      \
+        for (int u = 0; u < (NV); ++u) {                                                                       \
+            _mm256_storeu_ps(y + j + 8 * u, a[u]);                                                             \
+            if (VAR) _mm256_storeu_ps(yv + j + 8 * u, b[u]);                                                   \
+            if (EV) _mm256_storeu_ps(y2 + j + 8 * u, e[u]);                                                    \
+        }                                                                                                      \
+    }
+
+#ifndef EQ_MV_ROWS
+#define EQ_MV_ROWS 128
+#endif
+
 __attribute__((target("avx2,fma"))) static void eq_mean_var_avx2(int n_in, int n, const float *w, const float *m,
-                                                                  const float *v, float *y, float *yv) {
-    eq_mean_var_body(n_in, n, w, m, v, y, yv);
+                                                                  const float *v, float *y, float *yv,
+                                                                  const float *m2, float *y2) {
+    int32_t stack_idx[2048], *idx = n_in <= 2048 ? stack_idx : (int32_t *)malloc((size_t)n_in * sizeof(int32_t));
+    if (!idx) {
+        eq_mean_var_plain(n_in, n, w, m, v, y, yv, m2, y2);
+        return;
+    }
+    int na = 0;
+    for (int i = 0; i < n_in; ++i) idx[na] = i, na += m[i] != 0.0f || (v && v[i] != 0.0f) || (m2 && m2[i] != 0.0f);
+    const int n8 = n & ~7;
+    /* Row blocks of EQ_MV_ROWS, so that W streams from memory in row order once while the column blocks reuse
+     * the block's rows from L2. */
+    for (int k0 = 0; k0 < na; k0 += EQ_MV_ROWS) {
+        const int k1 = na - k0 < EQ_MV_ROWS ? na : k0 + EQ_MV_ROWS;
+        int j = 0;
+        if (v && m2) {
+            EQ_MV_BLOCK(4, 1, 1)
+            EQ_MV_BLOCK(1, 1, 1)
+        } else if (v) {
+            EQ_MV_BLOCK(6, 1, 0)
+            EQ_MV_BLOCK(1, 1, 0)
+        } else {
+            EQ_MV_BLOCK(12, 0, 0)
+            EQ_MV_BLOCK(1, 0, 0)
+        }
+    }
+    for (int k = 0; k < na; ++k) {
+        const int i = idx[k];
+        const float *wr = w + (size_t)i * (size_t)n;
+        for (int jj = n8; jj < n; ++jj) {
+            y[jj] += m[i] * wr[jj];
+            if (v) yv[jj] += v[i] * (wr[jj] * wr[jj]);
+            if (m2) y2[jj] += m2[i] * wr[jj];
+        }
+    }
+    if (idx != stack_idx) free(idx);
 }
 #endif
 
-static void eq_mean_var(int n_in, int n, const float *w, const float *m, const float *v, float *y, float *yv) {
+static void eq_mean_var(int n_in, int n, const float *w, const float *m, const float *v, float *y, float *yv,
+                        const float *m2, float *y2) {
 #if defined(__x86_64__) || defined(_M_X64)
     if (eq_kernels_find("avx2_fma")) {
-        eq_mean_var_avx2(n_in, n, w, m, v, y, yv);
+        eq_mean_var_avx2(n_in, n, w, m, v, y, yv, m2, y2);
         return;
     }
 #endif
-    eq_mean_var_plain(n_in, n, w, m, v, y, yv);
+    eq_mean_var_plain(n_in, n, w, m, v, y, yv, m2, y2);
 }
 
 /* Inverted dropout of independent inputs: exact moments, handed to the next layer in float32 like the reference. */
@@ -301,17 +378,16 @@ int eq_head_analytic(const eq_head_t *hd, double temperature, eq_moments_t *out)
     /* Block 1: dropout of a fixed vector (no variance in), then the dense layer. x.W0 + b0 in float32 is also the
      * eval-mode pre-activation of edge_quq.head.HeadWeights.logits. */
     eq_dropout(m0, NULL, F, hd->p0, mf, vf);
-    eq_mean_var(F, H, hd->w0, mf, vf, z, zv);
+    eq_mean_var(F, H, hd->w0, mf, vf, z, zv, NULL, NULL);
     for (int j = 0; j < H; ++j) {
         const float pre = z[j] + hd->b0[j];
         he[j] = pre > 0.0f ? pre : 0.0f;
         eq_relu_moments((double)z[j] + (double)hd->b0[j], (double)zv[j], &hm[j], &hvar[j]);
     }
+    /* Block 2, and the eval-mode logits in the same pass over W1. */
     memcpy(out->det_logits, hd->b1, (size_t)C * sizeof(float));
-    eq_mean_var(H, C, hd->w1, he, NULL, out->det_logits, NULL);
-    /* Block 2. */
     eq_dropout(hm, hvar, H, hd->p1, hmf, hvf);
-    eq_mean_var(H, C, hd->w1, hmf, hvf, y, yv);
+    eq_mean_var(H, C, hd->w1, hmf, hvf, y, yv, he, out->det_logits);
     for (int c = 0; c < C; ++c) {
         mu[c] = ((double)y[c] + (double)hd->b1[c]) / temperature;
         var[c] = (double)yv[c] / (temperature * temperature);

@@ -176,6 +176,115 @@ void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, int nl, const
 }
 #endif
 
+/* ---------------------------------------------------------------- int8 first layer (dot-product variants) */
+
+/* Every sample's input against every column, dense over the packed rows: an int8 dot product sums 4 consecutive
+ * rows, so it cannot skip a single sample's dropped rows the way the float gathers do (docs/samplers.md). */
+void eq_i8_gemm__scalar(int G, size_t hp, const int8_t *wp, int ntp, const int8_t *xi, int32_t *acc) {
+    memset(acc, 0, (size_t)ntp * hp * sizeof(int32_t));
+    for (int g = 0; g < G; ++g) {
+        const int8_t *wg = wp + (size_t)g * hp * 4;
+        for (int t = 0; t < ntp; ++t) {
+            const int8_t *x = xi + ((size_t)g * (size_t)ntp + (size_t)t) * 4;
+            if (!(x[0] | x[1] | x[2] | x[3])) continue;
+            int32_t *a = acc + (size_t)t * hp;
+            for (size_t j = 0; j < hp; ++j)
+                a[j] += x[0] * wg[4 * j] + x[1] * wg[4 * j + 1] + x[2] * wg[4 * j + 2] + x[3] * wg[4 * j + 3];
+        }
+    }
+}
+
+/* ARMv8.2 dot product (Cortex-A76, Pi 5) in a function compiled for it, so that the rest of the file stays
+ * ARMv8.0 and an A72 never runs it (chosen from HWCAP_ASIMDDP). Compilers whose arm_neon.h cannot give the
+ * intrinsics to one function (gcc < 10, clang < 16) leave the variant out unless the whole build targets it;
+ * -DEQ_NO_SDOT does the same (the tests build that fallback). */
+#if defined(EQ_ARM64) && !defined(EQ_NO_SDOT) &&                                                              \
+    (defined(__ARM_FEATURE_DOTPROD) || (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 10) ||          \
+     (defined(__clang__) && __clang_major__ >= 16))
+#define EQ_HAVE_SDOT 1
+#if defined(__ARM_FEATURE_DOTPROD)
+#define EQ_SDOT
+#elif defined(__clang__)
+#define EQ_SDOT __attribute__((target("dotprod")))
+#else
+#define EQ_SDOT __attribute__((target("arch=armv8.2-a+dotprod")))
+#endif
+
+/* Tile: 4 samples x 16 columns in 16 int32x4 accumulators; per group of 4 rows, 4 weight loads and one input
+ * load feed 16 sdot (256 multiply-adds). Groups go in blocks whose weights (EQ_SDOT_GB x 64 bytes per column
+ * block) stay in L1 while every sample quad walks them. */
+enum { EQ_SDOT_GB = 256 };
+#define EQ_SDOT_ROW(s)                                                                                         \
+    a##s##0 = vdotq_laneq_s32(a##s##0, w0, xv, s); a##s##1 = vdotq_laneq_s32(a##s##1, w1, xv, s);              \
+    a##s##2 = vdotq_laneq_s32(a##s##2, w2, xv, s); a##s##3 = vdotq_laneq_s32(a##s##3, w3, xv, s);
+#define EQ_SDOT_LD(s)                                                                                          \
+    int32x4_t a##s##0 = vld1q_s32(o + (s) * hp), a##s##1 = vld1q_s32(o + (s) * hp + 4),                        \
+              a##s##2 = vld1q_s32(o + (s) * hp + 8), a##s##3 = vld1q_s32(o + (s) * hp + 12);
+#define EQ_SDOT_ST(s)                                                                                          \
+    vst1q_s32(o + (s) * hp, a##s##0); vst1q_s32(o + (s) * hp + 4, a##s##1);                                    \
+    vst1q_s32(o + (s) * hp + 8, a##s##2); vst1q_s32(o + (s) * hp + 12, a##s##3);
+
+EQ_SDOT void eq_i8_gemm__neon_sdot(int G, size_t hp, const int8_t *wp, int ntp, const int8_t *xi, int32_t *acc) {
+    memset(acc, 0, (size_t)ntp * hp * sizeof(int32_t));
+    for (int g0 = 0; g0 < G; g0 += EQ_SDOT_GB) {
+        const int g1 = G - g0 < EQ_SDOT_GB ? G : g0 + EQ_SDOT_GB;
+        for (size_t j = 0; j < hp; j += 16)
+            for (int q = 0; q < ntp; q += 4) {
+                int32_t *o = acc + (size_t)q * hp + j;
+                EQ_SDOT_LD(0) EQ_SDOT_LD(1) EQ_SDOT_LD(2) EQ_SDOT_LD(3)
+                const int8_t *wg = wp + ((size_t)g0 * hp + j) * 4, *xg = xi + ((size_t)g0 * (size_t)ntp + (size_t)q) * 4;
+                for (int g = g0; g < g1; ++g, wg += hp * 4, xg += (size_t)ntp * 4) {
+                    const int8x16_t w0 = vld1q_s8(wg), w1 = vld1q_s8(wg + 16), w2 = vld1q_s8(wg + 32),
+                                    w3 = vld1q_s8(wg + 48), xv = vld1q_s8(xg);
+                    EQ_SDOT_ROW(0) EQ_SDOT_ROW(1) EQ_SDOT_ROW(2) EQ_SDOT_ROW(3)
+                }
+                EQ_SDOT_ST(0) EQ_SDOT_ST(1) EQ_SDOT_ST(2) EQ_SDOT_ST(3)
+            }
+    }
+}
+#endif
+
+size_t eq_w0q_stride(int H) { return ((size_t)H + 15) & ~(size_t)15; }
+
+static inline int8_t eq_q8(float v) {
+    const float r = nearbyintf(v);
+    return (int8_t)(r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r));
+}
+
+void eq_quantize_w0(int F, int H, const float *w0, int8_t *w0q, float *w0s) {
+    const size_t hp = eq_w0q_stride(H);
+    for (int j = 0; j < H; ++j) w0s[j] = 0.0f;
+    for (int i = 0; i < F; ++i)
+        for (int j = 0; j < H; ++j) {
+            const float a = fabsf(w0[(size_t)i * H + j]);
+            w0s[j] = a > w0s[j] ? a : w0s[j];
+        }
+    for (int j = 0; j < H; ++j) w0s[j] = w0s[j] > 0.0f ? w0s[j] / 127.0f : 1.0f;
+    for (int i = 0; i < F; ++i) {
+        int8_t *q = w0q + (size_t)i * hp;
+        for (int j = 0; j < H; ++j) q[j] = eq_q8(w0[(size_t)i * H + j] / w0s[j]);
+        memset(q + H, 0, hp - (size_t)H);
+    }
+}
+
+/* Rows r[0..3] side by side, [hp][4]: the operand layout of a 4-way dot product. */
+static void eq_pack4(const int8_t *const r[4], size_t hp, int8_t *out) {
+#ifdef EQ_ARM64
+    for (size_t j = 0; j < hp; j += 16, out += 64) {
+        const int8x16_t a = vld1q_s8(r[0] + j), b = vld1q_s8(r[1] + j), c = vld1q_s8(r[2] + j), d = vld1q_s8(r[3] + j);
+        const int16x8_t ab0 = vreinterpretq_s16_s8(vzip1q_s8(a, b)), ab1 = vreinterpretq_s16_s8(vzip2q_s8(a, b));
+        const int16x8_t cd0 = vreinterpretq_s16_s8(vzip1q_s8(c, d)), cd1 = vreinterpretq_s16_s8(vzip2q_s8(c, d));
+        vst1q_s8(out, vreinterpretq_s8_s16(vzip1q_s16(ab0, cd0)));
+        vst1q_s8(out + 16, vreinterpretq_s8_s16(vzip2q_s16(ab0, cd0)));
+        vst1q_s8(out + 32, vreinterpretq_s8_s16(vzip1q_s16(ab1, cd1)));
+        vst1q_s8(out + 48, vreinterpretq_s8_s16(vzip2q_s16(ab1, cd1)));
+    }
+#else
+    for (size_t j = 0; j < hp; ++j)
+        for (int k = 0; k < 4; ++k) out[4 * j + (size_t)k] = r[k][j];
+#endif
+}
+
 /* ---------------------------------------------------------------- run-time dispatch */
 
 static double eq_activate__scalar(int act, const float *logits, float *p, int C);
@@ -236,15 +345,19 @@ int eq_kernels_for(unsigned features, eq_kernels_t *table, int max, char *names,
     int n = 0;
 #ifdef EQ_X86
     if ((features & (EQ_F_AVX2 | EQ_F_FMA)) == (EQ_F_AVX2 | EQ_F_FMA) && n < max)
-        table[n++] = (eq_kernels_t){"avx2_fma", eq_f32_gather__avx2_fma_x96, eq_activate__avx2};
-    if (n < max) table[n++] = (eq_kernels_t){"sse2", eq_f32_gather__sse2_x48, eq_activate__scalar};
+        table[n++] = (eq_kernels_t){"avx2_fma", eq_f32_gather__avx2_fma_x96, eq_activate__avx2, NULL};
+    if (n < max) table[n++] = (eq_kernels_t){"sse2", eq_f32_gather__sse2_x48, eq_activate__scalar, NULL};
 #endif
 #ifdef EQ_ARM64
-    /* ARMv8.0 NEON everywhere; dot product (ARMv8.2, Cortex-A76/Pi 5) is reported but has no variant: an int8
-     * head would not beat the sparse float kernel (docs/samplers.md, "Why no int8 variant"). */
-    if (n < max) table[n++] = (eq_kernels_t){"neon", eq_f32_gather__neon_x64, eq_activate__scalar};
+#ifdef EQ_HAVE_SDOT
+    /* Dot product (ARMv8.2, Cortex-A76/Pi 5): int8 first layer, float second layer (docs/samplers.md). */
+    if ((features & EQ_F_ASIMDDP) && n < max)
+        table[n++] = (eq_kernels_t){"neon_sdot", eq_f32_gather__neon_x64, eq_activate__scalar, eq_i8_gemm__neon_sdot};
 #endif
-    if (n < max) table[n++] = (eq_kernels_t){"scalar", eq_f32_gather__scalar, eq_activate__scalar};
+    /* ARMv8.0 NEON everywhere (Cortex-A72/Pi 4 and up). */
+    if (n < max) table[n++] = (eq_kernels_t){"neon", eq_f32_gather__neon_x64, eq_activate__scalar, NULL};
+#endif
+    if (n < max) table[n++] = (eq_kernels_t){"scalar", eq_f32_gather__scalar, eq_activate__scalar, NULL};
     if (names && names_size) {
         names[0] = '\0';
         size_t used = 0;
@@ -273,10 +386,13 @@ const eq_kernels_t *eq_kernels_get(int i) {
     return &eq_table[i];
 }
 
+/* The int8 variants' reference: plain C int8 first layer, plain C float second layer; runs anywhere. */
+static const eq_kernels_t eq_scalar_i8 = {"scalar_i8", eq_f32_gather__scalar, eq_activate__scalar, eq_i8_gemm__scalar};
+
 const eq_kernels_t *eq_kernels_find(const char *name) {
     for (int i = 0; i < eq_kernels_count(); ++i)
         if (strcmp(eq_table[i].name, name) == 0) return &eq_table[i];
-    return NULL;
+    return strcmp(name, eq_scalar_i8.name) == 0 ? &eq_scalar_i8 : NULL;
 }
 
 const char *eq_cpu_features(void) {
@@ -445,6 +561,9 @@ static uint64_t eq_mask_bits(const uint8_t *keep, int stride, int col, int t0, i
 
 /* Lists hold up to EQ_RBMAX rows per lane; the block height is chosen per call so that the block's slice of W
  * under one column block (at most 96 columns) is about 32 KB: it stays in L1 while every lane walks it. */
+#ifndef EQ_RBMIN
+#define EQ_RBMIN 64
+#endif
 #ifndef EQ_TILE_FLOATS
 #define EQ_TILE_FLOATS 8192
 #endif
@@ -457,17 +576,55 @@ typedef struct {
 
 static int eq_block_rows(size_t n) {
     const size_t cols = n < 96 ? n : 96, rb = EQ_TILE_FLOATS / (cols ? cols : 1);
-    return rb < 64 ? 64 : (rb > EQ_RBMAX ? EQ_RBMAX : (int)rb);
+    return rb < EQ_RBMIN ? EQ_RBMIN : (rb > EQ_RBMAX ? EQ_RBMAX : (int)rb);
 }
 
-/* The rows of W taking part are idx[0..np) (all rows when idx is NULL); sel[q] has bit t set when lane t uses
- * row idx[q]. For lanes t < nt:  y[t*ys : +n] += sum over those rows i of a[t*as + i] * W[i, 0:n];
+/* 64 x 64 bit transpose: bit c of a[r] ends up as bit r of a[c] (Hacker's Delight, 6 rounds of block swaps). */
+static void eq_transpose64(uint64_t a[64]) {
+    uint64_t m = 0x00000000FFFFFFFFULL;
+    for (int j = 32; j != 0; j >>= 1, m ^= m << j)
+        for (int k = 0; k < 64; k = ((k | j) + 1) & ~j) {
+            const uint64_t t = ((a[k] >> j) ^ a[k | j]) & m;
+            a[k] ^= t << j;
+            a[k | j] ^= t;
+        }
+}
+
+/* Bit r set when z[r] != 0, r < n <= 64. */
+static inline uint64_t eq_nonzero_bits(const float *z, int n) {
+    uint64_t b = 0;
+    int r = 0;
+#ifdef EQ_X86
+    for (; r + 4 <= n; r += 4)
+        b |= (uint64_t)_mm_movemask_ps(_mm_cmpneq_ps(_mm_loadu_ps(z + r), _mm_setzero_ps())) << r;
+#endif
+    for (; r < n; ++r) b |= (uint64_t)(z[r] != 0.0f) << r;
+    return b;
+}
+
+/* From row-major lane masks (sel[q] bit t: lane t uses position q < np) to lane-major row sets (lm[t * lmw + w]
+ * bit r: lane t uses position 64 w + r), one 64 x 64 transpose per 64 positions; with z, also dropping the
+ * positions whose coefficient z[t * zs + q] is zero (ReLU-zeroed hidden units). The per-lane row lists are then
+ * read off the set bits in position order: no per-row, per-lane test and no scattered appends. */
+static void eq_lane_sets(const uint64_t *sel, int np, int nt, uint64_t *lm, int lmw, const float *z, size_t zs) {
+    for (int w = 0; w * 64 < np; ++w) {
+        uint64_t m[64];
+        const int n = np - w * 64 < 64 ? np - w * 64 : 64;
+        for (int q = 0; q < 64; ++q) m[q] = q < n ? sel[w * 64 + q] : 0;
+        eq_transpose64(m);
+        for (int t = 0; t < nt; ++t)
+            lm[(size_t)t * (size_t)lmw + (size_t)w] = z ? m[t] & eq_nonzero_bits(z + (size_t)t * zs + (size_t)w * 64, n) : m[t];
+    }
+}
+
+/* The rows of W taking part are idx[0..np) (all rows when idx is NULL); lm holds each lane's positions as bit sets
+ * (eq_lane_sets, lmw words per lane). For lanes t < nt:  y[t*ys : +n] += sum over its rows i of a[t*as + i] * W[i, 0:n];
  * and, when dense_y is given, one more lane over every row: dense_y += dense_a[i] * W[i] (the eval-mode pass,
  * sharing the walk over W; it goes first so that it streams each block of W into cache in order for the
- * others). Zero coefficients (ReLU-zeroed hidden units) are left out. Returns the multiply-adds done. */
+ * others; its zero coefficients are left out). Returns the multiply-adds done. */
 static uint64_t eq_masked_gemm(const eq_kernels_t *k, eq_lists_t *L, const int32_t *idx, int np, size_t n,
-                               const float *w, const uint64_t *sel, const float *a, size_t as, float *y, size_t ys,
-                               int nt, const float *dense_a, float *dense_y) {
+                               const float *w, const uint64_t *lm, int lmw, const float *a, size_t as, float *y,
+                               size_t ys, int nt, const float *dense_a, float *dense_y) {
     float *yp[EQ_LANES];
     const float *ap[EQ_LANES];
     int32_t *restrict cnt = L->cnt, *restrict lrows = L->rows;
@@ -477,32 +634,26 @@ static uint64_t eq_masked_gemm(const eq_kernels_t *k, eq_lists_t *L, const int32
     uint64_t rows = 0;
     for (int q0 = 0; q0 < np; q0 += rb) {
         const int q1 = np - q0 < rb ? np : q0 + rb;
-        memset(L->cnt, 0, sizeof L->cnt);
+        cnt[0] = 0;
         if (d)
             for (int q = q0; q < q1; ++q) {
                 const int i = idx ? idx[q] : q;
                 if (dense_a[i] != 0.0f) lrows[cnt[0]++] = i;
             }
-        if (as == 0) {
-            /* One coefficient for every lane (layer 1, nonzero features only): nothing to test, row-major. */
-            for (int q = q0; q < q1; ++q)
-                for (uint64_t bits = sel[q]; bits; bits &= bits - 1) {
-                    const unsigned l = eq_ctz64(bits) + (unsigned)d;
-                    lrows[l * EQ_RBMAX + (size_t)cnt[l]++] = idx ? idx[q] : q;
+        for (int t = 0; t < nt; ++t) {
+            const uint64_t *lt = lm + (size_t)t * (size_t)lmw;
+            int32_t *lr = lrows + (size_t)(t + d) * EQ_RBMAX, c = 0;
+            for (int wi = q0 >> 6; wi <= (q1 - 1) >> 6; ++wi) {
+                const int lo = wi * 64;
+                uint64_t bits = lt[wi];
+                if (lo < q0) bits &= ~0ULL << (q0 - lo);
+                if (q1 - lo < 64) bits &= (1ULL << (q1 - lo)) - 1;
+                for (; bits; bits &= bits - 1) {
+                    const int q = lo + (int)eq_ctz64(bits);
+                    lr[c++] = idx ? idx[q] : q;
                 }
-        } else {
-            /* Per-lane coefficients (layer 2): lane-major, so that each lane's coefficients are read in order;
-             * branch-free append, a row whose bit is clear or whose coefficient is zero is written, not counted. */
-            for (int t = 0; t < nt; ++t) {
-                const float *at = a + (size_t)t * as;
-                int32_t *lr = lrows + (size_t)(t + d) * EQ_RBMAX, c = 0;
-                for (int q = q0; q < q1; ++q) {
-                    const int i = idx ? idx[q] : q;
-                    lr[c] = i;
-                    c += (int32_t)((sel[q] >> t) & 1u) & (at[i] != 0.0f);
-                }
-                cnt[t + d] = c;
             }
+            cnt[t + d] = c;
         }
         k->gather(n, w, n, nl, L->rows, ap, L->cnt, EQ_RBMAX, yp);
         for (int l = 0; l < nl; ++l) rows += (uint64_t)L->cnt[l];
@@ -535,28 +686,44 @@ typedef struct {
     eq_rng_t rng;
     int given, subtract, nnz;
     int32_t *nz; /* the nonzero features' indices */
+    uint64_t *lm; /* lane-major row sets of the current layer (eq_lane_sets), lmw0 words per lane for layer 1 */
+    int lmw0;
     const uint8_t *keep0, *keep1;
     float *xs, *xw, *zfull, *heval, *yeval, *prob, *z, *y;
     uint64_t *sel0, *sel1;
     double *pdet, *sum1, *sum2, ent;
     uint64_t macs;
+    /* int8 variants: the nonzero rows of W0 packed in groups of 4 [G][hp][4], the quantised inputs xq [G*4], the
+     * chunk's masked inputs xi [G][ntp][4], the integer sums acc [64][hp], the per-column dequantisation deq [H]. */
+    int G;
+    size_t hp;
+    int8_t *wp, *xq, *xi;
+    int32_t *acc;
+    float *deq;
 } eq_run_t;
+
+/* Drop bits of the chunk's lanes for every nonzero feature into sel0 (the same stream for every variant);
+ * returns how many units were dropped. */
+static uint64_t eq_draw_layer1(eq_run_t *r, int t0, int nt, uint64_t lanes) {
+    uint64_t ndrop = 0;
+    for (int q = 0; q < r->nnz; ++q) {
+        uint64_t d;
+        if (r->given) d = r->keep0 ? eq_mask_bits(r->keep0, r->hd->F, r->nz[q], t0, nt) : 0;
+        else d = r->thr0 ? eq_bernoulli64_inline(&r->rng, r->thr0, lanes) : 0;
+        ndrop += eq_popcount64(d);
+        r->sel0[q] = d;
+    }
+    return ndrop;
+}
 
 /* Layer 1 for lanes [t0, t0+nt): subtract the dropped rows from the dense sum, or add the kept rows to the bias,
  * whichever touches fewer rows; leaves s1 * ReLU(pre-activation) in z, the coefficients of layer 2. The first
  * chunk builds the dense sum x.W0 in the same walk over W0 (2.4 MB for the paper's head, beyond L2). */
 static void eq_layer1(eq_run_t *r, int t0, int nt, uint64_t lanes) {
     const eq_head_t *hd = r->hd;
-    const int F = hd->F, H = hd->H, first = t0 == 0;
-    uint64_t ndrop = 0;
+    const int H = hd->H, first = t0 == 0;
     /* Only the nonzero features draw masks and take part: nothing of a zero feature reaches the output. */
-    for (int q = 0; q < r->nnz; ++q) {
-        uint64_t d;
-        if (r->given) d = r->keep0 ? eq_mask_bits(r->keep0, F, r->nz[q], t0, nt) : 0;
-        else d = r->thr0 ? eq_bernoulli64_inline(&r->rng, r->thr0, lanes) : 0;
-        ndrop += eq_popcount64(d);
-        r->sel0[q] = d;
-    }
+    const uint64_t ndrop = eq_draw_layer1(r, t0, nt, lanes);
     r->subtract = ndrop * 2 <= (uint64_t)r->nnz * (uint64_t)nt;
     if (!r->subtract)
         for (int q = 0; q < r->nnz; ++q) r->sel0[q] = ~r->sel0[q] & lanes;
@@ -565,8 +732,9 @@ static void eq_layer1(eq_run_t *r, int t0, int nt, uint64_t lanes) {
         else memcpy(r->z + t * r->Hs, hd->b0, (size_t)H * sizeof(float));
     }
     if (first) memset(r->xw, 0, r->Hs * sizeof(float));
-    r->macs += eq_masked_gemm(r->k, r->lists, r->nz, r->nnz, (size_t)H, hd->w0, r->sel0, r->xs, 0, r->z, r->Hs, nt,
-                              hd->x, first ? r->xw : NULL);
+    eq_lane_sets(r->sel0, r->nnz, nt, r->lm, r->lmw0, NULL, 0);
+    r->macs += eq_masked_gemm(r->k, r->lists, r->nz, r->nnz, (size_t)H, hd->w0, r->lm, r->lmw0, r->xs, 0, r->z, r->Hs,
+                              nt, hd->x, first ? r->xw : NULL);
     if (first)
         for (int j = 0; j < H; ++j) {
             const float v = r->xw[j] + hd->b0[j];
@@ -585,6 +753,77 @@ static void eq_layer1(eq_run_t *r, int t0, int nt, uint64_t lanes) {
     }
 }
 
+/* Layer 1 of an int8 variant for lanes [t0, t0+nt): the kept inputs' int8 sums, dequantised per column, plus b0,
+ * then s1 * ReLU into z as in eq_layer1. The eval-mode pass stays float32 (the first chunk, before the masks are
+ * drawn, as one lane over every nonzero row), so the deterministic logits are the float kernels'. */
+static void eq_layer1_i8(eq_run_t *r, int t0, int nt, uint64_t lanes) {
+    const eq_head_t *hd = r->hd;
+    const int H = hd->H, ntp = (nt + 3) & ~3;
+    const size_t hp = r->hp;
+    if (t0 == 0) {
+        memset(r->xw, 0, r->Hs * sizeof(float));
+        r->macs += eq_masked_gemm(r->k, r->lists, r->nz, r->nnz, (size_t)H, hd->w0, r->lm, r->lmw0, r->xs, 0, r->z,
+                                  r->Hs, 0, hd->x, r->xw);
+        for (int j = 0; j < H; ++j) {
+            const float v = r->xw[j] + hd->b0[j];
+            r->heval[j] = v > 0.0f ? v : 0.0f;
+        }
+    }
+    eq_draw_layer1(r, t0, nt, lanes);
+    for (int g = 0; g < r->G; ++g)
+        for (int t = 0; t < ntp; ++t)
+            for (int k = 0; k < 4; ++k) {
+                const int q = 4 * g + k;
+                const int keep = t < nt && q < r->nnz && !((r->sel0[q] >> t) & 1u);
+                r->xi[((size_t)g * (size_t)ntp + (size_t)t) * 4 + (size_t)k] = keep ? r->xq[q] : 0;
+            }
+    r->k->gemm_i8(r->G, hp, r->wp, ntp, r->xi, r->acc);
+    r->macs += (uint64_t)ntp * (uint64_t)r->G * 4 * hp;
+    const float s1 = r->s1;
+    for (int t = 0; t < nt; ++t) {
+        float *restrict zt = r->z + t * r->Hs;
+        const int32_t *at = r->acc + (size_t)t * hp;
+        for (int j = 0; j < H; ++j) {
+            const float v = hd->b0[j] + r->deq[j] * (float)at[j];
+            zt[j] = (v > 0.0f ? v : 0.0f) * s1;
+        }
+    }
+}
+
+/* Per call for an int8 variant: W0 quantised (unless the caller has it), its nonzero rows packed, the inputs
+ * quantised per tensor. Returns the scratch block to free, or NULL when memory ran out. */
+static void *eq_prepare_i8(eq_run_t *r) {
+    const eq_head_t *hd = r->hd;
+    const int F = hd->F, H = hd->H;
+    const size_t hp = eq_w0q_stride(H), G = ((size_t)r->nnz + 3) / 4;
+    const int own = hd->w0q == NULL || hd->w0s == NULL;
+    const size_t nb = G * hp * 4 + G * 4 + G * 64 * 4 + hp + (own ? (size_t)F * hp : 0);
+    const size_t nf = 64 * hp + (size_t)H + (own ? (size_t)H : 0);
+    char *mem = (char *)malloc(nf * 4 + nb + 64);
+    if (!mem) return NULL;
+    r->acc = (int32_t *)mem, r->deq = (float *)(r->acc + 64 * hp);
+    float *w0s = own ? r->deq + H : (float *)hd->w0s;
+    r->wp = (int8_t *)(mem + nf * 4), r->xq = r->wp + G * hp * 4, r->xi = r->xq + G * 4;
+    int8_t *zero = r->xi + G * 64 * 4, *w0q = own ? zero + hp : (int8_t *)hd->w0q;
+    memset(zero, 0, hp);
+    if (own) eq_quantize_w0(F, H, hd->w0, w0q, w0s);
+    r->G = (int)G, r->hp = hp;
+    float amax = 0.0f;
+    for (int q = 0; q < r->nnz; ++q) amax = fabsf(r->xs[r->nz[q]]) > amax ? fabsf(r->xs[r->nz[q]]) : amax;
+    const float sx = amax > 0.0f ? amax / 127.0f : 1.0f;
+    for (size_t q = 0; q < G * 4; ++q) r->xq[q] = (int)q < r->nnz ? eq_q8(r->xs[r->nz[q]] / sx) : 0;
+    for (int j = 0; j < H; ++j) r->deq[j] = sx * w0s[j];
+    for (size_t g = 0; g < G; ++g) {
+        const int8_t *rows[4];
+        for (int k = 0; k < 4; ++k) {
+            const size_t q = 4 * g + (size_t)k;
+            rows[k] = (int)q < r->nnz ? w0q + (size_t)r->nz[q] * hp : zero;
+        }
+        eq_pack4(rows, hp, r->wp + g * hp * 4);
+    }
+    return mem;
+}
+
 /* Layer 2 for the chunk: add the kept, nonzero hidden units' rows; the first chunk adds the eval-mode lane. */
 static void eq_layer2(eq_run_t *r, int t0, int nt, uint64_t lanes) {
     const eq_head_t *hd = r->hd;
@@ -597,8 +836,10 @@ static void eq_layer2(eq_run_t *r, int t0, int nt, uint64_t lanes) {
     }
     for (int t = 0; t < nt; ++t) memcpy(r->y + t * r->Cs, hd->b1, (size_t)C * sizeof(float));
     if (first) memcpy(r->yeval, hd->b1, (size_t)C * sizeof(float));
-    r->macs += eq_masked_gemm(r->k, r->lists, NULL, H, (size_t)C, hd->w1, r->sel1, r->z, r->Hs, r->y, r->Cs, nt, r->heval,
-                   first ? r->yeval : NULL);
+    const int lmw = (H + 63) / 64;
+    eq_lane_sets(r->sel1, H, nt, r->lm, lmw, r->z, r->Hs);
+    r->macs += eq_masked_gemm(r->k, r->lists, NULL, H, (size_t)C, hd->w1, r->lm, lmw, r->z, r->Hs, r->y, r->Cs, nt,
+                              r->heval, first ? r->yeval : NULL);
 }
 
 static void eq_accumulate(eq_run_t *r, int t0, int nt, float *probs) {
@@ -626,7 +867,8 @@ int eq_head_moments(const eq_head_t *hd, const eq_kernels_t *k, int T, uint64_t 
     /* One allocation for all scratch; float regions start on 64-byte boundaries (Hs, Cs multiples of 16). */
     const size_t Fs = eq_round16((size_t)F);
     const size_t n_f = Fs + 3 * r.Hs + 2 * r.Cs + 64 * r.Hs + 64 * r.Cs;
-    const size_t n_u = (size_t)F + (size_t)H + (size_t)F / 2 + 1, n_d = 3 * (size_t)C;
+    const size_t lmw = (size_t)(F > H ? F : H) / 64 + 1;
+    const size_t n_u = (size_t)F + (size_t)H + (size_t)F / 2 + 1 + 64 * lmw, n_d = 3 * (size_t)C;
     char *mem = (char *)malloc(sizeof(eq_lists_t) + n_f * sizeof(float) + n_u * sizeof(uint64_t) +
                                n_d * sizeof(double) + 64);
     if (!mem) return -1;
@@ -636,19 +878,29 @@ int eq_head_moments(const eq_head_t *hd, const eq_kernels_t *k, int T, uint64_t 
     r.prob = r.yeval + r.Cs, r.z = r.prob + r.Cs, r.y = r.z + 64 * r.Hs;
     r.sel0 = (uint64_t *)(r.y + 64 * r.Cs), r.sel1 = r.sel0 + F;
     r.nz = (int32_t *)(r.sel1 + H);
-    r.pdet = (double *)(r.sel1 + H + F / 2 + 1), r.sum1 = r.pdet + C, r.sum2 = r.sum1 + C;
+    r.lm = r.sel1 + H + F / 2 + 1;
+    r.pdet = (double *)(r.lm + 64 * lmw), r.sum1 = r.pdet + C, r.sum2 = r.sum1 + C;
     for (int i = 0; i < F; ++i) {
         r.xs[i] = r.s0 * hd->x[i];
         if (hd->x[i] != 0.0f) r.nz[r.nnz++] = i;
     }
+    r.lmw0 = (r.nnz + 63) / 64;
     memset(r.sum1, 0, 2 * (size_t)C * sizeof(double));
     r.ent = 0.0;
     eq_rng_seed(&r.rng, seed);
+    /* The int32 sums hold nnz products of at most 127 x 127: beyond 2^17 rows the float layer 1 takes over. */
+    const int i8 = k->gemm_i8 != NULL && r.nnz <= (1 << 17);
+    void *i8mem = NULL;
+    if (i8 && !(i8mem = eq_prepare_i8(&r))) {
+        free(mem);
+        return -1;
+    }
 
     for (int t0 = 0; t0 < T; t0 += 64) {
         const int nt = T - t0 < 64 ? T - t0 : 64;
         const uint64_t lanes = nt == 64 ? ~0ULL : ((1ULL << nt) - 1);
-        eq_layer1(&r, t0, nt, lanes);
+        if (i8) eq_layer1_i8(&r, t0, nt, lanes);
+        else eq_layer1(&r, t0, nt, lanes);
         eq_layer2(&r, t0, nt, lanes);
         if (t0 == 0) eq_eval_outputs(hd->act, C, r.yeval, out->det_logits, r.pdet);
         eq_accumulate(&r, t0, nt, out->probs);
@@ -661,5 +913,6 @@ int eq_head_moments(const eq_head_t *hd, const eq_kernels_t *k, int T, uint64_t 
     out->expected_entropy = T > 0 ? r.ent / T : 0.0;
     out->macs = r.macs;
     free(mem);
+    free(i8mem);
     return 0;
 }

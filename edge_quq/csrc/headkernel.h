@@ -34,10 +34,18 @@ typedef void (*eq_f32_gather_fn)(size_t n, const float *w, size_t ldw, int nl, c
  * entropies otherwise). */
 typedef double (*eq_activate_fn)(int act, const float *logits, float *p, int C);
 
+/* The first layer in int8 for `nt` samples at once (int8 variants only): for every sample t < nt and column
+ * j < hp,  acc[t * hp + j] = sum_{g < G, r < 4} xi[(g * ntp + t) * 4 + r] * wp[(g * hp + j) * 4 + r]  with
+ * wp the packed weights [G][hp][4] (4 consecutive rows of a column side by side, the operand order of a 4-way
+ * int8 dot product) and xi the samples' masked, quantised inputs [G][ntp][4]; ntp = nt rounded up to 4 and
+ * hp a multiple of 16 (the padding is zero). Integer sums are exact, so every int8 variant gives the same acc. */
+typedef void (*eq_i8_gemm_fn)(int G, size_t hp, const int8_t *wp, int ntp, const int8_t *xi, int32_t *acc);
+
 typedef struct {
-    const char *name; /* "scalar", "sse2", "avx2_fma", "neon" */
+    const char *name; /* "scalar", "sse2", "avx2_fma", "neon", "neon_sdot", "scalar_i8" */
     eq_f32_gather_fn gather;
     eq_activate_fn activate;
+    eq_i8_gemm_fn gemm_i8; /* NULL: float32 first layer; else int8 features x int8 W0 (see eq_quantize_w0) */
 } eq_kernels_t;
 
 void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
@@ -48,12 +56,14 @@ void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, int nl, const
 void eq_f32_gather__avx2_fma_x96(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
                                  const float *const *coef, const int32_t *cnt, size_t ls, float *const *ys);
 #endif
+void eq_i8_gemm__scalar(int G, size_t hp, const int8_t *wp, int ntp, const int8_t *xi, int32_t *acc);
 #if defined(__aarch64__)
 void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
                              const int32_t *cnt, size_t ls, float *const *ys);
 #endif
 
-/* Variants usable on this CPU, best first; the last one is always the plain C reference. */
+/* Variants usable on this CPU, best first; the last one is always the plain C reference. The int8 variants'
+ * plain C reference "scalar_i8" is not in that list but eq_kernels_find finds it everywhere (tests). */
 int eq_kernels_count(void);
 const eq_kernels_t *eq_kernels_get(int i);
 const eq_kernels_t *eq_kernels_find(const char *name); /* NULL if unknown or not supported here */
@@ -78,7 +88,16 @@ typedef struct {
     const float *b1; /* [C] */
     double p0, p1;   /* dropout rates, 0 <= p < 1 */
     int act;         /* EQ_ACT_* */
+    /* Int8 variants only, optional (NULL: quantised on every call): W0 from eq_quantize_w0, made once per head. */
+    const int8_t *w0q; /* [F, round16(H)] */
+    const float *w0s;  /* [H] per-column scales */
 } eq_head_t;
+
+/* Symmetric per-column int8 quantisation of W0 [F, H] for the int8 variants: w0s[j] = max_i |W0[i, j]| / 127,
+ * w0q[i, j] = round(W0[i, j] / w0s[j]) in rows of round16(H) (zero padded). The features are quantised per call
+ * (per tensor, scale max |x| / 127); products and sums are exact int32, dequantised per column. */
+void eq_quantize_w0(int F, int H, const float *w0, int8_t *w0q, float *w0s);
+size_t eq_w0q_stride(int H);
 
 typedef struct {
     double *mean;            /* [C] MC mean of the outputs */

@@ -97,29 +97,39 @@ static int head_bufs_get(head_bufs_t *hb, PyObject *ox, PyObject *ow0, PyObject 
 
 static PyObject *run(PyObject *args, PyObject *kwargs, int given) {
     static char *kwlist[] = {"x", "w0", "b0", "w1", "b1", "p0", "p1", "activation", "num_iter", "mean_out",
-                             "std_out", "logits_out", "seed", "mask0", "mask1", "probs_out", "isa", "stats_out", NULL};
+                             "std_out", "logits_out", "seed", "mask0", "mask1", "probs_out", "isa", "stats_out",
+                             "w0q", "w0s", NULL};
     PyObject *ox, *ow0, *ob0, *ow1, *ob1, *omean, *ostd, *ologits;
     PyObject *omask0 = Py_None, *omask1 = Py_None, *oprobs = Py_None, *oisa = Py_None, *ostats = Py_None;
+    PyObject *ow0q = Py_None, *ow0s = Py_None;
     double p0, p1;
     int act, T;
     unsigned long long seed = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOddiiOOO|$KOOOOO", kwlist, &ox, &ow0, &ob0, &ow1, &ob1, &p0,
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOOddiiOOO|$KOOOOOOO", kwlist, &ox, &ow0, &ob0, &ow1, &ob1, &p0,
                                      &p1, &act, &T, &omean, &ostd, &ologits, &seed, &omask0, &omask1, &oprobs, &oisa,
-                                     &ostats))
+                                     &ostats, &ow0q, &ow0s))
         return NULL;
     if (T < 1) return PyErr_Format(PyExc_ValueError, "num_iter must be >= 1, got %d", T);
     const eq_kernels_t *k = kernels_by_name(oisa);
     if (!k) return NULL;
 
     head_bufs_t hb;
-    buf_t bp = {0}, bk0 = {0}, bk1 = {0}, bst = {0};
+    buf_t bp = {0}, bk0 = {0}, bk1 = {0}, bst = {0}, bq = {0}, bs = {0};
     PyObject *result = NULL;
     if (head_bufs_get(&hb, ox, ow0, ob0, ow1, ob1, omean, ostd, ologits, p0, p1, act) ||
         buf_get(oprobs, &bp, (Py_ssize_t)T * hb.head.C, 4, 1, 1, "probs_out") ||
         buf_get(omask0, &bk0, (Py_ssize_t)T * hb.head.F, 1, 0, 1, "mask0") ||
         buf_get(omask1, &bk1, (Py_ssize_t)T * hb.head.H, 1, 0, 1, "mask1") ||
-        buf_get(ostats, &bst, 1, 8, 1, 1, "stats_out"))
+        buf_get(ostats, &bst, 1, 8, 1, 1, "stats_out") ||
+        buf_get(ow0q, &bq, (Py_ssize_t)hb.head.F * (Py_ssize_t)eq_w0q_stride(hb.head.H), 1, 0, 1, "w0q") ||
+        buf_get(ow0s, &bs, hb.head.H, 4, 0, 1, "w0s"))
         goto done;
+    if (bq.held != bs.held) {
+        PyErr_SetString(PyExc_ValueError, "w0q and w0s go together (from quantize_w0)");
+        goto done;
+    }
+    hb.head.w0q = bq.held ? (const int8_t *)bq.view.buf : NULL;
+    hb.head.w0s = bs.held ? (const float *)bs.view.buf : NULL;
     eq_moments_t out = {(double *)hb.mean.view.buf, (double *)hb.std.view.buf, (float *)hb.logits.view.buf,
                         bp.held ? (float *)bp.view.buf : NULL, 0.0, 0};
     const uint8_t *k0 = bk0.held ? (const uint8_t *)bk0.view.buf : NULL;
@@ -136,7 +146,7 @@ static PyObject *run(PyObject *args, PyObject *kwargs, int given) {
     result = PyFloat_FromDouble(out.expected_entropy);
 done:
     head_bufs_release(&hb);
-    buf_release(&bp); buf_release(&bk0); buf_release(&bk1); buf_release(&bst);
+    buf_release(&bp); buf_release(&bk0); buf_release(&bk1); buf_release(&bst); buf_release(&bq); buf_release(&bs);
     return result;
 }
 
@@ -176,6 +186,47 @@ static PyObject *py_analytic(PyObject *self, PyObject *args) {
 done:
     head_bufs_release(&hb);
     return result;
+}
+
+static PyObject *py_quantize_w0(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ow0, *oq, *os;
+    int H;
+    if (!PyArg_ParseTuple(args, "OiOO", &ow0, &H, &oq, &os)) return NULL;
+    if (H < 1) return PyErr_Format(PyExc_ValueError, "H must be >= 1, got %d", H);
+    buf_t bw = {0}, bq = {0}, bs = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(ow0, &bw.view, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    bw.held = 1;
+    const Py_ssize_t F = bw.view.len / 4 / H;
+    if (F < 1 || F * H * 4 != bw.view.len || F > INT_MAX / 2) {
+        PyErr_SetString(PyExc_ValueError, "w0 must hold F * H float32");
+        goto done;
+    }
+    if (buf_get(oq, &bq, F * (Py_ssize_t)eq_w0q_stride(H), 1, 1, 0, "w0q_out") || buf_get(os, &bs, H, 4, 1, 0, "w0s_out"))
+        goto done;
+    Py_BEGIN_ALLOW_THREADS
+    eq_quantize_w0((int)F, H, (const float *)bw.view.buf, (int8_t *)bq.view.buf, (float *)bs.view.buf);
+    Py_END_ALLOW_THREADS
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    buf_release(&bw); buf_release(&bq); buf_release(&bs);
+    return result;
+}
+
+static PyObject *py_w0q_stride(PyObject *self, PyObject *args) {
+    (void)self;
+    int H;
+    if (!PyArg_ParseTuple(args, "i", &H)) return NULL;
+    return PyLong_FromSize_t(eq_w0q_stride(H));
+}
+
+static PyObject *py_is_int8(PyObject *self, PyObject *isa) {
+    (void)self;
+    const eq_kernels_t *k = kernels_by_name(isa);
+    if (!k) return NULL;
+    return PyBool_FromLong(k->gemm_i8 != NULL);
 }
 
 static PyObject *py_isa(PyObject *self, PyObject *unused) {
@@ -224,7 +275,8 @@ static PyObject *py_bernoulli_bits(PyObject *self, PyObject *args) {
     "mask1=None, probs_out=None, isa=None, stats_out=None) -> expected_entropy\n\n"                                              \
     "x float32[F], w0 float32[F,H], b0 float32[H], w1 float32[H,C], b1 float32[C]; activation 0 linear, "       \
     "1 sigmoid, 2 softmax. Writes mean_out/std_out float64[C], logits_out float32[C] (eval-mode logits) and, if "  \
-    "given, probs_out float32[T,C] and stats_out int64[1] (multiply-adds executed). isa picks a kernel variant from isas() ('scalar' = plain C reference). "      \
+    "given, probs_out float32[T,C] and stats_out int64[1] (multiply-adds executed). isa picks a kernel variant from isas() ('scalar' = plain C reference; 'scalar_i8' the int8 variants' reference); "   \
+    "w0q/w0s: the int8 variants' W0 from quantize_w0 (else quantised on every call). "      \
     "Releases the GIL."
 
 static PyMethodDef methods[] = {
@@ -238,6 +290,11 @@ static PyMethodDef methods[] = {
      "expected_entropy\n\nClosed-form moments of the 2-block head (edge_quq.analytic's formulas, one pass over W0): "
      "mean_out/std_out float64[C] of activation(logits / temperature), logits_out float32[C] the raw eval-mode "
      "logits. Releases the GIL."},
+    {"quantize_w0", py_quantize_w0, METH_VARARGS,
+     "quantize_w0(w0, H, w0q_out, w0s_out) -> None\n\nInt8 W0 for the int8 variants (once per head): w0q_out int8[F, "
+     "w0q_stride(H)], w0s_out float32[H] per-column scales; pass both to moments(..., w0q=, w0s=)."},
+    {"w0q_stride", py_w0q_stride, METH_VARARGS, "w0q_stride(H) -> row length of quantize_w0's int8 W0."},
+    {"is_int8", py_is_int8, METH_O, "is_int8(isa) -> True for a variant whose first layer runs in int8."},
     {"isa", py_isa, METH_NOARGS, "Name of the kernel variant used by default (the best this CPU supports)."},
     {"isas", py_isas, METH_NOARGS, "Kernel variants usable on this CPU, best first; the last is 'scalar'."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "CPU features detected at run time that the kernels care about."},

@@ -183,7 +183,7 @@ class AnalyticSampler(Sampler):
     def __init__(self, head: HeadWeights, seed: Optional[int] = None) -> None:
         super().__init__(head, seed)
         check_relu(head)
-        # The 2-block head runs in C when the kernel is built (same formulas, one pass over W0, ~4x faster);
+        # The 2-block head runs in C when the kernel is built (same formulas, one pass over W0 and one over W1);
         # the numpy functions above stay the reference and serve every other head.
         self._native = _native_analytic(head)
         # W^2 once: the variance pass is a second matrix-vector product.

@@ -3,7 +3,8 @@
 Same moments as NumpySampler for the same masks (within float32 rounding), several times faster: the first
 layer is computed once densely and each sample only subtracts the rows of its dropped units; masks come from
 the kernel's own xoshiro256** generator, 64 samples at a time. The kernel variant (NEON, AVX2+FMA, SSE2, plain C)
-is picked at run time from the CPU; `kernel_isa()` says which one runs. The kernel takes one feature vector
+is picked at run time from the CPU; `kernel_isa()` says which one runs. On ARMv8.2 CPUs with the dot product
+(`asimddp`, Cortex-A76 / Pi 5) the default 'neon_sdot' runs the first layer in int8 (`kernel_is_int8`). The kernel takes one feature vector
 per call; a batch is a loop over its rows.
 """
 from __future__ import annotations
@@ -30,13 +31,20 @@ def available() -> bool:
 
 
 def kernel_isa() -> Optional[str]:
-    """The kernel variant used by default here ('avx2_fma', 'sse2', 'neon' or 'scalar'), None without the extension."""
+    """The kernel variant used by default here ('avx2_fma', 'sse2', 'neon_sdot', 'neon' or 'scalar'), None without
+    the extension."""
     return _kernel.isa() if _kernel is not None else None
 
 
 def kernel_isas() -> Tuple[str, ...]:
     """Variants usable on this CPU, best first; 'scalar' (the plain C reference) is always last."""
     return tuple(_kernel.isas()) if _kernel is not None else ()
+
+
+def kernel_is_int8(isa: str) -> bool:
+    """True for a variant whose first layer runs in int8 (quantised features and W0; docs/samplers.md gives its
+    tolerance against the float reference): 'neon_sdot', and 'scalar_i8', its plain C reference."""
+    return _kernel is not None and bool(_kernel.is_int8(isa))
 
 
 def supports(head: HeadWeights) -> bool:
@@ -65,7 +73,8 @@ class NativeSampler(Sampler):
             raise OptionError(f"sampler 'native' needs a head with exactly 2 dense blocks, a ReLU hidden layer and rates in [0, 1); "
                               f"this one has {len(head.kernels)} blocks, hidden {list(head.hidden_activations)}, "
                               f"rates {list(head.rates)}, activation {head.activation!r} (use --sampler numpy)")
-        if isa is not None and isa not in _kernel.isas():
+        # 'scalar_i8' (the int8 variants' plain C reference) runs anywhere but is never picked by default.
+        if isa is not None and isa not in _kernel.isas() + ("scalar_i8",):
             raise OptionError(f"kernel variant {isa!r} is not available here (available: {', '.join(_kernel.isas())})")
         self.isa = isa or _kernel.isa()
         # Contiguous float32 copies once, so that each call only borrows buffers.
@@ -79,6 +88,14 @@ class NativeSampler(Sampler):
             self._b1 = np.ascontiguousarray(self._b1 / np.float32(self._temperature), dtype=np.float32)
         self._rates = (float(head.rates[0]), float(head.rates[1]))
         self._act = _ACTIVATIONS[head.activation]
+        # Int8 variants: W0 quantised once here rather than on every call.
+        self._int8 = {}
+        if kernel_is_int8(self.isa):
+            h = self._b0.shape[0]
+            w0q = np.empty((self._w0.shape[0], _kernel.w0q_stride(h)), np.int8)
+            w0s = np.empty(h, np.float32)
+            _kernel.quantize_w0(self._w0, h, w0q, w0s)
+            self._int8 = {"w0q": w0q, "w0s": w0s}
 
     def _args(self, x: np.ndarray):
         x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1))
@@ -107,7 +124,8 @@ class NativeSampler(Sampler):
             # One kernel seed per sample from the sampler's generator: a fixed seed reproduces the whole
             # stream, a batch equals the same samples one by one, and reseed() works as for the other samplers.
             kseed = int(self.rng.integers(0, 2**63))
-            ent[i] = _kernel.moments(*self._args(row), int(num_iter), mean[i], std[i], logits[i], seed=kseed, isa=self.isa)
+            ent[i] = _kernel.moments(*self._args(row), int(num_iter), mean[i], std[i], logits[i], seed=kseed, isa=self.isa,
+                                      **self._int8)
         return self._moments(mean, std, logits, ent, num_iter)
 
     def sample_with_masks(self, features: np.ndarray, masks: Sequence[Optional[np.ndarray]],
@@ -127,7 +145,7 @@ class NativeSampler(Sampler):
         for i, row in enumerate(x):
             ent[i] = _kernel.moments_with_masks(*self._args(row), int(t), mean[i], std[i], logits[i],
                                                 mask0=None if k0 is None else k0[i], mask1=None if k1 is None else k1[i],
-                                                probs_out=probs[i], isa=self.isa)
+                                                probs_out=probs[i], isa=self.isa, **self._int8)
         m = unbatch(features, self._moments(mean, std, logits, ent, t))
         if not return_probs:
             return m
