@@ -304,7 +304,7 @@ def predict_json(*args):
 
 def test_ignore_on_choices_on_the_shipped_samples():
     classes = [f.name for f in SAMPLES.glob("0*.png")]
-    mc = predict_json()
+    mc = predict_json("--detectors", "all")  # every detector's score, as diagnostics
     assert mc["ood_rings16.png"]["decision"] == "keep"  # the far-OOD image the MC rule misses
     assert mc["ood_checkerboard.png"]["decision"] == "ignore" and mc["ood_checkerboard.png"]["ignored_by"] == ["rule"]
     for d in mc.values():
