@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -34,6 +35,7 @@ from edge_quq.scores import compute_scores, row_scores
 from edge_quq.telemetry import StageClock, rss_bytes
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
+RSS_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,10 @@ class Predictor:
         active = detectors.subset(self.detector_names) if detectors is not None else None
         self.active: Optional[DetectorSet] = active if active is not None and active.detectors else None
         self.gradient_on = "gradient" in self.detector_names
+        # (name, detector) of the computed detectors with a threshold: the flags of each frame
+        self._thresholded = [(n, d) for n, d in self.active.detectors.items() if d.threshold is not None] if self.active else []
+        self._described: Optional[Tuple[tuple, dict]] = None
+        self._rss = (-1.0, 0)  # (perf_counter of the read, bytes): rss_bytes() reads /proc, a file open per call
         self.bundle = bundle
         self.backbone = backbone
         self.head = head
@@ -256,8 +262,7 @@ class Predictor:
         when the caller already has them."""
         s = self.settings
         dec = decide(moments.mean, moments.std, s.z, s.threshold, s.mixed)
-        flags = self.active.flags({n: np.asarray([v]) for n, v in scores.items()}) if self.active else {}
-        flagged = [n for n, hit in flags.items() if hit[0]]
+        flagged = [n for n, d in self._thresholded if d.flag(scores[n])]
         keep, ignored_by = combine_decision(dec.keep, flagged, self.ignore_on)
         pol = self.policy
         ood_p = None
@@ -290,15 +295,32 @@ class Predictor:
             label=names[label_index] if label_index is not None else None, class_index=label_index, classes=classes,
             top_index=top, top_label=names[top],
             mean=moments.mean.tolist(), std=moments.std.tolist(), lower=dec.lower.tolist(), upper=dec.upper.tolist(),
-            states=[int(v) for v in dec.states], deterministic=moments.deterministic.tolist(),
-            scores=scores, timings_ms=timings, rss_bytes=rss_bytes(), settings=self.describe_settings(),
+            states=dec.states.tolist(), deterministic=moments.deterministic.tolist(),
+            scores=scores, timings_ms=timings, rss_bytes=self.rss(), settings=self.describe_settings(),
             ignored_by=ignored_by, flagged=flagged,
             policy=self.policy.name, ood_p=ood_p, risk_threshold=self.policy.risk_threshold,
             ood_pvalues=None if pvalues is None else dict(zip(self.policy.detectors, pvalues.tolist())),
             features=features,
         )
 
+    def rss(self) -> int:
+        """This process's RSS for a result, read again at most every RSS_INTERVAL_S (a /proc read per frame
+        was a tenth of the per-frame overhead; the RSS of a frame loop changes on a scale of seconds)."""
+        now = time.perf_counter()
+        if now - self._rss[0] >= RSS_INTERVAL_S:
+            self._rss = (now, rss_bytes())
+        return self._rss[1]
+
     def describe_settings(self) -> dict:
+        """The settings a result records; built again only when one of the objects they come from was
+        replaced (a shallow copy per call: building it was a twentieth of the per-frame overhead)."""
+        key = (self.settings, self.sampler, self.backbone, self.head, self.policy, self.ignore_on, self.detector_names)
+        hit = self._described
+        if hit is None or any(a is not b for a, b in zip(hit[0], key)):
+            hit = self._described = (key, self._describe_settings())
+        return dict(hit[1])
+
+    def _describe_settings(self) -> dict:
         s = self.settings
         return {
             "backend": self.backbone.name,
