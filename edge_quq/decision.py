@@ -78,7 +78,7 @@ def decide_states(states: np.ndarray, mixed: str = "ignore") -> Tuple[np.ndarray
     """
     if mixed not in MIXED_POLICIES:
         raise OptionError(f"mixed policy must be one of {', '.join(MIXED_POLICIES)}, got {mixed!r}")
-    s = states if np.ndim(states) >= 2 else np.atleast_2d(states)
+    s = states if getattr(states, "ndim", 0) >= 2 else np.atleast_2d(states)
     # one table look-up instead of a mask per rule: this runs once per frame on the device (ndarray methods,
     # not np.any / np.count_nonzero: their wrappers cost more than the work on a few classes)
     code = _CODES[mixed][(s == PRESENT).any(axis=-1).view(np.int8), np.minimum((s == UNCERTAIN).sum(axis=-1), 2)]
@@ -91,7 +91,7 @@ RULE_NAMES = ("confident", "none_present", "benefit_of_doubt", "uncertain", "mix
 def kept_classes(states: np.ndarray, code: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """[N, C] bool: the classes each sample is kept as (the 1s; the single -1 under benefit of the doubt;
     none when ignored)."""
-    states = states if np.ndim(states) >= 2 else np.atleast_2d(states)
+    states = states if getattr(states, "ndim", 0) >= 2 else np.atleast_2d(states)
     return np.where((np.asarray(code) == 2)[..., None], states == UNCERTAIN, states == PRESENT) & np.asarray(keep)[..., None]
 
 

@@ -29,6 +29,7 @@ float32 otherwise) plus a JSON meta record, written by the caller as an npz with
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -305,7 +306,7 @@ class FittedDetector:
         if self.name in _PREPARED:
             key = tuple(self.arrays.values())
             hit = self._prepared
-            if hit is None or len(hit[0]) != len(key) or any(x is not y for x, y in zip(hit[0], key)):
+            if hit is None or len(hit[0]) != len(key) or not all(map(operator.is_, hit[0], key)):
                 hit = self._prepared = (key, _PREPARED[self.name](self.arrays))
             return hit[1]
         out = {}
@@ -372,7 +373,7 @@ class DetectorSet:
         if m is None or r is None:
             return False
         key = tuple(x[k] for x in (m.arrays, r.arrays) for k in ("whitener", "means_w"))
-        if self._shared is None or any(x is not y for x, y in zip(self._shared[0], key)):
+        if self._shared is None or not all(map(operator.is_, self._shared[0], key)):
             same = all(np.array_equal(m.arrays[k], r.arrays[k], equal_nan=True) for k in ("whitener", "means_w"))
             self._shared = (key, same)
         return self._shared[1]

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import time
 import dataclasses
@@ -316,7 +317,7 @@ class Predictor:
         replaced (a shallow copy per call: building it was a twentieth of the per-frame overhead)."""
         key = (self.settings, self.sampler, self.backbone, self.head, self.policy, self.ignore_on, self.detector_names)
         hit = self._described
-        if hit is None or any(a is not b for a, b in zip(hit[0], key)):
+        if hit is None or not all(map(operator.is_, hit[0], key)):
             hit = self._described = (key, self._describe_settings())
         return dict(hit[1])
 
