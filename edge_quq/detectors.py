@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import operator
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -260,10 +260,11 @@ _IMPL: Dict[str, Tuple[Callable, Callable]] = {
 }
 
 
-def parse_selection(text: str) -> Tuple[str, ...]:
+def parse_selection(text: Union[str, Sequence[str]]) -> Tuple[str, ...]:
     """--detectors: 'gate' -> () (only what the decision needs), 'all' -> every name, 'knn,vim' or
-    'gate,knn' -> those names (on top of what the decision needs), checked; OptionError otherwise."""
-    words = [w.strip() for w in str(text).split(",") if w.strip()]
+    'gate,knn' (or a list of names) -> those names (on top of what the decision needs), checked;
+    OptionError otherwise."""
+    words = [w.strip() for w in (text.split(",") if isinstance(text, str) else list(text)) if w.strip()]
     if words == ["all"]:
         return DETECTOR_NAMES
     bad = [w for w in words if w not in DETECTOR_NAMES and w != "gate"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from edge_quq.defaults import (BACKENDS, CHANNEL_ORDERS, DEFAULT_DETECTOR_SELECTION, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS,
                                MAX_NUM_ITER, POLICIES)
@@ -37,7 +37,7 @@ class PredictorOptions:
     gradient: Optional[GradientSettings] = field(default_factory=GradientSettings)
     ignore_on: str = DEFAULT_IGNORE_ON
     # Detectors computed per frame besides what the decision needs: gate (none), all, or names (docs/detectors.md).
-    detectors: str = DEFAULT_DETECTOR_SELECTION
+    detectors: Union[str, Sequence[str]] = DEFAULT_DETECTOR_SELECTION
     max_pixels: int = DEFAULT_MAX_PIXELS  # images above this pixel count are refused before decoding
     # Decision policy (edge_quq.defaults.POLICIES); None: the manifest's (paper without calibration data).
     policy: Optional[str] = None

@@ -111,7 +111,7 @@ def resolve_policy(opts: PredictorOptions, gate: Optional[LoadedGate]) -> Policy
                                target_error=thr.target_error, risk_coverage=thr.coverage)
 
 
-def select_detectors(selection: str, detectors: Optional[DetectorSet], policy: PolicyState, ignore_on: str,
+def select_detectors(selection: Union[str, Sequence[str]], detectors: Optional[DetectorSet], policy: PolicyState, ignore_on: str,
                      gradient: bool) -> Tuple[str, ...]:
     """The detectors a frame computes (docs/detectors.md, --detectors): what the decision needs (the gate's
     detectors, the one --ignore-on names, every thresholded one under --ignore-on any) plus the names of
@@ -120,7 +120,7 @@ def select_detectors(selection: str, detectors: Optional[DetectorSet], policy: P
     have = detectors.names if detectors is not None else []
     can = set(have) | ({"gradient"} if gradient else set())
     asked = parse_selection(selection)
-    if selection.strip() == "all":
+    if isinstance(selection, str) and selection.strip() == "all":  # what this bundle has
         asked = tuple(n for n in asked if n in can)
     missing = [n for n in asked if n not in can]
     if missing:
@@ -138,7 +138,8 @@ class Predictor:
     def __init__(self, bundle: Bundle, backbone: Backbone, head: HeadWeights, sampler: Sampler, settings: Settings,
                  channel_order: str = "bgr", gradient: Optional[GradientSettings] = GradientSettings(),
                  detectors: Optional[DetectorSet] = None, ignore_on: str = "mc",
-                 policy: PolicyState = PolicyState("paper"), selection: str = DEFAULT_DETECTOR_SELECTION) -> None:
+                 policy: PolicyState = PolicyState("paper"),
+                 selection: Union[str, Sequence[str]] = DEFAULT_DETECTOR_SELECTION) -> None:
         self.policy = policy
         self.gradient = gradient.validate() if gradient is not None else None
         self.detectors = detectors  # every detector of the bundle; `active`: the ones each frame computes
@@ -150,7 +151,7 @@ class Predictor:
         # (name, detector) of the computed detectors with a threshold: the flags of each frame
         self._thresholded = [(n, d) for n, d in self.active.detectors.items() if d.threshold is not None] if self.active else []
         self._described: Optional[Tuple[tuple, dict]] = None
-        self._rss = (-1.0, 0)  # (perf_counter of the read, bytes): rss_bytes() reads /proc, a file open per call
+        self._rss: Optional[Tuple[float, int]] = None  # (perf_counter of the read, bytes): rss_bytes() opens a /proc file
         self.bundle = bundle
         self.backbone = backbone
         self.head = head
@@ -308,7 +309,7 @@ class Predictor:
         """This process's RSS for a result, read again at most every RSS_INTERVAL_S (a /proc read per frame
         was a tenth of the per-frame overhead; the RSS of a frame loop changes on a scale of seconds)."""
         now = time.perf_counter()
-        if now - self._rss[0] >= RSS_INTERVAL_S:
+        if self._rss is None or now - self._rss[0] >= RSS_INTERVAL_S:
             self._rss = (now, rss_bytes())
         return self._rss[1]
 

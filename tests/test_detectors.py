@@ -509,3 +509,12 @@ def test_float32_mahalanobis_keeps_the_gate_p_values_of_the_float64_formula():
     got_p = conformal_pvalues(got["mahalanobis"], pol.cal)[:, 0]
     assert np.max(np.abs(got_p - want_p)) <= 1.0 / pol.cal.plus_one[0] + 1e-12
     assert np.array_equal(got_p < pol.alpha, want_p < pol.alpha)
+
+
+def test_detectors_option_takes_a_list_in_python():
+    from edge_quq.predictor import Predictor
+
+    p = Predictor.from_bundle(seed=0, policy="paper", detectors=["vim", "knn"])
+    assert p.detector_names == ("knn", "vim")
+    with pytest.raises(OptionError, match="unknown detector odin"):
+        Predictor.from_bundle(seed=0, detectors=["odin"])
