@@ -173,7 +173,8 @@ class Predictor:
         `gradient` sets the closed-form gradient score (None turns it off). `ignore_on` picks what can ignore
         a prediction: "mc" (the MC decision rule), a detector name (its fitted threshold alone), or "any".
         `policy` is paper, gated or risk (None: the bundle's default; docs/decisions.md), with `ood_alpha`,
-        `delta` and, for risk, `target_error`.
+        `delta` and, for risk, `target_error`. `detectors` picks what each frame scores beside what the
+        decision needs: "gate" (nothing more), "all", or names ("knn,vim" or a list; docs/detectors.md).
         """
         opts = (options or PredictorOptions()).replace(**overrides)
         if path is not None:
