@@ -8,6 +8,7 @@ default Predictor (issue 16). Prints one JSON line; no assertions.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -67,14 +68,27 @@ def measure(detectors: int = 3, calibration: int = 5000, repeats: int = 20000) -
     }
 
 
+def _calls_per_frame(fn: Callable[[], None], frames: int = 200) -> float:
+    """Python-level function calls (numpy's C functions included) per call of `fn`, by cProfile."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(frames):
+        fn()
+    prof.disable()
+    return round(pstats.Stats(prof).total_calls / frames, 1)
+
+
 OVERHEAD_TARGET_US = 100.0  # issue 16: per-frame overhead outside the backbone and the head math
 
 
 def frame_overhead(repeats: int = 2000, bundle: Optional[str] = None, image: Optional[str] = None) -> dict:
     """Per-frame cost of the default Predictor (default options: policy, sampler, T, detectors) split into the
     backbone, the head math (sampler.sample) and the overhead: everything else predict() runs on a decoded
-    image, i.e. preprocessing, the scores, the gradient score, the detectors, the gate's p-values, the decision
-    rule and the Prediction. Each rep times the three in turn with wall and thread-CPU clocks; the CPU clock
+    image, i.e. preprocessing, the moment scores, the detectors it computes (--detectors gate: the gate's), the
+    gate's p-values, the decision rule and the Prediction; with the Python function calls per frame (cProfile). Each rep times the three in turn with wall and thread-CPU clocks; the CPU clock
     leaves out what other processes took from this thread on a shared machine."""
     from edge_quq.predictor import Predictor
     from edge_quq.preprocess import read_image
@@ -113,7 +127,8 @@ def frame_overhead(repeats: int = 2000, bundle: Optional[str] = None, image: Opt
             cpu[k].append((time.thread_time() - c0) * 1e6)
             wall[k].append((time.perf_counter() - w0) * 1e6)
     out = {"bundle": str(pred.bundle.path), "image": src, "repeats": repeats, "settings": pred.describe_settings(),
-           "detectors": pred.detectors.names if pred.detectors else [],
+           "detectors": list(pred.detector_names), "calls_per_frame": _calls_per_frame(overhead),
+           "load_average": [round(v, 2) for v in os.getloadavg()],
            "wall": {k: _stats_us(v) for k, v in wall.items()}, "cpu": {k: _stats_us(v) for k, v in cpu.items()},
            "target_us": OVERHEAD_TARGET_US}
     best = out["cpu"]["overhead"]["best_us"]

@@ -14,7 +14,7 @@ import click
 
 from edge_quq import __version__
 from edge_quq.config import DEFAULT_CONFIG_PATH, config_option, service_config_example
-from edge_quq.defaults import (BACKENDS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, DEFAULT_MQTT_DISCOVERY_MODE, DEFAULT_ON_DRIFT,
+from edge_quq.defaults import (BACKENDS, DEFAULT_DETECTOR_SELECTION, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, DEFAULT_MQTT_DISCOVERY_MODE, DEFAULT_ON_DRIFT,
                                DRIFT_DEFAULTS, MIXED_POLICIES, MQTT_DISCOVERY_MODES, MQTT_DISCOVERY_PREFIX, ON_DRIFT, POLICIES,
                                default_help)
 from edge_quq.errors import EdgeQuqError
@@ -90,6 +90,10 @@ def model_options(fn: Callable) -> Callable:
         click.option("--ignore-on", default=DEFAULT_IGNORE_ON, show_default=True, metavar="mc|any|DETECTOR",
                      help="What may ignore a prediction: mc (the MC decision rule), a detector of the bundle (its fitted "
                           "threshold alone, e.g. knn), or any (the MC rule or any detector with a threshold)."),
+        click.option("--detectors", "detectors", default=DEFAULT_DETECTOR_SELECTION, show_default=True, metavar="gate|all|NAME[,NAME...]",
+                     help="Detectors scored per frame: gate (only what the decision needs: the gate's detectors and the "
+                          "--ignore-on one), all (every detector of the bundle and the gradient score, as diagnostics), "
+                          "or names added to what the decision needs, e.g. knn,vim."),
         click.option("--policy", type=click.Choice(POLICIES), default=None,
                      help="Decision policy: paper (the MC rule alone), gated (the rule plus the OOD gate), risk (gated plus a "
                           "certified keep threshold, needs --target-error). Default: the bundle's (gated; paper without calibration data)."),
@@ -177,7 +181,7 @@ class TableRows:
 
         self.predictor = predictor
         self.why = True  # rule, OOD gate, risk or a detector: always say who ignored each sample
-        self.flags = predictor.detectors is not None  # detectors watch: say which flag a kept sample anyway
+        self.flags = predictor.active is not None  # detectors watch: say which flag a kept sample anyway
         label_w = max(len(c) for c in predictor.bundle.classes)
         header = ["input", "decision", "label", "rule", "top class mean±std", "max p", "ms"]
         header += (["ignored by"] if self.why else []) + (["OOD flags"] if self.flags else [])
@@ -198,7 +202,7 @@ class TableRows:
             Path(r.source).name, r.decision, r.label or "-", r.rule,
             f"{r.top_label} {r.mean[t]:.3f}±{r.std[t]:.3f}", f"{r.scores['max_prob']:.3f}", f"{r.timings_ms['total']:.2f}",
         ] + ([",".join(r.ignored_by) or "-"] if self.why else [])
-          + ([_flag_text(r.flagged, self.predictor.detectors)] if self.flags else []))
+          + ([_flag_text(r.flagged, self.predictor.active)] if self.flags else []))
 
 
 class StopOnSignal:

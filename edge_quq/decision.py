@@ -78,10 +78,10 @@ def decide_states(states: np.ndarray, mixed: str = "ignore") -> Tuple[np.ndarray
     """
     if mixed not in MIXED_POLICIES:
         raise OptionError(f"mixed policy must be one of {', '.join(MIXED_POLICIES)}, got {mixed!r}")
-    s = np.atleast_2d(states)
-    # one table look-up instead of a mask per rule: this runs once per frame on the device
-    code = _CODES[mixed][np.any(s == PRESENT, axis=-1).view(np.int8),
-                         np.minimum(np.count_nonzero(s == UNCERTAIN, axis=-1), 2)]
+    s = states if getattr(states, "ndim", 0) >= 2 else np.atleast_2d(states)
+    # one table look-up instead of a mask per rule: this runs once per frame on the device (ndarray methods,
+    # not np.any / np.count_nonzero: their wrappers cost more than the work on a few classes)
+    code = _CODES[mixed][(s == PRESENT).any(axis=-1).view(np.int8), np.minimum((s == UNCERTAIN).sum(axis=-1), 2)]
     return _KEEP_CODE[code], code
 
 
@@ -91,7 +91,7 @@ RULE_NAMES = ("confident", "none_present", "benefit_of_doubt", "uncertain", "mix
 def kept_classes(states: np.ndarray, code: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """[N, C] bool: the classes each sample is kept as (the 1s; the single -1 under benefit of the doubt;
     none when ignored)."""
-    states = np.atleast_2d(states)
+    states = states if getattr(states, "ndim", 0) >= 2 else np.atleast_2d(states)
     return np.where((np.asarray(code) == 2)[..., None], states == UNCERTAIN, states == PRESENT) & np.asarray(keep)[..., None]
 
 
@@ -121,25 +121,35 @@ class Decisions:
 def decide_many(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed: str = "ignore") -> Decisions:
     """The full rule for rows of per-class MC mean and std [N, C]."""
     mean = np.atleast_2d(np.asarray(mean, dtype=np.float64))
-    states = interval_states(mean, np.atleast_2d(np.asarray(std, dtype=np.float64)), z, threshold)
+    std = np.atleast_2d(np.asarray(std, dtype=np.float64))
+    return _decisions(mean, mean - z * std, mean + z * std, threshold, mixed)
+
+
+def _decisions(mean: np.ndarray, lower: np.ndarray, upper: np.ndarray, threshold: float, mixed: str) -> Decisions:
+    states = _interval_states(lower, upper, threshold)
     keep, code = decide_states(states, mixed)
-    return Decisions(keep, code, states, kept_classes(states, code, keep), predicted_labels(mean, states, keep))
+    kept = kept_classes(states, code, keep)
+    # the kept classes are exactly predicted_labels' eligible ones where keep holds: its argmax, without
+    # working them out a second time
+    labels = np.where(keep, np.argmax(np.where(kept, mean, -np.inf), axis=-1), -1)
+    return Decisions(keep, code, states, kept, labels)
 
 
 def decide(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed: str = "ignore") -> Decision:
-    """The full rule for one sample's per-class MC mean and std: decide_many on a batch of one."""
+    """The full rule for one sample's per-class MC mean and std: the batched rule on a batch of one."""
     mean = np.asarray(mean, dtype=np.float64)
     std = np.asarray(std, dtype=np.float64)
-    d = decide_many(mean[None, :], std[None, :], z, threshold, mixed)
-    classes = tuple(int(i) for i in np.flatnonzero(d.indicators[0]))
+    lower, upper = mean - z * std, mean + z * std
+    d = _decisions(mean[None, :], lower[None, :], upper[None, :], threshold, mixed)
+    classes = tuple(d.indicators[0].nonzero()[0].tolist())
     return Decision(
         keep=bool(d.keep[0]),
-        rule=RULE_NAMES[int(d.code[0])],
+        rule=RULE_NAMES[d.code.item(0)],
         states=d.states[0],
         classes=classes,
-        label=int(d.labels[0]) if classes else None,
-        lower=mean - z * std,
-        upper=mean + z * std,
+        label=d.labels.item(0) if classes else None,
+        lower=lower,
+        upper=upper,
     )
 
 

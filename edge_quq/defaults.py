@@ -29,6 +29,12 @@ DEFAULT_IGNORE_ON = "mc"
 # Input images above this many pixels are refused from their header, before decoding (a 12 MP photo fits; a
 # 900 MP "decompression bomb" in a 1 MB PNG does not).
 DEFAULT_MAX_PIXELS = 50_000_000
+# Which detectors run per frame (--detectors). `gate`: only what the decision needs (the gate's detectors, the
+# detector --ignore-on names, every thresholded one under --ignore-on any); `all`: every detector of the bundle
+# and the gradient score; or detector names, computed on top of what the decision needs. The others are
+# diagnostics: on a small backbone they cost more than the backbone itself (bench/results/e2e.md).
+DETECTOR_SELECTION_WORDS: Tuple[str, ...] = ("gate", "all")
+DEFAULT_DETECTOR_SELECTION = "gate"
 
 
 def default_help(key: str) -> str:

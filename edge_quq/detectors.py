@@ -29,8 +29,9 @@ float32 otherwise) plus a JSON meta record, written by the caller as an npz with
 from __future__ import annotations
 
 import json
+import operator
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -118,17 +119,46 @@ def _fit_mahalanobis(feats, labels, head, rng, ridge: float = 1e-6) -> Dict[str,
     return {"whitener": a, "means_w": means @ a}
 
 
-def _min_class_dist(a: Mapping[str, np.ndarray], feats: np.ndarray) -> np.ndarray:
-    fw = np.asarray(feats, np.float64) @ np.asarray(a["whitener"], np.float64)
+def _prepare_mahalanobis(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The Mahalanobis family's float32 scoring arrays, computed once per detector: one projection `proj`
+    ([F, F], or [F, 2F] with the global whitener beside the class one for rel_mahalanobis, so both come from
+    one matmul) and the whitened class means as 2 * (m - center) [F, C] with |m - center|^2 [C]. Distances
+    are taken from `center`, the mean of the class means, which keeps |z|^2 and |m|^2 small and so the
+    float32 cancellation in |z - m|^2 = |z|^2 - 2 z.m + |m|^2 small (tests/test_detectors.py bounds it)."""
+    if "proj" in a:
+        return a  # type: ignore[return-value]
+    w = np.asarray(a["whitener"], np.float64)
     mw = np.asarray(a["means_w"], np.float64)
-    # ||fw - m||^2 = |fw|^2 - 2 fw.m + |m|^2, all classes in one matmul
-    d = np.sum(fw * fw, axis=1, keepdims=True) - 2.0 * fw @ mw.T + np.sum(mw * mw, axis=1)[None, :]
-    d = np.where(np.isnan(d), np.inf, d)
-    return np.maximum(np.min(d, axis=1), 0.0)
+    present = ~np.isnan(mw).any(axis=1)
+    center = mw[present].mean(axis=0) if present.any() else np.zeros(mw.shape[1])
+    mc = np.nan_to_num(mw - center)
+    # A class absent from the fit data has no mean: +inf, so it never wins the min.
+    out = {"center": center.astype(np.float32), "means2": np.ascontiguousarray((2.0 * mc).T, np.float32),
+           "msq": np.where(present, np.sum(mc * mc, axis=1), np.inf).astype(np.float32)}
+    if "whitener0" in a:
+        w = np.concatenate([w, np.asarray(a["whitener0"], np.float64)], axis=1)
+        out["center0"] = np.asarray(a["mean0_w"], np.float32).reshape(-1)
+    out["proj"] = np.ascontiguousarray(w, np.float32)
+    return out
+
+
+def _mahalanobis_family(a: Mapping[str, np.ndarray], feats: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(min_c squared distance to the class means [N], rel_mahalanobis score [N] or None), float32 math
+    from the prepared arrays, float64 out."""
+    p = _prepare_mahalanobis(a)
+    z = np.asarray(feats, np.float32) @ p["proj"]
+    f = p["means2"].shape[0]
+    zc = z[:, :f] - p["center"] if "center0" in p else z - p["center"]
+    # ufunc reductions, not .min()/.sum(): no Python wrapper per call on the per-frame path
+    d = np.maximum(np.minimum.reduce(np.add.reduce(zc * zc, axis=1)[:, None] - zc @ p["means2"] + p["msq"], axis=1), 0.0)
+    if "center0" not in p:
+        return d.astype(np.float64), None
+    g = z[:, f:] - p["center0"]
+    return d.astype(np.float64), (d - np.add.reduce(g * g, axis=1)).astype(np.float64)
 
 
 def _score_mahalanobis(a, cfg, feats, head, logits=None) -> np.ndarray:
-    return _min_class_dist(a, feats)
+    return _mahalanobis_family(a, feats)[0]
 
 
 def _fit_rel_mahalanobis(feats, labels, head, rng, ridge: float = 1e-6) -> Dict[str, np.ndarray]:
@@ -140,9 +170,7 @@ def _fit_rel_mahalanobis(feats, labels, head, rng, ridge: float = 1e-6) -> Dict[
 
 
 def _score_rel_mahalanobis(a, cfg, feats, head, logits=None) -> np.ndarray:
-    d = _min_class_dist(a, feats)
-    g = np.asarray(feats, np.float64) @ np.asarray(a["whitener0"], np.float64) - np.asarray(a["mean0_w"], np.float64)
-    return d - np.sum(g * g, axis=1)
+    return _mahalanobis_family(a, feats)[1]
 
 
 def _fit_knn(feats, labels, head, rng, k: int = 10, bank_size: int = 2048) -> Dict[str, np.ndarray]:
@@ -212,11 +240,12 @@ def gradient_reusable(cfg: Mapping[str, Any], settings: Optional[GradientSetting
 # Each score function also takes `logits`: eval_logits(head, feats) when the caller already has them (the
 # detectors marked here share one head pass per frame instead of one each).
 _USES_LOGITS = frozenset(("maxlogit", "energy", "vim"))
-# float32 detector arrays up to this many elements are also kept as float64 for scoring: the scores are
-# float64 math, and converting the arrays on every frame cost more than the matmuls (a 1280-feature
-# whitener's copy alone took milliseconds). The price is memory: 2x the detectors' arrays (about 45 MB more
-# for F = 1280, 120 MB for F = 2048: three F x F whiteners); beyond this size (F > 2048) they are converted per
-# call as before.
+# The Mahalanobis family scores in float32 from arrays prepared once per detector (_prepare_mahalanobis).
+_PREPARED: Dict[str, Callable[[Mapping[str, np.ndarray]], Dict[str, np.ndarray]]] = {
+    "mahalanobis": _prepare_mahalanobis, "rel_mahalanobis": _prepare_mahalanobis}
+# The other float32 detector arrays up to this many elements (ViM's origin and null space) are also kept as
+# float64 for scoring: their scores are float64 math, and converting the arrays on every frame cost more than
+# the matmuls. Beyond this size (F > 2048) they are converted per call.
 _F64_CACHE_ELEMENTS = 1 << 22
 
 _IMPL: Dict[str, Tuple[Callable, Callable]] = {
@@ -229,6 +258,20 @@ _IMPL: Dict[str, Tuple[Callable, Callable]] = {
     "vim": (_fit_vim, _score_vim),
     "gradient": (_fit_none, _score_gradient),
 }
+
+
+def parse_selection(text: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    """--detectors: 'gate' -> () (only what the decision needs), 'all' -> every name, 'knn,vim' or
+    'gate,knn' (or a list of names) -> those names (on top of what the decision needs), checked;
+    OptionError otherwise."""
+    words = [w.strip() for w in (text.split(",") if isinstance(text, str) else list(text)) if w.strip()]
+    if words == ["all"]:
+        return DETECTOR_NAMES
+    bad = [w for w in words if w not in DETECTOR_NAMES and w != "gate"]
+    if bad or not words:
+        raise OptionError(f"--detectors: unknown detector {', '.join(bad) or '(none given)'}; "
+                          f"give gate, all or names from {', '.join(DETECTOR_NAMES)}")
+    return tuple(n for n in DETECTOR_NAMES if n in words)
 
 
 def parse_names(text: str) -> List[str]:
@@ -252,13 +295,21 @@ class FittedDetector:
     dtype: str = "float32"
 
     _f64: Dict[str, Tuple[np.ndarray, np.ndarray]] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _prepared: Optional[Tuple[Tuple[np.ndarray, ...], Dict[str, np.ndarray]]] = field(default=None, init=False, repr=False, compare=False)
 
     def score(self, feats: np.ndarray, head: HeadWeights, logits: Optional[np.ndarray] = None) -> np.ndarray:
         """Scores [N] of rows feats [N, F]; `logits`: eval_logits(head, feats), when already computed."""
         return _IMPL[self.name][1](self._scoring_arrays(), self.config, np.atleast_2d(feats), head, logits)
 
     def _scoring_arrays(self) -> Dict[str, np.ndarray]:
-        """`arrays` with the small float32 ones as float64 (same values), converted once per array object."""
+        """`arrays` with the small float32 ones as float64 (same values), converted once per array object;
+        the Mahalanobis family's prepared float32 arrays instead, also once per set of array objects."""
+        if self.name in _PREPARED:
+            key = tuple(self.arrays.values())
+            hit = self._prepared
+            if hit is None or len(hit[0]) != len(key) or not all(map(operator.is_, hit[0], key)):
+                hit = self._prepared = (key, _PREPARED[self.name](self.arrays))
+            return hit[1]
         out = {}
         for k, v in self.arrays.items():
             if v.dtype != np.float32 or v.size > _F64_CACHE_ELEMENTS or (self.name == "knn" and k == "bank"):
@@ -289,6 +340,7 @@ class FittedDetector:
 class DetectorSet:
     detectors: Dict[str, FittedDetector]
     meta: Dict[str, Any] = field(default_factory=dict)
+    _shared: Optional[Tuple[Tuple[np.ndarray, ...], bool]] = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def names(self) -> List[str]:
@@ -297,6 +349,10 @@ class DetectorSet:
     def with_threshold(self) -> List[str]:
         return [n for n, d in self.detectors.items() if d.threshold is not None]
 
+    def subset(self, names: Sequence[str]) -> "DetectorSet":
+        """The detectors of `names` this set has, in the set's order (the same FittedDetector objects)."""
+        return DetectorSet({n: d for n, d in self.detectors.items() if n in names}, self.meta)
+
     def score_all(self, feats: np.ndarray, head: HeadWeights, given: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
         """Every detector's scores [N] for rows feats [N, F]; `given` holds scores already computed elsewhere
         (the predictor's gradient score), used instead of computing them again."""
@@ -304,8 +360,24 @@ class DetectorSet:
         feats = np.atleast_2d(feats)
         shared = _USES_LOGITS.intersection(self.detectors).difference(given)
         logits = eval_logits(head, feats) if shared else None
-        return {n: np.asarray(given[n], np.float64).reshape(-1) if n in given else d.score(feats, head, logits)
+        out = dict(given)
+        if self._mahalanobis_shared() and not out.keys() & {"mahalanobis", "rel_mahalanobis"}:
+            # both from rel_mahalanobis's one projection: its class part is mahalanobis itself
+            out["mahalanobis"], out["rel_mahalanobis"] = _mahalanobis_family(self.detectors["rel_mahalanobis"]._scoring_arrays(), feats)
+        return {n: np.asarray(out[n], np.float64).reshape(-1) if n in out else d.score(feats, head, logits)
                 for n, d in self.detectors.items()}
+
+    def _mahalanobis_shared(self) -> bool:
+        """True when mahalanobis and rel_mahalanobis hold the same class whitener and means (as fitted
+        together), checked once per set of array objects."""
+        m, r = self.detectors.get("mahalanobis"), self.detectors.get("rel_mahalanobis")
+        if m is None or r is None:
+            return False
+        key = tuple(x[k] for x in (m.arrays, r.arrays) for k in ("whitener", "means_w"))
+        if self._shared is None or not all(map(operator.is_, self._shared[0], key)):
+            same = all(np.array_equal(m.arrays[k], r.arrays[k], equal_nan=True) for k in ("whitener", "means_w"))
+            self._shared = (key, same)
+        return self._shared[1]
 
     def flags(self, scores: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Per detector with a threshold (and a score in `scores`): [N] bool, score > threshold."""

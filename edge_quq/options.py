@@ -12,9 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
-from edge_quq.defaults import BACKENDS, CHANNEL_ORDERS, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, MAX_NUM_ITER, POLICIES
+from edge_quq.defaults import (BACKENDS, CHANNEL_ORDERS, DEFAULT_DETECTOR_SELECTION, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS,
+                               MAX_NUM_ITER, POLICIES)
 from edge_quq.errors import OptionError
 from edge_quq.gradients import GradientSettings
 
@@ -35,6 +36,8 @@ class PredictorOptions:
     channel_order: str = "bgr"  # how 3-channel numpy arrays given to predict() are ordered
     gradient: Optional[GradientSettings] = field(default_factory=GradientSettings)
     ignore_on: str = DEFAULT_IGNORE_ON
+    # Detectors computed per frame besides what the decision needs: gate (none), all, or names (docs/detectors.md).
+    detectors: Union[str, Sequence[str]] = DEFAULT_DETECTOR_SELECTION
     max_pixels: int = DEFAULT_MAX_PIXELS  # images above this pixel count are refused before decoding
     # Decision policy (edge_quq.defaults.POLICIES); None: the manifest's (paper without calibration data).
     policy: Optional[str] = None
@@ -61,6 +64,9 @@ class PredictorOptions:
         if self.threads is not None and self.threads < 1:
             raise OptionError(f"threads must be >= 1, got {self.threads}")
         self.check_policy()
+        from edge_quq.detectors import parse_selection
+
+        parse_selection(self.detectors)
         return self
 
     def check_policy(self) -> None:
@@ -80,6 +86,7 @@ class PredictorOptions:
         kw = {k: v for k, v in values.items() if k in names}
         if "no_xnnpack" in values:
             kw["xnnpack"] = not values["no_xnnpack"]
-        if kw.get("ignore_on") is None:
-            kw.pop("ignore_on", None)
+        for key in ("ignore_on", "detectors"):
+            if kw.get(key) is None:
+                kw.pop(key, None)
         return cls(**kw)

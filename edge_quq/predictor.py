@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import os
+import time
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -19,8 +21,8 @@ from edge_quq.backends import Backbone, make_backbone
 from edge_quq.bundle import Bundle, load_bundle
 from edge_quq.conformal import COMBINE_RULES, CalibrationScores, combine, conformal_pvalues
 from edge_quq.decision import MIXED_POLICIES, Decision, check_ignore_on, combine_decision, decide, policy_reasons, resolve_z
-from edge_quq.defaults import GATE_DEFAULTS, POLICY_WITHOUT_CALIBRATION, RISK_SCORE_SIGN
-from edge_quq.detectors import DetectorSet, gradient_reusable
+from edge_quq.defaults import DEFAULT_DETECTOR_SELECTION, GATE_DEFAULTS, POLICY_WITHOUT_CALIBRATION, RISK_SCORE_SIGN
+from edge_quq.detectors import DETECTOR_NAMES, DetectorSet, gradient_reusable, parse_selection
 from edge_quq.errors import EdgeQuqError, OptionError
 from edge_quq.gate_store import LoadedGate, load_gate
 from edge_quq.gradients import GradientSettings, gradient_scores
@@ -34,6 +36,7 @@ from edge_quq.scores import compute_scores, row_scores
 from edge_quq.telemetry import StageClock, rss_bytes
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
+RSS_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -108,15 +111,47 @@ def resolve_policy(opts: PredictorOptions, gate: Optional[LoadedGate]) -> Policy
                                target_error=thr.target_error, risk_coverage=thr.coverage)
 
 
+def select_detectors(selection: Union[str, Sequence[str]], detectors: Optional[DetectorSet], policy: PolicyState, ignore_on: str,
+                     gradient: bool) -> Tuple[str, ...]:
+    """The detectors a frame computes (docs/detectors.md, --detectors): what the decision needs (the gate's
+    detectors, the one --ignore-on names, every thresholded one under --ignore-on any) plus the names of
+    `selection`; `all` is every detector of the bundle and the gradient score (`gradient`: the predictor
+    has gradient settings). A name the bundle cannot compute is an OptionError."""
+    have = detectors.names if detectors is not None else []
+    can = set(have) | ({"gradient"} if gradient else set())
+    asked = parse_selection(selection)
+    if isinstance(selection, str) and selection.strip() == "all":  # what this bundle has
+        asked = tuple(n for n in asked if n in can)
+    missing = [n for n in asked if n not in can]
+    if missing:
+        raise OptionError(f"--detectors {', '.join(missing)}: not a detector of this bundle (it has "
+                          f"{', '.join(sorted(can, key=DETECTOR_NAMES.index)) or 'none'}); use gate, all or those")
+    need = set(policy.detectors) | set(asked)
+    if ignore_on == "any" and detectors is not None:
+        need.update(detectors.with_threshold())
+    elif ignore_on in have:
+        need.add(ignore_on)
+    return tuple(n for n in DETECTOR_NAMES if n in need)
+
+
 class Predictor:
     def __init__(self, bundle: Bundle, backbone: Backbone, head: HeadWeights, sampler: Sampler, settings: Settings,
                  channel_order: str = "bgr", gradient: Optional[GradientSettings] = GradientSettings(),
                  detectors: Optional[DetectorSet] = None, ignore_on: str = "mc",
-                 policy: PolicyState = PolicyState("paper")) -> None:
+                 policy: PolicyState = PolicyState("paper"),
+                 selection: Union[str, Sequence[str]] = DEFAULT_DETECTOR_SELECTION) -> None:
         self.policy = policy
         self.gradient = gradient.validate() if gradient is not None else None
-        self.detectors = detectors
+        self.detectors = detectors  # every detector of the bundle; `active`: the ones each frame computes
         self.ignore_on = check_ignore_on(ignore_on, detectors)
+        self.detector_names = select_detectors(selection, detectors, policy, self.ignore_on, self.gradient is not None)
+        active = detectors.subset(self.detector_names) if detectors is not None else None
+        self.active: Optional[DetectorSet] = active if active is not None and active.detectors else None
+        self.gradient_on = "gradient" in self.detector_names
+        # (name, detector) of the computed detectors with a threshold: the flags of each frame
+        self._thresholded = [(n, d) for n, d in self.active.detectors.items() if d.threshold is not None] if self.active else []
+        self._described: Optional[Tuple[tuple, dict]] = None
+        self._rss: Optional[Tuple[float, int]] = None  # (perf_counter of the read, bytes): rss_bytes() opens a /proc file
         self.bundle = bundle
         self.backbone = backbone
         self.head = head
@@ -138,7 +173,8 @@ class Predictor:
         `gradient` sets the closed-form gradient score (None turns it off). `ignore_on` picks what can ignore
         a prediction: "mc" (the MC decision rule), a detector name (its fitted threshold alone), or "any".
         `policy` is paper, gated or risk (None: the bundle's default; docs/decisions.md), with `ood_alpha`,
-        `delta` and, for risk, `target_error`.
+        `delta` and, for risk, `target_error`. `detectors` picks what each frame scores beside what the
+        decision needs: "gate" (nothing more), "all", or names ("knn,vim" or a list; docs/detectors.md).
         """
         opts = (options or PredictorOptions()).replace(**overrides)
         if path is not None:
@@ -165,7 +201,7 @@ class Predictor:
         backbone = make_backbone(bundle, opts.backend, opts.threads, opts.xnnpack)
         smp = make_sampler(opts.sampler, head, seed=opts.seed, bundle=bundle, threads=opts.threads)
         predictor = cls(bundle, backbone, head, smp, settings, opts.channel_order, opts.gradient, detectors, opts.ignore_on,
-                        policy)
+                        policy, opts.detectors)
         predictor.options = opts
         predictor.warm_up()
         return predictor
@@ -196,19 +232,21 @@ class Predictor:
             return self.sampler.sample(features, self.settings.num_iter)
 
     def score_stage(self, features: np.ndarray, moments: HeadMoments, clock: StageClock) -> Dict[str, float]:
-        """The moment scores, the gradient score (once: the gradient detector reuses it when its settings
-        match) and the bundle's detectors, for one feature vector."""
-        with clock.stage("head"):
-            grad = gradient_scores(self.head, features[None], self.gradient) if self.gradient is not None else None
+        """The moment scores, the gradient score when selected (once: the gradient detector reuses it when its
+        settings match) and the selected detectors (`detector_names`), for one feature vector."""
+        grad = None
+        if self.gradient_on and self.gradient is not None:
+            with clock.stage("head"):
+                grad = gradient_scores(self.head, features[None], self.gradient)
         scores = row_scores(compute_scores(moments.mean, moments.std, moments.logits, moments.expected_entropy,
                                            self.head.activation, grad))
-        if self.detectors is not None:
+        if self.active is not None:
             given = {}
-            gdet = self.detectors.detectors.get("gradient")
+            gdet = self.active.detectors.get("gradient")
             if grad is not None and gdet is not None and gradient_reusable(gdet.config, self.gradient, self.head):
                 given["gradient"] = grad
             with clock.stage("detectors"):
-                scores.update(row_scores(self.detectors.score_all(features[None], self.head, given)))
+                scores.update(row_scores(self.active.score_all(features[None], self.head, given)))
         return scores
 
     def gate_pvalues(self, scores: Dict[str, float]) -> Optional[np.ndarray]:
@@ -227,8 +265,7 @@ class Predictor:
         when the caller already has them."""
         s = self.settings
         dec = decide(moments.mean, moments.std, s.z, s.threshold, s.mixed)
-        flags = self.detectors.flags({n: np.asarray([v]) for n, v in scores.items()}) if self.detectors else {}
-        flagged = [n for n, hit in flags.items() if hit[0]]
+        flagged = [n for n, d in self._thresholded if d.flag(scores[n])]
         keep, ignored_by = combine_decision(dec.keep, flagged, self.ignore_on)
         pol = self.policy
         ood_p = None
@@ -261,15 +298,32 @@ class Predictor:
             label=names[label_index] if label_index is not None else None, class_index=label_index, classes=classes,
             top_index=top, top_label=names[top],
             mean=moments.mean.tolist(), std=moments.std.tolist(), lower=dec.lower.tolist(), upper=dec.upper.tolist(),
-            states=[int(v) for v in dec.states], deterministic=moments.deterministic.tolist(),
-            scores=scores, timings_ms=timings, rss_bytes=rss_bytes(), settings=self.describe_settings(),
+            states=dec.states.tolist(), deterministic=moments.deterministic.tolist(),
+            scores=scores, timings_ms=timings, rss_bytes=self.rss(), settings=self.describe_settings(),
             ignored_by=ignored_by, flagged=flagged,
             policy=self.policy.name, ood_p=ood_p, risk_threshold=self.policy.risk_threshold,
             ood_pvalues=None if pvalues is None else dict(zip(self.policy.detectors, pvalues.tolist())),
             features=features,
         )
 
+    def rss(self) -> int:
+        """This process's RSS for a result, read again at most every RSS_INTERVAL_S (a /proc read per frame
+        was a tenth of the per-frame overhead; the RSS of a frame loop changes on a scale of seconds)."""
+        now = time.perf_counter()
+        if self._rss is None or now - self._rss[0] >= RSS_INTERVAL_S:
+            self._rss = (now, rss_bytes())
+        return self._rss[1]
+
     def describe_settings(self) -> dict:
+        """The settings a result records; built again only when one of the objects they come from was
+        replaced (a shallow copy per call: building it was a twentieth of the per-frame overhead)."""
+        key = (self.settings, self.sampler, self.backbone, self.head, self.policy, self.ignore_on, self.detector_names)
+        hit = self._described
+        if hit is None or not all(map(operator.is_, hit[0], key)):
+            hit = self._described = (key, self._describe_settings())
+        return dict(hit[1])
+
+    def _describe_settings(self) -> dict:
         s = self.settings
         return {
             "backend": self.backbone.name,
@@ -281,6 +335,7 @@ class Predictor:
             "seed": s.seed,
             "temperature": self.head.temperature,
             "ignore_on": self.ignore_on,
+            "detectors": list(self.detector_names),
             **self.policy.describe(),
         }
 

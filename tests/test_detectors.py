@@ -304,7 +304,7 @@ def predict_json(*args):
 
 def test_ignore_on_choices_on_the_shipped_samples():
     classes = [f.name for f in SAMPLES.glob("0*.png")]
-    mc = predict_json()
+    mc = predict_json("--detectors", "all")  # every detector's score, as diagnostics
     assert mc["ood_rings16.png"]["decision"] == "keep"  # the far-OOD image the MC rule misses
     assert mc["ood_checkerboard.png"]["decision"] == "ignore" and mc["ood_checkerboard.png"]["ignored_by"] == ["rule"]
     for d in mc.values():
@@ -423,3 +423,98 @@ def test_camera_gets_ignore_on_through_the_shared_model_options(tmp_path):
     assert len(rows) == 12  # the folder's images in name order: ten classes, checkerboard, rings
     assert [r["decision"] for r in rows] == ["keep"] * 10 + ["ignore", "ignore"]
     assert rows[-1]["ignored_by"] == ["mahalanobis"] and rows[-2]["ignored_by"] == ["mahalanobis"]
+
+
+# --- which detectors a frame computes (--detectors) -----------------------------------------------------------
+
+MOMENT_SCORES = {"max_prob", "predictive_entropy", "mutual_information", "mean_variance", "energy"}
+
+
+def test_by_default_a_frame_computes_only_what_the_decision_needs():
+    from edge_quq.predictor import Predictor
+
+    img = str(SAMPLES / "ood_rings16.png")
+    gated = Predictor.from_bundle(seed=0)
+    r = gated.predict(img)
+    assert r.settings["detectors"] == ["mahalanobis"] == r.settings["gate_detectors"]
+    assert set(r.scores) == MOMENT_SCORES | {"mahalanobis"} and r.ood_p is not None
+    assert r.flagged == ["mahalanobis"] and r.ignored_by == ["ood_gate"]  # the far-OOD image the MC rule misses
+    paper = Predictor.from_bundle(seed=0, policy="paper").predict(img)
+    assert paper.settings["detectors"] == [] and set(paper.scores) == MOMENT_SCORES and paper.flagged == []
+    full = Predictor.from_bundle(seed=0, detectors="all").predict(img)
+    assert full.settings["detectors"] == list(DETECTOR_NAMES) and set(DETECTOR_NAMES) <= set(full.scores)
+    # diagnostics do not move the decision
+    assert (full.decision, full.ignored_by) == (r.decision, r.ignored_by)
+    assert full.ood_p == pytest.approx(r.ood_p) and full.scores["mahalanobis"] == pytest.approx(r.scores["mahalanobis"], rel=1e-5)
+    assert set(full.flagged) > {"mahalanobis"}
+
+
+def test_detector_names_add_to_what_the_decision_needs():
+    from edge_quq.predictor import Predictor
+
+    some = Predictor.from_bundle(seed=0, detectors="gate,vim,knn", ignore_on="react")
+    assert some.detector_names == ("react", "mahalanobis", "knn", "vim")  # the order of DETECTOR_NAMES
+    r = some.predict(str(SAMPLES / "00_t-shirt-top.png"))
+    assert set(r.scores) == MOMENT_SCORES | {"react", "mahalanobis", "knn", "vim"}
+    anyp = Predictor.from_bundle(seed=0, policy="paper", ignore_on="any")
+    assert set(anyp.detector_names) == set(anyp.detectors.with_threshold())
+    grad = Predictor.from_bundle(seed=0, policy="paper", detectors="gradient")
+    assert set(grad.predict(str(SAMPLES / "00_t-shirt-top.png")).scores) == MOMENT_SCORES | {"gradient"}
+
+
+@pytest.mark.parametrize("value, message", [
+    ("bogus", "unknown detector bogus"), ("knn,odin", "unknown detector odin"), (",", "(none given)"),
+    ("all,knn", "unknown detector all"),
+])
+def test_detectors_option_refuses_bad_names_with_one_line(value, message):
+    p = run("predict", str(SAMPLES / "ood_rings16.png"), "--detectors", value, check_code=2)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --detectors") and message in lines[0], p.stderr
+    assert p.stdout == ""
+
+
+def test_detectors_option_on_a_bundle_without_detectors(tmp_path):
+    root = copy_default(tmp_path)
+    rewrite_manifest(root, lambda m: (m.pop("detectors"), m["files"].pop(DETECTORS_FILE), m.pop("gate"), m["files"].pop("gate.npz")))
+    p = run("predict", str(SAMPLES / "ood_rings16.png"), "--bundle", str(root), "--detectors", "knn", check_code=2)
+    assert p.stderr.strip().splitlines() == ["error: --detectors knn: not a detector of this bundle (it has gradient); use gate, all or those"]
+    p = run("predict", str(SAMPLES / "ood_rings16.png"), "--bundle", str(root), "--detectors", "all", "--json", check_code=0)
+    d = json.loads(p.stdout.splitlines()[0])
+    assert d["settings"]["detectors"] == ["gradient"] and set(d["scores"]) == MOMENT_SCORES | {"gradient"}
+
+
+def test_float32_mahalanobis_keeps_the_gate_p_values_of_the_float64_formula():
+    """The Mahalanobis family scores in float32 from one prepared projection (docs/detectors.md). Against the
+    float64 formula on the default bundle's own Fashion-MNIST test features (never used to fit it): scores
+    agree to 1e-5 relative, and the gate's conformal p-values move by at most one calibration rank, 1 / (n + 1)
+    (the documented tolerance), with the same gate decision at the bundle's alpha."""
+    from edge_quq.conformal import conformal_pvalues
+    from tests.gate_util import _predictor, real_id_data
+
+    pred = _predictor()
+    feats = real_id_data()["features"].astype(np.float64)
+    want, got = {}, {}
+    for name in ("mahalanobis", "rel_mahalanobis"):
+        a = {k: v.astype(np.float64) for k, v in pred.detectors.detectors[name].arrays.items()}
+        diff = (feats @ a["whitener"])[:, None, :] - a["means_w"][None]
+        w = np.nanmin(np.where(np.isnan(diff).any(-1), np.inf, np.einsum("ncf,ncf->nc", diff, diff)), axis=1)
+        if name == "rel_mahalanobis":
+            g = feats @ a["whitener0"] - a["mean0_w"]
+            w = w - np.einsum("nf,nf->n", g, g)
+        want[name], got[name] = w, pred.detectors.detectors[name].score(feats, pred.head)
+        np.testing.assert_allclose(got[name], w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+    pol = pred.policy
+    assert pol.detectors == ("mahalanobis",)
+    want_p = conformal_pvalues(want["mahalanobis"], pol.cal)[:, 0]
+    got_p = conformal_pvalues(got["mahalanobis"], pol.cal)[:, 0]
+    assert np.max(np.abs(got_p - want_p)) <= 1.0 / pol.cal.plus_one[0] + 1e-12
+    assert np.array_equal(got_p < pol.alpha, want_p < pol.alpha)
+
+
+def test_detectors_option_takes_a_list_in_python():
+    from edge_quq.predictor import Predictor
+
+    p = Predictor.from_bundle(seed=0, policy="paper", detectors=["vim", "knn"])
+    assert p.detector_names == ("knn", "vim")
+    with pytest.raises(OptionError, match="unknown detector odin"):
+        Predictor.from_bundle(seed=0, detectors=["odin"])
