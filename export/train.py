@@ -27,8 +27,30 @@ def slug(name: str) -> str:
     return name.lower().replace("/", "-").replace(" ", "-")
 
 
+SHIFT_PX = 2  # --augment: random shifts of up to this many pixels, and left-right flips
+
+
+def augmented(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
+    """A shuffled tf.data pipeline of (x, y) batches, each image flipped left-right at random and shifted by up
+    to SHIFT_PX pixels (zero padding). Fashion-MNIST's classes are mirror-symmetric and its items are not
+    always centred; in an exploration this made the feature clusters tighter: at 5% of clean test images
+    ignored, a feature Mahalanobis caught 98.4% of drawn digits against 95.4% without it."""
+    import tensorflow as tf
+
+    h, w = x.shape[1:3]
+
+    def jitter(img, lab):
+        img = tf.image.random_flip_left_right(img, seed=seed)
+        img = tf.image.resize_with_crop_or_pad(img, h + 2 * SHIFT_PX, w + 2 * SHIFT_PX)
+        return tf.image.random_crop(img, tf.shape(img) - [2 * SHIFT_PX, 2 * SHIFT_PX, 0], seed=seed), lab
+
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
+    return ds.map(jitter, num_parallel_calls=2).batch(batch_size).prefetch(2)
+
+
 def train_reference(seed: int = 0, epochs: int = 8, batch_size: int = 128, val: int = 5000,
-                    filters: Sequence[int] = (24, 48, 64), root: Path = FASHION_MNIST_DIR, verbose: int = 2):
+                    filters: Sequence[int] = (24, 48, 64), root: Path = FASHION_MNIST_DIR, verbose: int = 2,
+                    augment: bool = False):
     """Train on the first 55k training images, validate on the last 5k; returns (model, history, seconds)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
@@ -48,7 +70,10 @@ def train_reference(seed: int = 0, epochs: int = 8, batch_size: int = 128, val: 
     lr = keras.optimizers.schedules.CosineDecay(2e-3, decay_steps=steps, alpha=0.05)
     compile_for_paper(model, lr)
     t0 = time.perf_counter()
-    hist = model.fit(xtr, ytr, validation_data=(xva, yva), epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose)
+    if augment:
+        hist = model.fit(augmented(xtr, ytr, batch_size, seed), validation_data=(xva, yva), epochs=epochs, verbose=verbose)
+    else:
+        hist = model.fit(xtr, ytr, validation_data=(xva, yva), epochs=epochs, batch_size=batch_size, shuffle=True, verbose=verbose)
     return model, hist.history, time.perf_counter() - t0
 
 
@@ -91,6 +116,7 @@ def write_samples(folder: Path, x_test: np.ndarray, y_test: np.ndarray, probs: n
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--filters", default="24,48,64", show_default=True, help="Conv filters per block.")
+@click.option("--augment", is_flag=True, help="Random left-right flips and shifts of up to 2 pixels while training.")
 @click.option("--quant-samples", "--calib-samples", "quant_samples", cls=OldNames, type=click.IntRange(min=1), default=500,
               show_default=True, help="Training images the int8 ranges are set on.")
 @click.option("--keep-model", type=click.Path(path_type=Path), default=None,
@@ -125,11 +151,12 @@ def _run(args) -> int:
         side = Path(str(args.from_model) + ".json")
         training = json.loads(side.read_text(encoding="utf-8")) if side.is_file() else {"note": f"re-exported from {args.from_model.name}"}
     else:
-        model, history, seconds = train_reference(args.seed, args.epochs, filters=filters, root=args.data)
+        model, history, seconds = train_reference(args.seed, args.epochs, filters=filters, root=args.data, augment=args.augment)
         print(f"trained {model.count_params():,} parameters in {seconds:.0f} s ({seconds / args.epochs:.0f} s/epoch)", flush=True)
         training = {
             "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist): 55k train / 5k validation / 10k test",
             "seed": args.seed, "epochs": args.epochs, "batch_size": 128, "optimizer": "Adam, cosine decay from 2e-3",
+            "augment": f"left-right flips, shifts up to {SHIFT_PX} px" if args.augment else None,
             "loss": "binary cross-entropy on one-hot labels", "architecture": f"small_cnn filters {filters}, GAP, BN, "
             "Dropout 0.2, Dense 300 relu, Dropout 0.4, Dense 10 sigmoid", "parameters": int(model.count_params()),
             "train_seconds": round(seconds, 1), "val_accuracy": round(float(history["val_acc"][-1]), 4),
