@@ -65,6 +65,11 @@ def eval_logits(head: HeadWeights, feats: np.ndarray) -> np.ndarray:
     return head.logits(np.asarray(feats, np.float32)).astype(np.float64)
 
 
+def _rows(feats: np.ndarray) -> np.ndarray:
+    """feats as rows [N, F]: np.atleast_2d without its wrapper's cost when they already are (every frame)."""
+    return feats if getattr(feats, "ndim", 0) == 2 else np.atleast_2d(feats)
+
+
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -342,7 +347,7 @@ class FittedDetector:
 
     def score(self, feats: np.ndarray, head: HeadWeights, logits: Optional[np.ndarray] = None) -> np.ndarray:
         """Scores [N] of rows feats [N, F]; `logits`: eval_logits(head, feats), when already computed."""
-        return _IMPL[self.name][1](self._scoring_arrays(), self.config, np.atleast_2d(feats), head, logits)
+        return _IMPL[self.name][1](self._scoring_arrays(), self.config, _rows(feats), head, logits)
 
     def _scoring_arrays(self) -> Dict[str, np.ndarray]:
         """`arrays` with the small float32 ones as float64 (same values), converted once per array object;
@@ -400,7 +405,7 @@ class DetectorSet:
         """Every detector's scores [N] for rows feats [N, F]; `given` holds scores already computed elsewhere
         (the predictor's gradient score), used instead of computing them again."""
         given = given or {}
-        feats = np.atleast_2d(feats)
+        feats = _rows(feats)
         shared = _USES_LOGITS.intersection(self.detectors).difference(given)
         logits = eval_logits(head, feats) if shared else None
         out = dict(given)
