@@ -528,12 +528,25 @@ def _bound(r: dict, tgt: Optional[float]) -> str:
     zero = (f" The backbone's features were all zero on the bench input (untrained weights, random int8 calibration), "
             f"so the native sampler skipped every row: its {d['sampler_ms']:.2f} ms is fixed cost only; with dense "
             f"features at this F it costs about what the efficientnet_b0 row shows.") if r["nonzero_features"] == 0 else ""
-    # the gate's Mahalanobis reads its whole F x F float32 whitener once per frame: memory traffic, not MACs
-    mb = r["F"] * r["F"] * 4 / 2**20
+    mb, mb_read = _whitener_mib(r["F"])
     comp = (d["plain_ms"] + st["detectors"] + st["decision"] + st["result_and_rest"] + st["head"] - r["eval_head_ms"]) / d["plain_ms"]
     return (f"UQ - plain = {d['uq_ms'] - d['plain_ms']:.2f} ms: {parts}{budget}. Without the backbone's run-to-run "
             f"noise (plain + the stage medians beyond it, divided by plain): {comp:.3f}. The detectors stage is the "
-            f"gate's Mahalanobis, bound by reading its {mb:.1f} MiB F x F whitener per frame.{zero}")
+            f"gate's Mahalanobis: single-threaded BLAS vector-matrix products over {mb_read:.1f} MiB of its {mb:.1f} MiB "
+            f"F x F whitener per frame"
+            f"{' (its nonzero row blocks: a lower-triangular Cholesky factor)' if mb_read < mb else ''}, bound by "
+            f"memory traffic and BLAS's speed on one row.{zero}")
+
+
+def _whitener_mib(f: int) -> Tuple[float, float]:
+    """(MiB of the F x F float32 whitener, MiB the gate's Mahalanobis reads of it per frame): the row blocks
+    the detector scores from (edge_quq.detectors._row_blocks) for a lower-triangular factor; memory traffic,
+    not MACs, bounds that stage."""
+    from edge_quq.detectors import _row_blocks
+
+    blocks = _row_blocks(np.tril(np.ones((f, f), np.float32)))
+    full = f * f * 4 / 2**20
+    return full, (sum(b[3].size for b in blocks) * 4 / 2**20 if blocks else full)
 
 
 def _default_path_lines(report: dict) -> List[str]:

@@ -131,7 +131,7 @@ def _decisions(mean: np.ndarray, lower: np.ndarray, upper: np.ndarray, threshold
     kept = kept_classes(states, code, keep)
     # the kept classes are exactly predicted_labels' eligible ones where keep holds: its argmax, without
     # working them out a second time
-    labels = np.where(keep, np.argmax(np.where(kept, mean, -np.inf), axis=-1), -1)
+    labels = np.where(keep, np.where(kept, mean, -np.inf).argmax(axis=-1), -1)
     return Decisions(keep, code, states, kept, labels)
 
 

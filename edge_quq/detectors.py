@@ -65,6 +65,11 @@ def eval_logits(head: HeadWeights, feats: np.ndarray) -> np.ndarray:
     return head.logits(np.asarray(feats, np.float32)).astype(np.float64)
 
 
+def _rows(feats: np.ndarray) -> np.ndarray:
+    """feats as rows [N, F]: np.atleast_2d without its wrapper's cost when they already are (every frame)."""
+    return feats if getattr(feats, "ndim", 0) == 2 else np.atleast_2d(feats)
+
+
 def l2_normalise(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
@@ -121,11 +126,11 @@ def _fit_mahalanobis(feats, labels, head, rng, ridge: float = 1e-6) -> Dict[str,
 
 def _prepare_mahalanobis(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """The Mahalanobis family's float32 scoring arrays, computed once per detector: one projection `proj`
-    ([F, F], or [F, 2F] with the global whitener beside the class one for rel_mahalanobis, so both come from
-    one matmul) and the whitened class means as 2 * (m - center) [F, C] with |m - center|^2 [C]. Distances
-    are taken from `center`, the mean of the class means, which keeps |z|^2 and |m|^2 small and so the
-    float32 cancellation in |z - m|^2 = |z|^2 - 2 z.m + |m|^2 small (tests/test_detectors.py bounds it)."""
-    if "proj" in a:
+    ([F, F], or [F, 2F] with the global whitener's columns between the class one's for rel_mahalanobis, so
+    both come from one matmul), held as its nonzero row blocks `blocks` when large (_row_blocks), and the
+    whitened class means as 2 * (m - center) [F, C] with |m - center|^2 [C]. Distances are taken from
+    `center`, the mean of the class means, which keeps |z|^2 and |m|^2 small and so the float32 cancellation in |z - m|^2 = |z|^2 - 2 z.m + |m|^2 small (tests/test_detectors.py bounds it)."""
+    if "blocks" in a:
         return a  # type: ignore[return-value]
     w = np.asarray(a["whitener"], np.float64)
     mw = np.asarray(a["means_w"], np.float64)
@@ -136,24 +141,67 @@ def _prepare_mahalanobis(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     out = {"center": center.astype(np.float32), "means2": np.ascontiguousarray((2.0 * mc).T, np.float32),
            "msq": np.where(present, np.sum(mc * mc, axis=1), np.inf).astype(np.float32)}
     if "whitener0" in a:
-        w = np.concatenate([w, np.asarray(a["whitener0"], np.float64)], axis=1)
+        # interleaved columns (class j at 2j, global j at 2j + 1): both whiteners are lower-triangular, so the
+        # pair keeps a row-prefix structure and the row blocks below still skip the zeros
+        w = np.stack([w, np.asarray(a["whitener0"], np.float64)], axis=2).reshape(w.shape[0], -1)
         out["center0"] = np.asarray(a["mean0_w"], np.float32).reshape(-1)
-    out["proj"] = np.ascontiguousarray(w, np.float32)
+    proj = np.ascontiguousarray(w, np.float32)
+    out["blocks"] = _row_blocks(proj)  # type: ignore[assignment]
+    # the full matrix only where it is scored whole: the blocks are the scoring copy otherwise
+    out["proj"] = proj if not out["blocks"] else np.empty((0, proj.shape[1]), np.float32)
     return out
+
+
+# Projections of fewer rows (features) are one matmul: measured here, the per-block calls cost more than the
+# bytes they save up to F = 576 (1.3 MiB), and 12 blocks did best at F = 960..2048.
+_BLOCKED_MIN_ROWS = 768
+_ROW_BLOCKS = 12
+
+
+def _row_blocks(proj: np.ndarray) -> Tuple[Tuple[int, int, int, np.ndarray], ...]:
+    """(row start, row end, column end, proj[rows, :column end]) per block of rows, column end = one past
+    the last nonzero column in those rows. The whitener is a Cholesky factor (lower-triangular): row i is
+    zero past column i, so the blocks hold about (1 + 1/blocks) / 2 of the matrix and z = f @ proj is the
+    sum of the blocks' products, the same sums over the same nonzero terms (exact for any matrix: the
+    column ends come from the values). Empty for small projections: one matmul there."""
+    rows, cols = proj.shape
+    if rows < _BLOCKED_MIN_ROWS:
+        return ()
+    nz = proj != 0
+    last = np.where(nz.any(axis=1), cols - np.argmax(nz[:, ::-1], axis=1), 0)
+    edges = np.linspace(0, rows, _ROW_BLOCKS + 1).astype(int)
+    out = []
+    for r0, r1 in zip(edges[:-1], edges[1:]):
+        end = int(last[r0:r1].max()) if r1 > r0 else 0
+        if end:
+            out.append((int(r0), int(r1), end, np.ascontiguousarray(proj[r0:r1, :end])))
+    if sum(b[3].size for b in out) > 0.75 * proj.size:
+        return ()  # not triangular enough to pay for the extra calls
+    return tuple(out)
+
+
+def _project(p: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
+    """x @ p["proj"] for float32 rows x [N, F], from the nonzero row blocks when there are any."""
+    blocks = p["blocks"]
+    if not blocks:
+        return x @ p["proj"]
+    z = np.zeros((x.shape[0], p["proj"].shape[1]), np.float32)
+    for r0, r1, end, b in blocks:
+        z[:, :end] += x[:, r0:r1] @ b
+    return z
 
 
 def _mahalanobis_family(a: Mapping[str, np.ndarray], feats: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(min_c squared distance to the class means [N], rel_mahalanobis score [N] or None), float32 math
     from the prepared arrays, float64 out."""
     p = _prepare_mahalanobis(a)
-    z = np.asarray(feats, np.float32) @ p["proj"]
-    f = p["means2"].shape[0]
-    zc = z[:, :f] - p["center"] if "center0" in p else z - p["center"]
+    z = _project(p, np.asarray(feats, np.float32))
+    zc = z[:, 0::2] - p["center"] if "center0" in p else z - p["center"]
     # ufunc reductions, not .min()/.sum(): no Python wrapper per call on the per-frame path
     d = np.maximum(np.minimum.reduce(np.add.reduce(zc * zc, axis=1)[:, None] - zc @ p["means2"] + p["msq"], axis=1), 0.0)
     if "center0" not in p:
         return d.astype(np.float64), None
-    g = z[:, f:] - p["center0"]
+    g = z[:, 1::2] - p["center0"]
     return d.astype(np.float64), (d - np.add.reduce(g * g, axis=1)).astype(np.float64)
 
 
@@ -299,7 +347,7 @@ class FittedDetector:
 
     def score(self, feats: np.ndarray, head: HeadWeights, logits: Optional[np.ndarray] = None) -> np.ndarray:
         """Scores [N] of rows feats [N, F]; `logits`: eval_logits(head, feats), when already computed."""
-        return _IMPL[self.name][1](self._scoring_arrays(), self.config, np.atleast_2d(feats), head, logits)
+        return _IMPL[self.name][1](self._scoring_arrays(), self.config, _rows(feats), head, logits)
 
     def _scoring_arrays(self) -> Dict[str, np.ndarray]:
         """`arrays` with the small float32 ones as float64 (same values), converted once per array object;
@@ -357,7 +405,7 @@ class DetectorSet:
         """Every detector's scores [N] for rows feats [N, F]; `given` holds scores already computed elsewhere
         (the predictor's gradient score), used instead of computing them again."""
         given = given or {}
-        feats = np.atleast_2d(feats)
+        feats = _rows(feats)
         shared = _USES_LOGITS.intersection(self.detectors).difference(given)
         logits = eval_logits(head, feats) if shared else None
         out = dict(given)

@@ -121,7 +121,7 @@ def drift_pvalues(pvalues: np.ndarray, n_calibration: Sequence[int], delta: floa
     p = p[:, None] if p.ndim == 1 else p
     if p.ndim != 2 or p.shape[1] != len(n_calibration):
         raise InputError(f"p-values must be [N, {len(n_calibration)}] (one column per detector), got {p.shape}")
-    margined = np.minimum(p + _margins(tuple(int(n) for n in n_calibration), float(delta)), 1.0)
+    margined = np.minimum(p + _margins(tuple(map(int, n_calibration)), float(delta)), 1.0)
     return margined[:, 0] if p.shape[1] == 1 else combine(margined, rule)  # one detector: nothing to combine
 
 
@@ -269,7 +269,7 @@ class DriftMonitor:
             self._memory, self._stored = np.empty((int(self.feed.scene_memory), u.size)), 0
         filled = self._memory[:min(self._stored, self._memory.shape[0])]
         # unit vectors: |a - b|^2 = 2 - 2 a.b, so "nearer than d to one of them" is one matrix-vector product
-        near = filled.shape[0] > 0 and float(filled.dot(u).max()) > self._near_dot
+        near = filled.shape[0] > 0 and float(np.maximum.reduce(filled.dot(u))) > self._near_dot
         return not near, u
 
     def _remember(self, u: np.ndarray) -> None:
@@ -296,7 +296,7 @@ class DriftMonitor:
         else:
             bets = 1.0 + self._eps * (p - 0.5)
         cap = (self._keep * self._share + self._pool) * bets  # the jump, then the bets (shares sum to 1)
-        total = float(cap.sum())
+        total = float(np.add.reduce(cap))  # the ufunc: .sum()'s Python wrapper costs more than 20 additions
         self._log_m += math.log(total)
         self._share = cap / total
         if self._log_m >= self._log_level:

@@ -148,8 +148,10 @@ class Predictor:
         active = detectors.subset(self.detector_names) if detectors is not None else None
         self.active: Optional[DetectorSet] = active if active is not None and active.detectors else None
         self.gradient_on = "gradient" in self.detector_names
-        # (name, detector) of the computed detectors with a threshold: the flags of each frame
-        self._thresholded = [(n, d) for n, d in self.active.detectors.items() if d.threshold is not None] if self.active else []
+        # (name, threshold) of the computed detectors with one: each frame's flags (FittedDetector.flag's rule,
+        # score > threshold, on one float without its array conversion)
+        self._thresholded = [(n, float(d.threshold)) for n, d in self.active.detectors.items()
+                             if d.threshold is not None] if self.active else []
         self._described: Optional[Tuple[tuple, dict]] = None
         self._rss: Optional[Tuple[float, int]] = None  # (perf_counter of the read, bytes): rss_bytes() opens a /proc file
         self.bundle = bundle
@@ -265,7 +267,7 @@ class Predictor:
         when the caller already has them."""
         s = self.settings
         dec = decide(moments.mean, moments.std, s.z, s.threshold, s.mixed)
-        flagged = [n for n, d in self._thresholded if d.flag(scores[n])]
+        flagged = [n for n, thr in self._thresholded if scores[n] > thr]
         keep, ignored_by = combine_decision(dec.keep, flagged, self.ignore_on)
         pol = self.policy
         ood_p = None
@@ -286,7 +288,7 @@ class Predictor:
         timings = dict(clock.ms)
         timings["total"] = sum(clock.ms.values())
         names = self.bundle.classes
-        top = int(np.argmax(moments.mean))
+        top = int(moments.mean.argmax())  # the ndarray method: np.argmax's wrapper costs more on one frame
         if not keep:
             label_index, classes = None, []
         elif dec.keep:
