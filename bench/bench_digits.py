@@ -39,12 +39,9 @@ def run_default(p: Predictor, images: Sequence[np.ndarray], batch: int = 256) ->
     return {"keep": np.array(keep), "gated": np.array(gated), "top": np.array(top), "features": np.stack(feats)}
 
 
-def detector_gates(p: Predictor, features: np.ndarray, alpha: float) -> Dict[str, np.ndarray]:
+def detector_gates(p: Predictor, cal_data, features: np.ndarray, alpha: float) -> Dict[str, np.ndarray]:
     """Each of the bundle's detectors as the gate alone, every pair of them and all of them under Bonferroni:
-    ignored [N]."""
-    cal_data = load_gate(p.bundle)
-    if cal_data is None or p.detectors is None:
-        raise click.ClickException("the bundle has no calibration data (gate.npz) or no detectors")
+    ignored [N]. `cal_data`: the bundle's loaded gate.npz (edge_quq.gate_store.load_gate)."""
     scores = p.detectors.score_all(features, p.head)
     names = [n for n in p.detectors.names if n in cal_data.data.scores]
     pv = np.stack([conformal_pvalues(scores[n][:, None], cal_data.calibration([n]))[:, 0] for n in names], axis=1)
@@ -78,10 +75,13 @@ def measure(bundle: Optional[str], n: int, seed: int, n_clean: Optional[int] = N
     x = load_fashion_mnist("test")[0][:n_clean]
     clean, drawn = run_default(p, x), run_default(p, digits)
     alpha = p.policy.alpha if p.policy.alpha is not None else 0.05
-    gates_clean, gates_digits = detector_gates(p, clean["features"], alpha), detector_gates(p, drawn["features"], alpha)
-    photos = {k: detector_gates(p, run_default(p, v)["features"], alpha) for k, v in photo_sets(n, seed).items()}
+    cal = load_gate(p.bundle)  # once: loading verifies the file's checksum and fingerprints
+    if cal is None or p.detectors is None:
+        raise click.ClickException("the bundle has no calibration data (gate.npz) or no detectors")
+    gates_clean, gates_digits = detector_gates(p, cal, clean["features"], alpha), detector_gates(p, cal, drawn["features"], alpha)
+    photos = {k: detector_gates(p, cal, run_default(p, v)["features"], alpha) for k, v in photo_sets(n, seed).items()}
     whole = [im for ims in package_photos().values() for im in ims]  # as `edge-quq predict` sees a photo folder
-    whole_gates = detector_gates(p, run_default(p, whole)["features"], alpha)
+    whole_gates = detector_gates(p, cal, run_default(p, whole)["features"], alpha)
     detectors = []
     for name, ign in gates_clean.items():
         caught = gates_digits[name]
