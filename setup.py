@@ -1,4 +1,4 @@
-"""Build of the optional native head kernel; all metadata lives in pyproject.toml.
+"""Build of the optional native kernels (the head sampler's and the per-frame decision math's); all metadata lives in pyproject.toml.
 
 The extension is optional: without a C compiler the install still succeeds and edge_quq falls back to the
 numpy sampler (edge_quq.samplers.make_sampler). Plain CPython C API, no numpy headers needed.
@@ -17,6 +17,12 @@ setup(
             depends=["edge_quq/csrc/headkernel.h", "edge_quq/csrc/simd_math.h"],
             extra_compile_args=extra,
             optional=True,
-        )
+        ),
+        Extension(
+            "edge_quq._gatekernel",
+            sources=["edge_quq/csrc/gatekernel.c"],
+            extra_compile_args=extra,
+            optional=True,
+        ),
     ]
 )

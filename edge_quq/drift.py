@@ -34,6 +34,10 @@ and a far-OOD stream then needs ~25 frames instead of ~8).
 Video is not exchangeable: one object in view for minutes gives the same p-value frame after frame, and a
 martingale fed all of them grows without any shift. FeedRule decides which frames are fed (docs/decisions.md).
 
+DriftMonitor's per-frame step (the bet, the scene test) runs in C when edge_quq._gatekernel is built, for the
+same reason as the p-values (edge_quq.conformal); martingale_path and unit() are its reference, and the
+monitor follows martingale_path in tests with and without the extension.
+
 Alarm lifecycle (DriftMonitor): on a crossing of 2/delta the alarm is raised (since_frame = that frame)
 and the martingale restarts from 1. Each later crossing restarts it again and keeps the alarm. The alarm clears
 after `clear_after` consecutive fed frames without a crossing; the martingale then restarts once more.
@@ -48,12 +52,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edge_quq.conformal import check_level, combine
+from edge_quq.conformal import NATIVE, check_level, combine
 from edge_quq.defaults import DRIFT_DEFAULTS
 from edge_quq.errors import InputError, OptionError
 
 FAMILIES: Tuple[str, ...] = ("power", "simple")
 FEED_MODES: Tuple[str, ...] = ("scene", "interval")
+_SCENE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # what the C scene test reads as it is
 _P_FLOOR = 1e-12  # p = 0 (an unscorable input) bets as this p rather than as infinity; raising p keeps validity
 
 
@@ -206,6 +211,7 @@ class DriftMonitor:
     # (the DKW margin of drift_pvalues). for_predictor() sets both.
     detector: Optional[str] = None
     n_calibration: Optional[int] = None
+    native: bool = NATIVE is not None  # the C step (module docstring); False runs the numpy one
 
     @classmethod
     def for_predictor(cls, predictor: Any, **settings: Any) -> Optional["DriftMonitor"]:
@@ -238,6 +244,7 @@ class DriftMonitor:
         self._keep, self._pool = 1.0 - self.jump, self.jump / self._eps.size
         self._log_level = alarm_level(self.delta) * math.log(10.0)
         self._near_dot = 1.0 - 0.5 * self.feed.scene_distance ** 2
+        self.native = bool(self.native) and NATIVE is not None
         self.reset()
 
     def reset(self) -> None:
@@ -264,12 +271,16 @@ class DriftMonitor:
             return True, None
         if feature is None:
             raise InputError("drift feed mode 'scene' needs the frame's feature vector")
-        u = unit(feature)
-        if self._memory is None or self._memory.shape[1] != u.size:
-            self._memory, self._stored = np.empty((int(self.feed.scene_memory), u.size)), 0
-        filled = self._memory[:min(self._stored, self._memory.shape[0])]
+        size = feature.size if isinstance(feature, np.ndarray) else np.size(feature)
+        if self._memory is None or self._memory.shape[1] != size:
+            self._memory, self._stored = np.empty((int(self.feed.scene_memory), size)), 0
+        rows = min(self._stored, self._memory.shape[0])
         # unit vectors: |a - b|^2 = 2 - 2 a.b, so "nearer than d to one of them" is one matrix-vector product
-        near = filled.shape[0] > 0 and float(np.maximum.reduce(filled.dot(u))) > self._near_dot
+        if self.native and isinstance(feature, np.ndarray) and feature.dtype in _SCENE_DTYPES and feature.flags.c_contiguous:
+            u = np.empty(size)
+            return not NATIVE.scene(self._memory, rows, feature, u) > self._near_dot, u
+        u = unit(feature)
+        near = rows > 0 and float(np.maximum.reduce(self._memory[:rows].dot(u))) > self._near_dot
         return not near, u
 
     def _remember(self, u: np.ndarray) -> None:
@@ -291,6 +302,11 @@ class DriftMonitor:
 
     def _bet(self, pvalue: float, frame: int) -> None:
         p = min(max(pvalue, _P_FLOOR), 1.0) if pvalue == pvalue else _P_FLOOR  # NaN bets as p = 0
+        if self.native:
+            self._log_m += math.log(NATIVE.bet(self._share, self._eps, self._eps_m1, self._keep, self._pool, p,
+                                               self.family == "power"))
+            self._after_bet(frame)
+            return
         if self.family == "power":
             bets = self._eps * np.exp(self._eps_m1 * math.log(p))
         else:
@@ -299,6 +315,9 @@ class DriftMonitor:
         total = float(np.add.reduce(cap))  # the ufunc: .sum()'s Python wrapper costs more than 20 additions
         self._log_m += math.log(total)
         self._share = cap / total
+        self._after_bet(frame)
+
+    def _after_bet(self, frame: int) -> None:
         if self._log_m >= self._log_level:
             if not self._alarm:
                 self._alarm, self._since = True, frame
