@@ -118,6 +118,15 @@ def build_predictor(**values: Any):
     return Predictor.from_bundle(options=PredictorOptions.from_cli(values))
 
 
+def decision_math_status() -> str:
+    """Whether the per-frame gate and drift steps run in C (edge_quq._gatekernel) or numpy."""
+    from edge_quq.conformal import NATIVE
+
+    if NATIVE is None:
+        return "numpy (the C extension edge_quq._gatekernel is not built: install a C compiler and reinstall)"
+    return "native (C)"
+
+
 def native_kernel_status(bundle: Any) -> str:
     """What `--sampler auto` runs on this bundle here, and how to get the native kernel when it is missing."""
     from edge_quq.samplers import native as sampler_native
@@ -317,6 +326,7 @@ def info(bundle: Optional[Path], as_json: bool) -> None:
         rows.append(("accuracy", ", ".join(f"{k} {v}" for k, v in acc.items())))
     backends = loadable_backends(b)
     rows.append(("head sampler", native_kernel_status(b)))
+    rows.append(("decision math", decision_math_status()))
     if as_json:
         from edge_quq.result import dumps
 

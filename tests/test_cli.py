@@ -136,6 +136,7 @@ def test_info_text_and_json():
     assert j["manifest"]["format"] == "edge-quq-bundle" and "tflite" in j["backends"]
     # Which head sampler `auto` runs here: tests/run.sh installs the compiler, so the kernel must be built.
     assert j["fields"]["head sampler"].startswith("native (")
+    assert j["fields"]["decision math"] == "native (C)"
     # the rule-plus-gate figures are not catch rates of the gate: their own line
     assert "id_error_kept" not in j["fields"]["gate validation"]
     assert j["fields"]["with the rule"].startswith("ignored ") and "error among kept" in j["fields"]["with the rule"]
