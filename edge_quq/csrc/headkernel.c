@@ -563,15 +563,19 @@ EQ_AVX2 static double eq_activate__avx2(int act, const float *logits, float *p, 
     const int C8 = C & ~7;
     const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
     if (act == EQ_ACT_SIGMOID) {
-        double h = 0.0;
+        /* The entropy terms summed in double lanes, one horizontal sum at the end (not one per 8 classes). */
+        __m256d hv = _mm256_setzero_pd();
         for (int c = 0; c < C8; c += 8) {
             const __m256 v = _mm256_loadu_ps(logits + c), a = _mm256_andnot_ps(sign, v);
             const __m256 e = eq_avx_exp(_mm256_xor_ps(a, sign)), u = _mm256_add_ps(one, e);
             const __m256 r = _mm256_div_ps(one, u), er = _mm256_mul_ps(e, r), l = eq_avx_log1p01(e);
             _mm256_storeu_ps(p + c, _mm256_blendv_ps(r, er, v)); /* sign bit of v set: e r */
-            h += eq_avx_sum_pd(_mm256_fmadd_ps(a, er, l));
+            const __m256 hc = _mm256_fmadd_ps(a, er, l);
+            hv = _mm256_add_pd(hv, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(hc)),
+                                                 _mm256_cvtps_pd(_mm256_extractf128_ps(hc, 1))));
         }
-        return h + eq_sigmoid_tail(logits, p, C8, C);
+        const __m128d h2 = _mm_add_pd(_mm256_castpd256_pd128(hv), _mm256_extractf128_pd(hv, 1));
+        return _mm_cvtsd_f64(_mm_add_sd(h2, _mm_unpackhi_pd(h2, h2))) + eq_sigmoid_tail(logits, p, C8, C);
     }
     if (act != EQ_ACT_SOFTMAX) return eq_activate__scalar(act, logits, p, C);
     float m = logits[0];
