@@ -64,9 +64,12 @@ static inline unsigned eq_popcount64(uint64_t v) {
 
 /* ---------------------------------------------------------------- micro-kernels: gathered-row accumulate */
 
-void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea,
-                           float *ey, int nl, const int32_t *pos, const float *coef, const int32_t *cnt, size_t ls,
-                           float *const *ys, float *tile) {
+/* The parameters of every variant (eq_f32_gather_fn). */
+#define EQ_GATHER_ARGS                                                                                         \
+    size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea, float *ey, int nl,     \
+        const int32_t *pos, const float *coef, const int32_t *cnt, size_t ls, float *const *ys, float *tile
+
+void eq_f32_gather__scalar(EQ_GATHER_ARGS) {
     (void)tile;
     if (ey)
         for (int p = 0; p < np; ++p) {
@@ -162,28 +165,23 @@ void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, const int32_t *
         }                                                                                                      \
     } while (0)
 
-/* The first n % 4 floats at p, zero beyond (a 4-lane row's last, partial vector). */
-static inline void eq_partial4(const float *p, size_t n, float out[4]) {
-    for (size_t i = 0; i < 4; ++i) out[i] = i < n % 4 ? p[i] : 0.0f;
-}
+/* NAME(p, n): the first n % 4 floats at p, zero beyond, as a vector (a 4-lane row's last, partial vector). */
+#define EQ_DEF_PARTIAL4(NAME, V, LOAD)                                                                          \
+    static inline V NAME(const float *p, size_t n) {                                                           \
+        float b[4];                                                                                            \
+        for (size_t i = 0; i < 4; ++i) b[i] = i < n % 4 ? p[i] : 0.0f;                                         \
+        return LOAD(b);                                                                                        \
+    }
 
 #ifdef EQ_X86
 static inline __m128 eq_sse_madd(__m128 c, __m128 w, __m128 acc) { return _mm_add_ps(acc, _mm_mul_ps(c, w)); }
-static inline __m128 eq_sse_partial(const float *p, size_t n) {
-    float b[4];
-    eq_partial4(p, n, b);
-    return _mm_loadu_ps(b);
-}
+EQ_DEF_PARTIAL4(eq_sse_partial, __m128, _mm_loadu_ps)
 #define EQ_SSE_WTAIL(p) eq_sse_partial((p), n)
 #define EQ_SSE_FULL(NV) EQ_GATHER_BLOCK(__m128, 4, NV, _mm_loadu_ps, _mm_storeu_ps, _mm_set1_ps, eq_sse_madd, _mm_loadu_ps)
 #define EQ_SSE_TAIL(NV) EQ_GATHER_BLOCK(__m128, 4, NV, _mm_loadu_ps, _mm_storeu_ps, _mm_set1_ps, eq_sse_madd, EQ_SSE_WTAIL)
 
 /* No FMA on SSE2: mul then add, every column alike. */
-void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea,
-                             float *ey, int nl, const int32_t *pos, const float *coef, const int32_t *cnt, size_t ls,
-                             float *const *ys, float *tile) {
-    EQ_BALANCED(12, 4, EQ_SSE_FULL, EQ_SSE_TAIL);
-}
+void eq_f32_gather__sse2_x48(EQ_GATHER_ARGS) { EQ_BALANCED(12, 4, EQ_SSE_FULL, EQ_SSE_TAIL); }
 
 EQ_AVX2 static inline __m256 eq_avx_fma(__m256 c, __m256 w, __m256 acc) { return _mm256_fmadd_ps(c, w, acc); }
 EQ_AVX2 static inline __m256 eq_avx_splat(float c) { return _mm256_set1_ps(c); }
@@ -194,9 +192,7 @@ EQ_AVX2 static inline void eq_avx_store(float *p, __m256 v) { _mm256_storeu_ps(p
 #define EQ_AVX_TAIL(NV) EQ_GATHER_BLOCK(__m256, 8, NV, eq_avx_load, eq_avx_store, eq_avx_splat, eq_avx_fma, EQ_AVX_WTAIL)
 
 EQ_AVX2
-void eq_f32_gather__avx2_fma_x96(size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea,
-                                 float *ey, int nl, const int32_t *pos, const float *coef, const int32_t *cnt,
-                                 size_t ls, float *const *ys, float *tile) {
+void eq_f32_gather__avx2_fma_x96(EQ_GATHER_ARGS) {
     const int rem = (int)(n % 8);
     const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     EQ_BALANCED(12, 8, EQ_AVX_FULL, EQ_AVX_TAIL);
@@ -205,20 +201,12 @@ void eq_f32_gather__avx2_fma_x96(size_t n, const float *w, size_t ldw, const int
 
 #ifdef EQ_ARM64
 static inline float32x4_t eq_neon_fma(float32x4_t c, float32x4_t w, float32x4_t acc) { return vfmaq_f32(acc, c, w); }
-static inline float32x4_t eq_neon_partial(const float *p, size_t n) {
-    float b[4];
-    eq_partial4(p, n, b);
-    return vld1q_f32(b);
-}
+EQ_DEF_PARTIAL4(eq_neon_partial, float32x4_t, vld1q_f32)
 #define EQ_NEON_WTAIL(p) eq_neon_partial((p), n)
 #define EQ_NEON_FULL(NV) EQ_GATHER_BLOCK(float32x4_t, 4, NV, vld1q_f32, vst1q_f32, vdupq_n_f32, eq_neon_fma, vld1q_f32)
 #define EQ_NEON_TAIL(NV) EQ_GATHER_BLOCK(float32x4_t, 4, NV, vld1q_f32, vst1q_f32, vdupq_n_f32, eq_neon_fma, EQ_NEON_WTAIL)
 
-void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea,
-                             float *ey, int nl, const int32_t *pos, const float *coef, const int32_t *cnt, size_t ls,
-                             float *const *ys, float *tile) {
-    EQ_BALANCED(16, 4, EQ_NEON_FULL, EQ_NEON_TAIL);
-}
+void eq_f32_gather__neon_x64(EQ_GATHER_ARGS) { EQ_BALANCED(16, 4, EQ_NEON_FULL, EQ_NEON_TAIL); }
 #endif
 
 /* ---------------------------------------------------------------- int8 first layer (dot-product variants) */
