@@ -7,11 +7,12 @@
  *  - Layer 2 cannot reuse a precomputed sum: the hidden activations differ per sample, so "dense minus dropped"
  *    would cost 1+p1 against 1-p1 for adding the kept rows. We add kept rows and also skip hidden units that
  *    the ReLU zeroed (typically half of them).
- *  - Samples are processed in chunks of 64 lanes (plus the eval-mode pass as one more lane). W is cut into row
- *    blocks whose slice under one column block stays in L1; per block, the masks become one row list per lane,
- *    and the gather micro-kernel walks every lane's list with the lane's output columns held in registers (one
- *    weight load and one FMA per multiply-add, no store of the outputs per row). W0 (2.4 MB for the paper's
- *    head) is read from memory once per chunk.
+ *  - Samples are processed in chunks of 64 lanes (plus the eval-mode pass). W is cut into row blocks whose
+ *    slice under one column block fits L1; per block, the masks become one list per lane of positions and
+ *    coefficients. The gather micro-kernel copies each slice into an aligned, contiguous tile (the eval-mode
+ *    pass multiplies every row on the way), then walks every lane's list over the tile with the lane's output
+ *    columns held in registers (one weight load and one FMA per multiply-add, no store of the outputs per row).
+ *    W0 (2.4 MB for the paper's head) is read from memory once per chunk.
  *  - Masks are 64-lane bit sets (bit t = sample t). They are drawn bit-sliced: a Bernoulli(p) for 64 lanes
  *    compares 64 32-bit uniforms to floor(p * 2^32) most significant bit first, one 64-bit random word per bit
  *    position, stopping once every lane is decided (about 7-8 words for 64 lanes instead of 64 draws). The
