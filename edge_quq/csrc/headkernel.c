@@ -7,11 +7,12 @@
  *  - Layer 2 cannot reuse a precomputed sum: the hidden activations differ per sample, so "dense minus dropped"
  *    would cost 1+p1 against 1-p1 for adding the kept rows. We add kept rows and also skip hidden units that
  *    the ReLU zeroed (typically half of them).
- *  - Samples are processed in chunks of 64 lanes (plus the eval-mode pass as one more lane). W is cut into row
- *    blocks whose slice under one column block stays in L1; per block, the masks become one row list per lane,
- *    and the gather micro-kernel walks every lane's list with the lane's output columns held in registers (one
- *    weight load and one FMA per multiply-add, no store of the outputs per row). W0 (2.4 MB for the paper's
- *    head) is read from memory once per chunk.
+ *  - Samples are processed in chunks of 64 lanes (plus the eval-mode pass). W is cut into row blocks whose
+ *    slice under one column block fits L1; per block, the masks become one list per lane of positions and
+ *    coefficients. The gather micro-kernel copies each slice into an aligned, contiguous tile (the eval-mode
+ *    pass multiplies every row on the way), then walks every lane's list over the tile with the lane's output
+ *    columns held in registers (one weight load and one FMA per multiply-add, no store of the outputs per row).
+ *    W0 (2.4 MB for the paper's head) is read from memory once per chunk.
  *  - Masks are 64-lane bit sets (bit t = sample t). They are drawn bit-sliced: a Bernoulli(p) for 64 lanes
  *    compares 64 32-bit uniforms to floor(p * 2^32) most significant bit first, one 64-bit random word per bit
  *    position, stopping once every lane is decided (about 7-8 words for 64 lanes instead of 64 draws). The
@@ -64,38 +65,78 @@ static inline unsigned eq_popcount64(uint64_t v) {
 
 /* ---------------------------------------------------------------- micro-kernels: gathered-row accumulate */
 
-void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
-                           const int32_t *cnt, size_t ls, float *const *ys) {
+/* The parameters of every variant (eq_f32_gather_fn). */
+#define EQ_GATHER_ARGS                                                                                         \
+    size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea, float *ey, int nl,     \
+        const int32_t *pos, const float *coef, const int32_t *cnt, size_t ls, float *const *ys, float *tile
+
+void eq_f32_gather__scalar(EQ_GATHER_ARGS) {
+    (void)tile;
+    if (ey)
+        for (int p = 0; p < np; ++p) {
+            const float c = ea[p], *wr = w + (size_t)wrows[p] * ldw;
+            for (size_t j = 0; j < n; ++j) ey[j] += c * wr[j];
+        }
     for (int l = 0; l < nl; ++l) {
         float *y = ys[l];
         for (int k = 0; k < cnt[l]; ++k) {
-            const int32_t i = rows[l * ls + k];
-            const float c = coef[l][i], *wr = w + (size_t)i * ldw;
+            const float c = coef[l * ls + k], *wr = w + (size_t)wrows[pos[l * ls + k]] * ldw;
             for (size_t j = 0; j < n; ++j) y[j] += c * wr[j];
         }
     }
 }
 
-/* One column block of NV vectors (columns j..) for every lane: the lane's accumulators live in registers while
- * it walks its rows. NV is a compile-time constant at every call site (EQ_SWITCH_NV), so the accumulator array is
- * fully unrolled into registers. WLAST loads the block's last weight vector (masked where a row ends inside it);
- * the outputs are loaded and stored whole, into the padding of ys (see headkernel.h). */
+/* One column block of NV vectors (columns j..j + NV*VL) of the row block. First the block's rows are copied into
+ * the tile, contiguous and aligned (W's own rows are not: a 300-column row starts 48 bytes into a cache line every
+ * fourth row, and a third of a misaligned row's vector loads would straddle two lines), with the eval-mode lane
+ * added on the way (every row, its zero coefficients too, so no branch). Then every lane walks its list over the
+ * tile, which stays in L1, holding its output columns in registers: one weight load and one FMA per multiply-add,
+ * the coefficient read from the list beside the position (no dependent load). NV is a compile-time constant at
+ * every call site (EQ_SWITCH_NV), so the accumulator arrays are fully unrolled into registers. WLAST loads a row's
+ * last vector (partial where the row ends inside it; the tile is zero there); the outputs are loaded and stored
+ * whole, into the padding of ys (see headkernel.h). */
 #define EQ_GATHER_BLOCK(V, VL, NV, LOAD, STORE, SPLAT, FMA, WLAST)                                              \
-    for (int l = 0; l < nl; ++l) {                                                                             \
-        const int m = cnt[l];                                                                                  \
-        if (!m) continue;                                                                                      \
-        const int32_t *r = rows + l * ls;                                                                      \
-        const float *cf = coef[l];                                                                             \
-        float *y = ys[l] + j;                                                                                  \
+    {                                                                                                          \
+        enum { RW = (NV) * (VL) };                                                                             \
         V acc[NV];                                                                                             \
-        for (int v = 0; v < NV; ++v) acc[v] = LOAD(y + v * VL);                                                \
-        for (int k = 0; k < m; ++k) {                                                                          \
-            const float *wr = w + (size_t)r[k] * ldw + j;                                                      \
-            const V c = SPLAT(cf[r[k]]);                                                                       \
-            for (int v = 0; v < NV - 1; ++v) acc[v] = FMA(c, LOAD(wr + v * VL), acc[v]);                       \
-            acc[NV - 1] = FMA(c, WLAST(wr + (NV - 1) * VL), acc[NV - 1]);                                      \
+        if (ey) {                                                                                              \
+            for (int v = 0; v < NV; ++v) acc[v] = LOAD(ey + j + v * VL);                                       \
+            for (int p = 0; p < np; ++p) {                                                                     \
+                const float *wr = w + (size_t)wrows[p] * ldw + j;                                              \
+                float *tp = tile + (size_t)p * RW;                                                             \
+                const V c = SPLAT(ea[p]);                                                                      \
+                for (int v = 0; v < NV - 1; ++v) {                                                             \
+                    const V x = LOAD(wr + v * VL);                                                             \
+                    STORE(tp + v * VL, x);                                                                     \
+                    acc[v] = FMA(c, x, acc[v]);                                                                \
+                }                                                                                              \
+                const V x = WLAST(wr + (NV - 1) * VL);                                                         \
+                STORE(tp + (NV - 1) * VL, x);                                                                  \
+                acc[NV - 1] = FMA(c, x, acc[NV - 1]);                                                          \
+            }                                                                                                  \
+            for (int v = 0; v < NV; ++v) STORE(ey + j + v * VL, acc[v]);                                       \
+        } else {                                                                                               \
+            for (int p = 0; p < np; ++p) {                                                                     \
+                const float *wr = w + (size_t)wrows[p] * ldw + j;                                              \
+                float *tp = tile + (size_t)p * RW;                                                             \
+                for (int v = 0; v < NV - 1; ++v) STORE(tp + v * VL, LOAD(wr + v * VL));                        \
+                STORE(tp + (NV - 1) * VL, WLAST(wr + (NV - 1) * VL));                                          \
+            }                                                                                                  \
         }                                                                                                      \
-        for (int v = 0; v < NV; ++v) STORE(y + v * VL, acc[v]);                                                \
+        for (int l = 0; l < nl; ++l) {                                                                         \
+            const int m = cnt[l];                                                                              \
+            if (!m) continue;                                                                                  \
+            const int32_t *r = pos + l * ls;                                                                   \
+            const float *cf = coef + l * ls;                                                                   \
+            float *y = ys[l] + j;                                                                              \
+            for (int v = 0; v < NV; ++v) acc[v] = LOAD(y + v * VL);                                            \
+            for (int k = 0; k < m; ++k) {                                                                      \
+                const float *tp = tile + (size_t)r[k] * RW;                                                    \
+                const V c = SPLAT(cf[k]);                                                                      \
+                for (int v = 0; v < NV; ++v) acc[v] = FMA(c, LOAD(tp + v * VL), acc[v]);                       \
+            }                                                                                                  \
+            for (int v = 0; v < NV; ++v) STORE(y + v * VL, acc[v]);                                            \
+        }                                                                                                      \
     }
 
 #define EQ_CASE(NV, BLOCK) case NV: BLOCK(NV); break;
@@ -107,39 +148,41 @@ void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const i
         EQ_CASE(16, BLOCK) default: break;                                                                     \
     }
 
-/* nvec vectors in blocks of at most maxv, as even as possible: a block of 1-2 vectors would leave the FMA units
- * waiting on its 1-2 dependency chains, so 300 columns of AVX2 go as 10+10+9+9 vectors, not 12+12+12+1+tail. */
-#define EQ_BALANCED(nvec, maxv, VL, BLOCK)                                                                     \
+/* All ceil(n / VL) vectors in blocks of at most maxv, as even as possible: a block of 1-2 vectors would leave the
+ * FMA units waiting on its 1-2 dependency chains, so 300 columns of AVX2 go as 10+10+9+9 vectors, not
+ * 12+12+12+1+tail. BLOCK_FULL for blocks whose last vector is whole, BLOCK_TAIL for the last block when n is not
+ * a multiple of VL (its rows' last vector is loaded partially). */
+#define EQ_BALANCED(maxv, VL, BLOCK_FULL, BLOCK_TAIL)                                                          \
     do {                                                                                                       \
-        const size_t nb_ = ((nvec) + (maxv) - 1) / (maxv);                                                     \
+        const size_t nvec_ = (n + (VL) - 1) / (VL), nb_ = (nvec_ + (maxv) - 1) / (maxv);                        \
         for (size_t b_ = 0; b_ < nb_; ++b_) {                                                                  \
-            const size_t v0_ = (nvec) * b_ / nb_, nv_ = (nvec) * (b_ + 1) / nb_ - v0_;                         \
+            const size_t v0_ = nvec_ * b_ / nb_, nv_ = nvec_ * (b_ + 1) / nb_ - v0_;                           \
             const size_t j = v0_ * (VL);                                                                       \
-            EQ_SWITCH_NV(nv_, BLOCK)                                                                           \
+            if (b_ + 1 == nb_ && n % (VL)) {                                                                   \
+                EQ_SWITCH_NV(nv_, BLOCK_TAIL)                                                                  \
+            } else {                                                                                           \
+                EQ_SWITCH_NV(nv_, BLOCK_FULL)                                                                  \
+            }                                                                                                  \
         }                                                                                                      \
     } while (0)
 
-/* Columns n - n % VL .. n, one lane at a time in scalar code; MADD matches the vector body's rounding. */
-#define EQ_GATHER_TAIL(j0, MADD)                                                                               \
-    for (int l = 0; l < nl; ++l)                                                                               \
-        for (int k = 0; k < cnt[l]; ++k) {                                                                     \
-            const int32_t i_ = rows[l * ls + k];                                                               \
-            const float c = coef[l][i_], *wr = w + (size_t)i_ * ldw;                                           \
-            for (size_t jj = (j0); jj < n; ++jj) ys[l][jj] = MADD(c, wr[jj], ys[l][jj]);                       \
-        }
-
-static inline float eq_madd_sep(float c, float w, float y) { return y + c * w; }
+/* NAME(p, n): the first n % 4 floats at p, zero beyond, as a vector (a 4-lane row's last, partial vector). */
+#define EQ_DEF_PARTIAL4(NAME, V, LOAD)                                                                          \
+    static inline V NAME(const float *p, size_t n) {                                                           \
+        float b[4];                                                                                            \
+        for (size_t i = 0; i < 4; ++i) b[i] = i < n % 4 ? p[i] : 0.0f;                                         \
+        return LOAD(b);                                                                                        \
+    }
 
 #ifdef EQ_X86
 static inline __m128 eq_sse_madd(__m128 c, __m128 w, __m128 acc) { return _mm_add_ps(acc, _mm_mul_ps(c, w)); }
-#define EQ_SSE_BLOCK(NV) EQ_GATHER_BLOCK(__m128, 4, NV, _mm_loadu_ps, _mm_storeu_ps, _mm_set1_ps, eq_sse_madd, _mm_loadu_ps)
+EQ_DEF_PARTIAL4(eq_sse_partial, __m128, _mm_loadu_ps)
+#define EQ_SSE_WTAIL(p) eq_sse_partial((p), n)
+#define EQ_SSE_FULL(NV) EQ_GATHER_BLOCK(__m128, 4, NV, _mm_loadu_ps, _mm_storeu_ps, _mm_set1_ps, eq_sse_madd, _mm_loadu_ps)
+#define EQ_SSE_TAIL(NV) EQ_GATHER_BLOCK(__m128, 4, NV, _mm_loadu_ps, _mm_storeu_ps, _mm_set1_ps, eq_sse_madd, EQ_SSE_WTAIL)
 
-void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
-                             const int32_t *cnt, size_t ls, float *const *ys) {
-    EQ_BALANCED(n / 4, 12, 4, EQ_SSE_BLOCK);
-    /* No FMA on SSE2: the scalar tail rounds like the vector body (mul then add). */
-    EQ_GATHER_TAIL(n & ~(size_t)3, eq_madd_sep)
-}
+/* No FMA on SSE2: mul then add, every column alike. */
+void eq_f32_gather__sse2_x48(EQ_GATHER_ARGS) { EQ_BALANCED(12, 4, EQ_SSE_FULL, EQ_SSE_TAIL); }
 
 EQ_AVX2 static inline __m256 eq_avx_fma(__m256 c, __m256 w, __m256 acc) { return _mm256_fmadd_ps(c, w, acc); }
 EQ_AVX2 static inline __m256 eq_avx_splat(float c) { return _mm256_set1_ps(c); }
@@ -148,32 +191,23 @@ EQ_AVX2 static inline void eq_avx_store(float *p, __m256 v) { _mm256_storeu_ps(p
 #define EQ_AVX_WTAIL(p) _mm256_maskload_ps((p), tail)
 #define EQ_AVX_FULL(NV) EQ_GATHER_BLOCK(__m256, 8, NV, eq_avx_load, eq_avx_store, eq_avx_splat, eq_avx_fma, eq_avx_load)
 #define EQ_AVX_TAIL(NV) EQ_GATHER_BLOCK(__m256, 8, NV, eq_avx_load, eq_avx_store, eq_avx_splat, eq_avx_fma, EQ_AVX_WTAIL)
-#define EQ_AVX_BLOCK(NV)                                                                                       \
-    if (b_ + 1 == nb_ && rem) {                                                                                \
-        EQ_AVX_TAIL(NV)                                                                                        \
-    } else {                                                                                                   \
-        EQ_AVX_FULL(NV)                                                                                        \
-    }
 
 EQ_AVX2
-void eq_f32_gather__avx2_fma_x96(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
-                                 const float *const *coef, const int32_t *cnt, size_t ls, float *const *ys) {
-    /* The last vector of the last block is masked where n is not a multiple of 8: no scalar tail pass. */
+void eq_f32_gather__avx2_fma_x96(EQ_GATHER_ARGS) {
     const int rem = (int)(n % 8);
-    const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem ? rem : 8), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    EQ_BALANCED((n + 7) / 8, 12, 8, EQ_AVX_BLOCK);
+    const __m256i tail = _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    EQ_BALANCED(12, 8, EQ_AVX_FULL, EQ_AVX_TAIL);
 }
 #endif
 
 #ifdef EQ_ARM64
 static inline float32x4_t eq_neon_fma(float32x4_t c, float32x4_t w, float32x4_t acc) { return vfmaq_f32(acc, c, w); }
-#define EQ_NEON_BLOCK(NV) EQ_GATHER_BLOCK(float32x4_t, 4, NV, vld1q_f32, vst1q_f32, vdupq_n_f32, eq_neon_fma, vld1q_f32)
+EQ_DEF_PARTIAL4(eq_neon_partial, float32x4_t, vld1q_f32)
+#define EQ_NEON_WTAIL(p) eq_neon_partial((p), n)
+#define EQ_NEON_FULL(NV) EQ_GATHER_BLOCK(float32x4_t, 4, NV, vld1q_f32, vst1q_f32, vdupq_n_f32, eq_neon_fma, vld1q_f32)
+#define EQ_NEON_TAIL(NV) EQ_GATHER_BLOCK(float32x4_t, 4, NV, vld1q_f32, vst1q_f32, vdupq_n_f32, eq_neon_fma, EQ_NEON_WTAIL)
 
-void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
-                             const int32_t *cnt, size_t ls, float *const *ys) {
-    EQ_BALANCED(n / 4, 16, 4, EQ_NEON_BLOCK);
-    EQ_GATHER_TAIL(n & ~(size_t)3, fmaf)
-}
+void eq_f32_gather__neon_x64(EQ_GATHER_ARGS) { EQ_BALANCED(16, 4, EQ_NEON_FULL, EQ_NEON_TAIL); }
 #endif
 
 /* ---------------------------------------------------------------- int8 first layer (dot-product variants) */
@@ -518,15 +552,19 @@ EQ_AVX2 static double eq_activate__avx2(int act, const float *logits, float *p, 
     const int C8 = C & ~7;
     const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
     if (act == EQ_ACT_SIGMOID) {
-        double h = 0.0;
+        /* The entropy terms summed in double lanes, one horizontal sum at the end (not one per 8 classes). */
+        __m256d hv = _mm256_setzero_pd();
         for (int c = 0; c < C8; c += 8) {
             const __m256 v = _mm256_loadu_ps(logits + c), a = _mm256_andnot_ps(sign, v);
             const __m256 e = eq_avx_exp(_mm256_xor_ps(a, sign)), u = _mm256_add_ps(one, e);
             const __m256 r = _mm256_div_ps(one, u), er = _mm256_mul_ps(e, r), l = eq_avx_log1p01(e);
             _mm256_storeu_ps(p + c, _mm256_blendv_ps(r, er, v)); /* sign bit of v set: e r */
-            h += eq_avx_sum_pd(_mm256_fmadd_ps(a, er, l));
+            const __m256 hc = _mm256_fmadd_ps(a, er, l);
+            hv = _mm256_add_pd(hv, _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(hc)),
+                                                 _mm256_cvtps_pd(_mm256_extractf128_ps(hc, 1))));
         }
-        return h + eq_sigmoid_tail(logits, p, C8, C);
+        const __m128d h2 = _mm_add_pd(_mm256_castpd256_pd128(hv), _mm256_extractf128_pd(hv, 1));
+        return _mm_cvtsd_f64(_mm_add_sd(h2, _mm_unpackhi_pd(h2, h2))) + eq_sigmoid_tail(logits, p, C8, C);
     }
     if (act != EQ_ACT_SOFTMAX) return eq_activate__scalar(act, logits, p, C);
     float m = logits[0];
@@ -560,22 +598,27 @@ static uint64_t eq_mask_bits(const uint8_t *keep, int stride, int col, int t0, i
 }
 
 /* Lists hold up to EQ_RBMAX rows per lane; the block height is chosen per call so that the block's slice of W
- * under one column block (at most 96 columns) is about 32 KB: it stays in L1 while every lane walks it. */
+ * under one column block (at most EQ_TILE_COLS columns) is about 32 KB: the tile it is copied into stays in L1 while
+ * every lane walks it. */
 #ifndef EQ_RBMIN
 #define EQ_RBMIN 64
 #endif
 #ifndef EQ_TILE_FLOATS
 #define EQ_TILE_FLOATS 8192
 #endif
-enum { EQ_RBMAX = 256, EQ_LANES = 65 };
+enum { EQ_RBMAX = 256, EQ_LANES = 64, EQ_TILE_COLS = 96, EQ_TILE_MAX = EQ_RBMAX * EQ_TILE_COLS };
 
 typedef struct {
-    int32_t rows[EQ_LANES * EQ_RBMAX];
+    float tile[EQ_TILE_MAX]; /* first: 64-byte aligned */
+    int32_t pos[EQ_LANES * EQ_RBMAX];
+    float coef[EQ_LANES * EQ_RBMAX];
     int32_t cnt[EQ_LANES];
+    int32_t wrows[EQ_RBMAX];
+    float ea[EQ_RBMAX];
 } eq_lists_t;
 
 static int eq_block_rows(size_t n) {
-    const size_t cols = n < 96 ? n : 96, rb = EQ_TILE_FLOATS / (cols ? cols : 1);
+    const size_t cols = n < EQ_TILE_COLS ? n : EQ_TILE_COLS, rb = EQ_TILE_FLOATS / (cols ? cols : 1);
     return rb < EQ_RBMIN ? EQ_RBMIN : (rb > EQ_RBMAX ? EQ_RBMAX : (int)rb);
 }
 
@@ -620,43 +663,42 @@ static void eq_lane_sets(const uint64_t *sel, int np, int nt, uint64_t *lm, int 
 /* The rows of W taking part are idx[0..np) (all rows when idx is NULL); lm holds each lane's positions as bit sets
  * (eq_lane_sets, lmw words per lane). For lanes t < nt:  y[t*ys : +n] += sum over its rows i of a[t*as + i] * W[i, 0:n];
  * and, when dense_y is given, one more lane over every row: dense_y += dense_a[i] * W[i] (the eval-mode pass,
- * sharing the walk over W; it goes first so that it streams each block of W into cache in order for the
- * others; its zero coefficients are left out). Returns the multiply-adds done. */
+ * done while the gather copies each block of W into its tile). Returns the multiply-adds counted: the lanes' rows
+ * and the eval-mode lane's rows with a nonzero coefficient (its zero ones are multiplied, branch-free, but not
+ * counted). */
 static uint64_t eq_masked_gemm(const eq_kernels_t *k, eq_lists_t *L, const int32_t *idx, int np, size_t n,
                                const float *w, const uint64_t *lm, int lmw, const float *a, size_t as, float *y,
                                size_t ys, int nt, const float *dense_a, float *dense_y) {
     float *yp[EQ_LANES];
-    const float *ap[EQ_LANES];
-    int32_t *restrict cnt = L->cnt, *restrict lrows = L->rows;
-    const int d = dense_y != NULL, nl = nt + d, rb = eq_block_rows(n);
-    if (d) yp[0] = dense_y, ap[0] = dense_a;
-    for (int t = 0; t < nt; ++t) yp[t + d] = y + (size_t)t * ys, ap[t + d] = a + (size_t)t * as;
+    int32_t *restrict cnt = L->cnt, *restrict wrows = L->wrows;
+    const int rb = eq_block_rows(n);
+    for (int t = 0; t < nt; ++t) yp[t] = y + (size_t)t * ys;
     uint64_t rows = 0;
     for (int q0 = 0; q0 < np; q0 += rb) {
         const int q1 = np - q0 < rb ? np : q0 + rb;
-        cnt[0] = 0;
-        if (d)
-            for (int q = q0; q < q1; ++q) {
-                const int i = idx ? idx[q] : q;
-                if (dense_a[i] != 0.0f) lrows[cnt[0]++] = i;
-            }
+        for (int q = q0; q < q1; ++q) wrows[q - q0] = idx ? idx[q] : q;
+        if (dense_y)
+            for (int p = 0; p < q1 - q0; ++p) rows += (L->ea[p] = dense_a[wrows[p]]) != 0.0f;
         for (int t = 0; t < nt; ++t) {
             const uint64_t *lt = lm + (size_t)t * (size_t)lmw;
-            int32_t *lr = lrows + (size_t)(t + d) * EQ_RBMAX, c = 0;
+            const float *at = a + (size_t)t * as;
+            int32_t *restrict lp = L->pos + (size_t)t * EQ_RBMAX, c = 0;
+            float *restrict lc = L->coef + (size_t)t * EQ_RBMAX;
             for (int wi = q0 >> 6; wi <= (q1 - 1) >> 6; ++wi) {
                 const int lo = wi * 64;
                 uint64_t bits = lt[wi];
                 if (lo < q0) bits &= ~0ULL << (q0 - lo);
                 if (q1 - lo < 64) bits &= (1ULL << (q1 - lo)) - 1;
                 for (; bits; bits &= bits - 1) {
-                    const int q = lo + (int)eq_ctz64(bits);
-                    lr[c++] = idx ? idx[q] : q;
+                    const int p = lo + (int)eq_ctz64(bits) - q0;
+                    lp[c] = p;
+                    lc[c++] = at[wrows[p]];
                 }
             }
-            cnt[t + d] = c;
+            cnt[t] = c;
+            rows += (uint64_t)c;
         }
-        k->gather(n, w, n, nl, L->rows, ap, L->cnt, EQ_RBMAX, yp);
-        for (int l = 0; l < nl; ++l) rows += (uint64_t)L->cnt[l];
+        k->gather(n, w, n, wrows, q1 - q0, L->ea, dense_y, nt, L->pos, L->coef, cnt, EQ_RBMAX, yp, L->tile);
     }
     return rows * n;
 }
@@ -746,10 +788,13 @@ static void eq_layer1(eq_run_t *r, int t0, int nt, uint64_t lanes) {
     const float *restrict zf = r->zfull;
     for (int t = 0; t < nt; ++t) {
         float *restrict zt = r->z + t * r->Hs;
-        for (int j = 0; j < H; ++j) {
-            const float v = r->subtract ? zf[j] - zt[j] : zt[j];
-            zt[j] = (v > 0.0f ? v : 0.0f) * s1;
-        }
+        if (r->subtract)
+            for (int j = 0; j < H; ++j) {
+                const float v = zf[j] - zt[j];
+                zt[j] = (v > 0.0f ? v : 0.0f) * s1;
+            }
+        else
+            for (int j = 0; j < H; ++j) zt[j] = (zt[j] > 0.0f ? zt[j] : 0.0f) * s1;
     }
 }
 

@@ -18,17 +18,20 @@ extern "C" {
 
 enum { EQ_ACT_LINEAR = 0, EQ_ACT_SIGMOID = 1, EQ_ACT_SOFTMAX = 2 };
 
-/* Gathered-row accumulate, the one hot loop of the kernel, for `nl` lanes (samples) at once:
- *   for every lane l < nl:  ys[l][0:n] += sum_{k < cnt[l]} coef[l][i] * w[i * ldw + 0:n],  i = rows[l*ls + k]
- * The caller gives each lane the rows it needs (a sample's dropped or kept units with a nonzero coefficient) of
- * one row block of W, small enough that the block's slice of W stays in L1 while every lane walks it. The
- * micro-kernels hold a lane's output columns in registers across its rows (one weight load and one FMA per
- * multiply-add, no load/store of the output per row) and walk the columns in register-sized blocks. Every
- * variant adds the rows in the same order, so variants differ only by FMA-vs-mul+add rounding. Each ys[l] must
- * be readable and writable up to n rounded up to 8 floats: the AVX2 variant loads and stores its last output
- * vector whole (only its weight load is masked). */
-typedef void (*eq_f32_gather_fn)(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
-                                 const float *const *coef, const int32_t *cnt, size_t ls, float *const *ys);
+/* Gathered-row accumulate, the one hot loop of the kernel, over one row block of W: the block's rows are
+ * W[wrows[p]] for p < np. When ey is given, first the eval-mode lane over every row of the block:
+ *   ey[0:n] += sum_{p < np} ea[p] * W[wrows[p], 0:n]
+ * then for every lane l < nl (a sample), with its positions and coefficients in pos/coef[l * ls + 0 : cnt[l]]:
+ *   ys[l][0:n] += sum_{k < cnt[l]} coef[l*ls + k] * W[wrows[pos[l*ls + k]], 0:n]
+ * The caller gives each lane the rows it needs (a sample's dropped or kept units with a nonzero coefficient) and
+ * the coefficients beside them, in row order. The SIMD variants copy the block into `tile` one column block at a
+ * time (aligned and contiguous, so it stays in L1 while every lane walks it; np x 96 floats at most, 64-byte
+ * aligned), and hold a lane's output columns in registers across its rows. Every variant adds the rows in the
+ * same order, so variants differ only by FMA-vs-mul+add rounding. ey and each ys[l] must be readable and writable
+ * up to n rounded up to 8 floats: the SIMD variants load and store their last output vector whole. */
+typedef void (*eq_f32_gather_fn)(size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea,
+                                 float *ey, int nl, const int32_t *pos, const float *coef, const int32_t *cnt,
+                                 size_t ls, float *const *ys, float *tile);
 
 /* One sample's outputs p[0:C] = activation(logits) and their entropy (Shannon for softmax, sum of binary
  * entropies otherwise). */
@@ -48,18 +51,22 @@ typedef struct {
     eq_i8_gemm_fn gemm_i8; /* NULL: float32 first layer; else int8 features x int8 W0 (see eq_quantize_w0) */
 } eq_kernels_t;
 
-void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
-                           const int32_t *cnt, size_t ls, float *const *ys);
+void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea, float *ey,
+                           int nl, const int32_t *pos, const float *coef, const int32_t *cnt, size_t ls,
+                           float *const *ys, float *tile);
 #if defined(__x86_64__) || defined(_M_X64)
-void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
-                             const int32_t *cnt, size_t ls, float *const *ys);
-void eq_f32_gather__avx2_fma_x96(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows,
-                                 const float *const *coef, const int32_t *cnt, size_t ls, float *const *ys);
+void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea, float *ey,
+                           int nl, const int32_t *pos, const float *coef, const int32_t *cnt, size_t ls,
+                           float *const *ys, float *tile);
+void eq_f32_gather__avx2_fma_x96(size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea, float *ey,
+                           int nl, const int32_t *pos, const float *coef, const int32_t *cnt, size_t ls,
+                           float *const *ys, float *tile);
 #endif
 void eq_i8_gemm__scalar(int G, size_t hp, const int8_t *wp, int ntp, const int8_t *xi, int32_t *acc);
 #if defined(__aarch64__)
-void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, int nl, const int32_t *rows, const float *const *coef,
-                             const int32_t *cnt, size_t ls, float *const *ys);
+void eq_f32_gather__neon_x64(size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea, float *ey,
+                           int nl, const int32_t *pos, const float *coef, const int32_t *cnt, size_t ls,
+                           float *const *ys, float *tile);
 #endif
 
 /* Variants usable on this CPU, best first; the last one is always the plain C reference. The int8 variants'
