@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from edge_quq import framekernels as _native
 from edge_quq.errors import BundleError, OptionError
 from edge_quq.gradients import GradientSettings, gradient_scores
 from edge_quq.head import HeadWeights
@@ -193,9 +194,18 @@ def _project(p: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
 
 def _mahalanobis_family(a: Mapping[str, np.ndarray], feats: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(min_c squared distance to the class means [N], rel_mahalanobis score [N] or None), float32 math
-    from the prepared arrays, float64 out."""
+    from the prepared arrays, float64 out: after the projection, the native kernel when the extension is built
+    (edge_quq.framekernels.mahalanobis), _mahalanobis_numpy, its reference, otherwise."""
     p = _prepare_mahalanobis(a)
     z = _project(p, np.asarray(feats, np.float32))
+    if _native.available() and z.shape[0]:
+        return _native.mahalanobis(z, p["center"], p["means2"], p["msq"], p.get("center0"))
+    return _mahalanobis_numpy(p, z)
+
+
+def _mahalanobis_numpy(p: Mapping[str, np.ndarray], z: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """_mahalanobis_family's distances from the projected rows z [N, F] (or [N, 2F], class and global columns
+    interleaved, with "center0") in numpy: the definition, and the native kernel's reference."""
     zc = z[:, 0::2] - p["center"] if "center0" in p else z - p["center"]
     # ufunc reductions, not .min()/.sum(): no Python wrapper per call on the per-frame path
     d = np.maximum(np.minimum.reduce(np.add.reduce(zc * zc, axis=1)[:, None] - zc @ p["means2"] + p["msq"], axis=1), 0.0)

@@ -8,6 +8,7 @@
 
 #include <string.h>
 
+#include "frame.h"
 #include "headkernel.h"
 
 typedef struct {
@@ -270,6 +271,127 @@ static PyObject *py_bernoulli_bits(PyObject *self, PyObject *args) {
     return b;
 }
 
+/* -- the per-frame fast paths (frame.c); sizes come from the buffers, the Python side (edge_quq/framekernels.py)
+ * passes C-contiguous arrays of the documented dtypes. */
+
+static PyObject *py_moment_scores(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *omean, *ostd, *ologits, *oee, *oout;
+    int act;
+    if (!PyArg_ParseTuple(args, "OOOOiO", &omean, &ostd, &ologits, &oee, &act, &oout)) return NULL;
+    if (act != EQ_ACT_LINEAR && act != EQ_ACT_SIGMOID && act != EQ_ACT_SOFTMAX)
+        return PyErr_Format(PyExc_ValueError, "unknown activation code %d", act);
+    buf_t bee = {0}, bmean = {0}, bstd = {0}, bl = {0}, bout = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(oee, &bee.view, PyBUF_C_CONTIGUOUS) < 0) return NULL;
+    bee.held = 1;
+    const Py_ssize_t N = bee.view.len / 8;
+    if (PyObject_GetBuffer(omean, &bmean.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    bmean.held = 1;
+    const Py_ssize_t C = N > 0 ? bmean.view.len / 8 / N : 0;
+    if (N < 1 || C < 1 || bmean.view.len != N * C * 8) {
+        PyErr_SetString(PyExc_ValueError, "mean must be float64 [N, C] with N = len(expected_entropy) >= 1, C >= 1");
+        goto done;
+    }
+    if (buf_get(ostd, &bstd, N * C, 8, 0, 0, "std") || buf_get(oout, &bout, EQ_NUM_SCORES * N, 8, 1, 0, "out"))
+        goto done;
+    if (PyObject_GetBuffer(ologits, &bl.view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) goto done;
+    bl.held = 1;
+    const char *fmt = bl.view.format ? bl.view.format + strlen(bl.view.format) - 1 : "B";
+    const int l32 = *fmt == 'f' && bl.view.itemsize == 4, l64 = *fmt == 'd' && bl.view.itemsize == 8;
+    if (!(l32 || l64) || bl.view.len != N * C * bl.view.itemsize) {
+        PyErr_SetString(PyExc_ValueError, "logits must be float32 or float64 [N, C]");
+        goto done;
+    }
+    if (eq_moment_scores(N, C, (const double *)bmean.view.buf, (const double *)bstd.view.buf,
+                         l32 ? (const float *)bl.view.buf : NULL, l64 ? (const double *)bl.view.buf : NULL,
+                         (const double *)bee.view.buf, act, (double *)bout.view.buf) != 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    buf_release(&bee); buf_release(&bmean); buf_release(&bstd); buf_release(&bl); buf_release(&bout);
+    return result;
+}
+
+static PyObject *py_interval_decide(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *omean, *ostd, *olo, *ohi, *ost, *ocode, *okeep, *okept, *olab;
+    double z, thr;
+    int mixed_keep;
+    if (!PyArg_ParseTuple(args, "OOddpOOOOOOO", &omean, &ostd, &z, &thr, &mixed_keep, &olo, &ohi, &ost, &ocode,
+                          &okeep, &okept, &olab))
+        return NULL;
+    buf_t bcode = {0}, bmean = {0}, bstd = {0}, blo = {0}, bhi = {0}, bst = {0}, bkeep = {0}, bkept = {0}, blab = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(ocode, &bcode.view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return NULL;
+    bcode.held = 1;
+    const Py_ssize_t N = bcode.view.len;
+    if (PyObject_GetBuffer(omean, &bmean.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    bmean.held = 1;
+    const Py_ssize_t C = N > 0 ? bmean.view.len / 8 / N : 0;
+    if (N < 1 || C < 1 || bmean.view.len != N * C * 8) {
+        PyErr_SetString(PyExc_ValueError, "mean must be float64 [N, C] with N = len(code_out) >= 1, C >= 1");
+        goto done;
+    }
+    if (buf_get(ostd, &bstd, N * C, 8, 0, 0, "std") || buf_get(olo, &blo, N * C, 8, 1, 0, "lower_out") ||
+        buf_get(ohi, &bhi, N * C, 8, 1, 0, "upper_out") || buf_get(ost, &bst, N * C, 1, 1, 0, "states_out") ||
+        buf_get(okeep, &bkeep, N, 1, 1, 0, "keep_out") || buf_get(okept, &bkept, N * C, 1, 1, 0, "kept_out") ||
+        buf_get(olab, &blab, N, 8, 1, 0, "labels_out"))
+        goto done;
+    eq_interval_decide(N, C, (const double *)bmean.view.buf, (const double *)bstd.view.buf, z, thr, mixed_keep,
+                       (double *)blo.view.buf, (double *)bhi.view.buf, (int8_t *)bst.view.buf, (int8_t *)bcode.view.buf,
+                       (uint8_t *)bkeep.view.buf, (uint8_t *)bkept.view.buf, (int64_t *)blab.view.buf);
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    buf_release(&bcode); buf_release(&bmean); buf_release(&bstd); buf_release(&blo); buf_release(&bhi);
+    buf_release(&bst); buf_release(&bkeep); buf_release(&bkept); buf_release(&blab);
+    return result;
+}
+
+static PyObject *py_mahalanobis(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *oz, *ocenter, *omeans2, *omsq, *ocenter0, *od, *orel;
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &oz, &ocenter, &omeans2, &omsq, &ocenter0, &od, &orel)) return NULL;
+    buf_t bd = {0}, bcenter = {0}, bmsq = {0}, bz = {0}, bmeans = {0}, bc0 = {0}, brel = {0};
+    PyObject *result = NULL;
+    if (PyObject_GetBuffer(od, &bd.view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return NULL;
+    bd.held = 1;
+    if (PyObject_GetBuffer(ocenter, &bcenter.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    bcenter.held = 1;
+    if (PyObject_GetBuffer(omsq, &bmsq.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
+    bmsq.held = 1;
+    const Py_ssize_t N = bd.view.len / 8, F = bcenter.view.len / 4, C = bmsq.view.len / 4;
+    const int with_rel = ocenter0 != Py_None;
+    if (N < 1 || F < 1 || C < 1) {
+        PyErr_SetString(PyExc_ValueError, "empty rows, features or classes");
+        goto done;
+    }
+    if (buf_get(oz, &bz, N * F * (with_rel ? 2 : 1), 4, 0, 0, "z") || buf_get(omeans2, &bmeans, F * C, 4, 0, 0, "means2") ||
+        buf_get(ocenter0, &bc0, F, 4, 0, 1, "center0") || buf_get(orel, &brel, N, 8, 1, !with_rel, "rel_out"))
+        goto done;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = eq_mahalanobis(N, F, C, (const float *)bz.view.buf, (const float *)bcenter.view.buf,
+                        (const float *)bmeans.view.buf, (const float *)bmsq.view.buf,
+                        bc0.held ? (const float *)bc0.view.buf : NULL, (double *)bd.view.buf,
+                        brel.held ? (double *)brel.view.buf : NULL);
+    Py_END_ALLOW_THREADS
+    if (rc != 0) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    result = Py_None;
+    Py_INCREF(result);
+done:
+    buf_release(&bd); buf_release(&bcenter); buf_release(&bmsq); buf_release(&bz); buf_release(&bmeans);
+    buf_release(&bc0); buf_release(&brel);
+    return result;
+}
+
 #define MOMENTS_DOC                                                                                              \
     "(x, w0, b0, w1, b1, p0, p1, activation, num_iter, mean_out, std_out, logits_out, *, seed=0, mask0=None, "   \
     "mask1=None, probs_out=None, isa=None, stats_out=None) -> expected_entropy\n\n"                                              \
@@ -298,6 +420,18 @@ static PyMethodDef methods[] = {
     {"isa", py_isa, METH_NOARGS, "Name of the kernel variant used by default (the best this CPU supports)."},
     {"isas", py_isas, METH_NOARGS, "Kernel variants usable on this CPU, best first; the last is 'scalar'."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "CPU features detected at run time that the kernels care about."},
+    {"moment_scores", py_moment_scores, METH_VARARGS,
+     "moment_scores(mean, std, logits, expected_entropy, activation, out) -> None\n\nThe moment scores of rows "
+     "mean/std float64[N, C], logits float32 or float64[N, C], expected_entropy float64[N]; activation 0 linear, "
+     "1 sigmoid, 2 softmax. Writes out float64[5, N] (edge_quq.scores.MOMENT_SCORES; energy not for linear)."},
+    {"interval_decide", py_interval_decide, METH_VARARGS,
+     "interval_decide(mean, std, z, threshold, mixed_keep, lower_out, upper_out, states_out, code_out, keep_out, "
+     "kept_out, labels_out) -> None\n\nThe interval decision rule of rows mean/std float64[N, C]: writes lower/upper "
+     "float64[N, C], states int8[N, C], code int8[N], keep bool[N], kept bool[N, C], labels int64[N]."},
+    {"mahalanobis", py_mahalanobis, METH_VARARGS,
+     "mahalanobis(z, center, means2, msq, center0, d_out, rel_out) -> None\n\nThe Mahalanobis family's distances "
+     "of projected rows z float32[N, F] (or [N, 2F] interleaved with the global projection when center0 float32[F] "
+     "is given, else None): d_out float64[N], rel_out float64[N] (None without center0). Releases the GIL."},
     {"bernoulli_bits", py_bernoulli_bits, METH_VARARGS, "bernoulli_bits(p, seed, n) -> bytes: n uint64 drop-bit words."},
     {NULL, NULL, 0, NULL},
 };

@@ -1,0 +1,90 @@
+"""Native fast paths of the per-frame math after the head (edge_quq/csrc/frame.c, built into the optional
+edge_quq._headkernel extension). On one frame's ten classes numpy's per-call cost, not the arithmetic, was most
+of the frame's overhead; each kernel here does one batched step in one call.
+
+Every kernel has a batched numpy reference that stays the definition of its math, and must match it
+(tests/test_frame_kernels.py runs both on random and edge-case inputs):
+
+    moment_scores      edge_quq.scores.compute_scores_numpy       SCORE_RTOL
+    interval_decide    edge_quq.decision.decide_numpy             exact (same comparisons, no fused multiply-add)
+    mahalanobis        edge_quq.detectors._mahalanobis_numpy      MAHALANOBIS_RTOL
+
+The owners (scores.compute_scores, decision.decide and decide_many, the detectors' Mahalanobis family) call the
+kernel when `available()`, the reference otherwise: an install without a C compiler runs the references only.
+
+Tolerances. The moment scores repeat the reference's float64 operations in its order, numpy's pairwise
+summation included, so they are bit-identical where numpy's log, exp and log1p are the C library's (x86 without
+AVX-512, aarch64); numpy's AVX-512 versions may differ by an ulp, hence SCORE_RTOL (relative to max(1, |score|)).
+The Mahalanobis distances are float32 like the reference, whose class dot products come from a BLAS matmul in
+another summation order: they agree to MAHALANOBIS_RTOL of the row's scale |zc|^2 + max_c |m_c|^2 (+ |g|^2 for
+rel_mahalanobis), the terms whose float32 rounding the distance inherits.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+try:
+    from edge_quq import _headkernel as _kernel  # type: ignore[attr-defined]
+except ImportError:  # built without a C compiler: the numpy references remain
+    _kernel = None
+
+SCORE_RTOL = 1e-12
+MAHALANOBIS_RTOL = 1e-5
+# activation name -> the kernel's code; any other name scores like "linear" (binary entropy, no energy), as
+# the reference does
+_ACTIVATION_CODES = {"sigmoid": 1, "softmax": 2}
+NUM_MOMENT_SCORES = 5
+
+
+def available() -> bool:
+    """True when the extension with the per-frame kernels was built and imports."""
+    return _kernel is not None and hasattr(_kernel, "interval_decide")
+
+
+def _f64(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, np.float64)
+
+
+def moment_scores(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_entropy: np.ndarray,
+                  activation: str) -> np.ndarray:
+    """[5, N] float64 for rows mean, std, logits [N, C] and expected_entropy [N]: max_prob, predictive_entropy,
+    mutual_information, mean_variance, energy (scores.MOMENT_SCORES; energy NaN unless sigmoid or softmax)."""
+    m = _f64(mean)
+    lg = np.ascontiguousarray(logits)
+    if lg.dtype != np.float32:
+        lg = _f64(lg)
+    ee = _f64(expected_entropy)
+    out = np.empty((NUM_MOMENT_SCORES, m.shape[0]))
+    _kernel.moment_scores(m, _f64(std), lg, ee, _ACTIVATION_CODES.get(activation, 0), out)
+    return out
+
+
+def interval_decide(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed_keep: bool
+                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(keep [N] bool, code [N] int8, states [N, C] int8, kept [N, C] bool, labels [N] int64, lower, upper
+    [N, C]) of the interval rule for rows mean, std [N, C] (decision.decide_numpy's Decisions and bounds)."""
+    m = _f64(mean)
+    n = m.shape[0]
+    lower, upper = np.empty_like(m), np.empty_like(m)
+    states = np.empty(m.shape, np.int8)
+    kept = np.empty(m.shape, np.bool_)
+    keep, code, labels = np.empty(n, np.bool_), np.empty(n, np.int8), np.empty(n, np.int64)
+    _kernel.interval_decide(m, _f64(std), float(z), float(threshold), bool(mixed_keep), lower, upper, states, code,
+                            keep, kept, labels)
+    return keep, code, states, kept, labels, lower, upper
+
+
+def mahalanobis(z: np.ndarray, center: np.ndarray, means2: np.ndarray, msq: np.ndarray,
+                center0: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(d [N], rel [N] or None) float64 from projected float32 rows z [N, F], or [N, 2F] with the global
+    projection interleaved when center0 is given (detectors._mahalanobis_numpy's inputs and outputs)."""
+    zz = np.ascontiguousarray(z, np.float32)
+    n = zz.shape[0]
+    d = np.empty(n)
+    rel = np.empty(n) if center0 is not None else None
+    c0 = None if center0 is None else np.ascontiguousarray(center0, np.float32)
+    _kernel.mahalanobis(zz, np.ascontiguousarray(center, np.float32), np.ascontiguousarray(means2, np.float32),
+                        np.ascontiguousarray(msq, np.float32), c0, d, rel)
+    return d, rel
