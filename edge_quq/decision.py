@@ -155,9 +155,16 @@ def _decisions(mean: np.ndarray, lower: np.ndarray, upper: np.ndarray, threshold
 
 
 def decide(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed: str = "ignore") -> Decision:
-    """The full rule for one sample's per-class MC mean and std: the batched rule on a batch of one."""
+    """The full rule for one sample's per-class MC mean and std: the batched rule on a batch of one (the native
+    kernel's row mode when it takes the inputs)."""
     mean = np.asarray(mean, dtype=np.float64)
     std = np.asarray(std, dtype=np.float64)
+    one = (_native.interval_decide_row(mean, std, z, threshold, mixed == "keep")
+           if _native.available() and mean.ndim == 1 and mixed in _CODES else None)
+    if one is not None:
+        keep, code, label, classes, states, lower, upper = one
+        return Decision(keep=keep, rule=RULE_NAMES[code], states=states, classes=classes,
+                        label=label if classes else None, lower=lower, upper=upper)
     d, lower, upper = _interval_rule(mean[None, :], std[None, :], z, threshold, mixed)
     classes = tuple(d.indicators[0].nonzero()[0].tolist())
     return Decision(

@@ -40,25 +40,41 @@ NUM_MOMENT_SCORES = 5
 
 def available() -> bool:
     """True when the extension with the per-frame kernels was built and imports."""
-    return _kernel is not None and hasattr(_kernel, "interval_decide")
+    return _AVAILABLE
+
+
+_AVAILABLE = _kernel is not None and hasattr(_kernel, "interval_decide")
+# What the kernels refuse (wrong dtype, size or layout): the callers' row paths then take the reference.
+_REFUSED = (TypeError, ValueError, BufferError)
 
 
 def _f64(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x, np.float64)
 
 
+def _logits(x: np.ndarray) -> np.ndarray:
+    lg = np.ascontiguousarray(x)
+    return lg if lg.dtype == np.float32 else _f64(lg)
+
+
 def moment_scores(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_entropy: np.ndarray,
                   activation: str) -> np.ndarray:
     """[5, N] float64 for rows mean, std, logits [N, C] and expected_entropy [N]: max_prob, predictive_entropy,
     mutual_information, mean_variance, energy (scores.MOMENT_SCORES; energy NaN unless sigmoid or softmax)."""
-    m = _f64(mean)
-    lg = np.ascontiguousarray(logits)
-    if lg.dtype != np.float32:
-        lg = _f64(lg)
     ee = _f64(expected_entropy)
-    out = np.empty((NUM_MOMENT_SCORES, m.shape[0]))
-    _kernel.moment_scores(m, _f64(std), lg, ee, _ACTIVATION_CODES.get(activation, 0), out)
+    out = np.empty((NUM_MOMENT_SCORES, ee.size))
+    _kernel.moment_scores(_f64(mean), _f64(std), _logits(logits), ee, _ACTIVATION_CODES.get(activation, 0), out)
     return out
+
+
+def moment_scores_row(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_entropy: float,
+                      activation: str) -> Optional[Tuple[float, ...]]:
+    """moment_scores of one sample (float64 [C] mean and std, float32 or float64 logits, a float) as floats;
+    None for inputs of other types or layouts."""
+    try:
+        return _kernel.moment_scores(mean, std, logits, expected_entropy, _ACTIVATION_CODES.get(activation, 0))
+    except _REFUSED:
+        return None
 
 
 def interval_decide(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed_keep: bool
@@ -71,20 +87,31 @@ def interval_decide(mean: np.ndarray, std: np.ndarray, z: float, threshold: floa
     states = np.empty(m.shape, np.int8)
     kept = np.empty(m.shape, np.bool_)
     keep, code, labels = np.empty(n, np.bool_), np.empty(n, np.int8), np.empty(n, np.int64)
-    _kernel.interval_decide(m, _f64(std), float(z), float(threshold), bool(mixed_keep), lower, upper, states, code,
-                            keep, kept, labels)
+    _kernel.interval_decide(m, _f64(std), z, threshold, mixed_keep, lower, upper, states, code, keep, kept, labels)
     return keep, code, states, kept, labels, lower, upper
+
+
+def interval_decide_row(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed_keep: bool
+                        ) -> Optional[Tuple[bool, int, int, Tuple[int, ...], np.ndarray, np.ndarray, np.ndarray]]:
+    """interval_decide of one sample (float64 [C] mean and std): (keep, code, label, kept classes, states,
+    lower, upper); None for inputs of other types or layouts."""
+    c = mean.shape[-1]
+    lower, upper, states = np.empty(c), np.empty(c), np.empty(c, np.int8)
+    try:
+        keep, code, label, classes = _kernel.interval_decide(mean, std, z, threshold, mixed_keep, lower, upper, states)
+    except _REFUSED:
+        return None
+    return keep, code, label, classes, states, lower, upper
 
 
 def mahalanobis(z: np.ndarray, center: np.ndarray, means2: np.ndarray, msq: np.ndarray,
                 center0: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(d [N], rel [N] or None) float64 from projected float32 rows z [N, F], or [N, 2F] with the global
-    projection interleaved when center0 is given (detectors._mahalanobis_numpy's inputs and outputs)."""
+    projection interleaved when center0 is given (detectors._mahalanobis_numpy's inputs and outputs; the
+    prepared arrays are float32 and contiguous)."""
     zz = np.ascontiguousarray(z, np.float32)
     n = zz.shape[0]
     d = np.empty(n)
     rel = np.empty(n) if center0 is not None else None
-    c0 = None if center0 is None else np.ascontiguousarray(center0, np.float32)
-    _kernel.mahalanobis(zz, np.ascontiguousarray(center, np.float32), np.ascontiguousarray(means2, np.float32),
-                        np.ascontiguousarray(msq, np.float32), c0, d, rel)
+    _kernel.mahalanobis(zz, center, means2, msq, center0, d, rel)
     return d, rel

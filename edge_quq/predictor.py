@@ -32,7 +32,7 @@ from edge_quq.preprocess import min_decode_size, preprocess_image, read_image
 from edge_quq.result import Failure, Prediction
 from edge_quq.samplers import make_sampler
 from edge_quq.samplers.base import HeadMoments, Sampler
-from edge_quq.scores import compute_scores, row_scores
+from edge_quq.scores import row_scores, score_row
 from edge_quq.telemetry import StageClock, rss_bytes
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
@@ -240,8 +240,7 @@ class Predictor:
         if self.gradient_on and self.gradient is not None:
             with clock.stage("head"):
                 grad = gradient_scores(self.head, features[None], self.gradient)
-        scores = row_scores(compute_scores(moments.mean, moments.std, moments.logits, moments.expected_entropy,
-                                           self.head.activation, grad))
+        scores = score_row(moments.mean, moments.std, moments.logits, moments.expected_entropy, self.head.activation, grad)
         if self.active is not None:
             given = {}
             gdet = self.active.detectors.get("gradient")

@@ -86,6 +86,21 @@ def compute_scores(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expect
     return scores
 
 
+def score_row(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_entropy: float, activation: str,
+              gradient: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """One sample's scores ([C] moments and a float expected entropy) as plain floats, what a Prediction carries:
+    row_scores(compute_scores(...)), in one native call when the kernel takes the inputs."""
+    row = (_native.moment_scores_row(mean, std, logits, expected_entropy, activation)
+           if _native.available() and getattr(mean, "ndim", 0) == 1 else None)
+    if row is None:
+        return row_scores(compute_scores(mean, std, logits, expected_entropy, activation, gradient))
+    # zip stops at the names: the kernel's energy is left out for heads without one
+    out = dict(zip(MOMENT_SCORES if activation in ENERGY_ACTIVATIONS else MOMENT_SCORES[:-1], row))
+    if gradient is not None:
+        out.update(row_scores({"gradient": np.asarray(gradient, dtype=np.float64)}))
+    return out
+
+
 def compute_scores_numpy(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_entropy: np.ndarray,
                          activation: str, gradient: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
     """compute_scores in numpy: the definition of the scores, and the native kernel's reference."""

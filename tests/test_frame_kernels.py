@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from edge_quq import framekernels
-from edge_quq.decision import _interval_rule, decide, decide_numpy
+from edge_quq.decision import RULE_NAMES, _interval_rule, decide, decide_numpy
 from edge_quq.detectors import _mahalanobis_numpy, _prepare_mahalanobis, _project
-from edge_quq.scores import compute_scores, compute_scores_numpy
+from edge_quq.scores import compute_scores, compute_scores_numpy, row_scores, score_row
 
 ROOT = Path(__file__).resolve().parent.parent
 native = pytest.mark.skipif(not framekernels.available(), reason="the C extension edge_quq._headkernel is not built")
@@ -78,8 +78,22 @@ def test_kernels_match_their_numpy_references(case, n, c):
                 g, w = getattr(got, name), getattr(want, name)
                 assert g.dtype == w.dtype and np.array_equal(g, w), (name, z, thr, mixed)
             assert np.array_equal(glo, wlo, equal_nan=True) and np.array_equal(ghi, whi, equal_nan=True)
-    one = decide(mean[0], std[0], 0.5, 0.5)
-    assert one.states.tolist() == decide_numpy(mean[:1], std[:1], 0.5, 0.5)[0].states[0].tolist()
+        # one row, as a frame runs them: the kernels' row modes, and inputs they refuse (other dtypes, a
+        # strided view) through the references
+        for m, sd, lg in ((mean[0], std[0], logits[0]), (mean[0].astype(np.float32), std[0], logits[0].astype(np.float16)),
+                          (np.repeat(mean[0], 2)[::2], std[0], logits[0])):
+            for act in ("sigmoid", "softmax", "linear"):
+                got = score_row(m, sd, lg, float(ee[0]), act)
+                want = row_scores(compute_scores_numpy(m, sd, lg, float(ee[0]), act))
+                assert list(got) == list(want) and all(type(v) is float for v in got.values())
+                assert_close(list(got.values()), list(want.values()), framekernels.SCORE_RTOL, what=act)
+            for z, thr, mixed in ((0.5, 0.5, "ignore"), (0.8, 0.5, "keep")):
+                got, (want, wlo, whi) = decide(m, sd, z, thr, mixed), decide_numpy(m[None].astype(np.float64), sd[None], z, thr, mixed)
+                assert (got.keep, got.rule, got.label) == (bool(want.keep[0]), RULE_NAMES[want.code[0]],
+                                                            int(want.labels[0]) if want.keep[0] else None)
+                assert got.classes == tuple(want.indicators[0].nonzero()[0].tolist())
+                assert got.states.dtype == np.int8 and np.array_equal(got.states, want.states[0])
+                assert np.array_equal(got.lower, wlo[0], equal_nan=True) and np.array_equal(got.upper, whi[0], equal_nan=True)
 
 
 def mahalanobis_arrays(rng, f: int, c: int, case: str, rel: bool):

@@ -271,82 +271,145 @@ static PyObject *py_bernoulli_bits(PyObject *self, PyObject *args) {
     return b;
 }
 
-/* -- the per-frame fast paths (frame.c); sizes come from the buffers, the Python side (edge_quq/framekernels.py)
- * passes C-contiguous arrays of the documented dtypes. */
+/* -- the per-frame fast paths (frame.c). Their arrays come from callers, so besides sizes the item types are
+ * checked too (struct format codes). Each kernel is batched over rows; the moment scores and the decision, with
+ * their row outputs left out, run one row and return Python numbers instead, what a frame needs. */
+
+/* Borrow a C-contiguous buffer of `count` items (count < 0: any count) of struct type `fmt`: 'd' float64,
+ * 'f' float32, 'b' int8, '?' bool, 'q' int64; obj may be None if `optional`. */
+static int buf_typed(PyObject *obj, buf_t *b, Py_ssize_t count, char fmt, int writable, int optional,
+                     const char *name) {
+    b->held = 0;
+    if (obj == NULL || obj == Py_None) {
+        if (optional) return 0;
+        PyErr_Format(PyExc_TypeError, "%s is required", name);
+        return -1;
+    }
+    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
+        return -1;
+    b->held = 1;
+    const char *f = b->view.format ? b->view.format : "B";
+    char got = f[0] ? f[strlen(f) - 1] : 'B';
+    if (got == 'l' && b->view.itemsize == 8) got = 'q'; /* int64 is 'l' where long is 64-bit */
+    const Py_ssize_t size = fmt == 'd' || fmt == 'q' ? 8 : fmt == 'f' ? 4 : 1;
+    if (got != fmt || b->view.itemsize != size || (count >= 0 && b->view.len != count * size)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd items of type '%c', got %zd bytes of '%s'", name, count, fmt,
+                     b->view.len, f);
+        buf_release(b);
+        return -1;
+    }
+    return 0;
+}
 
 static PyObject *py_moment_scores(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *omean, *ostd, *ologits, *oee, *oout;
+    PyObject *omean, *ostd, *ologits, *oee, *oout = Py_None;
     int act;
-    if (!PyArg_ParseTuple(args, "OOOOiO", &omean, &ostd, &ologits, &oee, &act, &oout)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOOi|O", &omean, &ostd, &ologits, &oee, &act, &oout)) return NULL;
     if (act != EQ_ACT_LINEAR && act != EQ_ACT_SIGMOID && act != EQ_ACT_SOFTMAX)
         return PyErr_Format(PyExc_ValueError, "unknown activation code %d", act);
     buf_t bee = {0}, bmean = {0}, bstd = {0}, bl = {0}, bout = {0};
     PyObject *result = NULL;
-    if (PyObject_GetBuffer(oee, &bee.view, PyBUF_C_CONTIGUOUS) < 0) return NULL;
-    bee.held = 1;
-    const Py_ssize_t N = bee.view.len / 8;
-    if (PyObject_GetBuffer(omean, &bmean.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
-    bmean.held = 1;
+    double ee1 = 0.0;
+    const double *ee = &ee1;
+    Py_ssize_t N = 1;
+    if (PyFloat_Check(oee)) {
+        ee1 = PyFloat_AS_DOUBLE(oee);
+    } else {
+        if (buf_typed(oee, &bee, -1, 'd', 0, 0, "expected_entropy")) goto done;
+        N = bee.view.len / 8;
+        ee = (const double *)bee.view.buf;
+    }
+    if (buf_typed(omean, &bmean, -1, 'd', 0, 0, "mean")) goto done;
     const Py_ssize_t C = N > 0 ? bmean.view.len / 8 / N : 0;
-    if (N < 1 || C < 1 || bmean.view.len != N * C * 8) {
-        PyErr_SetString(PyExc_ValueError, "mean must be float64 [N, C] with N = len(expected_entropy) >= 1, C >= 1");
+    if (N < 1 || C < 1 || bmean.view.len != N * C * 8 || (oout == Py_None && N != 1)) {
+        PyErr_SetString(PyExc_ValueError, "mean must be [N, C] with N = len(expected_entropy) >= 1 (1 without out), C >= 1");
         goto done;
     }
-    if (buf_get(ostd, &bstd, N * C, 8, 0, 0, "std") || buf_get(oout, &bout, EQ_NUM_SCORES * N, 8, 1, 0, "out"))
+    if (buf_typed(ostd, &bstd, N * C, 'd', 0, 0, "std") || buf_typed(oout, &bout, EQ_NUM_SCORES * N, 'd', 1, 1, "out"))
         goto done;
-    if (PyObject_GetBuffer(ologits, &bl.view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) goto done;
-    bl.held = 1;
-    const char *fmt = bl.view.format ? bl.view.format + strlen(bl.view.format) - 1 : "B";
-    const int l32 = *fmt == 'f' && bl.view.itemsize == 4, l64 = *fmt == 'd' && bl.view.itemsize == 8;
-    if (!(l32 || l64) || bl.view.len != N * C * bl.view.itemsize) {
-        PyErr_SetString(PyExc_ValueError, "logits must be float32 or float64 [N, C]");
-        goto done;
+    if (buf_typed(ologits, &bl, N * C, 'f', 0, 0, "logits") < 0) {
+        PyErr_Clear();
+        if (buf_typed(ologits, &bl, N * C, 'd', 0, 0, "logits (float32 or float64)")) goto done;
     }
+    const int l32 = bl.view.itemsize == 4;
+    double one[EQ_NUM_SCORES];
     if (eq_moment_scores(N, C, (const double *)bmean.view.buf, (const double *)bstd.view.buf,
-                         l32 ? (const float *)bl.view.buf : NULL, l64 ? (const double *)bl.view.buf : NULL,
-                         (const double *)bee.view.buf, act, (double *)bout.view.buf) != 0) {
+                         l32 ? (const float *)bl.view.buf : NULL, l32 ? NULL : (const double *)bl.view.buf, ee, act,
+                         bout.held ? (double *)bout.view.buf : one) != 0) {
         PyErr_NoMemory();
         goto done;
     }
-    result = Py_None;
-    Py_INCREF(result);
+    if (bout.held) {
+        result = Py_None;
+        Py_INCREF(result);
+    } else {
+        result = Py_BuildValue("(ddddd)", one[0], one[1], one[2], one[3], one[4]);
+    }
 done:
     buf_release(&bee); buf_release(&bmean); buf_release(&bstd); buf_release(&bl); buf_release(&bout);
     return result;
 }
 
+/* (keep, code, label, classes) of the one row the kernel just decided (kept: its kept-class bytes) */
+static PyObject *one_decision(Py_ssize_t C, const uint8_t *kept, int8_t code, uint8_t keep, int64_t label) {
+    Py_ssize_t n = 0;
+    for (Py_ssize_t c = 0; c < C; ++c) n += kept[c];
+    PyObject *classes = PyTuple_New(n);
+    if (!classes) return NULL;
+    for (Py_ssize_t c = 0, j = 0; c < C; ++c) {
+        if (!kept[c]) continue;
+        PyObject *v = PyLong_FromSsize_t(c);
+        if (!v) { Py_DECREF(classes); return NULL; }
+        PyTuple_SET_ITEM(classes, j++, v);
+    }
+    return Py_BuildValue("(NiLN)", PyBool_FromLong(keep), (int)code, (long long)label, classes);
+}
+
 static PyObject *py_interval_decide(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *omean, *ostd, *olo, *ohi, *ost, *ocode, *okeep, *okept, *olab;
+    PyObject *omean, *ostd, *olo, *ohi, *ost, *ocode = Py_None, *okeep = Py_None, *okept = Py_None, *olab = Py_None;
     double z, thr;
     int mixed_keep;
-    if (!PyArg_ParseTuple(args, "OOddpOOOOOOO", &omean, &ostd, &z, &thr, &mixed_keep, &olo, &ohi, &ost, &ocode,
+    if (!PyArg_ParseTuple(args, "OOddpOOO|OOOO", &omean, &ostd, &z, &thr, &mixed_keep, &olo, &ohi, &ost, &ocode,
                           &okeep, &okept, &olab))
         return NULL;
+    const int one = ocode == Py_None;
     buf_t bcode = {0}, bmean = {0}, bstd = {0}, blo = {0}, bhi = {0}, bst = {0}, bkeep = {0}, bkept = {0}, blab = {0};
     PyObject *result = NULL;
-    if (PyObject_GetBuffer(ocode, &bcode.view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return NULL;
-    bcode.held = 1;
-    const Py_ssize_t N = bcode.view.len;
-    if (PyObject_GetBuffer(omean, &bmean.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
-    bmean.held = 1;
+    uint8_t *kept1 = NULL;
+    int8_t code1 = 0;
+    uint8_t keep1 = 0;
+    int64_t label1 = -1;
+    if (buf_typed(ocode, &bcode, -1, 'b', 1, 1, "code_out")) return NULL;
+    const Py_ssize_t N = one ? 1 : bcode.view.len;
+    if (buf_typed(omean, &bmean, -1, 'd', 0, 0, "mean")) goto done;
     const Py_ssize_t C = N > 0 ? bmean.view.len / 8 / N : 0;
     if (N < 1 || C < 1 || bmean.view.len != N * C * 8) {
-        PyErr_SetString(PyExc_ValueError, "mean must be float64 [N, C] with N = len(code_out) >= 1, C >= 1");
+        PyErr_SetString(PyExc_ValueError, "mean must be [N, C] with N = len(code_out) >= 1 (1 without it), C >= 1");
         goto done;
     }
-    if (buf_get(ostd, &bstd, N * C, 8, 0, 0, "std") || buf_get(olo, &blo, N * C, 8, 1, 0, "lower_out") ||
-        buf_get(ohi, &bhi, N * C, 8, 1, 0, "upper_out") || buf_get(ost, &bst, N * C, 1, 1, 0, "states_out") ||
-        buf_get(okeep, &bkeep, N, 1, 1, 0, "keep_out") || buf_get(okept, &bkept, N * C, 1, 1, 0, "kept_out") ||
-        buf_get(olab, &blab, N, 8, 1, 0, "labels_out"))
+    if (buf_typed(ostd, &bstd, N * C, 'd', 0, 0, "std") || buf_typed(olo, &blo, N * C, 'd', 1, 0, "lower_out") ||
+        buf_typed(ohi, &bhi, N * C, 'd', 1, 0, "upper_out") || buf_typed(ost, &bst, N * C, 'b', 1, 0, "states_out") ||
+        buf_typed(okeep, &bkeep, N, '?', 1, one, "keep_out") || buf_typed(okept, &bkept, N * C, '?', 1, one, "kept_out") ||
+        buf_typed(olab, &blab, N, 'q', 1, one, "labels_out"))
         goto done;
+    if (one && !(kept1 = PyMem_Malloc((size_t)C))) {
+        PyErr_NoMemory();
+        goto done;
+    }
     eq_interval_decide(N, C, (const double *)bmean.view.buf, (const double *)bstd.view.buf, z, thr, mixed_keep,
-                       (double *)blo.view.buf, (double *)bhi.view.buf, (int8_t *)bst.view.buf, (int8_t *)bcode.view.buf,
-                       (uint8_t *)bkeep.view.buf, (uint8_t *)bkept.view.buf, (int64_t *)blab.view.buf);
-    result = Py_None;
-    Py_INCREF(result);
+                       (double *)blo.view.buf, (double *)bhi.view.buf, (int8_t *)bst.view.buf,
+                       one ? &code1 : (int8_t *)bcode.view.buf, one ? &keep1 : (uint8_t *)bkeep.view.buf,
+                       one ? kept1 : (uint8_t *)bkept.view.buf, one ? &label1 : (int64_t *)blab.view.buf);
+    if (one) {
+        result = one_decision(C, kept1, code1, keep1, label1);
+    } else {
+        result = Py_None;
+        Py_INCREF(result);
+    }
 done:
+    PyMem_Free(kept1);
     buf_release(&bcode); buf_release(&bmean); buf_release(&bstd); buf_release(&blo); buf_release(&bhi);
     buf_release(&bst); buf_release(&bkeep); buf_release(&bkept); buf_release(&blab);
     return result;
@@ -356,22 +419,20 @@ static PyObject *py_mahalanobis(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *oz, *ocenter, *omeans2, *omsq, *ocenter0, *od, *orel;
     if (!PyArg_ParseTuple(args, "OOOOOOO", &oz, &ocenter, &omeans2, &omsq, &ocenter0, &od, &orel)) return NULL;
+    const int with_rel = ocenter0 != Py_None;
     buf_t bd = {0}, bcenter = {0}, bmsq = {0}, bz = {0}, bmeans = {0}, bc0 = {0}, brel = {0};
     PyObject *result = NULL;
-    if (PyObject_GetBuffer(od, &bd.view, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0) return NULL;
-    bd.held = 1;
-    if (PyObject_GetBuffer(ocenter, &bcenter.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
-    bcenter.held = 1;
-    if (PyObject_GetBuffer(omsq, &bmsq.view, PyBUF_C_CONTIGUOUS) < 0) goto done;
-    bmsq.held = 1;
+    if (buf_typed(od, &bd, -1, 'd', 1, 0, "d_out") || buf_typed(ocenter, &bcenter, -1, 'f', 0, 0, "center") ||
+        buf_typed(omsq, &bmsq, -1, 'f', 0, 0, "msq"))
+        goto done;
     const Py_ssize_t N = bd.view.len / 8, F = bcenter.view.len / 4, C = bmsq.view.len / 4;
-    const int with_rel = ocenter0 != Py_None;
     if (N < 1 || F < 1 || C < 1) {
         PyErr_SetString(PyExc_ValueError, "empty rows, features or classes");
         goto done;
     }
-    if (buf_get(oz, &bz, N * F * (with_rel ? 2 : 1), 4, 0, 0, "z") || buf_get(omeans2, &bmeans, F * C, 4, 0, 0, "means2") ||
-        buf_get(ocenter0, &bc0, F, 4, 0, 1, "center0") || buf_get(orel, &brel, N, 8, 1, !with_rel, "rel_out"))
+    if (buf_typed(oz, &bz, N * F * (with_rel ? 2 : 1), 'f', 0, 0, "z") ||
+        buf_typed(omeans2, &bmeans, F * C, 'f', 0, 0, "means2") || buf_typed(ocenter0, &bc0, F, 'f', 0, 1, "center0") ||
+        buf_typed(orel, &brel, N, 'd', 1, !with_rel, "rel_out"))
         goto done;
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -421,17 +482,19 @@ static PyMethodDef methods[] = {
     {"isas", py_isas, METH_NOARGS, "Kernel variants usable on this CPU, best first; the last is 'scalar'."},
     {"cpu_features", py_cpu_features, METH_NOARGS, "CPU features detected at run time that the kernels care about."},
     {"moment_scores", py_moment_scores, METH_VARARGS,
-     "moment_scores(mean, std, logits, expected_entropy, activation, out) -> None\n\nThe moment scores of rows "
-     "mean/std float64[N, C], logits float32 or float64[N, C], expected_entropy float64[N]; activation 0 linear, "
-     "1 sigmoid, 2 softmax. Writes out float64[5, N] (edge_quq.scores.MOMENT_SCORES; energy not for linear)."},
+     "moment_scores(mean, std, logits, expected_entropy, activation, out=None)\n\nThe moment scores of rows "
+     "mean/std float64[N, C], logits float32 or float64[N, C], expected_entropy float64[N] (a float: one row); "
+     "activation 0 linear, 1 sigmoid, 2 softmax. Writes out float64[5, N] (edge_quq.scores.MOMENT_SCORES; energy "
+     "NaN for linear) and returns None; without out (one row), returns the 5 scores as a tuple."},
     {"interval_decide", py_interval_decide, METH_VARARGS,
-     "interval_decide(mean, std, z, threshold, mixed_keep, lower_out, upper_out, states_out, code_out, keep_out, "
-     "kept_out, labels_out) -> None\n\nThe interval decision rule of rows mean/std float64[N, C]: writes lower/upper "
-     "float64[N, C], states int8[N, C], code int8[N], keep bool[N], kept bool[N, C], labels int64[N]."},
+     "interval_decide(mean, std, z, threshold, mixed_keep, lower_out, upper_out, states_out, code_out=None, "
+     "keep_out=None, kept_out=None, labels_out=None)\n\nThe interval decision rule of rows mean/std float64[N, C]: "
+     "writes lower/upper float64[N, C], states int8[N, C] and, given code_out, code int8[N], keep bool[N], kept "
+     "bool[N, C], labels int64[N] (returns None). Without code_out (one row) returns (keep, code, label, classes)."},
     {"mahalanobis", py_mahalanobis, METH_VARARGS,
      "mahalanobis(z, center, means2, msq, center0, d_out, rel_out) -> None\n\nThe Mahalanobis family's distances "
      "of projected rows z float32[N, F] (or [N, 2F] interleaved with the global projection when center0 float32[F] "
-     "is given, else None): d_out float64[N], rel_out float64[N] (None without center0). Releases the GIL."},
+     "is given, else None): writes d_out float64[N] and rel_out float64[N] (None without center0). Releases the GIL."},
     {"bernoulli_bits", py_bernoulli_bits, METH_VARARGS, "bernoulli_bits(p, seed, n) -> bytes: n uint64 drop-bit words."},
     {NULL, NULL, 0, NULL},
 };
