@@ -209,3 +209,43 @@ int eq_mahalanobis(ptrdiff_t N, ptrdiff_t F, ptrdiff_t C, const float *z, const 
     free(zc);
     return 0;
 }
+
+void eq_conformal_pvalues(ptrdiff_t N, ptrdiff_t D, const double *scores, const double *const *cal, const ptrdiff_t *n,
+                          const double *plus_one, double *p) {
+    for (ptrdiff_t i = 0; i < N; ++i) {
+        for (ptrdiff_t d = 0; d < D; ++d) {
+            const double s = scores[i * D + d];
+            if (s != s) { /* a NaN score has no rank: p = 0, so the gate ignores it */
+                p[i * D + d] = 0.0;
+                continue;
+            }
+            ptrdiff_t lo = 0, hi = n[d]; /* #{cal < s}: ndarray.searchsorted(s, side="left") */
+            while (lo < hi) {
+                const ptrdiff_t mid = lo + (hi - lo) / 2;
+                if (cal[d][mid] < s) lo = mid + 1;
+                else hi = mid;
+            }
+            p[i * D + d] = (plus_one[d] - (double)lo) / plus_one[d];
+        }
+    }
+}
+
+int eq_combine(ptrdiff_t N, ptrdiff_t D, const double *p, int rule, double scale, double *out) {
+    double small[64], *inv = small;
+    if (rule == EQ_COMBINE_HMP && D > 64 && !(inv = malloc((size_t)D * sizeof *inv))) return -1;
+    for (ptrdiff_t i = 0; i < N; ++i) {
+        const double *row = p + i * D;
+        double v;
+        if (rule == EQ_COMBINE_HMP) { /* a zero p-value gives a huge sum, as the reference's 1e-300 floor does */
+            for (ptrdiff_t d = 0; d < D; ++d) inv[d] = 1.0 / max_nan(row[d], 1e-300);
+            v = scale / eq_pairwise_sum(inv, D);
+        } else {
+            double m = row[0];
+            for (ptrdiff_t d = 1; d < D; ++d) m = min_nan(m, row[d]);
+            v = (double)D * m;
+        }
+        out[i] = min_nan(v, 1.0);
+    }
+    if (inv != small) free(inv);
+    return 0;
+}
