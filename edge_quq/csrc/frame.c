@@ -21,47 +21,29 @@
 
 /* numpy's pairwise summation (numpy/_core/src/umath/loops_utils.h.src), for doubles and for floats: eight
  * accumulators per block of up to 128, blocks split in halves rounded to 8. */
-static double pairwise_d(const double *a, ptrdiff_t n) {
-    if (n < 8) {
-        double res = -0.0;
-        for (ptrdiff_t i = 0; i < n; ++i) res += a[i];
-        return res;
+#define EQ_PAIRWISE_SUM(NAME, T)                                                                                \
+    static T NAME(const T *a, ptrdiff_t n) {                                                                    \
+        if (n < 8) {                                                                                            \
+            T res = (T)-0.0;                                                                                    \
+            for (ptrdiff_t i = 0; i < n; ++i) res += a[i];                                                      \
+            return res;                                                                                         \
+        }                                                                                                       \
+        if (n <= PW_BLOCKSIZE) {                                                                                \
+            T r[8];                                                                                             \
+            for (int j = 0; j < 8; ++j) r[j] = a[j];                                                            \
+            ptrdiff_t i;                                                                                        \
+            for (i = 8; i < n - (n % 8); i += 8)                                                                \
+                for (int j = 0; j < 8; ++j) r[j] += a[i + j];                                                   \
+            T res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));                          \
+            for (; i < n; ++i) res += a[i];                                                                     \
+            return res;                                                                                         \
+        }                                                                                                       \
+        ptrdiff_t n2 = n / 2;                                                                                   \
+        n2 -= n2 % 8;                                                                                           \
+        return NAME(a, n2) + NAME(a + n2, n - n2);                                                              \
     }
-    if (n <= PW_BLOCKSIZE) {
-        double r[8];
-        for (int j = 0; j < 8; ++j) r[j] = a[j];
-        ptrdiff_t i;
-        for (i = 8; i < n - (n % 8); i += 8)
-            for (int j = 0; j < 8; ++j) r[j] += a[i + j];
-        double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-        for (; i < n; ++i) res += a[i];
-        return res;
-    }
-    ptrdiff_t n2 = n / 2;
-    n2 -= n2 % 8;
-    return pairwise_d(a, n2) + pairwise_d(a + n2, n - n2);
-}
-
-static float pairwise_f(const float *a, ptrdiff_t n) {
-    if (n < 8) {
-        float res = -0.0f;
-        for (ptrdiff_t i = 0; i < n; ++i) res += a[i];
-        return res;
-    }
-    if (n <= PW_BLOCKSIZE) {
-        float r[8];
-        for (int j = 0; j < 8; ++j) r[j] = a[j];
-        ptrdiff_t i;
-        for (i = 8; i < n - (n % 8); i += 8)
-            for (int j = 0; j < 8; ++j) r[j] += a[i + j];
-        float res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
-        for (; i < n; ++i) res += a[i];
-        return res;
-    }
-    ptrdiff_t n2 = n / 2;
-    n2 -= n2 % 8;
-    return pairwise_f(a, n2) + pairwise_f(a + n2, n - n2);
-}
+EQ_PAIRWISE_SUM(pairwise_d, double)
+EQ_PAIRWISE_SUM(pairwise_f, float)
 
 /* ndarray.sum of a contiguous row: the reduction starts from 0.0, then adds the pairwise sum */
 double eq_pairwise_sum(const double *a, ptrdiff_t n) { return 0.0 + pairwise_d(a, n); }

@@ -21,17 +21,24 @@ static void buf_release(buf_t *b) {
     b->held = 0;
 }
 
-/* Borrow a C-contiguous buffer of exactly `count` items of `itemsize` bytes; obj may be None if `optional`. */
-static int buf_get(PyObject *obj, buf_t *b, Py_ssize_t count, Py_ssize_t itemsize, int writable, int optional,
-                   const char *name) {
+/* Borrow obj's C-contiguous buffer with `flags` on top: 1 when held, 0 for None if `optional`, -1 on error. */
+static int buf_open(PyObject *obj, buf_t *b, int flags, int optional, const char *name) {
     b->held = 0;
     if (obj == NULL || obj == Py_None) {
         if (optional) return 0;
         PyErr_Format(PyExc_TypeError, "%s is required", name);
         return -1;
     }
-    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0)) < 0) return -1;
+    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | flags) < 0) return -1;
     b->held = 1;
+    return 1;
+}
+
+/* Borrow a C-contiguous buffer of exactly `count` items of `itemsize` bytes; obj may be None if `optional`. */
+static int buf_get(PyObject *obj, buf_t *b, Py_ssize_t count, Py_ssize_t itemsize, int writable, int optional,
+                   const char *name) {
+    const int rc = buf_open(obj, b, writable ? PyBUF_WRITABLE : 0, optional, name);
+    if (rc <= 0) return rc;
     if (b->view.len != count * itemsize || (b->view.itemsize != itemsize && b->view.itemsize != 1)) {
         PyErr_Format(PyExc_ValueError, "%s: expected %zd items of %zd bytes, got %zd bytes (itemsize %zd)", name,
                      count, itemsize, b->view.len, b->view.itemsize);
@@ -275,19 +282,17 @@ static PyObject *py_bernoulli_bits(PyObject *self, PyObject *args) {
  * checked too (struct format codes). Each kernel is batched over rows; the moment scores and the decision, with
  * their row outputs left out, run one row and return Python numbers instead, what a frame needs. */
 
+static PyObject *py_none(void) {
+    Py_INCREF(Py_None);
+    return Py_None;
+}
+
 /* Borrow a C-contiguous buffer of `count` items (count < 0: any count) of one of the struct types in `fmts`: 'd'
  * float64, 'f' float32, 'b' int8, '?' bool, 'q' int64; obj may be None if `optional`. */
 static int buf_typed(PyObject *obj, buf_t *b, Py_ssize_t count, const char *fmts, int writable, int optional,
                      const char *name) {
-    b->held = 0;
-    if (obj == NULL || obj == Py_None) {
-        if (optional) return 0;
-        PyErr_Format(PyExc_TypeError, "%s is required", name);
-        return -1;
-    }
-    if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
-        return -1;
-    b->held = 1;
+    const int rc = buf_open(obj, b, PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0), optional, name);
+    if (rc <= 0) return rc;
     const char *f = b->view.format ? b->view.format : "B";
     char got = f[0] ? f[strlen(f) - 1] : 'B';
     if (got == 'l' && b->view.itemsize == 8) got = 'q'; /* int64 is 'l' where long is 64-bit */
@@ -337,12 +342,7 @@ static PyObject *py_moment_scores(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    if (bout.held) {
-        result = Py_None;
-        Py_INCREF(result);
-    } else {
-        result = Py_BuildValue("(ddddd)", one[0], one[1], one[2], one[3], one[4]);
-    }
+    result = bout.held ? py_none() : Py_BuildValue("(ddddd)", one[0], one[1], one[2], one[3], one[4]);
 done:
     buf_release(&bee); buf_release(&bmean); buf_release(&bstd); buf_release(&bl); buf_release(&bout);
     return result;
@@ -399,12 +399,7 @@ static PyObject *py_interval_decide(PyObject *self, PyObject *args) {
                        (double *)blo.view.buf, (double *)bhi.view.buf, (int8_t *)bst.view.buf,
                        one ? &code1 : (int8_t *)bcode.view.buf, one ? &keep1 : (uint8_t *)bkeep.view.buf,
                        one ? kept1 : (uint8_t *)bkept.view.buf, one ? &label1 : (int64_t *)blab.view.buf);
-    if (one) {
-        result = one_decision(C, kept1, code1, keep1, label1);
-    } else {
-        result = Py_None;
-        Py_INCREF(result);
-    }
+    result = one ? one_decision(C, kept1, code1, keep1, label1) : py_none();
 done:
     PyMem_Free(kept1);
     buf_release(&bcode); buf_release(&bmean); buf_release(&bstd); buf_release(&blo); buf_release(&bhi);
@@ -533,12 +528,7 @@ static PyObject *py_combine(PyObject *self, PyObject *args) {
         PyErr_NoMemory();
         goto done;
     }
-    if (bout.held) {
-        result = Py_None;
-        Py_INCREF(result);
-    } else {
-        result = PyFloat_FromDouble(one);
-    }
+    result = bout.held ? py_none() : PyFloat_FromDouble(one);
 done:
     buf_release(&bp); buf_release(&bout);
     return result;
