@@ -13,8 +13,9 @@ setup(
     ext_modules=[
         Extension(
             "edge_quq._headkernel",
-            sources=["edge_quq/csrc/headkernel.c", "edge_quq/csrc/analytic.c", "edge_quq/csrc/headkernel_module.c"],
-            depends=["edge_quq/csrc/headkernel.h", "edge_quq/csrc/simd_math.h"],
+            sources=["edge_quq/csrc/headkernel.c", "edge_quq/csrc/analytic.c", "edge_quq/csrc/frame.c",
+                     "edge_quq/csrc/headkernel_module.c"],
+            depends=["edge_quq/csrc/headkernel.h", "edge_quq/csrc/frame.h", "edge_quq/csrc/simd_math.h"],
             extra_compile_args=extra,
             optional=True,
         ),

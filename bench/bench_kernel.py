@@ -91,8 +91,9 @@ def build_baseline(rev: str, tmp: Path):
     src = tmp / "baseline"
     src.mkdir()
     sources = []
-    # analytic.c and simd_math.h exist from the revision that moved the closed form into C on.
-    for name in ("headkernel.c", "headkernel.h", "headkernel_module.c", "analytic.c", "simd_math.h"):
+    # analytic.c and simd_math.h exist from the revision that moved the closed form into C on, frame.c and
+    # frame.h from the one that added the per-frame fast paths.
+    for name in ("headkernel.c", "headkernel.h", "headkernel_module.c", "analytic.c", "simd_math.h", "frame.c", "frame.h"):
         res = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:edge_quq/csrc/{name}"], capture_output=True, text=True)
         if res.returncode != 0:
             continue

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from edge_quq import framekernels as _native
 from edge_quq.defaults import DECISION_DEFAULTS, IGNORE_ON_WORDS, MIXED_POLICIES
 from edge_quq.errors import OptionError
 
@@ -122,7 +123,25 @@ def decide_many(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, m
     """The full rule for rows of per-class MC mean and std [N, C]."""
     mean = np.atleast_2d(np.asarray(mean, dtype=np.float64))
     std = np.atleast_2d(np.asarray(std, dtype=np.float64))
-    return _decisions(mean, mean - z * std, mean + z * std, threshold, mixed)
+    return _interval_rule(mean, std, z, threshold, mixed)[0]
+
+
+def _interval_rule(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed: str
+                   ) -> Tuple[Decisions, np.ndarray, np.ndarray]:
+    """(Decisions, lower, upper) for float64 rows [N, C]: the native kernel when the extension is built
+    (edge_quq.framekernels.interval_decide), decide_numpy, its reference, otherwise or for broadcast inputs."""
+    if not (_native.available() and mean.ndim == 2 and mean.size and std.shape == mean.shape and mixed in _CODES):
+        return decide_numpy(mean, std, z, threshold, mixed)
+    keep, code, states, kept, labels, lower, upper = _native.interval_decide(mean, std, z, threshold, mixed == "keep")
+    return Decisions(keep, code, states, kept, labels), lower, upper
+
+
+def decide_numpy(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed: str = "ignore"
+                 ) -> Tuple[Decisions, np.ndarray, np.ndarray]:
+    """(Decisions, lower, upper) for float64 rows [N, C] in numpy: the definition of the rule, and the native
+    kernel's reference."""
+    lower, upper = mean - z * std, mean + z * std
+    return _decisions(mean, lower, upper, threshold, mixed), lower, upper
 
 
 def _decisions(mean: np.ndarray, lower: np.ndarray, upper: np.ndarray, threshold: float, mixed: str) -> Decisions:
@@ -136,11 +155,17 @@ def _decisions(mean: np.ndarray, lower: np.ndarray, upper: np.ndarray, threshold
 
 
 def decide(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed: str = "ignore") -> Decision:
-    """The full rule for one sample's per-class MC mean and std: the batched rule on a batch of one."""
+    """The full rule for one sample's per-class MC mean and std: the batched rule on a batch of one (the native
+    kernel's row mode when it takes the inputs)."""
     mean = np.asarray(mean, dtype=np.float64)
     std = np.asarray(std, dtype=np.float64)
-    lower, upper = mean - z * std, mean + z * std
-    d = _decisions(mean[None, :], lower[None, :], upper[None, :], threshold, mixed)
+    one = (_native.interval_decide_row(mean, std, z, threshold, mixed == "keep")
+           if _native.available() and mean.ndim == 1 and mixed in _CODES else None)
+    if one is not None:
+        keep, code, label, classes, states, lower, upper = one
+        return Decision(keep=keep, rule=RULE_NAMES[code], states=states, classes=classes,
+                        label=label if classes else None, lower=lower, upper=upper)
+    d, lower, upper = _interval_rule(mean[None, :], std[None, :], z, threshold, mixed)
     classes = tuple(d.indicators[0].nonzero()[0].tolist())
     return Decision(
         keep=bool(d.keep[0]),
@@ -148,8 +173,8 @@ def decide(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed:
         states=d.states[0],
         classes=classes,
         label=d.labels.item(0) if classes else None,
-        lower=lower,
-        upper=upper,
+        lower=lower[0],
+        upper=upper[0],
     )
 
 

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from edge_quq import framekernels as _native
 from edge_quq.errors import BundleError, OptionError
 from edge_quq.gradients import GradientSettings, gradient_scores
 from edge_quq.head import HeadWeights
@@ -193,9 +194,18 @@ def _project(p: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
 
 def _mahalanobis_family(a: Mapping[str, np.ndarray], feats: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(min_c squared distance to the class means [N], rel_mahalanobis score [N] or None), float32 math
-    from the prepared arrays, float64 out."""
+    from the prepared arrays, float64 out: after the projection, the native kernel when the extension is built
+    (edge_quq.framekernels.mahalanobis), _mahalanobis_numpy, its reference, otherwise."""
     p = _prepare_mahalanobis(a)
     z = _project(p, np.asarray(feats, np.float32))
+    if _native.available() and z.shape[0]:
+        return _native.mahalanobis(z, p["center"], p["means2"], p["msq"], p.get("center0"))
+    return _mahalanobis_numpy(p, z)
+
+
+def _mahalanobis_numpy(p: Mapping[str, np.ndarray], z: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """_mahalanobis_family's distances from the projected rows z [N, F] (or [N, 2F], class and global columns
+    interleaved, with "center0") in numpy: the definition, and the native kernel's reference."""
     zc = z[:, 0::2] - p["center"] if "center0" in p else z - p["center"]
     # ufunc reductions, not .min()/.sum(): no Python wrapper per call on the per-frame path
     d = np.maximum(np.minimum.reduce(np.add.reduce(zc * zc, axis=1)[:, None] - zc @ p["means2"] + p["msq"], axis=1), 0.0)
@@ -404,16 +414,13 @@ class DetectorSet:
     def score_all(self, feats: np.ndarray, head: HeadWeights, given: Optional[Mapping[str, np.ndarray]] = None) -> Dict[str, np.ndarray]:
         """Every detector's scores [N] for rows feats [N, F]; `given` holds scores already computed elsewhere
         (the predictor's gradient score), used instead of computing them again."""
-        given = given or {}
         feats = _rows(feats)
-        shared = _USES_LOGITS.intersection(self.detectors).difference(given)
-        logits = eval_logits(head, feats) if shared else None
-        out = dict(given)
-        if self._mahalanobis_shared() and not out.keys() & {"mahalanobis", "rel_mahalanobis"}:
+        out = {n: np.asarray(v, np.float64).reshape(-1) for n, v in given.items()} if given else {}
+        logits = eval_logits(head, feats) if not _USES_LOGITS.isdisjoint(self.detectors.keys() - out.keys()) else None
+        if self._mahalanobis_shared() and "mahalanobis" not in out and "rel_mahalanobis" not in out:
             # both from rel_mahalanobis's one projection: its class part is mahalanobis itself
             out["mahalanobis"], out["rel_mahalanobis"] = _mahalanobis_family(self.detectors["rel_mahalanobis"]._scoring_arrays(), feats)
-        return {n: np.asarray(out[n], np.float64).reshape(-1) if n in out else d.score(feats, head, logits)
-                for n, d in self.detectors.items()}
+        return {n: out[n] if n in out else d.score(feats, head, logits) for n, d in self.detectors.items()}
 
     def _mahalanobis_shared(self) -> bool:
         """True when mahalanobis and rel_mahalanobis hold the same class whitener and means (as fitted
@@ -421,7 +428,8 @@ class DetectorSet:
         m, r = self.detectors.get("mahalanobis"), self.detectors.get("rel_mahalanobis")
         if m is None or r is None:
             return False
-        key = tuple(x[k] for x in (m.arrays, r.arrays) for k in ("whitener", "means_w"))
+        ma, ra = m.arrays, r.arrays
+        key = (ma["whitener"], ma["means_w"], ra["whitener"], ra["means_w"])
         if self._shared is None or not all(map(operator.is_, self._shared[0], key)):
             same = all(np.array_equal(m.arrays[k], r.arrays[k], equal_nan=True) for k in ("whitener", "means_w"))
             self._shared = (key, same)

@@ -17,6 +17,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
+from edge_quq import framekernels
 from edge_quq.backends import Backbone, make_backbone
 from edge_quq.bundle import Bundle, load_bundle
 from edge_quq.conformal import COMBINE_RULES, CalibrationScores, combine, conformal_pvalues
@@ -32,7 +33,7 @@ from edge_quq.preprocess import min_decode_size, preprocess_image, read_image
 from edge_quq.result import Failure, Prediction
 from edge_quq.samplers import make_sampler
 from edge_quq.samplers.base import HeadMoments, Sampler
-from edge_quq.scores import compute_scores, row_scores
+from edge_quq.scores import row_scores, score_row
 from edge_quq.telemetry import StageClock, rss_bytes
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
@@ -240,8 +241,7 @@ class Predictor:
         if self.gradient_on and self.gradient is not None:
             with clock.stage("head"):
                 grad = gradient_scores(self.head, features[None], self.gradient)
-        scores = row_scores(compute_scores(moments.mean, moments.std, moments.logits, moments.expected_entropy,
-                                           self.head.activation, grad))
+        scores = score_row(moments.mean, moments.std, moments.logits, moments.expected_entropy, self.head.activation, grad)
         if self.active is not None:
             given = {}
             gdet = self.active.detectors.get("gradient")
@@ -257,8 +257,10 @@ class Predictor:
         pol = self.policy
         if pol.cal is None:
             return None
-        row = np.array([[scores[n] for n in pol.detectors]], np.float64)
-        return conformal_pvalues(row, pol.cal)[0]
+        row = [scores[n] for n in pol.detectors]
+        # the native kernel when built (conformal.py holds the reference)
+        p = framekernels.conformal_pvalues_row(row, pol.cal) if framekernels.available() else None
+        return conformal_pvalues(np.array([row], np.float64), pol.cal)[0] if p is None else p
 
     def decision_stage(self, moments: HeadMoments, scores: Dict[str, float],
                        pvalues: Optional[np.ndarray] = None) -> Tuple[Decision, bool, List[str], List[str], Optional[float]]:
@@ -273,7 +275,9 @@ class Predictor:
         ood_p = None
         if pol.cal is not None:
             p = self.gate_pvalues(scores) if pvalues is None else pvalues
-            ood_p = float(combine(p[None], pol.combine)[0])
+            ood_p = framekernels.combine_row(p, pol.combine) if framekernels.available() else None
+            if ood_p is None:
+                ood_p = float(combine(p[None], pol.combine)[0])
         risk_keeps = True
         if pol.risk_threshold is not None:
             risk_keeps = RISK_SCORE_SIGN[pol.risk_score] * scores[pol.risk_score] > pol.risk_threshold

@@ -24,6 +24,8 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from edge_quq import framekernels as _native
+
 _EPS = 1e-12
 
 
@@ -54,9 +56,54 @@ def energy(logits: np.ndarray, activation: str) -> np.ndarray:
     return -(m[..., 0] + np.log(np.exp(z - m).sum(axis=-1)))
 
 
+# Column order of the native kernel's table (edge_quq.framekernels.moment_scores); energy only for the heads
+# in ENERGY_ACTIVATIONS.
+MOMENT_SCORES = ("max_prob", "predictive_entropy", "mutual_information", "mean_variance", "energy")
+ENERGY_ACTIVATIONS = ("sigmoid", "softmax")
+
+
 def compute_scores(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_entropy: np.ndarray, activation: str,
                    gradient: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
-    """Every score for rows of head moments ([N, C] -> [N] each; [C] -> scalar arrays)."""
+    """Every score for rows of head moments ([N, C] -> [N] each; [C] -> numpy scalars): the native kernel
+    when the extension is built (edge_quq.framekernels), compute_scores_numpy, its reference, otherwise or
+    for shapes the kernel does not take (broadcast inputs, more than 2 dimensions)."""
+    mean = np.asarray(mean, dtype=np.float64)
+    std = np.asarray(std, dtype=np.float64)
+    logits = np.asarray(logits)
+    ee = np.asarray(expected_entropy, dtype=np.float64)
+    # ndarray attributes and methods, not np.shape/np.reshape: their wrappers cost more than the kernel here
+    if not (_native.available() and 1 <= mean.ndim <= 2 and mean.size and std.shape == mean.shape == logits.shape
+            and ee.size * mean.shape[-1] == mean.size):
+        return compute_scores_numpy(mean, std, logits, ee, activation, gradient)
+    c = mean.shape[-1]
+    table = _native.moment_scores(mean.reshape(-1, c), std.reshape(-1, c), logits.reshape(-1, c), ee.reshape(-1),
+                                  activation)
+    names = MOMENT_SCORES if activation in ENERGY_ACTIVATIONS else MOMENT_SCORES[:-1]
+    # a single [C] vector gives numpy scalars, as the reference's reductions do
+    scores = {n: table[k] if mean.ndim == 2 else table[k, 0] for k, n in enumerate(names)}
+    if gradient is not None:
+        scores["gradient"] = np.asarray(gradient, dtype=np.float64)
+    return scores
+
+
+def score_row(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_entropy: float, activation: str,
+              gradient: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """One sample's scores ([C] moments and a float expected entropy) as plain floats, what a Prediction carries:
+    row_scores(compute_scores(...)), in one native call when the kernel takes the inputs."""
+    row = (_native.moment_scores_row(mean, std, logits, expected_entropy, activation)
+           if _native.available() and getattr(mean, "ndim", 0) == 1 else None)
+    if row is None:
+        return row_scores(compute_scores(mean, std, logits, expected_entropy, activation, gradient))
+    # zip stops at the names: the kernel's energy is left out for heads without one
+    out = dict(zip(MOMENT_SCORES if activation in ENERGY_ACTIVATIONS else MOMENT_SCORES[:-1], row))
+    if gradient is not None:
+        out.update(row_scores({"gradient": np.asarray(gradient, dtype=np.float64)}))
+    return out
+
+
+def compute_scores_numpy(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_entropy: np.ndarray,
+                         activation: str, gradient: Optional[np.ndarray] = None) -> Dict[str, np.ndarray]:
+    """compute_scores in numpy: the definition of the scores, and the native kernel's reference."""
     mean = np.asarray(mean, dtype=np.float64)
     std = np.asarray(std, dtype=np.float64)
     pe = entropy(mean, activation)
@@ -66,7 +113,7 @@ def compute_scores(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expect
         "mutual_information": np.maximum(pe - np.asarray(expected_entropy, dtype=np.float64), 0.0),
         "mean_variance": np.square(std).sum(axis=-1) / std.shape[-1],
     }
-    if activation in ("sigmoid", "softmax"):
+    if activation in ENERGY_ACTIVATIONS:
         scores["energy"] = energy(logits, activation)
     if gradient is not None:
         scores["gradient"] = np.asarray(gradient, dtype=np.float64)

@@ -1,0 +1,171 @@
+"""Native fast paths of the per-frame math after the head (edge_quq/csrc/frame.c, built into the optional
+edge_quq._headkernel extension). On one frame's ten classes numpy's per-call cost, not the arithmetic, was most
+of the frame's overhead; each kernel here does one batched step in one call.
+
+Every kernel has a batched numpy reference that stays the definition of its math, and must match it
+(tests/test_frame_kernels.py runs both on random and edge-case inputs):
+
+    moment_scores      edge_quq.scores.compute_scores_numpy       SCORE_RTOL
+    interval_decide    edge_quq.decision.decide_numpy             exact (same comparisons, no fused multiply-add)
+    mahalanobis        edge_quq.detectors._mahalanobis_numpy      MAHALANOBIS_RTOL
+    conformal_pvalues  edge_quq.conformal.conformal_pvalues       exact (unsmoothed; same search and arithmetic)
+    combine            edge_quq.conformal.combine                 exact (Bonferroni, HMP with numpy's summation)
+
+The owners (scores.compute_scores and score_row, decision.decide and decide_many, the detectors' Mahalanobis
+family; for the gate, whose module is the references' alone, the predictor) call the kernel when `available()`,
+the reference otherwise: an install without a C compiler runs the references only. The row variants (one
+sample, Python numbers in and out where that saves arrays) return None for inputs the kernel refuses (other
+dtypes or layouts, an unknown combination rule), and the caller takes the reference.
+
+Tolerances. The moment scores repeat the reference's float64 operations in its order, numpy's pairwise
+summation included, so they are bit-identical where numpy's log, exp and log1p are the C library's (x86 without
+AVX-512, aarch64); numpy's AVX-512 versions may differ by an ulp, hence SCORE_RTOL (relative to max(1, |score|)).
+The Mahalanobis distances are float32 like the reference, whose class dot products come from a BLAS matmul in
+another summation order: they agree to MAHALANOBIS_RTOL of the row's scale |zc|^2 + max_c |m_c|^2 (+ |g|^2 for
+rel_mahalanobis), the terms whose float32 rounding the distance inherits.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+
+import numpy as np
+
+from edge_quq.conformal import hmp_factor
+
+if TYPE_CHECKING:
+    from edge_quq.conformal import CalibrationScores
+
+try:
+    from edge_quq import _headkernel as _kernel  # type: ignore[attr-defined]
+except ImportError:  # built without a C compiler: the numpy references remain
+    _kernel = None
+
+SCORE_RTOL = 1e-12
+MAHALANOBIS_RTOL = 1e-5
+# activation name -> the kernel's code; any other name scores like "linear" (binary entropy, no energy), as
+# the reference does
+_ACTIVATION_CODES = {"sigmoid": 1, "softmax": 2}
+NUM_MOMENT_SCORES = 5
+_COMBINE_CODES = {"bonferroni": 0, "hmp": 1}
+
+
+def available() -> bool:
+    """True when the extension with the per-frame kernels was built and imports."""
+    return _AVAILABLE
+
+
+_AVAILABLE = _kernel is not None and hasattr(_kernel, "interval_decide")
+# What the kernels refuse (wrong dtype, size or layout): the callers' row paths then take the reference.
+_REFUSED = (TypeError, ValueError, BufferError)
+
+
+def _f64(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x, np.float64)
+
+
+def _logits(x: np.ndarray) -> np.ndarray:
+    lg = np.ascontiguousarray(x)
+    return lg if lg.dtype == np.float32 else _f64(lg)
+
+
+def moment_scores(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_entropy: np.ndarray,
+                  activation: str) -> np.ndarray:
+    """[5, N] float64 for rows mean, std, logits [N, C] and expected_entropy [N]: max_prob, predictive_entropy,
+    mutual_information, mean_variance, energy (scores.MOMENT_SCORES; energy NaN unless sigmoid or softmax)."""
+    ee = _f64(expected_entropy)
+    out = np.empty((NUM_MOMENT_SCORES, ee.size))
+    _kernel.moment_scores(_f64(mean), _f64(std), _logits(logits), ee, _ACTIVATION_CODES.get(activation, 0), out)
+    return out
+
+
+def moment_scores_row(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_entropy: float,
+                      activation: str) -> Optional[Tuple[float, ...]]:
+    """moment_scores of one sample (float64 [C] mean and std, float32 or float64 logits, a float) as floats;
+    None for inputs of other types or layouts."""
+    try:
+        return _kernel.moment_scores(mean, std, logits, expected_entropy, _ACTIVATION_CODES.get(activation, 0))
+    except _REFUSED:
+        return None
+
+
+def interval_decide(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed_keep: bool
+                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(keep [N] bool, code [N] int8, states [N, C] int8, kept [N, C] bool, labels [N] int64, lower, upper
+    [N, C]) of the interval rule for rows mean, std [N, C] (decision.decide_numpy's Decisions and bounds)."""
+    m = _f64(mean)
+    n = m.shape[0]
+    lower, upper = np.empty_like(m), np.empty_like(m)
+    states = np.empty(m.shape, np.int8)
+    kept = np.empty(m.shape, np.bool_)
+    keep, code, labels = np.empty(n, np.bool_), np.empty(n, np.int8), np.empty(n, np.int64)
+    _kernel.interval_decide(m, _f64(std), z, threshold, mixed_keep, lower, upper, states, code, keep, kept, labels)
+    return keep, code, states, kept, labels, lower, upper
+
+
+def interval_decide_row(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed_keep: bool
+                        ) -> Optional[Tuple[bool, int, int, Tuple[int, ...], np.ndarray, np.ndarray, np.ndarray]]:
+    """interval_decide of one sample (float64 [C] mean and std): (keep, code, label, kept classes, states,
+    lower, upper); None for inputs of other types or layouts."""
+    c = mean.shape[-1]
+    lower, upper, states = np.empty(c), np.empty(c), np.empty(c, np.int8)
+    try:
+        keep, code, label, classes = _kernel.interval_decide(mean, std, z, threshold, mixed_keep, lower, upper, states)
+    except _REFUSED:
+        return None
+    return keep, code, label, classes, states, lower, upper
+
+
+def mahalanobis(z: np.ndarray, center: np.ndarray, means2: np.ndarray, msq: np.ndarray,
+                center0: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """(d [N], rel [N] or None) float64 from projected float32 rows z [N, F], or [N, 2F] with the global
+    projection interleaved when center0 is given (detectors._mahalanobis_numpy's inputs and outputs; the
+    prepared arrays are float32 and contiguous)."""
+    zz = np.ascontiguousarray(z, np.float32)
+    n = zz.shape[0]
+    d = np.empty(n)
+    rel = np.empty(n) if center0 is not None else None
+    _kernel.mahalanobis(zz, center, means2, msq, center0, d, rel)
+    return d, rel
+
+
+def conformal_pvalues(scores: np.ndarray, cal: "CalibrationScores") -> np.ndarray:
+    """Unsmoothed conformal p-values [N, D] of rows scores [N, D] (conformal.conformal_pvalues's)."""
+    s = _f64(scores)
+    p = np.empty(s.shape)
+    _kernel.conformal_pvalues(s, cal.arrays, cal.plus_one, p)
+    return p
+
+
+def conformal_pvalues_row(scores: Sequence[float], cal: "CalibrationScores") -> Optional[np.ndarray]:
+    """conformal_pvalues of one sample's D scores (a list of floats) as an array [D]; None if refused."""
+    p = np.empty(len(cal.arrays))
+    try:
+        _kernel.conformal_pvalues(scores, cal.arrays, cal.plus_one, p)
+    except _REFUSED:
+        return None
+    return p
+
+
+def _combine_args(rule: str, num: int) -> Optional[Tuple[int, float]]:
+    code = _COMBINE_CODES.get(rule)
+    return None if code is None else (code, hmp_factor(num) * num if rule == "hmp" else 0.0)
+
+
+def combine(pvalues: np.ndarray, rule: str) -> np.ndarray:
+    """One p-value per row of pvalues [N, D] (conformal.combine's, for its rules bonferroni and hmp)."""
+    p = _f64(pvalues)
+    code, scale = _combine_args(rule, p.shape[1])  # type: ignore[misc]
+    out = np.empty(p.shape[0])
+    _kernel.combine(p, code, scale, out)
+    return out
+
+
+def combine_row(pvalues: np.ndarray, rule: str) -> Optional[float]:
+    """combine of one sample's p-values [D] as a float; None for another rule or refused input."""
+    args = _combine_args(rule, len(pvalues))
+    if args is None:
+        return None
+    try:
+        return _kernel.combine(pvalues, args[0], args[1])
+    except _REFUSED:
+        return None
