@@ -8,14 +8,9 @@ Every kernel has a batched numpy reference that stays the definition of its math
     moment_scores      edge_quq.scores.compute_scores_numpy       SCORE_RTOL
     interval_decide    edge_quq.decision.decide_numpy             exact (same comparisons, no fused multiply-add)
     mahalanobis        edge_quq.detectors._mahalanobis_numpy      MAHALANOBIS_RTOL
-    conformal_pvalues  edge_quq.conformal.conformal_pvalues       exact (unsmoothed; same search and arithmetic)
-    combine            edge_quq.conformal.combine                 exact (Bonferroni, HMP with numpy's summation)
 
-The owners (scores.compute_scores and score_row, decision.decide and decide_many, the detectors' Mahalanobis
-family; for the gate, whose module is the references' alone, the predictor) call the kernel when `available()`,
-the reference otherwise: an install without a C compiler runs the references only. The row variants (one
-sample, Python numbers in and out where that saves arrays) return None for inputs the kernel refuses (other
-dtypes or layouts, an unknown combination rule), and the caller takes the reference.
+The owners (scores.compute_scores, decision.decide and decide_many, the detectors' Mahalanobis family) call the
+kernel when `available()`, the reference otherwise: an install without a C compiler runs the references only.
 
 Tolerances. The moment scores repeat the reference's float64 operations in its order, numpy's pairwise
 summation included, so they are bit-identical where numpy's log, exp and log1p are the C library's (x86 without
@@ -26,14 +21,9 @@ rel_mahalanobis), the terms whose float32 rounding the distance inherits.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
-
-from edge_quq.conformal import hmp_factor
-
-if TYPE_CHECKING:
-    from edge_quq.conformal import CalibrationScores
 
 try:
     from edge_quq import _headkernel as _kernel  # type: ignore[attr-defined]
@@ -46,7 +36,6 @@ MAHALANOBIS_RTOL = 1e-5
 # the reference does
 _ACTIVATION_CODES = {"sigmoid": 1, "softmax": 2}
 NUM_MOMENT_SCORES = 5
-_COMBINE_CODES = {"bonferroni": 0, "hmp": 1}
 
 
 def available() -> bool:
@@ -126,46 +115,3 @@ def mahalanobis(z: np.ndarray, center: np.ndarray, means2: np.ndarray, msq: np.n
     rel = np.empty(n) if center0 is not None else None
     _kernel.mahalanobis(zz, center, means2, msq, center0, d, rel)
     return d, rel
-
-
-def conformal_pvalues(scores: np.ndarray, cal: "CalibrationScores") -> np.ndarray:
-    """Unsmoothed conformal p-values [N, D] of rows scores [N, D] (conformal.conformal_pvalues's)."""
-    s = _f64(scores)
-    p = np.empty(s.shape)
-    _kernel.conformal_pvalues(s, cal.arrays, cal.plus_one, p)
-    return p
-
-
-def conformal_pvalues_row(scores: Sequence[float], cal: "CalibrationScores") -> Optional[np.ndarray]:
-    """conformal_pvalues of one sample's D scores (a list of floats) as an array [D]; None if refused."""
-    p = np.empty(len(cal.arrays))
-    try:
-        _kernel.conformal_pvalues(scores, cal.arrays, cal.plus_one, p)
-    except _REFUSED:
-        return None
-    return p
-
-
-def _combine_args(rule: str, num: int) -> Optional[Tuple[int, float]]:
-    code = _COMBINE_CODES.get(rule)
-    return None if code is None else (code, hmp_factor(num) * num if rule == "hmp" else 0.0)
-
-
-def combine(pvalues: np.ndarray, rule: str) -> np.ndarray:
-    """One p-value per row of pvalues [N, D] (conformal.combine's, for its rules bonferroni and hmp)."""
-    p = _f64(pvalues)
-    code, scale = _combine_args(rule, p.shape[1])  # type: ignore[misc]
-    out = np.empty(p.shape[0])
-    _kernel.combine(p, code, scale, out)
-    return out
-
-
-def combine_row(pvalues: np.ndarray, rule: str) -> Optional[float]:
-    """combine of one sample's p-values [D] as a float; None for another rule or refused input."""
-    args = _combine_args(rule, len(pvalues))
-    if args is None:
-        return None
-    try:
-        return _kernel.combine(pvalues, args[0], args[1])
-    except _REFUSED:
-        return None

@@ -17,7 +17,6 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from edge_quq import framekernels
 from edge_quq.backends import Backbone, make_backbone
 from edge_quq.bundle import Bundle, load_bundle
 from edge_quq.conformal import COMBINE_RULES, CalibrationScores, combine, conformal_pvalues
@@ -257,10 +256,8 @@ class Predictor:
         pol = self.policy
         if pol.cal is None:
             return None
-        row = [scores[n] for n in pol.detectors]
-        # the native kernel when built (conformal.py holds the reference)
-        p = framekernels.conformal_pvalues_row(row, pol.cal) if framekernels.available() else None
-        return conformal_pvalues(np.array([row], np.float64), pol.cal)[0] if p is None else p
+        row = np.array([[scores[n] for n in pol.detectors]], np.float64)
+        return conformal_pvalues(row, pol.cal)[0]
 
     def decision_stage(self, moments: HeadMoments, scores: Dict[str, float],
                        pvalues: Optional[np.ndarray] = None) -> Tuple[Decision, bool, List[str], List[str], Optional[float]]:
@@ -275,9 +272,7 @@ class Predictor:
         ood_p = None
         if pol.cal is not None:
             p = self.gate_pvalues(scores) if pvalues is None else pvalues
-            ood_p = framekernels.combine_row(p, pol.combine) if framekernels.available() else None
-            if ood_p is None:
-                ood_p = float(combine(p[None], pol.combine)[0])
+            ood_p = float(combine(p[None], pol.combine)[0])
         risk_keeps = True
         if pol.risk_threshold is not None:
             risk_keeps = RISK_SCORE_SIGN[pol.risk_score] * scores[pol.risk_score] > pol.risk_threshold

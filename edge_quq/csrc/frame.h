@@ -1,11 +1,11 @@
 /* Native fast paths of the per-frame math that follows the head: the moment scores, the interval decision
- * rule, the Mahalanobis family's distances and the OOD gate's conformal p-values, each batched over rows [N, ...].
+ * rule and the Mahalanobis family's distances, each batched over rows [N, ...].
  *
  * Each function has a numpy reference it must match (edge_quq/framekernels.py names them; tests/test_frame_kernels.py
  * runs both on random and edge-case inputs). The numpy references run the same float64 operations in the same
- * order, with numpy's pairwise summation (eq_pairwise_sum below), so the moment scores, the decision and the gate's
- * p-values come out bit-identical wherever numpy's log/exp are the C library's (x86 without AVX-512, aarch64); the
- * Mahalanobis distances differ from numpy's float32 matmul by summation order only.
+ * order, with numpy's pairwise summation (eq_pairwise_sum below), so the moment scores and the decision come out
+ * bit-identical wherever numpy's log/exp are the C library's (x86 without AVX-512, aarch64); the Mahalanobis
+ * distances differ from numpy's float32 matmul by summation order only.
  *
  * No Python here, like headkernel.h.
  */
@@ -50,18 +50,6 @@ void eq_interval_decide(ptrdiff_t N, ptrdiff_t C, const double *mean, const doub
  * float64. Returns 0, or -1 when a work buffer cannot be allocated. */
 int eq_mahalanobis(ptrdiff_t N, ptrdiff_t F, ptrdiff_t C, const float *z, const float *center, const float *means2,
                    const float *msq, const float *center0, double *d, double *rel);
-
-/* Conformal p-values of rows scores [N, D] against D ascending, finite calibration arrays cal[d] of n[d] scores:
- * p = (plus_one[d] - #{cal[d] < s}) / plus_one[d], plus_one[d] = n[d] + 1 as the caller stores it, and 0 for a
- * NaN score (edge_quq.conformal.conformal_pvalues, unsmoothed). Writes p [N, D]. */
-void eq_conformal_pvalues(ptrdiff_t N, ptrdiff_t D, const double *scores, const double *const *cal, const ptrdiff_t *n,
-                          const double *plus_one, double *p);
-
-/* One p-value per row of p [N, D] (edge_quq.conformal.combine), capped at 1: rule EQ_COMBINE_BONFERRONI, D times
- * the smallest; EQ_COMBINE_HMP, scale / sum_d 1 / max(p_d, 1e-300) with scale = hmp_factor(D) * D from the
- * caller. Writes out [N]; returns 0, or -1 when a work buffer cannot be allocated. */
-enum { EQ_COMBINE_BONFERRONI = 0, EQ_COMBINE_HMP = 1 };
-int eq_combine(ptrdiff_t N, ptrdiff_t D, const double *p, int rule, double scale, double *out);
 
 #ifdef __cplusplus
 }

@@ -287,19 +287,19 @@ static PyObject *py_none(void) {
     return Py_None;
 }
 
-/* Borrow a C-contiguous buffer of `count` items (count < 0: any count) of one of the struct types in `fmts`: 'd'
- * float64, 'f' float32, 'b' int8, '?' bool, 'q' int64; obj may be None if `optional`. */
-static int buf_typed(PyObject *obj, buf_t *b, Py_ssize_t count, const char *fmts, int writable, int optional,
+/* Borrow a C-contiguous buffer of `count` items (count < 0: any count) of struct type `fmt`: 'd' float64,
+ * 'f' float32, 'b' int8, '?' bool, 'q' int64; obj may be None if `optional`. */
+static int buf_typed(PyObject *obj, buf_t *b, Py_ssize_t count, char fmt, int writable, int optional,
                      const char *name) {
     const int rc = buf_open(obj, b, PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0), optional, name);
     if (rc <= 0) return rc;
     const char *f = b->view.format ? b->view.format : "B";
     char got = f[0] ? f[strlen(f) - 1] : 'B';
     if (got == 'l' && b->view.itemsize == 8) got = 'q'; /* int64 is 'l' where long is 64-bit */
-    const Py_ssize_t size = got == 'd' || got == 'q' ? 8 : got == 'f' ? 4 : 1;
-    if (!strchr(fmts, got) || b->view.itemsize != size || (count >= 0 && b->view.len != count * size)) {
-        PyErr_Format(PyExc_ValueError, "%s: expected %zd items of type '%s', got %zd bytes of '%s'", name, count,
-                     fmts, b->view.len, f);
+    const Py_ssize_t size = fmt == 'd' || fmt == 'q' ? 8 : fmt == 'f' ? 4 : 1;
+    if (got != fmt || b->view.itemsize != size || (count >= 0 && b->view.len != count * size)) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %zd items of type '%c', got %zd bytes of '%s'", name, count, fmt,
+                     b->view.len, f);
         buf_release(b);
         return -1;
     }
@@ -321,19 +321,22 @@ static PyObject *py_moment_scores(PyObject *self, PyObject *args) {
     if (PyFloat_Check(oee)) {
         ee1 = PyFloat_AS_DOUBLE(oee);
     } else {
-        if (buf_typed(oee, &bee, -1, "d", 0, 0, "expected_entropy")) goto done;
+        if (buf_typed(oee, &bee, -1, 'd', 0, 0, "expected_entropy")) goto done;
         N = bee.view.len / 8;
         ee = (const double *)bee.view.buf;
     }
-    if (buf_typed(omean, &bmean, -1, "d", 0, 0, "mean")) goto done;
+    if (buf_typed(omean, &bmean, -1, 'd', 0, 0, "mean")) goto done;
     const Py_ssize_t C = N > 0 ? bmean.view.len / 8 / N : 0;
     if (N < 1 || C < 1 || bmean.view.len != N * C * 8 || (oout == Py_None && N != 1)) {
         PyErr_SetString(PyExc_ValueError, "mean must be [N, C] with N = len(expected_entropy) >= 1 (1 without out), C >= 1");
         goto done;
     }
-    if (buf_typed(ostd, &bstd, N * C, "d", 0, 0, "std") || buf_typed(oout, &bout, EQ_NUM_SCORES * N, "d", 1, 1, "out"))
+    if (buf_typed(ostd, &bstd, N * C, 'd', 0, 0, "std") || buf_typed(oout, &bout, EQ_NUM_SCORES * N, 'd', 1, 1, "out"))
         goto done;
-    if (buf_typed(ologits, &bl, N * C, "fd", 0, 0, "logits")) goto done;
+    if (buf_typed(ologits, &bl, N * C, 'f', 0, 0, "logits") < 0) {
+        PyErr_Clear();
+        if (buf_typed(ologits, &bl, N * C, 'd', 0, 0, "logits (float32 or float64)")) goto done;
+    }
     const int l32 = bl.view.itemsize == 4;
     double one[EQ_NUM_SCORES];
     if (eq_moment_scores(N, C, (const double *)bmean.view.buf, (const double *)bstd.view.buf,
@@ -378,18 +381,18 @@ static PyObject *py_interval_decide(PyObject *self, PyObject *args) {
     int8_t code1 = 0;
     uint8_t keep1 = 0;
     int64_t label1 = -1;
-    if (buf_typed(ocode, &bcode, -1, "b", 1, 1, "code_out")) return NULL;
+    if (buf_typed(ocode, &bcode, -1, 'b', 1, 1, "code_out")) return NULL;
     const Py_ssize_t N = one ? 1 : bcode.view.len;
-    if (buf_typed(omean, &bmean, -1, "d", 0, 0, "mean")) goto done;
+    if (buf_typed(omean, &bmean, -1, 'd', 0, 0, "mean")) goto done;
     const Py_ssize_t C = N > 0 ? bmean.view.len / 8 / N : 0;
     if (N < 1 || C < 1 || bmean.view.len != N * C * 8) {
         PyErr_SetString(PyExc_ValueError, "mean must be [N, C] with N = len(code_out) >= 1 (1 without it), C >= 1");
         goto done;
     }
-    if (buf_typed(ostd, &bstd, N * C, "d", 0, 0, "std") || buf_typed(olo, &blo, N * C, "d", 1, 0, "lower_out") ||
-        buf_typed(ohi, &bhi, N * C, "d", 1, 0, "upper_out") || buf_typed(ost, &bst, N * C, "b", 1, 0, "states_out") ||
-        buf_typed(okeep, &bkeep, N, "?", 1, one, "keep_out") || buf_typed(okept, &bkept, N * C, "?", 1, one, "kept_out") ||
-        buf_typed(olab, &blab, N, "q", 1, one, "labels_out"))
+    if (buf_typed(ostd, &bstd, N * C, 'd', 0, 0, "std") || buf_typed(olo, &blo, N * C, 'd', 1, 0, "lower_out") ||
+        buf_typed(ohi, &bhi, N * C, 'd', 1, 0, "upper_out") || buf_typed(ost, &bst, N * C, 'b', 1, 0, "states_out") ||
+        buf_typed(okeep, &bkeep, N, '?', 1, one, "keep_out") || buf_typed(okept, &bkept, N * C, '?', 1, one, "kept_out") ||
+        buf_typed(olab, &blab, N, 'q', 1, one, "labels_out"))
         goto done;
     if (one && !(kept1 = PyMem_Malloc((size_t)C))) {
         PyErr_NoMemory();
@@ -414,17 +417,17 @@ static PyObject *py_mahalanobis(PyObject *self, PyObject *args) {
     const int with_rel = ocenter0 != Py_None;
     buf_t bd = {0}, bcenter = {0}, bmsq = {0}, bz = {0}, bmeans = {0}, bc0 = {0}, brel = {0};
     PyObject *result = NULL;
-    if (buf_typed(od, &bd, -1, "d", 1, 0, "d_out") || buf_typed(ocenter, &bcenter, -1, "f", 0, 0, "center") ||
-        buf_typed(omsq, &bmsq, -1, "f", 0, 0, "msq"))
+    if (buf_typed(od, &bd, -1, 'd', 1, 0, "d_out") || buf_typed(ocenter, &bcenter, -1, 'f', 0, 0, "center") ||
+        buf_typed(omsq, &bmsq, -1, 'f', 0, 0, "msq"))
         goto done;
     const Py_ssize_t N = bd.view.len / 8, F = bcenter.view.len / 4, C = bmsq.view.len / 4;
     if (N < 1 || F < 1 || C < 1) {
         PyErr_SetString(PyExc_ValueError, "empty rows, features or classes");
         goto done;
     }
-    if (buf_typed(oz, &bz, N * F * (with_rel ? 2 : 1), "f", 0, 0, "z") ||
-        buf_typed(omeans2, &bmeans, F * C, "f", 0, 0, "means2") || buf_typed(ocenter0, &bc0, F, "f", 0, 1, "center0") ||
-        buf_typed(orel, &brel, N, "d", 1, !with_rel, "rel_out"))
+    if (buf_typed(oz, &bz, N * F * (with_rel ? 2 : 1), 'f', 0, 0, "z") ||
+        buf_typed(omeans2, &bmeans, F * C, 'f', 0, 0, "means2") || buf_typed(ocenter0, &bc0, F, 'f', 0, 1, "center0") ||
+        buf_typed(orel, &brel, N, 'd', 1, !with_rel, "rel_out"))
         goto done;
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -442,95 +445,6 @@ static PyObject *py_mahalanobis(PyObject *self, PyObject *args) {
 done:
     buf_release(&bd); buf_release(&bcenter); buf_release(&bmsq); buf_release(&bz); buf_release(&bmeans);
     buf_release(&bc0); buf_release(&brel);
-    return result;
-}
-
-static PyObject *py_conformal_pvalues(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *oscores, *ocal, *oplus, *op;
-    if (!PyArg_ParseTuple(args, "OOOO", &oscores, &ocal, &oplus, &op)) return NULL;
-    PyObject *cal = PySequence_Fast(ocal, "cal must be a sequence of float64 arrays");
-    if (!cal) return NULL;
-    const Py_ssize_t D = PySequence_Fast_GET_SIZE(cal);
-    buf_t bplus = {0}, bp = {0}, bs = {0}, *bcal = PyMem_Calloc((size_t)(D > 0 ? D : 1), sizeof *bcal);
-    const double **arrs = PyMem_Malloc((size_t)(D > 0 ? D : 1) * sizeof *arrs);
-    ptrdiff_t *n = PyMem_Malloc((size_t)(D > 0 ? D : 1) * sizeof *n);
-    double *row = NULL;
-    PyObject *result = NULL;
-    if (!bcal || !arrs || !n) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (D < 1 || buf_typed(oplus, &bplus, D, "d", 0, 0, "plus_one") || buf_typed(op, &bp, -1, "d", 1, 0, "p_out")) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "no calibration arrays");
-        goto done;
-    }
-    const Py_ssize_t N = bp.view.len / 8 / D;
-    if (N < 1 || bp.view.len != N * D * 8) {
-        PyErr_SetString(PyExc_ValueError, "p_out must be float64 [N, D], N >= 1");
-        goto done;
-    }
-    for (Py_ssize_t d = 0; d < D; ++d) {
-        if (buf_typed(PySequence_Fast_GET_ITEM(cal, d), &bcal[d], -1, "d", 0, 0, "cal[d]")) goto done;
-        arrs[d] = (const double *)bcal[d].view.buf;
-        n[d] = bcal[d].view.len / 8;
-    }
-    const double *scores;
-    if (PyList_Check(oscores) || PyTuple_Check(oscores)) { /* one row of Python numbers */
-        PyObject *seq = oscores;
-        if (N != 1 || PySequence_Fast_GET_SIZE(seq) != D) {
-            PyErr_SetString(PyExc_ValueError, "a list of scores is one row of D numbers");
-            goto done;
-        }
-        if (!(row = PyMem_Malloc((size_t)D * sizeof *row))) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        for (Py_ssize_t d = 0; d < D; ++d) {
-            row[d] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, d));
-            if (row[d] == -1.0 && PyErr_Occurred()) goto done;
-        }
-        scores = row;
-    } else {
-        if (buf_typed(oscores, &bs, N * D, "d", 0, 0, "scores")) goto done;
-        scores = (const double *)bs.view.buf;
-    }
-    eq_conformal_pvalues(N, D, scores, arrs, n, (const double *)bplus.view.buf, (double *)bp.view.buf);
-    result = Py_None;
-    Py_INCREF(result);
-done:
-    if (bcal)
-        for (Py_ssize_t d = 0; d < D; ++d) buf_release(&bcal[d]);
-    PyMem_Free(bcal); PyMem_Free(arrs); PyMem_Free(n); PyMem_Free(row);
-    buf_release(&bplus); buf_release(&bp); buf_release(&bs);
-    Py_DECREF(cal);
-    return result;
-}
-
-static PyObject *py_combine(PyObject *self, PyObject *args) {
-    (void)self;
-    PyObject *op, *oout = Py_None;
-    int rule;
-    double scale;
-    if (!PyArg_ParseTuple(args, "Oid|O", &op, &rule, &scale, &oout)) return NULL;
-    if (rule != EQ_COMBINE_BONFERRONI && rule != EQ_COMBINE_HMP)
-        return PyErr_Format(PyExc_ValueError, "unknown combination rule code %d", rule);
-    buf_t bp = {0}, bout = {0};
-    PyObject *result = NULL;
-    double one = 0.0;
-    if (buf_typed(op, &bp, -1, "d", 0, 0, "p") || buf_typed(oout, &bout, -1, "d", 1, 1, "out")) goto done;
-    const Py_ssize_t N = bout.held ? bout.view.len / 8 : 1, D = N > 0 ? bp.view.len / 8 / N : 0;
-    if (N < 1 || D < 1 || bp.view.len != N * D * 8) {
-        PyErr_SetString(PyExc_ValueError, "p must be float64 [N, D] with N = len(out) >= 1 (1 without out), D >= 1");
-        goto done;
-    }
-    if (eq_combine(N, D, (const double *)bp.view.buf, rule, scale, bout.held ? (double *)bout.view.buf : &one) != 0) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    result = bout.held ? py_none() : PyFloat_FromDouble(one);
-done:
-    buf_release(&bp); buf_release(&bout);
     return result;
 }
 
@@ -576,14 +490,6 @@ static PyMethodDef methods[] = {
      "mahalanobis(z, center, means2, msq, center0, d_out, rel_out) -> None\n\nThe Mahalanobis family's distances "
      "of projected rows z float32[N, F] (or [N, 2F] interleaved with the global projection when center0 float32[F] "
      "is given, else None): writes d_out float64[N] and rel_out float64[N] (None without center0). Releases the GIL."},
-    {"conformal_pvalues", py_conformal_pvalues, METH_VARARGS,
-     "conformal_pvalues(scores, cal, plus_one, p_out) -> None\n\nUnsmoothed conformal p-values of rows scores "
-     "float64[N, D] (or a list of D numbers: one row) against D ascending float64 calibration arrays cal with "
-     "plus_one float64[D] = their sizes + 1 (edge_quq.conformal.CalibrationScores): writes p_out float64[N, D]."},
-    {"combine", py_combine, METH_VARARGS,
-     "combine(p, rule, scale, out=None)\n\nOne p-value per row of p float64[N, D], capped at 1: rule 0 Bonferroni, "
-     "1 the harmonic mean with scale = hmp_factor(D) * D. Writes out float64[N]; without out (one row) returns "
-     "the float."},
     {"bernoulli_bits", py_bernoulli_bits, METH_VARARGS, "bernoulli_bits(p, seed, n) -> bytes: n uint64 drop-bit words."},
     {NULL, NULL, 0, NULL},
 };
