@@ -111,10 +111,11 @@ def ensure_bundle(name: str, tmp: Path, calib: int, reexport: bool) -> Tuple[Pat
 def attach_default_path(bundle_dir: Path, seed: int = 0) -> None:
     """Give a bench bundle what the default bundle has, so that Predictor's default path (policy gated) runs
     on it: all detectors (detectors.npz; the Predictor computes only the gate's by default, the rest with
-    --detectors all) and the gate's calibration data (gate.npz, mahalanobis, Bonferroni, alpha 0.05 as in the
-    default bundle). Fitted on synthetic feature rows shaped like the backbone's own
+    --detectors all) and the gate's calibration data (gate.npz) with the default bundle's gate shape (its
+    detectors, combination rule, alpha). Fitted on synthetic feature rows shaped like the backbone's own
     (per-feature mean and spread of a few random images, ReLU-clipped): the detectors' per-frame cost depends
-    on the shapes, not on how good the fit is. Skipped when both files are there."""
+    on the shapes, not on how good the fit is. Skipped when both files are there and the gate has the default
+    bundle's shape."""
     from edge_quq.bundle import GateSpec, load_bundle
     from edge_quq.decision import decide_many
     from edge_quq.detector_store import attach_detectors, load_detectors
@@ -123,8 +124,9 @@ def attach_default_path(bundle_dir: Path, seed: int = 0) -> None:
     from edge_quq.head import load_head_weights
     from edge_quq.predictor import Predictor
 
-    bundle = load_bundle(bundle_dir)
-    if bundle.gate is not None and "detectors.npz" in bundle.files:
+    bundle, shape = load_bundle(bundle_dir), load_bundle(None).gate
+    assert shape is not None, "the embedded default bundle has no gate"
+    if bundle.gate is not None and "detectors.npz" in bundle.files and bundle.gate.detectors == shape.detectors:
         return
     t0 = time.perf_counter()
     pred = Predictor.from_bundle(bundle_dir, backend="tflite", threads=2, policy="paper", seed=seed)
@@ -145,8 +147,8 @@ def attach_default_path(bundle_dir: Path, seed: int = 0) -> None:
     data = GateData({k: np.asarray(v, np.float64) for k, v in dset.score_all(cal, head).items()},
                     np.asarray(m.mean.max(1), np.float64), np.argmax(m.mean, 1) == labels[n_fit:], dec.keep.copy(),
                     {"data": "synthetic (bench_e2e)", "samples": n_cal, "seed": seed, "risk_score": "max_prob"})
-    spec = GateSpec(file=GATE_FILE, version=1, policy="gated", alpha=0.05, delta=0.05, combine="bonferroni",
-                    detectors=("mahalanobis",), risk_score="max_prob",
+    spec = GateSpec(file=GATE_FILE, version=1, policy=shape.policy, alpha=shape.alpha, delta=shape.delta,
+                    combine=shape.combine, detectors=tuple(shape.detectors), risk_score="max_prob",
                     calibration={"data": "synthetic (bench_e2e)", "samples": n_cal, "seed": seed})
     attach_gate(bundle_dir, data, spec)
     print(f"  {bundle_dir.name}: detectors and gate attached in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
