@@ -624,16 +624,26 @@ def _overhead_lines(ov: Optional[dict]) -> List[str]:
     return lines
 
 
+def _head_shape(bundle_path: str) -> str:
+    from edge_quq.bundle import load_bundle
+    from edge_quq.head import load_head_weights
+
+    head = load_head_weights(load_bundle(bundle_path))
+    f, h = head.kernels[0].shape
+    return f"F = {f}, H = {h}, C = {head.kernels[-1].shape[1]}"
+
+
 def _overhead_bound(ov: dict) -> str:
     calls = ov.get("calls_per_frame")
     return (
-        "What bounds it: the number of Python and numpy calls, not arithmetic. The default bundle has F = 64, H = 300, "
-        f"C = 10; the default computes the moment scores, the gate's detector ({', '.join(ov['detectors']) or 'none'}, "
-        "float32, one projection), the conformal p-value, the rule and the Prediction"
-        + (f", about {calls:.0f} function calls per frame by cProfile (about 730 before issue 16's part 3, with "
-           "all eight detectors and the gradient score per frame)" if calls else "")
-        + ", each a µs or more on this machine, while their arithmetic is a few µs. Of the rest, preprocessing the "
-        "decoded image is about a quarter, and the decision rule and the Prediction about as much as the scores.")
+        f"What bounds it: the number of Python calls, not arithmetic. The default bundle has {_head_shape(ov['bundle'])}; "
+        f"the default computes the moment scores, the gate's detectors ({', '.join(ov['detectors']) or 'none'}, "
+        "float32, one projection), their conformal p-values and combination, the rule and the Prediction. The "
+        "moment scores, the rule, the Mahalanobis distances, the p-values and the combination run in C "
+        "(edge_quq.framekernels, edge_quq.conformal), so what is left is the Python around them"
+        + (f": about {calls:.0f} function calls per frame by cProfile (730 before issue 16's part 3, 185 before "
+           "the C paths)" if calls else "")
+        + ", each a µs or more on this machine. Preprocessing the decoded image is about a quarter of it.")
 
 
 def write_markdown(path: Path, report: dict) -> None:
