@@ -13,25 +13,17 @@
 #include <math.h>
 #include <stdint.h>
 
-typedef struct {
-    Py_buffer view;
-    int held;
-} gbuf_t;
-
-static void gbuf_release(gbuf_t *b) {
-    if (b->held) PyBuffer_Release(&b->view);
-    b->held = 0;
-}
+#include "pybuf.h"
 
 /* Borrow a C-contiguous buffer whose items are `itemsize` bytes; its item count goes to *count. */
-static int gbuf_get(PyObject *obj, gbuf_t *b, Py_ssize_t itemsize, int writable, Py_ssize_t *count, const char *name) {
+static int gbuf_get(PyObject *obj, buf_t *b, Py_ssize_t itemsize, int writable, Py_ssize_t *count, const char *name) {
     b->held = 0;
     if (PyObject_GetBuffer(obj, &b->view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0)
         return -1;
     b->held = 1;
     if (b->view.itemsize != itemsize) {
         PyErr_Format(PyExc_ValueError, "%s: expected items of %zd bytes, got %zd", name, itemsize, b->view.itemsize);
-        gbuf_release(b);
+        buf_release(b);
         return -1;
     }
     *count = b->view.len / itemsize;
@@ -54,7 +46,7 @@ static Py_ssize_t count_below(const double *cal, Py_ssize_t n, double s) {
 static PyObject *py_pvalues(PyObject *self, PyObject *args) {
     PyObject *os, *oc, *oo, *out_obj;
     if (!PyArg_ParseTuple(args, "OOOO", &os, &oc, &oo, &out_obj)) return NULL;
-    gbuf_t s, c, o, out;
+    buf_t s, c, o, out;
     Py_ssize_t ns, nc, no, nout;
     if (gbuf_get(os, &s, 8, 0, &ns, "scores") < 0) return NULL;
     if (gbuf_get(oc, &c, 8, 0, &nc, "cal") < 0) goto fail_s;
@@ -77,16 +69,16 @@ static PyObject *py_pvalues(PyObject *self, PyObject *args) {
         p[i] = v == v ? (plus_one - (double)count_below(cal + off[d], n, v)) / plus_one : 0.0;
     }
     Py_END_ALLOW_THREADS
-    gbuf_release(&out); gbuf_release(&o); gbuf_release(&c); gbuf_release(&s);
+    buf_release(&out); buf_release(&o); buf_release(&c); buf_release(&s);
     Py_RETURN_NONE;
 fail_all:
-    gbuf_release(&out);
+    buf_release(&out);
 fail_o:
-    gbuf_release(&o);
+    buf_release(&o);
 fail_c:
-    gbuf_release(&c);
+    buf_release(&c);
 fail_s:
-    gbuf_release(&s);
+    buf_release(&s);
     return NULL;
 }
 
@@ -99,13 +91,13 @@ static PyObject *py_combine(PyObject *self, PyObject *args) {
     int rule;
     double scale;
     if (!PyArg_ParseTuple(args, "OnidO", &op, &d_count, &rule, &scale, &out_obj)) return NULL;
-    gbuf_t p, out;
+    buf_t p, out;
     Py_ssize_t np_, nout;
     if (gbuf_get(op, &p, 8, 0, &np_, "p") < 0) return NULL;
-    if (gbuf_get(out_obj, &out, 8, 1, &nout, "out") < 0) { gbuf_release(&p); return NULL; }
+    if (gbuf_get(out_obj, &out, 8, 1, &nout, "out") < 0) { buf_release(&p); return NULL; }
     if (d_count < 1 || np_ != nout * d_count || (rule != 0 && rule != 1)) {
         PyErr_SetString(PyExc_ValueError, "combine: p, D, rule and out do not fit together");
-        gbuf_release(&out); gbuf_release(&p);
+        buf_release(&out); buf_release(&p);
         return NULL;
     }
     const double *pv = (const double *)p.view.buf;
@@ -121,7 +113,7 @@ static PyObject *py_combine(PyObject *self, PyObject *args) {
         double r = rule == 0 ? (double)d_count * acc : scale / acc;
         res[i] = r > 1.0 ? 1.0 : r;  /* NaN stays NaN */
     }
-    gbuf_release(&out); gbuf_release(&p);
+    buf_release(&out); buf_release(&p);
     Py_RETURN_NONE;
 }
 
@@ -134,14 +126,14 @@ static PyObject *py_bet(PyObject *self, PyObject *args) {
     double keep, pool, pval;
     int power;
     if (!PyArg_ParseTuple(args, "OOOdddp", &osh, &oe, &oem, &keep, &pool, &pval, &power)) return NULL;
-    gbuf_t sh, e, em;
+    buf_t sh, e, em;
     Py_ssize_t k, ke, kem;
     if (gbuf_get(osh, &sh, 8, 1, &k, "share") < 0) return NULL;
-    if (gbuf_get(oe, &e, 8, 0, &ke, "eps") < 0) { gbuf_release(&sh); return NULL; }
-    if (gbuf_get(oem, &em, 8, 0, &kem, "eps_m1") < 0) { gbuf_release(&e); gbuf_release(&sh); return NULL; }
+    if (gbuf_get(oe, &e, 8, 0, &ke, "eps") < 0) { buf_release(&sh); return NULL; }
+    if (gbuf_get(oem, &em, 8, 0, &kem, "eps_m1") < 0) { buf_release(&e); buf_release(&sh); return NULL; }
     if (k < 1 || ke != k || kem != k) {
         PyErr_SetString(PyExc_ValueError, "bet: share, eps and eps_m1 must have the same size >= 1");
-        gbuf_release(&em); gbuf_release(&e); gbuf_release(&sh);
+        buf_release(&em); buf_release(&e); buf_release(&sh);
         return NULL;
     }
     double *share = (double *)sh.view.buf;
@@ -153,7 +145,7 @@ static PyObject *py_bet(PyObject *self, PyObject *args) {
         total += share[i];
     }
     for (Py_ssize_t i = 0; i < k; ++i) share[i] /= total;
-    gbuf_release(&em); gbuf_release(&e); gbuf_release(&sh);
+    buf_release(&em); buf_release(&e); buf_release(&sh);
     return PyFloat_FromDouble(total);
 }
 
@@ -164,19 +156,19 @@ static PyObject *py_scene(PyObject *self, PyObject *args) {
     PyObject *om, *of, *ou;
     Py_ssize_t rows;
     if (!PyArg_ParseTuple(args, "OnOO", &om, &rows, &of, &ou)) return NULL;
-    gbuf_t m, u;
+    buf_t m, u;
     Py_buffer f;
     Py_ssize_t nm, nu;
     if (gbuf_get(om, &m, 8, 0, &nm, "memory") < 0) return NULL;
-    if (gbuf_get(ou, &u, 8, 1, &nu, "unit_out") < 0) { gbuf_release(&m); return NULL; }
-    if (PyObject_GetBuffer(of, &f, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) { gbuf_release(&u); gbuf_release(&m); return NULL; }
+    if (gbuf_get(ou, &u, 8, 1, &nu, "unit_out") < 0) { buf_release(&m); return NULL; }
+    if (PyObject_GetBuffer(of, &f, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) { buf_release(&u); buf_release(&m); return NULL; }
     const char *fmt = f.format ? f.format : "B";
     int is_f64 = f.itemsize == 8 && (fmt[0] == 'd' || (fmt[0] == '<' && fmt[1] == 'd') || (fmt[0] == '=' && fmt[1] == 'd'));
     int is_f32 = f.itemsize == 4 && (fmt[0] == 'f' || (fmt[0] == '<' && fmt[1] == 'f') || (fmt[0] == '=' && fmt[1] == 'f'));
     Py_ssize_t nf = f.len / (f.itemsize ? f.itemsize : 1);
     if (!(is_f64 || is_f32) || nf != nu || nf < 1 || rows < 0 || rows * nf > nm) {
         PyErr_SetString(PyExc_ValueError, "scene: feature must be float32/float64 of the memory's width");
-        PyBuffer_Release(&f); gbuf_release(&u); gbuf_release(&m);
+        PyBuffer_Release(&f); buf_release(&u); buf_release(&m);
         return NULL;
     }
     double *unit = (double *)u.view.buf, norm2 = 0.0;
@@ -195,7 +187,7 @@ static PyObject *py_scene(PyObject *self, PyObject *args) {
         for (Py_ssize_t i = 0; i < nf; ++i) dot += mem[r * nf + i] * unit[i];
         best = dot > best ? dot : best;
     }
-    PyBuffer_Release(&f); gbuf_release(&u); gbuf_release(&m);
+    PyBuffer_Release(&f); buf_release(&u); buf_release(&m);
     return PyFloat_FromDouble(best);
 }
 

@@ -10,16 +10,7 @@
 
 #include "frame.h"
 #include "headkernel.h"
-
-typedef struct {
-    Py_buffer view;
-    int held;
-} buf_t;
-
-static void buf_release(buf_t *b) {
-    if (b->held) PyBuffer_Release(&b->view);
-    b->held = 0;
-}
+#include "pybuf.h"
 
 /* Borrow obj's C-contiguous buffer with `flags` on top: 1 when held, 0 for None if `optional`, -1 on error. */
 static int buf_open(PyObject *obj, buf_t *b, int flags, int optional, const char *name) {
