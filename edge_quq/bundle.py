@@ -800,5 +800,17 @@ def gate_summary(bundle: Bundle) -> List[Tuple[str, str]]:
     if with_rule:
         rows.append(("with the rule", ", ".join(f"{WITH_RULE_RATES[k]} {100 * float(v):.1f}%" for k, v in with_rule.items())
                      + " (held-out ID data)"))
-    return rows
+    return rows + _default_z_rows(val.get("default_z") if isinstance(val, Mapping) else None)
+
+
+def _default_z_rows(zc: Any) -> List[Tuple[str, str]]:
+    """The exporter's choice of the default z (edge_quq_export.detectors.choose_default_z), when it made one."""
+    try:
+        row = next(r for r in zc["table"] if r["z"] == zc["z"])
+        text = (f"z {float(zc['z']):g} chosen on the calibration data, {zc['choice']} for error among kept <= "
+                f"{100 * float(zc['error_target']):g}% at delta {float(zc['delta']):g}: {100 * float(row['error_kept']):.2f}% "
+                f"(upper bound {100 * float(row['upper_bound']):.2f}%), {100 * float(row['ignored']):.2f}% ignored")
+    except (TypeError, KeyError, ValueError, StopIteration):
+        return []
+    return [("default z", text)]
 

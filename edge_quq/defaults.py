@@ -62,6 +62,17 @@ GATE_DEFAULTS: Dict[str, object] = {
     "delta": 0.05,       # risk: P(error among kept > target) <= delta over the calibration draw
     "combine": "bonferroni",
 }
+# How the exporter picks a gated bundle's default interval factor z (edge_quq_export.detectors.choose_default_z;
+# docs/decisions.md "The default z"). Users never pass --z, so the rule's z is what sets the default policy's
+# error among kept; 0.8 is the paper's pick for its own model, not for this one. The exporter certifies, on
+# its calibration split, the smallest z whose error among kept (rule plus gate) stays at most `error_target`
+# at the gate's delta, testing the grid from the widest interval down (fixed-sequence Learn-then-Test) and
+# only where rule plus gate ignore at most `ignore_budget` of the calibration split.
+Z_CHOICE: Dict[str, object] = {
+    "error_target": 0.05,
+    "ignore_budget": 0.08,
+    "grid": tuple(round(0.5 + 0.1 * i, 1) for i in range(16)),  # 0.5 .. 2.0
+}
 # Confidence scores the exporter may pick for `risk` (higher = more confident after the sign in RISK_SCORE_SIGN).
 RISK_SCORES: Tuple[str, ...] = ("max_prob", "predictive_entropy", "mean_variance", "mutual_information")
 RISK_SCORE_SIGN: Dict[str, float] = {"max_prob": 1.0, "predictive_entropy": -1.0, "mean_variance": -1.0,

@@ -22,7 +22,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
-from edge_quq.bundle import Bundle, GateSpec, load_bundle, sha256_file, write_manifest
+from edge_quq.bundle import Bundle, DecisionDefaults, GateSpec, load_bundle, sha256_file, write_manifest
 from edge_quq.detector_store import fitted_for, read_npz, write_npz
 from edge_quq.conformal import CalibrationScores, combine, conformal_pvalues, sort_calibration
 from edge_quq.errors import BundleError, OptionError
@@ -138,9 +138,9 @@ def load_gate(bundle: Bundle) -> Optional[LoadedGate]:
     return LoadedGate(spec, data)
 
 
-def attach_gate(bundle_path: os.PathLike, data: GateData, spec: GateSpec) -> Bundle:
+def attach_gate(bundle_path: os.PathLike, data: GateData, spec: GateSpec, decision: Optional[DecisionDefaults] = None) -> Bundle:
     """Write `data` into an existing bundle as gate.npz and record `spec` in the manifest (fingerprints
-    filled in here). The npz goes to a temporary name first; the manifest swap is atomic; the result is
+    filled in here), with `decision` as the new decision defaults when given (data.rule_keep was made with them). The npz goes to a temporary name first; the manifest swap is atomic; the result is
     loaded back and checked before returning."""
     bundle = load_bundle(bundle_path, verify=True)
     fp = gate_fingerprints(bundle)
@@ -151,7 +151,8 @@ def attach_gate(bundle_path: os.PathLike, data: GateData, spec: GateSpec) -> Bun
         files = dict(bundle.files)
         files[GATE_FILE] = write_npz(tmp, data.to_arrays())
         os.replace(tmp, root / GATE_FILE)
-        out = write_manifest(root, replace(bundle, files=files, gate=replace(spec, file=GATE_FILE, fingerprints=fp)))
+        out = write_manifest(root, replace(bundle, files=files, gate=replace(spec, file=GATE_FILE, fingerprints=fp),
+                                           decision=decision or bundle.decision))
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -150,7 +150,9 @@ def _class_names(classes: Optional[str], labels_file: Optional[Path]) -> Optiona
 @click.option("--name", default=None, help="Bundle name (default: the model file name).")
 @click.option("--threshold", type=float, default=DECISION_DEFAULTS["threshold"], show_default=True, help="Default decision threshold.")
 @click.option("--num-iter", type=click.IntRange(min=1), default=DECISION_DEFAULTS["num_iter"], show_default=True, help="Default MC samples T.")
-@click.option("--z", "z", type=float, default=DECISION_DEFAULTS["z"], show_default=True, help="Default interval factor z (mean ± z·std).")
+@click.option("--z", "z", type=click.FloatRange(min=0.0, max=100.0), default=None,
+              help=f"Default interval factor z (mean ± z·std). Default: with --fit-data, chosen on the calibration data "
+                   f"(the smallest z that certifies 5% error among kept, docs/decisions.md); without, {DECISION_DEFAULTS['z']}.")
 @click.option("--mixed", type=click.Choice(MIXED_POLICIES), default=DECISION_DEFAULTS["mixed"], show_default=True,
               help="Default rule for vectors with both present and uncertain classes.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for quantization/test subsets and the head check masks.")
@@ -169,7 +171,7 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
                classes: Optional[str], labels_file: Optional[Path], split_layer: Optional[str], split_node: Optional[str], dropout: Optional[str],
                color: Optional[str], pixel_scale: float, mean: Optional[str], std: Optional[str], interpolation: str,
                crop_fraction: float, quant_samples: int, test_samples: Optional[int], name: Optional[str], threshold: float,
-               num_iter: int, z: float, mixed: str, seed: int, temperature_data: Optional[Path] = None,
+               num_iter: int, z: Optional[float], mixed: str, seed: int, temperature_data: Optional[Path] = None,
                temperature_labels: Optional[Path] = None, detectors: Optional[str] = None, fit_data: Optional[str] = None,
                calibration_data: Optional[str] = None, onnx2tf: Optional[str] = None) -> None:
     """Split MODEL (.keras/.h5, a float .onnx classifier or a torch.export .pt2 archive) into an int8 backbone and a droppable head, and write a bundle to OUT."""
@@ -195,7 +197,8 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
             split_layer=split_layer, dropout=_floats(dropout, "--dropout"), classes=_class_names(classes, labels_file),
             color=color, pixel_scale=pixel_scale, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
             interpolation=interpolation, crop_fraction=crop_fraction, name=name, quant_samples=quant_samples,
-            test_samples=test_samples, threshold=threshold, num_iter=num_iter, z=z, mixed=mixed, seed=seed,
+            test_samples=test_samples, threshold=threshold, num_iter=num_iter, mixed=mixed, seed=seed,
+            z=DECISION_DEFAULTS["z"] if z is None else z,  # type: ignore[arg-type]
             temperature_data=temperature_data, temperature_labels=temperature_labels,
         )
         bundle = export_any(model, opts, split_node, onnx2tf)
@@ -203,7 +206,7 @@ def export_cmd(model: Path, quant_data: Path, out: Path, force: bool, test_data:
             from edge_quq_export.detectors import fit_bundle
 
             # The bundle is complete and verified at this point: a failing fit leaves it valid, without detectors.
-            fit_bundle(bundle.path, fit_data, det_names, seed=seed, calib_data=calibration_data)
+            fit_bundle(bundle.path, fit_data, det_names, seed=seed, calib_data=calibration_data, z=z)
             from edge_quq.bundle import load_bundle
 
             bundle = load_bundle(bundle.path)

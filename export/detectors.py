@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import click
 import numpy as np
 
-from edge_quq.defaults import GATE_DEFAULTS, RISK_SCORE_SIGN
+from edge_quq.defaults import GATE_DEFAULTS, RISK_SCORE_SIGN, Z_CHOICE
 
 FIT_DATA_HELP = ("In-distribution fit data: 'fashion-mnist' (the Debian package's 60k training images and labels), "
                  "a folder of images (one sub-folder per class name gives labels), or .npy/.npz (.npz 'x' and 'y'). "
@@ -78,9 +79,11 @@ def split_calibration(data: str, x: np.ndarray, y: Optional[np.ndarray], calib_d
 def fit_bundle(bundle_path: Path, data: str, names: Sequence[str], *, seed: int = 0, tpr: Optional[float] = 0.95,
                limit: Optional[int] = None, holdout: float = 0.1, config: Optional[Dict[str, Dict[str, Any]]] = None,
                threads: Optional[int] = None, log=None, fashion_root: Optional[Path] = None,
-               calib_data: Optional[str] = None, calib_share: float = 0.2, gate: bool = True) -> Dict[str, Any]:
+               calib_data: Optional[str] = None, calib_share: float = 0.2, gate: bool = True,
+               z: Optional[float] = None) -> Dict[str, Any]:
     """Fit `names` on `data` through the bundle's backbone and attach them; then, unless gate=False, store
-    the gate's calibration data from a held-out split (split_calibration, build_gate). Returns a summary."""
+    the gate's calibration data from a held-out split and choose the default z on it unless `z` is given
+    (split_calibration, build_gate). Returns a summary."""
     from edge_quq.bundle import load_bundle
     from edge_quq.detector_store import attach_detectors, load_detectors
     from edge_quq.detectors import fit_detectors
@@ -114,7 +117,7 @@ def fit_bundle(bundle_path: Path, data: str, names: Sequence[str], *, seed: int 
     if gate:
         if y_cal is None:
             y_cal = np.argmax(head.logits(backbone_features(bundle, x_cal, threads=threads)[0]), axis=1)
-        summary["gate"] = build_gate(out.path, x_cal, y_cal, cal_desc, seed=seed, threads=threads, log=log)
+        summary["gate"] = build_gate(out.path, x_cal, y_cal, cal_desc, seed=seed, z=z, threads=threads, log=log)
     return summary
 
 
@@ -156,11 +159,14 @@ def parse_config(items: Sequence[str]) -> Dict[str, Dict[str, Any]]:
 @click.option("--calibration-share", type=float, default=0.2, show_default=True,
               help="Without --calibration-data: the share of --data held out of the fit for calibration.")
 @click.option("--no-gate", is_flag=True, help="Fit the detectors only; store no calibration data (the bundle then runs the paper policy).")
+@click.option("--z", "z", type=click.FloatRange(min=0.0, max=100.0), default=None,
+              help="Default interval factor z to store with the gate. Default: chosen on the calibration data, the smallest z "
+                   "that certifies 5% error among kept (docs/decisions.md).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None)
 def fit_detectors_cmd(bundle: Path, data: str, names: str, tpr: float, limit: Optional[int], holdout: float,
                       params: Sequence[str], calibration_data: Optional[str], calibration_share: float, no_gate: bool,
-                      seed: int, threads: Optional[int]) -> None:
+                      z: Optional[float], seed: int, threads: Optional[int]) -> None:
     """Fit OOD detectors on in-distribution data and add them (detectors.npz) to BUNDLE in place."""
     from edge_quq.detectors import parse_names
     from edge_quq.errors import EdgeQuqError
@@ -168,7 +174,7 @@ def fit_detectors_cmd(bundle: Path, data: str, names: str, tpr: float, limit: Op
     try:
         summary = fit_bundle(bundle, data, parse_names(names), seed=seed, tpr=tpr, limit=limit, holdout=holdout,
                              config=parse_config(params), threads=threads, log=lambda m: click.echo(m, err=True),
-                             calib_data=calibration_data, calib_share=calibration_share, gate=not no_gate)
+                             calib_data=calibration_data, calib_share=calibration_share, gate=not no_gate, z=z)
     except EdgeQuqError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(e.exit_code)
@@ -196,21 +202,80 @@ def ood_validation_sets(bundle, seed: int, count: int = 400) -> Dict[str, np.nda
 
 def calibration_records(bundle, dset, head, x: np.ndarray, y: np.ndarray, seed: int, num_iter: Optional[int] = None,
                         threads: Optional[int] = None) -> Dict[str, Any]:
-    """Per calibration sample: every detector's score, the confidence scores, the rule's keep and whether
-    the kept (or top) class was right, computed as the predictor computes them (same backbone, sampler, rule)."""
-    from edge_quq.decision import decide_many, predicted_labels
+    """Per calibration sample: every detector's score, the confidence scores, the MC moments, and the rule's
+    keep and correctness at the bundle's z (rule_records), computed as the predictor computes them (same
+    backbone, sampler, rule)."""
     from edge_quq.samplers import make_sampler
     from edge_quq.scores import compute_scores
 
     feats, _ = backbone_features(bundle, x, threads=threads)
     d = bundle.decision
     m = make_sampler("auto", head, seed=seed, bundle=bundle).sample(feats, int(num_iter or d.num_iter))
-    dec = decide_many(m.mean, m.std, d.z, d.threshold, d.mixed)
-    label = np.where(dec.keep, predicted_labels(m.mean, dec.states, dec.keep), np.argmax(m.mean, axis=1))
     scores = compute_scores(m.mean, m.std, m.logits, m.expected_entropy, head.activation)
-    return {"detectors": {n: np.asarray(v, np.float64) for n, v in dset.score_all(feats, head).items()},
-            "confidence": {k: RISK_SCORE_SIGN[k] * np.asarray(scores[k], np.float64) for k in RISK_SCORE_SIGN},
-            "rule_keep": np.asarray(dec.keep, bool), "correct": label == np.asarray(y)}
+    rec = {"detectors": {n: np.asarray(v, np.float64) for n, v in dset.score_all(feats, head).items()},
+           "confidence": {k: RISK_SCORE_SIGN[k] * np.asarray(scores[k], np.float64) for k in RISK_SCORE_SIGN},
+           "mean": m.mean, "std": m.std}
+    rec.update(rule_records(m.mean, m.std, y, d.z, d.threshold, d.mixed))
+    return rec
+
+
+def rule_records(mean: np.ndarray, std: np.ndarray, y: np.ndarray, z: float, threshold: float, mixed: str) -> Dict[str, np.ndarray]:
+    """The paper rule's keep per sample at z, and whether the kept (or, when ignored, the top) class is right."""
+    from edge_quq.decision import decide_many, predicted_labels
+
+    dec = decide_many(mean, std, z, threshold, mixed)
+    label = np.where(dec.keep, predicted_labels(mean, dec.states, dec.keep), np.argmax(mean, axis=1))
+    return {"rule_keep": np.asarray(dec.keep, bool), "correct": label == np.asarray(y)}
+
+
+def choose_default_z(mean: np.ndarray, std: np.ndarray, y: np.ndarray, gate_ignored: np.ndarray, threshold: float,
+                     mixed: str, delta: float, target: Optional[float] = None, budget: Optional[float] = None,
+                     grid: Optional[Sequence[float]] = None) -> Tuple[float, Dict[str, Any]]:
+    """The bundle's default z (defaults.Z_CHOICE says why): fixed-sequence Learn-then-Test from the widest
+    interval down over the z whose rule-plus-gate ignore rate on these samples is within `budget`; each z is
+    tested for H: error among kept > target (binomial p-value <= delta rejects), and the last z before the
+    first failure is certified. With none certified, the widest z within the budget (the lowest error the
+    budget allows); with none within it, the narrowest z of the grid."""
+    from edge_quq.risk import binomial_pvalue, binomial_upper_bound
+
+    target = float(target if target is not None else Z_CHOICE["error_target"])  # type: ignore[arg-type]
+    budget = float(budget if budget is not None else Z_CHOICE["ignore_budget"])  # type: ignore[arg-type]
+    grid = sorted(float(v) for v in (grid if grid is not None else Z_CHOICE["grid"]))  # type: ignore[union-attr]
+    rows = []
+    for z in grid:
+        r = rule_records(mean, std, y, z, threshold, mixed)
+        kept = r["rule_keep"] & ~np.asarray(gate_ignored, bool)
+        n, e = int(kept.sum()), int(np.count_nonzero(~r["correct"][kept]))
+        rows.append({"z": z, "kept": n, "errors": e, "ignored": round(1.0 - n / len(kept), 4),
+                     "error_kept": round(e / n, 4) if n else 0.0,
+                     "upper_bound": round(binomial_upper_bound(e, n, delta), 4),
+                     "p_value": float(binomial_pvalue(np.array([e]), np.array([n]), target)[0])})
+    within = [r for r in rows if r["ignored"] <= budget]
+    certified = None
+    for r in reversed(within):  # widest first; stop at the first z that fails
+        if r["p_value"] > delta:
+            break
+        certified = r
+    pick = certified or (within[-1] if within else rows[0])
+    how = ("certified" if certified else "not certified: widest z within the ignore budget" if within
+           else "not certified: nothing within the ignore budget, narrowest z")
+    return pick["z"], {"z": pick["z"], "certified": certified is not None, "choice": how, "error_target": target,
+                       "ignore_budget": budget, "delta": delta, "samples": int(len(y)),
+                       "method": "fixed-sequence LTT over z, widest first; rule plus the gate cross-fitted on two "
+                                 "halves of the calibration split", "table": rows}
+
+
+def crossfit_gate_ignores(scores: Mapping[str, np.ndarray], names: Sequence[str], alpha: float, rule: str,
+                          seed: int) -> np.ndarray:
+    """The gate's ignores on its own calibration samples without scoring a sample against itself: each
+    seeded half is gated against the other half's scores."""
+    n = len(next(iter(scores.values())))
+    perm = np.random.default_rng([seed, 18]).permutation(n)
+    out = np.zeros(n, bool)
+    for ref, test in ((perm[: n // 2], perm[n // 2 :]), (perm[n // 2 :], perm[: n // 2])):
+        out[test] = _gate_ignores({k: v[ref] for k, v in scores.items()}, names, {"t": {k: v[test] for k, v in scores.items()}},
+                                  alpha, rule)["t"]
+    return out
 
 
 def _gate_ignores(cal, ref_names: Sequence[str], score_sets: Mapping[str, Mapping[str, np.ndarray]], alpha: float,
@@ -291,9 +356,10 @@ def choose_risk_score(conf: Mapping[str, np.ndarray], correct: np.ndarray, rule_
 
 def build_gate(bundle_path: Path, x_cal: np.ndarray, y_cal: np.ndarray, cal_desc: str, *, seed: int = 0,
                alpha: Optional[float] = None, delta: Optional[float] = None, rule: Optional[str] = None,
-               threads: Optional[int] = None, log=None) -> Dict[str, Any]:
+               z: Optional[float] = None, threads: Optional[int] = None, log=None) -> Dict[str, Any]:
     """Calibrate the bundle's fitted detectors on held-out ID data (x_cal, y_cal, never used to fit them),
-    choose the default gate's detectors and the risk score by validation, and attach gate.npz."""
+    choose the default gate's detectors, the default z (unless `z` fixes it) and the risk score by validation,
+    and attach gate.npz with the chosen z in the manifest's decision defaults."""
     from edge_quq.bundle import GateSpec, load_bundle
     from edge_quq.detector_store import load_detectors
     from edge_quq.errors import OptionError
@@ -315,6 +381,11 @@ def build_gate(bundle_path: Path, x_cal: np.ndarray, y_cal: np.ndarray, cal_desc
     ood.update({f"shift_{k}": corrupt(few, k, rng) for k in CORRUPTIONS})
     ood_scores = {k: dset.score_all(backbone_features(bundle, v, threads=threads)[0], head) for k, v in ood.items()}
     names, validation = select_gate(rec["detectors"], ood_scores, alpha, rule, seed, rec["rule_keep"], rec["correct"])
+    d = bundle.decision
+    if z is None:
+        ignored = crossfit_gate_ignores(rec["detectors"], names, alpha, rule, seed)
+        z, validation["default_z"] = choose_default_z(rec["mean"], rec["std"], y_cal, ignored, d.threshold, d.mixed, delta)
+    rec.update(rule_records(rec["mean"], rec["std"], y_cal, float(z), d.threshold, d.mixed))
     risk_score, coverage = choose_risk_score(rec["confidence"], rec["correct"], rec["rule_keep"], delta, seed)
     validation["risk_coverage_at_2pct"] = coverage
     validation["sets"] = {k: len(v) for k, v in ood.items()}
@@ -323,12 +394,17 @@ def build_gate(bundle_path: Path, x_cal: np.ndarray, y_cal: np.ndarray, cal_desc
     spec = GateSpec(file=GATE_FILE, version=1, policy=str(GATE_DEFAULTS["policy"]), alpha=alpha, delta=delta,
                     combine=rule, detectors=tuple(names), risk_score=risk_score,
                     calibration={"data": cal_desc, "samples": int(len(x_cal)), "seed": int(seed)}, validation=validation)
-    out = attach_gate(bundle.path, data, spec)
+    out = attach_gate(bundle.path, data, spec, decision=replace(d, z=float(z)))
     if log:
         chosen = validation["chosen"]
         log(f"gate: {', '.join(names)} ({rule}, alpha {alpha:g}) on {len(x_cal)} calibration samples; ignored: "
             + ", ".join(f"{k} {100 * v:.1f}%" for k, v in chosen.items()) + f"; risk score {risk_score}")
-    return {"bundle": str(out.path), "detectors": names, "risk_score": risk_score, "validation": validation}
+        if "default_z" in validation:
+            zc = validation["default_z"]
+            row = next(r for r in zc["table"] if r["z"] == zc["z"])
+            log(f"default z {zc['z']:g} ({zc['choice']}): error among kept {100 * row['error_kept']:.2f}% (upper bound "
+                f"{100 * row['upper_bound']:.2f}% at delta {zc['delta']:g}), {100 * row['ignored']:.2f}% ignored on the calibration split")
+    return {"bundle": str(out.path), "detectors": names, "risk_score": risk_score, "validation": validation, "z": float(z)}
 
 
 if __name__ == "__main__":

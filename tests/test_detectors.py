@@ -353,8 +353,9 @@ def test_fit_detectors_command_adds_them_and_refuses_bad_options(tmp_path):
     assert p.returncode == 2 and p.stderr.startswith("error: unknown detector odin")
     assert (root / MANIFEST_NAME).read_text() == before and not (root / DETECTORS_FILE).exists()
     p = run("fit-detectors", str(root), "--data", str(tmp_path / "fit.npz"), "--detectors", "mahalanobis,knn",
-            "--param", "knn.bank_size=100", "--tpr", "0.9", check_code=0)
+            "--param", "knn.bank_size=100", "--tpr", "0.9", "--z", "0.9", check_code=0)
     assert "mahalanobis" in p.stdout and "knn" in p.stdout
+    assert load_bundle(root).decision.z == 0.9 and "default_z" not in load_bundle(root).gate.validation  # given, not chosen
     ds = load_detectors(load_bundle(root))
     f = load_bundle(root).head.feature_size
     assert ds.names == ["mahalanobis", "knn"] and ds.detectors["knn"].arrays["bank"].shape == (100, f)
@@ -378,6 +379,8 @@ def test_export_fits_detectors_on_the_tiny_model(tmp_path, tiny_model_path, tiny
     assert ds.names == ["mahalanobis", "vim"] and ds.meta["backbone_sha256"] == fitted_for(b)["backbone_sha256"]
     # 1000 images: a seeded 20% held out for the gate's calibration, 10% of the rest for the thresholds
     assert ds.meta["fit"]["labels"] == "labels" and ds.meta["fit_samples"] == 720
+    zc = b.gate.validation["default_z"]  # no --z: chosen on the 200 calibration samples
+    assert b.decision.z == zc["z"] and zc["samples"] == 200 and len(zc["table"]) == 16
     assert b.gate is not None and b.gate.calibration["samples"] == 200 and "default policy gated" in p.stdout
 
 

@@ -218,3 +218,54 @@ def test_exporter_gate_choice_keeps_the_far_ood_catch_then_makes_fewest_wrong_de
     assert names == ["err"], val
     assert val["chosen"]["photos"] == 1.0 and val["chosen"]["id_wrong_decisions"] < val["single_detectors"]["far"]["id_wrong_decisions"]
     assert {"id_ignored_with_rule", "id_error_kept", "id_wrong_decisions"} <= set(val["chosen"])
+
+
+def _z_case(n: int = 6000, wrong: float = 0.1, seed: int = 5):
+    """Two classes where the answer is known: a sample's interval (0.9 and 0.1 ± z·s) stays clear of the
+    0.5 threshold, and the rule keeps it, exactly while z < 0.4 / s. Right samples have s = 0.1 (kept over
+    the whole grid); wrong ones s = 0.4 / z_i, z_i uniform on (0.5, 2.2), so they leave as z grows."""
+    g = np.random.default_rng(seed)
+    bad = g.random(n) < wrong
+    s = np.where(bad, 0.4 / g.uniform(0.5, 2.2, n), 0.1)
+    mean = np.stack([np.full(n, 0.9), np.full(n, 0.1)], 1)
+    return mean, np.stack([s, s], 1), np.where(bad, 1, 0), g.random(n) < 0.03
+
+
+def test_default_z_is_the_smallest_certified_z_and_its_bounds_match_scipy():
+    from scipy.stats import beta, binom
+
+    from edge_quq_export.detectors import choose_default_z
+
+    mean, std, y, gate = _z_case()
+    z, rec = choose_default_z(mean, std, y, gate, 0.5, "ignore", 0.05, target=0.05, budget=0.2)
+    rows = {r["z"]: r for r in rec["table"]}
+    assert rec["certified"] and rec["z"] == z and rec["choice"] == "certified"
+    for r in rows.values():  # the records are what a library computes from the same counts
+        assert r["kept"] == int(np.count_nonzero(~gate & (0.4 / std[:, 0] > r["z"])))
+        assert r["p_value"] == pytest.approx(binom.cdf(r["errors"], r["kept"], 0.05), rel=1e-9, abs=1e-300)
+        assert r["upper_bound"] == pytest.approx(beta.ppf(0.95, r["errors"] + 1, r["kept"] - r["errors"]), abs=1e-4)
+    above = [r for r in rows.values() if r["z"] >= z and r["ignored"] <= 0.2]
+    assert above and all(r["p_value"] <= 0.05 for r in above)
+    below = [r for r in rows.values() if r["z"] < z]
+    assert below and max(below, key=lambda r: r["z"])["p_value"] > 0.05  # the sequence stopped there
+
+
+def test_default_z_without_a_certificate_spends_the_ignore_budget_or_takes_the_narrowest():
+    from edge_quq_export.detectors import choose_default_z
+
+    mean, std, y, gate = _z_case()
+    z, rec = choose_default_z(mean, std, y, gate, 0.5, "ignore", 0.05, target=0.001, budget=0.2)
+    within = [r["z"] for r in rec["table"] if r["ignored"] <= 0.2]
+    assert not rec["certified"] and z == max(within) and rec["choice"].startswith("not certified: widest")
+    z, rec = choose_default_z(mean, std, y, gate, 0.5, "ignore", 0.05, budget=0.0)
+    assert not rec["certified"] and z == min(r["z"] for r in rec["table"]) and "narrowest" in rec["choice"]
+
+
+def test_shipped_bundle_default_z_was_certified_on_its_calibration_data():
+    b = load_bundle()
+    zc = b.gate.validation["default_z"]
+    assert zc["certified"] and b.decision.z == zc["z"] and zc["samples"] == b.gate.calibration["samples"]
+    row = next(r for r in zc["table"] if r["z"] == zc["z"])
+    assert row["upper_bound"] <= zc["error_target"] and row["ignored"] <= zc["ignore_budget"]
+    text = run("info").stdout
+    assert f"z {zc['z']:g} chosen on the calibration data, certified" in text
