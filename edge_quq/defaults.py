@@ -38,8 +38,9 @@ DEFAULT_DETECTOR_SELECTION = "gate"
 
 
 def default_help(key: str) -> str:
-    """'(default: bundle's, 0.5)' for CLI help text, from the one table."""
-    return f"(default: bundle's, {DECISION_DEFAULTS[key]})"
+    """'(default: the bundle's; 0.5 when it has none)' for CLI help text, from the one table. The exporter
+    chooses z per bundle (Z_CHOICE), so the table's value is only the fallback."""
+    return f"(default: the bundle's; {DECISION_DEFAULTS[key]} when it has none)"
 
 # --- decision policies (issue 14; docs/decisions.md) ------------------------------------------------------
 # paper: the MC interval rule alone. gated: the rule plus the conformal OOD gate. risk: gated plus a
