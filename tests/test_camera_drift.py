@@ -213,3 +213,38 @@ def test_live_view_shows_policy_reasons_flags_and_drift(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def photo_pan_video(path: Path, per_photo: int = 30) -> Path:
+    """The camera pointed at the wrong thing: 640x480 MP4 of a slow pan across each real photograph that
+    scikit-image, matplotlib and scikit-learn ship (a street-scene stand-in: people, buildings, animals)."""
+    import cv2
+
+    from edge_quq_export.datasets import package_photos
+
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 25.0, (640, 480))
+    assert w.isOpened()
+    for photos in package_photos().values():
+        for img in photos[:3]:
+            rgb = img if img.ndim == 3 else np.stack([img] * 3, -1)
+            big = cv2.resize(np.ascontiguousarray(rgb[..., :3]), (960, 720), interpolation=cv2.INTER_LINEAR)
+            for i in range(per_photo):  # 320 px of horizontal pan, 240 of vertical, over the clip
+                x, y = (320 * i) // per_photo, (240 * i) // per_photo
+                w.write(cv2.cvtColor(big[y:y + 480, x:x + 640], cv2.COLOR_RGB2BGR))
+    w.release()
+    return path
+
+
+def test_camera_pointed_at_real_photographs_ignores_them_and_alarms(tmp_path):
+    """No options but the output: every frame of a real-photo video is ignored by the OOD gate (issue 14's
+    street video was kept as "Bag" on every frame), and the drift alarm comes within 20 frames."""
+    video = photo_pan_video(tmp_path / "photos.mp4")
+    out = tmp_path / "r.jsonl"
+    r = run_camera("--source", str(video), "--jsonl", str(out), "-q", timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = read_jsonl(out)
+    assert len(lines) >= 150
+    assert all(rec["policy"] == "gated" and rec["decision"] == "ignore" and "ood_gate" in rec["ignored_by"]
+               for rec in lines), [(rec["frame"], rec["label"], rec["ood_p"]) for rec in lines if rec["decision"] == "keep"]
+    first = next(i for i, rec in enumerate(lines) if rec["drift"]["alarm"])
+    assert first < 20 and lines[-1]["drift"]["alarm"]
