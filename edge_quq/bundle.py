@@ -798,8 +798,10 @@ def gate_summary(bundle: Bundle) -> List[Tuple[str, str]]:
         rows.append(("gate validation", ", ".join(f"{k} {100 * float(v):.1f}%" for k, v in rates.items())
                      + " ignored by the gate (exporter's held-out data)"))
     if with_rule:
+        rule_z = val.get("rule_z") if isinstance(val, Mapping) else None
+        at = f", rule at z {float(rule_z):g}" if isinstance(rule_z, (int, float)) and not isinstance(rule_z, bool) else ""
         rows.append(("with the rule", ", ".join(f"{WITH_RULE_RATES[k]} {100 * float(v):.1f}%" for k, v in with_rule.items())
-                     + " (held-out ID data)"))
+                     + f" (held-out ID data{at})"))
     return rows + _default_z_rows(val.get("default_z") if isinstance(val, Mapping) else None)
 
 

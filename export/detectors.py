@@ -382,6 +382,7 @@ def build_gate(bundle_path: Path, x_cal: np.ndarray, y_cal: np.ndarray, cal_desc
     ood_scores = {k: dset.score_all(backbone_features(bundle, v, threads=threads)[0], head) for k, v in ood.items()}
     names, validation = select_gate(rec["detectors"], ood_scores, alpha, rule, seed, rec["rule_keep"], rec["correct"])
     d = bundle.decision
+    validation["rule_z"] = d.z  # the z of the id_* figures above; the default z may be chosen next
     if z is None:
         ignored = crossfit_gate_ignores(rec["detectors"], names, alpha, rule, seed)
         z, validation["default_z"] = choose_default_z(rec["mean"], rec["std"], y_cal, ignored, d.threshold, d.mixed, delta)
