@@ -330,6 +330,32 @@ def package_photos() -> Dict[str, List[np.ndarray]]:
     return {k: v for k, v in out.items() if v}
 
 
+# How a real handwritten digit reaches the model: filling the frame (a camera close to a digit on paper),
+# or MNIST's layout (the digit in the 20x20 centre of 28x28, white on black like Fashion-MNIST).
+DIGIT_LAYOUTS: Tuple[str, ...] = ("full_frame", "centred")
+
+
+def real_handwritten_digits(layout: str = "full_frame", size: int = 28) -> Tuple[List[np.ndarray], np.ndarray]:
+    """scikit-learn's 1797 real handwritten digits (UCI optdigits' test set: 13 writers, 8x8, 0..16) as uint8 gray
+    images, bilinearly upscaled; ([], empty) without scikit-learn."""
+    import cv2
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        return [], np.zeros(0, np.int64)
+    d = load_digits()
+    inner = size if layout == "full_frame" else round(size * 20 / 28)
+    pad = (size - inner) // 2
+    out = []
+    for im in d.images:
+        canvas = np.zeros((size, size), np.uint8)
+        canvas[pad:pad + inner, pad:pad + inner] = cv2.resize((im * (255.0 / 16.0)).astype(np.uint8), (inner, inner),
+                                                              interpolation=cv2.INTER_LINEAR)
+        out.append(canvas)
+    return out, np.asarray(d.target, np.int64)
+
+
 def photo_patches(photos: Sequence[np.ndarray], count: int, rng: np.random.Generator) -> List[np.ndarray]:
     """The whole photos plus random square crops (side 15-100% of the shorter edge), `count` in all."""
     out = list(photos)
