@@ -6,7 +6,7 @@ backbones, timed interleaved in one run. Writes bench/results/whitener.md and .j
 
 The pair is fitted on synthetic rows (C = 100 classes, a random feature covariance; cost depends on shapes, not
 on the fit) by the detectors' own fit functions; the int8 arrays are what fit_detectors stores at these sizes.
-Two kinds of frame features: "dense" (no zeros, the int8 product's worst case) and "relu" (half zero, as
+Timed by thread CPU time (and wall clock, in the .json). Two kinds of frame features: "dense" (no zeros, the int8 product's worst case) and "relu" (half zero, as
 ReLU6/ReLU backbones give; the int8 product skips zero features, the float blocks do not).
 """
 from __future__ import annotations
@@ -51,13 +51,15 @@ def measure(sizes: List[int], repeats: int) -> List[dict]:
         rng = np.random.default_rng(1)
         frames = {"dense": np.abs(rng.normal(size=(repeats, 1, f))).astype(np.float32) + 0.1}
         frames["relu"] = np.where(rng.random((repeats, 1, f)) < 0.5, 0.0, frames["dense"]).astype(np.float32)
-        times: Dict[str, List[float]] = {f"{k}/{dt}": [] for k in frames for dt in prepared}
+        times: Dict[str, List[float]] = {f"{k}/{dt}{c}": [] for k in frames for dt in prepared for c in ("", "_wall")}
         for i in range(repeats):  # interleaved: every variant sees the same machine state
             for kind, xs in frames.items():
                 for dt, p in prepared.items():
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     det._mahalanobis_family(p, xs[i])
-                    times[f"{kind}/{dt}"].append((time.perf_counter() - t0) * 1e6)
+                    c1, t1 = time.thread_time(), time.perf_counter()
+                    times[f"{kind}/{dt}"].append((c1 - c0) * 1e6)
+                    times[f"{kind}/{dt}_wall"].append((t1 - t0) * 1e6)
         row = {"F": f, "float32_bytes": int(8 * f * f), "int8_bytes": int(pair["int8"]["whitener"].size * 2),
                "streamed_int8_bytes": int(prepared["int8"]["q8"].q.size) if "q8" in prepared["int8"] else None,
                "streamed_float32_bytes": int(sum(b[3].nbytes for b in prepared["float32"]["blocks"])) or int(8 * f * f)}
@@ -73,7 +75,8 @@ def _markdown(rows: List[dict], repeats: int, load: tuple) -> str:
     lines = ["# The gate's Mahalanobis pair per frame: float32 against int8 whiteners", "",
              "Command: `python -m bench.bench_whitener`. One frame (N = 1), C = 100 classes, mahalanobis and "
              "rel_mahalanobis from one projection (what the default gate computes), `_mahalanobis_family` on "
-             f"prepared arrays; medians of {repeats} interleaved reps per variant; int8 product variant "
+             f"prepared arrays; medians of {repeats} interleaved reps per variant, by this thread's CPU time (what "
+             "other jobs take is left out; wall-clock medians in the .json); int8 product variant "
              f"`{framekernels.q8_isas()[0] if framekernels.q8_available() else 'none (numpy)'}`; numpy BLAS threads 1; "
              f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at the end (2 cores shared with other jobs).", "",
              "| F | float32 MiB (streamed) | int8 MiB (streamed) | dense: float32 µs | int8 µs | speed-up | "
