@@ -23,6 +23,42 @@
 #include <arm_neon.h>
 #endif
 
+/* Software prefetch of the next group's rows while a group runs, two cache lines per 16 columns (a group reads
+ * one line per 16 columns, and the next group's rows are a little longer): the rows are short streams (~F bytes
+ * each) restarted every 4 rows. Measured at F = 1280 with the cache flushed between frames (as the backbone does):
+ * 429 us per product without, 372-390 with (2 cores shared with other jobs: a small gain, within the noise of
+ * single runs); warm, no difference. Prefetching two groups ahead did no better. */
+typedef struct {
+    const int8_t *p[4];
+    ptrdiff_t len[4], pos;
+    int n, t;
+} q8_prefetch_t;
+
+static inline void q8_prefetch_init(q8_prefetch_t *c, ptrdiff_t r, ptrdiff_t nr, const int32_t *rows,
+                                    const int8_t *q, const int64_t *off) {
+    c->n = nr - r < 4 ? (int)(nr - r > 0 ? nr - r : 0) : 4;
+    for (int t = 0; t < c->n; ++t) {
+        c->p[t] = q + off[rows[r + t]];
+        c->len[t] = (ptrdiff_t)(off[rows[r + t] + 1] - off[rows[r + t]]);
+    }
+    c->t = 0;
+    c->pos = 0;
+}
+
+static inline void q8_prefetch_step(q8_prefetch_t *c) {
+    for (int k = 0; k < 2; ++k) {
+        while (c->t < c->n && c->pos >= c->len[c->t]) {
+            ++c->t;
+            c->pos = 0;
+        }
+        if (c->t >= c->n) return;
+#if defined(__GNUC__) || defined(__clang__)
+        __builtin_prefetch(c->p[c->t] + c->pos);
+#endif
+        c->pos += 64;
+    }
+}
+
 /* One call's rows: nr nonzero rows `rows` with multipliers m [nr, S] (x_i * scale_i), added into acc. */
 typedef void (*eq_q8_rows_fn)(ptrdiff_t nr, const int32_t *rows, const float *m, const int8_t *q, const int64_t *off,
                               int S, float *acc);
@@ -76,7 +112,10 @@ EQ_Q8_AVX2 static void rows__avx2_fma(ptrdiff_t nr, const int32_t *rows, const f
         L = len[0] < len[1] ? len[0] : len[1];
         L = L < len[2] ? L : len[2];
         L = L < len[3] ? L : len[3];
+        q8_prefetch_t pf;
+        q8_prefetch_init(&pf, r + 4, nr, rows, q, off);
         for (ptrdiff_t j = 0; j < L; j += 16) {
+            q8_prefetch_step(&pf);
             __m256 a0 = _mm256_loadu_ps(acc + j), a1 = _mm256_loadu_ps(acc + j + 8);
             for (int t = 0; t < 4; ++t) {
                 a0 = _mm256_fmadd_ps(mv[t], q8_load8(p[t] + j), a0);
@@ -130,7 +169,10 @@ static void rows__neon(ptrdiff_t nr, const int32_t *rows, const float *m, const 
         L = len[0] < len[1] ? len[0] : len[1];
         L = L < len[2] ? L : len[2];
         L = L < len[3] ? L : len[3];
+        q8_prefetch_t pf;
+        q8_prefetch_init(&pf, r + 4, nr, rows, q, off);
         for (ptrdiff_t j = 0; j < L; j += 16) {
+            q8_prefetch_step(&pf);
             float32x4_t a[4], w[4];
             for (int k = 0; k < 4; ++k) a[k] = vld1q_f32(acc + j + 4 * k);
             for (int t = 0; t < 4; ++t) {
