@@ -15,6 +15,7 @@ import pytest
 
 from edge_quq import framekernels
 from edge_quq.detectors import _project_q8_numpy
+from test_native_aarch64 import build
 from test_whitener import q8_case
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,16 +45,10 @@ def cases_file(tmp_path_factory) -> Path:
     return path
 
 
-def build(cc: str, out: Path, *flags: str) -> None:
-    cmd = [cc, "-O2", "-std=gnu11", *flags, f"-I{ROOT / 'edge_quq' / 'csrc'}", *map(str, SOURCES), "-lm", "-o", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stderr
-
-
 @pytest.mark.skipif(not shutil.which("gcc"), reason="needs gcc")
 def test_driver_natively(cases_file, tmp_path):
     exe = tmp_path / "driver"
-    build("gcc", exe)
+    build("gcc", exe, sources=SOURCES)
     res = subprocess.run([str(exe), str(cases_file)], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     last = res.stdout.strip().splitlines()[-1]
@@ -64,7 +59,7 @@ def test_driver_natively(cases_file, tmp_path):
 @pytest.mark.parametrize("cpu", ["cortex-a72", "max"])
 def test_neon_variant_under_qemu(cases_file, tmp_path, cpu):
     exe = tmp_path / "driver"
-    build(CROSS, exe, "-static")  # ARMv8.0 baseline: NEON is part of it, no run-time choice needed
+    build(CROSS, exe, "-static", sources=SOURCES)  # ARMv8.0 baseline: NEON is part of it, no run-time choice needed
     res = subprocess.run([QEMU, "-cpu", cpu, str(exe), str(cases_file)], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.strip().splitlines()[-1].startswith("variants=neon,scalar cases=7 failures=0"), res.stdout

@@ -59,6 +59,19 @@ static inline void q8_prefetch_step(q8_prefetch_t *c) {
     }
 }
 
+/* Rows r .. r + 3 of a call: their packed rows p and lengths len; returns their common length. */
+static inline ptrdiff_t q8_group(ptrdiff_t r, const int32_t *rows, const int8_t *q, const int64_t *off,
+                                 const int8_t *p[4], ptrdiff_t len[4]) {
+    ptrdiff_t L = len[0] = (ptrdiff_t)(off[rows[r] + 1] - off[rows[r]]);
+    p[0] = q + off[rows[r]];
+    for (int t = 1; t < 4; ++t) {
+        p[t] = q + off[rows[r + t]];
+        len[t] = (ptrdiff_t)(off[rows[r + t] + 1] - off[rows[r + t]]);
+        L = len[t] < L ? len[t] : L;
+    }
+    return L;
+}
+
 /* One call's rows: nr nonzero rows `rows` with multipliers m [nr, S] (x_i * scale_i), added into acc. */
 typedef void (*eq_q8_rows_fn)(ptrdiff_t nr, const int32_t *rows, const float *m, const int8_t *q, const int64_t *off,
                               int S, float *acc);
@@ -102,16 +115,10 @@ EQ_Q8_AVX2 static void rows__avx2_fma(ptrdiff_t nr, const int32_t *rows, const f
     ptrdiff_t r = 0;
     for (; r + 4 <= nr; r += 4) {
         const int8_t *p[4];
-        ptrdiff_t len[4], L;
+        ptrdiff_t len[4];
+        const ptrdiff_t L = q8_group(r, rows, q, off, p, len);
         __m256 mv[4];
-        for (int t = 0; t < 4; ++t) {
-            p[t] = q + off[rows[r + t]];
-            len[t] = (ptrdiff_t)(off[rows[r + t] + 1] - off[rows[r + t]]);
-            mv[t] = q8_splat(m + (r + t) * S, S);
-        }
-        L = len[0] < len[1] ? len[0] : len[1];
-        L = L < len[2] ? L : len[2];
-        L = L < len[3] ? L : len[3];
+        for (int t = 0; t < 4; ++t) mv[t] = q8_splat(m + (r + t) * S, S);
         q8_prefetch_t pf;
         q8_prefetch_init(&pf, r + 4, nr, rows, q, off);
         for (ptrdiff_t j = 0; j < L; j += 16) {
@@ -159,16 +166,10 @@ static void rows__neon(ptrdiff_t nr, const int32_t *rows, const float *m, const 
     ptrdiff_t r = 0;
     for (; r + 4 <= nr; r += 4) {
         const int8_t *p[4];
-        ptrdiff_t len[4], L;
+        ptrdiff_t len[4];
+        const ptrdiff_t L = q8_group(r, rows, q, off, p, len);
         float32x4_t mv[4];
-        for (int t = 0; t < 4; ++t) {
-            p[t] = q + off[rows[r + t]];
-            len[t] = (ptrdiff_t)(off[rows[r + t] + 1] - off[rows[r + t]]);
-            mv[t] = q8_splat_neon(m + (r + t) * S, S);
-        }
-        L = len[0] < len[1] ? len[0] : len[1];
-        L = L < len[2] ? L : len[2];
-        L = L < len[3] ? L : len[3];
+        for (int t = 0; t < 4; ++t) mv[t] = q8_splat_neon(m + (r + t) * S, S);
         q8_prefetch_t pf;
         q8_prefetch_init(&pf, r + 4, nr, rows, q, off);
         for (ptrdiff_t j = 0; j < L; j += 16) {

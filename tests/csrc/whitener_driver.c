@@ -13,16 +13,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 
+#include "driver_util.h"
 #include "whitener.h"
 
-static void *read_n(FILE *f, size_t n) {
-    void *p = malloc(n ? n : 1);
-    if (!p || fread(p, 1, n, f) != n) {
-        fprintf(stderr, "truncated cases file\n");
-        exit(2);
-    }
-    return p;
-}
 
 int main(int argc, char **argv) {
     if (argc != 2) {
