@@ -8,7 +8,8 @@ Every kernel has a batched numpy reference that stays the definition of its math
     moment_scores      edge_quq.scores.compute_scores_numpy       SCORE_RTOL
     interval_decide    edge_quq.decision.decide_numpy             exact (same comparisons, no fused multiply-add)
     mahalanobis        edge_quq.detectors._mahalanobis_numpy      MAHALANOBIS_RTOL
-    project_q8         edge_quq.detectors._project_q8_numpy       Q8_RTOL (every variant of q8_isas())
+    project_q8         edge_quq.detectors._project_q8_numpy       Q8_RTOL (every variant of q8_isas(): tests/test_whitener.py,
+                                                                   NEON under qemu: tests/test_whitener_aarch64.py)
 
 The owners (scores.compute_scores, decision.decide and decide_many, the detectors' Mahalanobis family) call the
 kernel when `available()`, the reference otherwise: an install without a C compiler runs the references only.

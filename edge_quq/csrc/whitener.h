@@ -10,7 +10,7 @@
  * own scale is ~10x more accurate, docs/detectors.md). Rows with x[n, i] == 0 are skipped.
  *
  * The numpy reference is edge_quq.detectors._project_q8_numpy (x @ the dequantised float32 matrix); variants
- * differ from it by float32 summation order only (tests/test_frame_kernels.py, tests/test_whitener_aarch64.py).
+ * differ from it by float32 summation order only (tests/test_whitener.py, tests/test_whitener_aarch64.py).
  * No Python here, like headkernel.h.
  */
 #ifndef EDGE_QUQ_WHITENER_H
