@@ -677,7 +677,9 @@ def fit_detectors(feats: np.ndarray, labels: np.ndarray, head: HeadWeights, name
     point is its own nearest neighbour; class statistics fit their own samples too well) and for the
     storage check: each detector is stored in the first of `dtypes` whose held-out scores move the
     threshold decision for at most `tolerance` of the samples and shift no score by more than 50 * tolerance
-    of the score's spread (10% at the default; tolerance=1 accepts the first dtype). Deterministic for a seed.
+    of the score's spread (10% at the default; tolerance=1 accepts the first dtype). int8 applies to the KNN
+    bank and, from INT8_WHITENER_MIN_FEATURES features, to the Mahalanobis family's whiteners (quantised here,
+    judged on the class distance: _choose_storage). Deterministic for a seed.
     """
     feats = np.asarray(feats, np.float64)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
