@@ -13,9 +13,9 @@ setup(
     ext_modules=[
         Extension(
             "edge_quq._headkernel",
-            sources=["edge_quq/csrc/headkernel.c", "edge_quq/csrc/analytic.c", "edge_quq/csrc/frame.c",
+            sources=["edge_quq/csrc/headkernel.c", "edge_quq/csrc/analytic.c", "edge_quq/csrc/frame.c", "edge_quq/csrc/whitener.c",
                      "edge_quq/csrc/headkernel_module.c"],
-            depends=["edge_quq/csrc/headkernel.h", "edge_quq/csrc/frame.h", "edge_quq/csrc/simd_math.h", "edge_quq/csrc/pybuf.h"],
+            depends=["edge_quq/csrc/headkernel.h", "edge_quq/csrc/frame.h", "edge_quq/csrc/whitener.h", "edge_quq/csrc/simd_math.h", "edge_quq/csrc/pybuf.h"],
             extra_compile_args=extra,
             optional=True,
         ),

@@ -90,13 +90,18 @@ ARRAY_SHAPES: Dict[str, Dict[str, Tuple[Any, ...]]] = {
 }
 # A class absent from the fit data has no mean (NaN row, never the nearest); nothing else may be non-finite.
 MAY_HOLD_NAN = {"means_w"}
+# An int8 whitener (edge_quq.detectors.quantize_whitener) comes with its per-row scales and its diagonal.
+INT8_WHITENER_PARTS = {"_scale": ("F",), "_diag": ("F",)}
 
 
 def check_arrays(dset: DetectorSet, feature_size: int, num_classes: int, where: str) -> None:
     """Refuse detector arrays of the wrong shape or with non-finite values, and configs the scores cannot use."""
     sizes = {"F": feature_size, "C": num_classes}
     for name, det in dset.detectors.items():
-        for key, shape in ARRAY_SHAPES.get(name, {}).items():
+        shapes = dict(ARRAY_SHAPES.get(name, {}))
+        for key in [k for k in shapes if det.arrays.get(k) is not None and det.arrays[k].dtype == np.int8]:
+            shapes.update({key + part: shape for part, shape in INT8_WHITENER_PARTS.items()})
+        for key, shape in shapes.items():
             a = det.arrays.get(key)
             want = tuple(sizes.get(d, d) if isinstance(d, str) else d for d in shape)
             ok = a is not None and a.ndim == len(want) and all(
@@ -107,6 +112,8 @@ def check_arrays(dset: DetectorSet, feature_size: int, num_classes: int, where: 
             bad = np.isinf(a) if key in MAY_HOLD_NAN else ~np.isfinite(a)
             if bad.any():
                 raise BundleError(f"{where}: detector {name!r} array {key!r} holds non-finite values; {REFIT_HINT}")
+            if key.endswith("_scale") and not (a > 0).all():
+                raise BundleError(f"{where}: detector {name!r} array {key!r} holds scales <= 0; {REFIT_HINT}")
         _check_config(name, det.config, where)
 
 
@@ -148,7 +155,7 @@ def attach_detectors(bundle_path: os.PathLike, dset: DetectorSet, fit_info: Opti
             files.pop(str(stale_gate.get("file")), None)
         files[DETECTORS_FILE] = {"sha256": sha256_file(tmp_npz), "bytes": tmp_npz.stat().st_size}
         manifest["files"] = files
-        manifest["detectors"] = dict(want, file=DETECTORS_FILE, version=FILE_VERSION, names=dset.names,
+        manifest["detectors"] = dict(want, file=DETECTORS_FILE, version=dset.file_version(), names=dset.names,
                                      thresholds={n: d.threshold for n, d in dset.detectors.items()},
                                      tpr=dset.meta.get("tpr"))
         tmp_man.write_text(manifest_text(json_safe(manifest)), encoding="utf-8")

@@ -42,7 +42,7 @@ from edge_quq.head import HeadWeights
 from edge_quq.scores import energy
 
 FORMAT_NAME = "edge-quq-detectors"
-FILE_VERSION = 1
+FILE_VERSION = 2  # 2: int8 whiteners with per-row scales (_WHITENERS); a file without them is written as 1
 DETECTOR_NAMES = ("maxlogit", "energy", "react", "mahalanobis", "rel_mahalanobis", "knn", "vim", "gradient")
 DEFAULT_DETECTORS = DETECTOR_NAMES
 
@@ -125,15 +125,68 @@ def _fit_mahalanobis(feats, labels, head, rng, ridge: float = 1e-6) -> Dict[str,
     return {"whitener": a, "means_w": means @ a}
 
 
+# Whiteners of at least this many features are stored int8 (fit_detectors, dtype "int8"). Why: the pair the gate
+# scores every frame (mahalanobis + rel_mahalanobis, 8 F^2 float32 bytes) is 2 MiB at F = 512, past a board core's
+# L2 (512 KiB on a Cortex-A76/A72) and this machine's, so from there on the product is bound by reading it and int8
+# reads a quarter of the bytes; below, it is cache-resident and float32 costs nothing more (the default bundle,
+# F = 96, stays float32).
+INT8_WHITENER_MIN_FEATURES = 512
+# the int8 form of a whitener "k": k int8 [F, F] (diagonal zero), k_scale float32 [F], k_diag float32 [F]
+_WHITENERS = ("whitener", "whitener0")
+
+
+def quantize_whitener(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q int8 [F, F], scale float32 [F], diag float32 [F]) of a square whitener: the diagonal in float32, the rest
+    rounded per row to q * scale with |q| <= 127. Why per row and the diagonal apart: a Cholesky factor's largest
+    entry in a row is its diagonal one, which would set the row's step; on its own scale the rest is ~10x more
+    accurate (measured on ReLU random-projection features of Fashion-MNIST, F = 576 and 1280: median relative error
+    of the distance 7e-4 against 4e-3 to 1e-2 per row alone and 8e-2 per column; docs/detectors.md)."""
+    w = np.asarray(w, np.float64)
+    diag = np.diag(w).astype(np.float32)
+    rest = w - np.diag(np.diag(w))
+    amax = np.max(np.abs(rest), axis=1) if w.size else np.zeros(0)
+    scale = (np.where(amax > 0, amax, 1.0) / 127.0).astype(np.float32)
+    q = np.clip(np.round(rest / scale.astype(np.float64)[:, None]), -127, 127).astype(np.int8)
+    return q, scale, diag
+
+
+def dequantize_whitener(q: np.ndarray, scale: np.ndarray, diag: np.ndarray) -> np.ndarray:
+    """float64 [F, F]: the whitener quantize_whitener's parts stand for, what an int8 detector scores with."""
+    w = np.asarray(scale, np.float32).astype(np.float64)[:, None] * q
+    w[np.diag_indices_from(w)] += np.asarray(diag, np.float32)
+    return w
+
+
+def _int8_mahalanobis(arrs: Mapping[str, np.ndarray], feats: np.ndarray, labels: np.ndarray, num_classes: int
+                      ) -> Dict[str, np.ndarray]:
+    """A fitted Mahalanobis-family detector's arrays with its whiteners int8 (quantize_whitener) and the whitened
+    means recomputed from the dequantised whiteners, so that the distances are exact Mahalanobis distances under
+    the precision the board uses (feats, labels: the fit rows; the means are the fit's)."""
+    out: Dict[str, np.ndarray] = {}
+    means = {"whitener": lambda: _class_means(feats, labels, num_classes), "whitener0": lambda: feats.mean(axis=0)[None, :]}
+    for k, mk in (("whitener", "means_w"), ("whitener0", "mean0_w")):
+        if k in arrs:
+            q, scale, diag = quantize_whitener(arrs[k])
+            out.update({k: q, f"{k}_scale": scale, f"{k}_diag": diag, mk: means[k]() @ dequantize_whitener(q, scale, diag)})
+    return out
+
+
+def _dequantized(a: Mapping[str, np.ndarray], k: str) -> np.ndarray:
+    """Whitener k of a detector's arrays as float64, dequantised when stored int8."""
+    w = a[k]
+    return dequantize_whitener(w, a[f"{k}_scale"], a[f"{k}_diag"]) if w.dtype == np.int8 else np.asarray(w, np.float64)
+
+
 def _prepare_mahalanobis(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """The Mahalanobis family's float32 scoring arrays, computed once per detector: one projection `proj`
     ([F, F], or [F, 2F] with the global whitener's columns between the class one's for rel_mahalanobis, so
     both come from one matmul), held as its nonzero row blocks `blocks` when large (_row_blocks), and the
     whitened class means as 2 * (m - center) [F, C] with |m - center|^2 [C]. Distances are taken from
-    `center`, the mean of the class means, which keeps |z|^2 and |m|^2 small and so the float32 cancellation in |z - m|^2 = |z|^2 - 2 z.m + |m|^2 small (tests/test_detectors.py bounds it)."""
+    `center`, the mean of the class means, which keeps |z|^2 and |m|^2 small and so the float32 cancellation in |z - m|^2 = |z|^2 - 2 z.m + |m|^2 small (tests/test_detectors.py bounds it).
+    int8 whiteners (INT8_WHITENER_MIN_FEATURES) are packed for the native product instead (`q8`, a
+    framekernels.Q8Matrix); without the extension they are dequantised and scored like float ones."""
     if "blocks" in a:
         return a  # type: ignore[return-value]
-    w = np.asarray(a["whitener"], np.float64)
     mw = np.asarray(a["means_w"], np.float64)
     present = ~np.isnan(mw).any(axis=1)
     center = mw[present].mean(axis=0) if present.any() else np.zeros(mw.shape[1])
@@ -141,12 +194,17 @@ def _prepare_mahalanobis(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     # A class absent from the fit data has no mean: +inf, so it never wins the min.
     out = {"center": center.astype(np.float32), "means2": np.ascontiguousarray((2.0 * mc).T, np.float32),
            "msq": np.where(present, np.sum(mc * mc, axis=1), np.inf).astype(np.float32)}
+    names = [k for k in _WHITENERS if k in a]
     if "whitener0" in a:
-        # interleaved columns (class j at 2j, global j at 2j + 1): both whiteners are lower-triangular, so the
-        # pair keeps a row-prefix structure and the row blocks below still skip the zeros
-        w = np.stack([w, np.asarray(a["whitener0"], np.float64)], axis=2).reshape(w.shape[0], -1)
         out["center0"] = np.asarray(a["mean0_w"], np.float32).reshape(-1)
-    proj = np.ascontiguousarray(w, np.float32)
+    if _native.q8_available() and all(a[k].dtype == np.int8 for k in names):
+        out["q8"] = _native.pack_q8(*(_interleave([np.asarray(a[f"{k}{part}"]) for k in names])
+                                      for part in ("", "_scale", "_diag")))  # type: ignore[assignment]
+        out["blocks"], out["proj"] = (), np.empty((0, len(names) * mw.shape[1]), np.float32)  # type: ignore[assignment]
+        return out
+    # interleaved columns (class j at 2j, global j at 2j + 1): both whiteners are lower-triangular, so the
+    # pair keeps a row-prefix structure and the row blocks below still skip the zeros
+    proj = np.ascontiguousarray(_interleave([_dequantized(a, k) for k in names]), np.float32)
     out["blocks"] = _row_blocks(proj)  # type: ignore[assignment]
     # the full matrix only where it is scored whole: the blocks are the scoring copy otherwise
     out["proj"] = proj if not out["blocks"] else np.empty((0, proj.shape[1]), np.float32)
@@ -181,8 +239,27 @@ def _row_blocks(proj: np.ndarray) -> Tuple[Tuple[int, int, int, np.ndarray], ...
     return tuple(out)
 
 
+def _interleave(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """[F, K] arrays side by side as [F, len(parts) * K], column j of part s at len(parts) * j + s."""
+    return parts[0] if len(parts) == 1 else np.stack(parts, axis=-1).reshape(parts[0].shape[0], -1)
+
+
+def _project_q8_numpy(x: np.ndarray, q: np.ndarray, scale: np.ndarray, diag: np.ndarray) -> np.ndarray:
+    """float32 [N, K]: rows x [N, F] times the int8 matrix q [F, K] (K = S * F, S whiteners interleaved) with
+    per-row scales [F, S] and diagonal [K], dequantised to float32: the native product's reference
+    (framekernels.project_q8, Q8_RTOL)."""
+    f, k = q.shape
+    s = np.asarray(scale, np.float32).reshape(f, -1)
+    w = q.astype(np.float32) * np.tile(s, (1, k // s.shape[1]))
+    w[np.repeat(np.arange(f), k // f), np.arange(k)] += np.asarray(diag, np.float32).reshape(-1)
+    return np.asarray(x, np.float32) @ w
+
+
 def _project(p: Mapping[str, Any], x: np.ndarray) -> np.ndarray:
-    """x @ p["proj"] for float32 rows x [N, F], from the nonzero row blocks when there are any."""
+    """x @ p["proj"] for float32 rows x [N, F], from the nonzero row blocks when there are any (or the int8
+    product when the whiteners are int8)."""
+    if "q8" in p:
+        return _native.project_q8(x, p["q8"])
     blocks = p["blocks"]
     if not blocks:
         return x @ p["proj"]
@@ -347,7 +424,7 @@ def parse_names(text: str) -> List[str]:
 class FittedDetector:
     name: str
     config: Dict[str, Any]
-    arrays: Dict[str, np.ndarray]  # in memory as loaded (float32 arrays, float64 scalars); stored dtype in `dtype`
+    arrays: Dict[str, np.ndarray]  # in memory as loaded (float32 arrays, float64 scalars, int8 whiteners); stored dtype in `dtype`
     threshold: Optional[float] = None
     tpr: Optional[float] = None
     dtype: str = "float32"
@@ -386,8 +463,8 @@ class FittedDetector:
 
     def nbytes(self) -> int:
         """Bytes of the stored arrays (the file's share, before compression)."""
-        per = {"int8": 1, "float16": 2, "float32": 4}[self.dtype]
-        return int(sum(v.size * (per if v.size > 1 else 8) for v in self.arrays.values()))
+        per = {"int8": 1, "float16": 2, "float32": 4}[_float_storage(self.arrays, self.dtype)]
+        return int(sum(v.size * (1 if v.dtype == np.int8 else per if v.size > 1 else 8) for v in self.arrays.values()))
 
     def memory_bytes(self) -> int:
         """Bytes of the arrays as held in memory for scoring."""
@@ -429,9 +506,11 @@ class DetectorSet:
         if m is None or r is None:
             return False
         ma, ra = m.arrays, r.arrays
-        key = (ma["whitener"], ma["means_w"], ra["whitener"], ra["means_w"])
+        names = ("whitener", "means_w", "whitener_scale", "whitener_diag")
+        key = tuple(d.get(k) for d in (ma, ra) for k in names)
         if self._shared is None or not all(map(operator.is_, self._shared[0], key)):
-            same = all(np.array_equal(m.arrays[k], r.arrays[k], equal_nan=True) for k in ("whitener", "means_w"))
+            same = all(ma.get(k) is None and ra.get(k) is None or ma.get(k) is not None and ra.get(k) is not None
+                       and np.array_equal(ma[k], ra[k], equal_nan=ma[k].dtype.kind == "f") for k in names)
             self._shared = (key, same)
         return self._shared[1]
 
@@ -445,11 +524,15 @@ class DetectorSet:
         dets = {}
         for n, d in self.detectors.items():
             for k, v in d.arrays.items():
-                out.update(_encode(f"{n}/{k}", v, d.dtype))
+                out.update(_encode(f"{n}/{k}", v, _float_storage(d.arrays, d.dtype)))
             dets[n] = {"config": d.config, "threshold": d.threshold, "tpr": d.tpr, "dtype": d.dtype}
-        meta = dict(self.meta, format=FORMAT_NAME, version=FILE_VERSION, detectors=dets)
+        meta = dict(self.meta, format=FORMAT_NAME, version=self.file_version(), detectors=dets)
         out["meta"] = np.frombuffer(json.dumps(meta, sort_keys=True, allow_nan=False).encode("utf-8"), np.uint8)
         return out
+
+    def file_version(self) -> int:
+        """The detectors file version this set needs: 1 (what every edge-quq reads) unless it holds int8 whiteners."""
+        return FILE_VERSION if any(_prequantized(d.arrays) for d in self.detectors.values()) else 1
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], where: str) -> "DetectorSet":
@@ -493,7 +576,20 @@ class DetectorSet:
         return cls(dets, meta)
 
 
+def _prequantized(arrs: Mapping[str, np.ndarray]) -> bool:
+    """True for arrays quantised at fit (int8 whiteners with their scales), not by the storage dtype."""
+    return any(v.dtype == np.int8 for v in arrs.values())
+
+
+def _float_storage(arrs: Mapping[str, np.ndarray], dtype: str) -> str:
+    """The storage dtype of a detector's float arrays: its dtype, float32 beside int8 whiteners (their scales,
+    diagonals and whitened means keep full precision)."""
+    return "float32" if _prequantized(arrs) else dtype
+
+
 def _encode(key: str, v: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
+    if v.dtype == np.int8:
+        return {key: v}  # quantised at fit: an int8 whitener, scaled by its own arrays
     v = np.asarray(v, np.float64)
     if dtype == "int8":
         scale = max(float(np.max(np.abs(v))), 1e-30) / 127.0
@@ -509,6 +605,8 @@ def _decode(arrays: Mapping[str, np.ndarray], key: str, where: str = "detectors"
     v = np.asarray(arrays[key])
     if v.dtype.kind not in "fi":
         raise BundleError(f"{where}: {key} has dtype {v.dtype}, not a number array")
+    if v.dtype == np.int8 and key.rsplit("/", 1)[-1] in _WHITENERS and f"{key}.scale" not in arrays:
+        return np.ascontiguousarray(v)  # an int8 whitener stays int8 (its scales: detector_store.check_arrays)
     if v.dtype == np.int8:
         scale = np.asarray(arrays.get(f"{key}.scale", np.zeros(0)))
         if scale.dtype.kind != "f" or scale.size != 1 or not np.isfinite(scale).all():
@@ -519,11 +617,11 @@ def _decode(arrays: Mapping[str, np.ndarray], key: str, where: str = "detectors"
 
 
 def _roundtrip(arrs: Dict[str, np.ndarray], dtype: str) -> Dict[str, np.ndarray]:
-    out = {}
+    """arrs as stored with `dtype` and loaded back."""
+    enc: Dict[str, np.ndarray] = {}
     for k, v in arrs.items():
-        enc = _encode(k, v, dtype)
-        out[k] = _decode(enc, k)
-    return out
+        enc.update(_encode(k, v, _float_storage(arrs, dtype)))
+    return {k: _decode(enc, k) for k in arrs}
 
 
 def fit_threshold(id_scores: np.ndarray, tpr: float) -> float:
@@ -531,6 +629,42 @@ def fit_threshold(id_scores: np.ndarray, tpr: float) -> float:
     if not 0.0 < tpr < 1.0:
         raise OptionError(f"ID true-positive rate must be in (0, 1), got {tpr}")
     return float(np.quantile(np.asarray(id_scores, np.float64), tpr, method="higher"))
+
+
+def _choose_storage(n: str, arrs: Dict[str, np.ndarray], cfg: Dict[str, Any], head: HeadWeights, hold: np.ndarray,
+                    fit_rows: Tuple[np.ndarray, np.ndarray], dtypes: Sequence[str], tolerance: float,
+                    tpr: Optional[float]) -> Tuple[str, Dict[str, np.ndarray]]:
+    """(dtype, arrays as stored and loaded) of detector n: the first of `dtypes` whose held-out scores stay within
+    `tolerance` of the fitted arrays' (fit_detectors), float32 when none does."""
+    chosen, chosen_arrs = "float32", _roundtrip(arrs, "float32")
+    if not any(np.size(v) > 1 for v in arrs.values()):
+        return chosen, chosen_arrs
+    refs: Dict[Callable, Tuple[np.ndarray, float]] = {}
+    for dt in dtypes:
+        check, allowed = _IMPL[n][1], tolerance
+        if dt == "int8" and n in _PREPARED and hold.shape[1] >= INT8_WHITENER_MIN_FEATURES:
+            trial = _roundtrip(_int8_mahalanobis(arrs, *fit_rows, head.num_classes), dt)
+            # Judged on the class distance both detectors share, so the pair decides alike and keeps one
+            # projection: rel_mahalanobis, a difference of two distances of ~F each, moves by up to a few of its
+            # own spreads under int8 (docs/detectors.md); its threshold and the gate's calibration come from the
+            # int8 scores, so its flags keep their stated rates.
+            check = _score_mahalanobis
+            # The threshold is one of the held-out scores, so that sample sits on the boundary and flips with any
+            # perturbation half of the time: one flip is the check's resolution (of 384 held-out rows at F = 1280).
+            allowed = max(tolerance, 1.0 / len(hold))
+        elif dt == "int8" and n != "knn":
+            continue  # int8 only for the bank of unit vectors, whose range is known, and large whiteners
+        else:
+            trial = _roundtrip(arrs, dt)
+        if check not in refs:
+            r = check(arrs, cfg, hold, head)
+            refs[check] = (r, fit_threshold(r, tpr) if tpr is not None else float(np.quantile(r, 0.95)))
+        ref, thr = refs[check]
+        s = check(trial, cfg, hold, head)
+        moved = np.mean((s > thr) != (ref > thr))
+        if moved <= allowed and np.max(np.abs(s - ref)) <= 50.0 * tolerance * max(float(np.std(ref)), 1e-12):
+            return dt, trial
+    return chosen, chosen_arrs
 
 
 def fit_detectors(feats: np.ndarray, labels: np.ndarray, head: HeadWeights, names: Sequence[str] = DEFAULT_DETECTORS,
@@ -543,7 +677,9 @@ def fit_detectors(feats: np.ndarray, labels: np.ndarray, head: HeadWeights, name
     point is its own nearest neighbour; class statistics fit their own samples too well) and for the
     storage check: each detector is stored in the first of `dtypes` whose held-out scores move the
     threshold decision for at most `tolerance` of the samples and shift no score by more than 50 * tolerance
-    of the score's spread (10% at the default; tolerance=1 accepts the first dtype). Deterministic for a seed.
+    of the score's spread (10% at the default; tolerance=1 accepts the first dtype). int8 applies to the KNN
+    bank and, from INT8_WHITENER_MIN_FEATURES features, to the Mahalanobis family's whiteners (quantised here,
+    judged on the class distance: _choose_storage). Deterministic for a seed.
     """
     feats = np.asarray(feats, np.float64)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)
@@ -570,21 +706,8 @@ def fit_detectors(feats: np.ndarray, labels: np.ndarray, head: HeadWeights, name
         arrs = fit_fn(feats[fit], labels[fit], head, np.random.default_rng([seed, DETECTOR_NAMES.index(n)]), **cfg)
         if n == "vim" and cfg.get("dim") is None:
             cfg["dim"] = feats.shape[1] - arrs["null_space"].shape[1]
-        ref = score_fn(arrs, cfg, feats[hold], head)
-        thr_ref = fit_threshold(ref, tpr) if tpr is not None else float(np.quantile(ref, 0.95))
-        chosen, chosen_arrs = "float32", _roundtrip(arrs, "float32")
-        big = [k for k, v in arrs.items() if np.size(v) > 1]
-        if big:
-            spread = max(float(np.std(ref)), 1e-12)
-            for dt in dtypes:
-                if dt == "int8" and n != "knn":
-                    continue  # int8 only for the bank of unit vectors, whose range is known
-                trial = _roundtrip(arrs, dt)
-                s = score_fn(trial, cfg, feats[hold], head)
-                moved = np.mean((s > thr_ref) != (ref > thr_ref))
-                if moved <= tolerance and np.max(np.abs(s - ref)) <= 50.0 * tolerance * spread:
-                    chosen, chosen_arrs = dt, trial
-                    break
+        chosen, chosen_arrs = _choose_storage(n, arrs, cfg, head, feats[hold], (feats[fit], labels[fit]), dtypes,
+                                              tolerance, tpr)
         # the threshold is fitted on the scores as the board will compute them (stored precision)
         final = score_fn(chosen_arrs, cfg, feats[hold], head)
         thr = fit_threshold(final, tpr) if tpr is not None else None

@@ -8,6 +8,8 @@ Every kernel has a batched numpy reference that stays the definition of its math
     moment_scores      edge_quq.scores.compute_scores_numpy       SCORE_RTOL
     interval_decide    edge_quq.decision.decide_numpy             exact (same comparisons, no fused multiply-add)
     mahalanobis        edge_quq.detectors._mahalanobis_numpy      MAHALANOBIS_RTOL
+    project_q8         edge_quq.detectors._project_q8_numpy       Q8_RTOL (every variant of q8_isas(): tests/test_whitener.py,
+                                                                   NEON under qemu: tests/test_whitener_aarch64.py)
 
 The owners (scores.compute_scores, decision.decide and decide_many, the detectors' Mahalanobis family) call the
 kernel when `available()`, the reference otherwise: an install without a C compiler runs the references only.
@@ -17,11 +19,13 @@ summation included, so they are bit-identical where numpy's log, exp and log1p a
 AVX-512, aarch64); numpy's AVX-512 versions may differ by an ulp, hence SCORE_RTOL (relative to max(1, |score|)).
 The Mahalanobis distances are float32 like the reference, whose class dot products come from a BLAS matmul in
 another summation order: they agree to MAHALANOBIS_RTOL of the row's scale |zc|^2 + max_c |m_c|^2 (+ |g|^2 for
-rel_mahalanobis), the terms whose float32 rounding the distance inherits.
+rel_mahalanobis), the terms whose float32 rounding the distance inherits. The int8 whitener product (whitener.c)
+multiplies the same float32 terms as its reference, x @ the dequantised matrix, up to the rounding of x_i * scale_i
+and in another order: each projected coordinate z_k agrees to Q8_RTOL of sum_i |x_i W_ik|.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -32,6 +36,7 @@ except ImportError:  # built without a C compiler: the numpy references remain
 
 SCORE_RTOL = 1e-12
 MAHALANOBIS_RTOL = 1e-5
+Q8_RTOL = 1e-5
 # activation name -> the kernel's code; any other name scores like "linear" (binary entropy, no energy), as
 # the reference does
 _ACTIVATION_CODES = {"sigmoid": 1, "softmax": 2}
@@ -44,6 +49,14 @@ def available() -> bool:
 
 
 _AVAILABLE = _kernel is not None and hasattr(_kernel, "interval_decide")
+
+
+def q8_available() -> bool:
+    """True when the extension has the int8 whitener product (project_q8)."""
+    return _Q8_AVAILABLE
+
+
+_Q8_AVAILABLE = _kernel is not None and hasattr(_kernel, "project_q8")
 # What the kernels refuse (wrong dtype, size or layout): the callers' row paths then take the reference.
 _REFUSED = (TypeError, ValueError, BufferError)
 
@@ -115,3 +128,44 @@ def mahalanobis(z: np.ndarray, center: np.ndarray, means2: np.ndarray, msq: np.n
     rel = np.empty(n) if center0 is not None else None
     _kernel.mahalanobis(zz, center, means2, msq, center0, d, rel)
     return d, rel
+
+
+class Q8Matrix(NamedTuple):
+    """An int8 whitener (or an interleaved pair, S = 2) in project_q8's layout (edge_quq/csrc/whitener.h): row i's
+    nonzero prefix, padded with zeros to a multiple of 16 columns, at q[off[i]:off[i + 1]]."""
+    q: np.ndarray  # int8, the packed rows
+    off: np.ndarray  # int64 [F + 1]
+    scale: np.ndarray  # float32 [F, S]
+    diag: np.ndarray  # float32 [S * F]
+    S: int
+
+
+def pack_q8(q: np.ndarray, scale: np.ndarray, diag: np.ndarray) -> Q8Matrix:
+    """Q8Matrix of int8 rows q [F, K] (K = S * F, S = 1 or 2 interleaved whiteners), scales [F, S], diag [K]."""
+    f, k = q.shape
+    kp = -(-k // 16) * 16
+    nz = q != 0
+    last = np.where(nz.any(axis=1), k - np.argmax(nz[:, ::-1], axis=1), 0)
+    lens = np.minimum(-(-last // 16) * 16, kp)
+    padded = np.zeros((f, kp), np.int8)
+    padded[:, :k] = q
+    off = np.zeros(f + 1, np.int64)
+    np.cumsum(lens, out=off[1:])
+    packed = np.ascontiguousarray(padded[np.arange(kp)[None, :] < lens[:, None]])
+    return Q8Matrix(packed, off, np.ascontiguousarray(scale, np.float32).reshape(f, -1),
+                    np.ascontiguousarray(diag, np.float32).reshape(-1), k // f)
+
+
+def q8_isas() -> Tuple[str, ...]:
+    """The variants of project_q8 usable on this CPU, best first; the plain C "scalar" last."""
+    return tuple(_kernel.q8_isas())
+
+
+def project_q8(x: np.ndarray, m: Q8Matrix, isa: Optional[str] = None) -> np.ndarray:
+    """float32 [N, S * F]: rows x [N, F] times the dequantised matrix of m (detectors._project_q8_numpy), by the
+    kernel variant `isa` (None: the best of q8_isas())."""
+    xx = np.ascontiguousarray(x, np.float32)
+    z = np.empty((xx.shape[0], m.diag.size), np.float32)
+    if xx.shape[0]:
+        _kernel.project_q8(xx, m.q, m.off, m.scale, m.diag, m.S, z, isa)
+    return z

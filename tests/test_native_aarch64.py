@@ -86,8 +86,10 @@ def cases_file(tmp_path_factory) -> Path:
     return path
 
 
-def build(cc: str, out: Path, *flags: str) -> None:
-    cmd = [cc, "-O2", "-std=gnu11", *flags, f"-I{ROOT / 'edge_quq' / 'csrc'}", *map(str, SOURCES), "-lm", "-o", str(out)]
+def build(cc: str, out: Path, *flags: str, sources=SOURCES) -> None:
+    """Compile the kernel sources with a test driver (tests/csrc) into out."""
+    cmd = [cc, "-O2", "-std=gnu11", *flags, f"-I{ROOT / 'edge_quq' / 'csrc'}", f"-I{ROOT / 'tests' / 'csrc'}",
+           *map(str, sources), "-lm", "-o", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert res.returncode == 0, res.stderr
 

@@ -11,6 +11,7 @@
 #include "frame.h"
 #include "headkernel.h"
 #include "pybuf.h"
+#include "whitener.h"
 
 /* Borrow obj's C-contiguous buffer with `flags` on top: 1 when held, 0 for None if `optional`, -1 on error. */
 static int buf_open(PyObject *obj, buf_t *b, int flags, int optional, const char *name) {
@@ -439,6 +440,72 @@ done:
     return result;
 }
 
+/* The int8 whitener product (whitener.c): project_q8(x, q, off, scale, diag, S, z_out, isa=None). */
+static PyObject *py_project_q8(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ox, *oq, *ooff, *oscale, *odiag, *oz, *oisa = Py_None;
+    int S;
+    if (!PyArg_ParseTuple(args, "OOOOOiO|O", &ox, &oq, &ooff, &oscale, &odiag, &S, &oz, &oisa)) return NULL;
+    const char *isa = NULL;
+    if (oisa != Py_None && !(isa = PyUnicode_AsUTF8(oisa))) return NULL;
+    buf_t bx = {0}, bq = {0}, boff = {0}, bs = {0}, bd = {0}, bz = {0};
+    PyObject *result = NULL;
+    if (S != 1 && S != 2) {
+        PyErr_SetString(PyExc_ValueError, "S must be 1 or 2");
+        return NULL;
+    }
+    if (buf_typed(oscale, &bs, -1, 'f', 0, 0, "scale") || buf_typed(ox, &bx, -1, 'f', 0, 0, "x") ||
+        buf_typed(oq, &bq, -1, 'b', 0, 0, "q"))
+        goto done;
+    const Py_ssize_t F = bs.view.len / 4 / S, K = S * F, nx = bx.view.len / 4;
+    if (F < 1 || F * S * 4 != bs.view.len || nx % F != 0 || nx == 0) {
+        PyErr_SetString(PyExc_ValueError, "x must be [N >= 1, F] for scale [F, S]");
+        goto done;
+    }
+    if (buf_typed(ooff, &boff, F + 1, 'q', 0, 0, "off") || buf_typed(odiag, &bd, K, 'f', 0, 0, "diag") ||
+        buf_typed(oz, &bz, nx / F * K, 'f', 1, 0, "z_out"))
+        goto done;
+    /* the packed rows must tile q exactly, each a multiple of 16 and at most K rounded up to 16 long */
+    const int64_t *off = (const int64_t *)boff.view.buf;
+    int ok = off[0] == 0 && off[F] == bq.view.len;
+    for (Py_ssize_t i = 0; ok && i < F; ++i) {
+        const int64_t len = off[i + 1] - off[i];
+        ok = len >= 0 && len % 16 == 0 && len <= (K + 15) / 16 * 16;
+    }
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "off: the packed rows must tile q, each a multiple of 16 and at most K + 15");
+        goto done;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = eq_project_q8(nx / F, F, S, (const float *)bx.view.buf, (const int8_t *)bq.view.buf, off,
+                       (const float *)bs.view.buf, (const float *)bd.view.buf, (float *)bz.view.buf, isa);
+    Py_END_ALLOW_THREADS
+    if (rc == -2) PyErr_Format(PyExc_ValueError, "unknown or unsupported isa %R", oisa);
+    else if (rc != 0) PyErr_NoMemory();
+    else {
+        result = Py_None;
+        Py_INCREF(result);
+    }
+done:
+    buf_release(&bx); buf_release(&bq); buf_release(&boff); buf_release(&bs); buf_release(&bd); buf_release(&bz);
+    return result;
+}
+
+static PyObject *py_q8_isas(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    int n = 0;
+    while (eq_q8_isa(n)) ++n;
+    PyObject *t = PyTuple_New(n);
+    if (!t) return NULL;
+    for (int i = 0; i < n; ++i) {
+        PyObject *s = PyUnicode_FromString(eq_q8_isa(i));
+        if (!s) { Py_DECREF(t); return NULL; }
+        PyTuple_SET_ITEM(t, i, s);
+    }
+    return t;
+}
+
 #define MOMENTS_DOC                                                                                              \
     "(x, w0, b0, w1, b1, p0, p1, activation, num_iter, mean_out, std_out, logits_out, *, seed=0, mask0=None, "   \
     "mask1=None, probs_out=None, isa=None, stats_out=None) -> expected_entropy\n\n"                                              \
@@ -481,6 +548,11 @@ static PyMethodDef methods[] = {
      "mahalanobis(z, center, means2, msq, center0, d_out, rel_out) -> None\n\nThe Mahalanobis family's distances "
      "of projected rows z float32[N, F] (or [N, 2F] interleaved with the global projection when center0 float32[F] "
      "is given, else None): writes d_out float64[N] and rel_out float64[N] (None without center0). Releases the GIL."},
+    {"project_q8", py_project_q8, METH_VARARGS,
+     "project_q8(x, q, off, scale, diag, S, z_out, isa=None) -> None\n\nThe Mahalanobis family's int8 whitener "
+     "product (whitener.h): rows x float32[N, F], packed int8 rows q with offsets off int64[F + 1], per-row scales "
+     "float32[F, S], diagonal float32[S * F]; writes z_out float32[N, S * F]. Releases the GIL."},
+    {"q8_isas", py_q8_isas, METH_NOARGS, "Variants of project_q8 usable on this CPU, best first; the last is 'scalar'."},
     {"bernoulli_bits", py_bernoulli_bits, METH_VARARGS, "bernoulli_bits(p, seed, n) -> bytes: n uint64 drop-bit words."},
     {NULL, NULL, 0, NULL},
 };

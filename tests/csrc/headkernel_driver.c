@@ -22,16 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "driver_util.h"
 #include "headkernel.h"
 
-static void *read_n(FILE *f, size_t n) {
-    void *p = malloc(n ? n : 1);
-    if (!p || fread(p, 1, n, f) != n) {
-        fprintf(stderr, "truncated cases file\n");
-        exit(2);
-    }
-    return p;
-}
 
 static double max_abs_diff_f(const float *a, const float *b, size_t n) {
     double m = 0.0;
