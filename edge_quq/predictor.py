@@ -28,7 +28,7 @@ from edge_quq.gate_store import LoadedGate, load_gate
 from edge_quq.gradients import GradientSettings, gradient_scores
 from edge_quq.options import PredictorOptions
 from edge_quq.head import HeadWeights, load_head_weights
-from edge_quq.preprocess import min_decode_size, preprocess_image, read_image
+from edge_quq.preprocess import Preprocessor, min_decode_size, read_image
 from edge_quq.result import Failure, Prediction
 from edge_quq.samplers import make_sampler
 from edge_quq.samplers.base import HeadMoments, Sampler
@@ -153,6 +153,7 @@ class Predictor:
         self._thresholded = [(n, float(d.threshold)) for n, d in self.active.detectors.items()
                              if d.threshold is not None] if self.active else []
         self._described: Optional[Tuple[tuple, dict]] = None
+        self._prep: Optional[Preprocessor] = None
         self._rss: Optional[Tuple[float, int]] = None  # (perf_counter of the read, bytes): rss_bytes() opens a /proc file
         self.bundle = bundle
         self.backbone = backbone
@@ -222,9 +223,12 @@ class Predictor:
     # -- stages -------------------------------------------------------------------------------------------
     def load_input(self, image: ImageLike) -> np.ndarray:
         spec, limit = self.bundle.input.preprocess, self.options.max_pixels
+        prep = self._prep
+        if prep is None or prep.spec is not spec:  # built once per spec: its lookup tables
+            prep = self._prep = Preprocessor(spec)
         if isinstance(image, np.ndarray):
-            return preprocess_image(image, spec, self.channel_order, limit)
-        return preprocess_image(read_image(image, limit, min_decode_size(spec)), spec, "bgr", limit)
+            return prep(image, self.channel_order, limit)
+        return prep(read_image(image, limit, min_decode_size(spec)), "bgr", limit)
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         return self.backbone(batch)

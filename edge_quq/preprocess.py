@@ -210,6 +210,64 @@ def preprocess_image(img: np.ndarray, spec: Preprocess, channel_order: str = "bg
         f = cv2.resize(f, (w, h), interpolation=getattr(cv2, _INTERP[spec.interpolation]))
         if f.ndim == 2:
             f = f[:, :, None]
+    return _normalize(f, spec)
+
+
+class Preprocessor:
+    """preprocess_image for one bundle's spec, with what it can work out once kept: 8-bit images that already
+    have the model's size after the crop (a camera or dataset at the input size, the default bundle's 28x28
+    digits) go through a 256-entry table per output channel. Per pixel, the table holds exactly what
+    preprocess_image's float32 arithmetic gives for that value, so the result is bit-identical; everything
+    else goes to preprocess_image itself, the reference (tests/test_scores_preprocess.py compares the two)."""
+
+    __slots__ = ("spec", "_hw", "_table")
+
+    def __init__(self, spec: Preprocess) -> None:
+        self.spec = spec
+        self._hw = tuple(spec.resize)
+        channels = 1 if spec.color == "gray" else 3
+        pixels = np.repeat(np.arange(256, dtype=np.float32)[:, None], channels, axis=1)
+        table = _normalize(pixels, spec)
+        # cv2.LUT's tables ([256] for gray, [256, 1, 3] for color): output channel k's value for each 8-bit pixel,
+        # by preprocess_image's own arithmetic (None when mean/std would broadcast to other than the color's
+        # channels: preprocess_image then)
+        if table.shape != (256, channels):
+            self._table = None
+        else:
+            self._table = table[:, 0].copy() if channels == 1 else table.reshape(256, 1, 3)
+
+    def __call__(self, img: np.ndarray, channel_order: str = "bgr", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        a = img if type(img) is np.ndarray else np.asarray(img)
+        out = None
+        if a.dtype == np.uint8 and 2 <= a.ndim <= 3 and self._table is not None:
+            check_pixels("image", a.shape[1], a.shape[0], max_pixels)
+            if self.spec.crop_fraction < 1.0:
+                a = center_crop(a, self.spec.crop_fraction)
+            if a.shape[:2] == self._hw:
+                out = self._lookup(a, channel_order)
+        return preprocess_image(img, self.spec, channel_order, max_pixels) if out is None else out
+
+    def _lookup(self, a: np.ndarray, channel_order: str) -> Optional[np.ndarray]:
+        """The table path for an 8-bit image of the model's size; None for what it does not cover (a color
+        image for a gray model: cvtColor's float weights; a shape to_pixels refuses)."""
+        table = self._table
+        bands = 1 if a.ndim == 2 else a.shape[2]
+        if bands == 1:
+            a = a.reshape(a.shape[0], a.shape[1])
+            if table.ndim == 1:  # cv2.LUT: one C call, where numpy's take first widens the indices
+                return _cv2().LUT(a, table)[:, :, None]
+            a = np.repeat(a[:, :, None], 3, axis=2)
+        elif bands in (3, 4) and table.ndim == 3:
+            # the model's channel k is image channel order[k] (images are BGR unless channel_order is rgb)
+            bgr = [2, 1, 0] if channel_order == "rgb" else [0, 1, 2]
+            a = a[:, :, bgr[::-1] if self.spec.color == "rgb" else bgr]
+        else:
+            return None
+        return _cv2().LUT(a, table)
+
+
+def _normalize(f: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """(pixel * pixel_scale - mean) / std in float32, for float32 pixels on the 0..255 scale [..., C]."""
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
     return ((f * np.float32(spec.pixel_scale) - mean) / std).astype(np.float32)
