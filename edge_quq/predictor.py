@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_quq.backends import Backbone, make_backbone
 from edge_quq.bundle import Bundle, load_bundle
-from edge_quq.conformal import COMBINE_RULES, CalibrationScores, combine, conformal_pvalues
+from edge_quq.conformal import COMBINE_RULES, CalibrationScores, RowGate
 from edge_quq.decision import MIXED_POLICIES, Decision, check_ignore_on, combine_decision, decide, policy_reasons, resolve_z
 from edge_quq.defaults import DEFAULT_DETECTOR_SELECTION, GATE_DEFAULTS, POLICY_WITHOUT_CALIBRATION, RISK_SCORE_SIGN
 from edge_quq.detectors import DETECTOR_NAMES, DetectorSet, gradient_reusable, parse_selection
@@ -37,6 +37,13 @@ from edge_quq.telemetry import StageClock, rss_bytes
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
 RSS_INTERVAL_S = 0.5
+perf_counter = time.perf_counter
+
+
+def _lap(ms: Dict[str, float], stage: str, t0: float) -> None:
+    """StageClock.stage's bookkeeping (milliseconds since perf_counter() t0 added to `stage`) without its
+    context manager: the per-frame stages call this, as an object and two method calls per stage cost more."""
+    ms[stage] = ms.get(stage, 0.0) + (perf_counter() - t0) * 1e3
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,7 @@ class Predictor:
                              if d.threshold is not None] if self.active else []
         self._described: Optional[Tuple[tuple, dict]] = None
         self._prep: Optional[Preprocessor] = None
+        self._gate: Optional[RowGate] = None
         self._rss: Optional[Tuple[float, int]] = None  # (perf_counter of the read, bytes): rss_bytes() opens a /proc file
         self.bundle = bundle
         self.backbone = backbone
@@ -246,37 +254,51 @@ class Predictor:
                 grad = gradient_scores(self.head, features[None], self.gradient)
         scores = score_row(moments.mean, moments.std, moments.logits, moments.expected_entropy, self.head.activation, grad)
         if self.active is not None:
-            given = {}
-            gdet = self.active.detectors.get("gradient")
-            if grad is not None and gdet is not None and gradient_reusable(gdet.config, self.gradient, self.head):
-                given["gradient"] = grad
-            with clock.stage("detectors"):
-                scores.update(row_scores(self.active.score_all(features[None], self.head, given)))
+            given = None
+            if grad is not None:
+                gdet = self.active.detectors.get("gradient")
+                if gdet is not None and gradient_reusable(gdet.config, self.gradient, self.head):
+                    given = {"gradient": grad}
+            t0 = perf_counter()
+            scores.update(row_scores(self.active.score_all(features[None], self.head, given)))
+            _lap(clock.ms, "detectors", t0)
         return scores
 
     def gate_pvalues(self, scores: Dict[str, float]) -> Optional[np.ndarray]:
         """Each gate detector's conformal p-value [D] (the policy's detectors, in order); None without
         calibration data."""
-        pol = self.policy
+        p = self._pvalue_row(scores)
+        return None if p is None else np.array(p, np.float64)
+
+    def _row_gate(self) -> Optional[RowGate]:
+        """The policy's gate for one frame (conformal.RowGate), built again only when the policy's calibration
+        data or rule changed; None without calibration data."""
+        pol, hit = self.policy, self._gate
         if pol.cal is None:
             return None
-        row = np.array([[scores[n] for n in pol.detectors]], np.float64)
-        return conformal_pvalues(row, pol.cal)[0]
+        if hit is None or hit.cal is not pol.cal or hit.rule != pol.combine:
+            hit = self._gate = RowGate(pol.cal, pol.combine)
+        return hit
+
+    def _pvalue_row(self, scores: Dict[str, float]) -> Optional[List[float]]:
+        rg = self._row_gate()
+        return None if rg is None else rg.pvalues([scores[n] for n in self.policy.detectors])
 
     def decision_stage(self, moments: HeadMoments, scores: Dict[str, float],
-                       pvalues: Optional[np.ndarray] = None) -> Tuple[Decision, bool, List[str], List[str], Optional[float]]:
+                       pvalues: Optional[Sequence[float]] = None) -> Tuple[Decision, bool, List[str], List[str], Optional[float]]:
         """(MC decision, keep, ignored_by, flagged, ood_p): the MC rule, the detectors' flags, the ignore
         policy, then the OOD gate and the risk threshold of the decision policy. `pvalues`: gate_pvalues()
         when the caller already has them."""
         s = self.settings
         dec = decide(moments.mean, moments.std, s.z, s.threshold, s.mixed)
-        flagged = [n for n, thr in self._thresholded if scores[n] > thr]
+        flagged = [n for n, thr in self._thresholded if scores[n] > thr] if self._thresholded else []
         keep, ignored_by = combine_decision(dec.keep, flagged, self.ignore_on)
         pol = self.policy
         ood_p = None
-        if pol.cal is not None:
-            p = self.gate_pvalues(scores) if pvalues is None else pvalues
-            ood_p = float(combine(p[None], pol.combine)[0])
+        rg = self._row_gate()
+        if rg is not None:
+            p = self._pvalue_row(scores) if pvalues is None else pvalues
+            ood_p = rg.combine(p if type(p) is list else np.asarray(p, np.float64).tolist())
         risk_keeps = True
         if pol.risk_threshold is not None:
             risk_keeps = RISK_SCORE_SIGN[pol.risk_score] * scores[pol.risk_score] > pol.risk_threshold
@@ -285,9 +307,10 @@ class Predictor:
 
     def finish(self, source: str, moments: HeadMoments, clock: StageClock, features: np.ndarray) -> Prediction:
         scores = self.score_stage(features, moments, clock)
-        with clock.stage("decision"):
-            pvalues = self.gate_pvalues(scores)
-            dec, keep, ignored_by, flagged, ood_p = self.decision_stage(moments, scores, pvalues)
+        t0 = perf_counter()
+        pvalues = self._pvalue_row(scores)
+        dec, keep, ignored_by, flagged, ood_p = self.decision_stage(moments, scores, pvalues)
+        _lap(clock.ms, "decision", t0)
         timings = dict(clock.ms)
         timings["total"] = sum(clock.ms.values())
         names = self.bundle.classes
@@ -307,7 +330,7 @@ class Predictor:
             scores=scores, timings_ms=timings, rss_bytes=self.rss(), settings=self.describe_settings(),
             ignored_by=ignored_by, flagged=flagged,
             policy=self.policy.name, ood_p=ood_p, risk_threshold=self.policy.risk_threshold,
-            ood_pvalues=None if pvalues is None else dict(zip(self.policy.detectors, pvalues.tolist())),
+            ood_pvalues=None if pvalues is None else dict(zip(self.policy.detectors, pvalues)),
             features=features,
         )
 
