@@ -280,8 +280,8 @@ class Predictor:
             hit = self._gate = RowGate(pol.cal, pol.combine)
         return hit
 
-    def _pvalue_row(self, scores: Dict[str, float]) -> Optional[List[float]]:
-        rg = self._row_gate()
+    def _pvalue_row(self, scores: Dict[str, float], gate: Optional[RowGate] = None) -> Optional[List[float]]:
+        rg = gate or self._row_gate()
         return None if rg is None else rg.pvalues([scores[n] for n in self.policy.detectors])
 
     def decision_stage(self, moments: HeadMoments, scores: Dict[str, float],
@@ -289,16 +289,20 @@ class Predictor:
         """(MC decision, keep, ignored_by, flagged, ood_p): the MC rule, the detectors' flags, the ignore
         policy, then the OOD gate and the risk threshold of the decision policy. `pvalues`: gate_pvalues()
         when the caller already has them."""
+        rg = self._row_gate()
+        if rg is not None:
+            pvalues = self._pvalue_row(scores, rg) if pvalues is None else np.asarray(pvalues, np.float64).tolist()
+        return self._decide(moments, scores, rg, pvalues)
+
+    def _decide(self, moments: HeadMoments, scores: Dict[str, float], gate: Optional[RowGate],
+                pvalues: Optional[List[float]]) -> Tuple[Decision, bool, List[str], List[str], Optional[float]]:
+        """decision_stage with the policy's gate and the p-values as a list (None without calibration data)."""
         s = self.settings
         dec = decide(moments.mean, moments.std, s.z, s.threshold, s.mixed)
         flagged = [n for n, thr in self._thresholded if scores[n] > thr] if self._thresholded else []
         keep, ignored_by = combine_decision(dec.keep, flagged, self.ignore_on)
         pol = self.policy
-        ood_p = None
-        rg = self._row_gate()
-        if rg is not None:
-            p = self._pvalue_row(scores) if pvalues is None else pvalues
-            ood_p = rg.combine(p if type(p) is list else np.asarray(p, np.float64).tolist())
+        ood_p = None if gate is None else gate.combine(pvalues)
         risk_keeps = True
         if pol.risk_threshold is not None:
             risk_keeps = RISK_SCORE_SIGN[pol.risk_score] * scores[pol.risk_score] > pol.risk_threshold
@@ -308,8 +312,9 @@ class Predictor:
     def finish(self, source: str, moments: HeadMoments, clock: StageClock, features: np.ndarray) -> Prediction:
         scores = self.score_stage(features, moments, clock)
         t0 = perf_counter()
-        pvalues = self._pvalue_row(scores)
-        dec, keep, ignored_by, flagged, ood_p = self.decision_stage(moments, scores, pvalues)
+        rg = self._row_gate()
+        pvalues = None if rg is None else self._pvalue_row(scores, rg)
+        dec, keep, ignored_by, flagged, ood_p = self._decide(moments, scores, rg, pvalues)
         _lap(clock.ms, "decision", t0)
         timings = dict(clock.ms)
         timings["total"] = sum(clock.ms.values())
