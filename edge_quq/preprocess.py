@@ -30,6 +30,8 @@ _OVERSAMPLE = 2
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
 
+_U8 = np.dtype(np.uint8)
+
 _INTERP = {"area": "INTER_AREA", "linear": "INTER_LINEAR", "nearest": "INTER_NEAREST", "cubic": "INTER_CUBIC"}
 
 
@@ -220,17 +222,18 @@ class Preprocessor:
     preprocess_image's float32 arithmetic gives for that value, so the result is bit-identical; everything
     else goes to preprocess_image itself, the reference (tests/test_scores_preprocess.py compares the two)."""
 
-    __slots__ = ("spec", "_hw", "_table")
+    __slots__ = ("spec", "_hw", "_crop", "_table")
 
     def __init__(self, spec: Preprocess) -> None:
         self.spec = spec
         self._hw = tuple(spec.resize)
+        self._crop = spec.crop_fraction < 1.0
         channels = 1 if spec.color == "gray" else 3
         pixels = np.repeat(np.arange(256, dtype=np.float32)[:, None], channels, axis=1)
         table = _normalize(pixels, spec)
-        # cv2.LUT's tables ([256] for gray, [256, 1, 3] for color): output channel k's value for each 8-bit pixel,
-        # by preprocess_image's own arithmetic (None when mean/std would broadcast to other than the color's
-        # channels: preprocess_image then)
+        # [256] for gray (numpy's take: on one small frame it costs less than cv2.LUT, most of all with cold
+        # caches after the backbone), [256, 1, 3] for color (cv2.LUT's layout: the three channels in one call);
+        # None when mean/std would broadcast to other than the color's channels (preprocess_image then)
         if table.shape != (256, channels):
             self._table = None
         else:
@@ -238,26 +241,30 @@ class Preprocessor:
 
     def __call__(self, img: np.ndarray, channel_order: str = "bgr", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         a = img if type(img) is np.ndarray else np.asarray(img)
-        out = None
-        if a.dtype == np.uint8 and 2 <= a.ndim <= 3 and self._table is not None:
-            check_pixels("image", a.shape[1], a.shape[0], max_pixels)
-            if self.spec.crop_fraction < 1.0:
+        shape = a.shape
+        if a.dtype is _U8 and self._table is not None and 2 <= len(shape) <= 3:
+            if shape[0] * shape[1] > max_pixels:
+                check_pixels("image", shape[1], shape[0], max_pixels)
+            if self._crop:
                 a = center_crop(a, self.spec.crop_fraction)
-            if a.shape[:2] == self._hw:
-                out = self._lookup(a, channel_order)
-        return preprocess_image(img, self.spec, channel_order, max_pixels) if out is None else out
+                shape = a.shape
+            out = self._lookup(a, channel_order) if shape[:2] == self._hw else None
+            if out is not None:
+                return out
+        return preprocess_image(img, self.spec, channel_order, max_pixels)
 
     def _lookup(self, a: np.ndarray, channel_order: str) -> Optional[np.ndarray]:
         """The table path for an 8-bit image of the model's size; None for what it does not cover (a color
         image for a gray model: cvtColor's float weights; a shape to_pixels refuses)."""
         table = self._table
         bands = 1 if a.ndim == 2 else a.shape[2]
+        if table.ndim == 1:
+            if bands != 1:
+                return None
+            return table.take(a)[:, :, None] if a.ndim == 2 else table.take(a)
         if bands == 1:
-            a = a.reshape(a.shape[0], a.shape[1])
-            if table.ndim == 1:  # cv2.LUT: one C call, where numpy's take first widens the indices
-                return _cv2().LUT(a, table)[:, :, None]
-            a = np.repeat(a[:, :, None], 3, axis=2)
-        elif bands in (3, 4) and table.ndim == 3:
+            a = np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)
+        elif bands in (3, 4):
             # the model's channel k is image channel order[k] (images are BGR unless channel_order is rgb)
             bgr = [2, 1, 0] if channel_order == "rgb" else [0, 1, 2]
             a = a[:, :, bgr[::-1] if self.spec.color == "rgb" else bgr]
