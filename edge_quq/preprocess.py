@@ -32,6 +32,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 
 _U8 = np.dtype(np.uint8)
 
+try:  # the C table look-up for 8-bit frames (Preprocessor); numpy's take, its reference, without the extension
+    from edge_quq._headkernel import lut8 as _lut8  # type: ignore[attr-defined]
+except ImportError:
+    _lut8 = None
+
 _INTERP = {"area": "INTER_AREA", "linear": "INTER_LINEAR", "nearest": "INTER_NEAREST", "cubic": "INTER_CUBIC"}
 
 
@@ -231,8 +236,8 @@ class Preprocessor:
         channels = 1 if spec.color == "gray" else 3
         pixels = np.repeat(np.arange(256, dtype=np.float32)[:, None], channels, axis=1)
         table = _normalize(pixels, spec)
-        # [256] for gray (numpy's take: on one small frame it costs less than cv2.LUT, most of all with cold
-        # caches after the backbone), [256, 1, 3] for color (cv2.LUT's layout: the three channels in one call);
+        # [256] for gray (the C look-up, else numpy's take: on one small frame either costs less than cv2.LUT,
+        # most of all with caches cold after the backbone), [256, 1, 3] for color (cv2.LUT's layout: the three channels in one call);
         # None when mean/std would broadcast to other than the color's channels (preprocess_image then)
         if table.shape != (256, channels):
             self._table = None
@@ -261,6 +266,13 @@ class Preprocessor:
         if table.ndim == 1:
             if bands != 1:
                 return None
+            if _lut8 is not None:
+                out = np.empty((a.shape[0], a.shape[1], 1), np.float32)
+                try:
+                    _lut8(a, table, out)
+                    return out
+                except (ValueError, BufferError):  # a strided view: numpy's take below
+                    pass
             return table.take(a)[:, :, None] if a.ndim == 2 else table.take(a)
         if bands == 1:
             a = np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)

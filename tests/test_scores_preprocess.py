@@ -11,6 +11,7 @@ import pytest
 
 from edge_quq.bundle import Preprocess, QuantParams
 from edge_quq.errors import InputError
+from edge_quq import preprocess
 from edge_quq.preprocess import Preprocessor, dequantize, preprocess_image, quantize, read_image
 from edge_quq.scores import compute_scores, energy, entropy
 
@@ -134,6 +135,21 @@ def test_preprocessor_tables_match_preprocess_image_bit_for_bit(spec, order):
     all_values = np.arange(256, dtype=np.uint8).reshape(16, 16)
     whole = Preprocessor(dataclasses.replace(spec, resize=(16, 16), crop_fraction=1.0))
     assert np.array_equal(whole(all_values, order), preprocess_image(all_values, whole.spec, order))
+
+
+@pytest.mark.skipif(preprocess._lut8 is None, reason="the C extension edge_quq._headkernel is not built")
+def test_c_lookup_matches_numpy_take():
+    """_headkernel.lut8 against its reference, numpy's take: every 8-bit value, and what it refuses."""
+    rng = np.random.default_rng(3)
+    table = rng.normal(size=256).astype(np.float32)
+    src = np.concatenate([np.arange(256, dtype=np.uint8), rng.integers(0, 256, 768, dtype=np.uint8)]).reshape(32, 32)
+    out = np.full((32, 32, 1), np.nan, np.float32)
+    assert preprocess._lut8(src, table, out) is None
+    assert np.array_equal(out[:, :, 0], table.take(src))
+    for bad in [(src[:, ::2], table, np.empty((32, 16), np.float32)), (src, table[:255], out),
+                (src, table.astype(np.float64), out), (src.astype(np.int16), table, out), (src, table, out[:16])]:
+        with pytest.raises((ValueError, BufferError)):
+            preprocess._lut8(*bad)
 
 
 def test_preprocessor_checks_the_pixel_limit_first():

@@ -353,6 +353,29 @@ done:
     return result;
 }
 
+/* lut8(src, table, out): out[i] = table[src[i]] for C-contiguous uint8 src, float32 table[256] and float32 out
+ * of src's size. The preprocess of an 8-bit frame already at the model's size (edge_quq.preprocess.Preprocessor;
+ * numpy's take is its reference): numpy's take first widens the indices to intp, which was most of a small
+ * frame's preprocess. */
+static PyObject *py_lut8(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *osrc, *otab, *oout;
+    if (!PyArg_ParseTuple(args, "OOO", &osrc, &otab, &oout)) return NULL;
+    buf_t src = {0}, tab = {0}, out = {0};
+    PyObject *result = NULL;
+    if (buf_typed(osrc, &src, -1, 'B', 0, 0, "src") || buf_typed(otab, &tab, 256, 'f', 0, 0, "table") ||
+        buf_typed(oout, &out, src.view.len, 'f', 1, 0, "out"))
+        goto done;
+    const unsigned char *s = (const unsigned char *)src.view.buf;
+    const float *t = (const float *)tab.view.buf;
+    float *o = (float *)out.view.buf;
+    for (Py_ssize_t i = 0; i < src.view.len; ++i) o[i] = t[s[i]];
+    result = py_none();
+done:
+    buf_release(&src); buf_release(&tab); buf_release(&out);
+    return result;
+}
+
 /* (keep, code, label, classes) of the one row the kernel just decided (kept: its kept-class bytes) */
 static PyObject *one_decision(Py_ssize_t C, const uint8_t *kept, int8_t code, uint8_t keep, int64_t label) {
     Py_ssize_t n = 0;
@@ -492,6 +515,9 @@ static PyMethodDef methods[] = {
      "mahalanobis(z, center, means2, msq, center0, d_out, rel_out) -> None\n\nThe Mahalanobis family's distances "
      "of projected rows z float32[N, F] (or [N, 2F] interleaved with the global projection when center0 float32[F] "
      "is given, else None): writes d_out float64[N] and rel_out float64[N] (None without center0). Releases the GIL."},
+    {"lut8", py_lut8, METH_VARARGS,
+     "lut8(src, table, out) -> None\n\nout[i] = table[src[i]] for C-contiguous uint8 src, float32 table[256] and "
+     "float32 out of src's size (numpy's take, without widening the indices)."},
     {"bernoulli_bits", py_bernoulli_bits, METH_VARARGS, "bernoulli_bits(p, seed, n) -> bytes: n uint64 drop-bit words."},
     {NULL, NULL, 0, NULL},
 };
