@@ -167,7 +167,7 @@ class RowGate:
     predictor. On one frame of a few detectors the numpy and C paths' fixed costs (arrays, buffers, argument
     parsing) were most of the gate's; here it is one bisect per detector on the calibration scores as a list.
     The results are identical to both: the same comparisons (bisect_left is searchsorted's side "left"), and
-    the same float64 operations in the same order as _gatekernel's (tests/test_gate_row.py checks all three)."""
+    the same float64 operations in the same order as _gatekernel's (tests/test_gate_conformance.py checks all three)."""
 
     __slots__ = ("cal", "rule", "_lists", "_plus_one", "_hmp", "_scale")
 
