@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -96,8 +96,10 @@ def kept_classes(states: np.ndarray, code: np.ndarray, keep: np.ndarray) -> np.n
     return np.where((np.asarray(code) == 2)[..., None], states == UNCERTAIN, states == PRESENT) & np.asarray(keep)[..., None]
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
+    """One sample's rule (decide). Immutable; a NamedTuple rather than a frozen dataclass, whose __init__ (a
+    guarded setattr per field) cost a twentieth of a frame's overhead."""
+
     keep: bool
     rule: str
     states: np.ndarray  # [C] int8: 1 / 0 / -1
@@ -154,17 +156,24 @@ def _decisions(mean: np.ndarray, lower: np.ndarray, upper: np.ndarray, threshold
     return Decisions(keep, code, states, kept, labels)
 
 
+_NATIVE_ROWS = _native.available()
+_F64 = np.dtype(np.float64)
+
+
 def decide(mean: np.ndarray, std: np.ndarray, z: float, threshold: float, mixed: str = "ignore") -> Decision:
     """The full rule for one sample's per-class MC mean and std: the batched rule on a batch of one (the native
     kernel's row mode when it takes the inputs)."""
-    mean = np.asarray(mean, dtype=np.float64)
-    std = np.asarray(std, dtype=np.float64)
+    # the conversions only when needed: a frame's moments are float64 arrays already, and np.asarray's call
+    # costs more than the check
+    if type(mean) is not np.ndarray or mean.dtype is not _F64:
+        mean = np.asarray(mean, dtype=np.float64)
+    if type(std) is not np.ndarray or std.dtype is not _F64:
+        std = np.asarray(std, dtype=np.float64)
     one = (_native.interval_decide_row(mean, std, z, threshold, mixed == "keep")
-           if _native.available() and mean.ndim == 1 and mixed in _CODES else None)
+           if _NATIVE_ROWS and mean.ndim == 1 and mixed in _CODES else None)
     if one is not None:
         keep, code, label, classes, states, lower, upper = one
-        return Decision(keep=keep, rule=RULE_NAMES[code], states=states, classes=classes,
-                        label=label if classes else None, lower=lower, upper=upper)
+        return Decision(keep, RULE_NAMES[code], states, classes, label if classes else None, lower, upper)
     d, lower, upper = _interval_rule(mean[None, :], std[None, :], z, threshold, mixed)
     classes = tuple(d.indicators[0].nonzero()[0].tolist())
     return Decision(

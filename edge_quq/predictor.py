@@ -19,7 +19,7 @@ import numpy as np
 
 from edge_quq.backends import Backbone, make_backbone
 from edge_quq.bundle import Bundle, load_bundle
-from edge_quq.conformal import COMBINE_RULES, CalibrationScores, combine, conformal_pvalues
+from edge_quq.conformal import COMBINE_RULES, CalibrationScores, RowGate
 from edge_quq.decision import MIXED_POLICIES, Decision, check_ignore_on, combine_decision, decide, policy_reasons, resolve_z
 from edge_quq.defaults import DEFAULT_DETECTOR_SELECTION, GATE_DEFAULTS, POLICY_WITHOUT_CALIBRATION, RISK_SCORE_SIGN
 from edge_quq.detectors import DETECTOR_NAMES, DetectorSet, gradient_reusable, parse_selection
@@ -28,7 +28,7 @@ from edge_quq.gate_store import LoadedGate, load_gate
 from edge_quq.gradients import GradientSettings, gradient_scores
 from edge_quq.options import PredictorOptions
 from edge_quq.head import HeadWeights, load_head_weights
-from edge_quq.preprocess import min_decode_size, preprocess_image, read_image
+from edge_quq.preprocess import Preprocessor, min_decode_size, read_image
 from edge_quq.result import Failure, Prediction
 from edge_quq.samplers import make_sampler
 from edge_quq.samplers.base import HeadMoments, Sampler
@@ -37,6 +37,13 @@ from edge_quq.telemetry import StageClock, rss_bytes
 
 ImageLike = Union[str, os.PathLike, np.ndarray]
 RSS_INTERVAL_S = 0.5
+perf_counter = time.perf_counter
+
+
+def _lap(ms: Dict[str, float], stage: str, t0: float) -> None:
+    """StageClock.stage's bookkeeping (milliseconds since perf_counter() t0 added to `stage`) without its
+    context manager: the per-frame stages call this, as an object and two method calls per stage cost more."""
+    ms[stage] = ms.get(stage, 0.0) + (perf_counter() - t0) * 1e3
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,8 @@ class Predictor:
         self._thresholded = [(n, float(d.threshold)) for n, d in self.active.detectors.items()
                              if d.threshold is not None] if self.active else []
         self._described: Optional[Tuple[tuple, dict]] = None
+        self._prep: Optional[Preprocessor] = None
+        self._gate: Optional[RowGate] = None
         self._rss: Optional[Tuple[float, int]] = None  # (perf_counter of the read, bytes): rss_bytes() opens a /proc file
         self.bundle = bundle
         self.backbone = backbone
@@ -222,9 +231,12 @@ class Predictor:
     # -- stages -------------------------------------------------------------------------------------------
     def load_input(self, image: ImageLike) -> np.ndarray:
         spec, limit = self.bundle.input.preprocess, self.options.max_pixels
+        prep = self._prep
+        if prep is None or prep.spec is not spec:  # built once per spec: its lookup tables
+            prep = self._prep = Preprocessor(spec)
         if isinstance(image, np.ndarray):
-            return preprocess_image(image, spec, self.channel_order, limit)
-        return preprocess_image(read_image(image, limit, min_decode_size(spec)), spec, "bgr", limit)
+            return prep(image, self.channel_order, limit)
+        return prep(read_image(image, limit, min_decode_size(spec)), "bgr", limit)
 
     def features(self, batch: np.ndarray) -> np.ndarray:
         return self.backbone(batch)
@@ -242,37 +254,55 @@ class Predictor:
                 grad = gradient_scores(self.head, features[None], self.gradient)
         scores = score_row(moments.mean, moments.std, moments.logits, moments.expected_entropy, self.head.activation, grad)
         if self.active is not None:
-            given = {}
-            gdet = self.active.detectors.get("gradient")
-            if grad is not None and gdet is not None and gradient_reusable(gdet.config, self.gradient, self.head):
-                given["gradient"] = grad
-            with clock.stage("detectors"):
-                scores.update(row_scores(self.active.score_all(features[None], self.head, given)))
+            given = None
+            if grad is not None:
+                gdet = self.active.detectors.get("gradient")
+                if gdet is not None and gradient_reusable(gdet.config, self.gradient, self.head):
+                    given = {"gradient": grad}
+            t0 = perf_counter()
+            scores.update(row_scores(self.active.score_all(features[None], self.head, given)))
+            _lap(clock.ms, "detectors", t0)
         return scores
 
     def gate_pvalues(self, scores: Dict[str, float]) -> Optional[np.ndarray]:
         """Each gate detector's conformal p-value [D] (the policy's detectors, in order); None without
         calibration data."""
-        pol = self.policy
+        p = self._pvalue_row(scores)
+        return None if p is None else np.array(p, np.float64)
+
+    def _row_gate(self) -> Optional[RowGate]:
+        """The policy's gate for one frame (conformal.RowGate), built again only when the policy's calibration
+        data or rule changed; None without calibration data."""
+        pol, hit = self.policy, self._gate
         if pol.cal is None:
             return None
-        row = np.array([[scores[n] for n in pol.detectors]], np.float64)
-        return conformal_pvalues(row, pol.cal)[0]
+        if hit is None or hit.cal is not pol.cal or hit.rule != pol.combine:
+            hit = self._gate = RowGate(pol.cal, pol.combine)
+        return hit
+
+    def _pvalue_row(self, scores: Dict[str, float], gate: Optional[RowGate] = None) -> Optional[List[float]]:
+        rg = gate or self._row_gate()
+        return None if rg is None else rg.pvalues([scores[n] for n in self.policy.detectors])
 
     def decision_stage(self, moments: HeadMoments, scores: Dict[str, float],
-                       pvalues: Optional[np.ndarray] = None) -> Tuple[Decision, bool, List[str], List[str], Optional[float]]:
+                       pvalues: Optional[Sequence[float]] = None) -> Tuple[Decision, bool, List[str], List[str], Optional[float]]:
         """(MC decision, keep, ignored_by, flagged, ood_p): the MC rule, the detectors' flags, the ignore
         policy, then the OOD gate and the risk threshold of the decision policy. `pvalues`: gate_pvalues()
         when the caller already has them."""
+        rg = self._row_gate()
+        if rg is not None:
+            pvalues = self._pvalue_row(scores, rg) if pvalues is None else np.asarray(pvalues, np.float64).tolist()
+        return self._decide(moments, scores, rg, pvalues)
+
+    def _decide(self, moments: HeadMoments, scores: Dict[str, float], gate: Optional[RowGate],
+                pvalues: Optional[List[float]]) -> Tuple[Decision, bool, List[str], List[str], Optional[float]]:
+        """decision_stage with the policy's gate and the p-values as a list (None without calibration data)."""
         s = self.settings
         dec = decide(moments.mean, moments.std, s.z, s.threshold, s.mixed)
-        flagged = [n for n, thr in self._thresholded if scores[n] > thr]
+        flagged = [n for n, thr in self._thresholded if scores[n] > thr] if self._thresholded else []
         keep, ignored_by = combine_decision(dec.keep, flagged, self.ignore_on)
         pol = self.policy
-        ood_p = None
-        if pol.cal is not None:
-            p = self.gate_pvalues(scores) if pvalues is None else pvalues
-            ood_p = float(combine(p[None], pol.combine)[0])
+        ood_p = None if gate is None else gate.combine(pvalues)
         risk_keeps = True
         if pol.risk_threshold is not None:
             risk_keeps = RISK_SCORE_SIGN[pol.risk_score] * scores[pol.risk_score] > pol.risk_threshold
@@ -281,9 +311,11 @@ class Predictor:
 
     def finish(self, source: str, moments: HeadMoments, clock: StageClock, features: np.ndarray) -> Prediction:
         scores = self.score_stage(features, moments, clock)
-        with clock.stage("decision"):
-            pvalues = self.gate_pvalues(scores)
-            dec, keep, ignored_by, flagged, ood_p = self.decision_stage(moments, scores, pvalues)
+        t0 = perf_counter()
+        rg = self._row_gate()
+        pvalues = None if rg is None else self._pvalue_row(scores, rg)
+        dec, keep, ignored_by, flagged, ood_p = self._decide(moments, scores, rg, pvalues)
+        _lap(clock.ms, "decision", t0)
         timings = dict(clock.ms)
         timings["total"] = sum(clock.ms.values())
         names = self.bundle.classes
@@ -303,7 +335,7 @@ class Predictor:
             scores=scores, timings_ms=timings, rss_bytes=self.rss(), settings=self.describe_settings(),
             ignored_by=ignored_by, flagged=flagged,
             policy=self.policy.name, ood_p=ood_p, risk_threshold=self.policy.risk_threshold,
-            ood_pvalues=None if pvalues is None else dict(zip(self.policy.detectors, pvalues.tolist())),
+            ood_pvalues=None if pvalues is None else dict(zip(self.policy.detectors, pvalues)),
             features=features,
         )
 

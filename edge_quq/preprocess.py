@@ -30,6 +30,13 @@ _OVERSAMPLE = 2
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pnm")
 
+_U8 = np.dtype(np.uint8)
+
+try:  # the C table look-up for 8-bit frames (Preprocessor); numpy's take, its reference, without the extension
+    from edge_quq._headkernel import lut8 as _lut8  # type: ignore[attr-defined]
+except ImportError:
+    _lut8 = None
+
 _INTERP = {"area": "INTER_AREA", "linear": "INTER_LINEAR", "nearest": "INTER_NEAREST", "cubic": "INTER_CUBIC"}
 
 
@@ -210,6 +217,76 @@ def preprocess_image(img: np.ndarray, spec: Preprocess, channel_order: str = "bg
         f = cv2.resize(f, (w, h), interpolation=getattr(cv2, _INTERP[spec.interpolation]))
         if f.ndim == 2:
             f = f[:, :, None]
+    return _normalize(f, spec)
+
+
+class Preprocessor:
+    """preprocess_image for one bundle's spec, with what it can work out once kept: 8-bit images that already
+    have the model's size after the crop (a camera or dataset at the input size, the default bundle's 28x28
+    digits) go through a 256-entry table per output channel. Per pixel, the table holds exactly what
+    preprocess_image's float32 arithmetic gives for that value, so the result is bit-identical; everything
+    else goes to preprocess_image itself, the reference (tests/test_scores_preprocess.py compares the two)."""
+
+    __slots__ = ("spec", "_hw", "_crop", "_table")
+
+    def __init__(self, spec: Preprocess) -> None:
+        self.spec = spec
+        self._hw = tuple(spec.resize)
+        self._crop = spec.crop_fraction < 1.0
+        channels = 1 if spec.color == "gray" else 3
+        pixels = np.repeat(np.arange(256, dtype=np.float32)[:, None], channels, axis=1)
+        table = _normalize(pixels, spec)
+        # [256] for gray (the C look-up, else numpy's take: on one small frame either costs less than cv2.LUT,
+        # most of all with caches cold after the backbone), [256, 1, 3] for color (cv2.LUT's layout: the three channels in one call);
+        # None when mean/std would broadcast to other than the color's channels (preprocess_image then)
+        if table.shape != (256, channels):
+            self._table = None
+        else:
+            self._table = table[:, 0].copy() if channels == 1 else table.reshape(256, 1, 3)
+
+    def __call__(self, img: np.ndarray, channel_order: str = "bgr", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+        a = img if type(img) is np.ndarray else np.asarray(img)
+        shape = a.shape
+        if a.dtype is _U8 and self._table is not None and 2 <= len(shape) <= 3:
+            if shape[0] * shape[1] > max_pixels:
+                check_pixels("image", shape[1], shape[0], max_pixels)
+            if self._crop:
+                a = center_crop(a, self.spec.crop_fraction)
+                shape = a.shape
+            out = self._lookup(a, channel_order) if shape[:2] == self._hw else None
+            if out is not None:
+                return out
+        return preprocess_image(img, self.spec, channel_order, max_pixels)
+
+    def _lookup(self, a: np.ndarray, channel_order: str) -> Optional[np.ndarray]:
+        """The table path for an 8-bit image of the model's size; None for what it does not cover (a color
+        image for a gray model: cvtColor's float weights; a shape to_pixels refuses)."""
+        table = self._table
+        bands = 1 if a.ndim == 2 else a.shape[2]
+        if table.ndim == 1:
+            if bands != 1:
+                return None
+            if _lut8 is not None:
+                out = np.empty((a.shape[0], a.shape[1], 1), np.float32)
+                try:
+                    _lut8(a, table, out)
+                    return out
+                except (ValueError, BufferError):  # a strided view: numpy's take below
+                    pass
+            return table.take(a)[:, :, None] if a.ndim == 2 else table.take(a)
+        if bands == 1:
+            a = np.repeat(a.reshape(a.shape[0], a.shape[1], 1), 3, axis=2)
+        elif bands in (3, 4):
+            # the model's channel k is image channel order[k] (images are BGR unless channel_order is rgb)
+            bgr = [2, 1, 0] if channel_order == "rgb" else [0, 1, 2]
+            a = a[:, :, bgr[::-1] if self.spec.color == "rgb" else bgr]
+        else:
+            return None
+        return _cv2().LUT(a, table)
+
+
+def _normalize(f: np.ndarray, spec: Preprocess) -> np.ndarray:
+    """(pixel * pixel_scale - mean) / std in float32, for float32 pixels on the 0..255 scale [..., C]."""
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
     return ((f * np.float32(spec.pixel_scale) - mean) / std).astype(np.float32)

@@ -60,6 +60,8 @@ def energy(logits: np.ndarray, activation: str) -> np.ndarray:
 # in ENERGY_ACTIVATIONS.
 MOMENT_SCORES = ("max_prob", "predictive_entropy", "mutual_information", "mean_variance", "energy")
 ENERGY_ACTIVATIONS = ("sigmoid", "softmax")
+_ENERGY_NAMES, _NAMES_WITHOUT_ENERGY = MOMENT_SCORES, MOMENT_SCORES[:-1]
+_NATIVE_ROWS = _native.available()
 
 
 def compute_scores(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_entropy: np.ndarray, activation: str,
@@ -91,11 +93,11 @@ def score_row(mean: np.ndarray, std: np.ndarray, logits: np.ndarray, expected_en
     """One sample's scores ([C] moments and a float expected entropy) as plain floats, what a Prediction carries:
     row_scores(compute_scores(...)), in one native call when the kernel takes the inputs."""
     row = (_native.moment_scores_row(mean, std, logits, expected_entropy, activation)
-           if _native.available() and getattr(mean, "ndim", 0) == 1 else None)
+           if _NATIVE_ROWS and getattr(mean, "ndim", 0) == 1 else None)
     if row is None:
         return row_scores(compute_scores(mean, std, logits, expected_entropy, activation, gradient))
     # zip stops at the names: the kernel's energy is left out for heads without one
-    out = dict(zip(MOMENT_SCORES if activation in ENERGY_ACTIVATIONS else MOMENT_SCORES[:-1], row))
+    out = dict(zip(_ENERGY_NAMES if activation in ENERGY_ACTIVATIONS else _NAMES_WITHOUT_ENERGY, row))
     if gradient is not None:
         out.update(row_scores({"gradient": np.asarray(gradient, dtype=np.float64)}))
     return out

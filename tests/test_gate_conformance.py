@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from edge_quq import conformal
-from edge_quq.conformal import combine, combine_reference, conformal_pvalues, pvalues_reference, sort_calibration
+from edge_quq.conformal import RowGate, combine, combine_reference, conformal_pvalues, pvalues_reference, sort_calibration
 from edge_quq.drift import DriftMonitor, FeedRule
+from edge_quq.errors import InputError, OptionError
 
 needs_native = pytest.mark.skipif(conformal.NATIVE is None, reason="edge_quq._gatekernel is not built here")
 
@@ -43,16 +44,23 @@ def test_pvalues_match_the_reference_exactly(sizes, n):
     np.testing.assert_array_equal(conformal_pvalues(wide, cal), pvalues_reference(scores, cal))
 
 
-@needs_native
-@pytest.mark.parametrize("rule", ["bonferroni", "hmp"])
-@pytest.mark.parametrize("d", [1, 2, 3, 9])
-def test_combine_matches_the_reference(rule, d):
+def _edge_pvalues(d: int) -> np.ndarray:
+    """[400, d] p-values with zeros, ones, NaN and subnormals among them."""
     rng = np.random.default_rng(d)
     p = rng.random((400, d)) ** 3
     p[::7, 0] = 0.0
     p[1::11, -1] = 1.0
     p[2::13, d // 2] = np.nan
     p[3, :] = 1e-320
+    p[4, :] = 1e-300
+    return p
+
+
+@needs_native
+@pytest.mark.parametrize("rule", ["bonferroni", "hmp"])
+@pytest.mark.parametrize("d", [1, 2, 3, 9])
+def test_combine_matches_the_reference(rule, d):
+    p = _edge_pvalues(d)
     got, want = combine(p, rule), combine_reference(p, rule)
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     if rule == "bonferroni":
@@ -61,6 +69,47 @@ def test_combine_matches_the_reference(rule, d):
         np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
     np.testing.assert_array_equal(combine(p[:, 0], rule), combine_reference(p[:, 0], rule))
 
+
+
+# -- RowGate: one frame's gate in plain Python (what the predictor runs) against the kernel and the reference --
+
+@pytest.mark.parametrize("sizes", [(1,), (7,), (300, 50), (5000, 5000, 17)])
+def test_row_gate_pvalues_match_the_kernel_and_the_reference_exactly(sizes):
+    rng = np.random.default_rng(sum(sizes))
+    raw = [rng.integers(0, 20, k).astype(float) if i % 2 == 0 else rng.normal(size=k) for i, k in enumerate(sizes)]
+    cal = sort_calibration(raw)
+    pool = [np.concatenate([c, np.nextafter(c, np.inf), np.nextafter(c, -np.inf), [-np.inf, np.inf, np.nan, 0.0]])
+            for c in cal.arrays]
+    rows = np.column_stack([rng.choice(c, 400) for c in pool])
+    got = np.array([RowGate(cal).pvalues(r.tolist()) for r in rows])
+    np.testing.assert_array_equal(got, pvalues_reference(rows, cal))
+    np.testing.assert_array_equal(got, conformal_pvalues(rows, cal))
+
+
+@pytest.mark.parametrize("rule", ["bonferroni", "hmp"])
+@pytest.mark.parametrize("d", [1, 2, 3, 9])
+def test_row_gate_combine_matches_the_kernel_and_the_reference(rule, d):
+    """Exact against the C kernel (the same sums in the same order) and, for Bonferroni, against numpy."""
+    p = _edge_pvalues(d)
+    gate = RowGate(sort_calibration([np.zeros(3)] * d), rule)
+    got = [gate.combine(r) for r in p.tolist()]
+    assert all(type(v) is float for v in got)
+    want = combine_reference(p, rule)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    if conformal.NATIVE is not None:
+        np.testing.assert_array_equal(got, combine(p, rule))
+    if rule == "bonferroni":
+        np.testing.assert_array_equal(got, want)
+    else:
+        np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
+
+
+def test_row_gate_refuses_a_wrong_row_and_an_unknown_rule():
+    cal = sort_calibration([np.arange(5.0), np.arange(3.0)])
+    with pytest.raises(InputError, match=r"\[2\]"):
+        RowGate(cal).pvalues([1.0])
+    with pytest.raises(OptionError, match="unknown p-value combination rule"):
+        RowGate(cal, "fisher")
 
 def _run(monitor: DriftMonitor, p: np.ndarray, feats: np.ndarray) -> np.ndarray:
     out = []

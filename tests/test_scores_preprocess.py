@@ -1,7 +1,9 @@
 """Scores against hand-computed values; preprocessing of gray/color, 8/16-bit images against the spec."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import cv2
 import numpy as np
@@ -9,7 +11,8 @@ import pytest
 
 from edge_quq.bundle import Preprocess, QuantParams
 from edge_quq.errors import InputError
-from edge_quq.preprocess import dequantize, preprocess_image, quantize, read_image
+from edge_quq import preprocess
+from edge_quq.preprocess import Preprocessor, dequantize, preprocess_image, quantize, read_image
 from edge_quq.scores import compute_scores, energy, entropy
 
 
@@ -90,6 +93,69 @@ def test_gray_image_for_rgb_model_is_replicated():
     spec = Preprocess(color="rgb", resize=(3, 3), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     x = preprocess_image(np.full((3, 3), 51, np.uint8), spec)
     assert np.allclose(x, 0.2)
+
+
+_SPECS = [
+    Preprocess(color="gray", resize=(8, 8)),
+    Preprocess(color="gray", resize=(7, 7), crop_fraction=0.875, pixel_scale=1.0, mean=(127.5,), std=(0.3,)),
+    Preprocess(color="rgb", resize=(8, 8), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    Preprocess(color="bgr", resize=(8, 8), pixel_scale=1.0, mean=(0.5,), std=(3.0,)),
+    Preprocess(color="rgb", resize=(4, 4), interpolation="linear"),  # every image below needs a resize
+    Preprocess(color="gray", resize=(8, 8), mean=(0.1, 0.2, 0.3)),  # broadcasts to 3 channels: no tables
+]
+
+
+def _images(rng):
+    for shape in [(8, 8), (8, 8, 1), (8, 8, 3), (8, 8, 4), (9, 8, 3), (8, 9), (8, 8, 2), (16, 16, 3)]:
+        yield shape, rng.integers(0, 256, shape, dtype=np.uint8)
+    color = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    yield "flipped view", color[::-1, ::-1]
+    yield "strided view", rng.integers(0, 256, (8, 16, 3), dtype=np.uint8)[:, ::2]
+    yield "uint16", rng.integers(0, 65536, (8, 8, 3), dtype=np.uint16)
+    yield "float", rng.random((8, 8))
+
+
+@pytest.mark.parametrize("spec", _SPECS, ids=lambda s: f"{s.color}-{s.resize[0]}-{len(s.mean)}")
+@pytest.mark.parametrize("order", ["bgr", "rgb"])
+def test_preprocessor_tables_match_preprocess_image_bit_for_bit(spec, order):
+    """Preprocessor (cv2.LUT tables for 8-bit images of the model's size) against preprocess_image, its
+    reference: the same array, dtype and layout, or the same error, for every 8-bit value and every layout."""
+    prep = Preprocessor(spec)
+    assert (prep._table is None) == (len(spec.mean) == 3 and spec.color == "gray")  # the tables are tested
+    for name, img in _images(np.random.default_rng(7)):
+        try:
+            want = preprocess_image(img, spec, order)
+        except InputError as e:
+            with pytest.raises(InputError, match=re.escape(str(e))):
+                prep(img, order)
+            continue
+        got = prep(img, order)
+        assert got.dtype == want.dtype and got.shape == want.shape and got.flags.c_contiguous, name
+        assert np.array_equal(got, want), name
+    all_values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    whole = Preprocessor(dataclasses.replace(spec, resize=(16, 16), crop_fraction=1.0))
+    assert np.array_equal(whole(all_values, order), preprocess_image(all_values, whole.spec, order))
+
+
+@pytest.mark.skipif(preprocess._lut8 is None, reason="the C extension edge_quq._headkernel is not built")
+def test_c_lookup_matches_numpy_take():
+    """_headkernel.lut8 against its reference, numpy's take: every 8-bit value, and what it refuses."""
+    rng = np.random.default_rng(3)
+    table = rng.normal(size=256).astype(np.float32)
+    src = np.concatenate([np.arange(256, dtype=np.uint8), rng.integers(0, 256, 768, dtype=np.uint8)]).reshape(32, 32)
+    out = np.full((32, 32, 1), np.nan, np.float32)
+    assert preprocess._lut8(src, table, out) is None
+    assert np.array_equal(out[:, :, 0], table.take(src))
+    for bad in [(src[:, ::2], table, np.empty((32, 16), np.float32)), (src, table[:255], out),
+                (src, table.astype(np.float64), out), (src.astype(np.int16), table, out), (src, table, out[:16])]:
+        with pytest.raises((ValueError, BufferError)):
+            preprocess._lut8(*bad)
+
+
+def test_preprocessor_checks_the_pixel_limit_first():
+    prep = Preprocessor(Preprocess(color="gray", resize=(8, 8)))
+    with pytest.raises(InputError, match="more than the limit"):
+        prep(np.zeros((8, 8), np.uint8), "bgr", max_pixels=63)
 
 
 def test_quantize_roundtrip_and_saturation():

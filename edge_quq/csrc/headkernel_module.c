@@ -279,15 +279,17 @@ static PyObject *py_none(void) {
     return Py_None;
 }
 
-/* Borrow a C-contiguous buffer of `count` items (count < 0: any count) of struct type `fmt`: 'd' float64,
- * 'f' float32, 'b' int8, '?' bool, 'q' int64; obj may be None if `optional`. */
-static int buf_typed(PyObject *obj, buf_t *b, Py_ssize_t count, char fmt, int writable, int optional,
-                     const char *name) {
-    const int rc = buf_open(obj, b, PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0), optional, name);
-    if (rc <= 0) return rc;
+/* The struct format character of an open buffer's items ('q' for any 8-byte 'l'). */
+static char buf_format(const buf_t *b) {
     const char *f = b->view.format ? b->view.format : "B";
-    char got = f[0] ? f[strlen(f) - 1] : 'B';
-    if (got == 'l' && b->view.itemsize == 8) got = 'q'; /* int64 is 'l' where long is 64-bit */
+    const char got = f[0] ? f[strlen(f) - 1] : 'B';
+    return got == 'l' && b->view.itemsize == 8 ? 'q' : got; /* int64 is 'l' where long is 64-bit */
+}
+
+/* buf_typed's check of a buffer opened with PyBUF_FORMAT; releases it when it fails. */
+static int buf_check_typed(buf_t *b, Py_ssize_t count, char fmt, const char *name) {
+    const char *f = b->view.format ? b->view.format : "B";
+    const char got = buf_format(b);
     const Py_ssize_t size = fmt == 'd' || fmt == 'q' ? 8 : fmt == 'f' ? 4 : 1;
     if (got != fmt || b->view.itemsize != size || (count >= 0 && b->view.len != count * size)) {
         PyErr_Format(PyExc_ValueError, "%s: expected %zd items of type '%c', got %zd bytes of '%s'", name, count, fmt,
@@ -296,6 +298,14 @@ static int buf_typed(PyObject *obj, buf_t *b, Py_ssize_t count, char fmt, int wr
         return -1;
     }
     return 0;
+}
+
+/* Borrow a C-contiguous buffer of `count` items (count < 0: any count) of struct type `fmt`: 'd' float64,
+ * 'f' float32, 'b' int8, '?' bool, 'q' int64; obj may be None if `optional`. */
+static int buf_typed(PyObject *obj, buf_t *b, Py_ssize_t count, char fmt, int writable, int optional,
+                     const char *name) {
+    const int rc = buf_open(obj, b, PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0), optional, name);
+    return rc <= 0 ? rc : buf_check_typed(b, count, fmt, name);
 }
 
 static PyObject *py_moment_scores(PyObject *self, PyObject *args) {
@@ -325,10 +335,11 @@ static PyObject *py_moment_scores(PyObject *self, PyObject *args) {
     }
     if (buf_typed(ostd, &bstd, N * C, 'd', 0, 0, "std") || buf_typed(oout, &bout, EQ_NUM_SCORES * N, 'd', 1, 1, "out"))
         goto done;
-    if (buf_typed(ologits, &bl, N * C, 'f', 0, 0, "logits") < 0) {
-        PyErr_Clear();
-        if (buf_typed(ologits, &bl, N * C, 'd', 0, 0, "logits (float32 or float64)")) goto done;
-    }
+    /* float32 or float64, told apart by the buffer's own format: trying float32 first and clearing its
+     * formatted error cost float64 logits (the samplers' dtype) a third of this call on every frame */
+    if (buf_open(ologits, &bl, PyBUF_FORMAT, 0, "logits") < 0 ||
+        buf_check_typed(&bl, N * C, buf_format(&bl) == 'f' ? 'f' : 'd', "logits (float32 or float64)"))
+        goto done;
     const int l32 = bl.view.itemsize == 4;
     double one[EQ_NUM_SCORES];
     if (eq_moment_scores(N, C, (const double *)bmean.view.buf, (const double *)bstd.view.buf,
@@ -340,6 +351,29 @@ static PyObject *py_moment_scores(PyObject *self, PyObject *args) {
     result = bout.held ? py_none() : Py_BuildValue("(ddddd)", one[0], one[1], one[2], one[3], one[4]);
 done:
     buf_release(&bee); buf_release(&bmean); buf_release(&bstd); buf_release(&bl); buf_release(&bout);
+    return result;
+}
+
+/* lut8(src, table, out): out[i] = table[src[i]] for C-contiguous uint8 src, float32 table[256] and float32 out
+ * of src's size. The preprocess of an 8-bit frame already at the model's size (edge_quq.preprocess.Preprocessor;
+ * numpy's take is its reference): numpy's take first widens the indices to intp, which was most of a small
+ * frame's preprocess. */
+static PyObject *py_lut8(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *osrc, *otab, *oout;
+    if (!PyArg_ParseTuple(args, "OOO", &osrc, &otab, &oout)) return NULL;
+    buf_t src = {0}, tab = {0}, out = {0};
+    PyObject *result = NULL;
+    if (buf_typed(osrc, &src, -1, 'B', 0, 0, "src") || buf_typed(otab, &tab, 256, 'f', 0, 0, "table") ||
+        buf_typed(oout, &out, src.view.len, 'f', 1, 0, "out"))
+        goto done;
+    const unsigned char *s = (const unsigned char *)src.view.buf;
+    const float *t = (const float *)tab.view.buf;
+    float *o = (float *)out.view.buf;
+    for (Py_ssize_t i = 0; i < src.view.len; ++i) o[i] = t[s[i]];
+    result = py_none();
+done:
+    buf_release(&src); buf_release(&tab); buf_release(&out);
     return result;
 }
 
@@ -553,6 +587,9 @@ static PyMethodDef methods[] = {
      "product (whitener.h): rows x float32[N, F], packed int8 rows q with offsets off int64[F + 1], per-row scales "
      "float32[F, S], diagonal float32[S * F]; writes z_out float32[N, S * F]. Releases the GIL."},
     {"q8_isas", py_q8_isas, METH_NOARGS, "Variants of project_q8 usable on this CPU, best first; the last is 'scalar'."},
+    {"lut8", py_lut8, METH_VARARGS,
+     "lut8(src, table, out) -> None\n\nout[i] = table[src[i]] for C-contiguous uint8 src, float32 table[256] and "
+     "float32 out of src's size (numpy's take, without widening the indices)."},
     {"bernoulli_bits", py_bernoulli_bits, METH_VARARGS, "bernoulli_bits(p, seed, n) -> bytes: n uint64 drop-bit words."},
     {NULL, NULL, 0, NULL},
 };
