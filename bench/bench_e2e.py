@@ -530,14 +530,26 @@ def _bound(r: dict, tgt: Optional[float]) -> str:
     zero = (f" The backbone's features were all zero on the bench input (untrained weights, random int8 calibration), "
             f"so the native sampler skipped every row: its {d['sampler_ms']:.2f} ms is fixed cost only; with dense "
             f"features at this F it costs about what the efficientnet_b0 row shows.") if r["nonzero_features"] == 0 else ""
-    mb, mb_read = _whitener_mib(r["F"])
     comp = (d["plain_ms"] + st["detectors"] + st["decision"] + st["result_and_rest"] + st["head"] - r["eval_head_ms"]) / d["plain_ms"]
     return (f"UQ - plain = {d['uq_ms'] - d['plain_ms']:.2f} ms: {parts}{budget}. Without the backbone's run-to-run "
             f"noise (plain + the stage medians beyond it, divided by plain): {comp:.3f}. The detectors stage is the "
-            f"gate's Mahalanobis: single-threaded BLAS vector-matrix products over {mb_read:.1f} MiB of its {mb:.1f} MiB "
-            f"F x F whitener per frame"
-            f"{' (its nonzero row blocks: a lower-triangular Cholesky factor)' if mb_read < mb else ''}, bound by "
-            f"memory traffic and BLAS's speed on one row.{zero}")
+            f"gate's Mahalanobis pair: {_whitener_text(r['F'])}.{zero}")
+
+
+def _whitener_text(f: int) -> str:
+    """What the gate's Mahalanobis pair reads per frame at feature size f, as the detectors store it."""
+    from edge_quq.detectors import INT8_WHITENER_MIN_FEATURES
+
+    mb, mb_read = _whitener_mib(f)
+    if f >= INT8_WHITENER_MIN_FEATURES:
+        # two lower-triangular factors (class and global), one byte an entry plus a float32 scale a row
+        q8 = (f * (f + 1) + 2 * 4 * f) / 2**20
+        return (f"the native int8 whitener product (edge_quq/csrc/whitener.c; int8 from F = {INT8_WHITENER_MIN_FEATURES}) "
+                f"over {q8:.1f} MiB of its two triangular factors per frame (float32: {2 * mb_read:.1f} MiB), bound by "
+                f"memory traffic and the int8-to-float conversion of every entry")
+    return (f"single-threaded BLAS vector-matrix products over {mb_read:.1f} MiB of its {mb:.1f} MiB F x F whitener per "
+            f"frame{' (its nonzero row blocks: a lower-triangular Cholesky factor)' if mb_read < mb else ''}, bound by "
+            f"memory traffic and BLAS's speed on one row")
 
 
 def _whitener_mib(f: int) -> Tuple[float, float]:
@@ -642,8 +654,20 @@ def _overhead_bound(ov: dict) -> str:
         "moment scores, the rule, the Mahalanobis distances, the p-values and the combination run in C "
         "(edge_quq.framekernels, edge_quq.conformal), so what is left is the Python around them"
         + (f": about {calls:.0f} function calls per frame by cProfile (730 before issue 16's part 3, 185 before "
-           "the C paths)" if calls else "")
-        + ", each a µs or more on this machine. Preprocessing the decoded image is about a quarter of it.")
+           "the C paths, 122 before the preprocessing tables and the row gate)" if calls else "")
+        + ", each a µs or more on this machine. " + _overhead_shares(ov["cpu"]))
+
+
+def _overhead_shares(cpu: dict) -> str:
+    """Which measured part of the overhead is largest, as shares of the best-block total."""
+    total = cpu["overhead"]["best_us"]
+    parts = {"preprocessing": "preprocess", "the moment scores and the detectors' Python": "scores_and_detectors",
+             "the gate, the rule and the policy": "gate_and_decision"}
+    shares = {k: cpu[v]["best_us"] / total for k, v in parts.items() if v in cpu and total > 0}
+    if not shares:
+        return ""
+    text = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(shares.items(), key=lambda kv: -kv[1]))
+    return f"Of the best-block overhead: {text}; the rest is building the Prediction and the stage bookkeeping."
 
 
 def write_markdown(path: Path, report: dict) -> None:
