@@ -101,7 +101,7 @@ def set_temperature_cmd(bundle: Path, value: Optional[float], fit_data: Optional
         raise OptionError("give exactly one of --value T, --fit-data DATA or --clear")
     b = load_bundle(bundle)
     if clear:
-        set_calibration(b.path, None)
+        _note_stale_gate(set_calibration(b.path, None))
         click.echo(f"{b.path}: temperature removed (T = 1)")
         return
     if value is not None:
@@ -110,12 +110,22 @@ def set_temperature_cmd(bundle: Path, value: Optional[float], fit_data: Optional
         x, y, source = load_temperature_data(fit_data, b, labels, samples, seed, fashion_mnist)
         cal = fit_bundle_temperature(b, x, y, source, backend)
     b = set_calibration(b.path, cal)
+    _note_stale_gate(b)
     msg = f"{b.path}: temperature {b.temperature:.4g}"
     if "heldout" in cal:
         h = cal["heldout"]
         msg += (f" fitted on {cal['samples']} samples ({cal['backbone']} backbone): ECE {h['ece_before']:.4f} -> {h['ece_after']:.4f}, "
                 f"NLL {h['nll_before']:.4f} -> {h['nll_after']:.4f}")
     click.echo(msg)
+
+
+def _note_stale_gate(b) -> None:
+    """The gate's p-values read the backbone's features, which T does not change; its risk table and the
+    default z were made with the head's probabilities at the old T, so they are refreshed, not silently kept."""
+    if b.gate is not None:
+        click.echo(f"note: {b.path}: the risk table and default z in {b.gate.file} were computed at the previous "
+                   "temperature; re-run fit-detectors on this bundle to refresh them (the gate's p-values are unaffected)",
+                   err=True)
 
 
 def _register_report_alias() -> None:

@@ -219,6 +219,20 @@ def test_set_temperature_command(bundle_copy, tiny_data_files, capsys):
     assert cal["heldout"]["nll_after"] <= cal["heldout"]["nll_before"] + 1e-9
 
 
+def test_set_temperature_on_a_gated_bundle_says_the_risk_table_is_stale(tmp_path, capsys):
+    import shutil
+
+    from edge_quq.bundle import DEFAULT_BUNDLE_DIR
+    from edge_quq_export.calibration import main
+
+    root = tmp_path / "b"
+    shutil.copytree(DEFAULT_BUNDLE_DIR, root)
+    assert main(["set-temperature", str(root), "--value", "1.3"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("note: ") and "re-run fit-detectors" in err and err.count("\n") == 1
+    assert load_bundle(root).temperature == 1.3 and load_bundle(root).gate is not None
+
+
 # --- every sampler applies it the same way ----------------------------------------------------------------------
 
 def _folded(head: HeadWeights, t: float) -> HeadWeights:
