@@ -69,14 +69,19 @@ def _need_host_stack() -> None:
 
 
 @pytest.fixture(scope="session")
-def fashion_small():
-    """(x_train uint8 [N,28,28], y_train, x_test, y_test): small real slices for calibration and parity."""
+def fashion_mnist():
+    """(x_train uint8 [60000,28,28], y_train, x_test, y_test): the real data set, read once per session."""
     from edge_quq_export.datasets import load_fashion_mnist
 
     if not (FASHION / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("Fashion-MNIST IDX files missing (apt-get install dataset-fashion-mnist)")
-    x, y = load_fashion_mnist("train")
-    xt, yt = load_fashion_mnist("test")
+    return (*load_fashion_mnist("train"), *load_fashion_mnist("test"))
+
+
+@pytest.fixture(scope="session")
+def fashion_small(fashion_mnist):
+    """(x_train uint8 [N,28,28], y_train, x_test, y_test): small real slices for calibration and parity."""
+    x, y, xt, yt = fashion_mnist
     return x[:TINY_TRAIN], y[:TINY_TRAIN], xt[:1000], yt[:1000]
 
 

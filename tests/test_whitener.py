@@ -9,8 +9,6 @@
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -23,7 +21,6 @@ from edge_quq.errors import BundleError
 from edge_quq.head import HeadWeights
 
 native = pytest.mark.skipif(not framekernels.q8_available(), reason="the C extension edge_quq._headkernel is not built")
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 # int8 against float32 distances (mahalanobis) on the real features below: median and largest relative error,
 # measured 6e-4 and 6e-3 at F = 576
 INT8_DISTANCE_RTOL = (2e-3, 2e-2)
@@ -100,14 +97,9 @@ class _Head:
 
 
 @pytest.fixture(scope="module")
-def fashion_features():
+def fashion_features(fashion_mnist):
     """ReLU random-projection features (F = 576) of Fashion-MNIST: fit rows, ID test rows, two far-OOD sets."""
-    if not (FASHION / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip("Fashion-MNIST IDX files missing")
-    from edge_quq_export.datasets import load_fashion_mnist
-
-    x, y = load_fashion_mnist("train")
-    xt, _ = load_fashion_mnist("test")
+    x, y, xt, _ = fashion_mnist
     x = x.reshape(len(x), -1)[:8000].astype(np.float64) / 255
     xt = xt.reshape(len(xt), -1)[:2000].astype(np.float64) / 255
     rng = np.random.default_rng(0)
