@@ -126,6 +126,9 @@ def write_samples(folder: Path, x_test: np.ndarray, y_test: np.ndarray, probs: n
 @click.option("--data", type=click.Path(path_type=Path), default=FASHION_MNIST_DIR, help="Fashion-MNIST IDX folder.")
 @click.option("--detectors", default="all", show_default=True,
               help="OOD detectors fitted on the Fashion-MNIST training set after export (docs/detectors.md); 'none' to skip.")
+@click.option("--outlier-exposure", type=click.IntRange(min=0), default=0, show_default=True, metavar="EPOCHS",
+              help="Then fine-tune this many epochs with outlier exposure (edge_quq_export.outlier_exposure): generated "
+              "glyphs, strokes and textures with all-zero targets, so that no class fires on them. 0: off.")
 @click.option("--fit-temperature", is_flag=True,
               help="Fit a post-hoc temperature on the validation split (last 5k training images) and store it in the bundle.")
 def train_cmd(**kwargs) -> None:
@@ -135,6 +138,22 @@ def train_cmd(**kwargs) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_command(train_cmd, sys.argv[1:] if argv is None else argv, "python -m edge_quq_export.train")
+
+
+def _outlier_exposure(model, args) -> dict:
+    """Fine-tune `model` in place on the training split with outlier exposure; its training record."""
+    from edge_quq_export.outlier_exposure import finetune
+
+    x, y = load_fashion_mnist("train", args.data)
+    x = x[..., None].astype(np.float32) / 255.0
+    onehot = np.eye(len(FASHION_MNIST_CLASSES), dtype=np.float32)[y]
+    record = finetune(model, x[:-FMNIST_VAL], onehot[:-FMNIST_VAL], args.outlier_exposure, seed=args.seed,
+                      validation=(x[-FMNIST_VAL:], onehot[-FMNIST_VAL:]))
+    print(f"outlier exposure: {args.outlier_exposure} epochs in {record['train_seconds']:.0f} s", flush=True)
+    base = f"--from-model {args.from_model}" if args.from_model else f"--epochs {args.epochs} --filters {args.filters}"
+    keep = f" --keep-model {args.keep_model}" if args.keep_model else ""
+    record["command"] = f"python -m edge_quq_export.train {base} --outlier-exposure {args.outlier_exposure}{keep} ..."
+    return record
 
 
 def _run(args) -> int:
@@ -162,13 +181,16 @@ def _run(args) -> int:
             "train_seconds": round(seconds, 1), "val_accuracy": round(float(history["val_acc"][-1]), 4),
             "command": "python -m edge_quq_export.train --out edge_quq/data/default_bundle",
         }
+    if args.outlier_exposure:
+        training = dict(training, outlier_exposure=_outlier_exposure(model, args))
     x, _ = load_fashion_mnist("train", args.data)
     xt, yt = load_fashion_mnist("test", args.data)
     rng = np.random.default_rng(args.seed)
     quant = x[rng.choice(len(x) - FMNIST_VAL, args.quant_samples, replace=False)]  # from the training part only
     with tempfile.TemporaryDirectory(prefix="edge_quq_train_") as tmp:
-        model_path = Path(args.from_model or args.keep_model or Path(tmp) / "fashion_mnist_reference.keras")
-        if args.from_model is None:
+        changed = args.from_model is None or args.outlier_exposure > 0
+        model_path = Path(args.keep_model or (args.from_model if not changed else None) or Path(tmp) / "fashion_mnist_reference.keras")
+        if changed:
             model.save(model_path)
             if args.keep_model is not None:
                 Path(str(model_path) + ".json").write_text(json.dumps(training, indent=2) + "\n", encoding="utf-8")

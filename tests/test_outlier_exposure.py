@@ -1,0 +1,64 @@
+"""Outlier exposure (python -m edge_quq_export.train --outlier-exposure N): the generated pool and the fine-tune."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+
+def test_pool_is_seeded_uint8_and_never_blank():
+    from edge_quq_export.outlier_exposure import outlier_pool
+
+    a = outlier_pool(120)
+    assert a.shape == (120, 28, 28) and a.dtype == np.uint8
+    assert np.array_equal(a, outlier_pool(120))
+    assert not np.array_equal(a, outlier_pool(120, seed=1))
+    assert (a.reshape(120, -1).max(1) > 0).all()  # an all-black outlier would teach "black is no class"
+    assert len({img.tobytes() for img in a}) == 120
+
+
+def test_pool_shares_no_image_with_the_suites_drawn_digits():
+    """The suite's digits set (OpenCV Hershey fonts) stays held out: the pool draws only TrueType glyphs."""
+    import edge_quq_export.outlier_exposure as oe
+
+    assert all(p.suffix == ".ttf" for p in oe.font_paths())
+    assert len(oe.font_paths()) >= 10
+    source = open(oe.__file__, encoding="utf-8").read()
+    assert "putText" not in source and "HERSHEY" not in source
+
+
+def test_finetune_freezes_batchnorm_and_moves_the_head_for_outliers():
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from edge_quq_export.model import compile_for_paper, tiny_cnn
+    from edge_quq_export.outlier_exposure import OE_PER_BATCH, finetune, outlier_pool
+
+    keras.utils.set_random_seed(0)
+    model = tiny_cnn(hidden=16)
+    compile_for_paper(model, 1e-3)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 1, (256, 28, 28, 1)).astype(np.float32)
+    y = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 256)]
+    bn = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    before_bn = [w.copy() for layer in bn for w in layer.get_weights()]
+    before = [w.copy() for w in model.get_weights()]
+    record = finetune(model, x, y, epochs=1, validation=(x[:32], y[:32]), verbose=0)
+    assert record["epochs"] == 1 and record["batchnorm"] == "frozen" and len(record["val_accuracy"]) == 1
+    assert str(2 * OE_PER_BATCH) in record["outliers"]  # two steps of 128, one pool slot per step
+    after_bn = [w for layer in bn for w in layer.get_weights()]
+    assert all(np.array_equal(a, b) for a, b in zip(before_bn, after_bn))
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert model.predict(outlier_pool(8)[..., None] / 255.0, verbose=0).shape == (8, 10)
+
+
+def test_train_command_lists_the_option():
+    from click.testing import CliRunner
+
+    from edge_quq_export.train import train_cmd
+
+    out = CliRunner().invoke(train_cmd, ["--help"]).output
+    assert "--outlier-exposure" in out
+    bad = CliRunner().invoke(train_cmd, ["--out", "x", "--outlier-exposure", "-1"])
+    assert bad.exit_code == 2 and "outlier-exposure" in bad.output
