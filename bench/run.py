@@ -26,7 +26,7 @@ import click
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_MODEL = ROOT / "bench" / "models" / "reference.keras"
+REFERENCE_MODEL = ROOT / "bench" / "models" / "reference_oe.keras"  # the float model the default bundle was exported from
 E2E_REPORT = ROOT / "bench" / "results" / "e2e.json"
 
 
@@ -345,14 +345,14 @@ def _far_ood(run: Run, timings: dict) -> Tuple[dict, Dict[str, float]]:
     from edge_quq.decision import decide_many
     from bench.suite import evaluate as ev
     from bench.suite.core import score_dict
-    from bench.suite.ood import far_ood_sets, photo_sets
+    from bench.suite.ood import far_ood_sets, handwritten_sets, photo_sets
 
     thr, mixed, z0, t0 = run.rule
     seed = run.opts["seed"]
     t_start = time.time()
     h, w, c = run.bundle.input.shape
     far_tab, rule_ood = {}, {}
-    sets = {**far_ood_sets(run.opts["n_ood"], seed, h, w, c), **photo_sets(run.opts["n_ood"], seed)}
+    sets = {**far_ood_sets(run.opts["n_ood"], seed, h, w, c), **handwritten_sets(h, w, c), **photo_sets(run.opts["n_ood"], seed)}
     for name, xo in sets.items():
         ro = run.head_run(xo, t0, seed + 99)
         far_tab[name] = ev.ood_table(run.id_scores, score_dict(ro, t0, run.head.activation))
@@ -395,7 +395,8 @@ def render(results: dict, figures: dict, out: Path) -> None:
               help="Detectors the combined gate `gated` combines: 'bundle' (the exporter's choice, the product default), "
                    "'usable' (every usable detector of the bundle) or a comma list; more sets after ';' are evaluated as "
                    "candidate gates `gated[a+b]`.")
-@click.option("--drift-detector", default="mahalanobis", show_default=True, help="The detector whose p-values feed the drift monitor.")
+@click.option("--drift-detector", default="gate", show_default=True,
+              help="The detector whose p-values feed the drift monitor; 'gate': the gate's first, as `edge-quq camera` feeds it.")
 @click.option("--splits", type=int, default=None, help="Random calibration/test splits for the guarantee check (default 200; --quick 20); 5x as many i.i.d. "
                    "calibration draws for its population check.")
 @click.option("--drift-seeds", type=int, default=None, help="Streams per drift cell and clean false-alarm check (default 20; --quick 5).")

@@ -1,6 +1,6 @@
 """The quantization report: what post-training quantization does to a model's predictions and confidence.
 
-    python -m edge_quq_export.quant_report --model bench/models/reference.keras \\
+    python -m edge_quq_export.quant_report --model bench/models/reference_oe.keras \\
         --bundle edge_quq/data/default_bundle --out bench/results/calibration
 
 Simulates post-training quantization of a float Keras model (edge_quq_export.fakequant: weights per-channel

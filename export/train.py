@@ -150,10 +150,20 @@ def _outlier_exposure(model, args) -> dict:
     record = finetune(model, x[:-FMNIST_VAL], onehot[:-FMNIST_VAL], args.outlier_exposure, seed=args.seed,
                       validation=(x[-FMNIST_VAL:], onehot[-FMNIST_VAL:]))
     print(f"outlier exposure: {args.outlier_exposure} epochs in {record['train_seconds']:.0f} s", flush=True)
-    base = f"--from-model {args.from_model}" if args.from_model else f"--epochs {args.epochs} --filters {args.filters}"
-    keep = f" --keep-model {args.keep_model}" if args.keep_model else ""
-    record["command"] = f"python -m edge_quq_export.train {base} --outlier-exposure {args.outlier_exposure}{keep} ..."
+    record["command"] = _command_line(args)
     return record
+
+
+def _command_line(args) -> str:
+    """The train command that made this model, from the options that differ from their defaults."""
+    parts = ["python -m edge_quq_export.train"]
+    for p in train_cmd.params:
+        value = getattr(args, p.name, None)
+        if p.name == "data" or value is None or value == p.default or value is False:
+            continue
+        flag = max(p.opts, key=len)
+        parts.append(flag if value is True else f"{flag} {value}")
+    return " ".join(parts)
 
 
 def _run(args) -> int:

@@ -232,7 +232,8 @@ def _check_policy_sections(rep: dict, md: str, out: Path) -> None:
     assert set(p["clean"]) == pols and "mahalanobis" in p["settings"]["usable_detectors"]
     for v in p["clean"].values():
         assert 0.0 <= v["coverage"] <= 1.0 and len(v["coverage_ci95"]) == 2
-    assert {"photos (skimage.data)", "photo (matplotlib grace_hopper.jpg)", "photos (sklearn sample images)", "uniform noise"} <= set(p["far"])
+    assert {"photos (skimage.data)", "photo (matplotlib grace_hopper.jpg)", "photos (sklearn sample images)", "uniform noise",
+            "real handwritten digits (full frame)", "real handwritten digits (centred)"} <= set(p["far"])
     assert set(p["far"]["uniform noise"]) == pols and set(p["shifted"]["fog"]["5"]) == pols
     assert p["splits"]["splits"] == 5 and set(p["splits"]["gate"]) == {k for k in pols if k.startswith("gate")}
     assert set(p["drift"]["frames_to_alarm"]) == {"gaussian_noise", "fog", "contrast"}

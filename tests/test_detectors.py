@@ -306,19 +306,20 @@ def test_ignore_on_choices_on_the_shipped_samples():
     classes = [f.name for f in SAMPLES.glob("0*.png")]
     mc = predict_json("--detectors", "all")  # every detector's score, as diagnostics
     oods = ("ood_rings16.png", "ood_checkerboard.png")
-    for o in oods:  # the far-OOD images the MC rule misses: the reference model answers them confidently
-        assert mc[o]["decision"] == "keep" and "mahalanobis" in mc[o]["flagged"]
+    for o in oods:
+        assert "mahalanobis" in mc[o]["flagged"]
     for d in mc.values():
         assert set(DETECTOR_NAMES) <= set(d["scores"]) and d["settings"]["ignore_on"] == "mc"
 
     maha = predict_json("--ignore-on", "mahalanobis")
     for o in oods:
-        assert maha[o]["decision"] == "ignore" and maha[o]["ignored_by"] == ["mahalanobis"]
+        assert maha[o]["decision"] == "ignore" and "mahalanobis" in maha[o]["ignored_by"]
+        assert set(maha[o]["ignored_by"]) <= {"rule", "mahalanobis"}
     assert all(maha[c]["decision"] == "keep" and maha[c]["ignored_by"] == [] for c in classes)
 
     anyr = predict_json("--ignore-on", "any")
     for o in oods:
-        assert anyr[o]["decision"] == "ignore" and "rule" not in anyr[o]["ignored_by"] and len(anyr[o]["ignored_by"]) > 1
+        assert anyr[o]["decision"] == "ignore" and len(set(anyr[o]["ignored_by"]) - {"rule"}) > 1
     # `any` is the union of eight thresholds that each flag 5% of held-out clothing: one of ten may go
     kept = [c for c in classes if anyr[c]["decision"] == "keep"]
     assert len(kept) >= 9 and all(anyr[c]["ignored_by"] != ["rule"] for c in classes)
@@ -441,12 +442,12 @@ def test_by_default_a_frame_computes_only_what_the_decision_needs():
 
     img = str(SAMPLES / "ood_rings16.png")
     gated = Predictor.from_bundle(seed=0)
-    gate = list(gated.policy.detectors)  # the embedded bundle's: the Mahalanobis family
-    assert "mahalanobis" in gate
+    gate = list(gated.policy.detectors)  # the embedded bundle's, chosen by the exporter's validation
+    assert gate and set(gate) < set(DETECTOR_NAMES)
     r = gated.predict(img)
     assert r.settings["detectors"] == gate == r.settings["gate_detectors"]
     assert set(r.scores) == MOMENT_SCORES | set(gate) and r.ood_p is not None
-    assert "mahalanobis" in r.flagged and set(r.flagged) <= set(gate)
+    assert r.flagged and set(r.flagged) <= set(gate)
     assert "ood_gate" in r.ignored_by  # a far-OOD image: the gate ignores it whatever the rule says
     paper = Predictor.from_bundle(seed=0, policy="paper").predict(img)
     assert paper.settings["detectors"] == [] and set(paper.scores) == MOMENT_SCORES and paper.flagged == []
@@ -454,8 +455,9 @@ def test_by_default_a_frame_computes_only_what_the_decision_needs():
     assert full.settings["detectors"] == list(DETECTOR_NAMES) and set(DETECTOR_NAMES) <= set(full.scores)
     # diagnostics do not move the decision
     assert (full.decision, full.ignored_by) == (r.decision, r.ignored_by)
-    assert full.ood_p == pytest.approx(r.ood_p) and full.scores["mahalanobis"] == pytest.approx(r.scores["mahalanobis"], rel=1e-5)
-    assert set(full.flagged) > {"mahalanobis"}
+    assert full.ood_p == pytest.approx(r.ood_p)
+    assert all(full.scores[n] == pytest.approx(r.scores[n], rel=1e-5) for n in gate)
+    assert set(full.flagged) > set(r.flagged)
 
 
 def test_detector_names_add_to_what_the_decision_needs():
@@ -516,10 +518,14 @@ def test_float32_mahalanobis_keeps_the_gate_p_values_of_the_float64_formula():
     from edge_quq.conformal import combine
 
     pol = pred.policy
-    assert set(pol.detectors) <= {"mahalanobis", "rel_mahalanobis"}
-    want_p = conformal_pvalues(np.stack([want[n] for n in pol.detectors], 1), pol.cal)
-    got_p = conformal_pvalues(np.stack([got[n] for n in pol.detectors], 1), pol.cal)
+    family = [n for n in pol.detectors if n in want]
+    assert family  # the shipped gate holds a Mahalanobis detector
+    others = pred.detectors.score_all(feats, pred.head)  # the gate's other detectors score the same for both
+    want_p = conformal_pvalues(np.stack([want.get(n, others[n]) for n in pol.detectors], 1), pol.cal)
+    got_p = conformal_pvalues(np.stack([got.get(n, others[n]) for n in pol.detectors], 1), pol.cal)
     for j, n in enumerate(pol.detectors):
+        if n not in family:
+            continue
         lo, hi = np.minimum(got[n], want[n]), np.maximum(got[n], want[n])
         cal = pol.cal.arrays[j]
         between = np.searchsorted(cal, hi, side="right") - np.searchsorted(cal, lo, side="left")

@@ -62,3 +62,16 @@ def test_train_command_lists_the_option():
     assert "--outlier-exposure" in out
     bad = CliRunner().invoke(train_cmd, ["--out", "x", "--outlier-exposure", "-1"])
     assert bad.exit_code == 2 and "outlier-exposure" in bad.output
+
+
+def test_training_record_names_the_command_that_made_the_model():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from edge_quq_export.train import _command_line, train_cmd
+
+    args = {p.name: p.default for p in train_cmd.params}
+    args.update(out=Path("b"), from_model=Path("m.keras"), keep_model=Path("oe.keras"), outlier_exposure=3, fit_temperature=True)
+    line = _command_line(SimpleNamespace(**args))
+    assert line == ("python -m edge_quq_export.train --out b --keep-model oe.keras --from-model m.keras --outlier-exposure 3 "
+                    "--fit-temperature")

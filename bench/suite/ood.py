@@ -148,3 +148,19 @@ def patches(images: list, n: int, rng: np.random.Generator) -> np.ndarray:
 
 def photo_sets(n: int, seed: int) -> Dict[str, np.ndarray]:
     return {name: patches(imgs, n, np.random.default_rng([seed, 2000 + i])) for i, (name, imgs) in enumerate(photo_sources().items())}
+
+
+def handwritten_sets(h: int = 28, w: int = 28, channels: int = 1) -> Dict[str, np.ndarray]:
+    """scikit-learn's 1797 real handwritten digits (13 writers, 8x8 upscaled), filling the frame and in MNIST's
+    centred 20-px layout; {} without scikit-learn. Fixed sets: no seed, every image is used."""
+    from edge_quq_export.datasets import DIGIT_LAYOUTS, real_handwritten_digits
+
+    out = {}
+    for layout in DIGIT_LAYOUTS:
+        imgs, _ = real_handwritten_digits(layout, max(h, w))
+        if not imgs:
+            return {}
+        x = np.stack([cv2.resize(i, (w, h), interpolation=cv2.INTER_AREA) if i.shape != (h, w) else i for i in imgs])
+        out[f"real handwritten digits ({layout.replace('_', ' ')})"] = np.repeat(x[..., None], channels, -1) if channels > 1 else x
+    return out
+
