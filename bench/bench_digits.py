@@ -41,8 +41,8 @@ def run_default(p: Predictor, images: Sequence[np.ndarray], batch: int = 256) ->
 
 
 def detector_gates(p: Predictor, cal_data, features: np.ndarray, alpha: float) -> Dict[str, np.ndarray]:
-    """Each of the bundle's detectors as the gate alone, every pair of them and all of them under Bonferroni:
-    ignored [N]. `cal_data`: the bundle's loaded gate.npz (edge_quq.gate_store.load_gate)."""
+    """Each of the bundle's detectors as the gate alone, every pair of them, the bundle's own gate and all of
+    them under Bonferroni: ignored [N]. `cal_data`: the bundle's loaded gate.npz (edge_quq.gate_store.load_gate)."""
     scores = p.detectors.score_all(features, p.head)
     names = [n for n in p.detectors.names if n in cal_data.data.scores]
     pv = np.stack([conformal_pvalues(scores[n][:, None], cal_data.calibration([n]))[:, 0] for n in names], axis=1)
@@ -50,6 +50,9 @@ def detector_gates(p: Predictor, cal_data, features: np.ndarray, alpha: float) -
     for i, j in itertools.combinations(range(len(names)), 2):
         out[f"{names[i]} + {names[j]}"] = combine(pv[:, [i, j]], "bonferroni") < alpha
     out["all detectors (bonferroni)"] = combine(pv, "bonferroni") < alpha
+    gate = [names.index(n) for n in p.policy.detectors if n in names]
+    if len(gate) > 2:  # the bundle's own gate, when it is not already a single or a pair
+        out[" + ".join(names[i] for i in gate)] = combine(pv[:, gate], "bonferroni") < alpha
     return out
 
 
@@ -140,8 +143,8 @@ def render(res: dict) -> str:
         called = ", ".join(f"{c['class']} {_pct(c['share_of_digit'])}" for c in r["kept_as"]) or "-"
         lines.append(f"| {r['digit']} | {r['n']} | {_pct(r['ignored'])} | {_pct(r['gate_ignored'])} | {called} |")
     lines += ["", "## The bundle's detectors as the gate", "",
-              "Each detector alone, the ten best pairs by digits caught and all eight together (pairs and all: "
-              "Bonferroni). Conformal p-values against the bundle's calibration scores, ignored when the combined "
+              "Each detector alone, the bundle's own gate when it has three or more, all eight together and the ten best "
+              "pairs by digits caught (every set of two or more: Bonferroni). Conformal p-values against the bundle's calibration scores, ignored when the combined "
               "p-value is below the bundle's alpha; the gate alone, without the MC rule.", "",
               "The last column is the photo set (the suite's patches of photographs that packages ship) the gate "
               "catches least of, and how many of the whole photographs those packages ship it catches (a folder "
@@ -149,8 +152,8 @@ def render(res: dict) -> str:
               "| gate | clean test images ignored | digits caught | worst digit (caught) | worst photo set (caught) | whole photos caught |",
               "|---|---:|---:|---|---|---:|"]
     ranked = sorted(res["detectors"], key=lambda d: -d["digits_caught"])
-    pairs = [d for d in ranked if " + " in d["gate"]][:10]
-    for d in [d for d in ranked if " + " not in d["gate"]] + pairs:
+    pairs = [d for d in ranked if d["gate"].count(" + ") == 1][:10]
+    for d in [d for d in ranked if d["gate"].count(" + ") != 1] + pairs:
         lines.append(f"| {d['gate']} | {_pct(d['clean_ignored'])} | {_pct(d['digits_caught'])} | "
                      f"{d['worst_digit']} ({_pct(d['worst_digit_caught'])}) | "
                      f"{d['worst_photo_set'] or '-'} ({_pct(d['worst_photo_set_caught'] or 0.0)}) | "

@@ -241,7 +241,7 @@ def evaluate_dataset(ds: Dataset, bundle_path: Optional[str], opts: dict, say, r
     rule_id_keep, clean = _clean_set(run, ds, say, results, timings)
     _start_policies(run, clean, ds.y, say, results, timings)
     shifted_ood = _corruptions(run, ds, results, figures, timings)
-    far_tab, rule_ood = _far_ood(run, timings)
+    far_tab, rule_ood, far_sizes = _far_ood(run, timings)
     if run.policy is not None:
         t_start = time.time()
         results["policies"] = run.policy.finish(results["corruptions"]["cells"])
@@ -253,7 +253,7 @@ def evaluate_dataset(ds: Dataset, bundle_path: Optional[str], opts: dict, say, r
         shifted_mean[str(sev)] = {s: {m: _r(float(np.nanmean([shifted_ood[k][s][m] for k in keys]))) for m in ("auroc", "aupr_in", "aupr_out", "fpr95")}
                                   for s in run.id_scores}
     results["ood"] = {
-        "id": ds.name, "n_id": int(len(ds.y)), "n_far": opts["n_ood"], "far": far_tab, "shifted_by_set": shifted_ood,
+        "id": ds.name, "n_id": int(len(ds.y)), "n_far": opts["n_ood"], "far_sizes": far_sizes, "far": far_tab, "shifted_by_set": shifted_ood,
         "shifted_mean_by_severity": shifted_mean,
         "rule_ignore_rate": {"in-distribution": round(float(np.mean(~rule_id_keep)), 4), **rule_ood},
     }
@@ -340,8 +340,9 @@ def _corruptions(run: Run, ds: Dataset, results: dict, figures: dict, timings: d
     return shifted_ood
 
 
-def _far_ood(run: Run, timings: dict) -> Tuple[dict, Dict[str, float]]:
-    """OOD tables and the rule's ignore rate on the far-OOD sets."""
+def _far_ood(run: Run, timings: dict) -> Tuple[dict, Dict[str, float], Dict[str, int]]:
+    """OOD tables, the rule's ignore rate and the size of each far-OOD set (fixed sets such as the real
+    handwritten digits are smaller than --ood-samples)."""
     from edge_quq.decision import decide_many
     from bench.suite import evaluate as ev
     from bench.suite.core import score_dict
@@ -361,7 +362,7 @@ def _far_ood(run: Run, timings: dict) -> Tuple[dict, Dict[str, float]]:
         if run.policy is not None:
             run.policy.far_set(name, run.arrays(ro))
     timings["far_ood"] = round(time.time() - t_start, 1)
-    return far_tab, rule_ood
+    return far_tab, rule_ood, {name: int(len(xo)) for name, xo in sets.items()}
 
 
 def render(results: dict, figures: dict, out: Path) -> None:

@@ -162,7 +162,7 @@ def decide(c: Calibrated, a: SetArrays, alpha: float = ALPHA) -> Dict[str, Tuple
 def rates(keep: np.ndarray, pred: np.ndarray, y: Optional[np.ndarray]) -> dict:
     k = int(keep.sum())
     err = None if y is None or k == 0 else round(float(np.mean(pred[keep] != y[keep])), 4)
-    return {"ignore_rate": round(1.0 - k / max(len(keep), 1), 4), "error_kept": err, "kept": k}
+    return {"ignore_rate": round(1.0 - k / max(len(keep), 1), 4), "error_kept": err, "kept": k, "n": int(len(keep))}
 
 
 def bootstrap_table(decided: Dict[str, Tuple[np.ndarray, np.ndarray]], y: np.ndarray, reps: int, seed: int) -> Dict[str, dict]:

@@ -117,13 +117,19 @@ def _all(vals) -> Optional[bool]:
     return None if not vals else all(vals)
 
 
+def _exact_ignore_rate(r: dict) -> float:
+    """The ignore rate from the counts when they are there: the stored rate is rounded to 4 places, and
+    1 779 of 1 797 (0.98998) must not round up to a met 99% target."""
+    return round(1.0 - r["kept"] / r["n"], 6) if r.get("n") else r["ignore_rate"]
+
+
 def targets(p: dict, cells: dict) -> List[dict]:
     """Issue 14's targets, each with the measured value and met (True/False/None: not measurable here). The
     clean and far-OOD targets are read from the policies as the bundle ships them when the bundle has
     calibration data (what a user gets with no options), else from the seeded calibration split."""
     src = p.get("shipped") or p
     g = src["clean"]["gated"]
-    far = {k: v["gated"]["ignore_rate"] for k, v in src["far"].items()}
+    far = {k: _exact_ignore_rate(v["gated"]) for k, v in src["far"].items()}
     r2 = src["clean"].get("risk@2%", {})
     s2 = p["splits"]["risk"].get("risk@2%", {})
     pop2 = (p.get("population") or {}).get("risk", {}).get("risk@2%", {})

@@ -199,7 +199,7 @@ def _md_ood(r: dict) -> List[str]:
            "AUPR-out, ID for AUPR-in; FPR@95 = share of ID samples flagged at the threshold that catches 95% of the OOD set. "
            "All numbers in %.", ""]
     for name, tab in o["far"].items():
-        md += [f"### Far-OOD: {name} ({o['n_far']} samples)", "", _ood_rows(tab), ""]
+        md += [f"### Far-OOD: {name} ({o.get('far_sizes', {}).get(name, o['n_far'])} samples)", "", _ood_rows(tab), ""]
     for sev, tab in o["shifted_mean_by_severity"].items():
         if sev in ("1", "3", "5"):
             md += [f"### Shifted: corruptions at severity {sev}, mean over the types", "", _ood_rows(tab), ""]

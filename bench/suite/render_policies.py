@@ -32,7 +32,7 @@ def _value(v) -> str:
     if isinstance(v, dict):
         return "; ".join(f"{k}: {_value(x)}" for k, x in v.items())
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.5g}"  # 0.98998 must not print as 0.99 beside a missed 99% target
     return str(v)
 
 
