@@ -13,7 +13,7 @@ import os
 import time
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -162,6 +162,7 @@ class Predictor:
         self._described: Optional[Tuple[tuple, dict]] = None
         self._prep: Optional[Preprocessor] = None
         self._gate: Optional[RowGate] = None
+        self._scorer: Optional[Tuple[DetectorSet, HeadWeights, Callable[[np.ndarray], Dict[str, float]]]] = None
         self._rss: Optional[Tuple[float, int]] = None  # (perf_counter of the read, bytes): rss_bytes() opens a /proc file
         self.bundle = bundle
         self.backbone = backbone
@@ -260,9 +261,20 @@ class Predictor:
                 if gdet is not None and gradient_reusable(gdet.config, self.gradient, self.head):
                     given = {"gradient": grad}
             t0 = perf_counter()
-            scores.update(row_scores(self.active.score_all(features[None], self.head, given)))
+            if given is None:
+                scores.update(self._row_scorer()(features[None]))
+            else:
+                scores.update(row_scores(self.active.score_all(features[None], self.head, given)))
             _lap(clock.ms, "detectors", t0)
         return scores
+
+    def _row_scorer(self) -> Callable[[np.ndarray], Dict[str, float]]:
+        """The active detectors' DetectorSet.row_scorer, built again only when the detectors or the head
+        were replaced."""
+        hit, active, head = self._scorer, self.active, self.head
+        if hit is None or hit[0] is not active or hit[1] is not head:
+            hit = self._scorer = (active, head, active.row_scorer(head))
+        return hit[2]
 
     def gate_pvalues(self, scores: Dict[str, float]) -> Optional[np.ndarray]:
         """Each gate detector's conformal p-value [D] (the policy's detectors, in order); None without
