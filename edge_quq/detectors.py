@@ -46,6 +46,7 @@ FILE_VERSION = 2  # 2: int8 whiteners with per-row scales (_WHITENERS); a file w
 DETECTOR_NAMES = ("maxlogit", "energy", "react", "mahalanobis", "rel_mahalanobis", "knn", "vim", "gradient")
 DEFAULT_DETECTORS = DETECTOR_NAMES
 
+_NATIVE_FRAME = _native.available()
 # Default hyper-parameters; every one is recorded in the file so a score is reproducible from it alone.
 DEFAULTS: Dict[str, Dict[str, Any]] = {
     "maxlogit": {},
@@ -278,6 +279,18 @@ def _mahalanobis_family(a: Mapping[str, np.ndarray], feats: np.ndarray) -> Tuple
     if _native.available() and z.shape[0]:
         return _native.mahalanobis(z, p["center"], p["means2"], p["msq"], p.get("center0"))
     return _mahalanobis_numpy(p, z)
+
+
+def _mahalanobis_row(a: Mapping[str, np.ndarray], feats: np.ndarray) -> Tuple[float, Optional[float]]:
+    """_mahalanobis_family of one row feats float32 [1, F], as floats: the native kernel's one-row mode, which
+    needs no output arrays, when it takes the projected row."""
+    p = _prepare_mahalanobis(a)
+    z = _project(p, feats)
+    one = _native.mahalanobis_row(z, p["center"], p["means2"], p["msq"], p.get("center0")) if _NATIVE_FRAME else None
+    if one is not None:
+        return one
+    d, rel = _mahalanobis_family(a, feats)
+    return d.item(0), None if rel is None else rel.item(0)
 
 
 def _mahalanobis_numpy(p: Mapping[str, np.ndarray], z: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
@@ -514,13 +527,16 @@ class DetectorSet:
         pair = _MAHALANOBIS_PAIR if self._mahalanobis_shared() else ()
         shared = self.detectors[pair[1]]._scoring_arrays() if pair else None
         rest = tuple((n, _IMPL[n][1], d._scoring_arrays(), d.config) for n, d in self.detectors.items() if n not in pair)
+        in_order = names == pair + tuple(r[0] for r in rest)  # `out` below is then in score_all's order already
 
         def score(feats: np.ndarray) -> Dict[str, float]:
             logits = eval_logits(head, feats) if with_logits else None
-            out = dict(zip(pair, _mahalanobis_family(shared, feats))) if pair else {}
+            out = {}
+            if pair:
+                out[pair[0]], out[pair[1]] = _mahalanobis_row(shared, feats)
             for n, fn, a, cfg in rest:
-                out[n] = fn(a, cfg, feats, head, logits)
-            return {n: out[n].item(0) for n in names}
+                out[n] = fn(a, cfg, feats, head, logits).item(0)
+            return out if in_order else {n: out[n] for n in names}
 
         return score
 

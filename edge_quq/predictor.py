@@ -294,7 +294,7 @@ class Predictor:
 
     def _pvalue_row(self, scores: Dict[str, float], gate: Optional[RowGate] = None) -> Optional[List[float]]:
         rg = gate or self._row_gate()
-        return None if rg is None else rg.pvalues([scores[n] for n in self.policy.detectors])
+        return None if rg is None else rg.pvalues(list(map(scores.__getitem__, self.policy.detectors)))
 
     def decision_stage(self, moments: HeadMoments, scores: Dict[str, float],
                        pvalues: Optional[Sequence[float]] = None) -> Tuple[Decision, bool, List[str], List[str], Optional[float]]:
@@ -327,10 +327,11 @@ class Predictor:
         rg = self._row_gate()
         pvalues = None if rg is None else self._pvalue_row(scores, rg)
         dec, keep, ignored_by, flagged, ood_p = self._decide(moments, scores, rg, pvalues)
-        _lap(clock.ms, "decision", t0)
-        timings = dict(clock.ms)
-        timings["total"] = sum(clock.ms.values())
-        names = self.bundle.classes
+        ms, t1 = clock.ms, perf_counter()
+        ms["decision"] = ms.get("decision", 0.0) + (t1 - t0) * 1e3  # _lap's bookkeeping, t1 reused for rss
+        timings = dict(ms)
+        timings["total"] = sum(ms.values())
+        names, pol = self.bundle.classes, self.policy
         top = int(moments.mean.argmax())  # the ndarray method: np.argmax's wrapper costs more on one frame
         if not keep:
             label_index, classes = None, []
@@ -344,17 +345,19 @@ class Predictor:
             top_index=top, top_label=names[top],
             mean=moments.mean.tolist(), std=moments.std.tolist(), lower=dec.lower.tolist(), upper=dec.upper.tolist(),
             states=dec.states.tolist(), deterministic=moments.deterministic.tolist(),
-            scores=scores, timings_ms=timings, rss_bytes=self.rss(), settings=self.describe_settings(),
+            scores=scores, timings_ms=timings, rss_bytes=self.rss(t1), settings=self.describe_settings(),
             ignored_by=ignored_by, flagged=flagged,
-            policy=self.policy.name, ood_p=ood_p, risk_threshold=self.policy.risk_threshold,
-            ood_pvalues=None if pvalues is None else dict(zip(self.policy.detectors, pvalues)),
+            policy=pol.name, ood_p=ood_p, risk_threshold=pol.risk_threshold,
+            ood_pvalues=None if pvalues is None else dict(zip(pol.detectors, pvalues)),
             features=features,
         )
 
-    def rss(self) -> int:
+    def rss(self, now: Optional[float] = None) -> int:
         """This process's RSS for a result, read again at most every RSS_INTERVAL_S (a /proc read per frame
-        was a tenth of the per-frame overhead; the RSS of a frame loop changes on a scale of seconds)."""
-        now = time.perf_counter()
+        was a tenth of the per-frame overhead; the RSS of a frame loop changes on a scale of seconds).
+        `now`: perf_counter() when the caller just read it."""
+        if now is None:
+            now = perf_counter()
         if self._rss is None or now - self._rss[0] >= RSS_INTERVAL_S:
             self._rss = (now, rss_bytes())
         return self._rss[1]
