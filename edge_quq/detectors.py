@@ -64,7 +64,7 @@ DEFAULTS: Dict[str, Dict[str, Any]] = {
 
 def eval_logits(head: HeadWeights, feats: np.ndarray) -> np.ndarray:
     """Raw eval-mode logits [N, C] (dropout off, temperature not applied: detectors are fitted on them)."""
-    return head.logits(np.asarray(feats, np.float32)).astype(np.float64)
+    return head.logits(feats).astype(np.float64)  # logits() takes rows as float32 itself
 
 
 def _rows(feats: np.ndarray) -> np.ndarray:
@@ -362,7 +362,7 @@ def _fit_vim(feats, labels, head, rng, dim: Optional[int] = None) -> Dict[str, n
 
 def _score_vim(a, cfg, feats, head, logits=None) -> np.ndarray:
     x = np.subtract(feats, a["origin"], dtype=np.float64)
-    r = x @ np.asarray(a["null_space"], np.float64)
+    r = x @ a["null_space"]  # float64 x: a float32 null space (F > 2048, not cached as float64) is widened exactly
     # np.linalg.norm(r, axis=1)'s own arithmetic for real rows, without its Python wrapper (a third of the score)
     resid = np.sqrt(np.add.reduce(r * r, axis=1))
     return a["alpha"].item(0) * resid + energy(eval_logits(head, feats) if logits is None else logits, head.activation)
