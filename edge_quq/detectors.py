@@ -360,8 +360,17 @@ def _fit_vim(feats, labels, head, rng, dim: Optional[int] = None) -> Dict[str, n
     return {"origin": u, "null_space": ns, "alpha": np.array([alpha])}
 
 
+def _prepare_vim(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """ViM's scoring arrays, made once per detector: the origin as a float64 [1, F] row (a frame's one row is then
+    subtracted without a broadcast, which cost numpy more than the subtraction), the null space as float64 up to
+    _F64_CACHE_ELEMENTS (its product is float64 math), the rest as stored. The same values either way."""
+    ns = a["null_space"]
+    return {**a, "origin": np.asarray(a["origin"], np.float64).reshape(1, -1),
+            "null_space": np.asarray(ns, np.float64) if ns.size <= _F64_CACHE_ELEMENTS else ns}
+
+
 def _score_vim(a, cfg, feats, head, logits=None) -> np.ndarray:
-    x = np.subtract(feats, a["origin"], dtype=np.float64)
+    x = np.asarray(feats, np.float64) - a["origin"]
     r = x @ a["null_space"]  # float64 x: a float32 null space (F > 2048, not cached as float64) is widened exactly
     # np.linalg.norm(r, axis=1)'s own arithmetic for real rows, without its Python wrapper (a third of the score)
     resid = np.sqrt(np.add.reduce(r * r, axis=1))
@@ -392,9 +401,10 @@ def gradient_reusable(cfg: Mapping[str, Any], settings: Optional[GradientSetting
 _USES_LOGITS = frozenset(("maxlogit", "energy", "vim"))
 # scored together from rel_mahalanobis's one projection when they share the class whitener (_mahalanobis_shared)
 _MAHALANOBIS_PAIR = ("mahalanobis", "rel_mahalanobis")
-# The Mahalanobis family scores in float32 from arrays prepared once per detector (_prepare_mahalanobis).
+# The Mahalanobis family scores in float32 from arrays prepared once per detector (_prepare_mahalanobis), ViM
+# from its float64 ones (_prepare_vim).
 _PREPARED: Dict[str, Callable[[Mapping[str, np.ndarray]], Dict[str, np.ndarray]]] = {
-    "mahalanobis": _prepare_mahalanobis, "rel_mahalanobis": _prepare_mahalanobis}
+    "mahalanobis": _prepare_mahalanobis, "rel_mahalanobis": _prepare_mahalanobis, "vim": _prepare_vim}
 # The other float32 detector arrays up to this many elements (ViM's origin and null space) are also kept as
 # float64 for scoring: their scores are float64 math, and converting the arrays on every frame cost more than
 # the matmuls. Beyond this size (F > 2048) they are converted per call.
