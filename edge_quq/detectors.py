@@ -465,7 +465,8 @@ class FittedDetector:
 
     def _scoring_arrays(self) -> Dict[str, np.ndarray]:
         """`arrays` with the small float32 ones as float64 (same values), converted once per array object;
-        the Mahalanobis family's prepared float32 arrays instead, also once per set of array objects."""
+        the prepared arrays of the detectors in _PREPARED (the Mahalanobis family's float32 ones, ViM's) instead,
+        also once per set of array objects."""
         if self.name in _PREPARED:
             key = tuple(self.arrays.values())
             hit = self._prepared
