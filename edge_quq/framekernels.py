@@ -7,7 +7,7 @@ Every kernel has a batched numpy reference that stays the definition of its math
 
     moment_scores      edge_quq.scores.compute_scores_numpy       SCORE_RTOL
     interval_decide    edge_quq.decision.decide_numpy             exact (same comparisons, no fused multiply-add)
-    mahalanobis        edge_quq.detectors._mahalanobis_numpy      MAHALANOBIS_RTOL
+    mahalanobis        edge_quq.detectors._mahalanobis_numpy      MAHALANOBIS_RTOL (mahalanobis_row: its one-row mode)
     project_q8         edge_quq.detectors._project_q8_numpy       Q8_RTOL (every variant of q8_isas(): tests/test_whitener.py,
                                                                    NEON under qemu: tests/test_whitener_aarch64.py)
 
@@ -128,6 +128,16 @@ def mahalanobis(z: np.ndarray, center: np.ndarray, means2: np.ndarray, msq: np.n
     rel = np.empty(n) if center0 is not None else None
     _kernel.mahalanobis(zz, center, means2, msq, center0, d, rel)
     return d, rel
+
+
+def mahalanobis_row(z: np.ndarray, center: np.ndarray, means2: np.ndarray, msq: np.ndarray,
+                    center0: Optional[np.ndarray]) -> Optional[Tuple[float, Optional[float]]]:
+    """mahalanobis of one projected row z (float32, C-contiguous [1, F] or [1, 2F]) as floats (d, rel or None);
+    None for inputs of other types or layouts."""
+    try:
+        return _kernel.mahalanobis(z, center, means2, msq, center0)
+    except _REFUSED:
+        return None
 
 
 class Q8Matrix(NamedTuple):

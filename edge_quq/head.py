@@ -87,6 +87,12 @@ class HeadWeights:
         single rows every frame, and the copy cost more than the matmul."""
         return [np.asarray(k, np.float64) for k in self.kernels]
 
+    @cached_property
+    def bias_rows(self) -> List[np.ndarray]:
+        """The biases as [1, out] rows (views): added to one row's [1, out] product they need no broadcast, which
+        cost numpy more than the addition itself (a frame's eval-mode pass for the logit detectors)."""
+        return [np.asarray(b).reshape(1, -1) for b in self.biases]
+
     @property
     def hidden_activations(self) -> Sequence[str]:
         return tuple(self.hidden) if self.hidden else ("relu",) * (len(self.kernels) - 1)
@@ -116,11 +122,12 @@ class HeadWeights:
         h = np.asarray(x, dtype=np.float32)
         n_blocks = len(self.kernels)
         acts = self.hidden_activations
+        biases = self.bias_rows if h.ndim == 2 else self.biases  # the same sums: [N, out] + [1, out] or + [out]
         for i in range(n_blocks):
             m = None if masks is None else masks[i]
             if m is not None and self.rates[i] > 0.0:
                 h = h * (m.astype(np.float32, copy=False) * np.float32(1.0 / (1.0 - self.rates[i])))
-            h = h @ self.kernels[i] + self.biases[i]
+            h = h @ self.kernels[i] + biases[i]
             if i < n_blocks - 1:
                 h = hidden_activation(h, acts[i])
         return h

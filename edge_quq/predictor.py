@@ -13,7 +13,7 @@ import os
 import time
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -162,6 +162,7 @@ class Predictor:
         self._described: Optional[Tuple[tuple, dict]] = None
         self._prep: Optional[Preprocessor] = None
         self._gate: Optional[RowGate] = None
+        self._scorer: Optional[Tuple[DetectorSet, HeadWeights, Callable[[np.ndarray], Dict[str, float]]]] = None
         self._rss: Optional[Tuple[float, int]] = None  # (perf_counter of the read, bytes): rss_bytes() opens a /proc file
         self.bundle = bundle
         self.backbone = backbone
@@ -260,9 +261,20 @@ class Predictor:
                 if gdet is not None and gradient_reusable(gdet.config, self.gradient, self.head):
                     given = {"gradient": grad}
             t0 = perf_counter()
-            scores.update(row_scores(self.active.score_all(features[None], self.head, given)))
+            if given is None:
+                scores.update(self._row_scorer()(features[None]))
+            else:
+                scores.update(row_scores(self.active.score_all(features[None], self.head, given)))
             _lap(clock.ms, "detectors", t0)
         return scores
+
+    def _row_scorer(self) -> Callable[[np.ndarray], Dict[str, float]]:
+        """The active detectors' DetectorSet.row_scorer, built again only when the detectors or the head
+        were replaced."""
+        hit, active, head = self._scorer, self.active, self.head
+        if hit is None or hit[0] is not active or hit[1] is not head:
+            hit = self._scorer = (active, head, active.row_scorer(head))
+        return hit[2]
 
     def gate_pvalues(self, scores: Dict[str, float]) -> Optional[np.ndarray]:
         """Each gate detector's conformal p-value [D] (the policy's detectors, in order); None without
@@ -282,7 +294,7 @@ class Predictor:
 
     def _pvalue_row(self, scores: Dict[str, float], gate: Optional[RowGate] = None) -> Optional[List[float]]:
         rg = gate or self._row_gate()
-        return None if rg is None else rg.pvalues([scores[n] for n in self.policy.detectors])
+        return None if rg is None else rg.pvalues(list(map(scores.__getitem__, self.policy.detectors)))
 
     def decision_stage(self, moments: HeadMoments, scores: Dict[str, float],
                        pvalues: Optional[Sequence[float]] = None) -> Tuple[Decision, bool, List[str], List[str], Optional[float]]:
@@ -315,10 +327,11 @@ class Predictor:
         rg = self._row_gate()
         pvalues = None if rg is None else self._pvalue_row(scores, rg)
         dec, keep, ignored_by, flagged, ood_p = self._decide(moments, scores, rg, pvalues)
-        _lap(clock.ms, "decision", t0)
-        timings = dict(clock.ms)
-        timings["total"] = sum(clock.ms.values())
-        names = self.bundle.classes
+        ms, t1 = clock.ms, perf_counter()
+        ms["decision"] = ms.get("decision", 0.0) + (t1 - t0) * 1e3  # _lap's bookkeeping, t1 reused for rss
+        timings = dict(ms)
+        timings["total"] = sum(ms.values())
+        names, pol = self.bundle.classes, self.policy
         top = int(moments.mean.argmax())  # the ndarray method: np.argmax's wrapper costs more on one frame
         if not keep:
             label_index, classes = None, []
@@ -332,17 +345,19 @@ class Predictor:
             top_index=top, top_label=names[top],
             mean=moments.mean.tolist(), std=moments.std.tolist(), lower=dec.lower.tolist(), upper=dec.upper.tolist(),
             states=dec.states.tolist(), deterministic=moments.deterministic.tolist(),
-            scores=scores, timings_ms=timings, rss_bytes=self.rss(), settings=self.describe_settings(),
+            scores=scores, timings_ms=timings, rss_bytes=self.rss(t1), settings=self.describe_settings(),
             ignored_by=ignored_by, flagged=flagged,
-            policy=self.policy.name, ood_p=ood_p, risk_threshold=self.policy.risk_threshold,
-            ood_pvalues=None if pvalues is None else dict(zip(self.policy.detectors, pvalues)),
+            policy=pol.name, ood_p=ood_p, risk_threshold=pol.risk_threshold,
+            ood_pvalues=None if pvalues is None else dict(zip(pol.detectors, pvalues)),
             features=features,
         )
 
-    def rss(self) -> int:
+    def rss(self, now: Optional[float] = None) -> int:
         """This process's RSS for a result, read again at most every RSS_INTERVAL_S (a /proc read per frame
-        was a tenth of the per-frame overhead; the RSS of a frame loop changes on a scale of seconds)."""
-        now = time.perf_counter()
+        was a tenth of the per-frame overhead; the RSS of a frame loop changes on a scale of seconds).
+        `now`: perf_counter() when the caller just read it."""
+        if now is None:
+            now = perf_counter()
         if self._rss is None or now - self._rss[0] >= RSS_INTERVAL_S:
             self._rss = (now, rss_bytes())
         return self._rss[1]
@@ -376,11 +391,15 @@ class Predictor:
     def predict(self, image: ImageLike, source: Optional[str] = None) -> Prediction:
         """One image (path or decoded array) -> Prediction. Raises EdgeQuqError on bad input."""
         clock = StageClock()
-        with clock.stage("preprocess"):
-            x = self.load_input(image)
-        with clock.stage("backbone"):
-            feats = self.features(x[None])
-        moments = self.head_stage(feats[0], clock)
+        t0 = perf_counter()
+        x = self.load_input(image)
+        _lap(clock.ms, "preprocess", t0)  # the stages timed as finish() times its own: no context-manager objects
+        t0 = perf_counter()
+        feats = self.features(x[None])
+        _lap(clock.ms, "backbone", t0)
+        t0 = perf_counter()
+        moments = self.sampler.sample(feats[0], self.settings.num_iter)
+        _lap(clock.ms, "head", t0)
         src = source if source is not None else ("<array>" if isinstance(image, np.ndarray) else str(image))
         return self.finish(src, moments, clock, feats[0])
 

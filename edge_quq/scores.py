@@ -51,7 +51,7 @@ def energy(logits: np.ndarray, activation: str) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64)
     if activation == "sigmoid":
         # softplus(z) = log(1 + e^z), computed without overflow
-        return -np.logaddexp(0.0, z).sum(axis=-1)
+        return -np.add.reduce(np.logaddexp(0.0, z), axis=-1)
     m = z.max(axis=-1, keepdims=True)
     return -(m[..., 0] + np.log(np.exp(z - m).sum(axis=-1)))
 

@@ -12,6 +12,8 @@ STAGES = ("preprocess", "backbone", "head", "detectors", "decision")
 class StageClock:
     """Accumulates wall-clock milliseconds per named stage for one prediction."""
 
+    __slots__ = ("ms",)
+
     def __init__(self) -> None:
         self.ms: Dict[str, float] = {}
 

@@ -139,6 +139,19 @@ def test_vim_matches_numpy(synth):
     np.testing.assert_allclose(ds.detectors["vim"].score(q, head), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("names", [DETECTOR_NAMES, ("mahalanobis", "rel_mahalanobis"), ("rel_mahalanobis",), ("vim",),
+                                   ("maxlogit", "knn"), ("mahalanobis", "react", "gradient")])
+def test_row_scorer_gives_score_all_of_one_row_exactly(synth, names):
+    head, x, y, q, ds, fit, _ = synth
+    sub = ds.subset(names)
+    score = sub.row_scorer(head)
+    for row in np.asarray(q[:12], np.float32):
+        want = {n: float(v[0]) for n, v in sub.score_all(row[None], head).items()}
+        got = score(row[None])
+        assert list(got) == list(want) and all(type(v) is float for v in got.values())
+        assert got == want
+
+
 def test_gradient_detector_matches_finite_differences(synth):
     head, x, y, q, ds, _, _ = synth
     # d log p_k / d theta for every parameter by central differences of a float64 forward pass

@@ -133,6 +133,10 @@ def test_mahalanobis_kernel_matches_its_numpy_reference(case, n, c, f):
             assert_close(got[1], want[1], framekernels.MAHALANOBIS_RTOL, scale + np.sum(g * g, axis=1), "rel")
         else:
             assert got[1] is None and want[1] is None
+        for i in range(n):  # the one-row mode: the batched kernel's numbers, as floats
+            one = framekernels.mahalanobis_row(z[i:i + 1], p["center"], p["means2"], p["msq"], p.get("center0"))
+            assert np.array_equal(one[0], got[0][i], equal_nan=True)
+            assert one[1] is None if not rel else np.array_equal(one[1], got[1][i], equal_nan=True)
 
 
 FRAMES = """

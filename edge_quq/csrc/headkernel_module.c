@@ -436,38 +436,45 @@ done:
     return result;
 }
 
+/* mahalanobis(z, center, means2, msq, center0, d_out=None, rel_out=None): with d_out, rows z; without it (one
+ * row), returns (d, rel or None) as floats: a frame's one row then needs no output arrays. */
 static PyObject *py_mahalanobis(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *oz, *ocenter, *omeans2, *omsq, *ocenter0, *od, *orel;
-    if (!PyArg_ParseTuple(args, "OOOOOOO", &oz, &ocenter, &omeans2, &omsq, &ocenter0, &od, &orel)) return NULL;
-    const int with_rel = ocenter0 != Py_None;
+    PyObject *oz, *ocenter, *omeans2, *omsq, *ocenter0, *od = Py_None, *orel = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOOO|OO", &oz, &ocenter, &omeans2, &omsq, &ocenter0, &od, &orel)) return NULL;
+    const int with_rel = ocenter0 != Py_None, one = od == Py_None;
     buf_t bd = {0}, bcenter = {0}, bmsq = {0}, bz = {0}, bmeans = {0}, bc0 = {0}, brel = {0};
     PyObject *result = NULL;
-    if (buf_typed(od, &bd, -1, 'd', 1, 0, "d_out") || buf_typed(ocenter, &bcenter, -1, 'f', 0, 0, "center") ||
+    double d1 = 0.0, rel1 = 0.0;
+    if (buf_typed(od, &bd, -1, 'd', 1, one, "d_out") || buf_typed(ocenter, &bcenter, -1, 'f', 0, 0, "center") ||
         buf_typed(omsq, &bmsq, -1, 'f', 0, 0, "msq"))
         goto done;
-    const Py_ssize_t N = bd.view.len / 8, F = bcenter.view.len / 4, C = bmsq.view.len / 4;
+    const Py_ssize_t N = one ? 1 : bd.view.len / 8, F = bcenter.view.len / 4, C = bmsq.view.len / 4;
     if (N < 1 || F < 1 || C < 1) {
         PyErr_SetString(PyExc_ValueError, "empty rows, features or classes");
         goto done;
     }
     if (buf_typed(oz, &bz, N * F * (with_rel ? 2 : 1), 'f', 0, 0, "z") ||
         buf_typed(omeans2, &bmeans, F * C, 'f', 0, 0, "means2") || buf_typed(ocenter0, &bc0, F, 'f', 0, 1, "center0") ||
-        buf_typed(orel, &brel, N, 'd', 1, !with_rel, "rel_out"))
+        buf_typed(orel, &brel, N, 'd', 1, one || !with_rel, "rel_out"))
         goto done;
+    double *rel = brel.held ? (double *)brel.view.buf : (one && with_rel ? &rel1 : NULL);
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = eq_mahalanobis(N, F, C, (const float *)bz.view.buf, (const float *)bcenter.view.buf,
                         (const float *)bmeans.view.buf, (const float *)bmsq.view.buf,
-                        bc0.held ? (const float *)bc0.view.buf : NULL, (double *)bd.view.buf,
-                        brel.held ? (double *)brel.view.buf : NULL);
+                        bc0.held ? (const float *)bc0.view.buf : NULL, one ? &d1 : (double *)bd.view.buf, rel);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_NoMemory();
         goto done;
     }
-    result = Py_None;
-    Py_INCREF(result);
+    if (!one)
+        result = py_none();
+    else if (with_rel)
+        result = Py_BuildValue("(dd)", d1, rel1);
+    else
+        result = Py_BuildValue("(dO)", d1, Py_None);
 done:
     buf_release(&bd); buf_release(&bcenter); buf_release(&bmsq); buf_release(&bz); buf_release(&bmeans);
     buf_release(&bc0); buf_release(&brel);
@@ -579,9 +586,10 @@ static PyMethodDef methods[] = {
      "writes lower/upper float64[N, C], states int8[N, C] and, given code_out, code int8[N], keep bool[N], kept "
      "bool[N, C], labels int64[N] (returns None). Without code_out (one row) returns (keep, code, label, classes)."},
     {"mahalanobis", py_mahalanobis, METH_VARARGS,
-     "mahalanobis(z, center, means2, msq, center0, d_out, rel_out) -> None\n\nThe Mahalanobis family's distances "
+     "mahalanobis(z, center, means2, msq, center0, d_out=None, rel_out=None)\n\nThe Mahalanobis family's distances "
      "of projected rows z float32[N, F] (or [N, 2F] interleaved with the global projection when center0 float32[F] "
-     "is given, else None): writes d_out float64[N] and rel_out float64[N] (None without center0). Releases the GIL."},
+     "is given, else None): writes d_out float64[N] and rel_out float64[N] (None without center0) and returns None; "
+     "without d_out (one row), returns (d, rel) as floats (rel None without center0). Releases the GIL."},
     {"project_q8", py_project_q8, METH_VARARGS,
      "project_q8(x, q, off, scale, diag, S, z_out, isa=None) -> None\n\nThe Mahalanobis family's int8 whitener "
      "product (whitener.h): rows x float32[N, F], packed int8 rows q with offsets off int64[F + 1], per-row scales "
