@@ -409,6 +409,9 @@ _PREPARED: Dict[str, Callable[[Mapping[str, np.ndarray]], Dict[str, np.ndarray]]
 # float64 for scoring: their scores are float64 math, and converting the arrays on every frame cost more than
 # the matmuls. Beyond this size (F > 2048) they are converted per call.
 _F64_CACHE_ELEMENTS = 1 << 22
+# The detectors whose whitener may be stored as int8 from INT8_WHITENER_MIN_FEATURES (not every prepared one:
+# ViM is prepared too, and has no whitener).
+_INT8_WHITENED = frozenset({"mahalanobis", "rel_mahalanobis"})
 
 _IMPL: Dict[str, Tuple[Callable, Callable]] = {
     "maxlogit": (_fit_none, _score_maxlogit),
@@ -694,7 +697,7 @@ def _choose_storage(n: str, arrs: Dict[str, np.ndarray], cfg: Dict[str, Any], he
     refs: Dict[Callable, Tuple[np.ndarray, float]] = {}
     for dt in dtypes:
         check, allowed = _IMPL[n][1], tolerance
-        if dt == "int8" and n in _PREPARED and hold.shape[1] >= INT8_WHITENER_MIN_FEATURES:
+        if dt == "int8" and n in _INT8_WHITENED and hold.shape[1] >= INT8_WHITENER_MIN_FEATURES:
             trial = _roundtrip(_int8_mahalanobis(arrs, *fit_rows, head.num_classes), dt)
             # Judged on the class distance both detectors share, so the pair decides alike and keeps one
             # projection: rel_mahalanobis, a difference of two distances of ~F each, moves by up to a few of its

@@ -191,3 +191,14 @@ def test_the_default_bundle_is_untouched():
     ds = load_detectors(b)
     assert b.manifest["detectors"]["version"] == 1 and ds.meta["version"] == 1
     assert all(v.dtype != np.int8 for n in ("mahalanobis", "rel_mahalanobis") for v in ds.detectors[n].arrays.values())
+
+
+def test_every_detector_fits_at_int8_whitener_sizes(fashion_features):
+    """fit_detectors with all eight at F >= INT8_WHITENER_MIN_FEATURES (bench_e2e attaches them so): only the
+    Mahalanobis pair may take int8 whiteners; ViM, prepared once per detector like them, has none to quantise."""
+    feats, labels, test, _, head = fashion_features
+    ds = fit_detectors(feats[:2000], labels[:2000], head)
+    assert ds.detectors["mahalanobis"].dtype == ds.detectors["rel_mahalanobis"].dtype == "int8"
+    assert ds.detectors["vim"].dtype != "int8"
+    scores = ds.score_all(test[:50], head)
+    assert all(np.isfinite(v).all() and v.shape == (50,) for v in scores.values())
