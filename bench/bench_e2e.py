@@ -47,7 +47,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -533,7 +533,25 @@ def _bound(r: dict, tgt: Optional[float]) -> str:
     comp = (d["plain_ms"] + st["detectors"] + st["decision"] + st["result_and_rest"] + st["head"] - r["eval_head_ms"]) / d["plain_ms"]
     return (f"UQ - plain = {d['uq_ms'] - d['plain_ms']:.2f} ms: {parts}{budget}. Without the backbone's run-to-run "
             f"noise (plain + the stage medians beyond it, divided by plain): {comp:.3f}. The detectors stage is the "
-            f"gate's Mahalanobis pair: {_whitener_text(r['F'])}.{zero}")
+            f"gate's {_gate_cost_text(d['detectors'], r['F'])}.{zero}")
+
+
+KNN_BANK = 1024  # edge_quq.detectors' default bank size, as attach_default_path fits it
+
+
+def _gate_cost_text(gate: Sequence[str], f: int) -> str:
+    """What each of the gate's detectors reads and computes per frame at feature size f."""
+    parts = []
+    if {"mahalanobis", "rel_mahalanobis"} & set(gate):
+        parts.append(f"Mahalanobis ({', '.join(n for n in gate if 'mahalanobis' in n)}): {_whitener_text(f)}")
+    if "knn" in gate:
+        parts.append(f"kNN: a float32 product of the unit feature with its bank of {KNN_BANK} unit vectors "
+                     f"({KNN_BANK * f * 4 / 2**20:.1f} MiB per frame, numpy) and a partial sort")
+    if "vim" in gate:
+        parts.append("ViM: an eval head pass for the logits and the projection onto the first layer's null space "
+                     "(numpy, float64)")
+    other = [n for n in gate if n not in ("mahalanobis", "rel_mahalanobis", "knn", "vim")]
+    return "; ".join(parts + ([", ".join(other)] if other else [])) or "none"
 
 
 def _whitener_text(f: int) -> str:
@@ -649,13 +667,14 @@ def _overhead_bound(ov: dict) -> str:
     calls = ov.get("calls_per_frame")
     return (
         f"What bounds it: the number of Python calls, not arithmetic. The default bundle has {_head_shape(ov['bundle'])}; "
-        f"the default computes the moment scores, the gate's detectors ({', '.join(ov['detectors']) or 'none'}, "
-        "float32, one projection), their conformal p-values and combination, the rule and the Prediction. The "
-        "moment scores, the rule, the Mahalanobis distances, the p-values and the combination run in C "
-        "(edge_quq.framekernels, edge_quq.conformal), so what is left is the Python around them"
+        f"the default computes the moment scores, the gate's detectors ({', '.join(ov['detectors']) or 'none'}), "
+        "their conformal p-values and combination, the rule and the Prediction. The moment scores, the rule, the "
+        "Mahalanobis distances, the p-values and the combination run in C (edge_quq.framekernels, "
+        "edge_quq.conformal); kNN and ViM run as numpy calls. What is left is numpy's and Python's cost per call"
         + (f": about {calls:.0f} function calls per frame by cProfile (730 before issue 16's part 3, 185 before "
            "the C paths, 122 before the preprocessing tables and the row gate)" if calls else "")
-        + ", each a µs or more on this machine. " + _overhead_shares(ov["cpu"]))
+        + ", each a µs or more on this machine (more when the backbone and the sampler have just evicted the "
+        "detectors' arrays from the caches). " + _overhead_shares(ov["cpu"]))
 
 
 def _overhead_shares(cpu: dict) -> str:
