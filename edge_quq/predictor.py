@@ -243,8 +243,10 @@ class Predictor:
         return self.backbone(batch)
 
     def head_stage(self, features: np.ndarray, clock: StageClock) -> HeadMoments:
-        with clock.stage("head"):
-            return self.sampler.sample(features, self.settings.num_iter)
+        t0 = perf_counter()
+        moments = self.sampler.sample(features, self.settings.num_iter)
+        _lap(clock.ms, "head", t0)
+        return moments
 
     def score_stage(self, features: np.ndarray, moments: HeadMoments, clock: StageClock) -> Dict[str, float]:
         """The moment scores, the gradient score when selected (once: the gradient detector reuses it when its
@@ -397,9 +399,7 @@ class Predictor:
         t0 = perf_counter()
         feats = self.features(x[None])
         _lap(clock.ms, "backbone", t0)
-        t0 = perf_counter()
-        moments = self.sampler.sample(feats[0], self.settings.num_iter)
-        _lap(clock.ms, "head", t0)
+        moments = self.head_stage(feats[0], clock)
         src = source if source is not None else ("<array>" if isinstance(image, np.ndarray) else str(image))
         return self.finish(src, moments, clock, feats[0])
 

@@ -140,11 +140,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run_command(train_cmd, sys.argv[1:] if argv is None else argv, "python -m edge_quq_export.train")
 
 
-def _outlier_exposure(model, args) -> dict:
-    """Fine-tune `model` in place on the training split with outlier exposure; its training record."""
+def _outlier_exposure(model, args, x: np.ndarray, y: np.ndarray) -> dict:
+    """Fine-tune `model` in place on the training split of Fashion-MNIST's training images x (uint8) and labels
+    y with outlier exposure; its training record."""
     from edge_quq_export.outlier_exposure import finetune
 
-    x, y = load_fashion_mnist("train", args.data)
     x = x[..., None].astype(np.float32) / 255.0
     onehot = np.eye(len(FASHION_MNIST_CLASSES), dtype=np.float32)[y]
     record = finetune(model, x[:-FMNIST_VAL], onehot[:-FMNIST_VAL], args.outlier_exposure, seed=args.seed,
@@ -191,9 +191,9 @@ def _run(args) -> int:
             "train_seconds": round(seconds, 1), "val_accuracy": round(float(history["val_acc"][-1]), 4),
             "command": "python -m edge_quq_export.train --out edge_quq/data/default_bundle",
         }
+    x, y = load_fashion_mnist("train", args.data)
     if args.outlier_exposure:
-        training = dict(training, outlier_exposure=_outlier_exposure(model, args))
-    x, _ = load_fashion_mnist("train", args.data)
+        training = dict(training, outlier_exposure=_outlier_exposure(model, args, x, y))
     xt, yt = load_fashion_mnist("test", args.data)
     rng = np.random.default_rng(args.seed)
     quant = x[rng.choice(len(x) - FMNIST_VAL, args.quant_samples, replace=False)]  # from the training part only
@@ -210,7 +210,7 @@ def _run(args) -> int:
                              extra_manifest={"training": training})
         if args.fit_temperature:
             # The validation split: held out from training, and not the test data the accuracy is reported on.
-            opts.temperature_data, opts.temperature_labels = x[-FMNIST_VAL:], load_fashion_mnist("train", args.data)[1][-FMNIST_VAL:]
+            opts.temperature_data, opts.temperature_labels = x[-FMNIST_VAL:], y[-FMNIST_VAL:]
             opts.temperature_source = f"Fashion-MNIST validation split (last {FMNIST_VAL} training images, held out from training)"
         bundle = export_model(model_path, opts)
     if args.detectors != "none":
