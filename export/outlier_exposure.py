@@ -186,6 +186,18 @@ def _blur_some(share: float):
     return fn
 
 
+def reseed_layers(model, seed: int) -> None:
+    """Give every layer that draws random numbers (Keras' Dropout) a generator state derived from `seed` and
+    its position. Why: a layer made without a seed takes one from an unseeded generator when it is built, and
+    keras.models.load_model builds the layers before any seed can be set, so the dropout masks of a fine-tune
+    of a loaded model differed from run to run. That was the cause of the full-size fine-tune's run-to-run
+    spread (docs/export.md); a model built after keras.utils.set_random_seed was never affected."""
+    for i, layer in enumerate(model.layers):
+        gen = getattr(layer, "seed_generator", None)
+        if gen is not None:
+            gen.state.assign(np.array([np.random.default_rng([seed, i]).integers(1, 2 ** 31), 0], "uint32"))
+
+
 def finetune(model, x: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0, batch_size: int = 128,
              validation: Tuple[np.ndarray, np.ndarray] = None, verbose: int = 2) -> Dict[str, object]:
     """Fine-tune `model` in place: batches of `batch_size` augmented training images (x [N, 28, 28, 1] in
@@ -200,6 +212,7 @@ def finetune(model, x: np.ndarray, y: np.ndarray, epochs: int, seed: int = 0, ba
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+    reseed_layers(model, seed)
     steps = int(np.ceil(len(x) / batch_size))
     t0 = time.perf_counter()
     pool = outlier_pool(steps * OE_PER_BATCH)
