@@ -5,7 +5,8 @@ samplers) vs the naive method (T full passes), int8 TFLite backbones on XNNPACK 
     python -m bench.bench_e2e --export-only      # build/convert the models only (minutes for ResNet50)
 
 Models: Keras MobileNetV2 (alpha 1.0), MobileNetV3-Small, MobileNetV3-Large, EfficientNet-B0 and ResNet50 at
-224x224x3, weights=None (untrained weights cost the same), GAP and the paper's head (BN, Dropout 0.2, Dense 300
+224x224x3, weights=None (untrained weights cost the same; BatchNormalization statistics settled on 16 random
+images, settle_batchnorm, so that the features are dense as a trained network's), GAP and the paper's head (BN, Dropout 0.2, Dense 300
 relu, Dropout 0.4, Dense 100 sigmoid), exported with the project's own exporter
 (edge_quq_export.pipeline.export_model) from a few random calibration images into a bundle cached under
 bench/results/tmp/<model>/ (git-ignored; --reexport rebuilds it), then given the default bundle's detectors and
@@ -66,21 +67,50 @@ MODELS = {"mobilenet_v2": "MobileNetV2", "mobilenet_v3_small": "MobileNetV3Small
 TARGETS = {"mobilenet_v2": 1.03, "mobilenet_v3_large": 1.03, "efficientnet_b0": 1.03, "resnet50": 1.015}
 SIZE = 224
 CLASSES = 100
+SETTLE_IMAGES = 16  # images whose batch statistics become the bench models' BatchNormalization statistics
 
 
 # -- models -----------------------------------------------------------------------------------------------------
-def build_model(name: str):
+def _keras_model(name: str, batch: Optional[int]):
     import keras
 
     from edge_quq_export.model import paper_head
 
-    # Batch fixed at 1 (the device predicts one frame at a time): with a dynamic batch the converter keeps
-    # EfficientNet's squeeze-excite Reshape as SHAPE/STRIDED_SLICE/PACK/RESHAPE ops that XNNPACK cannot take,
-    # which splits the graph into 17 delegate partitions and made the backbone ~5x slower (20 ms vs 4 ms).
-    inp = keras.Input((SIZE, SIZE, 3), batch_size=1, name="image")
+    inp = keras.Input((SIZE, SIZE, 3), batch_size=batch, name="image")
     base = getattr(keras.applications, MODELS[name])(include_top=False, weights=None, input_tensor=inp)
     x = keras.layers.GlobalAveragePooling2D(name="gap")(base.output)
     return keras.Model(inp, paper_head(x, CLASSES), name=name)
+
+
+def settle_batchnorm(model, images: np.ndarray) -> None:
+    """Set every BatchNormalization layer's moving statistics to its batch statistics on `images` (float32, scaled
+    as the device scales its input; one training-mode pass with momentum 0). Why: with weights=None the moving statistics are the initial 0/1 while the activations
+    shrink layer by layer, so MobileNetV2's and V3-Large's features came out ~1e-10 and the int8 backbone gave
+    all-zero features, which the head kernel skips: their head figures measured fixed cost only. Settled, the
+    features are dense and of a trained network's scale, the case the head pays most for."""
+    import keras
+
+    bns = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in bns]
+    for layer in bns:
+        layer.momentum = 0.0
+    model(images, training=True)
+    for layer, m in zip(bns, saved):
+        layer.momentum = m
+
+
+def build_model(name: str, images: Optional[np.ndarray] = None):
+    """The bench model of `name` for batch 1, its BatchNormalization settled on `images` when given."""
+    # Batch fixed at 1 (the device predicts one frame at a time): with a dynamic batch the converter keeps
+    # EfficientNet's squeeze-excite Reshape as SHAPE/STRIDED_SLICE/PACK/RESHAPE ops that XNNPACK cannot take,
+    # which splits the graph into 17 delegate partitions and made the backbone ~5x slower (20 ms vs 4 ms).
+    model = _keras_model(name, 1)
+    if images is not None:
+        # the batch statistics need a batch: settle a dynamic-batch twin and copy its weights over
+        twin = _keras_model(name, None)
+        settle_batchnorm(twin, images)
+        model.set_weights(twin.get_weights())
+    return model
 
 
 def ensure_bundle(name: str, tmp: Path, calib: int, reexport: bool) -> Tuple[Path, Optional[float]]:
@@ -97,8 +127,9 @@ def ensure_bundle(name: str, tmp: Path, calib: int, reexport: bool) -> Tuple[Pat
     from edge_quq_export.pipeline import ExportOptions, export_model
 
     t0 = time.perf_counter()
-    model = build_model(name)
     images = np.random.default_rng(0).integers(0, 256, (calib, SIZE, SIZE, 3), dtype=np.uint8)
+    settle = np.random.default_rng(1).integers(0, 256, (SETTLE_IMAGES, SIZE, SIZE, 3), dtype=np.uint8)
+    model = build_model(name, settle * np.float32(ExportOptions.pixel_scale))  # as the device scales its input
     print(f"  {name}: exporting ({model.count_params() / 1e6:.1f} M parameters, {calib} random calibration images)",
           file=sys.stderr)
     export_model(model, ExportOptions(calibration=images, out=out, calib_samples=calib, name=f"{name}-bench",
