@@ -18,21 +18,24 @@
  *    position, stopping once every lane is decided (about 7-8 words for 64 lanes instead of 64 draws). The
  *    result has exactly the distribution of comparing a 32-bit uniform draw against the threshold.
  * Where the time goes (AMD EPYC Zen 3 VM, 2 shared cores; F=2048, H=300, C=100, ReLU features, T=50; per-phase
- * minimum thread CPU time over 400 calls, 292 us a call): layer-1 gather 56% (the tile copy, which streams W0 from
- * L3 and takes the eval-mode pass, is ~10% of the call: 2.4 MB at ~40 GB/s), building the lanes' lists 14%,
- * layer-1 masks 7%, layer 2 (masks, lane sets, gather) 12%, outputs and moments 6%, lane-set transposes 3%.
- * The lane loop is the bound: alone, with the tile in L1 (50 lanes, 17 of 85 rows each), it runs at 29 GMAC/s
- * = 62% of the core's FMA peak, 70% when every row is taken. It issues one weight load per FMA, so the two 256-bit
- * load ports and the two FMA pipes are both full. More FMAs per load would need several lanes to share rows, and
- * at min(p, 1-p) = 0.2 two lanes share only 4% of their rows. Measured in the same run against the
+ * minimum thread CPU time over 400 calls, 292 us a call, before the two changes kept below): layer-1 gather 56% (the
+ * tile copy, which streams W0 from L3 and takes the eval-mode pass, is ~10% of the call: 2.4 MB at ~40 GB/s),
+ * building the lanes' lists 14%, layer-1 masks 7%, layer 2 (masks, lane sets, gather) 12%, outputs and moments 6%,
+ * lane-set transposes 3%. The lane loop is the bound: alone, with the tile in L1 (50 lanes, 17 of 85 rows each), it
+ * runs at 29 GMAC/s = 62% of the core's FMA peak, 70% when every row is taken. It issues one weight load per FMA, so
+ * the two 256-bit load ports and the two FMA pipes are both full. More FMAs per load would need several lanes to
+ * share rows, and at min(p, 1-p) = 0.2 two lanes share only 4% of their rows. Measured in the same run against the
  * previous kernel, and not kept (no gain beyond +-3% noise, or a loss): prefetching the next row block; lanes
- * reading W without the tile (15% slower: rows of 300 floats start 16, 32 or 48 bytes into a line, so many of
- * their vector loads split two lines); folding the layer-1 coefficient into the tile (adds instead of FMAs);
- * tiles of 4K-12K floats; row blocks aligned to 64;
- * decoding bits to positions 8 at a time. Kept: masks and the nonzero compaction without data-dependent
- * branches (branch mispredictions a call 10.6k -> 7.6k under cachegrind, same PRNG stream, bit-identical
- * results), and 13 instead of 12 output vectors per lane on AVX2 (3 column blocks for H=300 instead of 4: 21%
- * fewer scalar instructions in the gather). Both are within the timing noise of the shared machine.
+ * reading W without the tile (15% slower: rows of 300 floats start 16, 32 or 48 bytes into a line, so many of their
+ * vector loads split two lines); folding the layer-1 coefficient into the tile (adds instead of FMAs); tiles of
+ * 4K-12K floats; row blocks aligned to 64; decoding bits to positions 8 at a time. Kept: masks and the nonzero
+ * compaction without data-dependent branches (branch mispredictions a call 10.6k -> 7.6k under cachegrind, same PRNG
+ * stream, bit-identical results), and 13 instead of 12 output vectors per lane on AVX2 (3 column blocks for H=300
+ * instead of 4: 21% fewer scalar instructions in the gather). In two runs of bench/bench_kernel.py against the
+ * previous kernel the ReLU heads with C = 1000 gained 1.11-1.32x (layer 2's 1000 columns take 10 column blocks
+ * instead of 11); every other shape stayed within the noise. On a quiet spell the kernel runs at 29-31% of the FMA
+ * peak on the F = 1280/2048 heads (13-14 executed GMAC/s of 46), as the previous one did; under load both fall to
+ * 15-21%.
  * Precision: all products and sums are float32 like the numpy reference (which runs float32 BLAS); the
  * "dense minus dropped rows" update reorders the sums, so results match the reference to float32 rounding of
  * the pre-activation magnitudes, not bit for bit. Moments are accumulated in double, shifted by the
