@@ -31,8 +31,8 @@
  * 4K-12K floats; row blocks aligned to 64; decoding bits to positions 8 at a time. Kept: masks and the nonzero
  * compaction without data-dependent branches (branch mispredictions a call 10.6k -> 7.6k under cachegrind, same PRNG
  * stream, bit-identical results), and 13 instead of 12 output vectors per lane on AVX2 (3 column blocks for H=300
- * instead of 4: 21% fewer scalar instructions in the gather). In two runs of bench/bench_kernel.py against the
- * previous kernel the ReLU heads with C = 1000 gained 1.11-1.32x (layer 2's 1000 columns take 10 column blocks
+ * instead of 4: 21% fewer scalar instructions in the gather). In three runs of bench/bench_kernel.py against the
+ * previous kernel the ReLU heads with C = 1000 gained 1.06-1.32x (layer 2's 1000 columns take 10 column blocks
  * instead of 11); every other shape stayed within the noise. On a quiet spell the kernel runs at 29-31% of the FMA
  * peak on the F = 1280/2048 heads (13-14 executed GMAC/s of 46), as the previous one did; under load both fall to
  * 15-21%.
