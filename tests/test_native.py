@@ -176,6 +176,55 @@ def test_bernoulli_masks_have_the_requested_rate_per_lane():
     assert not any(_headkernel.bernoulli_bits(0.0, 1, 100))
 
 
+def _reference_bernoulli_words(p: float, seed: int, n: int) -> list:
+    """The kernel's mask stream written from its definition (headkernel.h): xoshiro256** seeded by splitmix64;
+    a lane is dropped when its 32-bit uniform, read most significant bit first with bit k of lane t being bit t
+    of the k-th word drawn, is below floor(p * 2^32); words are drawn only while some lane is undecided."""
+    m64 = (1 << 64) - 1
+
+    def rotl(x, k):
+        return ((x << k) | (x >> (64 - k))) & m64
+
+    st, s = seed, []
+    for _ in range(4):
+        st = (st + 0x9E3779B97F4A7C15) & m64
+        z = ((st ^ (st >> 30)) * 0xBF58476D1CE4E5B9) & m64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m64
+        s.append(z ^ (z >> 31))
+
+    def nxt():
+        out = (rotl((s[1] * 5) & m64, 7) * 9) & m64
+        t = (s[1] << 17) & m64
+        s[2] ^= s[0]; s[3] ^= s[1]; s[1] ^= s[2]; s[0] ^= s[3]; s[2] ^= t  # noqa: E702
+        s[3] = rotl(s[3], 45)
+        return out
+
+    thr = min(int(np.floor(p * 2.0 ** 32)), 2 ** 32 - 1)
+    words = []
+    for _ in range(n):
+        undecided, drop = m64, 0
+        for k in range(31, -1, -1):
+            if not undecided or thr & ((1 << (k + 1)) - 1) == 0:
+                break
+            bits = nxt()
+            if (thr >> k) & 1:
+                drop |= undecided & ~bits & m64
+                undecided &= bits
+            else:
+                undecided &= ~bits & m64
+        words.append(drop)
+    return words
+
+
+def test_bernoulli_stream_is_the_documented_one():
+    """Pins the mask stream: a seed gives the same masks in every version, so seeded results stay comparable."""
+    from edge_quq import _headkernel
+
+    for p in (0.2, 0.4, 1 / 3, 0.5, 0.9, 0.75):
+        got = np.frombuffer(_headkernel.bernoulli_bits(p, 11, 300), np.uint64).tolist()
+        assert got == _reference_bernoulli_words(p, 11, 300), p
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
 def test_own_prng_agrees_statistically_with_numpy(activation):
     head = random_head(64, 32, 5, (0.2, 0.4), activation, seed=2)

@@ -25,7 +25,7 @@ enum { EQ_ACT_LINEAR = 0, EQ_ACT_SIGMOID = 1, EQ_ACT_SOFTMAX = 2 };
  *   ys[l][0:n] += sum_{k < cnt[l]} coef[l*ls + k] * W[wrows[pos[l*ls + k]], 0:n]
  * The caller gives each lane the rows it needs (a sample's dropped or kept units with a nonzero coefficient) and
  * the coefficients beside them, in row order. The SIMD variants copy the block into `tile` one column block at a
- * time (aligned and contiguous, so it stays in L1 while every lane walks it; np x 96 floats at most, 64-byte
+ * time (aligned and contiguous, so it stays in L1 while every lane walks it; np x 104 floats at most, 64-byte
  * aligned), and hold a lane's output columns in registers across its rows. Every variant adds the rows in the
  * same order, so variants differ only by FMA-vs-mul+add rounding. ey and each ys[l] must be readable and writable
  * up to n rounded up to 8 floats: the SIMD variants load and store their last output vector whole. */
@@ -58,7 +58,7 @@ void eq_f32_gather__scalar(size_t n, const float *w, size_t ldw, const int32_t *
 void eq_f32_gather__sse2_x48(size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea, float *ey,
                            int nl, const int32_t *pos, const float *coef, const int32_t *cnt, size_t ls,
                            float *const *ys, float *tile);
-void eq_f32_gather__avx2_fma_x96(size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea, float *ey,
+void eq_f32_gather__avx2_fma_x104(size_t n, const float *w, size_t ldw, const int32_t *wrows, int np, const float *ea, float *ey,
                            int nl, const int32_t *pos, const float *coef, const int32_t *cnt, size_t ls,
                            float *const *ys, float *tile);
 #endif
