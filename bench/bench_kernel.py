@@ -91,13 +91,16 @@ def build_baseline(rev: str, tmp: Path):
     src = tmp / "baseline"
     src.mkdir()
     sources = []
-    # analytic.c and simd_math.h exist from the revision that moved the closed form into C on, frame.c and
-    # frame.h from the one that added the per-frame fast paths.
-    for name in ("headkernel.c", "headkernel.h", "headkernel_module.c", "analytic.c", "simd_math.h", "frame.c", "frame.h"):
-        res = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:edge_quq/csrc/{name}"], capture_output=True, text=True)
-        if res.returncode != 0:
+    # every C source and header of the revision: the module's file list grew over time (analytic.c, frame.c,
+    # whitener.c, rowdot.c), and a fixed list broke the baseline build each time. gatekernel.c is its own module.
+    names = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{rev}:edge_quq/csrc"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in names:
+        if not name.endswith((".c", ".h")) or name == "gatekernel.c":
             continue
-        (src / name).write_text(res.stdout)
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:edge_quq/csrc/{name}"], capture_output=True,
+                              text=True, check=True).stdout
+        (src / name).write_text(text)
         if name.endswith(".c"):
             sources.append(str(src / name))
     so = src / ("_headkernel" + sysconfig.get_config_var("EXT_SUFFIX"))
