@@ -221,6 +221,19 @@ def test_exporter_gate_choice_keeps_the_far_ood_catch_then_makes_fewest_wrong_de
     assert {"id_ignored_with_rule", "id_error_kept", "id_wrong_decisions"} <= set(val["chosen"])
 
 
+def test_exporter_validation_holds_generated_glyphs_the_fine_tune_never_saw():
+    """The gate validation's `glyphs` set comes from the outlier-exposure generator with another seed: glyph-like
+    inputs that no far-OOD set of formulas or photographs stands for, and none of them a training outlier."""
+    pytest.importorskip("matplotlib")
+    from edge_quq_export.detectors import ood_validation_sets
+    from edge_quq_export.outlier_exposure import OE_SEED, outlier_pool
+
+    sets = ood_validation_sets(load_bundle(), 0, count=20)
+    assert sets["glyphs"].shape == (20,) + sets["noise"].shape[1:]
+    trained = {img.tobytes() for img in outlier_pool(1000)}
+    assert trained.isdisjoint(img.tobytes() for img in outlier_pool(20, seed=OE_SEED + 1))
+
+
 def _z_case(n: int = 6000, wrong: float = 0.1, seed: int = 5):
     """Two classes where the answer is known: a sample's interval (0.9 and 0.1 ± z·s) stays clear of the
     0.5 threshold, and the rule keeps it, exactly while z < 0.4 / s. Right samples have s = 0.1 (kept over
