@@ -716,10 +716,10 @@ def _encode(key: str, v: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
     if v.dtype == np.int8:
         return {key: v}  # quantised at fit (an int8 whitener, scaled by its own arrays) or held as stored (its .scale)
     v = np.asarray(v, np.float64)
-    if dtype == "int8" and v.size > 1:
+    if dtype == "int8" and not key.endswith(".scale"):  # a held int8 bank's scale (_INT8_KEPT) is not requantised
         scale = max(float(np.max(np.abs(v))), 1e-30) / 127.0
         return {key: np.round(v / scale).astype(np.int8), f"{key}.scale": np.array([scale], np.float64)}
-    # scalars (alpha, clip, a held int8 bank's scale) stay float64: they cost nothing and set thresholds' units
+    # scalars (alpha, clip) stay float64: they cost nothing and set thresholds' units
     return {key: v.astype(np.float64 if v.size == 1 else np.dtype(dtype))}
 
 
