@@ -534,18 +534,23 @@ done:
     return result;
 }
 
-static PyObject *py_q8_isas(PyObject *self, PyObject *unused) {
-    (void)self; (void)unused;
+/* The names isa(0), isa(1), ... up to the first NULL, as a tuple of str. */
+static PyObject *isa_names(const char *(*isa)(int)) {
     int n = 0;
-    while (eq_q8_isa(n)) ++n;
+    while (isa(n)) ++n;
     PyObject *t = PyTuple_New(n);
     if (!t) return NULL;
     for (int i = 0; i < n; ++i) {
-        PyObject *s = PyUnicode_FromString(eq_q8_isa(i));
+        PyObject *s = PyUnicode_FromString(isa(i));
         if (!s) { Py_DECREF(t); return NULL; }
         PyTuple_SET_ITEM(t, i, s);
     }
     return t;
+}
+
+static PyObject *py_q8_isas(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return isa_names(eq_q8_isa);
 }
 
 /* rows x float32 [N, F] of a 2-D buffer: N, F; -1 with an error set otherwise */
@@ -556,6 +561,16 @@ static int rows_2d(const buf_t *b, const char *name, Py_ssize_t *N, Py_ssize_t *
     }
     *N = b->view.shape[0];
     *F = b->view.shape[1];
+    return 0;
+}
+
+/* The optional output of N values of type fmt: required for more than one row; -1 with an error set otherwise. */
+static int rowdot_out(PyObject *oout, buf_t *bo, Py_ssize_t N, char fmt) {
+    if (buf_typed(oout, bo, N, fmt, 1, oout == Py_None, "out")) return -1;
+    if (oout == Py_None && N != 1) {
+        PyErr_SetString(PyExc_ValueError, "out is required for more than one row");
+        return -1;
+    }
     return 0;
 }
 
@@ -585,10 +600,7 @@ static PyObject *py_knn_kth(PyObject *self, PyObject *args) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bank must be int8 or float32 [B, F], F as x");
         goto done;
     }
-    if (buf_typed(oout, &bo, N, 'f', 1, oout == Py_None, "out") || (oout == Py_None && N != 1)) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "out is required for more than one row");
-        goto done;
-    }
+    if (rowdot_out(oout, &bo, N, 'f')) goto done;
     float one = 0.0f;
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -618,10 +630,7 @@ static PyObject *py_vim_resid(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "nsT must be float32 [D, F], F as x");
         goto done;
     }
-    if (buf_typed(oout, &bo, N, 'd', 1, oout == Py_None, "out") || (oout == Py_None && N != 1)) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "out is required for more than one row");
-        goto done;
-    }
+    if (rowdot_out(oout, &bo, N, 'd')) goto done;
     double one = 0.0;
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -636,16 +645,7 @@ done:
 
 static PyObject *py_dots_isas(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
-    int n = 0;
-    while (eq_dots_isa(n)) ++n;
-    PyObject *t = PyTuple_New(n);
-    if (!t) return NULL;
-    for (int i = 0; i < n; ++i) {
-        PyObject *s = PyUnicode_FromString(eq_dots_isa(i));
-        if (!s) { Py_DECREF(t); return NULL; }
-        PyTuple_SET_ITEM(t, i, s);
-    }
-    return t;
+    return isa_names(eq_dots_isa);
 }
 
 #define MOMENTS_DOC                                                                                              \

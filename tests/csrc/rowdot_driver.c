@@ -70,23 +70,15 @@ static int vim_case(FILE *f, int c) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 2) {
-        fprintf(stderr, "usage: %s CASES_FILE\n", argv[0]);
-        return 2;
-    }
-    FILE *f = fopen(argv[1], "rb");
-    if (!f) return 2;
-    int32_t *count = read_n(f, 4);
+    int32_t count;
+    FILE *f = open_cases(argc, argv, &count);
     int failures = 0;
-    for (int c = 0; c < *count; ++c) {
+    for (int c = 0; c < count; ++c) {
         int32_t *kind = read_n(f, 4);
         failures += *kind == 0 ? knn_case(f, c) : vim_case(f, c);
         free(kind);
     }
-    printf("variants=");
-    for (int v = 0; eq_dots_isa(v); ++v) printf("%s%s", v ? "," : "", eq_dots_isa(v));
-    printf(" cases=%d failures=%d\n", *count, failures);
-    free(count);
+    print_summary(eq_dots_isa, count, failures);
     fclose(f);
     return failures ? 1 : 0;
 }
