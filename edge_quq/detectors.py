@@ -527,7 +527,7 @@ def _row_score(name: str) -> Callable[..., float]:
 class FittedDetector:
     name: str
     config: Dict[str, Any]
-    arrays: Dict[str, np.ndarray]  # in memory as loaded (float32 arrays, float64 scalars, int8 whiteners); stored dtype in `dtype`
+    arrays: Dict[str, np.ndarray]  # in memory as loaded (float32 arrays, float64 scalars, int8 whiteners, an int8 kNN bank with its bank.scale); stored dtype in `dtype`
     threshold: Optional[float] = None
     tpr: Optional[float] = None
     dtype: str = "float32"
@@ -725,8 +725,9 @@ def _encode(key: str, v: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
 
 def _decode(arrays: Mapping[str, np.ndarray], key: str, where: str = "detectors") -> np.ndarray:
     """Stored array -> the in-memory form the scores use: float32 for arrays (half the memory of float64 on
-    the board; the KNN bank is the big one), float64 for scalars. A stored array that is not a real number
-    array, or an int8 one without its one finite scale, is refused with one line."""
+    the board), float64 for scalars, an int8 kNN bank as stored (_INT8_KEPT: a quarter of float32's memory). A
+    stored array that is not a real number array, or an int8 one without its one finite scale (> 0 for a bank),
+    is refused with one line."""
     v = np.asarray(arrays[key])
     if v.dtype.kind not in "fi":
         raise BundleError(f"{where}: {key} has dtype {v.dtype}, not a number array")
