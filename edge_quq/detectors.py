@@ -337,7 +337,9 @@ def _knn_bank(a: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, float]:
     """(the bank as held, its scale): int8 [B, F] with its "bank.scale" when stored int8 (_INT8_KEPT), else
     float32 [B, F] with 1.0."""
     b = a["bank"]
-    return (b, float(a["bank.scale"][0])) if b.dtype == np.int8 else (np.asarray(b, np.float32), 1.0)
+    if b.dtype == np.int8:
+        return np.ascontiguousarray(b), float(a["bank.scale"][0])
+    return np.ascontiguousarray(b, np.float32), 1.0  # no copy for a loaded bank (the kernel takes C order)
 
 
 def _dequantized_bank(a: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -218,3 +218,13 @@ def test_without_the_kernels_an_int8_bank_is_dequantised_once(monkeypatch):
     a = knn._scoring_arrays()
     assert a["bank"].dtype == np.float32 and knn._scoring_arrays()["bank"] is a["bank"]
     assert np.array_equal(a["bank"], knn.arrays["bank"].astype(np.float32) * np.float32(knn.arrays["bank.scale"][0]))
+
+
+def test_a_bank_in_any_layout_scores_alike():
+    from edge_quq.detectors import _score_knn
+
+    x, bank, scale = knn_case(2, 3, 24, 40, False)
+    want = _score_knn({"bank": bank}, {"k": 5}, x, None)
+    for b in (np.asfortranarray(bank), bank.astype(np.float64), bank.astype(np.float16).astype(np.float32)[::1]):
+        assert np.allclose(_score_knn({"bank": b}, {"k": 5}, x, None), want, rtol=0, atol=1e-3)
+    assert np.array_equal(_score_knn({"bank": np.asfortranarray(bank)}, {"k": 5}, x, None), want)
