@@ -14,8 +14,8 @@ setup(
         Extension(
             "edge_quq._headkernel",
             sources=["edge_quq/csrc/headkernel.c", "edge_quq/csrc/analytic.c", "edge_quq/csrc/frame.c", "edge_quq/csrc/whitener.c",
-                     "edge_quq/csrc/headkernel_module.c"],
-            depends=["edge_quq/csrc/headkernel.h", "edge_quq/csrc/frame.h", "edge_quq/csrc/whitener.h", "edge_quq/csrc/simd_math.h", "edge_quq/csrc/pybuf.h"],
+                     "edge_quq/csrc/rowdot.c", "edge_quq/csrc/headkernel_module.c"],
+            depends=["edge_quq/csrc/headkernel.h", "edge_quq/csrc/frame.h", "edge_quq/csrc/whitener.h", "edge_quq/csrc/rowdot.h", "edge_quq/csrc/simd_math.h", "edge_quq/csrc/pybuf.h"],
             extra_compile_args=extra,
             optional=True,
         ),

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 
 from edge_quq.bundle import MANIFEST_NAME, Bundle, load_bundle, manifest_text, sha256_file
-from edge_quq.detectors import FILE_VERSION, DetectorSet
+from edge_quq.detectors import _WHITENERS as WHITENERS, FILE_VERSION, DetectorSet
 from edge_quq.errors import BundleError
 from edge_quq.gradients import CLASS_WEIGHTINGS
 from edge_quq.head import read_npz
@@ -99,7 +99,7 @@ def check_arrays(dset: DetectorSet, feature_size: int, num_classes: int, where: 
     sizes = {"F": feature_size, "C": num_classes}
     for name, det in dset.detectors.items():
         shapes = dict(ARRAY_SHAPES.get(name, {}))
-        for key in [k for k in shapes if det.arrays.get(k) is not None and det.arrays[k].dtype == np.int8]:
+        for key in [k for k in shapes if k in WHITENERS and det.arrays.get(k) is not None and det.arrays[k].dtype == np.int8]:
             shapes.update({key + part: shape for part, shape in INT8_WHITENER_PARTS.items()})
         for key, shape in shapes.items():
             a = det.arrays.get(key)

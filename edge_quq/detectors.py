@@ -29,6 +29,7 @@ float32 otherwise) plus a JSON meta record, written by the caller as an npz with
 from __future__ import annotations
 
 import json
+import math
 import operator
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -134,6 +135,9 @@ def _fit_mahalanobis(feats, labels, head, rng, ridge: float = 1e-6) -> Dict[str,
 INT8_WHITENER_MIN_FEATURES = 512
 # the int8 form of a whitener "k": k int8 [F, F] (diagonal zero), k_scale float32 [F], k_diag float32 [F]
 _WHITENERS = ("whitener", "whitener0")
+# Stored int8 arrays held int8 in memory with their one scale (key + ".scale", float64 [1]) rather than dequantised:
+# the kNN bank, which the native kernel reads as it is (framekernels.knn_kth).
+_INT8_KEPT = frozenset({"bank"})
 
 
 def quantize_whitener(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -329,13 +333,53 @@ def _fit_knn(feats, labels, head, rng, k: int = 10, bank_size: int = 2048) -> Di
     return {"bank": l2_normalise(feats[idx])}
 
 
+def _knn_bank(a: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, float]:
+    """(the bank as held, its scale): int8 [B, F] with its "bank.scale" when stored int8 (_INT8_KEPT), else
+    float32 [B, F] with 1.0."""
+    b = a["bank"]
+    if b.dtype == np.int8:
+        return np.ascontiguousarray(b), float(a["bank.scale"][0])
+    return np.ascontiguousarray(b, np.float32), 1.0  # no copy for a loaded bank (the kernel takes C order)
+
+
+def _dequantized_bank(a: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The bank as float32 [B, F]: an int8 one times its scale, as a float32 bank was decoded before int8 stayed."""
+    b, scale = _knn_bank(a)
+    return b.astype(np.float32) * np.float32(scale) if b.dtype == np.int8 else b
+
+
+def _prepare_knn(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """kNN's scoring arrays, made once per detector: as held for the native kernel, which reads an int8 bank as
+    it is (a quarter of float32's bytes per frame); without it the bank dequantised, once."""
+    if _native.dots_available() or a["bank"].dtype != np.int8:
+        return dict(a)
+    return {"bank": _dequantized_bank(a)}
+
+
+def _knn_kth_numpy(feats: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+    """float32 [N]: the k-th largest cosine similarity of rows feats [N, F] to the float32 unit rows bank [B, F]
+    (1 <= k <= B): the definition, and the native kernel's reference."""
+    sims = l2_normalise(feats).astype(np.float32) @ bank.T  # float32 matmul: the bank is the big array
+    return -np.partition(-sims, k - 1, axis=1)[:, k - 1]
+
+
 def _score_knn(a, cfg, feats, head, logits=None) -> np.ndarray:
-    k = int(cfg["k"])
-    bank = np.asarray(a["bank"], np.float32)  # float32 matmul (no copy): the bank is the only big array
-    sims = l2_normalise(feats).astype(np.float32) @ bank.T
-    kk = min(k, bank.shape[0])
-    kth = -np.partition(-sims, kk - 1, axis=1)[:, kk - 1]  # k-th largest cosine similarity
+    bank, scale = _knn_bank(a)
+    k = min(int(cfg["k"]), bank.shape[0])
+    if _native.dots_available():
+        kth = _native.knn_kth(feats, bank, scale, k)
+    else:
+        kth = _knn_kth_numpy(feats, _dequantized_bank(a), k)
     return np.sqrt(np.maximum(2.0 - 2.0 * kth.astype(np.float64), 0.0))
+
+
+def _knn_row(a, cfg, feats, head, logits=None) -> float:
+    """_score_knn of one row feats float32 [1, F] as a float: the native kernel's one-row mode when it takes it."""
+    bank, scale = _knn_bank(a)
+    kth = _native.knn_kth_row(feats, bank, scale, min(int(cfg["k"]), bank.shape[0])) if _native.dots_available() else None
+    if kth is None:
+        return _score_knn(a, cfg, feats, head).item(0)
+    return math.sqrt(max(2.0 - 2.0 * kth, 0.0))
 
 
 def vim_origin(head: HeadWeights) -> np.ndarray:
@@ -361,20 +405,39 @@ def _fit_vim(feats, labels, head, rng, dim: Optional[int] = None) -> Dict[str, n
 
 
 def _prepare_vim(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """ViM's scoring arrays, made once per detector: the origin as a float64 [1, F] row (a frame's one row is then
-    subtracted without a broadcast, which cost numpy more than the subtraction), the null space as float64 up to
-    _F64_CACHE_ELEMENTS (its product is float64 math), the rest as stored. The same values either way."""
+    """ViM's scoring arrays, made once per detector. For the native kernel: the origin as float32 [F] and the null
+    space transposed, float32 [D, F] ("ns_t": its rows are the kernel's dot products), no float64 copy (6.5 MiB at
+    F = 1280, read every frame). For numpy: the origin as a float64 [1, F] row (a frame's one row is then subtracted
+    without a broadcast, which cost numpy more than the subtraction), the null space as float64 up to
+    _F64_CACHE_ELEMENTS (its product is float64 math). The same stored values either way."""
     ns = a["null_space"]
+    if _native.dots_available():
+        return {**a, "origin": np.ascontiguousarray(a["origin"], np.float32).reshape(-1),
+                "ns_t": np.ascontiguousarray(np.asarray(ns, np.float32).T)}
     return {**a, "origin": np.asarray(a["origin"], np.float64).reshape(1, -1),
             "null_space": np.asarray(ns, np.float64) if ns.size <= _F64_CACHE_ELEMENTS else ns}
 
 
-def _score_vim(a, cfg, feats, head, logits=None) -> np.ndarray:
+def _vim_resid_numpy(a: Mapping[str, np.ndarray], feats: np.ndarray) -> np.ndarray:
+    """float64 [N]: |(feats - origin) @ null_space| in float64, the definition, and the native kernel's reference."""
     x = np.asarray(feats, np.float64) - a["origin"]
     r = x @ a["null_space"]  # float64 x: a float32 null space (F > 2048, not cached as float64) is widened exactly
     # np.linalg.norm(r, axis=1)'s own arithmetic for real rows, without its Python wrapper (a third of the score)
-    resid = np.sqrt(np.add.reduce(r * r, axis=1))
+    return np.sqrt(np.add.reduce(r * r, axis=1))
+
+
+def _score_vim(a, cfg, feats, head, logits=None) -> np.ndarray:
+    resid = _native.vim_resid(feats, a["origin"], a["ns_t"]) if "ns_t" in a else _vim_resid_numpy(a, feats)
     return a["alpha"].item(0) * resid + energy(eval_logits(head, feats) if logits is None else logits, head.activation)
+
+
+def _vim_row(a, cfg, feats, head, logits=None) -> float:
+    """_score_vim of one row feats float32 [1, F] as a float: the native kernel's one-row mode when it takes it."""
+    resid = _native.vim_resid_row(feats, a["origin"], a["ns_t"]) if "ns_t" in a else None
+    if resid is None:
+        return _score_vim(a, cfg, feats, head, logits).item(0)
+    lg = eval_logits(head, feats) if logits is None else logits
+    return a["alpha"].item(0) * resid + energy(lg, head.activation).item(0)
 
 
 def _score_gradient(a, cfg, feats, head, logits=None) -> np.ndarray:
@@ -401,10 +464,13 @@ def gradient_reusable(cfg: Mapping[str, Any], settings: Optional[GradientSetting
 _USES_LOGITS = frozenset(("maxlogit", "energy", "vim"))
 # scored together from rel_mahalanobis's one projection when they share the class whitener (_mahalanobis_shared)
 _MAHALANOBIS_PAIR = ("mahalanobis", "rel_mahalanobis")
-# The Mahalanobis family scores in float32 from arrays prepared once per detector (_prepare_mahalanobis), ViM
-# from its float64 ones (_prepare_vim).
+# The Mahalanobis family scores in float32 from arrays prepared once per detector (_prepare_mahalanobis), kNN and
+# ViM from theirs (_prepare_knn, _prepare_vim: the native kernels' layouts, or numpy's).
 _PREPARED: Dict[str, Callable[[Mapping[str, np.ndarray]], Dict[str, np.ndarray]]] = {
-    "mahalanobis": _prepare_mahalanobis, "rel_mahalanobis": _prepare_mahalanobis, "vim": _prepare_vim}
+    "mahalanobis": _prepare_mahalanobis, "rel_mahalanobis": _prepare_mahalanobis, "knn": _prepare_knn,
+    "vim": _prepare_vim}
+# One frame's score as a float, without the arrays of the batched score functions (the row scorer's path).
+_ROW: Dict[str, Callable[..., float]] = {"knn": _knn_row, "vim": _vim_row}
 # The other float32 detector arrays up to this many elements (ViM's origin and null space) are also kept as
 # float64 for scoring: their scores are float64 math, and converting the arrays on every frame cost more than
 # the matmuls. Beyond this size (F > 2048) they are converted per call.
@@ -448,13 +514,22 @@ def parse_names(text: str) -> List[str]:
     return list(dict.fromkeys(names))
 
 
+def _row_score(name: str) -> Callable[..., float]:
+    """Detector `name`'s score of one row as a float: its own row path (_ROW), or its batched score's one item."""
+    row = _ROW.get(name)
+    if row is not None:
+        return row
+    fn = _IMPL[name][1]
+    return lambda a, cfg, feats, head, logits: fn(a, cfg, feats, head, logits).item(0)
+
+
 # --- a fitted set --------------------------------------------------------------------------------------------
 
 @dataclass
 class FittedDetector:
     name: str
     config: Dict[str, Any]
-    arrays: Dict[str, np.ndarray]  # in memory as loaded (float32 arrays, float64 scalars, int8 whiteners); stored dtype in `dtype`
+    arrays: Dict[str, np.ndarray]  # in memory as loaded (float32 arrays, float64 scalars, int8 whiteners, an int8 kNN bank with its bank.scale); stored dtype in `dtype`
     threshold: Optional[float] = None
     tpr: Optional[float] = None
     dtype: str = "float32"
@@ -478,8 +553,8 @@ class FittedDetector:
             return hit[1]
         out = {}
         for k, v in self.arrays.items():
-            if v.dtype != np.float32 or v.size > _F64_CACHE_ELEMENTS or (self.name == "knn" and k == "bank"):
-                out[k] = v  # the KNN bank is scored in float32 anyway
+            if v.dtype != np.float32 or v.size > _F64_CACHE_ELEMENTS:
+                out[k] = v
                 continue
             hit = self._f64.get(k)
             if hit is None or hit[0] is not v:
@@ -540,7 +615,7 @@ class DetectorSet:
         with_logits = not _USES_LOGITS.isdisjoint(names)
         pair = _MAHALANOBIS_PAIR if self._mahalanobis_shared() else ()
         shared = self.detectors[pair[1]]._scoring_arrays() if pair else None
-        rest = tuple((n, _IMPL[n][1], d._scoring_arrays(), d.config) for n, d in self.detectors.items() if n not in pair)
+        rest = tuple((n, _row_score(n), d._scoring_arrays(), d.config) for n, d in self.detectors.items() if n not in pair)
         in_order = names == pair + tuple(r[0] for r in rest)  # `out` below is then in score_all's order already
 
         def score(feats: np.ndarray) -> Dict[str, float]:
@@ -549,7 +624,7 @@ class DetectorSet:
             if pair:
                 out[pair[0]], out[pair[1]] = _mahalanobis_row(shared, feats)
             for n, fn, a, cfg in rest:
-                out[n] = fn(a, cfg, feats, head, logits).item(0)
+                out[n] = fn(a, cfg, feats, head, logits)
             return out if in_order else {n: out[n] for n in names}
 
         return score
@@ -621,19 +696,16 @@ class DetectorSet:
                     raise BundleError(f"{where}: detector {n!r}: {key} must be a finite number or null, got {v!r}")
             if dtype not in ("int8", "float16", "float32"):
                 raise BundleError(f"{where}: detector {n!r}: dtype {dtype!r} is not one of int8, float16, float32")
-            prefix = f"{n}/"
-            arrs = {}
-            for k in arrays:
-                if k.startswith(prefix) and not k.endswith(".scale"):
-                    arrs[k[len(prefix):]] = _decode(arrays, k, where)
+            arrs = _decode_detector(arrays, f"{n}/", where)
             dets[n] = FittedDetector(n, dict(d.get("config", {})), arrs, None if thr is None else float(thr), tpr, dtype)
         meta = {k: v for k, v in meta.items() if k != "detectors"}
         return cls(dets, meta)
 
 
 def _prequantized(arrs: Mapping[str, np.ndarray]) -> bool:
-    """True for arrays quantised at fit (int8 whiteners with their scales), not by the storage dtype."""
-    return any(v.dtype == np.int8 for v in arrs.values())
+    """True for arrays quantised at fit (int8 whiteners with their scales), not by the storage dtype (an int8 kNN
+    bank held as stored, _INT8_KEPT, is the storage dtype's)."""
+    return any(k in _WHITENERS and v.dtype == np.int8 for k, v in arrs.items())
 
 
 def _float_storage(arrs: Mapping[str, np.ndarray], dtype: str) -> str:
@@ -644,9 +716,9 @@ def _float_storage(arrs: Mapping[str, np.ndarray], dtype: str) -> str:
 
 def _encode(key: str, v: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
     if v.dtype == np.int8:
-        return {key: v}  # quantised at fit: an int8 whitener, scaled by its own arrays
+        return {key: v}  # quantised at fit (an int8 whitener, scaled by its own arrays) or held as stored (its .scale)
     v = np.asarray(v, np.float64)
-    if dtype == "int8":
+    if dtype == "int8" and not key.endswith(".scale"):  # a held int8 bank's scale (_INT8_KEPT) is not requantised
         scale = max(float(np.max(np.abs(v))), 1e-30) / 127.0
         return {key: np.round(v / scale).astype(np.int8), f"{key}.scale": np.array([scale], np.float64)}
     # scalars (alpha, clip) stay float64: they cost nothing and set thresholds' units
@@ -655,8 +727,9 @@ def _encode(key: str, v: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
 
 def _decode(arrays: Mapping[str, np.ndarray], key: str, where: str = "detectors") -> np.ndarray:
     """Stored array -> the in-memory form the scores use: float32 for arrays (half the memory of float64 on
-    the board; the KNN bank is the big one), float64 for scalars. A stored array that is not a real number
-    array, or an int8 one without its one finite scale, is refused with one line."""
+    the board), float64 for scalars, an int8 kNN bank as stored (_INT8_KEPT: a quarter of float32's memory). A
+    stored array that is not a real number array, or an int8 one without its one finite scale (> 0 for a bank),
+    is refused with one line."""
     v = np.asarray(arrays[key])
     if v.dtype.kind not in "fi":
         raise BundleError(f"{where}: {key} has dtype {v.dtype}, not a number array")
@@ -666,9 +739,25 @@ def _decode(arrays: Mapping[str, np.ndarray], key: str, where: str = "detectors"
         scale = np.asarray(arrays.get(f"{key}.scale", np.zeros(0)))
         if scale.dtype.kind != "f" or scale.size != 1 or not np.isfinite(scale).all():
             raise BundleError(f"{where}: {key} is int8 but {key}.scale is not one finite number")
+        if key.rsplit("/", 1)[-1] in _INT8_KEPT:
+            if not scale.reshape(-1)[0] > 0:  # the kernel keeps the k largest of the unscaled products
+                raise BundleError(f"{where}: {key} is int8 but {key}.scale is not > 0")
+            return np.ascontiguousarray(v)  # held as stored, with its scale (_decode_detector)
         v = v.astype(np.float32) * np.float32(scale.reshape(-1)[0])
     with np.errstate(over="ignore", invalid="ignore"):
         return np.ascontiguousarray(v, np.float64 if v.size == 1 else np.float32)
+
+
+def _decode_detector(arrays: Mapping[str, np.ndarray], prefix: str, where: str = "detectors") -> Dict[str, np.ndarray]:
+    """One detector's arrays in memory from the stored ones named prefix + key: each _decode'd, and the scale of
+    one held int8 ("bank.scale" beside an int8 "bank") as float64 [1]: it is stored under that name too."""
+    out: Dict[str, np.ndarray] = {}
+    for k in arrays:
+        if k.startswith(prefix) and not k.endswith(".scale"):
+            v = out[k[len(prefix):]] = _decode(arrays, k, where)
+            if v.dtype == np.int8 and k.rsplit("/", 1)[-1] in _INT8_KEPT:
+                out[k[len(prefix):] + ".scale"] = np.asarray(arrays[f"{k}.scale"], np.float64).reshape(1)
+    return out
 
 
 def _roundtrip(arrs: Dict[str, np.ndarray], dtype: str) -> Dict[str, np.ndarray]:
@@ -676,7 +765,7 @@ def _roundtrip(arrs: Dict[str, np.ndarray], dtype: str) -> Dict[str, np.ndarray]
     enc: Dict[str, np.ndarray] = {}
     for k, v in arrs.items():
         enc.update(_encode(k, v, _float_storage(arrs, dtype)))
-    return {k: _decode(enc, k) for k in arrs}
+    return _decode_detector(enc, "")
 
 
 def fit_threshold(id_scores: np.ndarray, tpr: float) -> float:

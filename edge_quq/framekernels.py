@@ -10,6 +10,10 @@ Every kernel has a batched numpy reference that stays the definition of its math
     mahalanobis        edge_quq.detectors._mahalanobis_numpy      MAHALANOBIS_RTOL (mahalanobis_row: its one-row mode)
     project_q8         edge_quq.detectors._project_q8_numpy       Q8_RTOL (every variant of q8_isas(): tests/test_whitener.py,
                                                                    NEON under qemu: tests/test_whitener_aarch64.py)
+    knn_kth            edge_quq.detectors._knn_kth_numpy          DOT_RTOL (every variant of dots_isas(), int8 and float32
+                                                                   banks: tests/test_knn_vim_kernels.py, NEON under qemu:
+                                                                   tests/test_knn_vim_aarch64.py; knn_kth_row: one row)
+    vim_resid          edge_quq.detectors._vim_resid_numpy        DOT_RTOL (as knn_kth; vim_resid_row: one row)
 
 The owners (scores.compute_scores, decision.decide and decide_many, the detectors' Mahalanobis family) call the
 kernel when `available()`, the reference otherwise: an install without a C compiler runs the references only.
@@ -22,6 +26,11 @@ another summation order: they agree to MAHALANOBIS_RTOL of the row's scale |zc|^
 rel_mahalanobis), the terms whose float32 rounding the distance inherits. The int8 whitener product (whitener.c)
 multiplies the same float32 terms as its reference, x @ the dequantised matrix, up to the rounding of x_i * scale_i
 and in another order: each projected coordinate z_k agrees to Q8_RTOL of sum_i |x_i W_ik|.
+knn_kth and vim_resid (rowdot.c) are float32 dot products like their references' BLAS matmuls, in another order
+(and, for an int8 bank, with the scale applied after the sum instead of to each entry): each dot product agrees to
+DOT_RTOL of sum_j |x_j W_j|. The k-th largest of values each moved by at most e moves by at most e, so the kNN's
+k-th similarity agrees to DOT_RTOL of max_b sum_j |xhat_j bank_bj| (<= DOT_RTOL for unit rows); ViM's residual
+norm, a norm of D such products, to DOT_RTOL of the norm of their bounds, | |x - origin| @ |null_space| |.
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ except ImportError:  # built without a C compiler: the numpy references remain
 SCORE_RTOL = 1e-12
 MAHALANOBIS_RTOL = 1e-5
 Q8_RTOL = 1e-5
+DOT_RTOL = 1e-5
 # activation name -> the kernel's code; any other name scores like "linear" (binary entropy, no energy), as
 # the reference does
 _ACTIVATION_CODES = {"sigmoid": 1, "softmax": 2}
@@ -179,3 +189,52 @@ def project_q8(x: np.ndarray, m: Q8Matrix, isa: Optional[str] = None) -> np.ndar
     if xx.shape[0]:
         _kernel.project_q8(xx, m.q, m.off, m.scale, m.diag, m.S, z, isa)
     return z
+
+
+def dots_available() -> bool:
+    """True when the extension has the kNN and ViM kernels (knn_kth, vim_resid)."""
+    return _DOTS_AVAILABLE
+
+
+_DOTS_AVAILABLE = _kernel is not None and hasattr(_kernel, "knn_kth")
+
+
+def dots_isas() -> Tuple[str, ...]:
+    """The variants of knn_kth and vim_resid usable on this CPU, best first (project_q8's); "scalar" last."""
+    return tuple(_kernel.dots_isas())
+
+
+def knn_kth(x: np.ndarray, bank: np.ndarray, scale: float, k: int, isa: Optional[str] = None) -> np.ndarray:
+    """float32 [N]: the k-th largest cosine similarity of rows x [N, F] to the bank rows, int8 [B, F] times `scale`
+    (> 0) or float32 [B, F] (scale 1); 1 <= k <= B (detectors._knn_kth_numpy), by the variant `isa` (None: the best)."""
+    xx = np.ascontiguousarray(x, np.float32)
+    out = np.empty(xx.shape[0], np.float32)
+    if xx.shape[0]:
+        _kernel.knn_kth(xx, bank, scale, k, out, isa)
+    return out
+
+
+def knn_kth_row(x: np.ndarray, bank: np.ndarray, scale: float, k: int) -> Optional[float]:
+    """knn_kth of one row x (float32, C-contiguous [1, F]) as a float; None for inputs of other types or layouts."""
+    try:
+        return _kernel.knn_kth(x, bank, scale, k)
+    except _REFUSED:
+        return None
+
+
+def vim_resid(x: np.ndarray, origin: np.ndarray, ns_t: np.ndarray, isa: Optional[str] = None) -> np.ndarray:
+    """float64 [N]: |(x - origin) @ ns_t.T| of rows x [N, F], origin float32 [F] and the null space transposed,
+    float32 C-contiguous [D, F] (detectors._vim_resid_numpy), by the variant `isa` (None: the best)."""
+    xx = np.ascontiguousarray(x, np.float32)
+    out = np.empty(xx.shape[0])
+    if xx.shape[0]:
+        _kernel.vim_resid(xx, origin, ns_t, out, isa)
+    return out
+
+
+def vim_resid_row(x: np.ndarray, origin: np.ndarray, ns_t: np.ndarray) -> Optional[float]:
+    """vim_resid of one row x (float32, C-contiguous [1, F]) as a float; None for inputs of other types or layouts."""
+    try:
+        return _kernel.vim_resid(x, origin, ns_t)
+    except _REFUSED:
+        return None

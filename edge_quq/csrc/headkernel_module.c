@@ -11,6 +11,7 @@
 #include "frame.h"
 #include "headkernel.h"
 #include "pybuf.h"
+#include "rowdot.h"
 #include "whitener.h"
 
 /* Borrow obj's C-contiguous buffer with `flags` on top: 1 when held, 0 for None if `optional`, -1 on error. */
@@ -533,18 +534,118 @@ done:
     return result;
 }
 
-static PyObject *py_q8_isas(PyObject *self, PyObject *unused) {
-    (void)self; (void)unused;
+/* The names isa(0), isa(1), ... up to the first NULL, as a tuple of str. */
+static PyObject *isa_names(const char *(*isa)(int)) {
     int n = 0;
-    while (eq_q8_isa(n)) ++n;
+    while (isa(n)) ++n;
     PyObject *t = PyTuple_New(n);
     if (!t) return NULL;
     for (int i = 0; i < n; ++i) {
-        PyObject *s = PyUnicode_FromString(eq_q8_isa(i));
+        PyObject *s = PyUnicode_FromString(isa(i));
         if (!s) { Py_DECREF(t); return NULL; }
         PyTuple_SET_ITEM(t, i, s);
     }
     return t;
+}
+
+static PyObject *py_q8_isas(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return isa_names(eq_q8_isa);
+}
+
+/* rows x float32 [N, F] of a 2-D buffer: N, F; -1 with an error set otherwise */
+static int rows_2d(const buf_t *b, const char *name, Py_ssize_t *N, Py_ssize_t *F) {
+    if (b->view.ndim != 2 || b->view.shape[1] < 1) {
+        PyErr_Format(PyExc_ValueError, "%s must be 2-D [rows, F >= 1]", name);
+        return -1;
+    }
+    *N = b->view.shape[0];
+    *F = b->view.shape[1];
+    return 0;
+}
+
+/* The optional output of N values of type fmt: required for more than one row; -1 with an error set otherwise. */
+static int rowdot_out(PyObject *oout, buf_t *bo, Py_ssize_t N, char fmt) {
+    if (buf_typed(oout, bo, N, fmt, 1, oout == Py_None, "out")) return -1;
+    if (oout == Py_None && N != 1) {
+        PyErr_SetString(PyExc_ValueError, "out is required for more than one row");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *rowdot_result(int rc, PyObject *oisa, int one, double v) {
+    if (rc == -2) return PyErr_Format(PyExc_ValueError, "unknown or unsupported isa %R, or k outside 1..B", oisa);
+    if (rc != 0) return PyErr_NoMemory();
+    return one ? PyFloat_FromDouble(v) : py_none();
+}
+
+/* The kNN detector's k-th similarity (rowdot.h): knn_kth(x, bank, scale, k, out=None, isa=None). */
+static PyObject *py_knn_kth(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ox, *obank, *oout = Py_None, *oisa = Py_None;
+    double scale;
+    Py_ssize_t k;
+    if (!PyArg_ParseTuple(args, "OOdn|OO", &ox, &obank, &scale, &k, &oout, &oisa)) return NULL;
+    const char *isa = NULL;
+    if (oisa != Py_None && !(isa = PyUnicode_AsUTF8(oisa))) return NULL;
+    buf_t bx = {0}, bb = {0}, bo = {0};
+    PyObject *result = NULL;
+    Py_ssize_t N, F;
+    if (buf_typed(ox, &bx, -1, 'f', 0, 0, "x") || rows_2d(&bx, "x", &N, &F) ||
+        buf_open(obank, &bb, PyBUF_FORMAT, 0, "bank") < 0)
+        goto done;
+    const char bf = buf_format(&bb);
+    if ((bf != 'b' && bf != 'f') || buf_check_typed(&bb, -1, bf, "bank") || bb.view.ndim != 2 || bb.view.shape[1] != F) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bank must be int8 or float32 [B, F], F as x");
+        goto done;
+    }
+    if (rowdot_out(oout, &bo, N, 'f')) goto done;
+    float one = 0.0f;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = eq_knn_kth(N, F, bb.view.shape[0], k, (const float *)bx.view.buf, bb.view.buf, bf == 'b', (float)scale,
+                    bo.held ? (float *)bo.view.buf : &one, isa);
+    Py_END_ALLOW_THREADS
+    result = rowdot_result(rc, oisa, !bo.held, one);
+done:
+    buf_release(&bx); buf_release(&bb); buf_release(&bo);
+    return result;
+}
+
+/* ViM's residual norm (rowdot.h): vim_resid(x, origin, nsT, out=None, isa=None). */
+static PyObject *py_vim_resid(PyObject *self, PyObject *args) {
+    (void)self;
+    PyObject *ox, *oorigin, *ons, *oout = Py_None, *oisa = Py_None;
+    if (!PyArg_ParseTuple(args, "OOO|OO", &ox, &oorigin, &ons, &oout, &oisa)) return NULL;
+    const char *isa = NULL;
+    if (oisa != Py_None && !(isa = PyUnicode_AsUTF8(oisa))) return NULL;
+    buf_t bx = {0}, borg = {0}, bns = {0}, bo = {0};
+    PyObject *result = NULL;
+    Py_ssize_t N, F;
+    if (buf_typed(ox, &bx, -1, 'f', 0, 0, "x") || rows_2d(&bx, "x", &N, &F) ||
+        buf_typed(oorigin, &borg, F, 'f', 0, 0, "origin") || buf_typed(ons, &bns, -1, 'f', 0, 0, "nsT"))
+        goto done;
+    if (bns.view.ndim != 2 || bns.view.shape[1] != F) {
+        PyErr_SetString(PyExc_ValueError, "nsT must be float32 [D, F], F as x");
+        goto done;
+    }
+    if (rowdot_out(oout, &bo, N, 'd')) goto done;
+    double one = 0.0;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = eq_vim_resid(N, F, bns.view.shape[0], (const float *)bx.view.buf, (const float *)borg.view.buf,
+                      (const float *)bns.view.buf, bo.held ? (double *)bo.view.buf : &one, isa);
+    Py_END_ALLOW_THREADS
+    result = rowdot_result(rc, oisa, !bo.held, one);
+done:
+    buf_release(&bx); buf_release(&borg); buf_release(&bns); buf_release(&bo);
+    return result;
+}
+
+static PyObject *py_dots_isas(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return isa_names(eq_dots_isa);
 }
 
 #define MOMENTS_DOC                                                                                              \
@@ -595,6 +696,15 @@ static PyMethodDef methods[] = {
      "product (whitener.h): rows x float32[N, F], packed int8 rows q with offsets off int64[F + 1], per-row scales "
      "float32[F, S], diagonal float32[S * F]; writes z_out float32[N, S * F]. Releases the GIL."},
     {"q8_isas", py_q8_isas, METH_NOARGS, "Variants of project_q8 usable on this CPU, best first; the last is 'scalar'."},
+    {"knn_kth", py_knn_kth, METH_VARARGS,
+     "knn_kth(x, bank, scale, k, out=None, isa=None)\n\nThe kNN detector's k-th largest cosine similarity (rowdot.h) "
+     "of rows x float32[N, F] to bank int8 (times scale) or float32 [B, F]: writes out float32[N] and returns None; "
+     "without out (one row), returns it as a float. Releases the GIL."},
+    {"vim_resid", py_vim_resid, METH_VARARGS,
+     "vim_resid(x, origin, nsT, out=None, isa=None)\n\nViM's residual norm |(x - origin) @ nsT.T| (rowdot.h) of rows "
+     "x float32[N, F], origin float32[F], nsT float32[D, F]: writes out float64[N] and returns None; without out (one "
+     "row), returns it as a float. Releases the GIL."},
+    {"dots_isas", py_dots_isas, METH_NOARGS, "Variants of knn_kth and vim_resid usable on this CPU, best first; the last is 'scalar'."},
     {"lut8", py_lut8, METH_VARARGS,
      "lut8(src, table, out) -> None\n\nout[i] = table[src[i]] for C-contiguous uint8 src, float32 table[256] and "
      "float32 out of src's size (numpy's take, without widening the indices)."},

@@ -1,0 +1,43 @@
+/* The kNN and ViM detectors' per-frame products (edge_quq.detectors), on one shared kernel: the dot products of
+ * a float32 row with every row of a matrix W [M, F] stored float32 or int8 (then times one scale).
+ *
+ *   knn:  kth[n]   = the k-th largest over b < B of  scale * <xhat_n, bank_b>,  xhat_n = x_n / max(|x_n|, 1e-12)
+ *                    (the norm in double, xhat rounded to float32, as detectors.l2_normalise(x).astype(float32));
+ *                    bank int8 [B, F] with `scale`, or float32 [B, F] (scale 1). 1 <= k <= B.
+ *   vim:  resid[n] = | (x_n - origin) @ null_space |  with the null space stored transposed, nsT float32 [D, F];
+ *                    x_n - origin in float32, the D dot products in float32, their squares summed in double.
+ *
+ * The numpy references are edge_quq.detectors._knn_kth_numpy and _vim_resid_numpy; the variants differ from them
+ * by float32 summation order only (framekernels.DOT_RTOL; tests/test_knn_vim_kernels.py, NEON under qemu:
+ * tests/test_knn_vim_aarch64.py). The variants are project_q8's (whitener.h: eq_q8_isa), chosen the same way.
+ * Rows are taken in blocks and W in chunks that stay in cache across a block's rows; the kNN keeps a running
+ * top-k per row (insertion into k sorted values), so the B similarities are neither stored nor sorted.
+ * No Python here, like headkernel.h.
+ */
+#ifndef EDGE_QUQ_ROWDOT_H
+#define EDGE_QUQ_ROWDOT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Variants compiled here and usable on this CPU, best first, "scalar" last (the names of eq_q8_isa). */
+const char *eq_dots_isa(int i);
+
+/* kth [N] as above for rows x [N, F]; bank_i8: bank is int8 (else float32). isa: a name from eq_dots_isa, NULL for
+ * the best. Returns 0, -1 when a work buffer cannot be allocated, -2 for an unknown isa or k outside 1..B. */
+int eq_knn_kth(ptrdiff_t N, ptrdiff_t F, ptrdiff_t B, ptrdiff_t k, const float *x, const void *bank, int bank_i8,
+               float scale, float *kth, const char *isa);
+
+/* resid [N] as above for rows x [N, F], origin [F], nsT [D, F]. Returns 0, -1 or -2 as eq_knn_kth. */
+int eq_vim_resid(ptrdiff_t N, ptrdiff_t F, ptrdiff_t D, const float *x, const float *origin, const float *nsT,
+                 double *resid, const char *isa);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,84 @@
+/* Standalone test driver for the kNN and ViM kernels (edge_quq/csrc/rowdot.c), cross-compiled for aarch64 and run
+ * under qemu-aarch64-static by tests/test_knn_vim_aarch64.py (also built natively there).
+ *
+ *   rowdot_driver CASES_FILE
+ *
+ * CASES_FILE (little-endian, written by the test with numpy): int32 count, then per case int32 kind and
+ *   kind 0 (knn_kth):   int32 N, F, B, k, int8; float32 scale; bank [B * F] int8 or float32; float32 x[N * F],
+ *                       want[N] (detectors._knn_kth_numpy), tol[N]
+ *   kind 1 (vim_resid): int32 N, F, D; float32 x[N * F], origin[F], nsT[D * F]; float64 want[N]
+ *                       (detectors._vim_resid_numpy), tol[N]
+ * Every variant this CPU has must match want within tol. Prints one line per failure, then
+ * "variants=... cases=N failures=M"; exit status 1 on failures.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "driver_util.h"
+#include "rowdot.h"
+
+static int knn_case(FILE *f, int c) {
+    int32_t *d = read_n(f, 20);
+    const ptrdiff_t N = d[0], F = d[1], B = d[2], k = d[3];
+    const int i8 = d[4];
+    float *scale = read_n(f, 4);
+    void *bank = read_n(f, (size_t)(B * F) * (i8 ? 1 : 4));
+    float *x = read_n(f, (size_t)(N * F) * 4), *want = read_n(f, (size_t)N * 4), *tol = read_n(f, (size_t)N * 4);
+    float *got = malloc((size_t)(N + 1) * 4);
+    int failures = 0;
+    for (int v = 0; eq_dots_isa(v); ++v) {
+        if (eq_knn_kth(N, F, B, k, x, bank, i8, *scale, got, eq_dots_isa(v)) != 0) {
+            printf("case %d %s: call failed\n", c, eq_dots_isa(v));
+            ++failures;
+            continue;
+        }
+        for (ptrdiff_t n = 0; n < N; ++n)
+            if (!(fabs((double)got[n] - want[n]) <= tol[n])) {
+                printf("case %d knn (N=%td F=%td B=%td k=%td int8=%d) %s: kth[%td] = %g, numpy %g, tolerance %g\n", c,
+                       N, F, B, k, i8, eq_dots_isa(v), n, (double)got[n], (double)want[n], (double)tol[n]);
+                ++failures;
+                break;
+            }
+    }
+    free(d); free(scale); free(bank); free(x); free(want); free(tol); free(got);
+    return failures;
+}
+
+static int vim_case(FILE *f, int c) {
+    int32_t *d = read_n(f, 12);
+    const ptrdiff_t N = d[0], F = d[1], D = d[2];
+    float *x = read_n(f, (size_t)(N * F) * 4), *origin = read_n(f, (size_t)F * 4), *ns = read_n(f, (size_t)(D * F) * 4);
+    double *want = read_n(f, (size_t)N * 8), *tol = read_n(f, (size_t)N * 8), *got = malloc((size_t)(N + 1) * 8);
+    int failures = 0;
+    for (int v = 0; eq_dots_isa(v); ++v) {
+        if (eq_vim_resid(N, F, D, x, origin, ns, got, eq_dots_isa(v)) != 0) {
+            printf("case %d %s: call failed\n", c, eq_dots_isa(v));
+            ++failures;
+            continue;
+        }
+        for (ptrdiff_t n = 0; n < N; ++n)
+            if (!(fabs(got[n] - want[n]) <= tol[n])) {
+                printf("case %d vim (N=%td F=%td D=%td) %s: resid[%td] = %g, numpy %g, tolerance %g\n", c, N, F, D,
+                       eq_dots_isa(v), n, got[n], want[n], tol[n]);
+                ++failures;
+                break;
+            }
+    }
+    free(d); free(x); free(origin); free(ns); free(want); free(tol); free(got);
+    return failures;
+}
+
+int main(int argc, char **argv) {
+    int32_t count;
+    FILE *f = open_cases(argc, argv, &count);
+    int failures = 0;
+    for (int c = 0; c < count; ++c) {
+        int32_t *kind = read_n(f, 4);
+        failures += *kind == 0 ? knn_case(f, c) : vim_case(f, c);
+        free(kind);
+    }
+    print_summary(eq_dots_isa, count, failures);
+    fclose(f);
+    return failures ? 1 : 0;
+}

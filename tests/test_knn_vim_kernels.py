@@ -1,0 +1,230 @@
+"""The kNN and ViM detectors' native kernels (edge_quq/csrc/rowdot.c: framekernels.knn_kth, vim_resid) against their
+numpy references (detectors._knn_kth_numpy, _vim_resid_numpy), every variant of dots_isas() on this CPU (NEON under
+qemu: tests/test_knn_vim_aarch64.py), and the detectors scored through them against the references: the same scores
+within the documented tolerance and the same decisions on real Fashion-MNIST test images.
+
+Tolerance (framekernels' docstring): each float32 dot product agrees to DOT_RTOL of sum_j |x_j W_j|; the k-th
+largest similarity and the residual norm inherit it (kth_tolerance, resid_tolerance below).
+"""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import pytest
+
+from edge_quq import framekernels
+from edge_quq.detectors import (_dequantized_bank, _encode, _knn_kth_numpy, _vim_resid_numpy, l2_normalise)
+
+pytestmark = pytest.mark.skipif(not framekernels.dots_available(), reason="edge_quq._headkernel not built")
+ISAS = framekernels.dots_isas() if framekernels.dots_available() else ()
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+# (N rows, F features, B bank rows, k): F not a multiple of 8 (the vector width) or 16, B not a multiple of the
+# 4-row groups or of the 64-row chunks, k = 1 and k = B, more rows than one 32-row block, the shapes of the bundles
+KNN_CASES = [(1, 1, 1, 1), (2, 7, 3, 3), (3, 13, 5, 1), (1, 96, 1024, 10), (5, 33, 67, 67), (40, 17, 130, 7),
+             (2, 1280, 257, 10), (1, 2048, 64, 64)]
+# (N, F, D): D = 1, D = F - 1, D not a multiple of 4 or of 64, F not a multiple of 8
+VIM_CASES = [(1, 2, 1), (3, 9, 8), (2, 96, 48), (33, 25, 13), (1, 1283, 641), (2, 2048, 70)]
+
+
+def relu_rows(rng: np.random.Generator, n: int, f: int) -> np.ndarray:
+    """float32 rows like a backbone's: ReLU-sparse, the first one all zero (l2_normalise's floor)."""
+    x = np.maximum(rng.normal(0.3, 1.0, (n, f)), 0.0).astype(np.float32)
+    x[0] = 0.0
+    return x
+
+
+def knn_bank(rng: np.random.Generator, b: int, f: int, int8: bool) -> Tuple[np.ndarray, float]:
+    """(bank, scale): unit rows of ReLU features, a duplicated row among them (tied similarities), stored int8 with
+    one scale as detectors._encode does, or float32 (scale 1)."""
+    bank = l2_normalise(np.abs(rng.normal(size=(b, f))) + rng.normal(size=(b, f)))
+    bank[-1] = bank[0]
+    if not int8:
+        return bank.astype(np.float32), 1.0
+    enc = _encode("bank", bank, "int8")
+    return enc["bank"], float(enc["bank.scale"][0])
+
+
+def kth_tolerance(x: np.ndarray, bank: np.ndarray) -> np.ndarray:
+    """DOT_RTOL of max_b sum_j |xhat_j bank_bj| per row: the bound of every similarity, so of the k-th largest."""
+    xh = np.abs(l2_normalise(x))
+    return framekernels.DOT_RTOL * (xh @ np.abs(bank.astype(np.float64)).T).max(axis=1) + 1e-30
+
+
+def resid_tolerance(x: np.ndarray, origin: np.ndarray, ns: np.ndarray) -> np.ndarray:
+    """DOT_RTOL of | |x - origin| @ |ns| |: the norm of the residual coordinates' bounds."""
+    b = np.abs(x.astype(np.float64) - origin) @ np.abs(ns.astype(np.float64))
+    return framekernels.DOT_RTOL * np.linalg.norm(b, axis=1) + 1e-30
+
+
+def knn_case(i: int, n: int, f: int, b: int, int8: bool):
+    rng = np.random.default_rng([i, int(int8)])
+    x = relu_rows(rng, n, f)
+    bank, scale = knn_bank(rng, b, f, int8)
+    return x, bank, scale
+
+
+def vim_case(i: int, n: int, f: int, d: int):
+    """rows, origin float32 [F], an orthonormal float32 null space [F, D] (ViM's: eigenvectors); row 1 on the origin."""
+    rng = np.random.default_rng([i, 7])
+    x = relu_rows(rng, n, f)
+    origin = rng.normal(0.0, 0.5, f).astype(np.float32)
+    if n > 1:
+        x[1] = origin
+    ns = np.linalg.qr(rng.normal(size=(f, f)))[0][:, :d].astype(np.float32)
+    return x, origin, ns
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("int8", [True, False])
+@pytest.mark.parametrize("case", range(len(KNN_CASES)))
+def test_knn_kth_matches_the_numpy_reference(isa, int8, case):
+    n, f, b, k = KNN_CASES[case]
+    x, bank, scale = knn_case(case, n, f, b, int8)
+    ref_bank = _dequantized_bank({"bank": bank, "bank.scale": np.array([scale])})
+    want = _knn_kth_numpy(x, ref_bank, k)
+    got = framekernels.knn_kth(x, bank, scale, k, isa)
+    assert got.dtype == np.float32 and got.shape == (n,)
+    tol = kth_tolerance(x, ref_bank)
+    assert np.all(np.abs(got.astype(np.float64) - want) <= tol), (np.abs(got - want) / tol).max()
+    assert got[0] == want[0] == 0.0  # the zero row: every similarity is 0
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", range(len(VIM_CASES)))
+def test_vim_resid_matches_the_numpy_reference(isa, case):
+    n, f, d = VIM_CASES[case]
+    x, origin, ns = vim_case(case, n, f, d)
+    want = _vim_resid_numpy({"origin": origin.astype(np.float64)[None], "null_space": ns.astype(np.float64)}, x)
+    got = framekernels.vim_resid(x, origin, np.ascontiguousarray(ns.T), isa)
+    assert got.dtype == np.float64 and got.shape == (n,)
+    assert np.all(np.abs(got - want) <= resid_tolerance(x, origin, ns))
+    if n > 1:
+        assert got[1] == 0.0  # a row on the origin: x - origin is exactly zero in float32 too
+
+
+def test_the_variants_are_project_q8s_and_scalar_is_last():
+    assert ISAS == framekernels.q8_isas() and ISAS[-1] == "scalar"
+
+
+def test_one_row_modes_give_the_batch_results():
+    x, bank, scale = knn_case(0, 3, 1280, 100, True)
+    batch = framekernels.knn_kth(x, bank, scale, 10)
+    assert [framekernels.knn_kth_row(x[i:i + 1], bank, scale, 10) for i in range(3)] == batch.tolist()
+    x, origin, ns = vim_case(0, 3, 96, 48)
+    ns_t = np.ascontiguousarray(ns.T)
+    batch = framekernels.vim_resid(x, origin, ns_t)
+    assert [framekernels.vim_resid_row(x[i:i + 1], origin, ns_t) for i in range(3)] == batch.tolist()
+
+
+def test_the_kernels_refuse_what_they_cannot_take():
+    x, bank, scale = knn_case(1, 2, 16, 8, True)
+    assert framekernels.knn_kth_row(x[:1].astype(np.float64), bank, scale, 3) is None
+    assert framekernels.knn_kth_row(x, bank, scale, 3) is None  # two rows need an output array
+    for k in (0, 9):
+        with pytest.raises(ValueError):
+            framekernels.knn_kth(x, bank, scale, k)
+    with pytest.raises(ValueError):
+        framekernels.knn_kth(x, bank[:, :5], scale, 3)
+    with pytest.raises(ValueError):
+        framekernels.knn_kth(x, bank.astype(np.int16), scale, 3)
+    with pytest.raises(ValueError):
+        framekernels.knn_kth(x, bank, scale, 3, "no_such_isa")
+    x, origin, ns = vim_case(1, 2, 16, 4)
+    with pytest.raises(ValueError):
+        framekernels.vim_resid(x, origin, np.ascontiguousarray(ns))  # [F, D] untransposed: F does not match
+    assert framekernels.vim_resid_row(x[:1], origin.astype(np.float64), np.ascontiguousarray(ns.T)) is None
+    assert framekernels.knn_kth(x[:0], bank, scale, 3).shape == (0,)
+
+
+# -- the detectors through the kernels -------------------------------------------------------------------------------
+def _fashion_test_images(n: int) -> List[np.ndarray]:
+    path = FASHION / "t10k-images-idx3-ubyte.gz"
+    if not path.exists():
+        pytest.skip("Fashion-MNIST IDX files missing (apt-get install dataset-fashion-mnist)")
+    with gzip.open(path, "rb") as f:
+        raw = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    return list(raw[np.random.default_rng(0).choice(len(raw), n, replace=False)])
+
+
+@pytest.fixture(scope="module")
+def predictions():
+    """The default bundle's predictions of 300 Fashion-MNIST test images with and without the kNN/ViM kernels."""
+    from edge_quq.predictor import Predictor
+
+    images = _fashion_test_images(300)
+    out = {}
+    for native in (True, False):
+        mp = pytest.MonkeyPatch()
+        mp.setattr(framekernels, "_DOTS_AVAILABLE", native)
+        try:
+            p = Predictor.from_bundle(sampler="numpy", seed=0)
+            assert {"knn", "vim"} <= set(p.detector_names)
+            out[native] = [p.predict(im) for im in images]
+        finally:
+            mp.undo()
+    return out
+
+
+def test_the_default_bundles_decisions_do_not_move(predictions):
+    got, want = predictions[True], predictions[False]
+    moved = [i for i, (g, w) in enumerate(zip(got, want))
+             if (g.keep, g.rule, g.label, g.flagged, g.ignored_by) != (w.keep, w.rule, w.label, w.flagged, w.ignored_by)]
+    assert not moved
+    gd, wd = [r.to_dict() for r in got], [r.to_dict() for r in want]
+    for d in gd + wd:
+        for k in ("timings_ms", "rss_mb", "scores", "ood_p"):  # the gate's p-values are rank-based: compared
+            d.pop(k, None)
+    assert gd == wd
+    assert {r.keep for r in want} == {True, False} and any(r.flagged for r in want)
+
+
+def test_the_default_bundles_scores_agree_within_the_tolerance(predictions):
+    for g, w in zip(predictions[True], predictions[False]):
+        assert set(g.scores) == set(w.scores)
+        for k in ("knn", "vim"):
+            # knn = sqrt(2 - 2 kth): its square moves by 2x the k-th similarity's (<= DOT_RTOL for unit rows);
+            # vim = alpha * resid + energy, resid <= |x - origin| with its own tolerance relative to that
+            a, b = (g.scores[k] ** 2, w.scores[k] ** 2) if k == "knn" else (g.scores[k], w.scores[k])
+            assert abs(a - b) <= 2 * framekernels.DOT_RTOL * max(1.0, abs(b)), (k, a, b)
+
+
+def test_an_int8_bank_stays_int8_and_is_stored_as_it_was():
+    from edge_quq.bundle import load_bundle
+    from edge_quq.detector_store import load_detectors
+    from edge_quq.head import read_npz
+
+    bundle = load_bundle(None)
+    ds = load_detectors(bundle)
+    knn = ds.detectors["knn"]
+    stored = read_npz(bundle.path / "detectors.npz", "detectors")
+    assert knn.arrays["bank"].dtype == np.int8 and knn.arrays["bank.scale"].dtype == np.float64
+    assert knn.memory_bytes() == stored["knn/bank"].size + 8
+    again = ds.to_arrays()
+    for k in ("knn/bank", "knn/bank.scale"):
+        assert again[k].dtype == stored[k].dtype and np.array_equal(again[k], stored[k])
+    assert ds.file_version() == 1 or any(v.dtype == np.int8 for k, v in stored.items() if "whitener" in k)
+
+
+def test_without_the_kernels_an_int8_bank_is_dequantised_once(monkeypatch):
+    from edge_quq.bundle import load_bundle
+    from edge_quq.detector_store import load_detectors
+
+    monkeypatch.setattr(framekernels, "_DOTS_AVAILABLE", False)
+    knn = load_detectors(load_bundle(None)).detectors["knn"]
+    a = knn._scoring_arrays()
+    assert a["bank"].dtype == np.float32 and knn._scoring_arrays()["bank"] is a["bank"]
+    assert np.array_equal(a["bank"], knn.arrays["bank"].astype(np.float32) * np.float32(knn.arrays["bank.scale"][0]))
+
+
+def test_a_bank_in_any_layout_scores_alike():
+    from edge_quq.detectors import _score_knn
+
+    x, bank, scale = knn_case(2, 3, 24, 40, False)
+    want = _score_knn({"bank": bank}, {"k": 5}, x, None)
+    for b in (np.asfortranarray(bank), bank.astype(np.float64), bank.astype(np.float16).astype(np.float32)[::1]):
+        assert np.allclose(_score_knn({"bank": b}, {"k": 5}, x, None), want, rtol=0, atol=1e-3)
+    assert np.array_equal(_score_knn({"bank": np.asfortranarray(bank)}, {"k": 5}, x, None), want)
