@@ -605,12 +605,14 @@ class DetectorSet:
             out.update(zip(_MAHALANOBIS_PAIR, _mahalanobis_family(self.detectors["rel_mahalanobis"]._scoring_arrays(), feats)))
         return {n: out[n] if n in out else d.score(feats, head, logits) for n, d in self.detectors.items()}
 
-    def row_scorer(self, head: HeadWeights) -> Callable[[np.ndarray], Dict[str, float]]:
-        """A function of one row feats float32 [1, F] giving score_all's scores as floats (scores.row_scores of
-        them): the same score functions on the same arrays, with what score_all works out on every call (which
-        detectors share the head pass, the Mahalanobis pair's one projection, each detector's scoring arrays)
-        resolved here, once. A predictor's per-frame path: on one frame those checks were a fifth of the
-        detectors' cost. It scores with the arrays as they are now: build it again after replacing any."""
+    def row_scorer(self, head: HeadWeights) -> Callable[..., Dict[str, float]]:
+        """A function of one row feats float32 [1, F] (and optionally its eval-mode logits [1, C], which the
+        head sampler has already computed: the head pass they cost was a tenth of a frame's overhead) giving
+        score_all's scores as floats (scores.row_scores of them): the same score functions on the same arrays,
+        with what score_all works out on every call (which detectors share the head pass, the Mahalanobis pair's
+        one projection, each detector's scoring arrays) resolved here, once. A predictor's per-frame path: on one
+        frame those checks were a fifth of the detectors' cost. It scores with the arrays as they are now: build
+        it again after replacing any."""
         names = tuple(self.detectors)
         with_logits = not _USES_LOGITS.isdisjoint(names)
         pair = _MAHALANOBIS_PAIR if self._mahalanobis_shared() else ()
@@ -618,8 +620,9 @@ class DetectorSet:
         rest = tuple((n, _row_score(n), d._scoring_arrays(), d.config) for n, d in self.detectors.items() if n not in pair)
         in_order = names == pair + tuple(r[0] for r in rest)  # `out` below is then in score_all's order already
 
-        def score(feats: np.ndarray) -> Dict[str, float]:
-            logits = eval_logits(head, feats) if with_logits else None
+        def score(feats: np.ndarray, logits: Optional[np.ndarray] = None) -> Dict[str, float]:
+            if with_logits and logits is None:
+                logits = eval_logits(head, feats)
             out = {}
             if pair:
                 out[pair[0]], out[pair[1]] = _mahalanobis_row(shared, feats)

@@ -264,13 +264,14 @@ class Predictor:
                     given = {"gradient": grad}
             t0 = perf_counter()
             if given is None:
-                scores.update(self._row_scorer()(features[None]))
+                # the sampler's eval-mode logits: the same pass the detectors were fitted on, in its float32 order
+                scores.update(self._row_scorer()(features[None], np.asarray(moments.logits, np.float64).reshape(1, -1)))
             else:
                 scores.update(row_scores(self.active.score_all(features[None], self.head, given)))
             _lap(clock.ms, "detectors", t0)
         return scores
 
-    def _row_scorer(self) -> Callable[[np.ndarray], Dict[str, float]]:
+    def _row_scorer(self) -> Callable[..., Dict[str, float]]:
         """The active detectors' DetectorSet.row_scorer, built again only when the detectors or the head
         were replaced."""
         hit, active, head = self._scorer, self.active, self.head
