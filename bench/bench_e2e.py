@@ -576,11 +576,13 @@ def _gate_cost_text(gate: Sequence[str], f: int) -> str:
     if {"mahalanobis", "rel_mahalanobis"} & set(gate):
         parts.append(f"Mahalanobis ({', '.join(n for n in gate if 'mahalanobis' in n)}): {_whitener_text(f)}")
     if "knn" in gate:
-        parts.append(f"kNN: a float32 product of the unit feature with its bank of {KNN_BANK} unit vectors "
-                     f"({KNN_BANK * f * 4 / 2**20:.1f} MiB per frame, numpy) and a partial sort")
+        parts.append(f"kNN: the native dot kernel (edge_quq/csrc/rowdot.c) over its bank of {KNN_BANK} unit vectors "
+                     f"with a running top-k, reading {KNN_BANK * f * 4 / 2**20:.1f} MiB per frame (these fits on "
+                     "synthetic rows stored the bank float16, which loads as float32; a bank stored int8, as the "
+                     "default bundle's, stays int8 and reads a quarter)")
     if "vim" in gate:
-        parts.append("ViM: an eval head pass for the logits and the projection onto the first layer's null space "
-                     "(numpy, float64)")
+        parts.append(f"ViM: the same kernel's projection onto the null space, float32 [{f // 2}, {f}] "
+                     f"({f // 2 * f * 4 / 2**20:.1f} MiB per frame), the energy from the sampler's eval logits")
     other = [n for n in gate if n not in ("mahalanobis", "rel_mahalanobis", "knn", "vim")]
     return "; ".join(parts + ([", ".join(other)] if other else [])) or "none"
 
@@ -700,8 +702,8 @@ def _overhead_bound(ov: dict) -> str:
         f"What bounds it: the number of Python calls, not arithmetic. The default bundle has {_head_shape(ov['bundle'])}; "
         f"the default computes the moment scores, the gate's detectors ({', '.join(ov['detectors']) or 'none'}), "
         "their conformal p-values and combination, the rule and the Prediction. The moment scores, the rule, the "
-        "Mahalanobis distances, the p-values and the combination run in C (edge_quq.framekernels, "
-        "edge_quq.conformal); kNN and ViM run as numpy calls. What is left is numpy's and Python's cost per call"
+        "Mahalanobis distances, kNN's top-k and ViM's residual, the p-values and the combination run in C "
+        "(edge_quq.framekernels, edge_quq.conformal). What is left is numpy's and Python's cost per call"
         + (f": about {calls:.0f} function calls per frame by cProfile (730 before issue 16's part 3, 185 before "
            "the C paths, 122 before the preprocessing tables and the row gate)" if calls else "")
         + ", each a µs or more on this machine (more when the backbone and the sampler have just evicted the "
