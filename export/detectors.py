@@ -186,6 +186,14 @@ def fit_detectors_cmd(bundle: Path, data: str, names: str, tpr: float, limit: Op
 
 # --- calibration data of the OOD gate and risk control (gate.npz; docs/decisions.md) ----------------------
 
+def validation_glyphs(count: int, seed: int) -> np.ndarray:
+    """The gate validation's `glyphs`, uint8 [count, 28, 28]: the outlier-exposure generator from a seed its
+    fine-tune never draws (OE_SEED + 1 + seed)."""
+    from edge_quq_export.outlier_exposure import OE_SEED, outlier_pool
+
+    return outlier_pool(count, seed=OE_SEED + 1 + seed)
+
+
 def ood_validation_sets(bundle, seed: int, count: int = 400) -> Dict[str, np.ndarray]:
     """Far-OOD sets the exporter makes offline, model-ready: synthetic images, patches of real photographs
     that scikit-image, matplotlib and scikit-learn ship, and `glyphs`: the outlier-exposure generator's images
@@ -195,13 +203,12 @@ def ood_validation_sets(bundle, seed: int, count: int = 400) -> Dict[str, np.nda
     which let 40% of real handwritten digits through its gate (docs/export.md, "Run-to-run spread")."""
     from edge_quq.preprocess import preprocess_image
     from edge_quq_export.datasets import package_photos, photo_patches, synthetic_ood
-    from edge_quq_export.outlier_exposure import OE_SEED, outlier_pool
 
     rng = np.random.default_rng([seed, 14])
     raw = synthetic_ood(count // 2, rng)
     for name, photos in package_photos().items():
         raw[name] = photo_patches(photos, count, rng)
-    raw["glyphs"] = list(outlier_pool(count, seed=OE_SEED + 1 + seed))
+    raw["glyphs"] = list(validation_glyphs(count, seed))
     spec = bundle.input.preprocess
     return {k: np.stack([preprocess_image(im, spec, "rgb") for im in v]) for k, v in raw.items()}
 
