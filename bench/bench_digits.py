@@ -20,7 +20,7 @@ from bench.blas_threads import BLAS_THREADS  # noqa: F401  (before numpy)
 import click  # noqa: E402
 import numpy as np  # noqa: E402
 
-from edge_quq.conformal import combine, conformal_pvalues  # noqa: E402
+from edge_quq.conformal import gate_pvalues  # noqa: E402
 from edge_quq.gate_store import load_gate  # noqa: E402
 from edge_quq.predictor import Predictor  # noqa: E402
 from edge_quq_export.datasets import DIGIT_LAYOUTS  # noqa: E402
@@ -42,17 +42,23 @@ def run_default(p: Predictor, images: Sequence[np.ndarray], batch: int = 256) ->
 
 def detector_gates(p: Predictor, cal_data, features: np.ndarray, alpha: float) -> Dict[str, np.ndarray]:
     """Each of the bundle's detectors as the gate alone, every pair of them, the bundle's own gate and all of
-    them under Bonferroni: ignored [N]. `cal_data`: the bundle's loaded gate.npz (edge_quq.gate_store.load_gate)."""
+    them, combined by the bundle's rule: ignored [N]. `cal_data`: the bundle's loaded gate.npz
+    (edge_quq.gate_store.load_gate)."""
     scores = p.detectors.score_all(features, p.head)
     names = [n for n in p.detectors.names if n in cal_data.data.scores]
-    pv = np.stack([conformal_pvalues(scores[n][:, None], cal_data.calibration([n]))[:, 0] for n in names], axis=1)
-    out = {n: pv[:, i] < alpha for i, n in enumerate(names)}
-    for i, j in itertools.combinations(range(len(names)), 2):
-        out[f"{names[i]} + {names[j]}"] = combine(pv[:, [i, j]], "bonferroni") < alpha
-    out["all detectors (bonferroni)"] = combine(pv, "bonferroni") < alpha
-    gate = [names.index(n) for n in p.policy.detectors if n in names]
+    rule = p.policy.combine
+
+    def ignored(subset: Sequence[str]) -> np.ndarray:
+        cols = np.stack([scores[n] for n in subset], axis=1)
+        return gate_pvalues(cols, cal_data.calibration(subset), rule) < alpha
+
+    out = {n: ignored([n]) for n in names}
+    for a, b in itertools.combinations(names, 2):
+        out[f"{a} + {b}"] = ignored([a, b])
+    out[f"all detectors ({rule})"] = ignored(names)
+    gate = [n for n in p.policy.detectors if n in names]
     if len(gate) > 2:  # the bundle's own gate, when it is not already a single or a pair
-        out[" + ".join(names[i] for i in gate)] = combine(pv[:, gate], "bonferroni") < alpha
+        out[" + ".join(gate)] = ignored(gate)
     return out
 
 
@@ -144,7 +150,7 @@ def render(res: dict) -> str:
         lines.append(f"| {r['digit']} | {r['n']} | {_pct(r['ignored'])} | {_pct(r['gate_ignored'])} | {called} |")
     lines += ["", "## The bundle's detectors as the gate", "",
               "Each detector alone, the bundle's own gate when it has three or more, all eight together and the ten best "
-              "pairs by digits caught (every set of two or more: Bonferroni). Conformal p-values against the bundle's calibration scores, ignored when the combined "
+              "pairs by digits caught (every set combined by the bundle's rule, " + str(pol.get("combine")) + "). Conformal p-values against the bundle's calibration scores, ignored when the combined "
               "p-value is below the bundle's alpha; the gate alone, without the MC rule.", "",
               "The last column is the photo set (the suite's patches of photographs that packages ship) the gate "
               "catches least of, and how many of the whole photographs those packages ship it catches (a folder "

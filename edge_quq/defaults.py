@@ -55,13 +55,13 @@ IGNORE_REASONS: Tuple[str, ...] = ("rule", "ood_gate", "risk", "drift")
 # Rules that combine several detectors' p-values and stay valid under any dependence between them
 # (edge_quq.conformal.combine). Spelled here so that bundle.py, which deploy/install.sh imports with the
 # system Python (no numpy), can check a manifest without importing the math.
-COMBINE_RULES: Tuple[str, ...] = ("bonferroni", "hmp")
+COMBINE_RULES: Tuple[str, ...] = ("calibrated_minp", "bonferroni", "hmp")
 
 GATE_DEFAULTS: Dict[str, object] = {
     "policy": "gated",
     "alpha": 0.05,       # gate level: P(ignore | exchangeable ID input) <= alpha
     "delta": 0.05,       # risk: P(error among kept > target) <= delta over the calibration draw
-    "combine": "bonferroni",
+    "combine": "calibrated_minp",  # the exact level alpha where Bonferroni spends less (conformal.py)
 }
 # How the exporter picks a gated bundle's default interval factor z (edge_quq_export.detectors.choose_default_z;
 # docs/decisions.md "The default z"). Users never pass --z, so the rule's z is what sets the default policy's

@@ -24,7 +24,7 @@ import numpy as np
 
 from edge_quq.bundle import Bundle, DecisionDefaults, GateSpec, load_bundle, sha256_file, write_manifest
 from edge_quq.detector_store import fitted_for, read_npz, write_npz
-from edge_quq.conformal import CalibrationScores, combine, conformal_pvalues, sort_calibration
+from edge_quq.conformal import CalibrationScores, gate_pvalues, sort_calibration
 from edge_quq.errors import BundleError, OptionError
 from edge_quq.risk import CalibrationTable
 
@@ -109,7 +109,7 @@ class LoadedGate:
         the risk threshold is chosen among the inputs it will be applied to."""
         cal = self.calibration(names)
         cols = np.stack([self.data.scores[n] for n in names], axis=1)
-        passed = combine(conformal_pvalues(cols, cal), combine_rule) >= alpha
+        passed = gate_pvalues(cols, cal, combine_rule) >= alpha
         use = passed & self.data.rule_keep
         return CalibrationTable.build(self.data.confidence[use], self.data.correct[use])
 

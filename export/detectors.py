@@ -293,10 +293,10 @@ def crossfit_gate_ignores(scores: Mapping[str, np.ndarray], names: Sequence[str]
 
 def _gate_ignores(cal, ref_names: Sequence[str], score_sets: Mapping[str, Mapping[str, np.ndarray]], alpha: float,
                   rule: str) -> Dict[str, np.ndarray]:
-    from edge_quq.conformal import combine, conformal_pvalues, sort_calibration
+    from edge_quq.conformal import gate_pvalues, sort_calibration
 
     ref = sort_calibration([cal[n] for n in ref_names])
-    return {k: combine(conformal_pvalues(np.stack([s[n] for n in ref_names], 1), ref), rule) < alpha
+    return {k: gate_pvalues(np.stack([s[n] for n in ref_names], 1), ref, rule) < alpha
             for k, s in score_sets.items()}
 
 

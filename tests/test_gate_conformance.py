@@ -104,12 +104,30 @@ def test_row_gate_combine_matches_the_kernel_and_the_reference(rule, d):
         np.testing.assert_allclose(got, want, rtol=1e-14, atol=0)
 
 
+@pytest.mark.parametrize("d", [1, 2, 3, 9])
+def test_row_gate_calibrated_minp_matches_the_reference_exactly(d):
+    """calibrated_minp has no C path: RowGate's bisect against combine's searchsorted, bit for bit, on
+    p-values of real calibration ranks (ties included, where equal ranks must give equal floats) and on edge
+    values (0, 1, NaN, subnormals)."""
+    rng = np.random.default_rng(100 + d)
+    raw = [rng.integers(0, 30, 500).astype(float) if i % 2 else rng.normal(size=500) for i in range(d)]
+    cal = sort_calibration(raw)
+    rows = np.concatenate([conformal_pvalues(_scores_with_edges(rng, list(cal.arrays), 400), cal), _edge_pvalues(d)])
+    gate = RowGate(cal, "calibrated_minp")
+    got = [gate.combine(r) for r in rows.tolist()]
+    assert all(type(v) is float for v in got)
+    np.testing.assert_array_equal(got, combine_reference(rows, "calibrated_minp", cal))
+    np.testing.assert_array_equal(got, combine(rows, "calibrated_minp", cal))
+
+
 def test_row_gate_refuses_a_wrong_row_and_an_unknown_rule():
     cal = sort_calibration([np.arange(5.0), np.arange(3.0)])
     with pytest.raises(InputError, match=r"\[2\]"):
         RowGate(cal).pvalues([1.0])
     with pytest.raises(OptionError, match="unknown p-value combination rule"):
         RowGate(cal, "fisher")
+    with pytest.raises(InputError, match="same calibration samples"):  # 5 and 3 scores: not one sample set
+        RowGate(cal, "calibrated_minp")
 
 def _run(monitor: DriftMonitor, p: np.ndarray, feats: np.ndarray) -> np.ndarray:
     out = []

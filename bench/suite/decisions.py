@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from edge_quq.conformal import CalibrationScores, combine, conformal_pvalues, gate, sort_calibration
+from edge_quq.conformal import CalibrationScores, gate, gate_pvalues, sort_calibration
 from edge_quq.decision import decide_many
 from edge_quq.defaults import GATE_DEFAULTS
 from edge_quq.errors import OptionError
@@ -106,7 +106,7 @@ def calibrate(cal: SetArrays, correct: np.ndarray, gates: Dict[str, Tuple[List[s
     # keep iff MC-mean max probability > threshold, keeping the paper rule's share of the calibration set
     maxprob_thr = float(np.quantile(cal.maxprob, 1.0 - cov)) if cov < 1 else -np.inf
     names, cs, rule = fitted["gated"]
-    passed = ~gate(combine(conformal_pvalues(cal.scores(names), cs), rule), alpha) & cal.rule_keep
+    passed = ~gate(gate_pvalues(cal.scores(names), cs, rule), alpha) & cal.rule_keep
     return _with_risk(Calibrated(fitted, maxprob_thr, {}, {}, "gated"),
                       CalibrationTable.build(cal.confidence[passed], correct[passed]), delta, targets)
 
@@ -135,7 +135,7 @@ def shipped(spec, loaded, delta: Optional[float] = None, targets: Sequence[float
 
 def gate_ignores(c: Calibrated, a: SetArrays, alpha: float = ALPHA) -> Dict[str, np.ndarray]:
     """Per gate policy: True where its gate alone ignores the sample."""
-    return {name: gate(combine(conformal_pvalues(a.scores(names), cs), rule), alpha) for name, (names, cs, rule) in c.gates.items()}
+    return {name: gate(gate_pvalues(a.scores(names), cs, rule), alpha) for name, (names, cs, rule) in c.gates.items()}
 
 
 def risk_keep(a: SetArrays, threshold: Optional[float], gate_ignored: np.ndarray) -> np.ndarray:
@@ -277,7 +277,7 @@ def population_check(a: SetArrays, y: np.ndarray, names: Sequence[str], rule: st
     cover: Dict[float, List[float]] = {t: [] for t in targets}
     for _ in range(resamples):
         ci = rng.integers(0, len(y), n_cal)
-        ign = gate(combine(conformal_pvalues(cols, sort_calibration([cols[ci, j] for j in range(cols.shape[1])])), rule), alpha)
+        ign = gate(gate_pvalues(cols, sort_calibration([cols[ci, j] for j in range(cols.shape[1])]), rule), alpha)
         use = ci[~ign[ci] & a.rule_keep[ci]]
         table = CalibrationTable.build(a.confidence[use], correct[use])
         for t in targets:
