@@ -146,7 +146,7 @@ def attach_default_path(bundle_dir: Path, seed: int = 0) -> None:
     detectors, combination rule, alpha). Fitted on synthetic feature rows shaped like the backbone's own
     (per-feature mean and spread of a few random images, ReLU-clipped): the detectors' per-frame cost depends
     on the shapes, not on how good the fit is. Skipped when both files are there and the gate has the default
-    bundle's shape."""
+    bundle's shape (detectors and combination rule)."""
     from edge_quq.bundle import GateSpec, load_bundle
     from edge_quq.decision import decide_many
     from edge_quq.detector_store import attach_detectors, load_detectors
@@ -157,7 +157,8 @@ def attach_default_path(bundle_dir: Path, seed: int = 0) -> None:
 
     bundle, shape = load_bundle(bundle_dir), load_bundle(None).gate
     assert shape is not None, "the embedded default bundle has no gate"
-    if bundle.gate is not None and "detectors.npz" in bundle.files and bundle.gate.detectors == shape.detectors:
+    if bundle.gate is not None and "detectors.npz" in bundle.files and \
+            (bundle.gate.detectors, bundle.gate.combine) == (shape.detectors, shape.combine):
         return
     t0 = time.perf_counter()
     pred = Predictor.from_bundle(bundle_dir, backend="tflite", threads=2, policy="paper", seed=seed)

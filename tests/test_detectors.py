@@ -543,7 +543,7 @@ def test_float32_mahalanobis_keeps_the_gate_p_values_of_the_float64_formula():
         assert np.all(np.abs(got_p[:, j] - want_p[:, j]) * cal.plus_one[j] <= between + 1e-9)
         assert np.mean(between > 1) < 0.01  # float32 rarely lands between two calibration ranks
     pol = pred.policy
-    assert np.array_equal(combine(got_p, pol.combine) < pol.alpha, combine(want_p, pol.combine) < pol.alpha)
+    assert np.array_equal(combine(got_p, pol.combine, cal) < pol.alpha, combine(want_p, pol.combine, cal) < pol.alpha)
 
 
 def test_detectors_option_takes_a_list_in_python():

@@ -68,7 +68,7 @@ def test_paper_policy_is_todays_rule(photo_dir):
 @pytest.fixture(scope="module")
 def clean_test_scores():
     """Gate p-values of 3000 held-out clean Fashion-MNIST test images (never calibration, never fit)."""
-    from edge_quq.conformal import combine, conformal_pvalues
+    from edge_quq.conformal import gate_pvalues
     from edge_quq.detector_store import load_detectors
     from edge_quq.head import load_head_weights
     from edge_quq_export.datasets import FASHION_MNIST_DIR, load_fashion_mnist, preprocess_array
@@ -81,7 +81,7 @@ def clean_test_scores():
     feats, _ = backbone_features(b, preprocess_array(x, b.input.shape, b.input.preprocess, "test"))
     sc = dset.score_all(feats, head)
     names = gate.spec.detectors
-    return gate, combine(conformal_pvalues(np.stack([sc[n] for n in names], 1), gate.calibration(names)), gate.spec.combine)
+    return gate, gate_pvalues(np.stack([sc[n] for n in names], 1), gate.calibration(names), gate.spec.combine)
 
 
 def test_gate_false_ignore_rate_on_clean_test_images(clean_test_scores):
