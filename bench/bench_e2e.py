@@ -139,14 +139,14 @@ def ensure_bundle(name: str, tmp: Path, calib: int, reexport: bool) -> Tuple[Pat
     return out, secs
 
 
-def attach_default_path(bundle_dir: Path, seed: int = 0) -> None:
+def attach_default_path(bundle_dir: Path, seed: int = 0, force: bool = False) -> None:
     """Give a bench bundle what the default bundle has, so that Predictor's default path (policy gated) runs
     on it: all detectors (detectors.npz; the Predictor computes only the gate's by default, the rest with
     --detectors all) and the gate's calibration data (gate.npz) with the default bundle's gate shape (its
     detectors, combination rule, alpha). Fitted on synthetic feature rows shaped like the backbone's own
     (per-feature mean and spread of a few random images, ReLU-clipped): the detectors' per-frame cost depends
     on the shapes, not on how good the fit is. Skipped when both files are there and the gate has the default
-    bundle's shape (detectors and combination rule)."""
+    bundle's shape (detectors and combination rule), unless `force`."""
     from edge_quq.bundle import GateSpec, load_bundle
     from edge_quq.decision import decide_many
     from edge_quq.detector_store import attach_detectors, load_detectors
@@ -157,7 +157,7 @@ def attach_default_path(bundle_dir: Path, seed: int = 0) -> None:
 
     bundle, shape = load_bundle(bundle_dir), load_bundle(None).gate
     assert shape is not None, "the embedded default bundle has no gate"
-    if bundle.gate is not None and "detectors.npz" in bundle.files and \
+    if not force and bundle.gate is not None and "detectors.npz" in bundle.files and \
             (bundle.gate.detectors, bundle.gate.combine) == (shape.detectors, shape.combine):
         return
     t0 = time.perf_counter()
@@ -809,6 +809,8 @@ def summarize(report: dict) -> dict:
 @click.option("--tmp", default=str(ROOT / "bench" / "results" / "tmp"), show_default=True, help="cache of the exported bundles")
 @click.option("--reexport", is_flag=True)
 @click.option("--export-only", is_flag=True)
+@click.option("--refit", is_flag=True, help="fit the bench bundles' detectors and gate again (attach_default_path) even when "
+              "their gate already has the default bundle's shape: after a change to how detectors are fitted or stored")
 @click.option("--render", is_flag=True, help="rewrite e2e.md (and the summary) from --out/e2e.json")
 @click.option("--samplers", default=",".join(SAMPLERS), show_default=True, help="comma-separated samplers to time")
 @click.option("--merge", is_flag=True, help="keep the other models' results of an existing --out/e2e.json (re-time one model)")
@@ -817,7 +819,7 @@ def summarize(report: dict) -> dict:
               help="reps of the default bundle's per-frame overhead (bench.bench_gate.frame_overhead)")
 @click.option("--throughput-child", default=None, hidden=True)
 @click.option("--images-dir", default=None, hidden=True)
-def main(models: str, reps: int, naive_reps: int, calib: int, out: str, tmp: str, reexport: bool, export_only: bool,
+def main(models: str, reps: int, naive_reps: int, calib: int, out: str, tmp: str, reexport: bool, export_only: bool, refit: bool,
          render: bool, samplers: str, merge: bool, images: int, overhead_reps: int, throughput_child: Optional[str],
          images_dir: Optional[str]) -> None:
     if throughput_child:
@@ -837,7 +839,7 @@ def main(models: str, reps: int, naive_reps: int, calib: int, out: str, tmp: str
     tmp.mkdir(parents=True, exist_ok=True)
     bundles = {n: ensure_bundle(n, tmp, calib, reexport) for n in names}
     for n in names:
-        attach_default_path(bundles[n][0])
+        attach_default_path(bundles[n][0], force=refit)
     if export_only:
         return
 
