@@ -1,7 +1,8 @@
 """The kNN and ViM detectors' native kernels (edge_quq/csrc/rowdot.c: framekernels.knn_kth, vim_resid) against their
 numpy references (detectors._knn_kth_numpy, _vim_resid_numpy), every variant of dots_isas() on this CPU (NEON under
-qemu: tests/test_knn_vim_aarch64.py), and the detectors scored through them against the references: the same scores
-within the documented tolerance and the same decisions on real Fashion-MNIST test images.
+qemu: tests/test_knn_vim_aarch64.py), int8 and float32 banks and null spaces, and the detectors scored through them
+against the references: the same scores within the documented tolerance and the same decisions on real Fashion-MNIST
+test images; an int8 null space through fit, storage and load.
 
 Tolerance (framekernels' docstring): each float32 dot product agrees to DOT_RTOL of sum_j |x_j W_j|; the k-th
 largest similarity and the residual norm inherit it (kth_tolerance, resid_tolerance below).
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 
 from edge_quq import framekernels
-from edge_quq.detectors import (_dequantized_bank, _encode, _knn_kth_numpy, _vim_resid_numpy, l2_normalise)
+from edge_quq.detectors import (_dequantized_bank, _encode, _knn_kth_numpy, _vim_null_space, _vim_resid_numpy,
+                                l2_normalise)
 
 pytestmark = pytest.mark.skipif(not framekernels.dots_available(), reason="edge_quq._headkernel not built")
 ISAS = framekernels.dots_isas() if framekernels.dots_available() else ()
@@ -67,15 +69,29 @@ def knn_case(i: int, n: int, f: int, b: int, int8: bool):
     return x, bank, scale
 
 
-def vim_case(i: int, n: int, f: int, d: int):
-    """rows, origin float32 [F], an orthonormal float32 null space [F, D] (ViM's: eigenvectors); row 1 on the origin."""
+def vim_case(i: int, n: int, f: int, d: int, int8: bool = False):
+    """(rows, origin float32 [F], null space, its scales or None): an orthonormal float32 null space [F, D] (ViM's:
+    eigenvectors), or, int8, that with its first column on one feature's axis (a feature the fit data never varied:
+    the per-column scales' reason) stored as detectors._encode does, int8 [F, D] with float32 scales [D]; row 1 on the
+    origin."""
     rng = np.random.default_rng([i, 7])
     x = relu_rows(rng, n, f)
     origin = rng.normal(0.0, 0.5, f).astype(np.float32)
     if n > 1:
         x[1] = origin
     ns = np.linalg.qr(rng.normal(size=(f, f)))[0][:, :d].astype(np.float32)
-    return x, origin, ns
+    if not int8:
+        return x, origin, ns, None
+    ns[:, 0] = 0.0
+    ns[f // 2, 0] = 1.0
+    enc = _encode("null_space", ns, "int8")
+    return x, origin, enc["null_space"], enc["null_space.scale"]
+
+
+def vim_arrays(origin: np.ndarray, ns: np.ndarray, scale) -> dict:
+    """A ViM detector's arrays for _vim_resid_numpy (origin as a float64 row, its prepared form)."""
+    a = {"origin": origin.astype(np.float64)[None], "null_space": ns}
+    return a if scale is None else {**a, "null_space.scale": scale}
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -94,16 +110,25 @@ def test_knn_kth_matches_the_numpy_reference(isa, int8, case):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("int8", [True, False])
 @pytest.mark.parametrize("case", range(len(VIM_CASES)))
-def test_vim_resid_matches_the_numpy_reference(isa, case):
+def test_vim_resid_matches_the_numpy_reference(isa, int8, case):
     n, f, d = VIM_CASES[case]
-    x, origin, ns = vim_case(case, n, f, d)
-    want = _vim_resid_numpy({"origin": origin.astype(np.float64)[None], "null_space": ns.astype(np.float64)}, x)
-    got = framekernels.vim_resid(x, origin, np.ascontiguousarray(ns.T), isa)
+    x, origin, ns, scale = vim_case(case, n, f, d, int8)
+    a = vim_arrays(origin, ns, scale)
+    want = _vim_resid_numpy(a, x)
+    got = framekernels.vim_resid(x, origin, np.ascontiguousarray(ns.T), scale, isa)
     assert got.dtype == np.float64 and got.shape == (n,)
-    assert np.all(np.abs(got - want) <= resid_tolerance(x, origin, ns))
+    assert np.all(np.abs(got - want) <= resid_tolerance(x, origin, _vim_null_space(a)))
     if n > 1:
         assert got[1] == 0.0  # a row on the origin: x - origin is exactly zero in float32 too
+
+
+def test_an_int8_null_space_is_scaled_per_column():
+    _, _, q, scale = vim_case(0, 1, 96, 48, True)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (48,)
+    assert np.all(np.abs(q).max(axis=0) == 127) and scale[0] == np.float32(1.0 / 127)  # the axis column: exact
+    assert scale[1:].max() < 0.5 / 127  # the spread columns keep their own finer steps
 
 
 def test_the_variants_are_project_q8s_and_scalar_is_last():
@@ -114,10 +139,11 @@ def test_one_row_modes_give_the_batch_results():
     x, bank, scale = knn_case(0, 3, 1280, 100, True)
     batch = framekernels.knn_kth(x, bank, scale, 10)
     assert [framekernels.knn_kth_row(x[i:i + 1], bank, scale, 10) for i in range(3)] == batch.tolist()
-    x, origin, ns = vim_case(0, 3, 96, 48)
-    ns_t = np.ascontiguousarray(ns.T)
-    batch = framekernels.vim_resid(x, origin, ns_t)
-    assert [framekernels.vim_resid_row(x[i:i + 1], origin, ns_t) for i in range(3)] == batch.tolist()
+    for int8 in (False, True):
+        x, origin, ns, scale = vim_case(0, 3, 96, 48, int8)
+        ns_t = np.ascontiguousarray(ns.T)
+        batch = framekernels.vim_resid(x, origin, ns_t, scale)
+        assert [framekernels.vim_resid_row(x[i:i + 1], origin, ns_t, scale) for i in range(3)] == batch.tolist()
 
 
 def test_the_kernels_refuse_what_they_cannot_take():
@@ -133,10 +159,15 @@ def test_the_kernels_refuse_what_they_cannot_take():
         framekernels.knn_kth(x, bank.astype(np.int16), scale, 3)
     with pytest.raises(ValueError):
         framekernels.knn_kth(x, bank, scale, 3, "no_such_isa")
-    x, origin, ns = vim_case(1, 2, 16, 4)
+    x, origin, ns, _ = vim_case(1, 2, 16, 4)
     with pytest.raises(ValueError):
         framekernels.vim_resid(x, origin, np.ascontiguousarray(ns))  # [F, D] untransposed: F does not match
     assert framekernels.vim_resid_row(x[:1], origin.astype(np.float64), np.ascontiguousarray(ns.T)) is None
+    _, _, q, scale = vim_case(1, 2, 16, 4, True)
+    q_t = np.ascontiguousarray(q.T)
+    for bad in ((q_t, None), (q_t, scale[:3]), (q_t, scale.astype(np.float64)), (np.ascontiguousarray(ns.T), scale),
+                (q_t.astype(np.int16), scale)):
+        assert framekernels.vim_resid_row(x[:1], origin, *bad) is None  # scales with an int8 null space, only there
     assert framekernels.knn_kth(x[:0], bank, scale, 3).shape == (0,)
 
 
