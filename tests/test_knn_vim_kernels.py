@@ -259,3 +259,85 @@ def test_a_bank_in_any_layout_scores_alike():
     for b in (np.asfortranarray(bank), bank.astype(np.float64), bank.astype(np.float16).astype(np.float32)[::1]):
         assert np.allclose(_score_knn({"bank": b}, {"k": 5}, x, None), want, rtol=0, atol=1e-3)
     assert np.array_equal(_score_knn({"bank": np.asfortranarray(bank)}, {"k": 5}, x, None), want)
+
+
+# -- an int8 null space through fit, storage and load ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fashion_vim(fashion_mnist):
+    """kNN and ViM fitted with the default storage choice, and ViM float32 only, on ReLU random-projection features of
+    Fashion-MNIST (tests/test_whitener.py's, F = 576; 8000 rows, so that the 800 held out resolve the check's 0.2%):
+    (fitted set, float32 ViM, 300 test rows, head)."""
+    from edge_quq.detectors import fit_detectors
+    from edge_quq.head import HeadWeights
+
+    x, y, xt, _ = fashion_mnist
+    rng = np.random.default_rng(0)
+    f = 576
+    proj = rng.normal(size=(784, f)) / np.sqrt(784)
+    feat = lambda v: np.maximum(v.reshape(len(v), -1).astype(np.float64) / 255 @ proj - 0.1, 0.0)  # noqa: E731
+    head = HeadWeights(kernels=((rng.normal(size=(f, 32)) * 0.05).astype(np.float32),
+                                (rng.normal(size=(32, 10)) * 0.1).astype(np.float32)),
+                       biases=(np.zeros(32, np.float32), np.zeros(10, np.float32)), rates=(0.2, 0.2), activation="softmax")
+    feats = feat(x[:8000])
+    ds = fit_detectors(feats, y[:8000], head, ["knn", "vim"])
+    f32 = fit_detectors(feats, y[:8000], head, ["vim"], dtypes=("float32",))
+    return ds, f32, feat(xt[:300]).astype(np.float32), head
+
+
+def test_an_int8_null_space_is_stored_loaded_and_held_int8(fashion_vim):
+    from edge_quq.detector_store import check_arrays
+    from edge_quq.detectors import DetectorSet
+
+    ds, _, test, head = fashion_vim
+    assert ds.detectors["vim"].dtype == "int8" and ds.file_version() == 3
+    stored = ds.to_arrays()
+    f, d = stored["vim/null_space"].shape
+    assert stored["vim/null_space"].dtype == np.int8 and stored["vim/null_space"].flags.c_contiguous
+    assert stored["vim/null_space.scale"].dtype == np.float32 and stored["vim/null_space.scale"].shape == (d,)
+    assert stored["vim/origin"].dtype == np.float32 and "vim/origin.scale" not in stored
+    back = DetectorSet.from_arrays(stored, "t")
+    check_arrays(back, f, 10, "t")
+    assert back.meta["version"] == 3
+    vim = back.detectors["vim"]
+    assert vim.arrays["null_space"].dtype == np.int8 and vim.memory_bytes() == f * d + 4 * d + 4 * f + 8
+    ns_t = vim._scoring_arrays()["ns_t"]
+    assert ns_t.dtype == np.int8 and ns_t.shape == (d, f) and np.shares_memory(ns_t, vim.arrays["null_space"])
+    a, b = ds.score_all(test, head), back.score_all(test, head)
+    assert all(np.array_equal(a[n], b[n]) for n in a)  # the same stored values, the same kernel
+
+
+def test_an_int8_null_space_scores_like_its_reference_and_the_float_fit(fashion_vim, monkeypatch):
+    from edge_quq.detectors import DetectorSet, _score_vim
+
+    ds, f32, test, head = fashion_vim
+    stored = ds.to_arrays()
+    native = DetectorSet.from_arrays(stored, "t").detectors["vim"]
+    monkeypatch.setattr(framekernels, "_DOTS_AVAILABLE", False)
+    numpy = DetectorSet.from_arrays(stored, "t").detectors["vim"]
+    assert numpy._scoring_arrays()["null_space"].dtype == np.float64  # dequantised once, not per frame
+    a = numpy.arrays
+    tol = a["alpha"].item(0) * resid_tolerance(test, a["origin"], _vim_null_space(a))
+    assert np.all(np.abs(native.score(test, head) - numpy.score(test, head)) <= tol)
+    # Against the float32 fit: within the storage check's 10% of the score's spread on unseen rows too, and well
+    # inside what rounding each entry on its own gives (quantize_null_space's reason).
+    want = f32.detectors["vim"].score(test, head)
+    spread = np.std(want)
+    shift = np.max(np.abs(native.score(test, head) - want)) / spread
+    fa = f32.detectors["vim"].arrays
+    rounded = _score_vim({**fa, **_encode("null_space", fa["null_space"], "int8")}, {}, test, head)
+    assert shift <= 0.1 and shift < np.max(np.abs(rounded - want)) / spread / 3
+
+
+@pytest.mark.parametrize("scale, message", [(None, "is not 288 finite numbers"), (np.zeros(288, np.float32), "not > 0"),
+                                            (np.ones(1, np.float32), "is not 288 finite numbers"),
+                                            (np.full(288, np.inf, np.float32), "is not 288 finite numbers")])
+def test_an_int8_null_space_without_its_scales_is_refused(fashion_vim, scale, message):
+    from edge_quq.detectors import DetectorSet
+    from edge_quq.errors import BundleError
+
+    stored = dict(fashion_vim[0].to_arrays())
+    del stored["vim/null_space.scale"]
+    if scale is not None:
+        stored["vim/null_space.scale"] = scale
+    with pytest.raises(BundleError, match=message):
+        DetectorSet.from_arrays(stored, "t")
