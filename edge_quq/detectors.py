@@ -182,7 +182,7 @@ def quantize_null_space(ns: np.ndarray, rows: np.ndarray, damp: float = 0.01, bl
     q, scale = _quantize_rows(w)
     f = w.shape[1]
     h = rows.T @ rows / max(len(rows), 1)
-    h[np.diag_indices(f)] += damp * max(float(np.mean(np.diag(h))), 1e-12) if f else 0.0
+    h[np.diag_indices(f)] += damp * max(float(np.mean(np.diag(h))), 1e-12)
     try:
         u = np.linalg.cholesky(np.linalg.inv(h)).T
     except np.linalg.LinAlgError:
@@ -817,7 +817,7 @@ def _decode(arrays: Mapping[str, np.ndarray], key: str, where: str = "detectors"
             what = f"{count} finite numbers (one per column)" if name in _INT8_PER_COLUMN else "one finite number"
             raise BundleError(f"{where}: {key} is int8 but {key}.scale is not {what}")
         if name in _INT8_KEPT:
-            if not (scale > 0).all():  # the kernel keeps the k largest of the unscaled products
+            if not (scale > 0).all():  # kNN's kernel keeps the k largest of the unscaled products
                 raise BundleError(f"{where}: {key} is int8 but {key}.scale is not > 0")
             return np.asfortranarray(v) if name in _INT8_PER_COLUMN else np.ascontiguousarray(v)
         v = v.astype(np.float32) * np.float32(scale.reshape(-1)[0])
