@@ -1,9 +1,8 @@
 """The kNN and ViM kernels' NEON variant on aarch64 (int8 and float32 banks and null spaces): edge_quq/csrc/rowdot.c
 (with whitener.c, whose variant choice it shares) and a small C driver (tests/csrc/rowdot_driver.c), cross-compiled
 static and run under qemu-aarch64-static (`-cpu cortex-a72`, the Pi 4's ARMv8.0 core, and `-cpu max`), against numpy's
-references
-(detectors._knn_kth_numpy, _vim_resid_numpy) within tests/test_knn_vim_kernels.py's tolerances (framekernels.DOT_RTOL);
-the same driver natively runs the x86 variants without Python.
+references (detectors._knn_kth_numpy, _vim_resid_numpy) within tests/test_knn_vim_kernels.py's tolerances
+(framekernels.DOT_RTOL); the same driver natively runs the x86 variants without Python.
 """
 from __future__ import annotations
 
