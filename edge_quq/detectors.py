@@ -24,7 +24,7 @@ Detectors (docs/detectors.md has the formulas and costs):
 - gradient         the closed-form head-gradient score of edge_quq.gradients (REGrad), as one more detector.
 
 Storage: `DetectorSet.to_arrays()` gives plain arrays (float16 or int8 where the held-out scores do not move,
-float32 otherwise) plus a JSON meta record, written by the caller as an npz without pickle.
+float32 otherwise; an int8 kNN bank or ViM null space stays int8 in memory) plus a JSON meta record, written by the caller as an npz without pickle.
 """
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ from edge_quq.head import HeadWeights
 from edge_quq.scores import energy
 
 FORMAT_NAME = "edge-quq-detectors"
-FILE_VERSION = 2  # 2: int8 whiteners with per-row scales (_WHITENERS); a file without them is written as 1
+# 2: int8 whiteners with per-row scales (_WHITENERS); 3: ViM's null space int8 with per-column scales
+# (_INT8_PER_COLUMN). A file is written with the lowest version that holds it (DetectorSet.file_version).
+FILE_VERSION = 3
 DETECTOR_NAMES = ("maxlogit", "energy", "react", "mahalanobis", "rel_mahalanobis", "knn", "vim", "gradient")
 DEFAULT_DETECTORS = DETECTOR_NAMES
 
@@ -135,9 +137,15 @@ def _fit_mahalanobis(feats, labels, head, rng, ridge: float = 1e-6) -> Dict[str,
 INT8_WHITENER_MIN_FEATURES = 512
 # the int8 form of a whitener "k": k int8 [F, F] (diagonal zero), k_scale float32 [F], k_diag float32 [F]
 _WHITENERS = ("whitener", "whitener0")
-# Stored int8 arrays held int8 in memory with their one scale (key + ".scale", float64 [1]) rather than dequantised:
-# the kNN bank, which the native kernel reads as it is (framekernels.knn_kth).
-_INT8_KEPT = frozenset({"bank"})
+# Stored int8 arrays held int8 in memory with their scales (key + ".scale") rather than dequantised, which the native
+# kernels read as they are: the kNN bank (framekernels.knn_kth; one scale, float64 [1]) and ViM's null space
+# (framekernels.vim_resid; one scale per column, _INT8_PER_COLUMN).
+_INT8_KEPT = frozenset({"bank", "null_space"})
+# Kept int8 arrays [F, D] with a scale per column, float32 [D]. Why: each column is one of the kernel's dot products,
+# and one column can be far more concentrated than the rest (a feature that never varies in the fit data is an
+# eigenvector on its own axis, entry 1.0, against ~1/sqrt(F) for spread ones), which on one shared scale would leave
+# the spread columns a few int8 steps.
+_INT8_PER_COLUMN = frozenset({"null_space"})
 
 
 def quantize_whitener(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -148,11 +156,47 @@ def quantize_whitener(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray
     of the distance 7e-4 against 4e-3 to 1e-2 per row alone and 8e-2 per column; docs/detectors.md)."""
     w = np.asarray(w, np.float64)
     diag = np.diag(w).astype(np.float32)
-    rest = w - np.diag(np.diag(w))
-    amax = np.max(np.abs(rest), axis=1) if w.size else np.zeros(0)
-    scale = (np.where(amax > 0, amax, 1.0) / 127.0).astype(np.float32)
-    q = np.clip(np.round(rest / scale.astype(np.float64)[:, None]), -127, 127).astype(np.int8)
+    q, scale = _quantize_rows(w - np.diag(np.diag(w)))
     return q, scale, diag
+
+
+def _quantize_rows(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(q int8, scale float32 [rows]) of float64 w with w ~ scale[:, None] * q, |q| <= 127, each row on its own scale
+    (its largest magnitude is 127 steps; an all-zero row gets scale 1/127)."""
+    amax = np.max(np.abs(w), axis=1) if w.size else np.zeros(len(w))
+    scale = (np.where(amax > 0, amax, 1.0) / 127.0).astype(np.float32)
+    return np.clip(np.round(w / scale.astype(np.float64)[:, None]), -127, 127).astype(np.int8), scale
+
+
+def quantize_null_space(ns: np.ndarray, rows: np.ndarray, damp: float = 0.01, block: int = 128
+                        ) -> Tuple[np.ndarray, np.ndarray]:
+    """(q int8 [F, D], scale float32 [D]) of ViM's null space ns [F, D], one scale per column (its largest magnitude
+    at 127 steps, as _quantize_rows), the int8 values chosen by GPTQ (Frantar et al. 2023) to keep the residual
+    coordinates of `rows` [N, F] (the fit rows minus the origin) rather than each entry: column j's rounding error is
+    carried into the columns not yet rounded through the upper Cholesky factor of the rows' damped inverse second
+    moment, in blocks of `block` features. Why: the rows' norm about the origin is 10-70x their residual (on
+    Fashion-MNIST ReLU features, F = 576-1280, and the bench bundles' rows), so rounding each entry moved the held-out
+    ViM scores by 0.17-0.19 of their spread, over the storage check's 0.1; compensated, by 0.02-0.03
+    (docs/detectors.md). Deterministic; plain rounding when the second moment cannot be factorised."""
+    w = np.array(ns, np.float64).T  # [D, F]: row d is column d of ns, updated as features are rounded
+    q, scale = _quantize_rows(w)
+    f = w.shape[1]
+    h = rows.T @ rows / max(len(rows), 1)
+    h[np.diag_indices(f)] += damp * max(float(np.mean(np.diag(h))), 1e-12)
+    try:
+        u = np.linalg.cholesky(np.linalg.inv(h)).T
+    except np.linalg.LinAlgError:
+        return np.ascontiguousarray(q.T), scale
+    s = scale.astype(np.float64)
+    for b0 in range(0, f, block):
+        b1 = min(b0 + block, f)
+        err = np.empty((w.shape[0], b1 - b0))
+        for j in range(b0, b1):
+            q[:, j] = np.clip(np.round(w[:, j] / s), -127, 127)
+            err[:, j - b0] = (w[:, j] - q[:, j] * s) / u[j, j]
+            w[:, j + 1:b1] -= np.outer(err[:, j - b0], u[j, j + 1:b1])
+        w[:, b1:] -= err @ u[b0:b1, b1:]
+    return np.ascontiguousarray(q.T), scale
 
 
 def dequantize_whitener(q: np.ndarray, scale: np.ndarray, diag: np.ndarray) -> np.ndarray:
@@ -406,34 +450,49 @@ def _fit_vim(feats, labels, head, rng, dim: Optional[int] = None) -> Dict[str, n
 
 def _prepare_vim(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """ViM's scoring arrays, made once per detector. For the native kernel: the origin as float32 [F] and the null
-    space transposed, float32 [D, F] ("ns_t": its rows are the kernel's dot products), no float64 copy (6.5 MiB at
-    F = 1280, read every frame). For numpy: the origin as a float64 [1, F] row (a frame's one row is then subtracted
-    without a broadcast, which cost numpy more than the subtraction), the null space as float64 up to
-    _F64_CACHE_ELEMENTS (its product is float64 math). The same stored values either way."""
+    space transposed ("ns_t": its rows are the kernel's dot products), no float64 copy (6.5 MiB at F = 1280, read
+    every frame): float32 [D, F], or, stored int8 (_INT8_PER_COLUMN), the int8 rows as held (a view: the loaded null
+    space is held column-major, _decode) with their scales "ns_scale" float32 [D], a quarter of float32's bytes.
+    For numpy: the origin as a float64 [1, F] row (a frame's one row is then subtracted without a broadcast, which
+    cost numpy more than the subtraction), the null space as float64 up to _F64_CACHE_ELEMENTS (its product is
+    float64 math; an int8 one dequantised, _vim_null_space). The same stored values either way."""
     ns = a["null_space"]
     if _native.dots_available():
+        i8 = ns.dtype == np.int8
         return {**a, "origin": np.ascontiguousarray(a["origin"], np.float32).reshape(-1),
-                "ns_t": np.ascontiguousarray(np.asarray(ns, np.float32).T)}
+                "ns_t": np.ascontiguousarray(ns.T if i8 else np.asarray(ns, np.float32).T),
+                "ns_scale": np.ascontiguousarray(a["null_space.scale"], np.float32) if i8 else None}
     return {**a, "origin": np.asarray(a["origin"], np.float64).reshape(1, -1),
-            "null_space": np.asarray(ns, np.float64) if ns.size <= _F64_CACHE_ELEMENTS else ns}
+            "null_space": _vim_null_space(a) if ns.size <= _F64_CACHE_ELEMENTS else ns}
+
+
+def _vim_null_space(a: Mapping[str, np.ndarray]) -> np.ndarray:
+    """ViM's null space [F, D] as float64: an int8 one times its per-column scales (exact in float64)."""
+    ns = a["null_space"]
+    if ns.dtype == np.int8:
+        return ns.astype(np.float64) * np.asarray(a["null_space.scale"], np.float32).astype(np.float64)
+    return np.asarray(ns, np.float64)
 
 
 def _vim_resid_numpy(a: Mapping[str, np.ndarray], feats: np.ndarray) -> np.ndarray:
-    """float64 [N]: |(feats - origin) @ null_space| in float64, the definition, and the native kernel's reference."""
+    """float64 [N]: |(feats - origin) @ null_space| in float64, the definition, and the native kernel's reference;
+    an int8 null space (with its "null_space.scale") dequantised first."""
     x = np.asarray(feats, np.float64) - a["origin"]
-    r = x @ a["null_space"]  # float64 x: a float32 null space (F > 2048, not cached as float64) is widened exactly
+    ns = a["null_space"]
+    # float64 x: a float32 null space (F > 2048, not cached as float64) is widened exactly
+    r = x @ (_vim_null_space(a) if ns.dtype == np.int8 else ns)
     # np.linalg.norm(r, axis=1)'s own arithmetic for real rows, without its Python wrapper (a third of the score)
     return np.sqrt(np.add.reduce(r * r, axis=1))
 
 
 def _score_vim(a, cfg, feats, head, logits=None) -> np.ndarray:
-    resid = _native.vim_resid(feats, a["origin"], a["ns_t"]) if "ns_t" in a else _vim_resid_numpy(a, feats)
+    resid = _native.vim_resid(feats, a["origin"], a["ns_t"], a["ns_scale"]) if "ns_t" in a else _vim_resid_numpy(a, feats)
     return a["alpha"].item(0) * resid + energy(eval_logits(head, feats) if logits is None else logits, head.activation)
 
 
 def _vim_row(a, cfg, feats, head, logits=None) -> float:
     """_score_vim of one row feats float32 [1, F] as a float: the native kernel's one-row mode when it takes it."""
-    resid = _native.vim_resid_row(feats, a["origin"], a["ns_t"]) if "ns_t" in a else None
+    resid = _native.vim_resid_row(feats, a["origin"], a["ns_t"], a["ns_scale"]) if "ns_t" in a else None
     if resid is None:
         return _score_vim(a, cfg, feats, head, logits).item(0)
     lg = eval_logits(head, feats) if logits is None else logits
@@ -529,7 +588,7 @@ def _row_score(name: str) -> Callable[..., float]:
 class FittedDetector:
     name: str
     config: Dict[str, Any]
-    arrays: Dict[str, np.ndarray]  # in memory as loaded (float32 arrays, float64 scalars, int8 whiteners, an int8 kNN bank with its bank.scale); stored dtype in `dtype`
+    arrays: Dict[str, np.ndarray]  # in memory as loaded (float32 arrays, float64 scalars, int8 whiteners, an int8 kNN bank or ViM null space with its .scale); stored dtype in `dtype`
     threshold: Optional[float] = None
     tpr: Optional[float] = None
     dtype: str = "float32"
@@ -569,8 +628,8 @@ class FittedDetector:
 
     def nbytes(self) -> int:
         """Bytes of the stored arrays (the file's share, before compression)."""
-        per = {"int8": 1, "float16": 2, "float32": 4}[_float_storage(self.arrays, self.dtype)]
-        return int(sum(v.size * (1 if v.dtype == np.int8 else per if v.size > 1 else 8) for v in self.arrays.values()))
+        dt = _float_storage(self.arrays, self.dtype)
+        return int(sum(e.nbytes for k, v in self.arrays.items() for e in _encode(k, v, dt).values()))
 
     def memory_bytes(self) -> int:
         """Bytes of the arrays as held in memory for scoring."""
@@ -664,8 +723,12 @@ class DetectorSet:
         return out
 
     def file_version(self) -> int:
-        """The detectors file version this set needs: 1 (what every edge-quq reads) unless it holds int8 whiteners."""
-        return FILE_VERSION if any(_prequantized(d.arrays) for d in self.detectors.values()) else 1
+        """The detectors file version this set needs: 1 (what every edge-quq reads), 2 with int8 whiteners, 3 with an
+        int8 ViM null space (FILE_VERSION's list), so that an older edge-quq refuses only what it cannot read."""
+        arrs = [d.arrays for d in self.detectors.values()]
+        if any(v.dtype == np.int8 and k in _INT8_PER_COLUMN for a in arrs for k, v in a.items()):
+            return 3
+        return 2 if any(_prequantized(a) for a in arrs) else 1
 
     @classmethod
     def from_arrays(cls, arrays: Mapping[str, np.ndarray], where: str) -> "DetectorSet":
@@ -707,7 +770,7 @@ class DetectorSet:
 
 def _prequantized(arrs: Mapping[str, np.ndarray]) -> bool:
     """True for arrays quantised at fit (int8 whiteners with their scales), not by the storage dtype (an int8 kNN
-    bank held as stored, _INT8_KEPT, is the storage dtype's)."""
+    bank or ViM null space held as stored, _INT8_KEPT, is the storage dtype's)."""
     return any(k in _WHITENERS and v.dtype == np.int8 for k, v in arrs.items())
 
 
@@ -718,48 +781,62 @@ def _float_storage(arrs: Mapping[str, np.ndarray], dtype: str) -> str:
 
 
 def _encode(key: str, v: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
-    if v.dtype == np.int8:
-        return {key: v}  # quantised at fit (an int8 whitener, scaled by its own arrays) or held as stored (its .scale)
+    """Stored arrays of array `key` of a detector stored as `dtype`: int8 ones as they are (quantised at fit, an int8
+    whitener scaled by its own arrays, or held as stored, _INT8_KEPT, with their .scale, also stored as it is); with
+    "int8" the _INT8_KEPT arrays quantised and the detector's other arrays float32; else `dtype`. Scalars (alpha,
+    clip) stay float64: they cost nothing and set thresholds' units."""
+    if v.dtype == np.int8 or key.endswith(".scale"):
+        return {key: np.ascontiguousarray(v)}  # written row-major whatever the layout held (_decode)
     v = np.asarray(v, np.float64)
-    if dtype == "int8" and not key.endswith(".scale"):  # a held int8 bank's scale (_INT8_KEPT) is not requantised
+    name = key.rsplit("/", 1)[-1]
+    if dtype == "int8" and name in _INT8_PER_COLUMN:  # the fit quantises it against its rows instead (quantize_null_space)
+        q, scale = _quantize_rows(v.T)
+        return {key: np.ascontiguousarray(q.T), f"{key}.scale": scale}
+    if dtype == "int8" and name in _INT8_KEPT:
         scale = max(float(np.max(np.abs(v))), 1e-30) / 127.0
         return {key: np.round(v / scale).astype(np.int8), f"{key}.scale": np.array([scale], np.float64)}
-    # scalars (alpha, clip) stay float64: they cost nothing and set thresholds' units
-    return {key: v.astype(np.float64 if v.size == 1 else np.dtype(dtype))}
+    return {key: v.astype(np.float64 if v.size == 1 else np.dtype("float32" if dtype == "int8" else dtype))}
 
 
 def _decode(arrays: Mapping[str, np.ndarray], key: str, where: str = "detectors") -> np.ndarray:
     """Stored array -> the in-memory form the scores use: float32 for arrays (half the memory of float64 on
-    the board), float64 for scalars, an int8 kNN bank as stored (_INT8_KEPT: a quarter of float32's memory). A
-    stored array that is not a real number array, or an int8 one without its one finite scale (> 0 for a bank),
-    is refused with one line."""
+    the board), float64 for scalars, an int8 kNN bank or ViM null space as stored (_INT8_KEPT: a quarter of float32's
+    memory; the null space column-major, so that its transpose, the kernel's rows, is a view). A stored array that
+    is not a real number array, or an int8 one without its finite scales (one, or one per column for
+    _INT8_PER_COLUMN; > 0 for a kept array), is refused with one line."""
     v = np.asarray(arrays[key])
+    name = key.rsplit("/", 1)[-1]
     if v.dtype.kind not in "fi":
         raise BundleError(f"{where}: {key} has dtype {v.dtype}, not a number array")
-    if v.dtype == np.int8 and key.rsplit("/", 1)[-1] in _WHITENERS and f"{key}.scale" not in arrays:
+    if v.dtype == np.int8 and name in _WHITENERS and f"{key}.scale" not in arrays:
         return np.ascontiguousarray(v)  # an int8 whitener stays int8 (its scales: detector_store.check_arrays)
     if v.dtype == np.int8:
         scale = np.asarray(arrays.get(f"{key}.scale", np.zeros(0)))
-        if scale.dtype.kind != "f" or scale.size != 1 or not np.isfinite(scale).all():
-            raise BundleError(f"{where}: {key} is int8 but {key}.scale is not one finite number")
-        if key.rsplit("/", 1)[-1] in _INT8_KEPT:
-            if not scale.reshape(-1)[0] > 0:  # the kernel keeps the k largest of the unscaled products
+        count = v.shape[1] if name in _INT8_PER_COLUMN and v.ndim == 2 else 1
+        if scale.dtype.kind != "f" or scale.size != count or not np.isfinite(scale).all():
+            what = f"{count} finite numbers (one per column)" if name in _INT8_PER_COLUMN else "one finite number"
+            raise BundleError(f"{where}: {key} is int8 but {key}.scale is not {what}")
+        if name in _INT8_KEPT:
+            if not (scale > 0).all():  # kNN's kernel keeps the k largest of the unscaled products
                 raise BundleError(f"{where}: {key} is int8 but {key}.scale is not > 0")
-            return np.ascontiguousarray(v)  # held as stored, with its scale (_decode_detector)
+            return np.asfortranarray(v) if name in _INT8_PER_COLUMN else np.ascontiguousarray(v)
         v = v.astype(np.float32) * np.float32(scale.reshape(-1)[0])
     with np.errstate(over="ignore", invalid="ignore"):
         return np.ascontiguousarray(v, np.float64 if v.size == 1 else np.float32)
 
 
 def _decode_detector(arrays: Mapping[str, np.ndarray], prefix: str, where: str = "detectors") -> Dict[str, np.ndarray]:
-    """One detector's arrays in memory from the stored ones named prefix + key: each _decode'd, and the scale of
-    one held int8 ("bank.scale" beside an int8 "bank") as float64 [1]: it is stored under that name too."""
+    """One detector's arrays in memory from the stored ones named prefix + key: each _decode'd, and the scales of
+    one held int8 ("bank.scale" beside an int8 "bank": float64 [1]; "null_space.scale": float32 [D]) under that
+    name too."""
     out: Dict[str, np.ndarray] = {}
     for k in arrays:
         if k.startswith(prefix) and not k.endswith(".scale"):
             v = out[k[len(prefix):]] = _decode(arrays, k, where)
-            if v.dtype == np.int8 and k.rsplit("/", 1)[-1] in _INT8_KEPT:
-                out[k[len(prefix):] + ".scale"] = np.asarray(arrays[f"{k}.scale"], np.float64).reshape(1)
+            name = k.rsplit("/", 1)[-1]
+            if v.dtype == np.int8 and name in _INT8_KEPT:
+                dt = np.float32 if name in _INT8_PER_COLUMN else np.float64
+                out[k[len(prefix):] + ".scale"] = np.asarray(arrays[f"{k}.scale"], dt).reshape(-1)
     return out
 
 
@@ -799,8 +876,12 @@ def _choose_storage(n: str, arrs: Dict[str, np.ndarray], cfg: Dict[str, Any], he
             # The threshold is one of the held-out scores, so that sample sits on the boundary and flips with any
             # perturbation half of the time: one flip is the check's resolution (of 384 held-out rows at F = 1280).
             allowed = max(tolerance, 1.0 / len(hold))
+        elif dt == "int8" and n == "vim":
+            # quantised against the fit rows (quantize_null_space), judged on the score like the other dtypes
+            q, scale = quantize_null_space(arrs["null_space"], fit_rows[0] - arrs["origin"])
+            trial = _roundtrip({**arrs, "null_space": q, "null_space.scale": scale}, dt)
         elif dt == "int8" and n != "knn":
-            continue  # int8 only for the bank of unit vectors, whose range is known, and large whiteners
+            continue  # int8 only for the bank of unit vectors, whose range is known, ViM's null space and large whiteners
         else:
             trial = _roundtrip(arrs, dt)
         if check not in refs:
@@ -825,8 +906,9 @@ def fit_detectors(feats: np.ndarray, labels: np.ndarray, head: HeadWeights, name
     storage check: each detector is stored in the first of `dtypes` whose held-out scores move the
     threshold decision for at most `tolerance` of the samples and shift no score by more than 50 * tolerance
     of the score's spread (10% at the default; tolerance=1 accepts the first dtype). int8 applies to the KNN
-    bank and, from INT8_WHITENER_MIN_FEATURES features, to the Mahalanobis family's whiteners (quantised here,
-    judged on the class distance: _choose_storage). Deterministic for a seed.
+    bank, to ViM's null space (one scale per column; its origin then stays float32) and, from
+    INT8_WHITENER_MIN_FEATURES features, to the Mahalanobis family's whiteners (quantised here, judged on the class
+    distance: _choose_storage). Deterministic for a seed.
     """
     feats = np.asarray(feats, np.float64)
     labels = np.asarray(labels).astype(np.int64).reshape(-1)

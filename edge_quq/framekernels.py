@@ -13,7 +13,8 @@ Every kernel has a batched numpy reference that stays the definition of its math
     knn_kth            edge_quq.detectors._knn_kth_numpy          DOT_RTOL (every variant of dots_isas(), int8 and float32
                                                                    banks: tests/test_knn_vim_kernels.py, NEON under qemu:
                                                                    tests/test_knn_vim_aarch64.py; knn_kth_row: one row)
-    vim_resid          edge_quq.detectors._vim_resid_numpy        DOT_RTOL (as knn_kth; vim_resid_row: one row)
+    vim_resid          edge_quq.detectors._vim_resid_numpy        DOT_RTOL (as knn_kth, int8 and float32 null spaces;
+                                                                   vim_resid_row: one row)
 
 The owners (scores.compute_scores, decision.decide and decide_many, the detectors' Mahalanobis family) call the
 kernel when `available()`, the reference otherwise: an install without a C compiler runs the references only.
@@ -27,8 +28,8 @@ rel_mahalanobis), the terms whose float32 rounding the distance inherits. The in
 multiplies the same float32 terms as its reference, x @ the dequantised matrix, up to the rounding of x_i * scale_i
 and in another order: each projected coordinate z_k agrees to Q8_RTOL of sum_i |x_i W_ik|.
 knn_kth and vim_resid (rowdot.c) are float32 dot products like their references' BLAS matmuls, in another order
-(and, for an int8 bank, with the scale applied after the sum instead of to each entry): each dot product agrees to
-DOT_RTOL of sum_j |x_j W_j|. The k-th largest of values each moved by at most e moves by at most e, so the kNN's
+(and, for an int8 bank or null space, with the scale applied after the sum instead of to each entry, W being the
+dequantised matrix): each dot product agrees to DOT_RTOL of sum_j |x_j W_j|. The k-th largest of values each moved by at most e moves by at most e, so the kNN's
 k-th similarity agrees to DOT_RTOL of max_b sum_j |xhat_j bank_bj| (<= DOT_RTOL for unit rows); ViM's residual
 norm, a norm of D such products, to DOT_RTOL of the norm of their bounds, | |x - origin| @ |null_space| |.
 """
@@ -222,19 +223,22 @@ def knn_kth_row(x: np.ndarray, bank: np.ndarray, scale: float, k: int) -> Option
         return None
 
 
-def vim_resid(x: np.ndarray, origin: np.ndarray, ns_t: np.ndarray, isa: Optional[str] = None) -> np.ndarray:
-    """float64 [N]: |(x - origin) @ ns_t.T| of rows x [N, F], origin float32 [F] and the null space transposed,
-    float32 C-contiguous [D, F] (detectors._vim_resid_numpy), by the variant `isa` (None: the best)."""
+def vim_resid(x: np.ndarray, origin: np.ndarray, ns_t: np.ndarray, scale: Optional[np.ndarray] = None,
+              isa: Optional[str] = None) -> np.ndarray:
+    """float64 [N]: |(x - origin) @ (scale * ns_t).T| of rows x [N, F], origin float32 [F] and the null space
+    transposed, C-contiguous [D, F]: float32 (scale None) or int8 with one scale per row, float32 [D]
+    (detectors._vim_resid_numpy), by the variant `isa` (None: the best)."""
     xx = np.ascontiguousarray(x, np.float32)
     out = np.empty(xx.shape[0])
     if xx.shape[0]:
-        _kernel.vim_resid(xx, origin, ns_t, out, isa)
+        _kernel.vim_resid(xx, origin, ns_t, scale, out, isa)
     return out
 
 
-def vim_resid_row(x: np.ndarray, origin: np.ndarray, ns_t: np.ndarray) -> Optional[float]:
+def vim_resid_row(x: np.ndarray, origin: np.ndarray, ns_t: np.ndarray, scale: Optional[np.ndarray] = None
+                  ) -> Optional[float]:
     """vim_resid of one row x (float32, C-contiguous [1, F]) as a float; None for inputs of other types or layouts."""
     try:
-        return _kernel.vim_resid(x, origin, ns_t)
+        return _kernel.vim_resid(x, origin, ns_t, scale)
     except _REFUSED:
         return None

@@ -1,8 +1,8 @@
-"""The kNN and ViM kernels' NEON variant on aarch64: edge_quq/csrc/rowdot.c (with whitener.c, whose variant choice
-it shares) and a small C driver (tests/csrc/rowdot_driver.c), cross-compiled static and run under
-qemu-aarch64-static (`-cpu cortex-a72`, the Pi 4's ARMv8.0 core, and `-cpu max`), against numpy's references
-(detectors._knn_kth_numpy, _vim_resid_numpy) within tests/test_knn_vim_kernels.py's tolerances (framekernels.DOT_RTOL);
-the same driver natively runs the x86 variants without Python.
+"""The kNN and ViM kernels' NEON variant on aarch64 (int8 and float32 banks and null spaces): edge_quq/csrc/rowdot.c
+(with whitener.c, whose variant choice it shares) and a small C driver (tests/csrc/rowdot_driver.c), cross-compiled
+static and run under qemu-aarch64-static (`-cpu cortex-a72`, the Pi 4's ARMv8.0 core, and `-cpu max`), against numpy's
+references (detectors._knn_kth_numpy, _vim_resid_numpy) within tests/test_knn_vim_kernels.py's tolerances
+(framekernels.DOT_RTOL); the same driver natively runs the x86 variants without Python.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from edge_quq import framekernels
-from edge_quq.detectors import _dequantized_bank, _knn_kth_numpy, _vim_resid_numpy
-from test_knn_vim_kernels import KNN_CASES, VIM_CASES, kth_tolerance, knn_case, resid_tolerance, vim_case
+from edge_quq.detectors import _dequantized_bank, _knn_kth_numpy, _vim_null_space, _vim_resid_numpy
+from test_knn_vim_kernels import KNN_CASES, VIM_CASES, kth_tolerance, knn_case, resid_tolerance, vim_arrays, vim_case
 from test_native_aarch64 import build
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ CSRC = ROOT / "edge_quq" / "csrc"
 SOURCES = [CSRC / "rowdot.c", CSRC / "whitener.c", ROOT / "tests" / "csrc" / "rowdot_driver.c"]
 CROSS = shutil.which("aarch64-linux-gnu-gcc")
 QEMU = shutil.which("qemu-aarch64-static")
-NUM_CASES = 2 * len(KNN_CASES) + len(VIM_CASES)
+NUM_CASES = 2 * len(KNN_CASES) + 2 * len(VIM_CASES)
 
 
 def _write_knn(out, i: int, n: int, f: int, b: int, k: int, int8: bool) -> None:
@@ -36,12 +36,13 @@ def _write_knn(out, i: int, n: int, f: int, b: int, k: int, int8: bool) -> None:
         out.write(np.ascontiguousarray(a, dt).tobytes())
 
 
-def _write_vim(out, i: int, n: int, f: int, d: int) -> None:
-    x, origin, ns = vim_case(i, n, f, d)
-    want = _vim_resid_numpy({"origin": origin.astype(np.float64)[None], "null_space": ns.astype(np.float64)}, x)
-    out.write(struct.pack("<4i", 1, n, f, d))
-    for a, dt in ((x, "<f4"), (origin, "<f4"), (ns.T, "<f4"), (want, "<f8"), (resid_tolerance(x, origin, ns), "<f8")):
-        out.write(np.ascontiguousarray(a, dt).tobytes())
+def _write_vim(out, i: int, n: int, f: int, d: int, int8: bool) -> None:
+    x, origin, ns, scale = vim_case(i, n, f, d, int8)
+    a = vim_arrays(origin, ns, scale)
+    out.write(struct.pack("<5i", 1, n, f, d, int(int8)))
+    arrs = [(x, "<f4"), (origin, "<f4"), (ns.T, "i1" if int8 else "<f4")] + ([(scale, "<f4")] if int8 else [])
+    for v, dt in arrs + [(_vim_resid_numpy(a, x), "<f8"), (resid_tolerance(x, origin, _vim_null_space(a)), "<f8")]:
+        out.write(np.ascontiguousarray(v, dt).tobytes())
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,8 @@ def cases_file(tmp_path_factory) -> Path:
             for int8 in (True, False):
                 _write_knn(out, i, *case, int8)
         for i, case in enumerate(VIM_CASES):
-            _write_vim(out, i, *case)
+            for int8 in (True, False):
+                _write_vim(out, i, *case, int8)
     return path
 
 

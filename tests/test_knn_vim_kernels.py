@@ -1,7 +1,8 @@
 """The kNN and ViM detectors' native kernels (edge_quq/csrc/rowdot.c: framekernels.knn_kth, vim_resid) against their
 numpy references (detectors._knn_kth_numpy, _vim_resid_numpy), every variant of dots_isas() on this CPU (NEON under
-qemu: tests/test_knn_vim_aarch64.py), and the detectors scored through them against the references: the same scores
-within the documented tolerance and the same decisions on real Fashion-MNIST test images.
+qemu: tests/test_knn_vim_aarch64.py), int8 and float32 banks and null spaces, and the detectors scored through them
+against the references: the same scores within the documented tolerance and the same decisions on real Fashion-MNIST
+test images; an int8 null space through fit, storage and load.
 
 Tolerance (framekernels' docstring): each float32 dot product agrees to DOT_RTOL of sum_j |x_j W_j|; the k-th
 largest similarity and the residual norm inherit it (kth_tolerance, resid_tolerance below).
@@ -16,7 +17,8 @@ import numpy as np
 import pytest
 
 from edge_quq import framekernels
-from edge_quq.detectors import (_dequantized_bank, _encode, _knn_kth_numpy, _vim_resid_numpy, l2_normalise)
+from edge_quq.detectors import (_dequantized_bank, _encode, _knn_kth_numpy, _vim_null_space, _vim_resid_numpy,
+                                l2_normalise)
 
 pytestmark = pytest.mark.skipif(not framekernels.dots_available(), reason="edge_quq._headkernel not built")
 ISAS = framekernels.dots_isas() if framekernels.dots_available() else ()
@@ -67,15 +69,29 @@ def knn_case(i: int, n: int, f: int, b: int, int8: bool):
     return x, bank, scale
 
 
-def vim_case(i: int, n: int, f: int, d: int):
-    """rows, origin float32 [F], an orthonormal float32 null space [F, D] (ViM's: eigenvectors); row 1 on the origin."""
+def vim_case(i: int, n: int, f: int, d: int, int8: bool = False):
+    """(rows, origin float32 [F], null space, its scales or None): an orthonormal float32 null space [F, D] (ViM's:
+    eigenvectors), or, int8, that with its first column on one feature's axis (a feature the fit data never varied:
+    the per-column scales' reason) stored as detectors._encode does, int8 [F, D] with float32 scales [D]; row 1 on the
+    origin."""
     rng = np.random.default_rng([i, 7])
     x = relu_rows(rng, n, f)
     origin = rng.normal(0.0, 0.5, f).astype(np.float32)
     if n > 1:
         x[1] = origin
     ns = np.linalg.qr(rng.normal(size=(f, f)))[0][:, :d].astype(np.float32)
-    return x, origin, ns
+    if not int8:
+        return x, origin, ns, None
+    ns[:, 0] = 0.0
+    ns[f // 2, 0] = 1.0
+    enc = _encode("null_space", ns, "int8")
+    return x, origin, enc["null_space"], enc["null_space.scale"]
+
+
+def vim_arrays(origin: np.ndarray, ns: np.ndarray, scale) -> dict:
+    """A ViM detector's arrays for _vim_resid_numpy (origin as a float64 row, its prepared form)."""
+    a = {"origin": origin.astype(np.float64)[None], "null_space": ns}
+    return a if scale is None else {**a, "null_space.scale": scale}
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -94,16 +110,25 @@ def test_knn_kth_matches_the_numpy_reference(isa, int8, case):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("int8", [True, False])
 @pytest.mark.parametrize("case", range(len(VIM_CASES)))
-def test_vim_resid_matches_the_numpy_reference(isa, case):
+def test_vim_resid_matches_the_numpy_reference(isa, int8, case):
     n, f, d = VIM_CASES[case]
-    x, origin, ns = vim_case(case, n, f, d)
-    want = _vim_resid_numpy({"origin": origin.astype(np.float64)[None], "null_space": ns.astype(np.float64)}, x)
-    got = framekernels.vim_resid(x, origin, np.ascontiguousarray(ns.T), isa)
+    x, origin, ns, scale = vim_case(case, n, f, d, int8)
+    a = vim_arrays(origin, ns, scale)
+    want = _vim_resid_numpy(a, x)
+    got = framekernels.vim_resid(x, origin, np.ascontiguousarray(ns.T), scale, isa)
     assert got.dtype == np.float64 and got.shape == (n,)
-    assert np.all(np.abs(got - want) <= resid_tolerance(x, origin, ns))
+    assert np.all(np.abs(got - want) <= resid_tolerance(x, origin, _vim_null_space(a)))
     if n > 1:
         assert got[1] == 0.0  # a row on the origin: x - origin is exactly zero in float32 too
+
+
+def test_an_int8_null_space_is_scaled_per_column():
+    _, _, q, scale = vim_case(0, 1, 96, 48, True)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (48,)
+    assert np.all(np.abs(q).max(axis=0) == 127) and scale[0] == np.float32(1.0 / 127)  # the axis column: exact
+    assert scale[1:].max() < 0.5 / 127  # the spread columns keep their own finer steps
 
 
 def test_the_variants_are_project_q8s_and_scalar_is_last():
@@ -114,10 +139,11 @@ def test_one_row_modes_give_the_batch_results():
     x, bank, scale = knn_case(0, 3, 1280, 100, True)
     batch = framekernels.knn_kth(x, bank, scale, 10)
     assert [framekernels.knn_kth_row(x[i:i + 1], bank, scale, 10) for i in range(3)] == batch.tolist()
-    x, origin, ns = vim_case(0, 3, 96, 48)
-    ns_t = np.ascontiguousarray(ns.T)
-    batch = framekernels.vim_resid(x, origin, ns_t)
-    assert [framekernels.vim_resid_row(x[i:i + 1], origin, ns_t) for i in range(3)] == batch.tolist()
+    for int8 in (False, True):
+        x, origin, ns, scale = vim_case(0, 3, 96, 48, int8)
+        ns_t = np.ascontiguousarray(ns.T)
+        batch = framekernels.vim_resid(x, origin, ns_t, scale)
+        assert [framekernels.vim_resid_row(x[i:i + 1], origin, ns_t, scale) for i in range(3)] == batch.tolist()
 
 
 def test_the_kernels_refuse_what_they_cannot_take():
@@ -133,10 +159,15 @@ def test_the_kernels_refuse_what_they_cannot_take():
         framekernels.knn_kth(x, bank.astype(np.int16), scale, 3)
     with pytest.raises(ValueError):
         framekernels.knn_kth(x, bank, scale, 3, "no_such_isa")
-    x, origin, ns = vim_case(1, 2, 16, 4)
+    x, origin, ns, _ = vim_case(1, 2, 16, 4)
     with pytest.raises(ValueError):
         framekernels.vim_resid(x, origin, np.ascontiguousarray(ns))  # [F, D] untransposed: F does not match
     assert framekernels.vim_resid_row(x[:1], origin.astype(np.float64), np.ascontiguousarray(ns.T)) is None
+    _, _, q, scale = vim_case(1, 2, 16, 4, True)
+    q_t = np.ascontiguousarray(q.T)
+    for bad in ((q_t, None), (q_t, scale[:3]), (q_t, scale.astype(np.float64)), (np.ascontiguousarray(ns.T), scale),
+                (q_t.astype(np.int16), scale)):
+        assert framekernels.vim_resid_row(x[:1], origin, *bad) is None  # scales with an int8 null space, only there
     assert framekernels.knn_kth(x[:0], bank, scale, 3).shape == (0,)
 
 
@@ -228,3 +259,85 @@ def test_a_bank_in_any_layout_scores_alike():
     for b in (np.asfortranarray(bank), bank.astype(np.float64), bank.astype(np.float16).astype(np.float32)[::1]):
         assert np.allclose(_score_knn({"bank": b}, {"k": 5}, x, None), want, rtol=0, atol=1e-3)
     assert np.array_equal(_score_knn({"bank": np.asfortranarray(bank)}, {"k": 5}, x, None), want)
+
+
+# -- an int8 null space through fit, storage and load ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def fashion_vim(fashion_mnist):
+    """kNN and ViM fitted with the default storage choice, and ViM float32 only, on ReLU random-projection features of
+    Fashion-MNIST (tests/test_whitener.py's, F = 576; 8000 rows, so that the 800 held out resolve the check's 0.2%):
+    (fitted set, float32 ViM, 300 test rows, head)."""
+    from edge_quq.detectors import fit_detectors
+    from edge_quq.head import HeadWeights
+
+    x, y, xt, _ = fashion_mnist
+    rng = np.random.default_rng(0)
+    f = 576
+    proj = rng.normal(size=(784, f)) / np.sqrt(784)
+    feat = lambda v: np.maximum(v.reshape(len(v), -1).astype(np.float64) / 255 @ proj - 0.1, 0.0)  # noqa: E731
+    head = HeadWeights(kernels=((rng.normal(size=(f, 32)) * 0.05).astype(np.float32),
+                                (rng.normal(size=(32, 10)) * 0.1).astype(np.float32)),
+                       biases=(np.zeros(32, np.float32), np.zeros(10, np.float32)), rates=(0.2, 0.2), activation="softmax")
+    feats = feat(x[:8000])
+    ds = fit_detectors(feats, y[:8000], head, ["knn", "vim"])
+    f32 = fit_detectors(feats, y[:8000], head, ["vim"], dtypes=("float32",))
+    return ds, f32, feat(xt[:300]).astype(np.float32), head
+
+
+def test_an_int8_null_space_is_stored_loaded_and_held_int8(fashion_vim):
+    from edge_quq.detector_store import check_arrays
+    from edge_quq.detectors import DetectorSet
+
+    ds, _, test, head = fashion_vim
+    assert ds.detectors["vim"].dtype == "int8" and ds.file_version() == 3
+    stored = ds.to_arrays()
+    f, d = stored["vim/null_space"].shape
+    assert stored["vim/null_space"].dtype == np.int8 and stored["vim/null_space"].flags.c_contiguous
+    assert stored["vim/null_space.scale"].dtype == np.float32 and stored["vim/null_space.scale"].shape == (d,)
+    assert stored["vim/origin"].dtype == np.float32 and "vim/origin.scale" not in stored
+    back = DetectorSet.from_arrays(stored, "t")
+    check_arrays(back, f, 10, "t")
+    assert back.meta["version"] == 3
+    vim = back.detectors["vim"]
+    assert vim.arrays["null_space"].dtype == np.int8 and vim.memory_bytes() == f * d + 4 * d + 4 * f + 8
+    ns_t = vim._scoring_arrays()["ns_t"]
+    assert ns_t.dtype == np.int8 and ns_t.shape == (d, f) and np.shares_memory(ns_t, vim.arrays["null_space"])
+    a, b = ds.score_all(test, head), back.score_all(test, head)
+    assert all(np.array_equal(a[n], b[n]) for n in a)  # the same stored values, the same kernel
+
+
+def test_an_int8_null_space_scores_like_its_reference_and_the_float_fit(fashion_vim, monkeypatch):
+    from edge_quq.detectors import DetectorSet, _score_vim
+
+    ds, f32, test, head = fashion_vim
+    stored = ds.to_arrays()
+    native = DetectorSet.from_arrays(stored, "t").detectors["vim"]
+    monkeypatch.setattr(framekernels, "_DOTS_AVAILABLE", False)
+    numpy = DetectorSet.from_arrays(stored, "t").detectors["vim"]
+    assert numpy._scoring_arrays()["null_space"].dtype == np.float64  # dequantised once, not per frame
+    a = numpy.arrays
+    tol = a["alpha"].item(0) * resid_tolerance(test, a["origin"], _vim_null_space(a))
+    assert np.all(np.abs(native.score(test, head) - numpy.score(test, head)) <= tol)
+    # Against the float32 fit: within the storage check's 10% of the score's spread on unseen rows too, and well
+    # inside what rounding each entry on its own gives (quantize_null_space's reason).
+    want = f32.detectors["vim"].score(test, head)
+    spread = np.std(want)
+    shift = np.max(np.abs(native.score(test, head) - want)) / spread
+    fa = f32.detectors["vim"].arrays
+    rounded = _score_vim({**fa, **_encode("null_space", fa["null_space"], "int8")}, {}, test, head)
+    assert shift <= 0.1 and shift < np.max(np.abs(rounded - want)) / spread / 3
+
+
+@pytest.mark.parametrize("scale, message", [(None, "is not 288 finite numbers"), (np.zeros(288, np.float32), "not > 0"),
+                                            (np.ones(1, np.float32), "is not 288 finite numbers"),
+                                            (np.full(288, np.inf, np.float32), "is not 288 finite numbers")])
+def test_an_int8_null_space_without_its_scales_is_refused(fashion_vim, scale, message):
+    from edge_quq.detectors import DetectorSet
+    from edge_quq.errors import BundleError
+
+    stored = dict(fashion_vim[0].to_arrays())
+    del stored["vim/null_space.scale"]
+    if scale is not None:
+        stored["vim/null_space.scale"] = scale
+    with pytest.raises(BundleError, match=message):
+        DetectorSet.from_arrays(stored, "t")

@@ -613,21 +613,30 @@ done:
     return result;
 }
 
-/* ViM's residual norm (rowdot.h): vim_resid(x, origin, nsT, out=None, isa=None). */
+/* ViM's residual norm (rowdot.h): vim_resid(x, origin, nsT, scale, out=None, isa=None), nsT float32 with scale None
+ * or int8 with scale float32 [D]. */
 static PyObject *py_vim_resid(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *ox, *oorigin, *ons, *oout = Py_None, *oisa = Py_None;
-    if (!PyArg_ParseTuple(args, "OOO|OO", &ox, &oorigin, &ons, &oout, &oisa)) return NULL;
+    PyObject *ox, *oorigin, *ons, *oscale, *oout = Py_None, *oisa = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOO|OO", &ox, &oorigin, &ons, &oscale, &oout, &oisa)) return NULL;
     const char *isa = NULL;
     if (oisa != Py_None && !(isa = PyUnicode_AsUTF8(oisa))) return NULL;
-    buf_t bx = {0}, borg = {0}, bns = {0}, bo = {0};
+    buf_t bx = {0}, borg = {0}, bns = {0}, bs = {0}, bo = {0};
     PyObject *result = NULL;
     Py_ssize_t N, F;
     if (buf_typed(ox, &bx, -1, 'f', 0, 0, "x") || rows_2d(&bx, "x", &N, &F) ||
-        buf_typed(oorigin, &borg, F, 'f', 0, 0, "origin") || buf_typed(ons, &bns, -1, 'f', 0, 0, "nsT"))
+        buf_typed(oorigin, &borg, F, 'f', 0, 0, "origin") || buf_open(ons, &bns, PyBUF_FORMAT, 0, "nsT") < 0)
         goto done;
-    if (bns.view.ndim != 2 || bns.view.shape[1] != F) {
-        PyErr_SetString(PyExc_ValueError, "nsT must be float32 [D, F], F as x");
+    const char nf = buf_format(&bns);
+    if ((nf != 'b' && nf != 'f') || buf_check_typed(&bns, -1, nf, "nsT") || bns.view.ndim != 2 ||
+        bns.view.shape[1] != F) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "nsT must be int8 or float32 [D, F], F as x");
+        goto done;
+    }
+    /* the scales go with an int8 null space and only with it */
+    if (buf_typed(oscale, &bs, bns.view.shape[0], 'f', 0, nf == 'f', "scale")) goto done;
+    if (nf == 'f' && bs.held) {
+        PyErr_SetString(PyExc_ValueError, "scale must be None for a float32 nsT");
         goto done;
     }
     if (rowdot_out(oout, &bo, N, 'd')) goto done;
@@ -635,11 +644,12 @@ static PyObject *py_vim_resid(PyObject *self, PyObject *args) {
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = eq_vim_resid(N, F, bns.view.shape[0], (const float *)bx.view.buf, (const float *)borg.view.buf,
-                      (const float *)bns.view.buf, bo.held ? (double *)bo.view.buf : &one, isa);
+                      bns.view.buf, bs.held ? (const float *)bs.view.buf : NULL, bo.held ? (double *)bo.view.buf : &one,
+                      isa);
     Py_END_ALLOW_THREADS
     result = rowdot_result(rc, oisa, !bo.held, one);
 done:
-    buf_release(&bx); buf_release(&borg); buf_release(&bns); buf_release(&bo);
+    buf_release(&bx); buf_release(&borg); buf_release(&bns); buf_release(&bs); buf_release(&bo);
     return result;
 }
 
@@ -701,9 +711,10 @@ static PyMethodDef methods[] = {
      "of rows x float32[N, F] to bank int8 (times scale) or float32 [B, F]: writes out float32[N] and returns None; "
      "without out (one row), returns it as a float. Releases the GIL."},
     {"vim_resid", py_vim_resid, METH_VARARGS,
-     "vim_resid(x, origin, nsT, out=None, isa=None)\n\nViM's residual norm |(x - origin) @ nsT.T| (rowdot.h) of rows "
-     "x float32[N, F], origin float32[F], nsT float32[D, F]: writes out float64[N] and returns None; without out (one "
-     "row), returns it as a float. Releases the GIL."},
+     "vim_resid(x, origin, nsT, scale, out=None, isa=None)\n\nViM's residual norm |(x - origin) @ (scale * nsT).T| "
+     "(rowdot.h) of rows x float32[N, F], origin float32[F], nsT float32[D, F] (scale None) or int8[D, F] with "
+     "per-row scales float32[D]: writes out float64[N] and returns None; without out (one row), returns it as a "
+     "float. Releases the GIL."},
     {"dots_isas", py_dots_isas, METH_NOARGS, "Variants of knn_kth and vim_resid usable on this CPU, best first; the last is 'scalar'."},
     {"lut8", py_lut8, METH_VARARGS,
      "lut8(src, table, out) -> None\n\nout[i] = table[src[i]] for C-contiguous uint8 src, float32 table[256] and "

@@ -5,6 +5,7 @@
  * similarities; with the Mahalanobis whitener beside them they do not stay in cache, and the frame is bound by
  * reading them. Here the bank is read as stored, int8 (a quarter of the bytes), each row once per block of rows,
  * and only the k best similarities are kept.
+ * ViM's null space may be int8 too, one scale per row of nsT (each row is one dot product).
  * One kernel serves both: dots(x, W, M, F) -> M dot products, 4 rows of W at a time against one row x (which stays
  * in L1), float32 or int8 W (int8 converted to float32 on load; the scale is applied by the caller).
  */
@@ -246,10 +247,11 @@ int eq_knn_kth(ptrdiff_t N, ptrdiff_t F, ptrdiff_t B, ptrdiff_t k, const float *
     return 0;
 }
 
-int eq_vim_resid(ptrdiff_t N, ptrdiff_t F, ptrdiff_t D, const float *x, const float *origin, const float *nsT,
-                 double *resid, const char *isa) {
+int eq_vim_resid(ptrdiff_t N, ptrdiff_t F, ptrdiff_t D, const float *x, const float *origin, const void *nsT,
+                 const float *scale, double *resid, const char *isa) {
     const eq_dots_variant_t *v = dots_find(isa);
     if (!v) return -2;
+    const eq_dots_fn dots = scale ? v->i8 : v->f32;
     const ptrdiff_t nb = N < EQ_RD_ROWS ? N : EQ_RD_ROWS;
     float *xd = malloc((size_t)(nb * F + EQ_RD_CHUNK + 1) * sizeof *xd);
     double *acc = malloc((size_t)(nb + 1) * sizeof *acc);
@@ -267,8 +269,11 @@ int eq_vim_resid(ptrdiff_t N, ptrdiff_t F, ptrdiff_t D, const float *x, const fl
         }
         for (ptrdiff_t d0 = 0; d0 < D; d0 += EQ_RD_CHUNK) {
             const ptrdiff_t md = D - d0 < EQ_RD_CHUNK ? D - d0 : EQ_RD_CHUNK;
+            const void *W = scale ? (const void *)((const int8_t *)nsT + d0 * F) : (const void *)((const float *)nsT + d0 * F);
             for (ptrdiff_t r = 0; r < nr; ++r) {
-                v->f32(xd + r * F, nsT + d0 * F, md, F, buf);
+                dots(xd + r * F, W, md, F, buf);
+                if (scale)  /* row d's scale after its sum, as the bank's; the product rounded to float32 */
+                    for (ptrdiff_t i = 0; i < md; ++i) buf[i] *= scale[d0 + i];
                 for (ptrdiff_t i = 0; i < md; ++i) acc[r] += (double)buf[i] * buf[i];
             }
         }

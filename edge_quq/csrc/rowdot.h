@@ -4,8 +4,10 @@
  *   knn:  kth[n]   = the k-th largest over b < B of  scale * <xhat_n, bank_b>,  xhat_n = x_n / max(|x_n|, 1e-12)
  *                    (the norm in double, xhat rounded to float32, as detectors.l2_normalise(x).astype(float32));
  *                    bank int8 [B, F] with `scale`, or float32 [B, F] (scale 1). 1 <= k <= B.
- *   vim:  resid[n] = | (x_n - origin) @ null_space |  with the null space stored transposed, nsT float32 [D, F];
- *                    x_n - origin in float32, the D dot products in float32, their squares summed in double.
+ *   vim:  resid[n] = | (x_n - origin) @ null_space |  with the null space stored transposed, nsT float32 [D, F],
+ *                    or int8 [D, F] with one scale per row, scale float32 [D] (null_space[:, d] = scale[d] * nsT[d]);
+ *                    x_n - origin in float32, the D dot products in float32 (times scale[d] after the sum, for
+ *                    int8), their squares summed in double.
  *
  * The numpy references are edge_quq.detectors._knn_kth_numpy and _vim_resid_numpy; the variants differ from them
  * by float32 summation order only (framekernels.DOT_RTOL; tests/test_knn_vim_kernels.py, NEON under qemu:
@@ -32,9 +34,10 @@ const char *eq_dots_isa(int i);
 int eq_knn_kth(ptrdiff_t N, ptrdiff_t F, ptrdiff_t B, ptrdiff_t k, const float *x, const void *bank, int bank_i8,
                float scale, float *kth, const char *isa);
 
-/* resid [N] as above for rows x [N, F], origin [F], nsT [D, F]. Returns 0, -1 or -2 as eq_knn_kth. */
-int eq_vim_resid(ptrdiff_t N, ptrdiff_t F, ptrdiff_t D, const float *x, const float *origin, const float *nsT,
-                 double *resid, const char *isa);
+/* resid [N] as above for rows x [N, F], origin [F], nsT [D, F]: int8 with its scale [D], or float32 with scale NULL.
+ * Returns 0, -1 or -2 as eq_knn_kth. */
+int eq_vim_resid(ptrdiff_t N, ptrdiff_t F, ptrdiff_t D, const float *x, const float *origin, const void *nsT,
+                 const float *scale, double *resid, const char *isa);
 
 #ifdef __cplusplus
 }

@@ -6,8 +6,8 @@
  * CASES_FILE (little-endian, written by the test with numpy): int32 count, then per case int32 kind and
  *   kind 0 (knn_kth):   int32 N, F, B, k, int8; float32 scale; bank [B * F] int8 or float32; float32 x[N * F],
  *                       want[N] (detectors._knn_kth_numpy), tol[N]
- *   kind 1 (vim_resid): int32 N, F, D; float32 x[N * F], origin[F], nsT[D * F]; float64 want[N]
- *                       (detectors._vim_resid_numpy), tol[N]
+ *   kind 1 (vim_resid): int32 N, F, D, int8; float32 x[N * F], origin[F]; nsT [D * F] int8 or float32; for int8
+ *                       float32 scale[D]; float64 want[N] (detectors._vim_resid_numpy), tol[N]
  * Every variant this CPU has must match want within tol. Prints one line per failure, then
  * "variants=... cases=N failures=M"; exit status 1 on failures.
  */
@@ -46,26 +46,29 @@ static int knn_case(FILE *f, int c) {
 }
 
 static int vim_case(FILE *f, int c) {
-    int32_t *d = read_n(f, 12);
+    int32_t *d = read_n(f, 16);
     const ptrdiff_t N = d[0], F = d[1], D = d[2];
-    float *x = read_n(f, (size_t)(N * F) * 4), *origin = read_n(f, (size_t)F * 4), *ns = read_n(f, (size_t)(D * F) * 4);
+    const int i8 = d[3];
+    float *x = read_n(f, (size_t)(N * F) * 4), *origin = read_n(f, (size_t)F * 4);
+    void *ns = read_n(f, (size_t)(D * F) * (i8 ? 1 : 4));
+    float *scale = i8 ? read_n(f, (size_t)D * 4) : NULL;
     double *want = read_n(f, (size_t)N * 8), *tol = read_n(f, (size_t)N * 8), *got = malloc((size_t)(N + 1) * 8);
     int failures = 0;
     for (int v = 0; eq_dots_isa(v); ++v) {
-        if (eq_vim_resid(N, F, D, x, origin, ns, got, eq_dots_isa(v)) != 0) {
+        if (eq_vim_resid(N, F, D, x, origin, ns, scale, got, eq_dots_isa(v)) != 0) {
             printf("case %d %s: call failed\n", c, eq_dots_isa(v));
             ++failures;
             continue;
         }
         for (ptrdiff_t n = 0; n < N; ++n)
             if (!(fabs(got[n] - want[n]) <= tol[n])) {
-                printf("case %d vim (N=%td F=%td D=%td) %s: resid[%td] = %g, numpy %g, tolerance %g\n", c, N, F, D,
-                       eq_dots_isa(v), n, got[n], want[n], tol[n]);
+                printf("case %d vim (N=%td F=%td D=%td int8=%d) %s: resid[%td] = %g, numpy %g, tolerance %g\n", c, N,
+                       F, D, i8, eq_dots_isa(v), n, got[n], want[n], tol[n]);
                 ++failures;
                 break;
             }
     }
-    free(d); free(x); free(origin); free(ns); free(want); free(tol); free(got);
+    free(d); free(x); free(origin); free(ns); free(scale); free(want); free(tol); free(got);
     return failures;
 }
 
