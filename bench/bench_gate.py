@@ -21,6 +21,9 @@ import numpy as np  # noqa: E402
 
 from edge_quq.conformal import combine, conformal_pvalues, gate, sort_calibration  # noqa: E402
 from edge_quq.drift import DriftMonitor, drift_pvalues  # noqa: E402
+from edge_quq.defaults import GATE_DEFAULTS  # noqa: E402
+
+DEFAULT_RULE = str(GATE_DEFAULTS["combine"])
 
 
 def _time_us(fn: Callable[[int], object], repeats: int) -> Dict[str, float]:
@@ -43,8 +46,9 @@ def _stats_us(samples: List[float]) -> Dict[str, float]:
             "p99_us": round(samples[int(len(samples) * 0.99)], 2), "best_us": round(best, 2)}
 
 
-def measure(detectors: int = 3, calibration: int = 5000, repeats: int = 20000) -> dict:
-    """Per-sample microseconds of each step and of the whole decision, on random scores and features."""
+def measure(detectors: int = 3, calibration: int = 5000, repeats: int = 20000, rule: str = DEFAULT_RULE) -> dict:
+    """Per-sample microseconds of each step and of the whole decision, on random scores and features, with the
+    combination `rule` (default: the one new bundles ship, GATE_DEFAULTS)."""
     rng = np.random.default_rng(0)
     d, n = detectors, calibration
     cal = sort_calibration(rng.normal(size=(d, n)))
@@ -56,13 +60,13 @@ def measure(detectors: int = 3, calibration: int = 5000, repeats: int = 20000) -
 
     def whole(i: int) -> None:
         p = conformal_pvalues(scores[i], cal)
-        gate(combine(p, "bonferroni"), 0.05)
+        gate(combine(p, rule, cal), 0.05)
         monitor.update(float(drift_pvalues(p[:, :1], sizes[:1], monitor.delta)[0]), feats[i])
 
     return {
-        "detectors": d, "calibration": n, "repeats": repeats,
+        "detectors": d, "calibration": n, "repeats": repeats, "rule": rule,
         "pvalues": _time_us(lambda i: conformal_pvalues(scores[i], cal), repeats),
-        "combine_and_gate": _time_us(lambda i: gate(combine(pv[i:i + 1], "hmp"), 0.05), repeats),
+        "combine_and_gate": _time_us(lambda i: gate(combine(pv[i:i + 1], rule, cal), 0.05), repeats),
         "drift_update": _time_us(lambda i: monitor.update(0.5, feats[i]), repeats),
         "whole_decision": _time_us(whole, repeats),
     }

@@ -37,8 +37,8 @@ The gate ignores an input when the combined p < alpha.
 conformal_pvalues (non-smoothed) and combine run in C (edge_quq._gatekernel) when the extension is built: on
 one frame the numpy calls' fixed cost was nearly all of the decision's. The numpy bodies below
 (pvalues_reference, combine_reference) are the reference the C path must match, and the path used without
-a compiler; tests/test_gate_conformance.py runs both. calibrated_minp has no C path: on a batch it is one
-searchsorted, and on one frame RowGate's bisect.
+a compiler; tests/test_gate_conformance.py runs both (calibrated_minp: _gatekernel.minp, the reference's
+searchsorted in C, and RowGate's bisect on one frame).
 """
 from __future__ import annotations
 
@@ -163,13 +163,19 @@ def _as_pvalues(pvalues: np.ndarray) -> np.ndarray:
     return p
 
 
-_RULE_CODES = {"bonferroni": 0, "hmp": 1}  # the C kernel's; calibrated_minp has none (module docstring)
+_RULE_CODES = {"bonferroni": 0, "hmp": 1}  # _gatekernel.combine's; calibrated_minp is _gatekernel.minp
 
 
 def combine(pvalues: np.ndarray, rule: str = "bonferroni", cal: Optional[CalibrationScores] = None) -> np.ndarray:
     """One p-value per row of pvalues [N, D], valid under arbitrary dependence between the D columns. `cal`:
     the calibration the p-values were computed against, which calibrated_minp needs."""
     code = _RULE_CODES.get(rule)
+    if rule == "calibrated_minp" and NATIVE is not None and hasattr(NATIVE, "minp"):
+        p = _as_pvalues(pvalues)
+        m_cal, n1 = _min_p_of(cal, p.shape[1])
+        out = np.empty(p.shape[0])
+        NATIVE.minp(p if p.flags.c_contiguous else np.ascontiguousarray(p), p.shape[1], m_cal, n1, out)
+        return out
     if NATIVE is None or code is None:  # an unknown rule gets its error from the reference
         return combine_reference(pvalues, rule, cal)
     p = _as_pvalues(pvalues)

@@ -120,6 +120,18 @@ def test_row_gate_calibrated_minp_matches_the_reference_exactly(d):
     np.testing.assert_array_equal(got, combine(rows, "calibrated_minp", cal))
 
 
+@needs_native
+@pytest.mark.parametrize("d", [1, 3])
+def test_calibrated_minp_kernel_matches_the_reference_exactly(d):
+    """_gatekernel.minp against combine_reference, bit for bit, on a column slice (not C-contiguous: the C
+    path must copy it) with NaN rows; without the kernel combine is the reference."""
+    rng = np.random.default_rng(200 + d)
+    cal = sort_calibration([rng.integers(0, 9, 700).astype(float) for _ in range(d)])
+    p = np.column_stack([_edge_pvalues(d), _edge_pvalues(d)])[:, :d]
+    assert not p.flags.c_contiguous or d == 1
+    np.testing.assert_array_equal(combine(p, "calibrated_minp", cal), combine_reference(p, "calibrated_minp", cal))
+
+
 def test_row_gate_refuses_a_wrong_row_and_an_unknown_rule():
     cal = sort_calibration([np.arange(5.0), np.arange(3.0)])
     with pytest.raises(InputError, match=r"\[2\]"):

@@ -107,7 +107,7 @@ class PolicyStage:
         from bench.bench_gate import measure
 
         s = self.out["settings"]
-        self.out["cost"] = measure(len(s["gate_detectors"]), s["n_calibration"], self.opts["cost_repeats"])
+        self.out["cost"] = measure(len(s["gate_detectors"]), s["n_calibration"], self.opts["cost_repeats"], s["combine"])
         self.out["targets"] = targets(self.out, corruption_cells)
         return self.out
 

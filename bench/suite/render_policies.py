@@ -155,7 +155,8 @@ def _md_drift(p: dict, r: dict) -> List[str]:
     md += [_table(["corruption"] + [f"sev {sv}: median / p90" for sv in sevs] + [f"accuracy % at sev {sevs[-1]}"], rows), ""]
     c = p["cost"]
     md += ["### Cost of the decision (bench/bench_gate.py)", "",
-           f"{c['detectors']} detectors, {c['calibration']} calibration scores, {c['repeats']} calls; microseconds per sample "
+           f"{c['detectors']} detectors, {c['calibration']} calibration scores, combined by {c.get('rule', 'bonferroni')}, "
+           f"{c['repeats']} calls; microseconds per sample "
            "(median / mean / p99 / best block mean):", "",
            _table(["step", "p50", "mean", "p99", "best"],
                   [[k, v["p50_us"], v["mean_us"], v["p99_us"], v["best_us"]] for k, v in c.items() if isinstance(v, dict)]), ""]

@@ -117,6 +117,42 @@ static PyObject *py_combine(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* minp(p [N*D] f64, D, m [n] f64 ascending, n1, out [N] f64): calibrated_minp (edge_quq/conformal.py),
+ * (1 + #{m <= min_d p}) / n1 per row; a NaN anywhere in a row gives NaN. */
+static PyObject *py_minp(PyObject *self, PyObject *args) {
+    PyObject *op, *om, *out_obj;
+    Py_ssize_t d_count;
+    double n1;
+    if (!PyArg_ParseTuple(args, "OnOdO", &op, &d_count, &om, &n1, &out_obj)) return NULL;
+    buf_t p, m, out;
+    Py_ssize_t np_, nm, nout;
+    if (gbuf_get(op, &p, 8, 0, &np_, "p") < 0) return NULL;
+    if (gbuf_get(om, &m, 8, 0, &nm, "m") < 0) { buf_release(&p); return NULL; }
+    if (gbuf_get(out_obj, &out, 8, 1, &nout, "out") < 0) { buf_release(&m); buf_release(&p); return NULL; }
+    if (d_count < 1 || np_ != nout * d_count) {
+        PyErr_SetString(PyExc_ValueError, "minp: p, D and out do not fit together");
+        buf_release(&out); buf_release(&m); buf_release(&p);
+        return NULL;
+    }
+    const double *pv = (const double *)p.view.buf, *mv = (const double *)m.view.buf;
+    double *res = (double *)out.view.buf;
+    for (Py_ssize_t i = 0; i < nout; ++i) {
+        const double *row = pv + i * d_count;
+        double low = row[0];
+        for (Py_ssize_t d = 0; d < d_count; ++d) low = (row[d] < low || row[d] != row[d]) ? row[d] : low;
+        if (low != low) { res[i] = low; continue; }
+        Py_ssize_t lo = 0, hi = nm;  /* #{m <= low}: numpy's searchsorted, side "right" */
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (mv[mid] <= low) lo = mid + 1;
+            else hi = mid;
+        }
+        res[i] = (1.0 + (double)lo) / n1;
+    }
+    buf_release(&out); buf_release(&m); buf_release(&p);
+    Py_RETURN_NONE;
+}
+
 /* bet(share [K] f64 in/out, eps [K], eps_m1 [K], keep, pool, p, power) -> total.
  * One fed p-value: every expert keeps `keep` of its share plus `pool`, then bets f_k(p) (power:
  * eps * p^(eps - 1); simple: 1 + eps (p - 1/2)). Returns the new total (the factor the martingale grows by)
@@ -194,6 +230,7 @@ static PyObject *py_scene(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"pvalues", py_pvalues, METH_VARARGS, "Conformal p-values of [N, D] scores against sorted calibration scores."},
     {"combine", py_combine, METH_VARARGS, "Bonferroni or corrected harmonic-mean combination of [N, D] p-values."},
+    {"minp", py_minp, METH_VARARGS, "calibrated_minp combination of [N, D] p-values against sorted m_i."},
     {"bet", py_bet, METH_VARARGS, "One step of the jumper martingale on expert shares; returns the growth factor."},
     {"scene", py_scene, METH_VARARGS, "Unit-normalise a feature and return its largest dot with stored ones."},
     {NULL, NULL, 0, NULL},
