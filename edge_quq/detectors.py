@@ -146,6 +146,9 @@ _INT8_KEPT = frozenset({"bank", "null_space"})
 # eigenvector on its own axis, entry 1.0, against ~1/sqrt(F) for spread ones), which on one shared scale would leave
 # the spread columns a few int8 steps.
 _INT8_PER_COLUMN = frozenset({"null_space"})
+# The same arrays stored float16 are held float16 when the native kernel's best variant widens them on load
+# (framekernels.dots_f16): half float32's bytes read per frame, and the same scores to the bit. Else float32.
+_F16_KEPT = _INT8_KEPT
 
 
 def quantize_whitener(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -378,18 +381,21 @@ def _fit_knn(feats, labels, head, rng, k: int = 10, bank_size: int = 2048) -> Di
 
 
 def _knn_bank(a: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, float]:
-    """(the bank as held, its scale): int8 [B, F] with its "bank.scale" when stored int8 (_INT8_KEPT), else
-    float32 [B, F] with 1.0."""
+    """(the bank as held, its scale): int8 [B, F] with its "bank.scale" when stored int8 (_INT8_KEPT), float16 as
+    held (_F16_KEPT) or else float32 [B, F] with 1.0."""
     b = a["bank"]
     if b.dtype == np.int8:
         return np.ascontiguousarray(b), float(a["bank.scale"][0])
+    if b.dtype == np.float16:
+        return np.ascontiguousarray(b), 1.0
     return np.ascontiguousarray(b, np.float32), 1.0  # no copy for a loaded bank (the kernel takes C order)
 
 
 def _dequantized_bank(a: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The bank as float32 [B, F]: an int8 one times its scale, as a float32 bank was decoded before int8 stayed."""
+    """The bank as float32 [B, F]: an int8 one times its scale, as a float32 bank was decoded before int8 stayed; a
+    float16 one widened."""
     b, scale = _knn_bank(a)
-    return b.astype(np.float32) * np.float32(scale) if b.dtype == np.int8 else b
+    return b.astype(np.float32) * np.float32(scale) if b.dtype == np.int8 else b.astype(np.float32, copy=False)
 
 
 def _prepare_knn(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -460,7 +466,7 @@ def _prepare_vim(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     if _native.dots_available():
         i8 = ns.dtype == np.int8
         return {**a, "origin": np.ascontiguousarray(a["origin"], np.float32).reshape(-1),
-                "ns_t": np.ascontiguousarray(ns.T if i8 else np.asarray(ns, np.float32).T),
+                "ns_t": np.ascontiguousarray(ns.T if i8 or ns.dtype == np.float16 else np.asarray(ns, np.float32).T),
                 "ns_scale": np.ascontiguousarray(a["null_space.scale"], np.float32) if i8 else None}
     return {**a, "origin": np.asarray(a["origin"], np.float64).reshape(1, -1),
             "null_space": _vim_null_space(a) if ns.size <= _F64_CACHE_ELEMENTS else ns}
@@ -795,19 +801,23 @@ def _encode(key: str, v: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
     if dtype == "int8" and name in _INT8_KEPT:
         scale = max(float(np.max(np.abs(v))), 1e-30) / 127.0
         return {key: np.round(v / scale).astype(np.int8), f"{key}.scale": np.array([scale], np.float64)}
-    return {key: v.astype(np.float64 if v.size == 1 else np.dtype("float32" if dtype == "int8" else dtype))}
+    # row-major, also for a float16 null space held column-major (_decode)
+    return {key: np.ascontiguousarray(v, np.float64 if v.size == 1 else np.dtype("float32" if dtype == "int8" else dtype))}
 
 
 def _decode(arrays: Mapping[str, np.ndarray], key: str, where: str = "detectors") -> np.ndarray:
     """Stored array -> the in-memory form the scores use: float32 for arrays (half the memory of float64 on
     the board), float64 for scalars, an int8 kNN bank or ViM null space as stored (_INT8_KEPT: a quarter of float32's
-    memory; the null space column-major, so that its transpose, the kernel's rows, is a view). A stored array that
+    memory; the null space column-major, so that its transpose, the kernel's rows, is a view; float16 ones as stored
+    when the kernel reads them, _F16_KEPT). A stored array that
     is not a real number array, or an int8 one without its finite scales (one, or one per column for
     _INT8_PER_COLUMN; > 0 for a kept array), is refused with one line."""
     v = np.asarray(arrays[key])
     name = key.rsplit("/", 1)[-1]
     if v.dtype.kind not in "fi":
         raise BundleError(f"{where}: {key} has dtype {v.dtype}, not a number array")
+    if v.dtype == np.float16 and name in _F16_KEPT and _native.dots_f16():
+        return np.asfortranarray(v) if name in _INT8_PER_COLUMN else np.ascontiguousarray(v)
     if v.dtype == np.int8 and name in _WHITENERS and f"{key}.scale" not in arrays:
         return np.ascontiguousarray(v)  # an int8 whitener stays int8 (its scales: detector_store.check_arrays)
     if v.dtype == np.int8:

@@ -10,11 +10,13 @@ Every kernel has a batched numpy reference that stays the definition of its math
     mahalanobis        edge_quq.detectors._mahalanobis_numpy      MAHALANOBIS_RTOL (mahalanobis_row: its one-row mode)
     project_q8         edge_quq.detectors._project_q8_numpy       Q8_RTOL (every variant of q8_isas(): tests/test_whitener.py,
                                                                    NEON under qemu: tests/test_whitener_aarch64.py)
-    knn_kth            edge_quq.detectors._knn_kth_numpy          DOT_RTOL (every variant of dots_isas(), int8 and float32
-                                                                   banks: tests/test_knn_vim_kernels.py, NEON under qemu:
-                                                                   tests/test_knn_vim_aarch64.py; knn_kth_row: one row)
-    vim_resid          edge_quq.detectors._vim_resid_numpy        DOT_RTOL (as knn_kth, int8 and float32 null spaces;
-                                                                   vim_resid_row: one row)
+    knn_kth            edge_quq.detectors._knn_kth_numpy          DOT_RTOL (every variant of dots_isas(), int8, float16
+                                                                   and float32 banks: tests/test_knn_vim_kernels.py, NEON
+                                                                   under qemu: tests/test_knn_vim_aarch64.py; knn_kth_row:
+                                                                   one row); a float16 bank bit-identical to its float32
+                                                                   widening (dots_f16_isas())
+    vim_resid          edge_quq.detectors._vim_resid_numpy        DOT_RTOL (as knn_kth, int8, float16 and float32 null
+                                                                   spaces; vim_resid_row: one row)
 
 The owners (scores.compute_scores, decision.decide and decide_many, the detectors' Mahalanobis family) call the
 kernel when `available()`, the reference otherwise: an install without a C compiler runs the references only.
@@ -205,9 +207,22 @@ def dots_isas() -> Tuple[str, ...]:
     return tuple(_kernel.dots_isas())
 
 
+def dots_f16_isas() -> Tuple[str, ...]:
+    """The variants of dots_isas() that read float16 banks and null spaces on this CPU (widened on load: avx2_fma
+    with F16C, neon, scalar), best first."""
+    return tuple(_kernel.dots_f16_isas()) if _kernel is not None and hasattr(_kernel, "dots_f16_isas") else ()
+
+
+def dots_f16() -> bool:
+    """True when the best variant of knn_kth and vim_resid reads float16 rows: a float16-stored kNN bank or ViM null
+    space is then held float16 (half float32's bytes per frame), else widened to float32 at load."""
+    return _DOTS_F16
+
+
 def knn_kth(x: np.ndarray, bank: np.ndarray, scale: float, k: int, isa: Optional[str] = None) -> np.ndarray:
     """float32 [N]: the k-th largest cosine similarity of rows x [N, F] to the bank rows, int8 [B, F] times `scale`
-    (> 0) or float32 [B, F] (scale 1); 1 <= k <= B (detectors._knn_kth_numpy), by the variant `isa` (None: the best)."""
+    (> 0), or float32 or float16 [B, F] (scale 1; float16 only with a variant of dots_f16_isas()); 1 <= k <= B
+    (detectors._knn_kth_numpy), by the variant `isa` (None: the best)."""
     xx = np.ascontiguousarray(x, np.float32)
     out = np.empty(xx.shape[0], np.float32)
     if xx.shape[0]:
@@ -226,7 +241,8 @@ def knn_kth_row(x: np.ndarray, bank: np.ndarray, scale: float, k: int) -> Option
 def vim_resid(x: np.ndarray, origin: np.ndarray, ns_t: np.ndarray, scale: Optional[np.ndarray] = None,
               isa: Optional[str] = None) -> np.ndarray:
     """float64 [N]: |(x - origin) @ (scale * ns_t).T| of rows x [N, F], origin float32 [F] and the null space
-    transposed, C-contiguous [D, F]: float32 (scale None) or int8 with one scale per row, float32 [D]
+    transposed, C-contiguous [D, F]: float32 or float16 (scale None; float16 as for knn_kth) or int8 with one scale
+    per row, float32 [D]
     (detectors._vim_resid_numpy), by the variant `isa` (None: the best)."""
     xx = np.ascontiguousarray(x, np.float32)
     out = np.empty(xx.shape[0])
@@ -242,3 +258,6 @@ def vim_resid_row(x: np.ndarray, origin: np.ndarray, ns_t: np.ndarray, scale: Op
         return _kernel.vim_resid(x, origin, ns_t, scale)
     except _REFUSED:
         return None
+
+
+_DOTS_F16 = _DOTS_AVAILABLE and dots_f16_isas()[:1] == dots_isas()[:1]

@@ -2,7 +2,9 @@
 numpy references (detectors._knn_kth_numpy, _vim_resid_numpy), every variant of dots_isas() on this CPU (NEON under
 qemu: tests/test_knn_vim_aarch64.py), int8 and float32 banks and null spaces, and the detectors scored through them
 against the references: the same scores within the documented tolerance and the same decisions on real Fashion-MNIST
-test images; an int8 null space through fit, storage and load.
+test images; an int8 null space through fit, storage and load. A float16 bank or null space (read as float16, widened
+on load: framekernels.dots_f16_isas) gives bit-identical results to its float32 widening, every variant, and a
+float16-stored kNN and ViM are held float16 when the best variant reads it, with the same scores as held float32.
 
 Tolerance (framekernels' docstring): each float32 dot product agrees to DOT_RTOL of sum_j |x_j W_j|; the k-th
 largest similarity and the residual norm inherit it (kth_tolerance, resid_tolerance below).
@@ -22,6 +24,7 @@ from edge_quq.detectors import (_dequantized_bank, _encode, _knn_kth_numpy, _vim
 
 pytestmark = pytest.mark.skipif(not framekernels.dots_available(), reason="edge_quq._headkernel not built")
 ISAS = framekernels.dots_isas() if framekernels.dots_available() else ()
+F16_ISAS = framekernels.dots_f16_isas()
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 # (N rows, F features, B bank rows, k): F not a multiple of 8 (the vector width) or 16, B not a multiple of the
@@ -122,6 +125,71 @@ def test_vim_resid_matches_the_numpy_reference(isa, int8, case):
     assert np.all(np.abs(got - want) <= resid_tolerance(x, origin, _vim_null_space(a)))
     if n > 1:
         assert got[1] == 0.0  # a row on the origin: x - origin is exactly zero in float32 too
+
+
+def _bits(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a).view(np.uint64 if a.dtype == np.float64 else np.uint32)
+
+
+def _f16_rows(a: np.ndarray) -> np.ndarray:
+    """a as float16 with a subnormal, a signed zero and a value with the last mantissa bit set in it (the exact
+    widening's edge cases)."""
+    h = a.astype(np.float16)
+    flat = h.reshape(-1)
+    for i, v in enumerate((np.float16(6e-8), np.float16(-0.0), np.float16(1e-5), np.float16(-1.0009765625))):
+        flat[(7 * i) % flat.size] = v
+    return h
+
+
+@pytest.mark.parametrize("isa", F16_ISAS)
+@pytest.mark.parametrize("case", range(len(KNN_CASES)))
+def test_a_float16_bank_gives_its_float32_widenings_results_to_the_bit(isa, case):
+    n, f, b, k = KNN_CASES[case]
+    x, bank, _ = knn_case(case, n, f, b, False)
+    h = _f16_rows(bank)
+    wide = h.astype(np.float32)
+    got = framekernels.knn_kth(x, h, 1.0, k, isa)
+    assert np.array_equal(_bits(got), _bits(framekernels.knn_kth(x, wide, 1.0, k, isa)))
+    want = _knn_kth_numpy(x, wide, k)
+    assert np.all(np.abs(got.astype(np.float64) - want) <= kth_tolerance(x, wide))
+    if isa == F16_ISAS[0]:  # the one-row mode runs the best variant
+        rows = [framekernels.knn_kth_row(x[i:i + 1], h, 1.0, k) for i in range(n)]
+        assert np.array_equal(_bits(np.array(rows, np.float32)), _bits(got))
+
+
+@pytest.mark.parametrize("isa", F16_ISAS)
+@pytest.mark.parametrize("case", range(len(VIM_CASES)))
+def test_a_float16_null_space_gives_its_float32_widenings_results_to_the_bit(isa, case):
+    n, f, d = VIM_CASES[case]
+    x, origin, ns, _ = vim_case(case, n, f, d)
+    h_t = np.ascontiguousarray(_f16_rows(ns).T)
+    wide = h_t.astype(np.float32)
+    got = framekernels.vim_resid(x, origin, h_t, None, isa)
+    assert np.array_equal(_bits(got), _bits(framekernels.vim_resid(x, origin, wide, None, isa)))
+    a = vim_arrays(origin, np.ascontiguousarray(wide.T), None)
+    assert np.all(np.abs(got - _vim_resid_numpy(a, x)) <= resid_tolerance(x, origin, _vim_null_space(a)))
+    if isa == F16_ISAS[0]:
+        rows = [framekernels.vim_resid_row(x[i:i + 1], origin, h_t) for i in range(n)]
+        assert np.array_equal(_bits(np.array(rows)), _bits(got))
+
+
+def test_a_float16_w_is_refused_with_a_scale_or_in_another_shape():
+    x, origin, ns, _ = vim_case(1, 2, 16, 4)
+    h_t = np.ascontiguousarray(ns.T.astype(np.float16))
+    assert framekernels.vim_resid_row(x[:1], origin, h_t, np.ones(4, np.float32)) is None
+    assert framekernels.vim_resid_row(x[:1], origin, np.ascontiguousarray(h_t[:, :5])) is None
+    with pytest.raises(ValueError):
+        framekernels.knn_kth(x, h_t[:, :5], 1.0, 1)
+
+
+def test_the_float16_variants_are_the_dot_variants_with_f16c_on_x86():
+    import platform
+
+    assert set(F16_ISAS) <= set(ISAS) and F16_ISAS[-1:] == ("scalar",)
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if "avx2_fma" in ISAS and platform.machine() in ("x86_64", "AMD64"):
+        assert ("avx2_fma" in F16_ISAS) == (" f16c" in flags)
+    assert framekernels.dots_f16() == (F16_ISAS[:1] == ISAS[:1])
 
 
 def test_an_int8_null_space_is_scaled_per_column():
@@ -343,3 +411,48 @@ def test_an_int8_null_space_without_its_scales_is_refused(fashion_vim, scale, me
         stored["vim/null_space.scale"] = scale
     with pytest.raises(BundleError, match=message):
         DetectorSet.from_arrays(stored, "t")
+
+
+# -- a float16-stored kNN bank and ViM null space, held float16 ------------------------------------------------------
+@pytest.fixture(scope="module")
+def fashion_f16(fashion_vim):
+    """The stored arrays of kNN and ViM fitted float16 on fashion_vim's features, and its test rows and head."""
+    from edge_quq.detectors import fit_detectors
+
+    _, _, test, head = fashion_vim
+    rng = np.random.default_rng(1)
+    feats = np.maximum(rng.normal(0.2, 1.0, (1400, test.shape[1])), 0.0)
+    labels = rng.integers(0, 10, 1400)
+    ds = fit_detectors(feats, labels, head, ["knn", "vim"], dtypes=("float16",), tolerance=1.0)
+    assert {d.dtype for d in ds.detectors.values()} == {"float16"}
+    return ds.to_arrays(), test, head
+
+
+def test_a_float16_bank_and_null_space_are_held_float16_and_score_as_float32_did(fashion_f16, monkeypatch):
+    from edge_quq.detectors import DetectorSet
+
+    stored, test, head = fashion_f16
+    assert stored["knn/bank"].dtype == stored["vim/null_space"].dtype == np.float16
+    held = DetectorSet.from_arrays(stored, "t")
+    monkeypatch.setattr(framekernels, "_DOTS_F16", False)  # today's path: widened to float32 at load
+    wide = DetectorSet.from_arrays(stored, "t")
+    monkeypatch.undo()
+    f16 = np.float16 if framekernels.dots_f16() else np.float32
+    for name, key in (("knn", "bank"), ("vim", "null_space")):
+        h, w = held.detectors[name], wide.detectors[name]
+        assert h.arrays[key].dtype == f16 and w.arrays[key].dtype == np.float32
+        assert np.array_equal(h.arrays[key], w.arrays[key])
+        assert h.memory_bytes() == sum(v.nbytes for v in h.arrays.values())
+        assert w.memory_bytes() - h.memory_bytes() == (stored[f"{name}/{key}"].size * 2 if f16 == np.float16 else 0)
+    if f16 == np.float16:  # the kernel reads the null space's rows as held: no float32 copy
+        vim = held.detectors["vim"]
+        assert np.shares_memory(vim._scoring_arrays()["ns_t"], vim.arrays["null_space"])
+    a, b = held.score_all(test, head), wide.score_all(test, head)
+    assert set(a) == {"knn", "vim"} and all(np.array_equal(_bits(a[n]), _bits(b[n])) for n in a)
+    for i in range(3):
+        row = test[i:i + 1]
+        for n in ("knn", "vim"):
+            assert held.detectors[n].score(row, head).tolist() == wide.detectors[n].score(row, head).tolist()
+    again = held.to_arrays()
+    for k in ("knn/bank", "vim/null_space"):  # stored as it was, row-major
+        assert again[k].dtype == np.float16 and again[k].flags.c_contiguous and np.array_equal(again[k], stored[k])

@@ -291,7 +291,7 @@ static char buf_format(const buf_t *b) {
 static int buf_check_typed(buf_t *b, Py_ssize_t count, char fmt, const char *name) {
     const char *f = b->view.format ? b->view.format : "B";
     const char got = buf_format(b);
-    const Py_ssize_t size = fmt == 'd' || fmt == 'q' ? 8 : fmt == 'f' ? 4 : 1;
+    const Py_ssize_t size = fmt == 'd' || fmt == 'q' ? 8 : fmt == 'f' ? 4 : fmt == 'e' ? 2 : 1;
     if (got != fmt || b->view.itemsize != size || (count >= 0 && b->view.len != count * size)) {
         PyErr_Format(PyExc_ValueError, "%s: expected %zd items of type '%c', got %zd bytes of '%s'", name, count, fmt,
                      b->view.len, f);
@@ -580,6 +580,11 @@ static PyObject *rowdot_result(int rc, PyObject *oisa, int one, double v) {
     return one ? PyFloat_FromDouble(v) : py_none();
 }
 
+/* rowdot.h's element type of a buffer format, plus one (0: not one the kernels read) */
+static int rowdot_type(char fmt) {
+    return fmt == 'f' ? EQ_RD_F32 + 1 : fmt == 'b' ? EQ_RD_I8 + 1 : fmt == 'e' ? EQ_RD_F16 + 1 : 0;
+}
+
 /* The kNN detector's k-th similarity (rowdot.h): knn_kth(x, bank, scale, k, out=None, isa=None). */
 static PyObject *py_knn_kth(PyObject *self, PyObject *args) {
     (void)self;
@@ -596,15 +601,15 @@ static PyObject *py_knn_kth(PyObject *self, PyObject *args) {
         buf_open(obank, &bb, PyBUF_FORMAT, 0, "bank") < 0)
         goto done;
     const char bf = buf_format(&bb);
-    if ((bf != 'b' && bf != 'f') || buf_check_typed(&bb, -1, bf, "bank") || bb.view.ndim != 2 || bb.view.shape[1] != F) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bank must be int8 or float32 [B, F], F as x");
+    if (!rowdot_type(bf) || buf_check_typed(&bb, -1, bf, "bank") || bb.view.ndim != 2 || bb.view.shape[1] != F) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bank must be int8, float16 or float32 [B, F], F as x");
         goto done;
     }
     if (rowdot_out(oout, &bo, N, 'f')) goto done;
     float one = 0.0f;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = eq_knn_kth(N, F, bb.view.shape[0], k, (const float *)bx.view.buf, bb.view.buf, bf == 'b', (float)scale,
+    rc = eq_knn_kth(N, F, bb.view.shape[0], k, (const float *)bx.view.buf, bb.view.buf, rowdot_type(bf) - 1, (float)scale,
                     bo.held ? (float *)bo.view.buf : &one, isa);
     Py_END_ALLOW_THREADS
     result = rowdot_result(rc, oisa, !bo.held, one);
@@ -628,15 +633,14 @@ static PyObject *py_vim_resid(PyObject *self, PyObject *args) {
         buf_typed(oorigin, &borg, F, 'f', 0, 0, "origin") || buf_open(ons, &bns, PyBUF_FORMAT, 0, "nsT") < 0)
         goto done;
     const char nf = buf_format(&bns);
-    if ((nf != 'b' && nf != 'f') || buf_check_typed(&bns, -1, nf, "nsT") || bns.view.ndim != 2 ||
-        bns.view.shape[1] != F) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "nsT must be int8 or float32 [D, F], F as x");
+    if (!rowdot_type(nf) || buf_check_typed(&bns, -1, nf, "nsT") || bns.view.ndim != 2 || bns.view.shape[1] != F) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "nsT must be int8, float16 or float32 [D, F], F as x");
         goto done;
     }
     /* the scales go with an int8 null space and only with it */
-    if (buf_typed(oscale, &bs, bns.view.shape[0], 'f', 0, nf == 'f', "scale")) goto done;
-    if (nf == 'f' && bs.held) {
-        PyErr_SetString(PyExc_ValueError, "scale must be None for a float32 nsT");
+    if (buf_typed(oscale, &bs, bns.view.shape[0], 'f', 0, nf != 'b', "scale")) goto done;
+    if (nf != 'b' && bs.held) {
+        PyErr_SetString(PyExc_ValueError, "scale must be None for a float32 or float16 nsT");
         goto done;
     }
     if (rowdot_out(oout, &bo, N, 'd')) goto done;
@@ -644,7 +648,7 @@ static PyObject *py_vim_resid(PyObject *self, PyObject *args) {
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = eq_vim_resid(N, F, bns.view.shape[0], (const float *)bx.view.buf, (const float *)borg.view.buf,
-                      bns.view.buf, bs.held ? (const float *)bs.view.buf : NULL, bo.held ? (double *)bo.view.buf : &one,
+                      bns.view.buf, rowdot_type(nf) - 1, bs.held ? (const float *)bs.view.buf : NULL, bo.held ? (double *)bo.view.buf : &one,
                       isa);
     Py_END_ALLOW_THREADS
     result = rowdot_result(rc, oisa, !bo.held, one);
@@ -656,6 +660,18 @@ done:
 static PyObject *py_dots_isas(PyObject *self, PyObject *unused) {
     (void)self; (void)unused;
     return isa_names(eq_dots_isa);
+}
+
+/* The variants of dots_isas that read float16 rows on this CPU. */
+static const char *dots_f16_isa(int i) {
+    for (int j = 0, n = 0; eq_dots_isa(j); ++j)
+        if (eq_dots_f16(eq_dots_isa(j)) && n++ == i) return eq_dots_isa(j);
+    return NULL;
+}
+
+static PyObject *py_dots_f16_isas(PyObject *self, PyObject *unused) {
+    (void)self; (void)unused;
+    return isa_names(dots_f16_isa);
 }
 
 #define MOMENTS_DOC                                                                                              \
@@ -716,6 +732,7 @@ static PyMethodDef methods[] = {
      "per-row scales float32[D]: writes out float64[N] and returns None; without out (one row), returns it as a "
      "float. Releases the GIL."},
     {"dots_isas", py_dots_isas, METH_NOARGS, "Variants of knn_kth and vim_resid usable on this CPU, best first; the last is 'scalar'."},
+    {"dots_f16_isas", py_dots_f16_isas, METH_NOARGS, "The variants of dots_isas that read float16 banks and null spaces on this CPU."},
     {"lut8", py_lut8, METH_VARARGS,
      "lut8(src, table, out) -> None\n\nout[i] = table[src[i]] for C-contiguous uint8 src, float32 table[256] and "
      "float32 out of src's size (numpy's take, without widening the indices)."},

@@ -7,7 +7,9 @@
  * and only the k best similarities are kept.
  * ViM's null space may be int8 too, one scale per row of nsT (each row is one dot product).
  * One kernel serves both: dots(x, W, M, F) -> M dot products, 4 rows of W at a time against one row x (which stays
- * in L1), float32 or int8 W (int8 converted to float32 on load; the scale is applied by the caller).
+ * in L1), float32, int8 or float16 W (int8 and float16 converted to float32 on load; the scale is applied by the
+ * caller). float16 -> float32 is exact and the arithmetic after it is the float32 variant's in the same order, so
+ * a float16 W gives bit-identical results to the same values widened to float32 beforehand, for half the bytes.
  */
 #include "rowdot.h"
 
@@ -21,6 +23,7 @@
 #define EQ_RD_X86 1
 #include <immintrin.h>
 #define EQ_RD_AVX2 __attribute__((target("avx2,fma")))
+#define EQ_RD_AVX2_F16C __attribute__((target("avx2,fma,f16c")))
 #endif
 #if defined(__aarch64__)
 #define EQ_RD_ARM64 1
@@ -33,27 +36,51 @@
 #define EQ_RD_INLINE static inline
 #endif
 
-/* out[m] = <x, W_m> for m < M, W [M, F] float32 or int8 */
+/* out[m] = <x, W_m> for m < M, W [M, F] float32, int8 or float16 */
 typedef void (*eq_dots_fn)(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out);
 
-/* Rows m .. m + 3 of W; past M the last row again (its results are dropped), so every group is 4 rows. */
-EQ_RD_INLINE void rows4(const void *W, ptrdiff_t m, ptrdiff_t M, ptrdiff_t F, int i8, const void *w[4]) {
-    for (int t = 0; t < 4; ++t) {
-        const ptrdiff_t r = m + t < M ? m + t : M - 1;
-        w[t] = i8 ? (const void *)((const int8_t *)W + r * F) : (const void *)((const float *)W + r * F);
-    }
+EQ_RD_INLINE size_t elem_size(int ty) { return ty == EQ_RD_I8 ? 1 : ty == EQ_RD_F16 ? 2 : 4; }
+
+/* Row r of W [., F] of element type ty. */
+EQ_RD_INLINE const void *row_at(const void *W, ptrdiff_t r, ptrdiff_t F, int ty) {
+    return (const char *)W + (size_t)(r * F) * elem_size(ty);
 }
 
-EQ_RD_INLINE float elem(const void *w, ptrdiff_t j, int i8) {
-    return i8 ? (float)((const int8_t *)w)[j] : ((const float *)w)[j];
+/* Rows m .. m + 3 of W; past M the last row again (its results are dropped), so every group is 4 rows. */
+EQ_RD_INLINE void rows4(const void *W, ptrdiff_t m, ptrdiff_t M, ptrdiff_t F, int ty, const void *w[4]) {
+    for (int t = 0; t < 4; ++t) w[t] = row_at(W, m + t < M ? m + t : M - 1, F, ty);
+}
+
+/* IEEE binary16 -> float32, exact (every half is a float): normals and subnormals by scaling, inf and NaN kept. */
+EQ_RD_INLINE float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    uint32_t bits;
+    if (e == 0x1fu) {
+        bits = sign | 0x7f800000u | (m << 13);
+    } else if (e == 0) {  /* zero or subnormal: m * 2^-24, exact in float32 */
+        const float v = (float)m * 5.9604644775390625e-8f;
+        memcpy(&bits, &v, 4);
+        bits |= sign;
+    } else {
+        bits = sign | ((e + 112u) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+EQ_RD_INLINE float elem(const void *w, ptrdiff_t j, int ty) {
+    if (ty == EQ_RD_I8) return (float)((const int8_t *)w)[j];
+    if (ty == EQ_RD_F16) return half_to_float(((const uint16_t *)w)[j]);
+    return ((const float *)w)[j];
 }
 
 /* the reference order: one row at a time, columns in order */
-EQ_RD_INLINE void dots__scalar(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out, int i8) {
+EQ_RD_INLINE void dots__scalar(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out, int ty) {
     for (ptrdiff_t m = 0; m < M; ++m) {
-        const void *w = i8 ? (const void *)((const int8_t *)W + m * F) : (const void *)((const float *)W + m * F);
+        const void *w = row_at(W, m, F, ty);
         float s = 0.0f;
-        for (ptrdiff_t j = 0; j < F; ++j) s += x[j] * elem(w, j, i8);
+        for (ptrdiff_t j = 0; j < F; ++j) s += x[j] * elem(w, j, ty);
         out[m] = s;
     }
 }
@@ -63,13 +90,17 @@ static void dots_f32__scalar(const float *x, const void *W, ptrdiff_t M, ptrdiff
 }
 
 static void dots_i8__scalar(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out) {
-    dots__scalar(x, W, M, F, out, 1);
+    dots__scalar(x, W, M, F, out, EQ_RD_I8);
+}
+
+static void dots_f16__scalar(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out) {
+    dots__scalar(x, W, M, F, out, EQ_RD_F16);
 }
 
 /* The columns past the last full vector, for 4 rows. */
-EQ_RD_INLINE void tail4(const float *x, const void *w[4], ptrdiff_t j, ptrdiff_t F, int i8, float s[4]) {
+EQ_RD_INLINE void tail4(const float *x, const void *w[4], ptrdiff_t j, ptrdiff_t F, int ty, float s[4]) {
     for (; j < F; ++j)
-        for (int t = 0; t < 4; ++t) s[t] += x[j] * elem(w[t], j, i8);
+        for (int t = 0; t < 4; ++t) s[t] += x[j] * elem(w[t], j, ty);
 }
 
 EQ_RD_INLINE void store4(float *out, ptrdiff_t m, ptrdiff_t M, const float s[4]) {
@@ -77,8 +108,8 @@ EQ_RD_INLINE void store4(float *out, ptrdiff_t m, ptrdiff_t M, const float s[4])
 }
 
 #ifdef EQ_RD_X86
-EQ_RD_AVX2 EQ_RD_INLINE __m256 load8__avx2(const void *w, ptrdiff_t j, int i8) {
-    if (i8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + j))));
+EQ_RD_AVX2 EQ_RD_INLINE __m256 load8__avx2(const void *w, ptrdiff_t j, int ty) {
+    if (ty == EQ_RD_I8) return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)w + j))));
     return _mm256_loadu_ps((const float *)w + j);
 }
 
@@ -88,36 +119,56 @@ EQ_RD_AVX2 EQ_RD_INLINE float hsum8(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-EQ_RD_AVX2 EQ_RD_INLINE void dots__avx2(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out,
-                                        int i8) {
-    for (ptrdiff_t m = 0; m < M; m += 4) {
-        const void *w[4];
-        rows4(W, m, M, F, i8, w);
-        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        ptrdiff_t j = 0;
-        for (; j + 8 <= F; j += 8) {
-            const __m256 xv = _mm256_loadu_ps(x + j);
-            for (int t = 0; t < 4; ++t) a[t] = _mm256_fmadd_ps(xv, load8__avx2(w[t], j, i8), a[t]);
-        }
-        float s[4] = {hsum8(a[0]), hsum8(a[1]), hsum8(a[2]), hsum8(a[3])};
-        tail4(x, w, j, F, i8, s);
-        store4(out, m, M, s);
+/* columns j .. j + 7 of a float16 row, widened (F16C: a separate target, so the float32 and int8 paths do not need it) */
+EQ_RD_AVX2_F16C EQ_RD_INLINE __m256 load8f16__avx2(const void *w, ptrdiff_t j, int ty) {
+    (void)ty;
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + j)));
+}
+
+/* One body for both targets (a function with the avx2,fma target cannot inline F16C's conversion): LOAD8 is
+ * load8__avx2 or load8f16__avx2, the accumulation the same, so a float16 row sums as its float32 widening does. */
+#define EQ_RD_DOTS_AVX2(LOAD8)                                                                            \
+    for (ptrdiff_t m = 0; m < M; m += 4) {                                                                \
+        const void *w[4];                                                                                 \
+        rows4(W, m, M, F, ty, w);                                                                         \
+        __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()}; \
+        ptrdiff_t j = 0;                                                                                  \
+        for (; j + 8 <= F; j += 8) {                                                                      \
+            const __m256 xv = _mm256_loadu_ps(x + j);                                                     \
+            for (int t = 0; t < 4; ++t) a[t] = _mm256_fmadd_ps(xv, LOAD8(w[t], j, ty), a[t]);             \
+        }                                                                                                 \
+        float s[4] = {hsum8(a[0]), hsum8(a[1]), hsum8(a[2]), hsum8(a[3])};                                \
+        tail4(x, w, j, F, ty, s);                                                                         \
+        store4(out, m, M, s);                                                                             \
     }
+
+EQ_RD_AVX2 EQ_RD_INLINE void dots__avx2(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out,
+                                        int ty) {
+    EQ_RD_DOTS_AVX2(load8__avx2)
 }
 
 EQ_RD_AVX2 static void dots_f32__avx2_fma(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out) {
-    dots__avx2(x, W, M, F, out, 0);
+    dots__avx2(x, W, M, F, out, EQ_RD_F32);
 }
 
 EQ_RD_AVX2 static void dots_i8__avx2_fma(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out) {
-    dots__avx2(x, W, M, F, out, 1);
+    dots__avx2(x, W, M, F, out, EQ_RD_I8);
+}
+
+EQ_RD_AVX2_F16C static void dots_f16__avx2_fma(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out) {
+    const int ty = EQ_RD_F16;
+    EQ_RD_DOTS_AVX2(load8f16__avx2)
 }
 #endif
 
 #ifdef EQ_RD_ARM64
 /* columns j .. j + 7 as two float32x4 */
-EQ_RD_INLINE void load8__neon(const void *w, ptrdiff_t j, int i8, float32x4_t v[2]) {
-    if (i8) {
+EQ_RD_INLINE void load8__neon(const void *w, ptrdiff_t j, int ty, float32x4_t v[2]) {
+    if (ty == EQ_RD_F16) {  /* vcvt_f32_f16: ARMv8.0, every aarch64 core */
+        const uint16_t *h = (const uint16_t *)w + j;
+        v[0] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h)));
+        v[1] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + 4)));
+    } else if (ty == EQ_RD_I8) {
         const int16x8_t h = vmovl_s8(vld1_s8((const int8_t *)w + j));
         v[0] = vcvtq_f32_s32(vmovl_s16(vget_low_s16(h)));
         v[1] = vcvtq_f32_s32(vmovl_s16(vget_high_s16(h)));
@@ -127,10 +178,10 @@ EQ_RD_INLINE void load8__neon(const void *w, ptrdiff_t j, int i8, float32x4_t v[
     }
 }
 
-EQ_RD_INLINE void dots__neon(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out, int i8) {
+EQ_RD_INLINE void dots__neon(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out, int ty) {
     for (ptrdiff_t m = 0; m < M; m += 4) {
         const void *w[4];
-        rows4(W, m, M, F, i8, w);
+        rows4(W, m, M, F, ty, w);
         float32x4_t a[4][2];
         for (int t = 0; t < 4; ++t) a[t][0] = a[t][1] = vdupq_n_f32(0.0f);
         ptrdiff_t j = 0;
@@ -138,14 +189,14 @@ EQ_RD_INLINE void dots__neon(const float *x, const void *W, ptrdiff_t M, ptrdiff
             const float32x4_t x0 = vld1q_f32(x + j), x1 = vld1q_f32(x + j + 4);
             for (int t = 0; t < 4; ++t) {
                 float32x4_t v[2];
-                load8__neon(w[t], j, i8, v);
+                load8__neon(w[t], j, ty, v);
                 a[t][0] = vfmaq_f32(a[t][0], x0, v[0]);
                 a[t][1] = vfmaq_f32(a[t][1], x1, v[1]);
             }
         }
         float s[4];
         for (int t = 0; t < 4; ++t) s[t] = vaddvq_f32(vaddq_f32(a[t][0], a[t][1]));
-        tail4(x, w, j, F, i8, s);
+        tail4(x, w, j, F, ty, s);
         store4(out, m, M, s);
     }
 }
@@ -155,24 +206,28 @@ static void dots_f32__neon(const float *x, const void *W, ptrdiff_t M, ptrdiff_t
 }
 
 static void dots_i8__neon(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out) {
-    dots__neon(x, W, M, F, out, 1);
+    dots__neon(x, W, M, F, out, EQ_RD_I8);
+}
+
+static void dots_f16__neon(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out) {
+    dots__neon(x, W, M, F, out, EQ_RD_F16);
 }
 #endif
 
 typedef struct {
     const char *name;
-    eq_dots_fn f32, i8;
+    eq_dots_fn f32, i8, f16;
 } eq_dots_variant_t;
 
 /* Every variant compiled in; which of them this CPU runs is project_q8's choice (eq_q8_isa), made once there. */
 static const eq_dots_variant_t dots_compiled[] = {
 #ifdef EQ_RD_X86
-    {"avx2_fma", dots_f32__avx2_fma, dots_i8__avx2_fma},
+    {"avx2_fma", dots_f32__avx2_fma, dots_i8__avx2_fma, dots_f16__avx2_fma},
 #endif
 #ifdef EQ_RD_ARM64
-    {"neon", dots_f32__neon, dots_i8__neon},
+    {"neon", dots_f32__neon, dots_i8__neon, dots_f16__neon},
 #endif
-    {"scalar", dots_f32__scalar, dots_i8__scalar},
+    {"scalar", dots_f32__scalar, dots_i8__scalar, dots_f16__scalar},
 };
 
 static const eq_dots_variant_t *dots_named(const char *name) {
@@ -191,6 +246,25 @@ static const eq_dots_variant_t *dots_find(const char *isa) {
     for (int i = 0; eq_dots_isa(i); ++i)
         if (!isa || strcmp(isa, eq_dots_isa(i)) == 0) return dots_named(eq_dots_isa(i));
     return NULL;
+}
+
+/* The variant's product for W of type ty; NULL for float16 on an x86 CPU without F16C (project_q8's dispatch,
+ * which chose avx2_fma, checks avx2 and fma only). */
+static eq_dots_fn dots_of(const eq_dots_variant_t *v, int ty) {
+    if (ty == EQ_RD_I8) return v->i8;
+    if (ty != EQ_RD_F16) return v->f32;
+#if defined(EQ_RD_X86) && (defined(__GNUC__) || defined(__clang__))
+    if (v->f16 == dots_f16__avx2_fma) {
+        __builtin_cpu_init();
+        if (!__builtin_cpu_supports("f16c")) return NULL;
+    }
+#endif
+    return v->f16;
+}
+
+int eq_dots_f16(const char *isa) {
+    const eq_dots_variant_t *v = dots_find(isa);
+    return v && dots_of(v, EQ_RD_F16);
 }
 
 /* Rows per block and W rows per chunk: a chunk (64 rows, 80-320 KB at F = 1280) stays in L2 while a block's rows
@@ -216,11 +290,11 @@ static void l2_row(const float *x, ptrdiff_t F, float *xh) {
     for (ptrdiff_t j = 0; j < F; ++j) xh[j] = (float)((double)x[j] / n);
 }
 
-int eq_knn_kth(ptrdiff_t N, ptrdiff_t F, ptrdiff_t B, ptrdiff_t k, const float *x, const void *bank, int bank_i8,
+int eq_knn_kth(ptrdiff_t N, ptrdiff_t F, ptrdiff_t B, ptrdiff_t k, const float *x, const void *bank, int bank_type,
                float scale, float *kth, const char *isa) {
     const eq_dots_variant_t *v = dots_find(isa);
-    if (!v || k < 1 || k > B) return -2;
-    const eq_dots_fn dots = bank_i8 ? v->i8 : v->f32;
+    const eq_dots_fn dots = v ? dots_of(v, bank_type) : NULL;
+    if (!dots || k < 1 || k > B) return -2;
     const ptrdiff_t nb = N < EQ_RD_ROWS ? N : EQ_RD_ROWS;
     float *xh = malloc((size_t)(nb * F + nb * k + EQ_RD_CHUNK + 1) * sizeof *xh);
     if (!xh) return -1;
@@ -233,8 +307,7 @@ int eq_knn_kth(ptrdiff_t N, ptrdiff_t F, ptrdiff_t B, ptrdiff_t k, const float *
         }
         for (ptrdiff_t b0 = 0; b0 < B; b0 += EQ_RD_CHUNK) {
             const ptrdiff_t mb = B - b0 < EQ_RD_CHUNK ? B - b0 : EQ_RD_CHUNK;
-            const void *W = bank_i8 ? (const void *)((const int8_t *)bank + b0 * F)
-                                    : (const void *)((const float *)bank + b0 * F);
+            const void *W = row_at(bank, b0, F, bank_type);
             for (ptrdiff_t r = 0; r < nr; ++r) {
                 dots(xh + r * F, W, mb, F, buf);
                 topk_push(top + r * k, k, buf, mb);
@@ -248,10 +321,10 @@ int eq_knn_kth(ptrdiff_t N, ptrdiff_t F, ptrdiff_t B, ptrdiff_t k, const float *
 }
 
 int eq_vim_resid(ptrdiff_t N, ptrdiff_t F, ptrdiff_t D, const float *x, const float *origin, const void *nsT,
-                 const float *scale, double *resid, const char *isa) {
+                 int ns_type, const float *scale, double *resid, const char *isa) {
     const eq_dots_variant_t *v = dots_find(isa);
-    if (!v) return -2;
-    const eq_dots_fn dots = scale ? v->i8 : v->f32;
+    const eq_dots_fn dots = v ? dots_of(v, ns_type) : NULL;
+    if (!dots || (ns_type == EQ_RD_I8) != (scale != NULL)) return -2;
     const ptrdiff_t nb = N < EQ_RD_ROWS ? N : EQ_RD_ROWS;
     float *xd = malloc((size_t)(nb * F + EQ_RD_CHUNK + 1) * sizeof *xd);
     double *acc = malloc((size_t)(nb + 1) * sizeof *acc);
@@ -269,7 +342,7 @@ int eq_vim_resid(ptrdiff_t N, ptrdiff_t F, ptrdiff_t D, const float *x, const fl
         }
         for (ptrdiff_t d0 = 0; d0 < D; d0 += EQ_RD_CHUNK) {
             const ptrdiff_t md = D - d0 < EQ_RD_CHUNK ? D - d0 : EQ_RD_CHUNK;
-            const void *W = scale ? (const void *)((const int8_t *)nsT + d0 * F) : (const void *)((const float *)nsT + d0 * F);
+            const void *W = row_at(nsT, d0, F, ns_type);
             for (ptrdiff_t r = 0; r < nr; ++r) {
                 dots(xd + r * F, W, md, F, buf);
                 if (scale)  /* row d's scale after its sum, as the bank's; the product rounded to float32 */

@@ -55,7 +55,7 @@ static int vim_case(FILE *f, int c) {
     double *want = read_n(f, (size_t)N * 8), *tol = read_n(f, (size_t)N * 8), *got = malloc((size_t)(N + 1) * 8);
     int failures = 0;
     for (int v = 0; eq_dots_isa(v); ++v) {
-        if (eq_vim_resid(N, F, D, x, origin, ns, scale, got, eq_dots_isa(v)) != 0) {
+        if (eq_vim_resid(N, F, D, x, origin, ns, i8 ? EQ_RD_I8 : EQ_RD_F32, scale, got, eq_dots_isa(v)) != 0) {
             printf("case %d %s: call failed\n", c, eq_dots_isa(v));
             ++failures;
             continue;
