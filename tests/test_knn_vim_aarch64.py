@@ -1,4 +1,5 @@
-"""The kNN and ViM kernels' NEON variant on aarch64 (int8 and float32 banks and null spaces): edge_quq/csrc/rowdot.c
+"""The kNN and ViM kernels' NEON variant on aarch64 (int8, float16 and float32 banks and null spaces; float16 also
+bit-identical to its float32 widening): edge_quq/csrc/rowdot.c
 (with whitener.c, whose variant choice it shares) and a small C driver (tests/csrc/rowdot_driver.c), cross-compiled
 static and run under qemu-aarch64-static (`-cpu cortex-a72`, the Pi 4's ARMv8.0 core, and `-cpu max`), against numpy's
 references (detectors._knn_kth_numpy, _vim_resid_numpy) within tests/test_knn_vim_kernels.py's tolerances
@@ -16,7 +17,8 @@ import pytest
 
 from edge_quq import framekernels
 from edge_quq.detectors import _dequantized_bank, _knn_kth_numpy, _vim_null_space, _vim_resid_numpy
-from test_knn_vim_kernels import KNN_CASES, VIM_CASES, kth_tolerance, knn_case, resid_tolerance, vim_arrays, vim_case
+from test_knn_vim_kernels import (KNN_CASES, VIM_CASES, _f16_rows, kth_tolerance, knn_case, resid_tolerance, vim_arrays,
+                                  vim_case)
 from test_native_aarch64 import build
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,23 +26,31 @@ CSRC = ROOT / "edge_quq" / "csrc"
 SOURCES = [CSRC / "rowdot.c", CSRC / "whitener.c", ROOT / "tests" / "csrc" / "rowdot_driver.c"]
 CROSS = shutil.which("aarch64-linux-gnu-gcc")
 QEMU = shutil.which("qemu-aarch64-static")
-NUM_CASES = 2 * len(KNN_CASES) + 2 * len(VIM_CASES)
+# the driver's W types (rowdot.h): float32, int8, float16
+TYPES = (0, 1, 2)
+NUM_CASES = len(TYPES) * (len(KNN_CASES) + len(VIM_CASES))
+_DT = {0: "<f4", 1: "i1", 2: "<f2"}
 
 
-def _write_knn(out, i: int, n: int, f: int, b: int, k: int, int8: bool) -> None:
-    x, bank, scale = knn_case(i, n, f, b, int8)
+def _write_knn(out, i: int, n: int, f: int, b: int, k: int, ty: int) -> None:
+    x, bank, scale = knn_case(i, n, f, b, ty == 1)
+    if ty == 2:
+        bank = _f16_rows(bank)
     ref = _dequantized_bank({"bank": bank, "bank.scale": np.array([scale])})
-    out.write(struct.pack("<6if", 0, n, f, b, k, int(int8), scale))
-    for a, dt in ((bank, "i1" if int8 else "<f4"), (x, "<f4"), (_knn_kth_numpy(x, ref, k), "<f4"),
-                  (kth_tolerance(x, ref), "<f4")):
+    out.write(struct.pack("<6if", 0, n, f, b, k, ty, scale))
+    wide = [(ref, "<f4")] if ty == 2 else []
+    for a, dt in [(bank, _DT[ty])] + wide + [(x, "<f4"), (_knn_kth_numpy(x, ref, k), "<f4"), (kth_tolerance(x, ref), "<f4")]:
         out.write(np.ascontiguousarray(a, dt).tobytes())
 
 
-def _write_vim(out, i: int, n: int, f: int, d: int, int8: bool) -> None:
-    x, origin, ns, scale = vim_case(i, n, f, d, int8)
+def _write_vim(out, i: int, n: int, f: int, d: int, ty: int) -> None:
+    x, origin, ns, scale = vim_case(i, n, f, d, ty == 1)
+    if ty == 2:
+        ns = _f16_rows(ns).astype(np.float32)  # the widening: the reference's values and the driver's float32 twin
     a = vim_arrays(origin, ns, scale)
-    out.write(struct.pack("<5i", 1, n, f, d, int(int8)))
-    arrs = [(x, "<f4"), (origin, "<f4"), (ns.T, "i1" if int8 else "<f4")] + ([(scale, "<f4")] if int8 else [])
+    out.write(struct.pack("<5i", 1, n, f, d, ty))
+    arrs = [(x, "<f4"), (origin, "<f4"), (ns.T, _DT[ty])] + ([(ns.T, "<f4")] if ty == 2 else [])
+    arrs += [(scale, "<f4")] if ty == 1 else []
     for v, dt in arrs + [(_vim_resid_numpy(a, x), "<f8"), (resid_tolerance(x, origin, _vim_null_space(a)), "<f8")]:
         out.write(np.ascontiguousarray(v, dt).tobytes())
 
@@ -51,11 +61,11 @@ def cases_file(tmp_path_factory) -> Path:
     with open(path, "wb") as out:
         out.write(struct.pack("<i", NUM_CASES))
         for i, case in enumerate(KNN_CASES):
-            for int8 in (True, False):
-                _write_knn(out, i, *case, int8)
+            for ty in TYPES:
+                _write_knn(out, i, *case, ty)
         for i, case in enumerate(VIM_CASES):
-            for int8 in (True, False):
-                _write_vim(out, i, *case, int8)
+            for ty in TYPES:
+                _write_vim(out, i, *case, ty)
     return path
 
 
