@@ -386,7 +386,7 @@ def _knn_bank(a: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, float]:
     b = a["bank"]
     if b.dtype == np.int8:
         return np.ascontiguousarray(b), float(a["bank.scale"][0])
-    if b.dtype == np.float16:
+    if b.dtype == np.float16 and _native.dots_f16():
         return np.ascontiguousarray(b), 1.0
     return np.ascontiguousarray(b, np.float32), 1.0  # no copy for a loaded bank (the kernel takes C order)
 
@@ -400,8 +400,11 @@ def _dequantized_bank(a: Mapping[str, np.ndarray]) -> np.ndarray:
 
 def _prepare_knn(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """kNN's scoring arrays, made once per detector: as held for the native kernel, which reads an int8 bank as
-    it is (a quarter of float32's bytes per frame); without it the bank dequantised, once."""
-    if _native.dots_available() or a["bank"].dtype != np.int8:
+    it is (a quarter of float32's bytes per frame), a float16 one too where it reads float16; else the bank
+    dequantised or widened, once."""
+    b = a["bank"]
+    native = b.dtype == np.int8 and _native.dots_available() or b.dtype == np.float16 and _native.dots_f16()
+    if native or b.dtype not in (np.int8, np.float16):
         return dict(a)
     return {"bank": _dequantized_bank(a)}
 
@@ -466,7 +469,8 @@ def _prepare_vim(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     if _native.dots_available():
         i8 = ns.dtype == np.int8
         return {**a, "origin": np.ascontiguousarray(a["origin"], np.float32).reshape(-1),
-                "ns_t": np.ascontiguousarray(ns.T if i8 or ns.dtype == np.float16 else np.asarray(ns, np.float32).T),
+                "ns_t": np.ascontiguousarray(ns.T if i8 or (ns.dtype == np.float16 and _native.dots_f16())
+                                             else np.asarray(ns, np.float32).T),
                 "ns_scale": np.ascontiguousarray(a["null_space.scale"], np.float32) if i8 else None}
     return {**a, "origin": np.asarray(a["origin"], np.float64).reshape(1, -1),
             "null_space": _vim_null_space(a) if ns.size <= _F64_CACHE_ELEMENTS else ns}

@@ -216,7 +216,7 @@ def dots_f16_isas() -> Tuple[str, ...]:
 def dots_f16() -> bool:
     """True when the best variant of knn_kth and vim_resid reads float16 rows: a float16-stored kNN bank or ViM null
     space is then held float16 (half float32's bytes per frame), else widened to float32 at load."""
-    return _DOTS_F16
+    return _DOTS_AVAILABLE and _DOTS_F16
 
 
 def knn_kth(x: np.ndarray, bank: np.ndarray, scale: float, k: int, isa: Optional[str] = None) -> np.ndarray:

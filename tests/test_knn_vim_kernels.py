@@ -456,3 +456,27 @@ def test_a_float16_bank_and_null_space_are_held_float16_and_score_as_float32_did
     again = held.to_arrays()
     for k in ("knn/bank", "vim/null_space"):  # stored as it was, row-major
         assert again[k].dtype == np.float16 and again[k].flags.c_contiguous and np.array_equal(again[k], stored[k])
+
+
+@pytest.mark.parametrize("kernel", ["float32 only", "none"])
+def test_a_float16_bank_held_float16_is_widened_once_where_the_kernel_cannot_read_it(fashion_f16, monkeypatch, kernel):
+    from edge_quq.detectors import DetectorSet, FittedDetector
+
+    stored, test, head = fashion_f16
+    held = DetectorSet.from_arrays(stored, "t")
+    want = held.score_all(test, head)
+    monkeypatch.setattr(framekernels, "_DOTS_F16" if kernel == "float32 only" else "_DOTS_AVAILABLE", False)
+    # the arrays as held float16 by the load above, in fresh detectors (no prepared arrays yet)
+    again = DetectorSet({n: FittedDetector(n, d.config, d.arrays, d.threshold, d.tpr, d.dtype)
+                         for n, d in held.detectors.items()}, held.meta)
+    knn = again.detectors["knn"]
+    prepared = knn._scoring_arrays()["bank"]
+    assert prepared.dtype == np.float32 and knn._scoring_arrays()["bank"] is prepared
+    got = again.score_all(test, head)
+    if kernel == "float32 only":  # the float32 kernel on the widened values: the same bits
+        assert all(np.array_equal(_bits(got[n]), _bits(want[n])) for n in want)
+    else:
+        a = again.detectors["vim"].arrays
+        assert np.all(np.abs(got["vim"] - want["vim"]) <= a["alpha"].item(0) * resid_tolerance(
+            test, a["origin"], np.asarray(a["null_space"], np.float64)))
+        assert np.allclose(got["knn"] ** 2, want["knn"] ** 2, rtol=0, atol=2 * framekernels.DOT_RTOL)
