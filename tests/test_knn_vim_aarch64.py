@@ -7,6 +7,7 @@ references (detectors._knn_kth_numpy, _vim_resid_numpy) within tests/test_knn_vi
 """
 from __future__ import annotations
 
+import platform
 import shutil
 import struct
 import subprocess
@@ -26,6 +27,7 @@ CSRC = ROOT / "edge_quq" / "csrc"
 SOURCES = [CSRC / "rowdot.c", CSRC / "whitener.c", ROOT / "tests" / "csrc" / "rowdot_driver.c"]
 CROSS = shutil.which("aarch64-linux-gnu-gcc")
 QEMU = shutil.which("qemu-aarch64-static")
+QEMU_X86 = shutil.which("qemu-x86_64-static")
 # the driver's W types (rowdot.h): float32, int8, float16
 TYPES = (0, 1, 2)
 NUM_CASES = len(TYPES) * (len(KNN_CASES) + len(VIM_CASES))
@@ -67,6 +69,19 @@ def cases_file(tmp_path_factory) -> Path:
             for ty in TYPES:
                 _write_vim(out, i, *case, ty)
     return path
+
+
+def test_an_x86_cpu_without_f16c_refuses_float16_in_avx2_fma(cases_file, tmp_path):
+    """The x86 build under qemu-x86_64-static with F16C off: avx2_fma still runs float32 and int8, refuses float16
+    (the driver counts a float16 case it accepts as a failure), and scalar reads it."""
+    if not (QEMU_X86 and shutil.which("gcc")) or platform.machine() != "x86_64":
+        pytest.skip("needs an x86_64 host with gcc and qemu-x86_64-static")
+    exe = tmp_path / "driver"
+    build("gcc", exe, "-static", sources=SOURCES)
+    res = subprocess.run([QEMU_X86, "-cpu", "max,-f16c", str(exe), str(cases_file)], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.strip().splitlines()[-1] == f"variants=avx2_fma,scalar cases={NUM_CASES} failures=0", res.stdout
 
 
 @pytest.mark.parametrize("cpu", [None, "cortex-a72", "max"])

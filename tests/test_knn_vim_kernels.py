@@ -480,3 +480,47 @@ def test_a_float16_bank_held_float16_is_widened_once_where_the_kernel_cannot_rea
         assert np.all(np.abs(got["vim"] - want["vim"]) <= a["alpha"].item(0) * resid_tolerance(
             test, a["origin"], np.asarray(a["null_space"], np.float64)))
         assert np.allclose(got["knn"] ** 2, want["knn"] ** 2, rtol=0, atol=2 * framekernels.DOT_RTOL)
+
+
+def test_on_an_x86_cpu_without_f16c_a_float16_bank_is_held_float32_and_scores_alike(fashion_f16, tmp_path):
+    """This Python under qemu-x86_64-static with F16C off: the best variant (avx2_fma) cannot read float16, so the
+    load widens the bank and null space to float32 (today's path), with the same kNN scores and ViM residuals to the
+    bit (ViM's energy term comes from the head's logits, whose BLAS kernel differs under emulation)."""
+    import pickle
+    import platform
+    import shutil
+    import subprocess
+    import sys
+
+    from edge_quq.detectors import DetectorSet
+
+    qemu = shutil.which("qemu-x86_64-static")
+    if not qemu or platform.machine() != "x86_64" or "avx2_fma" not in ISAS:
+        pytest.skip("needs an x86_64 host with avx2_fma and qemu-x86_64-static")
+    stored, test, head = fashion_f16
+    np.savez(tmp_path / "in.npz", test=test, **{k.replace("/", "|"): v for k, v in stored.items()})
+    script = f"""
+import numpy as np
+from edge_quq import framekernels
+import pickle
+from edge_quq.detectors import DetectorSet
+z = np.load({str(tmp_path / "in.npz")!r})
+ds = DetectorSet.from_arrays({{k.replace("|", "/"): z[k] for k in z.files if k != "test"}}, "t")
+head = pickle.loads(open({str(tmp_path / "head.pkl")!r}, "rb").read())
+s = ds.score_all(z["test"], head)
+a = ds.detectors["vim"]._scoring_arrays()
+s["resid"] = framekernels.vim_resid(z["test"], a["origin"], a["ns_t"], a["ns_scale"])
+np.savez({str(tmp_path / "out.npz")!r}, f16=np.array(framekernels.dots_f16()), bank=np.array(str(ds.detectors["knn"].arrays["bank"].dtype)),
+         ns=np.array(str(ds.detectors["vim"].arrays["null_space"].dtype)), **s)
+"""
+    (tmp_path / "head.pkl").write_bytes(pickle.dumps(head))
+    res = subprocess.run([qemu, "-cpu", "max,-f16c", sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = np.load(tmp_path / "out.npz")
+    assert not out["f16"] and str(out["bank"]) == str(out["ns"]) == "float32"
+    held = DetectorSet.from_arrays(stored, "t")
+    assert np.array_equal(_bits(out["knn"]), _bits(held.score_all(test, head)["knn"]))
+    a = held.detectors["vim"]._scoring_arrays()
+    assert a["ns_t"].dtype == (np.float16 if framekernels.dots_f16() else np.float32) and a["ns_scale"] is None
+    assert np.array_equal(_bits(out["resid"]), _bits(framekernels.vim_resid(test, a["origin"], a["ns_t"])))
