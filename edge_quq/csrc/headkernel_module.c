@@ -609,8 +609,8 @@ static PyObject *py_knn_kth(PyObject *self, PyObject *args) {
     float one = 0.0f;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = eq_knn_kth(N, F, bb.view.shape[0], k, (const float *)bx.view.buf, bb.view.buf, rowdot_type(bf) - 1, (float)scale,
-                    bo.held ? (float *)bo.view.buf : &one, isa);
+    rc = eq_knn_kth(N, F, bb.view.shape[0], k, (const float *)bx.view.buf, bb.view.buf, rowdot_type(bf) - 1,
+                    (float)scale, bo.held ? (float *)bo.view.buf : &one, isa);
     Py_END_ALLOW_THREADS
     result = rowdot_result(rc, oisa, !bo.held, one);
 done:
@@ -648,8 +648,8 @@ static PyObject *py_vim_resid(PyObject *self, PyObject *args) {
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = eq_vim_resid(N, F, bns.view.shape[0], (const float *)bx.view.buf, (const float *)borg.view.buf,
-                      bns.view.buf, rowdot_type(nf) - 1, bs.held ? (const float *)bs.view.buf : NULL, bo.held ? (double *)bo.view.buf : &one,
-                      isa);
+                      bns.view.buf, rowdot_type(nf) - 1, bs.held ? (const float *)bs.view.buf : NULL,
+                      bo.held ? (double *)bo.view.buf : &one, isa);
     Py_END_ALLOW_THREADS
     result = rowdot_result(rc, oisa, !bo.held, one);
 done:

@@ -86,7 +86,7 @@ EQ_RD_INLINE void dots__scalar(const float *x, const void *W, ptrdiff_t M, ptrdi
 }
 
 static void dots_f32__scalar(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out) {
-    dots__scalar(x, W, M, F, out, 0);
+    dots__scalar(x, W, M, F, out, EQ_RD_F32);
 }
 
 static void dots_i8__scalar(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out) {
@@ -202,7 +202,7 @@ EQ_RD_INLINE void dots__neon(const float *x, const void *W, ptrdiff_t M, ptrdiff
 }
 
 static void dots_f32__neon(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out) {
-    dots__neon(x, W, M, F, out, 0);
+    dots__neon(x, W, M, F, out, EQ_RD_F32);
 }
 
 static void dots_i8__neon(const float *x, const void *W, ptrdiff_t M, ptrdiff_t F, float *out) {
