@@ -507,6 +507,7 @@ def _default_report(clock: Clock, full, r: dict, runs: Optional[tuple] = None) -
     sampler_ms = r["head_ms"].get("native", {}).get(str(full.settings.num_iter))
     return {"settings": full.describe_settings(), "detectors": list(full.detector_names),
             "bundle_detectors": full.detectors.names if full.detectors else [],
+            "held": held_arrays(full.detectors, ("knn", "vim")),
             "uq_ms": round(tot, 3), "plain_ms": round(pl, 3), "ratio_uq_plain": round(tot / pl, 4),
             "stages_ms": {**stages, "result_and_rest": round(rest, 3)},
             # the native sampler alone at this T, from the sampler block: the head math of the path's "head" stage
@@ -565,25 +566,37 @@ def _bound(r: dict, tgt: Optional[float]) -> str:
     comp = (d["plain_ms"] + st["detectors"] + st["decision"] + st["result_and_rest"] + st["head"] - r["eval_head_ms"]) / d["plain_ms"]
     return (f"UQ - plain = {d['uq_ms'] - d['plain_ms']:.2f} ms: {parts}{budget}. Without the backbone's run-to-run "
             f"noise (plain + the stage medians beyond it, divided by plain): {comp:.3f}. The detectors stage is the "
-            f"gate's {_gate_cost_text(d['detectors'], r['F'])}.{zero}")
+            f"gate's {_gate_cost_text(d['detectors'], r['F'], d.get('held', {}))}.{zero}")
 
 
-KNN_BANK = 1024  # edge_quq.detectors' default bank size, as attach_default_path fits it
+def held_arrays(dset, names: Sequence[str]) -> Dict[str, Dict[str, object]]:
+    """Per detector of `names` in the set: its largest array as the Predictor holds it (dtype, shape) and the
+    bytes of all its arrays in memory, what the report's bound text states (read, not assumed)."""
+    out: Dict[str, Dict[str, object]] = {}
+    for n in names:
+        det = dset.detectors.get(n) if dset is not None else None
+        if det is not None:
+            big = max(det.arrays.values(), key=lambda v: v.size)
+            out[n] = {"dtype": str(big.dtype), "shape": list(big.shape), "bytes": det.memory_bytes()}
+    return out
 
 
-def _gate_cost_text(gate: Sequence[str], f: int) -> str:
-    """What each of the gate's detectors reads and computes per frame at feature size f."""
+def _held_text(h: Optional[Dict[str, object]]) -> str:
+    return f"{h['dtype']} {h['shape']}, {int(h['bytes']) / 2**20:.1f} MiB per frame" if h else "as the bundle holds it"
+
+
+def _gate_cost_text(gate: Sequence[str], f: int, held: Dict[str, Dict[str, object]]) -> str:
+    """What each of the gate's detectors reads and computes per frame at feature size f; `held`: held_arrays of
+    the run's Predictor."""
     parts = []
     if {"mahalanobis", "rel_mahalanobis"} & set(gate):
         parts.append(f"Mahalanobis ({', '.join(n for n in gate if 'mahalanobis' in n)}): {_whitener_text(f)}")
     if "knn" in gate:
-        parts.append(f"kNN: the native dot kernel (edge_quq/csrc/rowdot.c) over its bank of {KNN_BANK} unit vectors "
-                     f"with a running top-k, reading {KNN_BANK * f * 4 / 2**20:.1f} MiB per frame (these fits on "
-                     "synthetic rows stored the bank float16, which loads as float32; a bank stored int8, as the "
-                     "default bundle's, stays int8 and reads a quarter)")
+        parts.append("kNN: the native dot kernel (edge_quq/csrc/rowdot.c) over its bank of unit vectors with a "
+                     f"running top-k ({_held_text(held.get('knn'))}; int8 and float16 rows are widened in the kernel)")
     if "vim" in gate:
-        parts.append(f"ViM: the same kernel's projection onto the null space, float32 [{f // 2}, {f}] "
-                     f"({f // 2 * f * 4 / 2**20:.1f} MiB per frame), the energy from the sampler's eval logits")
+        parts.append(f"ViM: the same kernel's projection onto the null space ({_held_text(held.get('vim'))}), the "
+                     "energy from the sampler's eval logits")
     other = [n for n in gate if n not in ("mahalanobis", "rel_mahalanobis", "knn", "vim")]
     return "; ".join(parts + ([", ".join(other)] if other else [])) or "none"
 
