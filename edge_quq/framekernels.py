@@ -242,8 +242,7 @@ def vim_resid(x: np.ndarray, origin: np.ndarray, ns_t: np.ndarray, scale: Option
               isa: Optional[str] = None) -> np.ndarray:
     """float64 [N]: |(x - origin) @ (scale * ns_t).T| of rows x [N, F], origin float32 [F] and the null space
     transposed, C-contiguous [D, F]: float32 or float16 (scale None; float16 as for knn_kth) or int8 with one scale
-    per row, float32 [D]
-    (detectors._vim_resid_numpy), by the variant `isa` (None: the best)."""
+    per row, float32 [D] (detectors._vim_resid_numpy), by the variant `isa` (None: the best)."""
     xx = np.ascontiguousarray(x, np.float32)
     out = np.empty(xx.shape[0])
     if xx.shape[0]:
