@@ -287,9 +287,9 @@ class Clock:
         t0 = time.perf_counter()
         with clock.stage("backbone"):
             fe = pred.features(self.x)
-        pred.finish("bench", pred.head_stage(fe[0], clock), clock, fe[0])
+        pred.after_backbone("bench", fe[0], clock)
         total.append(time.perf_counter() - t0)
-        stages.append(dict(clock.ms))
+        stages.append({**clock.ms, "overlap": clock.overlap_ms})  # overlap: ms two stages ran at once (--overlap)
 
     def naive_run(self, t: int, rng: np.random.Generator) -> None:
         """The paper's way: T full passes (backbone and masked head), paired with a plain run."""
@@ -501,9 +501,10 @@ def _default_report(clock: Clock, full, r: dict, runs: Optional[tuple] = None) -
     total, plain, stage_runs = runs or (clock.default, clock.default_plain, clock.default_stages)
     tot, pl = med(total), med(plain)
     stages = {k: round(statistics.median(st.get(k, 0.0) for st in stage_runs), 3)
-              for k in ("backbone", "head", "detectors", "decision")}
-    # per run, then the median: a difference of medians is mostly load noise (heavy-tailed backbone times)
-    rest = statistics.median(t * 1e3 - sum(st.values()) for t, st in zip(total, stage_runs))
+              for k in ("backbone", "head", "detectors", "decision", "overlap")}
+    # per run, then the median: a difference of medians is mostly load noise (heavy-tailed backbone times); the
+    # time the head and the detectors ran together is in both stages and counted once
+    rest = statistics.median(t * 1e3 - sum(st.values()) + 2 * st.get("overlap", 0.0) for t, st in zip(total, stage_runs))
     sampler_ms = r["head_ms"].get("native", {}).get(str(full.settings.num_iter))
     return {"settings": full.describe_settings(), "detectors": list(full.detector_names),
             "bundle_detectors": full.detectors.names if full.detectors else [],
@@ -529,7 +530,8 @@ SCHEMA = """\
      "models": {
        "<model>": {                       # mobilenet_v2, mobilenet_v3_small, mobilenet_v3_large, efficientnet_b0, resnet50
          "default_path": {uq_ms, plain_ms, ratio_uq_plain, stages_ms: {backbone, head, detectors, decision,
-                          result_and_rest}, sampler_ms, settings, detectors, bundle_detectors, reps},
+                          overlap, result_and_rest}, sampler_ms, settings, detectors, bundle_detectors, reps},
+                                          # overlap: ms the detectors ran beside the sampler (in both stages)
                                           # the whole default path (detectors: the ones it computed)
          "all_detectors_path": {...},     # the same with --detectors all, alternating with it
          "throughput": {images, rounds, images_per_s: {plain, uq}, uq_over_plain_rate, peak_rss_mb: {plain, uq}},
@@ -556,14 +558,18 @@ Samplers: numpy, native, analytic (T-independent: one measurement repeated under
 def _bound(r: dict, tgt: Optional[float]) -> str:
     """What the default path spends beyond plain, largest first, against the target's budget."""
     d, st = r["default_path"], r["default_path"]["stages_ms"]
+    together = st.get("overlap", 0.0)
     extra = {"head (sampler) beyond the eval pass": st["head"] - r["eval_head_ms"],
              "detectors": st["detectors"], "gate + decision rule": st["decision"]}
     parts = ", ".join(f"{k} {v:.2f} ms" for k, v in sorted(extra.items(), key=lambda kv: -kv[1]))
+    if together:
+        parts += f", less {together:.2f} ms in which the detectors ran beside the sampler (--overlap)"
     budget = f"; budget (target - 1) x plain = {(tgt - 1) * d['plain_ms']:.2f} ms" if tgt else ""
     zero = (f" The backbone's features were all zero on the bench input (untrained weights, random int8 calibration), "
             f"so the native sampler skipped every row: its {d['sampler_ms']:.2f} ms is fixed cost only; with dense "
             f"features at this F it costs about what the efficientnet_b0 row shows.") if r["nonzero_features"] == 0 else ""
-    comp = (d["plain_ms"] + st["detectors"] + st["decision"] + st["result_and_rest"] + st["head"] - r["eval_head_ms"]) / d["plain_ms"]
+    comp = (d["plain_ms"] + st["detectors"] + st["decision"] + st["result_and_rest"] + st["head"] - r["eval_head_ms"]
+            - together) / d["plain_ms"]
     return (f"UQ - plain = {d['uq_ms'] - d['plain_ms']:.2f} ms: {parts}{budget}. Without the backbone's run-to-run "
             f"noise (plain + the stage medians beyond it, divided by plain): {comp:.3f}. The detectors stage is the "
             f"gate's {_gate_cost_text(d['detectors'], r['F'], d.get('held', {}))}.{zero}")
@@ -642,6 +648,7 @@ def _default_path_lines(report: dict) -> List[str]:
              "the decision rule and the Prediction. `--detectors all` adds the other detectors of the bundle "
              f"({', '.join(n for n in any_r.get('bundle_detectors', []) if n not in any_r['detectors'])}) and the "
              "gradient score, the diagnostics, timed alternating with the default in the same block (UQ/plain all). "
+             f"{_overlap_text(models)}"
              "Each bench bundle got the default bundle's detector set and gate shape, fitted on synthetic feature "
              "rows (`attach_default_path`; cost depends on shapes, not fit quality). plain = backbone + one eval head "
              "pass + argmax, paired with every UQ run (interleaved, one run). naive = T full passes. Throughput: "
@@ -664,18 +671,28 @@ def _default_path_lines(report: dict) -> List[str]:
             if per_run else "`rest` is the UQ median minus the stage medians, not a stage: under load it is mostly the "
             "backbone's heavy tail, and the per-frame overhead section measures what lies outside the stages")
     lines += ["", f"Stage medians of the UQ runs (ms; `head` is the sampler, plus the gradient score where it is "
-                  f"selected; {rest}; `detectors all` is that stage under --detectors all):", "",
-              "| model | backbone | head | detectors | gate + decision | rest | sampler alone | head, detectors all |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  f"selected; `together` is the time the detectors ran beside the sampler, in both stages' figures and "
+                  f"once in UQ ms; {rest}; `detectors all` is that stage under --detectors all):", "",
+              "| model | backbone | head | detectors | together | gate + decision | rest | sampler alone | head, detectors all |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, r in models.items():
         st = r["default_path"]["stages_ms"]
         sa = r.get("all_detectors_path", {}).get("stages_ms", {})
-        lines.append(f"| {n} | {st['backbone']:.2f} | {st['head']:.2f} | {st['detectors']:.2f} | {st['decision']:.2f} | "
-                     f"{st['result_and_rest']:.2f} | {r['default_path']['sampler_ms'] or float('nan'):.2f} | "
+        lines.append(f"| {n} | {st['backbone']:.2f} | {st['head']:.2f} | {st['detectors']:.2f} | {st.get('overlap', 0.0):.2f} | "
+                     f"{st['decision']:.2f} | {st['result_and_rest']:.2f} | {r['default_path']['sampler_ms'] or float('nan'):.2f} | "
                      f"{sa.get('head', float('nan')):.2f}, {sa.get('detectors', float('nan')):.2f} |")
     lines += ["", "What bounds each result:", ""]
     lines += [f"- {n}: {_bound(r, report['targets_uq_plain_T50'].get(n))}" for n, r in models.items()]
     return lines + [""]
+
+
+def _overlap_text(models: Dict[str, dict]) -> str:
+    """Which models' default path scored its detectors beside the sampler (--overlap auto), from the recorded settings."""
+    on = [n for n, r in models.items() if r["default_path"]["settings"].get("overlap")]
+    if not on:
+        return "The detectors ran after the sampler on every model (`--overlap auto` did not take the worker thread). "
+    return (f"With `--overlap auto` the detectors ran on a worker thread beside the sampler on {', '.join(on)} "
+            f"(edge_quq.defaults.OVERLAP_MIN_BYTES; the eval-mode logits' part of ViM after it). ")
 
 
 def _overhead_lines(ov: Optional[dict]) -> List[str]:

@@ -15,7 +15,7 @@ import click
 from edge_quq import __version__
 from edge_quq.config import DEFAULT_CONFIG_PATH, config_option, service_config_example
 from edge_quq.defaults import (BACKENDS, DEFAULT_DETECTOR_SELECTION, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS, DEFAULT_MQTT_DISCOVERY_MODE, DEFAULT_ON_DRIFT,
-                               DRIFT_DEFAULTS, MIXED_POLICIES, MQTT_DISCOVERY_MODES, MQTT_DISCOVERY_PREFIX, ON_DRIFT, POLICIES,
+                               DRIFT_DEFAULTS, MIXED_POLICIES, MQTT_DISCOVERY_MODES, MQTT_DISCOVERY_PREFIX, ON_DRIFT, OVERLAP_CHOICES, POLICIES,
                                default_help)
 from edge_quq.errors import EdgeQuqError
 from edge_quq.health import DEFAULT_MAX_AGE_S, DEFAULT_SERVICE_BUNDLE, DEFAULT_STATS_FILE
@@ -103,6 +103,9 @@ def model_options(fn: Callable) -> Callable:
                      help="Risk policy: error rate among kept predictions to certify, in (0, 1), e.g. 0.02 (implies --policy risk)."),
         click.option("--delta", type=float, default=None,
                      help="Risk policy: the certificate fails with probability at most delta (default: the bundle's, 0.05)."),
+        click.option("--overlap", type=click.Choice(OVERLAP_CHOICES), default="auto", show_default=True,
+                     help="Score the detectors on a second thread while the head sampler runs: auto (when the detectors "
+                          "are large enough to gain, and a second CPU is there), on, off."),
         click.option("--max-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_PIXELS, show_default=True,
                      help="Refuse images with more pixels than this, from their header, before decoding (memory on small boards)."),
     ]

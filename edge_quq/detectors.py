@@ -500,13 +500,22 @@ def _score_vim(a, cfg, feats, head, logits=None) -> np.ndarray:
     return a["alpha"].item(0) * resid + energy(eval_logits(head, feats) if logits is None else logits, head.activation)
 
 
-def _vim_row(a, cfg, feats, head, logits=None) -> float:
-    """_score_vim of one row feats float32 [1, F] as a float: the native kernel's one-row mode when it takes it."""
-    resid = _native.vim_resid_row(feats, a["origin"], a["ns_t"], a["ns_scale"]) if "ns_t" in a else None
+def _vim_row_pre(a, cfg, feats) -> Optional[float]:
+    """ViM's part of one row that needs no logits: the residual by the native kernel's one-row mode, or None
+    when it does not take the row (then _vim_row_post scores the whole row)."""
+    return _native.vim_resid_row(feats, a["origin"], a["ns_t"], a["ns_scale"]) if "ns_t" in a else None
+
+
+def _vim_row_post(a, cfg, resid, feats, head, logits=None) -> float:
     if resid is None:
         return _score_vim(a, cfg, feats, head, logits).item(0)
     lg = eval_logits(head, feats) if logits is None else logits
     return a["alpha"].item(0) * resid + energy(lg, head.activation).item(0)
+
+
+def _vim_row(a, cfg, feats, head, logits=None) -> float:
+    """_score_vim of one row feats float32 [1, F] as a float: the native kernel's one-row mode when it takes it."""
+    return _vim_row_post(a, cfg, _vim_row_pre(a, cfg, feats), feats, head, logits)
 
 
 def _score_gradient(a, cfg, feats, head, logits=None) -> np.ndarray:
@@ -540,6 +549,9 @@ _PREPARED: Dict[str, Callable[[Mapping[str, np.ndarray]], Dict[str, np.ndarray]]
     "vim": _prepare_vim}
 # One frame's score as a float, without the arrays of the batched score functions (the row scorer's path).
 _ROW: Dict[str, Callable[..., float]] = {"knn": _knn_row, "vim": _vim_row}
+# The detectors that use the logits but do most of their work without them: (the part without, the rest given
+# its result), so that a predictor can run the first beside the head sampler that computes the logits.
+_ROW_SPLIT: Dict[str, Tuple[Callable[..., Any], Callable[..., float]]] = {"vim": (_vim_row_pre, _vim_row_post)}
 # The other float32 detector arrays up to this many elements (ViM's origin and null space) are also kept as
 # float64 for scoring: their scores are float64 math, and converting the arrays on every frame cost more than
 # the matmuls. Beyond this size (F > 2048) they are converted per call.
@@ -581,6 +593,49 @@ def parse_names(text: str) -> List[str]:
     if bad or not names:
         raise OptionError(f"unknown detector {', '.join(bad) or '(none given)'}; choose from {', '.join(DETECTOR_NAMES)} or 'all'")
     return list(dict.fromkeys(names))
+
+
+class RowScorer:
+    """DetectorSet.row_scorer's result: one frame's detector scores as floats, in the set's order.
+    `scorer(feats, logits=None)` scores a row; `scorer.with_logits(feats, scorer.without_logits(feats), logits)`
+    does the same in two halves, the first of which needs no logits (every detector but maxlogit and energy, and
+    ViM's residual): a predictor runs it on a worker thread beside the head sampler (docs/detectors.md)."""
+
+    __slots__ = ("head", "names", "pair", "shared", "early", "late", "needs_logits", "in_order")
+
+    def __init__(self, head: HeadWeights, names: Tuple[str, ...], pair: Tuple[str, ...], shared: Any,
+                 early: Tuple[tuple, ...], late: Tuple[tuple, ...]) -> None:
+        self.head, self.names, self.pair, self.shared, self.early, self.late = head, names, pair, shared, early, late
+        self.needs_logits = bool(late)
+        # `out` below is then in score_all's order already
+        self.in_order = names == pair + tuple(r[0] for r in early + late)
+
+    def without_logits(self, feats: np.ndarray) -> Dict[str, Any]:
+        """Scores of the detectors that need no logits, and the split ones' first parts (_ROW_SPLIT)."""
+        out: Dict[str, Any] = {}
+        if self.pair:
+            out[self.pair[0]], out[self.pair[1]] = _mahalanobis_row(self.shared, feats)
+        for n, fn, a, cfg in self.early:
+            out[n] = fn(a, cfg, feats, self.head, None)
+        for n, _, a, cfg in self.late:
+            split = _ROW_SPLIT.get(n)
+            if split is not None:
+                out[n] = split[0](a, cfg, feats)
+        return out
+
+    def with_logits(self, feats: np.ndarray, early: Dict[str, Any], logits: Optional[np.ndarray] = None) -> Dict[str, float]:
+        """The scores from without_logits' result and the row's eval-mode logits (computed here when None)."""
+        out = early
+        if self.late:
+            if logits is None:
+                logits = eval_logits(self.head, feats)
+            for n, fn, a, cfg in self.late:
+                split = _ROW_SPLIT.get(n)
+                out[n] = split[1](a, cfg, out[n], feats, self.head, logits) if split else fn(a, cfg, feats, self.head, logits)
+        return out if self.in_order else {n: out[n] for n in self.names}
+
+    def __call__(self, feats: np.ndarray, logits: Optional[np.ndarray] = None) -> Dict[str, float]:
+        return self.with_logits(feats, self.without_logits(feats), logits)
 
 
 def _row_score(name: str) -> Callable[..., float]:
@@ -674,32 +729,25 @@ class DetectorSet:
             out.update(zip(_MAHALANOBIS_PAIR, _mahalanobis_family(self.detectors["rel_mahalanobis"]._scoring_arrays(), feats)))
         return {n: out[n] if n in out else d.score(feats, head, logits) for n, d in self.detectors.items()}
 
-    def row_scorer(self, head: HeadWeights) -> Callable[..., Dict[str, float]]:
+    def row_scorer(self, head: HeadWeights) -> "RowScorer":
         """A function of one row feats float32 [1, F] (and optionally its eval-mode logits [1, C], which the
         head sampler has already computed: the head pass they cost was a tenth of a frame's overhead) giving
         score_all's scores as floats (scores.row_scores of them): the same score functions on the same arrays,
         with what score_all works out on every call (which detectors share the head pass, the Mahalanobis pair's
         one projection, each detector's scoring arrays) resolved here, once. A predictor's per-frame path: on one
         frame those checks were a fifth of the detectors' cost. It scores with the arrays as they are now: build
-        it again after replacing any."""
+        it again after replacing any. Its two halves, `without_logits` and `with_logits`, let a caller run the
+        first while the logits are computed on another thread (RowScorer)."""
         names = tuple(self.detectors)
-        with_logits = not _USES_LOGITS.isdisjoint(names)
         pair = _MAHALANOBIS_PAIR if self._mahalanobis_shared() else ()
         shared = self.detectors[pair[1]]._scoring_arrays() if pair else None
-        rest = tuple((n, _row_score(n), d._scoring_arrays(), d.config) for n, d in self.detectors.items() if n not in pair)
-        in_order = names == pair + tuple(r[0] for r in rest)  # `out` below is then in score_all's order already
-
-        def score(feats: np.ndarray, logits: Optional[np.ndarray] = None) -> Dict[str, float]:
-            if with_logits and logits is None:
-                logits = eval_logits(head, feats)
-            out = {}
-            if pair:
-                out[pair[0]], out[pair[1]] = _mahalanobis_row(shared, feats)
-            for n, fn, a, cfg in rest:
-                out[n] = fn(a, cfg, feats, head, logits)
-            return out if in_order else {n: out[n] for n in names}
-
-        return score
+        early, late = [], []  # (name, fn, arrays, config): before the logits are known, and after
+        for n, d in self.detectors.items():
+            if n in pair:
+                continue
+            item = (n, _row_score(n), d._scoring_arrays(), d.config)
+            (late if n in _USES_LOGITS else early).append(item)
+        return RowScorer(head, names, pair, shared, tuple(early), tuple(late))
 
     def _mahalanobis_shared(self) -> bool:
         """True when mahalanobis and rel_mahalanobis hold the same class whitener and means (as fitted

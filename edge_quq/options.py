@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from edge_quq.defaults import (BACKENDS, CHANNEL_ORDERS, DEFAULT_DETECTOR_SELECTION, DEFAULT_IGNORE_ON, DEFAULT_MAX_PIXELS,
-                               MAX_NUM_ITER, POLICIES)
+                               MAX_NUM_ITER, OVERLAP_CHOICES, POLICIES)
 from edge_quq.errors import OptionError
 from edge_quq.gradients import GradientSettings
 
@@ -44,6 +44,7 @@ class PredictorOptions:
     ood_alpha: Optional[float] = None  # gate level; None: the manifest's
     delta: Optional[float] = None  # risk confidence; None: the manifest's
     target_error: Optional[float] = None  # risk: the error rate among kept predictions to certify
+    overlap: str = "auto"  # detectors beside the head sampler on a second thread (edge_quq.defaults.OVERLAP_CHOICES)
 
     def replace(self, **changes: Any) -> "PredictorOptions":
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
@@ -63,6 +64,8 @@ class PredictorOptions:
             raise OptionError(f"max_pixels must be >= 1, got {self.max_pixels}")
         if self.threads is not None and self.threads < 1:
             raise OptionError(f"threads must be >= 1, got {self.threads}")
+        if self.overlap not in OVERLAP_CHOICES:
+            raise OptionError(f"overlap must be one of {', '.join(OVERLAP_CHOICES)}, got {self.overlap!r}")
         self.check_policy()
         from edge_quq.detectors import parse_selection
 

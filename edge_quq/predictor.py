@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 import operator
 import os
 import time
@@ -21,7 +22,8 @@ from edge_quq.backends import Backbone, make_backbone
 from edge_quq.bundle import Bundle, load_bundle
 from edge_quq.conformal import COMBINE_RULES, CalibrationScores, RowGate
 from edge_quq.decision import MIXED_POLICIES, Decision, check_ignore_on, combine_decision, decide, policy_reasons, resolve_z
-from edge_quq.defaults import DEFAULT_DETECTOR_SELECTION, GATE_DEFAULTS, POLICY_WITHOUT_CALIBRATION, RISK_SCORE_SIGN
+from edge_quq.defaults import (DEFAULT_DETECTOR_SELECTION, GATE_DEFAULTS, OVERLAP_MIN_BYTES, POLICY_WITHOUT_CALIBRATION,
+                               RISK_SCORE_SIGN)
 from edge_quq.detectors import DETECTOR_NAMES, DetectorSet, gradient_reusable, parse_selection
 from edge_quq.errors import EdgeQuqError, OptionError
 from edge_quq.gate_store import LoadedGate, load_gate
@@ -38,6 +40,13 @@ from edge_quq.telemetry import StageClock, rss_bytes
 ImageLike = Union[str, os.PathLike, np.ndarray]
 RSS_INTERVAL_S = 0.5
 perf_counter = time.perf_counter
+
+
+def _timed(fn: Callable[[Any], Any], arg: Any) -> Tuple[Any, float]:
+    """fn(arg) and the seconds it took, on the thread that runs it."""
+    t0 = perf_counter()
+    out = fn(arg)
+    return out, perf_counter() - t0
 
 
 def _lap(ms: Dict[str, float], stage: str, t0: float) -> None:
@@ -164,6 +173,9 @@ class Predictor:
         self._gate: Optional[RowGate] = None
         self._scorer: Optional[Tuple[DetectorSet, HeadWeights, Callable[[np.ndarray], Dict[str, float]]]] = None
         self._rss: Optional[Tuple[float, int]] = None  # (perf_counter of the read, bytes): rss_bytes() opens a /proc file
+        # detectors on a worker thread beside the sampler (set_overlap; from_bundle sets it from the options)
+        self.overlap = False
+        self._pool: Optional[ThreadPoolExecutor] = None
         self.bundle = bundle
         self.backbone = backbone
         self.head = head
@@ -215,8 +227,25 @@ class Predictor:
         predictor = cls(bundle, backbone, head, smp, settings, opts.channel_order, opts.gradient, detectors, opts.ignore_on,
                         policy, opts.detectors)
         predictor.options = opts
+        predictor.set_overlap(opts.overlap, opts.threads)
         predictor.warm_up()
         return predictor
+
+    def set_overlap(self, mode: str, threads: Optional[int] = None) -> bool:
+        """Whether each frame scores its detectors on a worker thread while this one runs the head sampler
+        (--overlap: auto, on, off); returns it. Only the row scorer's detectors can: not with the gradient
+        score, which shares its work with the score stage. `auto` also needs the detectors to hold at least
+        OVERLAP_MIN_BYTES, and two CPUs for this process (and --threads not 1): below that, waking the worker
+        costs more than it saves (edge_quq.defaults)."""
+        can = self.active is not None and not self.gradient_on and mode != "off"
+        if can and mode == "auto":
+            cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            held = sum(d.memory_bytes() for d in self.active.detectors.values())
+            can = held >= OVERLAP_MIN_BYTES and cpus >= 2 and threads != 1
+        self.overlap = bool(can)
+        if self.overlap and self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="edge-quq-detectors")
+        return self.overlap
 
     def warm_up(self) -> None:
         """One pass on a blank image so first-call costs (OpenCV import, runtime allocation, XNNPACK weight
@@ -226,6 +255,8 @@ class Predictor:
         x = self.load_input(np.zeros((h, w, c) if c > 1 else (h, w), np.uint8))
         feats = self.features(x[None])
         self.sampler.sample(feats[0], self.settings.num_iter)
+        if self.overlap:  # start the worker thread, and its first scoring, now
+            self._pool.submit(self._row_scorer().without_logits, feats[:1]).result()
         self.sampler.reseed(self.settings.seed)
         decide(np.full(self.bundle.num_classes, 0.5), np.zeros(self.bundle.num_classes), 1.0, 0.5)
 
@@ -248,9 +279,30 @@ class Predictor:
         _lap(clock.ms, "head", t0)
         return moments
 
-    def score_stage(self, features: np.ndarray, moments: HeadMoments, clock: StageClock) -> Dict[str, float]:
+    def head_and_scores(self, features: np.ndarray, clock: StageClock) -> Tuple[HeadMoments, Dict[str, float]]:
+        """The head stage, then the score stage, of one feature vector; with `overlap`, the detectors' part that
+        needs no logits runs on the worker thread while this one runs the sampler (whose eval-mode logits the
+        rest needs). Both stages keep their own times; the time they ran together goes to clock.overlap_ms."""
+        if not self.overlap:
+            moments = self.head_stage(features, clock)
+            return moments, self.score_stage(features, moments, clock)
+        scorer = self._row_scorer()
+        t0 = perf_counter()
+        job = self._pool.submit(_timed, scorer.without_logits, features[None])
+        moments = self.sampler.sample(features, self.settings.num_iter)
+        t1 = perf_counter()
+        early, early_s = job.result()
+        t2 = perf_counter()
+        clock.ms["head"] = clock.ms.get("head", 0.0) + (t1 - t0) * 1e3  # the sampler's time alone
+        clock.ms["detectors"] = clock.ms.get("detectors", 0.0) + early_s * 1e3
+        clock.overlap_ms += max((t1 - t0) + early_s - (t2 - t0), 0.0) * 1e3
+        return moments, self.score_stage(features, moments, clock, early)
+
+    def score_stage(self, features: np.ndarray, moments: HeadMoments, clock: StageClock,
+                    early: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
         """The moment scores, the gradient score when selected (once: the gradient detector reuses it when its
-        settings match) and the selected detectors (`detector_names`), for one feature vector."""
+        settings match) and the selected detectors (`detector_names`), for one feature vector. `early`: the row
+        scorer's without_logits result for it, when head_and_scores computed it."""
         grad = None
         if self.gradient_on and self.gradient is not None:
             with clock.stage("head"):
@@ -265,7 +317,9 @@ class Predictor:
             t0 = perf_counter()
             if given is None:
                 # the sampler's eval-mode logits: the same pass the detectors were fitted on, in its float32 order
-                scores.update(self._row_scorer()(features[None], np.asarray(moments.logits, np.float64).reshape(1, -1)))
+                scorer, row = self._row_scorer(), features[None]
+                logits = np.asarray(moments.logits, np.float64).reshape(1, -1) if scorer.needs_logits else None
+                scores.update(scorer.with_logits(row, scorer.without_logits(row) if early is None else early, logits))
             else:
                 scores.update(row_scores(self.active.score_all(features[None], self.head, given)))
             _lap(clock.ms, "detectors", t0)
@@ -324,8 +378,16 @@ class Predictor:
         more = policy_reasons(pol.name, ood_p is not None and ood_p < pol.alpha, risk_keeps)
         return dec, keep and not more, ignored_by + more, flagged, ood_p
 
-    def finish(self, source: str, moments: HeadMoments, clock: StageClock, features: np.ndarray) -> Prediction:
-        scores = self.score_stage(features, moments, clock)
+    def after_backbone(self, source: str, features: np.ndarray, clock: StageClock) -> Prediction:
+        """Everything a frame does after the backbone, from its feature vector: head, scores, decision."""
+        moments, scores = self.head_and_scores(features, clock)
+        return self.finish(source, moments, clock, features, scores)
+
+    def finish(self, source: str, moments: HeadMoments, clock: StageClock, features: np.ndarray,
+               scores: Optional[Dict[str, float]] = None) -> Prediction:
+        """The Prediction from the head stage's moments (and the score stage's scores, computed here when None)."""
+        if scores is None:
+            scores = self.score_stage(features, moments, clock)
         t0 = perf_counter()
         rg = self._row_gate()
         pvalues = None if rg is None else self._pvalue_row(scores, rg)
@@ -333,7 +395,7 @@ class Predictor:
         ms, t1 = clock.ms, perf_counter()
         ms["decision"] = ms.get("decision", 0.0) + (t1 - t0) * 1e3  # _lap's bookkeeping, t1 reused for rss
         timings = dict(ms)
-        timings["total"] = sum(ms.values())
+        timings["total"] = sum(ms.values()) - clock.overlap_ms
         names, pol = self.bundle.classes, self.policy
         top = int(moments.mean.argmax())  # the ndarray method: np.argmax's wrapper costs more on one frame
         if not keep:
@@ -368,7 +430,8 @@ class Predictor:
     def describe_settings(self) -> dict:
         """The settings a result records; built again only when one of the objects they come from was
         replaced (a shallow copy per call: building it was a twentieth of the per-frame overhead)."""
-        key = (self.settings, self.sampler, self.backbone, self.head, self.policy, self.ignore_on, self.detector_names)
+        key = (self.settings, self.sampler, self.backbone, self.head, self.policy, self.ignore_on, self.detector_names,
+               self.overlap)
         hit = self._described
         if hit is None or not all(map(operator.is_, hit[0], key)):
             hit = self._described = (key, self._describe_settings())
@@ -387,6 +450,7 @@ class Predictor:
             "temperature": self.head.temperature,
             "ignore_on": self.ignore_on,
             "detectors": list(self.detector_names),
+            "overlap": self.overlap,
             **self.policy.describe(),
         }
 
@@ -400,9 +464,8 @@ class Predictor:
         t0 = perf_counter()
         feats = self.features(x[None])
         _lap(clock.ms, "backbone", t0)
-        moments = self.head_stage(feats[0], clock)
         src = source if source is not None else ("<array>" if isinstance(image, np.ndarray) else str(image))
-        return self.finish(src, moments, clock, feats[0])
+        return self.after_backbone(src, feats[0], clock)
 
     def predict_many(self, images: Sequence[ImageLike], batch_size: int = 1) -> List[Union[Prediction, Failure]]:
         """Many images; a bad one becomes a Failure and the rest still get results (iter_predict, as a list)."""
@@ -445,4 +508,4 @@ class Predictor:
                 src, _, clock = d
                 f = next(feats)
                 clock.ms["backbone"] = share
-                yield self.finish(src, self.head_stage(f, clock), clock, f)
+                yield self.after_backbone(src, f, clock)

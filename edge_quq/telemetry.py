@@ -10,12 +10,14 @@ STAGES = ("preprocess", "backbone", "head", "detectors", "decision")
 
 
 class StageClock:
-    """Accumulates wall-clock milliseconds per named stage for one prediction."""
+    """Accumulates wall-clock milliseconds per named stage for one prediction. `overlap_ms`: time counted in two
+    stages at once, as they ran on two threads (a frame's total is the stages' sum less it)."""
 
-    __slots__ = ("ms",)
+    __slots__ = ("ms", "overlap_ms")
 
     def __init__(self) -> None:
         self.ms: Dict[str, float] = {}
+        self.overlap_ms = 0.0
 
     def stage(self, name: str) -> "_Stage":
         """A context manager adding the time spent inside it to stage `name`."""

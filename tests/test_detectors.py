@@ -15,7 +15,7 @@ import pytest
 
 from edge_quq.bundle import DEFAULT_BUNDLE_DIR, MANIFEST_NAME, load_bundle, sha256_file
 from edge_quq.detector_store import DETECTORS_FILE, load_detectors
-from edge_quq.detectors import DETECTOR_NAMES, DetectorSet, fit_detectors
+from edge_quq.detectors import DETECTOR_NAMES, DetectorSet, eval_logits, fit_detectors
 from edge_quq.errors import BundleError, OptionError
 from edge_quq.gradients import GradientSettings
 from edge_quq.head import HeadWeights
@@ -150,6 +150,20 @@ def test_row_scorer_gives_score_all_of_one_row_exactly(synth, names):
         got = score(row[None])
         assert list(got) == list(want) and all(type(v) is float for v in got.values())
         assert got == want
+
+
+@pytest.mark.parametrize("names", [DETECTOR_NAMES, ("rel_mahalanobis", "knn", "vim"), ("vim",), ("maxlogit", "energy")])
+def test_row_scorer_halves_give_its_scores_and_the_first_needs_no_logits(synth, names):
+    head, x, y, q, ds, fit, _ = synth
+    sub = ds.subset(names)
+    score = sub.row_scorer(head)
+    for row in np.asarray(q[:6], np.float32):
+        lg = eval_logits(head, row[None])
+        early = score.without_logits(row[None])
+        # the first half scores every detector that needs no logits (ViM: its residual only)
+        assert set(early) == {n for n in names if n not in ("maxlogit", "energy")}
+        assert score.with_logits(row[None], early, lg) == score(row[None], lg) == score(row[None])
+    assert score.needs_logits == any(n in ("maxlogit", "energy", "vim") for n in names)
 
 
 def test_gradient_detector_matches_finite_differences(synth):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -101,6 +102,39 @@ def test_batched_backbone_gives_the_same_decisions(predictors):
     p = Predictor.from_bundle(seed=5, threads=1)
     many = p.predict_many(files, batch_size=4)
     assert [(r.decision, r.label) for r in one] == [(r.decision, r.label) for r in many]
+
+
+def test_overlapped_detectors_give_the_same_results(monkeypatch):
+    """--overlap on scores the detectors on a worker thread beside the sampler: the same Predictions, and a total
+    that counts the time the two ran together once."""
+    files = sample_files()
+    off = Predictor.from_bundle(seed=3, threads=2, overlap="off")
+    on = Predictor.from_bundle(seed=3, threads=2, overlap="on")
+    assert (off.overlap, on.overlap) == (False, True)
+    assert on.describe_settings()["overlap"] is True and off.describe_settings()["overlap"] is False
+    one = [off.predict(f) for f in files] + off.predict_many(files, batch_size=3)
+    two = [on.predict(f) for f in files] + on.predict_many(files, batch_size=3)
+    for a, b in zip(one, two):
+        assert (a.scores, a.mean, a.std, a.keep, a.ignored_by, a.ood_pvalues) == (b.scores, b.mean, b.std, b.keep, b.ignored_by, b.ood_pvalues)
+        t = b.timings_ms
+        stages = sum(v for k, v in t.items() if k != "total")
+        assert t["backbone"] + max(t["head"], t["detectors"]) <= t["total"] + 1e-6 and t["total"] <= stages + 1e-6
+
+
+def test_overlap_auto_only_where_it_gains(monkeypatch):
+    import edge_quq.predictor as predictor_module
+
+    # the default bundle's gate detectors hold 0.18 MB, under OVERLAP_MIN_BYTES: scored in turn
+    assert not Predictor.from_bundle(seed=3).overlap
+    p = Predictor.from_bundle(seed=3, overlap="off")
+    monkeypatch.setattr(predictor_module, "OVERLAP_MIN_BYTES", 1)
+    two_cpus = len(os.sched_getaffinity(0)) >= 2
+    assert p.set_overlap("auto") is two_cpus and p.set_overlap("auto", threads=2) is two_cpus
+    assert p.set_overlap("auto", threads=1) is False and p.set_overlap("off") is False and p.set_overlap("on") is True
+    # the gradient score shares the score stage's work: never overlapped
+    assert Predictor.from_bundle(seed=3, detectors="all", overlap="on").overlap is False
+    with pytest.raises(OptionError, match="overlap must be one of auto, on, off"):
+        Predictor.from_bundle(overlap="yes")
 
 
 @pytest.mark.parametrize("name", ["tflite", "onnx"])
