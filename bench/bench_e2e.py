@@ -139,14 +139,21 @@ def ensure_bundle(name: str, tmp: Path, calib: int, reexport: bool) -> Tuple[Pat
     return out, secs
 
 
+# what the bench bundles' detectors and gate are fitted on (their meta "data"; older fits are redone)
+FIT_DATA = "bench backbone features of package photo crops"
+
+
 def attach_default_path(bundle_dir: Path, seed: int = 0, force: bool = False) -> None:
     """Give a bench bundle what the default bundle has, so that Predictor's default path (policy gated) runs
     on it: all detectors (detectors.npz; the Predictor computes only the gate's by default, the rest with
     --detectors all) and the gate's calibration data (gate.npz) with the default bundle's gate shape (its
-    detectors, combination rule, alpha). Fitted on synthetic feature rows shaped like the backbone's own
-    (per-feature mean and spread of a few random images, ReLU-clipped): the detectors' per-frame cost depends
-    on the shapes, not on how good the fit is. Skipped when both files are there and the gate has the default
-    bundle's shape (detectors and combination rule), unless `force`."""
+    detectors, combination rule, alpha). Fitted on what the bench backbone computes for real photographs (crops of
+    the photographs packages ship, edge_quq_export.datasets.photo_patches, 2.5F + 500 of them): the per-frame cost
+    depends on the shapes and on the storage the exporter's check picks for each array (int8, float16 or float32,
+    judged on the scores of held-out rows), and that depends on the rows. Random rows without structure made it
+    refuse int8 and sometimes float16, which no real model's features would. Skipped when both files are there,
+    fitted on these rows, and the gate has the default bundle's shape (detectors and combination rule), unless
+    `force`."""
     from edge_quq.bundle import GateSpec, load_bundle
     from edge_quq.decision import decide_many
     from edge_quq.detector_store import attach_detectors, load_detectors
@@ -154,34 +161,37 @@ def attach_default_path(bundle_dir: Path, seed: int = 0, force: bool = False) ->
     from edge_quq.gate_store import GATE_FILE, GateData, attach_gate
     from edge_quq.head import load_head_weights
     from edge_quq.predictor import Predictor
+    from edge_quq_export.datasets import package_photos, photo_patches
 
     bundle, shape = load_bundle(bundle_dir), load_bundle(None).gate
     assert shape is not None, "the embedded default bundle has no gate"
-    if not force and bundle.gate is not None and "detectors.npz" in bundle.files and \
+    have = load_detectors(bundle) if "detectors.npz" in bundle.files else None
+    if not force and bundle.gate is not None and have is not None and str(have.meta.get("fit", {}).get("data", "")).startswith(FIT_DATA) and \
             (bundle.gate.detectors, bundle.gate.combine) == (shape.detectors, shape.combine):
         return
     t0 = time.perf_counter()
-    pred = Predictor.from_bundle(bundle_dir, backend="tflite", threads=2, policy="paper", seed=seed)
+    pred = Predictor.from_bundle(bundle_dir, backend="tflite", threads=2, policy="paper", seed=seed, channel_order="rgb")
     rng = np.random.default_rng(seed)
-    real = np.concatenate([pred.features(pred.load_input(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))[None])
-                           for _ in range(16)])
-    f = real.shape[1]
-    n_fit, n_cal = 3 * f, 500
-    rows = np.maximum(rng.normal(real.mean(0), real.std(0) + 1e-3 * (np.abs(real.mean(0)) + 1e-3), (n_fit + n_cal, f)), 0.0)
+    f = pred.head.feature_size
+    n_fit, n_cal = 5 * f // 2, 500  # fit_detectors needs 2F rows after its 10% hold-out
+    photos = [p for ps in package_photos().values() for p in ps]
+    patches = photo_patches(photos, n_fit + n_cal, rng)
+    rows = np.concatenate([pred.features(pred.load_input(p)[None]) for p in patches])
+    rows = rows[rng.permutation(len(rows))]  # the whole photos come first: spread them over fit and calibration
     head = load_head_weights(bundle)
     labels = np.argmax(head.logits(rows), axis=1)
     dset = fit_detectors(rows[:n_fit], labels[:n_fit], head, seed=seed)
-    attach_detectors(bundle_dir, dset, {"data": f"synthetic rows for bench_e2e ({n_fit})", "seed": seed})
+    attach_detectors(bundle_dir, dset, {"data": f"{FIT_DATA} ({n_fit})", "seed": seed})
     dset = load_detectors(load_bundle(bundle_dir))
     cal = rows[n_fit:]
     m = pred.sampler.sample(cal, 10)
     dec = decide_many(m.mean, m.std, pred.settings.z, pred.settings.threshold)
     data = GateData({k: np.asarray(v, np.float64) for k, v in dset.score_all(cal, head).items()},
                     np.asarray(m.mean.max(1), np.float64), np.argmax(m.mean, 1) == labels[n_fit:], dec.keep.copy(),
-                    {"data": "synthetic (bench_e2e)", "samples": n_cal, "seed": seed, "risk_score": "max_prob"})
+                    {"data": f"{FIT_DATA} (calibration)", "samples": n_cal, "seed": seed, "risk_score": "max_prob"})
     spec = GateSpec(file=GATE_FILE, version=1, policy=shape.policy, alpha=shape.alpha, delta=shape.delta,
                     combine=shape.combine, detectors=tuple(shape.detectors), risk_score="max_prob",
-                    calibration={"data": "synthetic (bench_e2e)", "samples": n_cal, "seed": seed})
+                    calibration={"data": f"{FIT_DATA} (calibration)", "samples": n_cal, "seed": seed})
     attach_gate(bundle_dir, data, spec)
     print(f"  {bundle_dir.name}: detectors and gate attached in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
@@ -508,7 +518,7 @@ def _default_report(clock: Clock, full, r: dict, runs: Optional[tuple] = None) -
     sampler_ms = r["head_ms"].get("native", {}).get(str(full.settings.num_iter))
     return {"settings": full.describe_settings(), "detectors": list(full.detector_names),
             "bundle_detectors": full.detectors.names if full.detectors else [],
-            "held": held_arrays(full.detectors, ("knn", "vim")),
+            "held": held_arrays(full.detectors, HELD),
             "uq_ms": round(tot, 3), "plain_ms": round(pl, 3), "ratio_uq_plain": round(tot / pl, 4),
             "stages_ms": {**stages, "result_and_rest": round(rest, 3)},
             # the native sampler alone at this T, from the sampler block: the head math of the path's "head" stage
@@ -555,7 +565,7 @@ Samplers: numpy, native, analytic (T-independent: one measurement repeated under
 (the bundle's exported float head, masks as inputs, T rows per invoke, 2 threads). T keys are strings."""
 
 
-def _bound(r: dict, tgt: Optional[float]) -> str:
+def _bound(r: dict, tgt: Optional[float], peak: Optional[dict] = None) -> str:
     """What the default path spends beyond plain, largest first, against the target's budget."""
     d, st = r["default_path"], r["default_path"]["stages_ms"]
     together = st.get("overlap", 0.0)
@@ -571,8 +581,34 @@ def _bound(r: dict, tgt: Optional[float]) -> str:
     comp = (d["plain_ms"] + st["detectors"] + st["decision"] + st["result_and_rest"] + st["head"] - r["eval_head_ms"]
             - together) / d["plain_ms"]
     return (f"UQ - plain = {d['uq_ms'] - d['plain_ms']:.2f} ms: {parts}{budget}. Without the backbone's run-to-run "
-            f"noise (plain + the stage medians beyond it, divided by plain): {comp:.3f}. The detectors stage is the "
-            f"gate's {_gate_cost_text(d['detectors'], r['F'], d.get('held', {}))}.{zero}")
+            f"noise (plain + the stage medians beyond it, divided by plain): {comp:.3f}.{_floor_text(r, tgt, peak)} "
+            f"The detectors stage is the gate's {_gate_cost_text(d['detectors'], r['F'], d.get('held', {}))}.{zero}")
+
+
+def _floor_text(r: dict, tgt: Optional[float], peak: Optional[dict]) -> str:
+    """What UQ - plain could not go below with this sampler at T = 50 on this machine: the Monte-Carlo
+    multiply-adds the native kernel executes beyond the eval pass, at the machine's best float32 rate (the larger
+    of the theoretical peak and the measured sgemm), with the detectors wholly hidden beside it and the measured
+    gate, decision and rest added."""
+    gm, ms = r.get("head_gmacs_executed", {}).get("native", {}).get("50"), r["head_ms"].get("native", {}).get("50")
+    if not (gm and ms and peak and tgt):
+        return ""
+    st, d = r["default_path"]["stages_ms"], r["default_path"]
+    eval_macs = r["nonzero_features"] * r["H"] + r["H"] * r["C"]  # every nonzero row and every hidden unit: an upper bound
+    mc = max(gm * 1e9 * ms * 1e-3 - eval_macs, 0.0)
+    rate = max(peak["theoretical_gmacs_1core"], peak["measured_sgemm_gmacs_1thread"])
+    mc_ms = mc / (rate * 1e9) * 1e3
+    floor = mc_ms + st["decision"] + st["result_and_rest"]
+    budget = (tgt - 1) * d["plain_ms"]
+    verdict = "above the budget: no kernel speed meets the target here at T = 50" if floor > budget else \
+        "within the budget: the target is reachable here only with the sampler near the core's peak"
+    return (f" Floor: the sampler's {mc / 1e6:.1f} M Monte-Carlo multiply-adds beyond the eval pass take "
+            f"{mc_ms:.2f} ms at {rate:.1f} GMAC/s; with the detectors wholly beside it and the measured gate + decision "
+            f"and rest, {floor:.2f} ms, {verdict}.")
+
+
+# the detectors whose stored dtype the report's bound text states (from the run's Predictor)
+HELD = ("rel_mahalanobis", "mahalanobis", "knn", "vim")
 
 
 def held_arrays(dset, names: Sequence[str]) -> Dict[str, Dict[str, object]]:
@@ -596,7 +632,8 @@ def _gate_cost_text(gate: Sequence[str], f: int, held: Dict[str, Dict[str, objec
     the run's Predictor."""
     parts = []
     if {"mahalanobis", "rel_mahalanobis"} & set(gate):
-        parts.append(f"Mahalanobis ({', '.join(n for n in gate if 'mahalanobis' in n)}): {_whitener_text(f)}")
+        m = [n for n in gate if "mahalanobis" in n]
+        parts.append(f"Mahalanobis ({', '.join(m)}): {_whitener_text(f, held.get(m[0]))}")
     if "knn" in gate:
         parts.append("kNN: the native dot kernel (edge_quq/csrc/rowdot.c) over its bank of unit vectors with a "
                      f"running top-k ({_held_text(held.get('knn'))}; int8 and float16 rows are widened in the kernel)")
@@ -607,19 +644,22 @@ def _gate_cost_text(gate: Sequence[str], f: int, held: Dict[str, Dict[str, objec
     return "; ".join(parts + ([", ".join(other)] if other else [])) or "none"
 
 
-def _whitener_text(f: int) -> str:
-    """What the gate's Mahalanobis pair reads per frame at feature size f, as the detectors store it."""
+def _whitener_text(f: int, held: Optional[Dict[str, object]] = None) -> str:
+    """What the gate's Mahalanobis pair reads per frame at feature size f, as the run's detectors hold it (`held`:
+    held_arrays' record; without one, as int8 from INT8_WHITENER_MIN_FEATURES, which the storage check may refuse)."""
     from edge_quq.detectors import INT8_WHITENER_MIN_FEATURES
 
     mb, mb_read = _whitener_mib(f)
-    if f >= INT8_WHITENER_MIN_FEATURES:
+    int8 = held["dtype"] == "int8" if held else f >= INT8_WHITENER_MIN_FEATURES
+    if int8:
         # two lower-triangular factors (class and global), one byte an entry plus a float32 scale a row
         q8 = (f * (f + 1) + 2 * 4 * f) / 2**20
         return (f"the native int8 whitener product (edge_quq/csrc/whitener.c; int8 from F = {INT8_WHITENER_MIN_FEATURES}) "
                 f"over {q8:.1f} MiB of its two triangular factors per frame (float32: {2 * mb_read:.1f} MiB), bound by "
                 f"memory traffic and the int8-to-float conversion of every entry")
-    return (f"single-threaded BLAS vector-matrix products over {mb_read:.1f} MiB of its {mb:.1f} MiB F x F whitener per "
-            f"frame{' (its nonzero row blocks: a lower-triangular Cholesky factor)' if mb_read < mb else ''}, bound by "
+    refused = " (float32: the storage check refused int8 on this fit)" if f >= INT8_WHITENER_MIN_FEATURES else ""
+    return (f"single-threaded BLAS vector-matrix products{refused} over {2 * mb_read:.1f} MiB of its two F x F whiteners "
+            f"({mb:.1f} MiB each) per frame{' (their nonzero row blocks: lower-triangular Cholesky factors)' if mb_read < mb else ''}, bound by "
             f"memory traffic and BLAS's speed on one row")
 
 
@@ -649,8 +689,10 @@ def _default_path_lines(report: dict) -> List[str]:
              f"({', '.join(n for n in any_r.get('bundle_detectors', []) if n not in any_r['detectors'])}) and the "
              "gradient score, the diagnostics, timed alternating with the default in the same block (UQ/plain all). "
              f"{_overlap_text(models)}"
-             "Each bench bundle got the default bundle's detector set and gate shape, fitted on synthetic feature "
-             "rows (`attach_default_path`; cost depends on shapes, not fit quality). plain = backbone + one eval head "
+             "Each bench bundle got the default bundle's detector set and gate shape, fitted on the bench backbone's "
+             "features of crops of the photographs packages ship (`attach_default_path`): the cost depends on the "
+             "shapes and on the storage (int8, float16, float32) the exporter's check picks for those rows, stated "
+             "per model below. plain = backbone + one eval head "
              "pass + argmax, paired with every UQ run (interleaved, one run). naive = T full passes. Throughput: "
              "`predict` (Predictor.iter_predict) over a folder of 224x224 PNGs in a fresh process per model, "
              "decode and preprocessing included on both sides, best of alternating rounds; peak RSS is that "
@@ -682,7 +724,7 @@ def _default_path_lines(report: dict) -> List[str]:
                      f"{st['decision']:.2f} | {st['result_and_rest']:.2f} | {r['default_path']['sampler_ms'] or float('nan'):.2f} | "
                      f"{sa.get('head', float('nan')):.2f}, {sa.get('detectors', float('nan')):.2f} |")
     lines += ["", "What bounds each result:", ""]
-    lines += [f"- {n}: {_bound(r, report['targets_uq_plain_T50'].get(n))}" for n, r in models.items()]
+    lines += [f"- {n}: {_bound(r, report['targets_uq_plain_T50'].get(n), report.get('peak'))}" for n, r in models.items()]
     return lines + [""]
 
 
