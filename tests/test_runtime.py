@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -113,7 +114,13 @@ def test_overlapped_detectors_give_the_same_results(monkeypatch):
     assert (off.overlap, on.overlap) == (False, True)
     assert on.describe_settings()["overlap"] is True and off.describe_settings()["overlap"] is False
     one = [off.predict(f) for f in files] + off.predict_many(files, batch_size=3)
-    two = [on.predict(f) for f in files] + on.predict_many(files, batch_size=3)
+    two, threads, sample = [], [], on._sample
+    on._sample = lambda feats: (threads.append(threading.current_thread().name), sample(feats))[1]
+    for f in files:  # the sampler on either thread: the worker runs the part that was shorter on recent frames
+        on._split = (1.0, 0.0) if len(two) % 2 else (0.0, 1.0)
+        two.append(on.predict(f))
+    two += on.predict_many(files, batch_size=3)
+    assert {"MainThread"} < set(threads) and all(t == "MainThread" or t.startswith("edge-quq-detectors") for t in threads)
     for a, b in zip(one, two):
         assert (a.scores, a.mean, a.std, a.keep, a.ignored_by, a.ood_pvalues) == (b.scores, b.mean, b.std, b.keep, b.ignored_by, b.ood_pvalues)
         t = b.timings_ms
