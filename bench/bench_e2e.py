@@ -739,8 +739,9 @@ def _overlap_text(models: Dict[str, dict]) -> str:
     on = [n for n, r in models.items() if r["default_path"]["settings"].get("overlap")]
     if not on:
         return "The detectors ran after the sampler on every model (`--overlap auto` did not take the worker thread). "
-    return (f"With `--overlap auto` the detectors ran on a worker thread beside the sampler on {', '.join(on)} "
-            f"(edge_quq.defaults.OVERLAP_MIN_BYTES; the eval-mode logits' part of ViM after it). ")
+    return (f"With `--overlap auto` the detectors ran beside the sampler, one of the two on a worker thread (the "
+            f"one that was shorter on recent frames), on {', '.join(on)} (edge_quq.defaults.OVERLAP_MIN_BYTES; the "
+            f"eval-mode logits' part of ViM after both). ")
 
 
 def _overhead_lines(ov: Optional[dict]) -> List[str]:
