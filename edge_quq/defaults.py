@@ -35,11 +35,11 @@ DEFAULT_MAX_PIXELS = 50_000_000
 # diagnostics: on a small backbone they cost more than the backbone itself (bench/results/e2e.md).
 DETECTOR_SELECTION_WORDS: Tuple[str, ...] = ("gate", "all")
 DEFAULT_DETECTOR_SELECTION = "gate"
-# Whether a frame's detectors run on a second thread while the head sampler runs (--overlap). `auto`: when the
-# detectors hold at least OVERLAP_MIN_BYTES (what they read per frame) and a second CPU is there. Measured
-# (bench/results/e2e.md): on MobileNetV2's head and gate the two stages took 1.06 ms in turn and 0.63 ms
-# overlapped; on the default bundle's (0.18 MB) 0.19 ms in turn and 0.21 overlapped, as waking a thread costs
-# 20-90 us here.
+# Whether a frame's detectors run beside the head sampler, one of the two on a second thread (--overlap). `auto`:
+# when the detectors hold at least OVERLAP_MIN_BYTES (about what they read per frame) and a second CPU is there.
+# Measured ad hoc (docs/detectors.md): on the MobileNetV2 bench bundle the two stages took 1.06 ms in turn and
+# 0.63 ms at once; on the default bundle's small detectors (0.18 MB) 0.19 ms in turn and 0.21 at once, as waking
+# a thread costs 20-90 us here.
 OVERLAP_CHOICES: Tuple[str, ...] = ("auto", "on", "off")
 OVERLAP_MIN_BYTES = 1 << 20
 
