@@ -601,11 +601,15 @@ class RowScorer:
     does the same in two halves, the first of which needs no logits (every detector but maxlogit and energy, and
     ViM's residual): a predictor runs it on a worker thread beside the head sampler (docs/detectors.md)."""
 
-    __slots__ = ("head", "names", "pair", "shared", "early", "late", "needs_logits", "in_order")
+    __slots__ = ("head", "names", "pair", "shared", "early", "pre", "late", "needs_logits", "in_order")
 
     def __init__(self, head: HeadWeights, names: Tuple[str, ...], pair: Tuple[str, ...], shared: Any,
                  early: Tuple[tuple, ...], late: Tuple[tuple, ...]) -> None:
-        self.head, self.names, self.pair, self.shared, self.early, self.late = head, names, pair, shared, early, late
+        """`early`, `late`: (name, row score, arrays, config) of the detectors without and with logits."""
+        self.head, self.names, self.pair, self.shared, self.early = head, names, pair, shared, early
+        # each late detector as (name, its part without logits or None, the rest given that part's result, ...)
+        self.pre = tuple((n, _ROW_SPLIT[n][0], a, cfg) for n, _, a, cfg in late if n in _ROW_SPLIT)
+        self.late = tuple((n, _ROW_SPLIT[n][1] if n in _ROW_SPLIT else _ignoring_part(fn), a, cfg) for n, fn, a, cfg in late)
         self.needs_logits = bool(late)
         # `out` below is then in score_all's order already
         self.in_order = names == pair + tuple(r[0] for r in early + late)
@@ -617,10 +621,8 @@ class RowScorer:
             out[self.pair[0]], out[self.pair[1]] = _mahalanobis_row(self.shared, feats)
         for n, fn, a, cfg in self.early:
             out[n] = fn(a, cfg, feats, self.head, None)
-        for n, _, a, cfg in self.late:
-            split = _ROW_SPLIT.get(n)
-            if split is not None:
-                out[n] = split[0](a, cfg, feats)
+        for n, fn, a, cfg in self.pre:
+            out[n] = fn(a, cfg, feats)
         return out
 
     def with_logits(self, feats: np.ndarray, early: Dict[str, Any], logits: Optional[np.ndarray] = None) -> Dict[str, float]:
@@ -630,12 +632,16 @@ class RowScorer:
             if logits is None:
                 logits = eval_logits(self.head, feats)
             for n, fn, a, cfg in self.late:
-                split = _ROW_SPLIT.get(n)
-                out[n] = split[1](a, cfg, out[n], feats, self.head, logits) if split else fn(a, cfg, feats, self.head, logits)
+                out[n] = fn(a, cfg, out.get(n), feats, self.head, logits)
         return out if self.in_order else {n: out[n] for n in self.names}
 
     def __call__(self, feats: np.ndarray, logits: Optional[np.ndarray] = None) -> Dict[str, float]:
         return self.with_logits(feats, self.without_logits(feats), logits)
+
+
+def _ignoring_part(fn: Callable[..., float]) -> Callable[..., float]:
+    """A whole row score in the signature of _ROW_SPLIT's second parts (it has no first part to take)."""
+    return lambda a, cfg, part, feats, head, logits: fn(a, cfg, feats, head, logits)
 
 
 def _row_score(name: str) -> Callable[..., float]:
