@@ -155,12 +155,12 @@ def attach_default_path(bundle_dir: Path, seed: int = 0, force: bool = False) ->
     depends on the shapes and on the storage the exporter's check picks for each array (int8, float16 or float32,
     judged on the scores of held-out rows), and that depends on the rows. Random rows without structure made it
     refuse int8 and sometimes float16, which no real model's features would. Skipped when both files are there,
-    fitted on these rows, and the gate has the default bundle's shape (detectors and combination rule), unless
-    `force`."""
+    fitted on these rows in the current detectors file format, and the gate has the default bundle's shape (detectors
+    and combination rule), unless `force`."""
     from edge_quq.bundle import GateSpec, load_bundle
     from edge_quq.decision import decide_many
     from edge_quq.detector_store import attach_detectors, load_detectors
-    from edge_quq.detectors import fit_detectors
+    from edge_quq.detectors import FILE_VERSION, fit_detectors
     from edge_quq.gate_store import GATE_FILE, GateData, attach_gate
     from edge_quq.head import load_head_weights
     from edge_quq.predictor import Predictor
@@ -168,9 +168,10 @@ def attach_default_path(bundle_dir: Path, seed: int = 0, force: bool = False) ->
 
     bundle, shape = load_bundle(bundle_dir), load_bundle(None).gate
     assert shape is not None, "the embedded default bundle has no gate"
-    # the manifest's gate record says what both were fitted on (attaching detectors drops a gate fitted before them)
-    g = bundle.gate
-    if not force and g is not None and "detectors.npz" in bundle.files and \
+    # the manifest's gate record says what both were fitted on (attaching detectors drops a gate fitted before them);
+    # a detectors file of an older format is fitted again, as the exporter would fit it now
+    g, version = bundle.gate, (bundle.manifest.get("detectors") or {}).get("version")
+    if not force and g is not None and "detectors.npz" in bundle.files and version == FILE_VERSION and \
             str(g.calibration.get("data", "")).startswith(FIT_DATA) and (g.detectors, g.combine) == (shape.detectors, shape.combine):
         return
     t0 = time.perf_counter()
@@ -631,6 +632,8 @@ def held_arrays(dset, names: Sequence[str]) -> Dict[str, Dict[str, object]]:
         if det is not None:
             big = max(det.arrays.values(), key=lambda v: v.size)
             out[n] = {"dtype": str(big.dtype), "shape": list(big.shape), "bytes": det.memory_bytes()}
+            if "between_w" in det.arrays:  # rel_mahalanobis' low-rank background (detectors._background)
+                out[n]["between"] = list(det.arrays["between_w"].shape)
     return out
 
 
@@ -662,15 +665,20 @@ def _whitener_text(f: int, held: Optional[Dict[str, object]] = None) -> str:
 
     mb, mb_read = _whitener_mib(f)
     int8 = held["dtype"] == "int8" if held else f >= INT8_WHITENER_MIN_FEATURES
+    between = held.get("between") if held else None
+    # a low-rank background beside the class whitener (file version 4), or a second F x F whitener
+    extra = f" and the background's low-rank term (float32 {between}, {f * between[1] * 4 / 2**20:.1f} MiB)" if between else ""
+    count, what = (1, "its class whitener's triangular factor") if between else (2, "its two triangular factors")
     if int8:
-        # two lower-triangular factors (class and global), one byte an entry plus a float32 scale a row
-        q8 = (f * (f + 1) + 2 * 4 * f) / 2**20
+        # lower-triangular factors, one byte an entry plus a float32 scale a row
+        q8 = count * (f * (f + 1) / 2 + 2 * 4 * f) / 2**20
         return (f"the native int8 whitener product (edge_quq/csrc/whitener.c; int8 from F = {INT8_WHITENER_MIN_FEATURES}) "
-                f"over {q8:.1f} MiB of its two triangular factors per frame (float32: {2 * mb_read:.1f} MiB), bound by "
+                f"over {q8:.1f} MiB of {what} per frame (float32: {count * mb_read:.1f} MiB){extra}, bound by "
                 f"memory traffic and the int8-to-float conversion of every entry")
     refused = " (float32: the storage check refused int8 on this fit)" if f >= INT8_WHITENER_MIN_FEATURES else ""
-    return (f"single-threaded BLAS vector-matrix products{refused} over {2 * mb_read:.1f} MiB of its two F x F whiteners "
-            f"({mb:.1f} MiB each) per frame{' (their nonzero row blocks: lower-triangular Cholesky factors)' if mb_read < mb else ''}, bound by "
+    return (f"single-threaded BLAS vector-matrix products{refused} over {count * mb_read:.1f} MiB of {count} F x F "
+            f"whitener{'s' if count > 1 else ''} ({mb:.1f} MiB each) per frame"
+            f"{' (nonzero row blocks: lower-triangular Cholesky factors)' if mb_read < mb else ''}{extra}, bound by "
             f"memory traffic and BLAS's speed on one row")
 
 

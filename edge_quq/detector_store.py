@@ -85,6 +85,8 @@ ARRAY_SHAPES: Dict[str, Dict[str, Tuple[Any, ...]]] = {
     "react": {"clip": (1,)},
     "mahalanobis": {"whitener": ("F", "F"), "means_w": ("C", "F")},
     "rel_mahalanobis": {"whitener": ("F", "F"), "means_w": ("C", "F"), "whitener0": ("F", "F"), "mean0_w": (1, "F")},
+    # detectors file version 4: the background as a low-rank term on the class whitener (detectors._background)
+    "rel_mahalanobis/low_rank": {"whitener": ("F", "F"), "means_w": ("C", "F"), "between_w": ("F", "n"), "mean0_w": (1, "F")},
     "knn": {"bank": ("n", "F")},
     "vim": {"origin": ("F",), "null_space": ("F", "n"), "alpha": (1,)},
 }
@@ -98,7 +100,8 @@ def check_arrays(dset: DetectorSet, feature_size: int, num_classes: int, where: 
     """Refuse detector arrays of the wrong shape or with non-finite values, and configs the scores cannot use."""
     sizes = {"F": feature_size, "C": num_classes}
     for name, det in dset.detectors.items():
-        shapes = dict(ARRAY_SHAPES.get(name, {}))
+        low_rank = name == "rel_mahalanobis" and "between_w" in det.arrays
+        shapes = dict(ARRAY_SHAPES.get(name + "/low_rank" if low_rank else name, {}))
         for key in [k for k in shapes if k in WHITENERS and det.arrays.get(k) is not None and det.arrays[k].dtype == np.int8]:
             shapes.update({key + part: shape for part, shape in INT8_WHITENER_PARTS.items()})
         for key, shape in shapes.items():

@@ -44,8 +44,10 @@ from edge_quq.scores import energy
 
 FORMAT_NAME = "edge-quq-detectors"
 # 2: int8 whiteners with per-row scales (_WHITENERS); 3: ViM's null space int8 with per-column scales
-# (_INT8_PER_COLUMN). A file is written with the lowest version that holds it (DetectorSet.file_version).
-FILE_VERSION = 3
+# (_INT8_PER_COLUMN); 4: rel_mahalanobis' background as a low-rank term on the class whitener ("between_w",
+# _background) instead of its own whitener ("whitener0", still read). A file is written with the lowest version
+# that holds it (DetectorSet.file_version).
+FILE_VERSION = 4
 DETECTOR_NAMES = ("maxlogit", "energy", "react", "mahalanobis", "rel_mahalanobis", "knn", "vim", "gradient")
 DEFAULT_DETECTORS = DETECTOR_NAMES
 
@@ -214,12 +216,11 @@ def _int8_mahalanobis(arrs: Mapping[str, np.ndarray], feats: np.ndarray, labels:
     """A fitted Mahalanobis-family detector's arrays with its whiteners int8 (quantize_whitener) and the whitened
     means recomputed from the dequantised whiteners, so that the distances are exact Mahalanobis distances under
     the precision the board uses (feats, labels: the fit rows; the means are the fit's)."""
-    out: Dict[str, np.ndarray] = {}
-    means = {"whitener": lambda: _class_means(feats, labels, num_classes), "whitener0": lambda: feats.mean(axis=0)[None, :]}
-    for k, mk in (("whitener", "means_w"), ("whitener0", "mean0_w")):
-        if k in arrs:
-            q, scale, diag = quantize_whitener(arrs[k])
-            out.update({k: q, f"{k}_scale": scale, f"{k}_diag": diag, mk: means[k]() @ dequantize_whitener(q, scale, diag)})
+    q, scale, diag = quantize_whitener(arrs["whitener"])
+    a = dequantize_whitener(q, scale, diag)
+    out = {"whitener": q, "whitener_scale": scale, "whitener_diag": diag, "means_w": _class_means(feats, labels, num_classes) @ a}
+    if "between_w" in arrs:
+        out.update(_background(a, feats, labels, num_classes))
     return out
 
 
@@ -249,6 +250,8 @@ def _prepare_mahalanobis(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     names = [k for k in _WHITENERS if k in a]
     if "whitener0" in a:
         out["center0"] = np.asarray(a["mean0_w"], np.float32).reshape(-1)
+    if "between_w" in a:
+        out.update(_prepared_background(a, center, out))
     if _native.q8_available() and all(a[k].dtype == np.int8 for k in names):
         out["q8"] = _native.pack_q8(*(_interleave([np.asarray(a[f"{k}{part}"]) for k in names])
                                       for part in ("", "_scale", "_diag")))  # type: ignore[assignment]
@@ -261,6 +264,18 @@ def _prepare_mahalanobis(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
     # the full matrix only where it is scored whole: the blocks are the scoring copy otherwise
     out["proj"] = proj if not out["blocks"] else np.empty((0, proj.shape[1]), np.float32)
     return out
+
+
+def _prepared_background(a: Mapping[str, np.ndarray], center: np.ndarray, out: Mapping[str, np.ndarray]
+                         ) -> Dict[str, np.ndarray]:
+    """The low-rank background's scoring arrays (framekernels.mahalanobis' `between` mode): the background mean as
+    one more column of means2 and msq, after the classes', and `between` [F + 1, R], whose last row shifts the
+    product from center to the background mean."""
+    d0 = np.asarray(a["mean0_w"], np.float64).reshape(-1) - center
+    k = np.asarray(a["between_w"], np.float64)
+    return {"means2": np.ascontiguousarray(np.column_stack([out["means2"], (2.0 * d0).astype(np.float32)])),
+            "msq": np.append(out["msq"], np.float32(d0 @ d0)).astype(np.float32),
+            "between": np.ascontiguousarray(np.vstack([k, -(d0 @ k)[None, :]]), np.float32)}
 
 
 # Projections of fewer rows (features) are one matmul: measured here, the per-block calls cost more than the
@@ -328,7 +343,7 @@ def _mahalanobis_family(a: Mapping[str, np.ndarray], feats: np.ndarray) -> Tuple
     p = _prepare_mahalanobis(a)
     z = _project(p, np.asarray(feats, np.float32))
     if _native.available() and z.shape[0]:
-        return _native.mahalanobis(z, p["center"], p["means2"], p["msq"], p.get("center0"))
+        return _native.mahalanobis(z, p["center"], p["means2"], p["msq"], p.get("center0"), p.get("between"))
     return _mahalanobis_numpy(p, z)
 
 
@@ -337,7 +352,8 @@ def _mahalanobis_row(a: Mapping[str, np.ndarray], feats: np.ndarray) -> Tuple[fl
     needs no output arrays, when it takes the projected row."""
     p = _prepare_mahalanobis(a)
     z = _project(p, feats)
-    one = _native.mahalanobis_row(z, p["center"], p["means2"], p["msq"], p.get("center0")) if _NATIVE_FRAME else None
+    one = _native.mahalanobis_row(z, p["center"], p["means2"], p["msq"], p.get("center0"), p.get("between")) \
+        if _NATIVE_FRAME else None
     if one is not None:
         return one
     d, rel = _mahalanobis_family(a, feats)
@@ -346,10 +362,17 @@ def _mahalanobis_row(a: Mapping[str, np.ndarray], feats: np.ndarray) -> Tuple[fl
 
 def _mahalanobis_numpy(p: Mapping[str, np.ndarray], z: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """_mahalanobis_family's distances from the projected rows z [N, F] (or [N, 2F], class and global columns
-    interleaved, with "center0") in numpy: the definition, and the native kernel's reference."""
+    interleaved, with "center0"; or with the low-rank background "between", _prepared_background) in numpy: the
+    definition, and the native kernel's reference."""
     zc = z[:, 0::2] - p["center"] if "center0" in p else z - p["center"]
+    c = len(p["msq"]) - ("between" in p)
     # ufunc reductions, not .min()/.sum(): no Python wrapper per call on the per-frame path
-    d = np.maximum(np.minimum.reduce(np.add.reduce(zc * zc, axis=1)[:, None] - zc @ p["means2"] + p["msq"], axis=1), 0.0)
+    dots = zc @ p["means2"]
+    d = np.maximum(np.minimum.reduce(np.add.reduce(zc * zc, axis=1)[:, None] - dots[:, :c] + p["msq"][:c], axis=1), 0.0)
+    if "between" in p:
+        e = np.minimum.reduce(p["msq"][:c] - dots[:, :c], axis=1) - (p["msq"][c] - dots[:, c])
+        u = zc @ p["between"][:-1] + p["between"][-1]
+        return d.astype(np.float64), (e + np.add.reduce(u * u, axis=1)).astype(np.float64)
     if "center0" not in p:
         return d.astype(np.float64), None
     g = z[:, 1::2] - p["center0"]
@@ -362,10 +385,28 @@ def _score_mahalanobis(a, cfg, feats, head, logits=None) -> np.ndarray:
 
 def _fit_rel_mahalanobis(feats, labels, head, rng, ridge: float = 1e-6) -> Dict[str, np.ndarray]:
     out = _fit_mahalanobis(feats, labels, head, rng, ridge)
-    mu0 = feats.mean(axis=0)
-    a0 = _whitener(np.cov(feats, rowvar=False, bias=True), ridge)
-    out.update({"whitener0": a0, "mean0_w": (mu0 @ a0)[None, :]})
+    out.update(_background(out["whitener"], feats, labels, head.num_classes))
     return out
+
+
+def _background(a: np.ndarray, feats: np.ndarray, labels: np.ndarray, num_classes: int) -> Dict[str, np.ndarray]:
+    """rel_mahalanobis' background Gaussian in the class whitener a's coordinates: its mean `mean0_w` [1, F] and
+    `between_w` [F, R] with |(x - mu0) Sigma0^-1 (x - mu0)| = |w|^2 - |w between_w|^2, w = (x - mu0) @ a.
+    Why: the data's covariance is the within-class one plus the between-class scatter U U^T, U [F, <= C] (exact, both
+    by count), so by Woodbury the background distance costs the class projection (already made) plus an F x R
+    product, R < C, instead of a second F x F whitener: half the bytes and the multiply-adds a frame reads at
+    large F. The class whitener's ridge is the background's too. a is the whitener as scored (dequantised int8)."""
+    a = np.asarray(a, np.float64)
+    mu0 = feats.mean(axis=0)
+    means = _class_means(feats, labels, num_classes)
+    counts = np.bincount(labels, minlength=num_classes)[:num_classes]
+    present = counts > 0
+    u = (means[present] - mu0).T * np.sqrt(counts[present] / len(feats))  # [F, C'], U U^T = between-class scatter
+    p, sv, _ = np.linalg.svd(a.T @ u, full_matrices=False)  # whitened: V = a^T U = P S Q^T
+    r = max(int(np.sum(sv > sv[:1].max(initial=0.0) * max(u.shape) * np.finfo(np.float64).eps)), 1)
+    # V (I + V^T V)^-1 V^T = P diag(s^2 / (1 + s^2)) P^T
+    between = p[:, :r] * (sv[:r] / np.sqrt(1.0 + sv[:r] ** 2)) if sv.size else np.zeros((a.shape[0], 1))
+    return {"mean0_w": (mu0 @ a)[None, :], "between_w": between}
 
 
 def _score_rel_mahalanobis(a, cfg, feats, head, logits=None) -> np.ndarray:
@@ -788,8 +829,10 @@ class DetectorSet:
 
     def file_version(self) -> int:
         """The detectors file version this set needs: 1 (what every edge-quq reads), 2 with int8 whiteners, 3 with an
-        int8 ViM null space (FILE_VERSION's list), so that an older edge-quq refuses only what it cannot read."""
+        int8 ViM null space, 4 with a low-rank background (FILE_VERSION's list), so that an older edge-quq refuses only what it cannot read."""
         arrs = [d.arrays for d in self.detectors.values()]
+        if any("between_w" in a for a in arrs):
+            return 4
         if any(v.dtype == np.int8 and k in _INT8_PER_COLUMN for a in arrs for k, v in a.items()):
             return 3
         return 2 if any(_prequantized(a) for a in arrs) else 1
@@ -937,9 +980,9 @@ def _choose_storage(n: str, arrs: Dict[str, np.ndarray], cfg: Dict[str, Any], he
         if dt == "int8" and n in _INT8_WHITENED and hold.shape[1] >= INT8_WHITENER_MIN_FEATURES:
             trial = _roundtrip(_int8_mahalanobis(arrs, *fit_rows, head.num_classes), dt)
             # Judged on the class distance both detectors share, so the pair decides alike and keeps one
-            # projection: rel_mahalanobis, a difference of two distances of ~F each, moves by up to a few of its
-            # own spreads under int8 (docs/detectors.md); its threshold and the gate's calibration come from the
-            # int8 scores, so its flags keep their stated rates.
+            # projection. rel_mahalanobis' background is a low-rank term on that projection (_background), recomputed
+            # from the int8 whitener, so its two distances round alike (docs/detectors.md); its threshold and the
+            # gate's calibration come from the int8 scores, so its flags keep their stated rates.
             check = _score_mahalanobis
             # The threshold is one of the held-out scores, so that sample sits on the boundary and flips with any
             # perturbation half of the time: one flip is the check's resolution (of 384 held-out rows at F = 1280).

@@ -131,24 +131,27 @@ def interval_decide_row(mean: np.ndarray, std: np.ndarray, z: float, threshold: 
 
 
 def mahalanobis(z: np.ndarray, center: np.ndarray, means2: np.ndarray, msq: np.ndarray,
-                center0: Optional[np.ndarray]) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+                center0: Optional[np.ndarray], between: Optional[np.ndarray] = None
+                ) -> Tuple[np.ndarray, Optional[np.ndarray]]:
     """(d [N], rel [N] or None) float64 from projected float32 rows z [N, F], or [N, 2F] with the global
-    projection interleaved when center0 is given (detectors._mahalanobis_numpy's inputs and outputs; the
-    prepared arrays are float32 and contiguous)."""
+    projection interleaved when center0 is given, or with rel_mahalanobis' low-rank background `between`
+    [F + 1, R] (detectors._mahalanobis_numpy's inputs and outputs; the prepared arrays are float32 and
+    contiguous)."""
     zz = np.ascontiguousarray(z, np.float32)
     n = zz.shape[0]
     d = np.empty(n)
-    rel = np.empty(n) if center0 is not None else None
-    _kernel.mahalanobis(zz, center, means2, msq, center0, d, rel)
+    rel = np.empty(n) if center0 is not None or between is not None else None
+    _kernel.mahalanobis(zz, center, means2, msq, center0, d, rel, between)
     return d, rel
 
 
 def mahalanobis_row(z: np.ndarray, center: np.ndarray, means2: np.ndarray, msq: np.ndarray,
-                    center0: Optional[np.ndarray]) -> Optional[Tuple[float, Optional[float]]]:
+                    center0: Optional[np.ndarray], between: Optional[np.ndarray] = None
+                    ) -> Optional[Tuple[float, Optional[float]]]:
     """mahalanobis of one projected row z (float32, C-contiguous [1, F] or [1, 2F]) as floats (d, rel or None);
     None for inputs of other types or layouts."""
     try:
-        return _kernel.mahalanobis(z, center, means2, msq, center0)
+        return _kernel.mahalanobis(z, center, means2, msq, center0, None, None, between)
     except _REFUSED:
         return None
 

@@ -104,6 +104,32 @@ def test_mahalanobis_and_relative_match_numpy(synth):
     np.testing.assert_allclose(ds.detectors["rel_mahalanobis"].score(q, head), want - d0, rtol=1e-4, atol=1e-3)
 
 
+def test_relative_background_is_the_low_rank_form_of_the_data_covariance():
+    """rel_mahalanobis' background (detectors._background): the class whitener's coordinates plus an F x R term,
+    R below the number of classes present, give the distance under the within-class covariance (with its ridge)
+    plus the between-class scatter, which is the data's covariance: a class absent from the fit adds nothing."""
+    rng = np.random.default_rng(11)
+    f, c, n = 12, 5, 900
+    y = rng.integers(0, c - 1, n)  # class c - 1 absent
+    x = rng.normal(0, 2.0, (c, f))[y] + rng.normal(size=(n, f)) @ (rng.normal(size=(f, f)) * 0.4 + np.eye(f))
+    head = HeadWeights((np.zeros((f, 4), np.float32), np.zeros((4, c), np.float32)),
+                       (np.zeros(4, np.float32), np.zeros(c, np.float32)), (0.1, 0.1), "softmax")
+    ds = fit_detectors(x, y, head, ["rel_mahalanobis"], seed=0, holdout=0.1, dtypes=("float32",))
+    fit, _ = split(n, 0.1, 0)
+    xf, yf = x[fit], y[fit]
+    assert ds.detectors["rel_mahalanobis"].arrays["between_w"].shape == (f, c - 2)  # c - 1 present, one degree lost
+    mu = np.stack([xf[yf == k].mean(axis=0) for k in range(c - 1)])
+    within = (xf - mu[yf]).T @ (xf - mu[yf]) / len(xf)
+    within += 1e-6 * np.trace(within) / f * np.eye(f)
+    mu0 = xf.mean(axis=0)
+    background = within + np.cov(xf, rowvar=False, bias=True) - (xf - mu[yf]).T @ (xf - mu[yf]) / len(xf)
+    q = np.r_[x[:30], rng.normal(0, 8, (10, f))]
+    d = np.stack([np.einsum("ij,jk,ik->i", q - m, np.linalg.inv(within), q - m) for m in mu], axis=1).min(axis=1)
+    d0 = np.einsum("ij,jk,ik->i", q - mu0, np.linalg.inv(background), q - mu0)
+    got = ds.detectors["rel_mahalanobis"].score(q, head)
+    np.testing.assert_allclose(got, d - d0, rtol=1e-4, atol=1e-5 * np.abs(d).max())
+
+
 def test_knn_matches_numpy(synth):
     head, x, y, q, ds, fit, _ = synth
     bank = x[fit] / np.linalg.norm(x[fit], axis=1, keepdims=True)

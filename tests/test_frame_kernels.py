@@ -96,8 +96,10 @@ def test_kernels_match_their_numpy_references(case, n, c):
                 assert np.array_equal(got.lower, wlo[0], equal_nan=True) and np.array_equal(got.upper, whi[0], equal_nan=True)
 
 
-def mahalanobis_arrays(rng, f: int, c: int, case: str, rel: bool):
-    """Prepared Mahalanobis-family arrays as _prepare_mahalanobis makes them from a fitted detector's."""
+def mahalanobis_arrays(rng, f: int, c: int, case: str, rel: str):
+    """Prepared Mahalanobis-family arrays as _prepare_mahalanobis makes them from a fitted detector's; rel: "" (the
+    class distance only), "whitener0" (a global whitener, files before version 4) or "low_rank" (the background as a
+    low-rank term on the class projection)."""
     w = np.tril(rng.normal(size=(f, f))) / np.sqrt(f)
     means = rng.normal(size=(c, f)) * 3
     if case == "ties":
@@ -105,8 +107,10 @@ def mahalanobis_arrays(rng, f: int, c: int, case: str, rel: bool):
     if c > 2:
         means[1] = np.nan  # a class absent from the fit data: never the nearest
     a = {"whitener": w, "means_w": means}
-    if rel:
+    if rel == "whitener0":
         a.update(whitener0=np.tril(rng.normal(size=(f, f))) / np.sqrt(f), mean0_w=rng.normal(size=(1, f)))
+    if rel == "low_rank":
+        a.update(between_w=rng.normal(size=(f, max(c - 1, 1))) * 0.5, mean0_w=rng.normal(size=(1, f)))
     return _prepare_mahalanobis(a)
 
 
@@ -116,7 +120,7 @@ def mahalanobis_arrays(rng, f: int, c: int, case: str, rel: bool):
 @pytest.mark.parametrize("f", [1, 96])
 def test_mahalanobis_kernel_matches_its_numpy_reference(case, n, c, f):
     rng = np.random.default_rng([n, c, f, CASES.index(case)])
-    for rel in (False, True):
+    for rel in ("", "whitener0", "low_rank"):
         p = mahalanobis_arrays(rng, f, c, case, rel)
         x = (rng.normal(size=(n, f)) * (1e3 if case == "extreme" else 1.0)).astype(np.float32)
         if case == "nan":
@@ -124,19 +128,38 @@ def test_mahalanobis_kernel_matches_its_numpy_reference(case, n, c, f):
         if case == "ties":
             x[:] = x[0]
         z = _project(p, x)
-        got, want = framekernels.mahalanobis(z, p["center"], p["means2"], p["msq"], p.get("center0")), _mahalanobis_numpy(p, z)
-        zc = (z[:, 0::2] if rel else z) - p["center"]
+        got = framekernels.mahalanobis(z, p["center"], p["means2"], p["msq"], p.get("center0"), p.get("between"))
+        want = _mahalanobis_numpy(p, z)
+        zc = (z[:, 0::2] if rel == "whitener0" else z) - p["center"]
         scale = np.sum(zc.astype(np.float64) ** 2, axis=1) + np.max(p["msq"][np.isfinite(p["msq"])], initial=0.0)
         assert_close(got[0], want[0], framekernels.MAHALANOBIS_RTOL, scale, "mahalanobis")
-        if rel:
+        if rel == "whitener0":
             g = z[:, 1::2].astype(np.float64) - p["center0"]
             assert_close(got[1], want[1], framekernels.MAHALANOBIS_RTOL, scale + np.sum(g * g, axis=1), "rel")
+        elif rel == "low_rank":  # |u|^2 inherits the rounding of each u_r, a sum of |zc_f k_fr| at most
+            bound = np.abs(zc.astype(np.float64)) @ np.abs(p["between"][:-1]) + np.abs(p["between"][-1])
+            assert_close(got[1], want[1], framekernels.MAHALANOBIS_RTOL, scale + np.sum(bound ** 2, axis=1), "low-rank rel")
         else:
             assert got[1] is None and want[1] is None
         for i in range(n):  # the one-row mode: the batched kernel's numbers, as floats
-            one = framekernels.mahalanobis_row(z[i:i + 1], p["center"], p["means2"], p["msq"], p.get("center0"))
+            one = framekernels.mahalanobis_row(z[i:i + 1], p["center"], p["means2"], p["msq"], p.get("center0"),
+                                               p.get("between"))
             assert np.array_equal(one[0], got[0][i], equal_nan=True)
             assert one[1] is None if not rel else np.array_equal(one[1], got[1][i], equal_nan=True)
+
+
+@native
+def test_the_mahalanobis_binding_refuses_a_bad_background():
+    """The low-rank background must be [F + 1, R] and excludes a global whitener's center0: one ValueError, and the
+    row mode (which falls back to numpy on refusal) returns None."""
+    rng = np.random.default_rng(3)
+    p = mahalanobis_arrays(rng, 8, 4, "random", "low_rank")
+    z = rng.normal(size=(2, 8)).astype(np.float32)
+    for center0, between in ((p["center"], p["between"]), (None, p["between"][:-1].copy()),
+                             (None, np.zeros(0, np.float32))):
+        with pytest.raises(ValueError):
+            framekernels.mahalanobis(z, p["center"], p["means2"], p["msq"], center0, between)
+        assert framekernels.mahalanobis_row(z[:1], p["center"], p["means2"], p["msq"], center0, between) is None
 
 
 FRAMES = """

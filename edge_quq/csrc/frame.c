@@ -159,11 +159,11 @@ void eq_interval_decide(ptrdiff_t N, ptrdiff_t C, const double *mean, const doub
 }
 
 int eq_mahalanobis(ptrdiff_t N, ptrdiff_t F, ptrdiff_t C, const float *z, const float *center, const float *means2,
-                   const float *msq, const float *center0, double *d, double *rel) {
-    const ptrdiff_t K = center0 ? 2 * F : F, step = center0 ? 2 : 1;
-    float *zc = malloc((size_t)(2 * F + C + 1) * sizeof *zc);
+                   const float *msq, const float *center0, const float *between, ptrdiff_t R, double *d, double *rel) {
+    const ptrdiff_t K = center0 ? 2 * F : F, step = center0 ? 2 : 1, Cm = between ? C + 1 : C;
+    float *zc = malloc((size_t)(2 * F + Cm + 2 * R + 1) * sizeof *zc);
     if (!zc) return -1;
-    float *sq = zc + F, *dot = sq + F;
+    float *sq = zc + F, *dot = sq + F + R, *u = dot + Cm; /* sq: F squares, or R */
     for (ptrdiff_t i = 0; i < N; ++i) {
         const float *zi = z + i * K;
         for (ptrdiff_t f = 0; f < F; ++f) {
@@ -171,10 +171,10 @@ int eq_mahalanobis(ptrdiff_t N, ptrdiff_t F, ptrdiff_t C, const float *z, const 
             sq[f] = zc[f] * zc[f];
         }
         const float q = sum_f(sq, F);
-        for (ptrdiff_t c = 0; c < C; ++c) dot[c] = 0.0f;
+        for (ptrdiff_t c = 0; c < Cm; ++c) dot[c] = 0.0f;
         for (ptrdiff_t f = 0; f < F; ++f) { /* row-major means2: the inner loop is contiguous and vectorises */
-            const float a = zc[f], *m = means2 + f * C;
-            for (ptrdiff_t c = 0; c < C; ++c) dot[c] += a * m[c];
+            const float a = zc[f], *m = means2 + f * Cm;
+            for (ptrdiff_t c = 0; c < Cm; ++c) dot[c] += a * m[c];
         }
         float best = (q - dot[0]) + msq[0];
         for (ptrdiff_t c = 1; c < C; ++c) best = minf_nan(best, (q - dot[c]) + msq[c]);
@@ -186,6 +186,18 @@ int eq_mahalanobis(ptrdiff_t N, ptrdiff_t F, ptrdiff_t C, const float *z, const 
                 sq[f] = g * g;
             }
             rel[i] = (double)(best - sum_f(sq, F));
+        } else if (between) {
+            /* |z - m_c|^2 - |z - m0|^2 without |z|^2, which would cancel; then the between-class part */
+            float e = msq[0] - dot[0];
+            for (ptrdiff_t c = 1; c < C; ++c) e = minf_nan(e, msq[c] - dot[c]);
+            e -= msq[C] - dot[C];
+            for (ptrdiff_t r = 0; r < R; ++r) u[r] = between[F * R + r];
+            for (ptrdiff_t f = 0; f < F; ++f) {
+                const float a = zc[f], *b = between + f * R;
+                for (ptrdiff_t r = 0; r < R; ++r) u[r] += a * b[r];
+            }
+            for (ptrdiff_t r = 0; r < R; ++r) sq[r] = u[r] * u[r];
+            rel[i] = (double)(e + sum_f(sq, R));
         }
     }
     free(zc);

@@ -44,12 +44,15 @@ void eq_interval_decide(ptrdiff_t N, ptrdiff_t C, const double *mean, const doub
 
 /* The Mahalanobis family's distances from projected rows z [N, K] (float32): K = F (class whitener only) or
  * K = 2F with the class and global projections interleaved (center0 given). Per row, in float32:
- *   zc = z_class - center;  d = max(min_c (|zc|^2 - zc . means2[:, c] + msq[c]), 0)
- *   rel = d - |z_global - center0|^2
- * means2 [F, C], msq [C] (+inf for a class without a mean). Writes d [N] and, with center0, rel [N] as
- * float64. Returns 0, or -1 when a work buffer cannot be allocated. */
+ *   zc = z_class - center;  d = max(min_c<C (|zc|^2 - zc . means2[:, c] + msq[c]), 0)
+ *   rel = d - |z_global - center0|^2                                   (center0: a global whitener)
+ *   rel = min_c<C (msq[c] - zc . means2[:, c]) - (msq[C] - zc . means2[:, C]) + |[zc, 1] @ between|^2
+ *                                                                      (between: the low-rank background)
+ * means2 [F, C] (or [F, C + 1] with between, the background mean's column last), msq [C] (C + 1), +inf for a class
+ * without a mean; between [F + 1, R], its last row the offset of the background mean. Writes d [N] and, with
+ * center0 or between, rel [N] as float64. Returns 0, or -1 when a work buffer cannot be allocated. */
 int eq_mahalanobis(ptrdiff_t N, ptrdiff_t F, ptrdiff_t C, const float *z, const float *center, const float *means2,
-                   const float *msq, const float *center0, double *d, double *rel);
+                   const float *msq, const float *center0, const float *between, ptrdiff_t R, double *d, double *rel);
 
 #ifdef __cplusplus
 }

@@ -437,26 +437,32 @@ done:
     return result;
 }
 
-/* mahalanobis(z, center, means2, msq, center0, d_out=None, rel_out=None): with d_out, rows z; without it (one
- * row), returns (d, rel or None) as floats: a frame's one row then needs no output arrays. */
+/* mahalanobis(z, center, means2, msq, center0, d_out=None, rel_out=None, between=None): with d_out, rows z;
+ * without it (one row), returns (d, rel or None) as floats: a frame's one row then needs no output arrays. With
+ * between [(F + 1) * R], msq and means2 carry the background mean's column after the C classes' (frame.h). */
 static PyObject *py_mahalanobis(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *oz, *ocenter, *omeans2, *omsq, *ocenter0, *od = Py_None, *orel = Py_None;
-    if (!PyArg_ParseTuple(args, "OOOOO|OO", &oz, &ocenter, &omeans2, &omsq, &ocenter0, &od, &orel)) return NULL;
-    const int with_rel = ocenter0 != Py_None, one = od == Py_None;
-    buf_t bd = {0}, bcenter = {0}, bmsq = {0}, bz = {0}, bmeans = {0}, bc0 = {0}, brel = {0};
+    PyObject *oz, *ocenter, *omeans2, *omsq, *ocenter0, *od = Py_None, *orel = Py_None, *obg = Py_None;
+    if (!PyArg_ParseTuple(args, "OOOOO|OOO", &oz, &ocenter, &omeans2, &omsq, &ocenter0, &od, &orel, &obg)) return NULL;
+    const int low_rank = obg != Py_None, with_rel = ocenter0 != Py_None || low_rank, one = od == Py_None;
+    if (low_rank && ocenter0 != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "center0 and between exclude each other");
+        return NULL;
+    }
+    buf_t bd = {0}, bcenter = {0}, bmsq = {0}, bz = {0}, bmeans = {0}, bc0 = {0}, brel = {0}, bbg = {0};
     PyObject *result = NULL;
     double d1 = 0.0, rel1 = 0.0;
     if (buf_typed(od, &bd, -1, 'd', 1, one, "d_out") || buf_typed(ocenter, &bcenter, -1, 'f', 0, 0, "center") ||
-        buf_typed(omsq, &bmsq, -1, 'f', 0, 0, "msq"))
+        buf_typed(omsq, &bmsq, -1, 'f', 0, 0, "msq") || buf_typed(obg, &bbg, -1, 'f', 0, 1, "between"))
         goto done;
-    const Py_ssize_t N = one ? 1 : bd.view.len / 8, F = bcenter.view.len / 4, C = bmsq.view.len / 4;
-    if (N < 1 || F < 1 || C < 1) {
-        PyErr_SetString(PyExc_ValueError, "empty rows, features or classes");
+    const Py_ssize_t N = one ? 1 : bd.view.len / 8, F = bcenter.view.len / 4, Cm = bmsq.view.len / 4;
+    const Py_ssize_t C = low_rank ? Cm - 1 : Cm, R = low_rank ? bbg.view.len / 4 / (F + 1) : 0;
+    if (N < 1 || F < 1 || C < 1 || (low_rank && (R < 1 || R * (F + 1) * 4 != bbg.view.len))) {
+        PyErr_SetString(PyExc_ValueError, "empty rows, features or classes, or between not [F + 1, R]");
         goto done;
     }
-    if (buf_typed(oz, &bz, N * F * (with_rel ? 2 : 1), 'f', 0, 0, "z") ||
-        buf_typed(omeans2, &bmeans, F * C, 'f', 0, 0, "means2") || buf_typed(ocenter0, &bc0, F, 'f', 0, 1, "center0") ||
+    if (buf_typed(oz, &bz, N * F * (ocenter0 != Py_None ? 2 : 1), 'f', 0, 0, "z") ||
+        buf_typed(omeans2, &bmeans, F * Cm, 'f', 0, 0, "means2") || buf_typed(ocenter0, &bc0, F, 'f', 0, 1, "center0") ||
         buf_typed(orel, &brel, N, 'd', 1, one || !with_rel, "rel_out"))
         goto done;
     double *rel = brel.held ? (double *)brel.view.buf : (one && with_rel ? &rel1 : NULL);
@@ -464,7 +470,8 @@ static PyObject *py_mahalanobis(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     rc = eq_mahalanobis(N, F, C, (const float *)bz.view.buf, (const float *)bcenter.view.buf,
                         (const float *)bmeans.view.buf, (const float *)bmsq.view.buf,
-                        bc0.held ? (const float *)bc0.view.buf : NULL, one ? &d1 : (double *)bd.view.buf, rel);
+                        bc0.held ? (const float *)bc0.view.buf : NULL, bbg.held ? (const float *)bbg.view.buf : NULL, R,
+                        one ? &d1 : (double *)bd.view.buf, rel);
     Py_END_ALLOW_THREADS
     if (rc != 0) {
         PyErr_NoMemory();
@@ -478,7 +485,7 @@ static PyObject *py_mahalanobis(PyObject *self, PyObject *args) {
         result = Py_BuildValue("(dO)", d1, Py_None);
 done:
     buf_release(&bd); buf_release(&bcenter); buf_release(&bmsq); buf_release(&bz); buf_release(&bmeans);
-    buf_release(&bc0); buf_release(&brel);
+    buf_release(&bc0); buf_release(&brel); buf_release(&bbg);
     return result;
 }
 
@@ -713,10 +720,12 @@ static PyMethodDef methods[] = {
      "writes lower/upper float64[N, C], states int8[N, C] and, given code_out, code int8[N], keep bool[N], kept "
      "bool[N, C], labels int64[N] (returns None). Without code_out (one row) returns (keep, code, label, classes)."},
     {"mahalanobis", py_mahalanobis, METH_VARARGS,
-     "mahalanobis(z, center, means2, msq, center0, d_out=None, rel_out=None)\n\nThe Mahalanobis family's distances "
-     "of projected rows z float32[N, F] (or [N, 2F] interleaved with the global projection when center0 float32[F] "
-     "is given, else None): writes d_out float64[N] and rel_out float64[N] (None without center0) and returns None; "
-     "without d_out (one row), returns (d, rel) as floats (rel None without center0). Releases the GIL."},
+     "mahalanobis(z, center, means2, msq, center0, d_out=None, rel_out=None, between=None)\n\nThe Mahalanobis "
+     "family's distances of projected rows z float32[N, F] (or [N, 2F] interleaved with the global projection when "
+     "center0 float32[F] is given, else None; or the low-rank background between float32[F + 1, R], with the "
+     "background mean's column last in means2 and msq): writes d_out float64[N] and rel_out float64[N] (None "
+     "without center0 or between) and returns None; without d_out (one row), returns (d, rel) as floats (rel None "
+     "without center0 or between). Releases the GIL."},
     {"project_q8", py_project_q8, METH_VARARGS,
      "project_q8(x, q, off, scale, diag, S, z_out, isa=None) -> None\n\nThe Mahalanobis family's int8 whitener "
      "product (whitener.h): rows x float32[N, F], packed int8 rows q with offsets off int64[F + 1], per-row scales "
