@@ -45,7 +45,8 @@ from edge_quq.scores import energy
 FORMAT_NAME = "edge-quq-detectors"
 # 2: int8 whiteners with per-row scales (_WHITENERS); 3: ViM's null space int8 with per-column scales
 # (_INT8_PER_COLUMN); 4: rel_mahalanobis' background as a low-rank term on the class whitener ("between_w",
-# _background) instead of its own whitener ("whitener0", still read). A file is written with the lowest version
+# _background) instead of its own whitener ("whitener0", still read), and an int8 kNN bank with a scale per row
+# (_INT8_PER_ROW; one scale still read). A file is written with the lowest version
 # that holds it (DetectorSet.file_version).
 FILE_VERSION = 4
 DETECTOR_NAMES = ("maxlogit", "energy", "react", "mahalanobis", "rel_mahalanobis", "knn", "vim", "gradient")
@@ -140,9 +141,14 @@ INT8_WHITENER_MIN_FEATURES = 512
 # the int8 form of a whitener "k": k int8 [F, F] (diagonal zero), k_scale float32 [F], k_diag float32 [F]
 _WHITENERS = ("whitener", "whitener0")
 # Stored int8 arrays held int8 in memory with their scales (key + ".scale") rather than dequantised, which the native
-# kernels read as they are: the kNN bank (framekernels.knn_kth; one scale, float64 [1]) and ViM's null space
+# kernels read as they are: the kNN bank (framekernels.knn_kth; one scale per row, _INT8_PER_ROW) and ViM's null space
 # (framekernels.vim_resid; one scale per column, _INT8_PER_COLUMN).
 _INT8_KEPT = frozenset({"bank", "null_space"})
+# Kept int8 arrays [B, F] with a scale per row, float32 [B] (files before version 4: one scale, float64 [1]). Why: the
+# bank's unit rows of crowded features (all-positive ReLU features, cosines near 1) differ in their largest entry, and
+# on one shared scale the rows with small entries kept few int8 steps: on the bench backbones' photo features, one
+# scale moved held-out kNN scores by 0.7-1.3 of their spread, a scale per row by 0.06-0.12 (docs/detectors.md).
+_INT8_PER_ROW = frozenset({"bank"})
 # Kept int8 arrays [F, D] with a scale per column, float32 [D]. Why: each column is one of the kernel's dot products,
 # and one column can be far more concentrated than the rest (a feature that never varies in the fit data is an
 # eigenvector on its own axis, entry 1.0, against ~1/sqrt(F) for spread ones), which on one shared scale would leave
@@ -421,12 +427,14 @@ def _fit_knn(feats, labels, head, rng, k: int = 10, bank_size: int = 2048) -> Di
     return {"bank": l2_normalise(feats[idx])}
 
 
-def _knn_bank(a: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, float]:
-    """(the bank as held, its scale): int8 [B, F] with its "bank.scale" when stored int8 (_INT8_KEPT), float16 as
-    held (_F16_KEPT) or else float32 [B, F] with 1.0."""
+def _knn_bank(a: Mapping[str, np.ndarray]) -> Tuple[np.ndarray, Union[float, np.ndarray]]:
+    """(the bank as held, its scale): int8 [B, F] with its "bank.scale" when stored int8 (_INT8_KEPT: float32 [B],
+    one per row, or a float from a file before version 4), float16 as held (_F16_KEPT) or else float32 [B, F] with
+    1.0."""
     b = a["bank"]
     if b.dtype == np.int8:
-        return np.ascontiguousarray(b), float(a["bank.scale"][0])
+        s = a["bank.scale"]
+        return np.ascontiguousarray(b), float(s[0]) if s.size == 1 else s
     if b.dtype == np.float16 and _native.dots_f16():
         return np.ascontiguousarray(b), 1.0
     return np.ascontiguousarray(b, np.float32), 1.0  # no copy for a loaded bank (the kernel takes C order)
@@ -436,7 +444,9 @@ def _dequantized_bank(a: Mapping[str, np.ndarray]) -> np.ndarray:
     """The bank as float32 [B, F]: an int8 one times its scale, as a float32 bank was decoded before int8 stayed; a
     float16 one widened."""
     b, scale = _knn_bank(a)
-    return b.astype(np.float32) * np.float32(scale) if b.dtype == np.int8 else b.astype(np.float32, copy=False)
+    if b.dtype != np.int8:
+        return b.astype(np.float32, copy=False)
+    return b.astype(np.float32) * (np.float32(scale) if isinstance(scale, float) else scale[:, None])
 
 
 def _prepare_knn(a: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -829,9 +839,9 @@ class DetectorSet:
 
     def file_version(self) -> int:
         """The detectors file version this set needs: 1 (what every edge-quq reads), 2 with int8 whiteners, 3 with an
-        int8 ViM null space, 4 with a low-rank background (FILE_VERSION's list), so that an older edge-quq refuses only what it cannot read."""
+        int8 ViM null space, 4 with a low-rank background or a kNN bank scaled per row (FILE_VERSION's list), so that an older edge-quq refuses only what it cannot read."""
         arrs = [d.arrays for d in self.detectors.values()]
-        if any("between_w" in a for a in arrs):
+        if any("between_w" in a or np.size(a.get("bank.scale", ())) > 1 for a in arrs):
             return 4
         if any(v.dtype == np.int8 and k in _INT8_PER_COLUMN for a in arrs for k, v in a.items()):
             return 3
@@ -899,6 +909,9 @@ def _encode(key: str, v: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
     if dtype == "int8" and name in _INT8_PER_COLUMN:  # the fit quantises it against its rows instead (quantize_null_space)
         q, scale = _quantize_rows(v.T)
         return {key: np.ascontiguousarray(q.T), f"{key}.scale": scale}
+    if dtype == "int8" and name in _INT8_PER_ROW:
+        q, scale = _quantize_rows(v)
+        return {key: q, f"{key}.scale": scale}
     if dtype == "int8" and name in _INT8_KEPT:
         scale = max(float(np.max(np.abs(v))), 1e-30) / 127.0
         return {key: np.round(v / scale).astype(np.int8), f"{key}.scale": np.array([scale], np.float64)}
@@ -924,8 +937,10 @@ def _decode(arrays: Mapping[str, np.ndarray], key: str, where: str = "detectors"
     if v.dtype == np.int8:
         scale = np.asarray(arrays.get(f"{key}.scale", np.zeros(0)))
         count = v.shape[1] if name in _INT8_PER_COLUMN and v.ndim == 2 else 1
-        if scale.dtype.kind != "f" or scale.size != count or not np.isfinite(scale).all():
-            what = f"{count} finite numbers (one per column)" if name in _INT8_PER_COLUMN else "one finite number"
+        counts = {count, v.shape[0]} if name in _INT8_PER_ROW and v.ndim == 2 else {count}
+        if scale.dtype.kind != "f" or scale.size not in counts or not np.isfinite(scale).all():
+            what = (f"{count} finite numbers (one per column)" if name in _INT8_PER_COLUMN else
+                    f"{v.shape[0]} finite numbers (one per row) or one" if name in _INT8_PER_ROW else "one finite number")
             raise BundleError(f"{where}: {key} is int8 but {key}.scale is not {what}")
         if name in _INT8_KEPT:
             if not (scale > 0).all():  # kNN's kernel keeps the k largest of the unscaled products
@@ -938,16 +953,16 @@ def _decode(arrays: Mapping[str, np.ndarray], key: str, where: str = "detectors"
 
 def _decode_detector(arrays: Mapping[str, np.ndarray], prefix: str, where: str = "detectors") -> Dict[str, np.ndarray]:
     """One detector's arrays in memory from the stored ones named prefix + key: each _decode'd, and the scales of
-    one held int8 ("bank.scale" beside an int8 "bank": float64 [1]; "null_space.scale": float32 [D]) under that
-    name too."""
+    one held int8 ("bank.scale" beside an int8 "bank": float32 [B], or float64 [1] before version 4;
+    "null_space.scale": float32 [D]) under that name too."""
     out: Dict[str, np.ndarray] = {}
     for k in arrays:
         if k.startswith(prefix) and not k.endswith(".scale"):
             v = out[k[len(prefix):]] = _decode(arrays, k, where)
             name = k.rsplit("/", 1)[-1]
             if v.dtype == np.int8 and name in _INT8_KEPT:
-                dt = np.float32 if name in _INT8_PER_COLUMN else np.float64
-                out[k[len(prefix):] + ".scale"] = np.asarray(arrays[f"{k}.scale"], dt).reshape(-1)
+                one = np.size(arrays[f"{k}.scale"]) == 1 and name not in _INT8_PER_COLUMN
+                out[k[len(prefix):] + ".scale"] = np.asarray(arrays[f"{k}.scale"], np.float64 if one else np.float32).reshape(-1)
     return out
 
 

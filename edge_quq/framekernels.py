@@ -37,7 +37,7 @@ norm, a norm of D such products, to DOT_RTOL of the norm of their bounds, | |x -
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -222,10 +222,11 @@ def dots_f16() -> bool:
     return _DOTS_AVAILABLE and _DOTS_F16
 
 
-def knn_kth(x: np.ndarray, bank: np.ndarray, scale: float, k: int, isa: Optional[str] = None) -> np.ndarray:
+def knn_kth(x: np.ndarray, bank: np.ndarray, scale: Union[float, np.ndarray], k: int, isa: Optional[str] = None
+            ) -> np.ndarray:
     """float32 [N]: the k-th largest cosine similarity of rows x [N, F] to the bank rows, int8 [B, F] times `scale`
-    (> 0), or float32 or float16 [B, F] (scale 1; float16 only with a variant of dots_f16_isas()); 1 <= k <= B
-    (detectors._knn_kth_numpy), by the variant `isa` (None: the best)."""
+    (> 0: a number, or float32 [B], one per row), or float32 or float16 [B, F] (scale 1; float16 only with a variant
+    of dots_f16_isas()); 1 <= k <= B (detectors._knn_kth_numpy), by the variant `isa` (None: the best)."""
     xx = np.ascontiguousarray(x, np.float32)
     out = np.empty(xx.shape[0], np.float32)
     if xx.shape[0]:
@@ -233,7 +234,7 @@ def knn_kth(x: np.ndarray, bank: np.ndarray, scale: float, k: int, isa: Optional
     return out
 
 
-def knn_kth_row(x: np.ndarray, bank: np.ndarray, scale: float, k: int) -> Optional[float]:
+def knn_kth_row(x: np.ndarray, bank: np.ndarray, scale: Union[float, np.ndarray], k: int) -> Optional[float]:
     """knn_kth of one row x (float32, C-contiguous [1, F]) as a float; None for inputs of other types or layouts."""
     try:
         return _kernel.knn_kth(x, bank, scale, k)

@@ -44,13 +44,14 @@ def relu_rows(rng: np.random.Generator, n: int, f: int) -> np.ndarray:
 
 def knn_bank(rng: np.random.Generator, b: int, f: int, int8: bool) -> Tuple[np.ndarray, float]:
     """(bank, scale): unit rows of ReLU features, a duplicated row among them (tied similarities), stored int8 with
-    one scale as detectors._encode does, or float32 (scale 1)."""
+    one scale as files before version 4 hold it (the kernel's one-scale mode, which the aarch64 driver runs), or
+    float32 (scale 1)."""
     bank = l2_normalise(np.abs(rng.normal(size=(b, f))) + rng.normal(size=(b, f)))
     bank[-1] = bank[0]
     if not int8:
         return bank.astype(np.float32), 1.0
-    enc = _encode("bank", bank, "int8")
-    return enc["bank"], float(enc["bank.scale"][0])
+    scale = float(np.max(np.abs(bank))) / 127.0
+    return np.round(bank / scale).astype(np.int8), scale
 
 
 def kth_tolerance(x: np.ndarray, bank: np.ndarray) -> np.ndarray:
@@ -110,6 +111,24 @@ def test_knn_kth_matches_the_numpy_reference(isa, int8, case):
     tol = kth_tolerance(x, ref_bank)
     assert np.all(np.abs(got.astype(np.float64) - want) <= tol), (np.abs(got - want) / tol).max()
     assert got[0] == want[0] == 0.0  # the zero row: every similarity is 0
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", range(len(KNN_CASES)))
+def test_a_bank_scaled_per_row_matches_the_numpy_reference(isa, case):
+    """An int8 bank as detectors._encode stores it (version 4): one float32 scale per row, applied after each row's
+    sum, within the same tolerance of the dequantised bank's similarities."""
+    n, f, b, k = KNN_CASES[case]
+    rng = np.random.default_rng([case, 2])
+    x = relu_rows(rng, n, f)
+    enc = _encode("bank", l2_normalise(np.abs(rng.normal(size=(b, f))) + rng.normal(size=(b, f))), "int8")
+    bank, scale = enc["bank"], enc["bank.scale"]
+    assert bank.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (b,)
+    ref_bank = _dequantized_bank({"bank": bank, "bank.scale": scale})
+    got, want = framekernels.knn_kth(x, bank, scale, k, isa), _knn_kth_numpy(x, ref_bank, k)
+    assert np.all(np.abs(got.astype(np.float64) - want) <= kth_tolerance(x, ref_bank))
+    best = framekernels.knn_kth(x, bank, scale, k)  # the row mode runs the best variant
+    assert [framekernels.knn_kth_row(x[i:i + 1], bank, scale, k) for i in range(min(n, 3))] == best[:3].tolist()
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -227,6 +246,11 @@ def test_the_kernels_refuse_what_they_cannot_take():
         framekernels.knn_kth(x, bank.astype(np.int16), scale, 3)
     with pytest.raises(ValueError):
         framekernels.knn_kth(x, bank, scale, 3, "no_such_isa")
+    rows = np.full(len(bank), scale, np.float32)
+    for b, s in ((bank, rows[:-1]), (bank, rows.astype(np.float64)), (bank.astype(np.float32) * scale, rows)):
+        with pytest.raises(ValueError):  # a scale per row: float32, one per row, with an int8 bank only
+            framekernels.knn_kth(x, b, s, 3)
+    assert framekernels.knn_kth(x, bank, np.float32(scale), 3).tolist() == framekernels.knn_kth(x, bank, scale, 3).tolist()
     x, origin, ns, _ = vim_case(1, 2, 16, 4)
     with pytest.raises(ValueError):
         framekernels.vim_resid(x, origin, np.ascontiguousarray(ns))  # [F, D] untransposed: F does not match
@@ -359,15 +383,17 @@ def test_an_int8_null_space_is_stored_loaded_and_held_int8(fashion_vim):
     from edge_quq.detectors import DetectorSet
 
     ds, _, test, head = fashion_vim
-    assert ds.detectors["vim"].dtype == "int8" and ds.file_version() == 3
+    # 4: the kNN bank beside it is int8 with a scale per row (3 would be the null space alone)
+    assert ds.detectors["vim"].dtype == "int8" and ds.detectors["knn"].dtype == "int8" and ds.file_version() == 4
     stored = ds.to_arrays()
+    assert stored["knn/bank.scale"].dtype == np.float32 and stored["knn/bank.scale"].shape == (len(stored["knn/bank"]),)
     f, d = stored["vim/null_space"].shape
     assert stored["vim/null_space"].dtype == np.int8 and stored["vim/null_space"].flags.c_contiguous
     assert stored["vim/null_space.scale"].dtype == np.float32 and stored["vim/null_space.scale"].shape == (d,)
     assert stored["vim/origin"].dtype == np.float32 and "vim/origin.scale" not in stored
     back = DetectorSet.from_arrays(stored, "t")
     check_arrays(back, f, 10, "t")
-    assert back.meta["version"] == 3
+    assert back.meta["version"] == 4
     vim = back.detectors["vim"]
     assert vim.arrays["null_space"].dtype == np.int8 and vim.memory_bytes() == f * d + 4 * d + 4 * f + 8
     ns_t = vim._scoring_arrays()["ns_t"]

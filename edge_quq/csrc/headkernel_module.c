@@ -592,16 +592,29 @@ static int rowdot_type(char fmt) {
     return fmt == 'f' ? EQ_RD_F32 + 1 : fmt == 'b' ? EQ_RD_I8 + 1 : fmt == 'e' ? EQ_RD_F16 + 1 : 0;
 }
 
-/* The kNN detector's k-th similarity (rowdot.h): knn_kth(x, bank, scale, k, out=None, isa=None). */
+/* The kNN detector's k-th similarity (rowdot.h): knn_kth(x, bank, scale, k, out=None, isa=None), scale a number or,
+ * for an int8 bank, float32 [B], one per row. */
 static PyObject *py_knn_kth(PyObject *self, PyObject *args) {
     (void)self;
-    PyObject *ox, *obank, *oout = Py_None, *oisa = Py_None;
-    double scale;
+    PyObject *ox, *obank, *oscale, *oout = Py_None, *oisa = Py_None;
+    double scale = 1.0;
     Py_ssize_t k;
-    if (!PyArg_ParseTuple(args, "OOdn|OO", &ox, &obank, &scale, &k, &oout, &oisa)) return NULL;
+    if (!PyArg_ParseTuple(args, "OOOn|OO", &ox, &obank, &oscale, &k, &oout, &oisa)) return NULL;
     const char *isa = NULL;
     if (oisa != Py_None && !(isa = PyUnicode_AsUTF8(oisa))) return NULL;
-    buf_t bx = {0}, bb = {0}, bo = {0};
+    /* a number (numpy's 0-d scalars too), or a buffer of one scale per row */
+    int per_row = 0;
+    if (PyObject_CheckBuffer(oscale)) {
+        Py_buffer v;
+        if (PyObject_GetBuffer(oscale, &v, PyBUF_ND) == 0) {
+            per_row = v.ndim > 0;
+            PyBuffer_Release(&v);
+        } else {
+            PyErr_Clear();
+        }
+    }
+    if (!per_row && (scale = PyFloat_AsDouble(oscale)) == -1.0 && PyErr_Occurred()) return NULL;
+    buf_t bx = {0}, bb = {0}, bo = {0}, bs = {0};
     PyObject *result = NULL;
     Py_ssize_t N, F;
     if (buf_typed(ox, &bx, -1, 'f', 0, 0, "x") || rows_2d(&bx, "x", &N, &F) ||
@@ -612,16 +625,20 @@ static PyObject *py_knn_kth(PyObject *self, PyObject *args) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bank must be int8, float16 or float32 [B, F], F as x");
         goto done;
     }
+    if (per_row && (bf != 'b' || buf_typed(oscale, &bs, bb.view.shape[0], 'f', 0, 0, "scale"))) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a scale per row needs an int8 bank");
+        goto done;
+    }
     if (rowdot_out(oout, &bo, N, 'f')) goto done;
     float one = 0.0f;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = eq_knn_kth(N, F, bb.view.shape[0], k, (const float *)bx.view.buf, bb.view.buf, rowdot_type(bf) - 1,
-                    (float)scale, bo.held ? (float *)bo.view.buf : &one, isa);
+                    (float)scale, bs.held ? (const float *)bs.view.buf : NULL, bo.held ? (float *)bo.view.buf : &one, isa);
     Py_END_ALLOW_THREADS
     result = rowdot_result(rc, oisa, !bo.held, one);
 done:
-    buf_release(&bx); buf_release(&bb); buf_release(&bo);
+    buf_release(&bx); buf_release(&bb); buf_release(&bo); buf_release(&bs);
     return result;
 }
 
@@ -733,7 +750,8 @@ static PyMethodDef methods[] = {
     {"q8_isas", py_q8_isas, METH_NOARGS, "Variants of project_q8 usable on this CPU, best first; the last is 'scalar'."},
     {"knn_kth", py_knn_kth, METH_VARARGS,
      "knn_kth(x, bank, scale, k, out=None, isa=None)\n\nThe kNN detector's k-th largest cosine similarity (rowdot.h) "
-     "of rows x float32[N, F] to bank int8 (times scale) or float32 [B, F]: writes out float32[N] and returns None; "
+     "of rows x float32[N, F] to bank int8 (times scale, a number or float32[B], one per row) or float32 [B, F]: "
+     "writes out float32[N] and returns None; "
      "without out (one row), returns it as a float. Releases the GIL."},
     {"vim_resid", py_vim_resid, METH_VARARGS,
      "vim_resid(x, origin, nsT, scale, out=None, isa=None)\n\nViM's residual norm |(x - origin) @ (scale * nsT).T| "

@@ -291,7 +291,7 @@ static void l2_row(const float *x, ptrdiff_t F, float *xh) {
 }
 
 int eq_knn_kth(ptrdiff_t N, ptrdiff_t F, ptrdiff_t B, ptrdiff_t k, const float *x, const void *bank, int bank_type,
-               float scale, float *kth, const char *isa) {
+               float scale, const float *row_scale, float *kth, const char *isa) {
     const eq_dots_variant_t *v = dots_find(isa);
     const eq_dots_fn dots = v ? dots_of(v, bank_type) : NULL;
     if (!dots || k < 1 || k > B) return -2;
@@ -310,11 +310,13 @@ int eq_knn_kth(ptrdiff_t N, ptrdiff_t F, ptrdiff_t B, ptrdiff_t k, const float *
             const void *W = row_at(bank, b0, F, bank_type);
             for (ptrdiff_t r = 0; r < nr; ++r) {
                 dots(xh + r * F, W, mb, F, buf);
+                if (row_scale)  /* each row's scale after its sum, as ViM's null space */
+                    for (ptrdiff_t i = 0; i < mb; ++i) buf[i] *= row_scale[b0 + i];
                 topk_push(top + r * k, k, buf, mb);
             }
         }
-        /* scale > 0 keeps the order, so it is applied to the k-th value only */
-        for (ptrdiff_t r = 0; r < nr; ++r) kth[n0 + r] = scale * top[r * k + k - 1];
+        /* one scale > 0 keeps the order, so it is applied to the k-th value only */
+        for (ptrdiff_t r = 0; r < nr; ++r) kth[n0 + r] = (row_scale ? 1.0f : scale) * top[r * k + k - 1];
     }
     free(xh);
     return 0;

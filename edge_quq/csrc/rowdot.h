@@ -1,9 +1,10 @@
 /* The kNN and ViM detectors' per-frame products (edge_quq.detectors), on one shared kernel: the dot products of
  * a float32 row with every row of a matrix W [M, F] stored float32 or int8 (then times one scale).
  *
- *   knn:  kth[n]   = the k-th largest over b < B of  scale * <xhat_n, bank_b>,  xhat_n = x_n / max(|x_n|, 1e-12)
+ *   knn:  kth[n]   = the k-th largest over b < B of  s_b * <xhat_n, bank_b>,  xhat_n = x_n / max(|x_n|, 1e-12)
  *                    (the norm in double, xhat rounded to float32, as detectors.l2_normalise(x).astype(float32));
- *                    bank int8 [B, F] with `scale`, or float32 or float16 [B, F] (scale 1). 1 <= k <= B.
+ *                    bank int8 [B, F] with s_b = row_scale[b] (float32 [B], the product rounded to float32) or, without
+ *                    row_scale, s_b = `scale`; or float32 or float16 [B, F] (scale 1). 1 <= k <= B.
  *   vim:  resid[n] = | (x_n - origin) @ null_space |  with the null space stored transposed, nsT float32 [D, F],
  *                    or float16 [D, F], or int8 [D, F] with one scale per row, scale float32 [D] (null_space[:, d] = scale[d] * nsT[d]);
  *                    x_n - origin in float32, the D dot products in float32 (times scale[d] after the sum, for
@@ -40,7 +41,7 @@ int eq_dots_f16(const char *isa);
  * the best. Returns 0, -1 when a work buffer cannot be allocated, -2 for an unknown isa, a float16 bank the variant
  * does not read (eq_dots_f16), or k outside 1..B. */
 int eq_knn_kth(ptrdiff_t N, ptrdiff_t F, ptrdiff_t B, ptrdiff_t k, const float *x, const void *bank, int bank_type,
-               float scale, float *kth, const char *isa);
+               float scale, const float *row_scale, float *kth, const char *isa);
 
 /* resid [N] as above for rows x [N, F], origin [F], nsT [D, F] of ns_type: int8 with its scale [D], or float32 or
  * float16 with scale NULL. Returns 0, -1 or -2 as eq_knn_kth (-2 also for a scale given or missing wrongly). */

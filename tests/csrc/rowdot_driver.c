@@ -44,9 +44,9 @@ static int knn_case(FILE *f, int c) {
     float *got = malloc((size_t)(N + 1) * 4), *got32 = malloc((size_t)(N + 1) * 4);
     int failures = 0;
     for (int v = 0; eq_dots_isa(v); ++v) {
-        const int rc = eq_knn_kth(N, F, B, k, x, bank, i8, *scale, got, eq_dots_isa(v));
+        const int rc = eq_knn_kth(N, F, B, k, x, bank, i8, *scale, NULL, got, eq_dots_isa(v));
         if (f16_skip(i8, v, rc, c, &failures)) continue;
-        if (wide && (eq_knn_kth(N, F, B, k, x, wide, EQ_RD_F32, 1.0f, got32, eq_dots_isa(v)) != 0 ||
+        if (wide && (eq_knn_kth(N, F, B, k, x, wide, EQ_RD_F32, 1.0f, NULL, got32, eq_dots_isa(v)) != 0 ||
                      memcmp(got, got32, (size_t)N * 4) != 0)) {
             printf("case %d knn %s: float16 bank not bit-identical to its float32 widening\n", c, eq_dots_isa(v));
             ++failures;
