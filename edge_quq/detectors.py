@@ -991,7 +991,10 @@ def _choose_storage(n: str, arrs: Dict[str, np.ndarray], cfg: Dict[str, Any], he
         return chosen, chosen_arrs
     refs: Dict[Callable, Tuple[np.ndarray, float]] = {}
     for dt in dtypes:
-        check, allowed = _IMPL[n][1], tolerance
+        # The threshold is one of the held-out scores, so that sample sits on the boundary and flips with any
+        # perturbation half of the time: one flip is the check's resolution (the board's threshold is then fitted on
+        # the stored scores, so that flip is not one it makes).
+        check, allowed = _IMPL[n][1], max(tolerance, 1.0 / len(hold))
         if dt == "int8" and n in _INT8_WHITENED and hold.shape[1] >= INT8_WHITENER_MIN_FEATURES:
             trial = _roundtrip(_int8_mahalanobis(arrs, *fit_rows, head.num_classes), dt)
             # Judged on the class distance both detectors share, so the pair decides alike and keeps one
@@ -999,9 +1002,6 @@ def _choose_storage(n: str, arrs: Dict[str, np.ndarray], cfg: Dict[str, Any], he
             # from the int8 whitener, so its two distances round alike (docs/detectors.md); its threshold and the
             # gate's calibration come from the int8 scores, so its flags keep their stated rates.
             check = _score_mahalanobis
-            # The threshold is one of the held-out scores, so that sample sits on the boundary and flips with any
-            # perturbation half of the time: one flip is the check's resolution (of 384 held-out rows at F = 1280).
-            allowed = max(tolerance, 1.0 / len(hold))
         elif dt == "int8" and n == "vim":
             # quantised against the fit rows (quantize_null_space), judged on the score like the other dtypes
             q, scale = quantize_null_space(arrs["null_space"], fit_rows[0] - arrs["origin"])
@@ -1030,8 +1030,8 @@ def fit_detectors(feats: np.ndarray, labels: np.ndarray, head: HeadWeights, name
     A seeded `holdout` share of the samples is kept out of the fit and used for the thresholds (a KNN bank
     point is its own nearest neighbour; class statistics fit their own samples too well) and for the
     storage check: each detector is stored in the first of `dtypes` whose held-out scores move the
-    threshold decision for at most `tolerance` of the samples and shift no score by more than 50 * tolerance
-    of the score's spread (10% at the default; tolerance=1 accepts the first dtype). int8 applies to the KNN
+    threshold decision for at most `tolerance` of the samples (or one sample, the check's resolution: the threshold is
+    a held-out score) and shift no score by more than 50 * tolerance of the score's spread (10% at the default; tolerance=1 accepts the first dtype). int8 applies to the KNN
     bank, to ViM's null space (one scale per column; its origin then stays float32) and, from
     INT8_WHITENER_MIN_FEATURES features, to the Mahalanobis family's whiteners (quantised here, judged on the class
     distance: _choose_storage). Deterministic for a seed.
