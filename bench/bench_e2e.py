@@ -631,7 +631,7 @@ def held_arrays(dset, names: Sequence[str]) -> Dict[str, Dict[str, object]]:
         det = dset.detectors.get(n) if dset is not None else None
         if det is not None:
             big = max(det.arrays.values(), key=lambda v: v.size)
-            out[n] = {"dtype": str(big.dtype), "shape": list(big.shape), "bytes": det.memory_bytes()}
+            out[n] = {"dtype": str(big.dtype), "shape": list(big.shape), "bytes": det.memory_bytes(), "stored": det.dtype}
             if "between_w" in det.arrays:  # rel_mahalanobis' low-rank background (detectors._background)
                 out[n]["between"] = list(det.arrays["between_w"].shape)
     return out
@@ -667,7 +667,7 @@ def _whitener_text(f: int, held: Optional[Dict[str, object]] = None) -> str:
     int8 = held["dtype"] == "int8" if held else f >= INT8_WHITENER_MIN_FEATURES
     between = held.get("between") if held else None
     # a low-rank background beside the class whitener (file version 4), or a second F x F whitener
-    extra = f" and the background's low-rank term (float32 {between}, {f * between[1] * 4 / 2**20:.1f} MiB)" if between else ""
+    extra = f" and the background's low-rank term (float32 {between}, {_size_text(f * between[1] * 4)})" if between else ""
     count, what = (1, "its class whitener's triangular factor") if between else (2, "its two triangular factors")
     if int8:
         # lower-triangular factors, one byte an entry plus a float32 scale a row
@@ -675,11 +675,18 @@ def _whitener_text(f: int, held: Optional[Dict[str, object]] = None) -> str:
         return (f"the native int8 whitener product (edge_quq/csrc/whitener.c; int8 from F = {INT8_WHITENER_MIN_FEATURES}) "
                 f"over {q8:.1f} MiB of {what} per frame (float32: {count * mb_read:.1f} MiB){extra}, bound by "
                 f"memory traffic and the int8-to-float conversion of every entry")
-    refused = " (float32: the storage check refused int8 on this fit)" if f >= INT8_WHITENER_MIN_FEATURES else ""
-    return (f"single-threaded BLAS vector-matrix products{refused} over {count * mb_read:.1f} MiB of {count} F x F "
-            f"whitener{'s' if count > 1 else ''} ({mb:.1f} MiB each) per frame"
+    stored = held.get("stored", "float32") if held else "float32"
+    refused = (f" (held float32, stored {stored}: the storage check refused int8 on this fit)"
+               if f >= INT8_WHITENER_MIN_FEATURES else "")
+    whiteners = "its two F x F whiteners" if count > 1 else "its F x F class whitener"
+    return (f"single-threaded BLAS vector-matrix products{refused} over {count * mb_read:.1f} MiB of {whiteners} "
+            f"{f'({mb:.1f} MiB each) ' if count > 1 else ''}per frame"
             f"{' (nonzero row blocks: lower-triangular Cholesky factors)' if mb_read < mb else ''}{extra}, bound by "
             f"memory traffic and BLAS's speed on one row")
+
+
+def _size_text(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 0.1 * 2**20 else f"{nbytes / 1024:.0f} KiB"
 
 
 def _whitener_mib(f: int) -> Tuple[float, float]:
