@@ -675,8 +675,8 @@ def _whitener_text(f: int, held: Optional[Dict[str, object]] = None) -> str:
         return (f"the native int8 whitener product (edge_quq/csrc/whitener.c; int8 from F = {INT8_WHITENER_MIN_FEATURES}) "
                 f"over {q8:.1f} MiB of {what} per frame (float32: {count * mb_read:.1f} MiB){extra}, bound by "
                 f"memory traffic and the int8-to-float conversion of every entry")
-    stored = held.get("stored", "float32") if held else "float32"
-    refused = (f" (held float32, stored {stored}: the storage check refused int8 on this fit)"
+    stored = f", stored {held['stored']}" if held and "stored" in held else ""  # runs before it was recorded: unsaid
+    refused = (f" (held float32{stored}: the storage check refused int8 on this fit)"
                if f >= INT8_WHITENER_MIN_FEATURES else "")
     whiteners = "its two F x F whiteners" if count > 1 else "its F x F class whitener"
     return (f"single-threaded BLAS vector-matrix products{refused} over {count * mb_read:.1f} MiB of {whiteners} "
