@@ -46,8 +46,8 @@ FORMAT_NAME = "edge-quq-detectors"
 # 2: int8 whiteners with per-row scales (_WHITENERS); 3: ViM's null space int8 with per-column scales
 # (_INT8_PER_COLUMN); 4: rel_mahalanobis' background as a low-rank term on the class whitener ("between_w",
 # _background) instead of its own whitener ("whitener0", still read), and an int8 kNN bank with a scale per row
-# (_INT8_PER_ROW; one scale still read). A file is written with the lowest version
-# that holds it (DetectorSet.file_version).
+# (_INT8_PER_ROW; one scale still read). A file is written with the lowest version that holds it
+# (DetectorSet.file_version).
 FILE_VERSION = 4
 DETECTOR_NAMES = ("maxlogit", "energy", "react", "mahalanobis", "rel_mahalanobis", "knn", "vim", "gradient")
 DEFAULT_DETECTORS = DETECTOR_NAMES
@@ -839,7 +839,8 @@ class DetectorSet:
 
     def file_version(self) -> int:
         """The detectors file version this set needs: 1 (what every edge-quq reads), 2 with int8 whiteners, 3 with an
-        int8 ViM null space, 4 with a low-rank background or a kNN bank scaled per row (FILE_VERSION's list), so that an older edge-quq refuses only what it cannot read."""
+        int8 ViM null space, 4 with a low-rank background or a kNN bank scaled per row (FILE_VERSION's list), so
+        that an older edge-quq refuses only what it cannot read."""
         arrs = [d.arrays for d in self.detectors.values()]
         if any("between_w" in a or np.size(a.get("bank.scale", ())) > 1 for a in arrs):
             return 4
