@@ -992,10 +992,7 @@ def _choose_storage(n: str, arrs: Dict[str, np.ndarray], cfg: Dict[str, Any], he
         return chosen, chosen_arrs
     refs: Dict[Callable, Tuple[np.ndarray, float]] = {}
     for dt in dtypes:
-        # The threshold is one of the held-out scores, so that sample sits on the boundary and flips with any
-        # perturbation half of the time: one flip is the check's resolution (the board's threshold is then fitted on
-        # the stored scores, so that flip is not one it makes).
-        check, allowed = _IMPL[n][1], max(tolerance, 1.0 / len(hold))
+        check = _IMPL[n][1]
         if dt == "int8" and n in _INT8_WHITENED and hold.shape[1] >= INT8_WHITENER_MIN_FEATURES:
             trial = _roundtrip(_int8_mahalanobis(arrs, *fit_rows, head.num_classes), dt)
             # Judged on the class distance both detectors share, so the pair decides alike and keeps one
@@ -1016,10 +1013,17 @@ def _choose_storage(n: str, arrs: Dict[str, np.ndarray], cfg: Dict[str, Any], he
             refs[check] = (r, fit_threshold(r, tpr) if tpr is not None else float(np.quantile(r, 0.95)))
         ref, thr = refs[check]
         s = check(trial, cfg, hold, head)
-        moved = np.mean((s > thr) != (ref > thr))
-        if moved <= allowed and np.max(np.abs(s - ref)) <= 50.0 * tolerance * max(float(np.std(ref)), 1e-12):
+        if _decisions_kept(s, ref, thr, tolerance) and np.max(np.abs(s - ref)) <= 50.0 * tolerance * max(float(np.std(ref)), 1e-12):
             return dt, trial
     return chosen, chosen_arrs
+
+
+def _decisions_kept(s: np.ndarray, ref: np.ndarray, thr: float, tolerance: float) -> bool:
+    """True when scores s, from stored arrays, flip the decision `> thr` of at most `tolerance` of the held-out
+    scores ref plus one. Why the one: the threshold is one of the held-out scores, so its own sample sits on the
+    boundary and flips with any perturbation half of the time; the board's threshold is fitted afterwards on the
+    stored scores, so that flip is not a decision the board makes."""
+    return float(np.mean((s > thr) != (ref > thr))) <= tolerance + 1.0 / len(ref)
 
 
 def fit_detectors(feats: np.ndarray, labels: np.ndarray, head: HeadWeights, names: Sequence[str] = DEFAULT_DETECTORS,
@@ -1031,8 +1035,8 @@ def fit_detectors(feats: np.ndarray, labels: np.ndarray, head: HeadWeights, name
     A seeded `holdout` share of the samples is kept out of the fit and used for the thresholds (a KNN bank
     point is its own nearest neighbour; class statistics fit their own samples too well) and for the
     storage check: each detector is stored in the first of `dtypes` whose held-out scores move the
-    threshold decision for at most `tolerance` of the samples (or one sample, the check's resolution: the threshold is
-    a held-out score) and shift no score by more than 50 * tolerance of the score's spread (10% at the default; tolerance=1 accepts the first dtype). int8 applies to the KNN
+    threshold decision for at most `tolerance` of the samples plus one (the threshold is a held-out score, and its own
+    sample flips with any perturbation) and shift no score by more than 50 * tolerance of the score's spread (10% at the default; tolerance=1 accepts the first dtype). int8 applies to the KNN
     bank, to ViM's null space (one scale per column; its origin then stays float32) and, from
     INT8_WHITENER_MIN_FEATURES features, to the Mahalanobis family's whiteners (quantised here, judged on the class
     distance: _choose_storage). Deterministic for a seed.

@@ -130,6 +130,19 @@ def test_relative_background_is_the_low_rank_form_of_the_data_covariance():
     np.testing.assert_allclose(got, d - d0, rtol=1e-4, atol=1e-5 * np.abs(d).max())
 
 
+def test_the_storage_check_allows_the_thresholds_own_flip_on_top_of_its_tolerance():
+    from edge_quq.detectors import _decisions_kept
+
+    ref = np.arange(10.0)
+    thr = 8.0  # a held-out score, as fit_threshold picks it
+    own = ref.copy()
+    own[8] += 1e-9  # only the threshold's own sample crosses
+    assert _decisions_kept(own, ref, thr, 0.0)
+    another = own.copy()
+    another[7] = 8.5  # one more decision moves
+    assert not _decisions_kept(another, ref, thr, 0.0) and _decisions_kept(another, ref, thr, 0.1)
+
+
 def test_knn_matches_numpy(synth):
     head, x, y, q, ds, fit, _ = synth
     bank = x[fit] / np.linalg.norm(x[fit], axis=1, keepdims=True)
