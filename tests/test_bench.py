@@ -333,3 +333,26 @@ def test_digits_report_runs_the_runtime_and_matches_its_own_rows(tmp_path):
     assert res["default"]["digits_ignored"] >= gates[shipped]["digits_caught"]
     assert all(d["whole_photos"] >= 15 for d in gates.values())
     assert out.with_suffix(".md").read_text().startswith("# Drawn digits against the default gate")
+
+
+def test_e2e_warm_figure_times_the_default_paths_calls_and_reaches_the_bound_text():
+    """bench_e2e's warm figure (the moment scores, the gate, the rule and the Prediction back to back) runs the
+    default Predictor's own calls, and the bound text states it beside the in-frame figure. In a subprocess:
+    importing the bench pins BLAS threads in os.environ for every later child."""
+    code = (
+        "import json, numpy as np\n"
+        "from bench.bench_e2e import warm_after_ms, _floor_text\n"
+        "from edge_quq.predictor import Predictor\n"
+        "p = Predictor.from_bundle(seed=0)\n"
+        "f = p.features(p.load_input(np.full((64, 64, 3), 128, np.uint8))[None])[0]\n"
+        "w = warm_after_ms(p, f, reps=30)\n"
+        "r = {'head_gmacs_executed': {'native': {'50': 10.0}}, 'head_ms': {'native': {'50': 0.3}}, 'nonzero_features': 96,\n"
+        "     'H': 300, 'C': 10, 'default_path': {'plain_ms': 5.0, 'warm_after_ms': w,\n"
+        "     'stages_ms': {'decision': 0.04, 'result_and_rest': 0.08}}}\n"
+        "peak = {'theoretical_gmacs_1core': 40.0, 'measured_sgemm_gmacs_1thread': 45.0}\n"
+        "print(json.dumps({'warm': w, 'text': _floor_text(r, 1.03, peak)}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert 0.0 < got["warm"] < 50.0  # ms: tens of µs of calls, with room for a loaded machine
+    assert f"take {got['warm']:.2f} ms" in got["text"] and "took 0.12 ms in the frames" in got["text"]
