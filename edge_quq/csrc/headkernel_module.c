@@ -602,19 +602,12 @@ static PyObject *py_knn_kth(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOn|OO", &ox, &obank, &oscale, &k, &oout, &oisa)) return NULL;
     const char *isa = NULL;
     if (oisa != Py_None && !(isa = PyUnicode_AsUTF8(oisa))) return NULL;
-    /* a number (numpy's 0-d scalars too), or a buffer of one scale per row */
-    int per_row = 0;
-    if (PyObject_CheckBuffer(oscale)) {
-        Py_buffer v;
-        if (PyObject_GetBuffer(oscale, &v, PyBUF_ND) == 0) {
-            per_row = v.ndim > 0;
-            PyBuffer_Release(&v);
-        } else {
-            PyErr_Clear();
-        }
-    }
-    if (!per_row && (scale = PyFloat_AsDouble(oscale)) == -1.0 && PyErr_Occurred()) return NULL;
+    /* a number (numpy's 0-d scalars too), or a buffer of one scale per row, held open from here (one acquisition
+     * a frame) */
     buf_t bx = {0}, bb = {0}, bo = {0}, bs = {0};
+    if (PyObject_CheckBuffer(oscale) && buf_open(oscale, &bs, PyBUF_FORMAT, 0, "scale") < 0) PyErr_Clear();
+    if (bs.held && bs.view.ndim == 0) buf_release(&bs);
+    if (!bs.held && (scale = PyFloat_AsDouble(oscale)) == -1.0 && PyErr_Occurred()) return NULL;
     PyObject *result = NULL;
     Py_ssize_t N, F;
     if (buf_typed(ox, &bx, -1, 'f', 0, 0, "x") || rows_2d(&bx, "x", &N, &F) ||
@@ -625,7 +618,7 @@ static PyObject *py_knn_kth(PyObject *self, PyObject *args) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bank must be int8, float16 or float32 [B, F], F as x");
         goto done;
     }
-    if (per_row && (bf != 'b' || buf_typed(oscale, &bs, bb.view.shape[0], 'f', 0, 0, "scale"))) {
+    if (bs.held && (bf != 'b' || buf_check_typed(&bs, bb.view.shape[0], 'f', "scale"))) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "a scale per row needs an int8 bank");
         goto done;
     }
