@@ -96,8 +96,14 @@ def run_camera(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(camera_cmd(*args), capture_output=True, text=True, timeout=timeout)
 
 
-def read_jsonl(path: Path) -> List[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+def read_jsonl(path: Path, live: bool = False) -> List[dict]:
+    """The records of a JSON-lines file. `live`: the writer is still running, so a last line without its newline
+    is one being appended (a reader can see a write half done), not yet a record; read after the writer stopped,
+    such a line fails to parse, as a half-written record should."""
+    text = Path(path).read_text()
+    if live:
+        text = text[:text.rfind("\n") + 1]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def wait_for(pred, timeout: float, step: float = 0.05) -> bool:

@@ -107,14 +107,14 @@ def test_http_camera_dies_and_comes_back(tmp_path):
     proc = start_camera("--source", cam.url, "--jsonl", str(out), "--stats-file", str(stats), "--stats-interval", "0.3",
                         "--stall-timeout", "1", "--open-timeout", "2", "--threads", "1", "-T", "10")
     try:
-        assert wait_for(lambda: out.exists() and len(read_jsonl(out)) >= 30, 60), proc.stderr.read() if proc.poll() is not None else ""
+        assert wait_for(lambda: out.exists() and len(read_jsonl(out, live=True)) >= 30, 60), proc.stderr.read() if proc.poll() is not None else ""
         cam.kill()
         assert wait_for(lambda: json.loads(stats.read_text()).get("state") == "stalled", 15)
-        n_dead = len(read_jsonl(out))
+        n_dead = len(read_jsonl(out, live=True))
         time.sleep(2.0)
         assert proc.poll() is None  # survived
         cam.start()
-        assert wait_for(lambda: len(read_jsonl(out)) >= n_dead + 30, 30)
+        assert wait_for(lambda: len(read_jsonl(out, live=True)) >= n_dead + 30, 30)
         assert wait_for(lambda: json.loads(stats.read_text()).get("state") == "running", 10)
         took = stop(proc, signal.SIGINT)
         assert proc.returncode == 0

@@ -162,8 +162,8 @@ def test_mqtt_failures_are_reported_and_the_loop_runs_on(tmp_path, case):
                 return False
 
         assert wait_for(lambda: reported() or proc.poll() is not None, 30), proc.stderr.read() if proc.poll() is not None else ""
-        n = len(read_jsonl(out))
-        assert wait_for(lambda: len(read_jsonl(out)) > n + 10, 30)  # the loop keeps running
+        n = len(read_jsonl(out, live=True))
+        assert wait_for(lambda: len(read_jsonl(out, live=True)) > n + 10, 30)  # the loop keeps running
         h = subprocess.run([sys.executable, "-m", "edge_quq", "health", "--stats-file", str(stats), "--no-model"], capture_output=True, text=True)
         assert h.returncode == 1 and h.stderr.startswith("unhealthy: outputs failing: mqtt failing"), h.stderr
         assert stop(proc) < 5 and proc.returncode == 0

@@ -113,9 +113,9 @@ def test_broker_down_mid_run_loses_no_frames(tmp_path, broker):
     try:
         assert wait_for(lambda: sub.on("/result"), 60)
         broker.stop()
-        down_at = len(read_jsonl(out))
+        down_at = len(read_jsonl(out, live=True))
         time.sleep(1.5)
-        during = len(read_jsonl(out))
+        during = len(read_jsonl(out, live=True))
         assert during > down_at + 30  # the loop kept its pace while the broker was gone
         broker.start()
         assert proc.wait(60) == 0, proc.stderr.read()
